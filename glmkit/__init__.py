@@ -1,0 +1,6 @@
+"""glmkit: the GLM model family end to end (see README.md)."""
+from .config import ModelConfig, PRESETS, get_preset
+from .model import GLM
+
+__version__ = "0.1.0"
+__all__ = ["GLM", "ModelConfig", "PRESETS", "get_preset"]

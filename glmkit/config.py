@@ -1,0 +1,205 @@
+"""Model configuration: one dataclass whose switches span the GLM family, and the presets.
+
+    from glmkit.config import ModelConfig, get_preset
+    cfg = get_preset("glm-4-9b")          # exact name; the error lists the known ones
+    cfg = ModelConfig.from_json("ckpt/config.json")
+
+The switches are those of ARCHITECTURE.md §3. Upstream checkpoints (HF GLM, GLM-4, the original
+THUDM GLM, ChatGLM-6B) are translated to and from this config in `convert.py`; the `config.json`
+written here is glmkit's own, HF-style (`architectures`, `model_type`, flat fields), so tools that
+peek at a checkpoint directory find what they expect.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+POSITIONS = ("learned_2d", "rope_2d", "rope_partial")
+NORMS = ("layernorm", "rmsnorm")
+RESIDUALS = ("pre_ln", "deepnorm")
+MLPS = ("gelu", "swiglu")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 512
+    dim: int = 64  # hidden size C
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # GQA; None = n_heads (multi-head attention)
+    head_dim: int | None = None  # None = dim // n_heads
+    ffn_dim: int | None = None  # MLP inner width F; None = 4*dim (gelu) or 8/3*dim rounded (swiglu)
+    max_seq_len: int = 1024  # learned tables' size; cache size default; RoPE has no hard limit
+
+    # position scheme (ARCHITECTURE §3):
+    #   learned_2d   original GLM: word + position table + block-position table, summed
+    #   rope_2d      ChatGLM-6B: head split in halves, first rotated by position, second by block
+    #                position, each half rotated as (x[:d/2], x[d/2:]) pairs
+    #   rope_partial GLM-4: rotary on the first `rope_fraction` of each head, interleaved pairs
+    #                (x[2i], x[2i+1]); block positions are ignored
+    position: str = "rope_2d"
+    rope_theta: float = 10000.0
+    rope_fraction: float = 0.5  # only for rope_partial
+
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-5
+    # pre_ln:   x + f(norm(x))                       (GPT-2, original GLM, GLM-4)
+    # deepnorm: norm(x) * alpha + f(norm(x)), alpha = sqrt(2 * n_layers)   (ChatGLM-6B)
+    residual: str = "pre_ln"
+    sandwich_norm: bool = False  # GLM-4-0414: extra norms on the attention and MLP outputs
+    mlp: str = "swiglu"  # gelu = tanh-approximated GELU, as GLM and ChatGLM-6B use
+    qkv_bias: bool = False
+    out_bias: bool = False  # bias of the attention output projection
+    mlp_bias: bool = False
+    tie_embeddings: bool = True
+
+    init_std: float = 0.02
+    # Which upstream layout this model came from; convert.py uses it as the default export target.
+    source: str = "glmkit"
+
+    # derived in __post_init__ (not serialized)
+    residual_alpha: float = 1.0
+
+    def __post_init__(self):
+        for name, value, allowed in (
+            ("position", self.position, POSITIONS),
+            ("norm", self.norm, NORMS),
+            ("residual", self.residual, RESIDUALS),
+            ("mlp", self.mlp, MLPS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"ModelConfig.{name}={value!r}; expected one of {allowed}")
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}; set head_dim")
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.ffn_dim is None:
+            if self.mlp == "gelu":
+                self.ffn_dim = 4 * self.dim
+            else:  # SwiGLU at ~the parameter count of a 4x GELU MLP, rounded up to 64
+                self.ffn_dim = 64 * math.ceil(8 * self.dim / 3 / 64)
+        if self.position == "rope_2d" and self.head_dim % 4:
+            raise ValueError(f"rope_2d needs head_dim divisible by 4 (two rotary halves), got {self.head_dim}")
+        if self.position == "rope_partial" and self.rotary_dim % 2:
+            raise ValueError(f"rope_partial needs an even rotary dim, got {self.rotary_dim}")
+        self.residual_alpha = math.sqrt(2 * self.n_layers) if self.residual == "deepnorm" else 1.0
+
+    @property
+    def rotary_dim(self) -> int:
+        """Channels of each head that one rotary frequency table covers."""
+        if self.position == "rope_2d":
+            return self.head_dim // 2  # each half is one rotary table of this size
+        if self.position == "rope_partial":
+            return int(self.head_dim * self.rope_fraction)
+        return 0
+
+    @property
+    def uses_block_positions(self) -> bool:
+        return self.position in ("learned_2d", "rope_2d")
+
+    # ---- serialization -------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("residual_alpha")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)} - {"residual_alpha"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def to_hf_dict(self) -> dict:
+        """glmkit's own config.json: HF-style header plus our fields."""
+        return {"architectures": ["GlmkitForCausalLM"], "model_type": "glmkit", **self.to_dict()}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2, ensure_ascii=False) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ModelConfig":
+        d = json.loads(Path(path).read_text())
+        if d.get("model_type") != "glmkit":
+            raise ValueError(
+                f"{path} is not a glmkit config (model_type={d.get('model_type')!r}); "
+                "upstream checkpoints load through glmkit.load() or `glmkit convert`"
+            )
+        d = {k: v for k, v in d.items() if k not in ("architectures", "model_type")}
+        return cls.from_dict(d)
+
+    # ---- sizes ------------------------------------------------------------------------------------
+    def num_params(self, embeddings: bool = True) -> int:
+        C, H, K, D, F, V = self.dim, self.n_heads, self.n_kv_heads, self.head_dim, self.ffn_dim, self.vocab_size
+        norm = C * (2 if self.norm == "layernorm" else 1)
+        attn = C * (H + 2 * K) * D + (H + 2 * K) * D * self.qkv_bias + H * D * C + C * self.out_bias
+        up = F * (2 if self.mlp == "swiglu" else 1)
+        mlp = C * up + F * C + (up + C) * self.mlp_bias
+        layer = attn + mlp + norm * (4 if self.sandwich_norm else 2)
+        n = self.n_layers * layer + norm
+        if embeddings:
+            n += V * C * (1 if self.tie_embeddings else 2)
+            if self.position == "learned_2d":
+                n += 2 * self.max_seq_len * C
+        return n
+
+
+# Presets are data. Upstream presets carry the real hyper-parameters of the named checkpoint;
+# each comment names where the numbers come from.
+PRESETS: dict[str, dict] = {
+    # tests: tiny, every code path of the native architecture (GQA, rope_2d, SwiGLU, RMSNorm)
+    "debug": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=256),
+    # native glmkit models: modern backbone trained with the GLM objective (ARCHITECTURE §3)
+    "glm-tiny": dict(vocab_size=16384, dim=256, n_layers=6, n_heads=8, n_kv_heads=2, max_seq_len=1024),
+    "glm-small": dict(vocab_size=16384, dim=512, n_layers=8, n_heads=8, n_kv_heads=2, max_seq_len=1024),
+    # THUDM/glm-large-chinese config.json (GLM paper Table: GLM-Large, 335M): 24 layers, 1024 hidden,
+    # 16 heads, SentencePiece vocab 50048, max_sequence_length 1024, block_position_encoding true
+    "glm-large-chinese": dict(
+        vocab_size=50048, dim=1024, n_layers=24, n_heads=16, max_seq_len=1024, position="learned_2d",
+        norm="layernorm", mlp="gelu", qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=True,
+        source="glm",
+    ),
+    # THUDM/glm-10b-chinese config.json (GLM paper: GLM-10B): 48 layers, 4096 hidden, 64 heads
+    "glm-10b-chinese": dict(
+        vocab_size=50048, dim=4096, n_layers=48, n_heads=64, max_seq_len=1024, position="learned_2d",
+        norm="layernorm", mlp="gelu", qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=True,
+        source="glm",
+    ),
+    # THUDM/chatglm-6b config.json: 28 layers, 4096 hidden, inner_hidden_size 16384, 32 heads,
+    # vocab 130528, max_sequence_length 2048, position_encoding_2d, layernorm_epsilon 1e-5;
+    # modeling_chatglm.py: alpha = sqrt(2 * num_layers) residual, GELU (tanh), separate lm_head
+    "chatglm-6b": dict(
+        vocab_size=130528, dim=4096, n_layers=28, n_heads=32, ffn_dim=16384, max_seq_len=2048,
+        position="rope_2d", norm="layernorm", norm_eps=1e-5, residual="deepnorm", mlp="gelu",
+        qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=False, source="chatglm",
+    ),
+    # THUDM/glm-4-9b-hf config.json (GlmForCausalLM): 40 layers, 4096 hidden, 13696 ffn, 32 heads,
+    # 2 kv heads, head_dim 128, partial_rotary_factor 0.5, rms_norm_eps 1.5625e-07, attention_bias,
+    # vocab 151552, max_position_embeddings 8192
+    "glm-4-9b": dict(
+        vocab_size=151552, dim=4096, n_layers=40, n_heads=32, n_kv_heads=2, head_dim=128, ffn_dim=13696,
+        max_seq_len=8192, position="rope_partial", rope_fraction=0.5, rope_theta=10000.0, norm="rmsnorm",
+        norm_eps=1.5625e-07, qkv_bias=True, tie_embeddings=False, source="glm_hf",
+    ),
+    # THUDM/GLM-4-9B-0414 config.json (Glm4ForCausalLM): as glm-4-9b plus sandwich norms,
+    # rms_norm_eps 1e-5, max_position_embeddings 32768
+    "glm-4-9b-0414": dict(
+        vocab_size=151552, dim=4096, n_layers=40, n_heads=32, n_kv_heads=2, head_dim=128, ffn_dim=13696,
+        max_seq_len=32768, position="rope_partial", rope_fraction=0.5, rope_theta=10000.0, norm="rmsnorm",
+        norm_eps=1e-5, sandwich_norm=True, qkv_bias=True, tie_embeddings=False, source="glm4_hf",
+    ),
+}
+
+
+def get_preset(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})
