@@ -4,3 +4,6 @@ from .model import GLM
 
 __version__ = "0.1.0"
 __all__ = ["GLM", "ModelConfig", "PRESETS", "get_preset"]
+from .convert import CheckpointError, load  # noqa: E402
+
+__all__ += ["CheckpointError", "load"]

@@ -1,0 +1,377 @@
+"""Conversion and parity: glmkit equals its references on converted weights.
+
+References, all built in-process from tiny random-init configs:
+- transformers GlmForCausalLM and Glm4ForCausalLM (GQA, partial interleaved rotary, q/k/v bias,
+  Glm4's sandwich norms), on a left-padded batch;
+- the original GLM backbone = GPT2LMHeadModel + a block-position table fed through inputs_embeds,
+  with GLM's prefix mask as a 4-D additive float mask;
+- ChatGLM-6B, which has no offline reference: an independent transcription of its forward pass
+  in its own layout (per-head fused q/k/v, [position | block] rotary halves, alpha residual).
+"""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import glmkit
+from glmkit.config import ModelConfig, get_preset
+from glmkit.convert import CheckpointError, read_checkpoint, write_checkpoint
+from glmkit.model import GLM
+from tests.helpers import assert_close
+
+transformers = pytest.importorskip("transformers")
+
+TOL = 1e-5
+
+
+def left_padded_batch(vocab, lengths, T, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (len(lengths), T), generator=g)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        mask[b, T - n :] = 1
+        ids[b, : T - n] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, pos
+
+
+def hf_tiny(cls_name, **kw):
+    cfg_cls = {"GlmForCausalLM": transformers.GlmConfig, "Glm4ForCausalLM": transformers.Glm4Config}[cls_name]
+    cfg = cfg_cls(
+        vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, pad_token_id=0, eos_token_id=1,
+        attention_bias=True, partial_rotary_factor=0.5, rms_norm_eps=1e-5, tie_word_embeddings=False, **kw,
+    )
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = getattr(transformers, cls_name)(cfg).eval()
+    with torch.no_grad():  # HF inits norms to 1 and biases to 0: randomise them so the test sees them
+        for n, p in model.named_parameters():
+            if "norm" in n or n.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("cls_name", ["GlmForCausalLM", "Glm4ForCausalLM"])
+@torch.no_grad()
+def test_hf_parity_left_padded(tmp_path, cls_name):
+    hf = hf_tiny(cls_name)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = glmkit.load(str(tmp_path / "hf")).eval()
+    assert ours.cfg.sandwich_norm == (cls_name == "Glm4ForCausalLM")
+    ids, mask, pos = left_padded_batch(101, [12, 7, 3], 12)
+    want = hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    got = ours(ids, attention_mask=mask)
+    real = mask.bool()
+    mx = assert_close(got[real], want[real], TOL, f"{cls_name} logits at real tokens")
+    print(f"\n{cls_name} parity (fp32, left-padded): max abs diff {mx:.2e}")
+
+
+@pytest.mark.parametrize("cls_name", ["GlmForCausalLM", "Glm4ForCausalLM"])
+@torch.no_grad()
+def test_hf_round_trip_identical_tensors(tmp_path, cls_name):
+    from safetensors.torch import load_file
+
+    hf = hf_tiny(cls_name)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = read_checkpoint(tmp_path / "hf")
+    write_checkpoint(ours, tmp_path / "back")  # default: the layout it came from
+    a, b = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    for n in a:
+        assert torch.equal(a[n], b[n]), n
+    again = getattr(transformers, cls_name).from_pretrained(tmp_path / "back", attn_implementation="eager").eval()
+    ids = torch.randint(0, 101, (2, 9))
+    assert_close(again(ids).logits, hf(ids).logits, 0.0, "transformers on our export vs original")
+
+
+@torch.no_grad()
+def test_native_rope2d_exports_to_hf_exactly(tmp_path):
+    """A native model (rope_2d) written as GlmForCausalLM gives the same causal logits in transformers,
+    and reading the export back restores the native model bit for bit."""
+    torch.manual_seed(0)
+    model = GLM(get_preset("debug")).eval()
+    model.init_weights(seed=1)
+    write_checkpoint(model, tmp_path / "hf", "glm_hf")
+    hf = transformers.GlmForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    ids = torch.randint(0, 512, (2, 20))
+    mx = assert_close(hf(ids).logits, model(ids), TOL, "transformers on exported native model")
+    print(f"\nnative rope_2d -> GlmForCausalLM: max abs diff {mx:.2e}")
+    back = read_checkpoint(tmp_path / "hf")
+    assert back.cfg == model.cfg
+    for (n, p), (_, q) in zip(model.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(p, q), n
+
+
+def test_export_refuses_what_hf_cannot_express(tmp_path):
+    model = GLM(ModelConfig(position="learned_2d", norm="layernorm", mlp="gelu", n_layers=1))
+    with pytest.raises(CheckpointError, match="cannot be written as glm_hf: position=learned_2d"):
+        write_checkpoint(model, tmp_path / "x", "glm_hf")
+
+
+# ---- original GLM vs GPT-2 + block positions ------------------------------------------------------
+def random_glm_checkpoint(path, C=48, L=2, H=4, V=97, P=64, prefix="glm."):
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.2  # noqa: E731
+    sd = {"word_embeddings.weight": r(V, C), "transformer.position_embeddings.weight": r(P, C),
+          "transformer.block_position_embeddings.weight": r(P, C),
+          "transformer.final_layernorm.weight": 1 + r(C), "transformer.final_layernorm.bias": r(C)}
+    for i in range(L):
+        t = f"transformer.layers.{i}."
+        for name, shape in (("input_layernorm", (C,)), ("post_attention_layernorm", (C,))):
+            sd[t + name + ".weight"], sd[t + name + ".bias"] = 1 + r(*shape), r(*shape)
+        for name, (o, n) in (("attention.query_key_value", (3 * C, C)), ("attention.dense", (C, C)),
+                             ("mlp.dense_h_to_4h", (4 * C, C)), ("mlp.dense_4h_to_h", (C, 4 * C))):
+            sd[t + name + ".weight"], sd[t + name + ".bias"] = r(o, n), r(o)
+    sd = {prefix + k: v for k, v in sd.items()}
+    path.mkdir(parents=True)
+    cfg = {"architectures": ["GLMForConditionalGeneration"], "model_type": "glm", "vocab_size": V, "hidden_size": C,
+           "num_layers": L, "num_attention_heads": H, "max_sequence_length": P, "block_position_encoding": True,
+           "relative_encoding": False}
+    (path / "config.json").write_text(json.dumps(cfg))
+    torch.save(sd, path / "pytorch_model.bin")
+    return sd, cfg
+
+
+def gpt2_from_glm(sd, cfg, prefix="glm."):
+    C, L = cfg["hidden_size"], cfg["num_layers"]
+    gc = transformers.GPT2Config(vocab_size=cfg["vocab_size"], n_positions=cfg["max_sequence_length"], n_embd=C,
+                                 n_layer=L, n_head=cfg["num_attention_heads"], activation_function="gelu_new",
+                                 layer_norm_epsilon=1e-5, attn_implementation="eager", bos_token_id=0, eos_token_id=0,
+                                 resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
+    g = transformers.GPT2LMHeadModel(gc).eval()
+    s = {k[len(prefix):]: v for k, v in sd.items()}
+    new = {"transformer.wte.weight": s["word_embeddings.weight"], "transformer.wpe.weight": s["transformer.position_embeddings.weight"],
+           "transformer.ln_f.weight": s["transformer.final_layernorm.weight"], "transformer.ln_f.bias": s["transformer.final_layernorm.bias"],
+           "lm_head.weight": s["word_embeddings.weight"]}
+    for i in range(L):
+        t, h = f"transformer.layers.{i}.", f"transformer.h.{i}."
+        for a, b in (("input_layernorm", "ln_1"), ("post_attention_layernorm", "ln_2")):
+            new[h + b + ".weight"], new[h + b + ".bias"] = s[t + a + ".weight"], s[t + a + ".bias"]
+        for a, b in (("attention.query_key_value", "attn.c_attn"), ("attention.dense", "attn.c_proj"),
+                     ("mlp.dense_h_to_4h", "mlp.c_fc"), ("mlp.dense_4h_to_h", "mlp.c_proj")):
+            new[h + b + ".weight"], new[h + b + ".bias"] = s[t + a + ".weight"].T.contiguous(), s[t + a + ".bias"]  # Conv1D is (in, out)
+    g.load_state_dict(new, strict=False)
+    return g, s["transformer.block_position_embeddings.weight"]
+
+
+@pytest.mark.parametrize("prefix", ["glm.", ""])
+@torch.no_grad()
+def test_original_glm_equals_gpt2_with_block_positions(tmp_path, prefix):
+    sd, cfg = random_glm_checkpoint(tmp_path / "glm", prefix=prefix)
+    ours = glmkit.load(str(tmp_path / "glm")).eval()
+    gpt2, block_table = gpt2_from_glm(sd, cfg, prefix)
+    # one blank-infilling sample: Part A of 6 tokens with a [MASK] at 2, Part B "<sop> x x" at pos 2
+    ids = torch.randint(0, 97, (2, 9))
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 2, 2, 2]] * 2)
+    block = torch.tensor([[0, 0, 0, 0, 0, 0, 1, 2, 3]] * 2)
+    sep = torch.tensor([6, 4])
+    T = ids.shape[1]
+    k, q = torch.arange(T), torch.arange(T)[:, None]
+    allowed = (k[None, None] < sep[:, None, None]) | (k[None, None] <= q[None])  # (B, T, T)
+    additive = torch.zeros(2, 1, T, T).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
+    embeds = gpt2.transformer.wte(ids) + F.embedding(block, block_table)
+    want = gpt2(inputs_embeds=embeds, position_ids=pos, attention_mask=additive).logits
+    got = ours(ids, torch.stack((pos, block), 1), sep=sep)
+    mx = assert_close(got, want, TOL, "original GLM vs GPT-2 + block positions")
+    print(f"\noriginal GLM (prefix {prefix!r}) vs GPT2LMHeadModel + block table: max abs diff {mx:.2e}")
+
+
+# ---- ChatGLM-6B: an independent transcription of its forward -------------------------------------
+def chatglm_reference(sd, cfg, ids, pos, block, sep):
+    """ChatGLM-6B's forward written from its published design, in its own tensor layout:
+    q/k/v fused per head as (T, H, 3*D); first half of each head rotated by position, second half
+    by block position, each with (x[:d/2], x[d/2:]) pairs; query-key scaling; alpha residual on the
+    normed input; GELU (tanh); final LayerNorm; separate lm_head."""
+    C, H, L, eps = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_layers"], cfg["layernorm_epsilon"]
+    D, alpha = C // H, (2 * L) ** 0.5
+    B, T = ids.shape
+    x = sd["transformer.word_embeddings.weight"][ids]
+
+    def rot(v, p):  # v (B, T, H, d) rotated by positions p (B, T)
+        d = v.shape[-1]
+        inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+        f = p[..., None].float() * inv
+        emb = torch.cat((f, f), -1)[:, :, None]
+        cos, sin = emb.cos(), emb.sin()
+        v1, v2 = v[..., : d // 2], v[..., d // 2 :]
+        return v * cos + torch.cat((-v2, v1), -1) * sin
+
+    allowed = torch.ones(B, T, T).tril().bool()
+    for b in range(B):
+        allowed[b, :, : sep[b]] = True
+    for i in range(L):
+        t = f"transformer.layers.{i}."
+        ln = lambda z, n: F.layer_norm(z, (C,), sd[t + n + ".weight"], sd[t + n + ".bias"], eps)  # noqa: E731
+        h = ln(x, "input_layernorm")
+        mixed = F.linear(h, sd[t + "attention.query_key_value.weight"], sd[t + "attention.query_key_value.bias"])
+        q, k, v = mixed.view(B, T, H, 3 * D).split(D, dim=-1)
+        q = torch.cat((rot(q[..., : D // 2], pos), rot(q[..., D // 2 :], block)), -1)
+        k = torch.cat((rot(k[..., : D // 2], pos), rot(k[..., D // 2 :], block)), -1)
+        coeff = float(i + 1)  # query_key_layer_scaling: divide, then multiply back before softmax
+        scores = torch.einsum("bqhd,bkhd->bhqk", q / (math.sqrt(D) * coeff), k) * coeff
+        scores = scores.masked_fill(~allowed[:, None], -10000.0)
+        a = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).reshape(B, T, C)
+        a = F.linear(a, sd[t + "attention.dense.weight"], sd[t + "attention.dense.bias"])
+        x = h * alpha + a
+        h = ln(x, "post_attention_layernorm")
+        m = F.gelu(F.linear(h, sd[t + "mlp.dense_h_to_4h.weight"], sd[t + "mlp.dense_h_to_4h.bias"]), approximate="tanh")
+        x = h * alpha + F.linear(m, sd[t + "mlp.dense_4h_to_h.weight"], sd[t + "mlp.dense_4h_to_h.bias"])
+    x = F.layer_norm(x, (C,), sd["transformer.final_layernorm.weight"], sd["transformer.final_layernorm.bias"], eps)
+    return F.linear(x, sd["lm_head.weight"])
+
+
+def random_chatglm_checkpoint(path, C=64, L=2, H=4, F_=160, V=103):
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.2  # noqa: E731
+    sd = {"transformer.word_embeddings.weight": r(V, C), "lm_head.weight": r(V, C),
+          "transformer.final_layernorm.weight": 1 + r(C), "transformer.final_layernorm.bias": r(C)}
+    for i in range(L):
+        t = f"transformer.layers.{i}."
+        for n in ("input_layernorm", "post_attention_layernorm"):
+            sd[t + n + ".weight"], sd[t + n + ".bias"] = 1 + r(C), r(C)
+        for n, (o, m) in (("attention.query_key_value", (3 * C, C)), ("attention.dense", (C, C)),
+                          ("mlp.dense_h_to_4h", (F_, C)), ("mlp.dense_4h_to_h", (C, F_))):
+            sd[t + n + ".weight"], sd[t + n + ".bias"] = r(o, m), r(o)
+        sd[t + "attention.rotary_emb.inv_freq"] = torch.ones(C // H // 4)  # a buffer real checkpoints carry
+    cfg = {"architectures": ["ChatGLMModel"], "model_type": "chatglm", "vocab_size": V, "hidden_size": C,
+           "inner_hidden_size": F_, "num_layers": L, "num_attention_heads": H, "max_sequence_length": 128,
+           "layernorm_epsilon": 1e-5, "position_encoding_2d": True, "quantization_bit": 0}
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(cfg))
+    from safetensors.torch import save_file
+
+    save_file(sd, path / "model.safetensors")
+    return sd, cfg
+
+
+@torch.no_grad()
+def test_chatglm6b_equals_transcribed_reference(tmp_path):
+    sd, cfg = random_chatglm_checkpoint(tmp_path / "c")
+    ours = glmkit.load(str(tmp_path / "c")).eval()
+    assert ours.cfg.residual == "deepnorm" and ours.cfg.position == "rope_2d"
+    ids = torch.randint(0, 103, (2, 10))
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 6, 6, 6], [0, 1, 2, 3, 4, 5, 6, 7, 7, 7]])
+    block = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 1, 2, 3], [0, 0, 0, 0, 0, 0, 0, 0, 1, 2]])
+    sep = torch.tensor([7, 8])
+    want = chatglm_reference(sd, cfg, ids, pos, block, sep)
+    got = ours(ids, torch.stack((pos, block), 1), sep=sep)
+    mx = assert_close(got, want, TOL, "ChatGLM-6B vs transcribed reference")
+    print(f"\nChatGLM-6B layout vs transcribed reference: max abs diff {mx:.2e}")
+
+
+def test_chatglm_and_glm_round_trip(tmp_path):
+    from safetensors.torch import load_file
+
+    sd, _ = random_chatglm_checkpoint(tmp_path / "c")
+    write_checkpoint(read_checkpoint(tmp_path / "c"), tmp_path / "c2")
+    back = load_file(tmp_path / "c2" / "model.safetensors")
+    for n, t in back.items():
+        assert torch.equal(t, sd[n]), n
+    assert set(sd) - set(back) == {f"transformer.layers.{i}.attention.rotary_emb.inv_freq" for i in range(2)}
+
+    sd, _ = random_glm_checkpoint(tmp_path / "g", prefix="")
+    write_checkpoint(read_checkpoint(tmp_path / "g"), tmp_path / "g2")
+    back = load_file(tmp_path / "g2" / "model.safetensors")
+    assert sorted(back) == sorted(sd) and all(torch.equal(back[n], sd[n]) for n in sd)
+
+
+# ---- loading never fails silently -----------------------------------------------------------------
+@pytest.fixture
+def hf_dir(tmp_path):
+    hf_tiny("GlmForCausalLM").save_pretrained(tmp_path / "hf")
+    return tmp_path / "hf"
+
+
+def test_truncated_safetensors(hf_dir):
+    f = hf_dir / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated safetensors file: tensors need \d+ bytes, file has \d+; re-download"):
+        glmkit.load(str(hf_dir))
+    f.write_bytes(data[:4])
+    with pytest.raises(CheckpointError, match="truncated safetensors file .* no header"):
+        glmkit.load(str(hf_dir))
+
+
+def test_corrupt_bin(tmp_path):
+    random_glm_checkpoint(tmp_path / "g")
+    f = tmp_path / "g" / "pytorch_model.bin"
+    f.write_bytes(f.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: cannot be read as a PyTorch checkpoint .* truncated or corrupt"):
+        glmkit.load(str(tmp_path / "g"))
+
+
+def test_missing_tensor(hf_dir):
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(hf_dir / "model.safetensors")
+    del sd["model.layers.1.mlp.down_proj.weight"]
+    save_file(sd, hf_dir / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing 1 tensor\(s\), e\.g\. \['model\.layers\.1\.mlp\.down_proj\.weight'\]"):
+        glmkit.load(str(hf_dir))
+
+
+def test_unexpected_tensor(hf_dir):
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(hf_dir / "model.safetensors")
+    sd["model.layers.2.mlp.down_proj.weight"] = torch.zeros(1)
+    save_file(sd, hf_dir / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"unexpected tensor\(s\), e\.g\. \['model\.layers\.2\.mlp\.down_proj\.weight'\] in model\.safetensors"):
+        glmkit.load(str(hf_dir))
+
+
+def test_wrong_shape(hf_dir):
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(hf_dir / "model.safetensors")
+    sd["model.layers.0.mlp.down_proj.weight"] = torch.zeros(64, 95)
+    save_file(sd, hf_dir / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"tensor model\.layers\.0\.mlp\.down_proj\.weight has shape \(64, 95\), but config\.json implies \(64, 96\) for layers\.0\.mlp\.down\.weight"):
+        glmkit.load(str(hf_dir))
+
+
+def test_sharded_checkpoint_and_missing_shard(tmp_path):
+    hf = hf_tiny("Glm4ForCausalLM")
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+    shards = sorted((tmp_path / "hf").glob("model-*.safetensors"))
+    assert len(shards) > 1
+    ids = torch.randint(0, 101, (1, 6))
+    with torch.no_grad():
+        assert_close(glmkit.load(str(tmp_path / "hf"))(ids), hf(ids).logits, TOL, "sharded load")
+    shards[-1].unlink()
+    with pytest.raises(CheckpointError, match=f"lists shards that are not in .*{shards[-1].name}"):
+        glmkit.load(str(tmp_path / "hf"))
+
+
+def test_unknown_architecture_and_missing_config(tmp_path):
+    (tmp_path / "x").mkdir()
+    with pytest.raises(CheckpointError, match="has no config.json"):
+        glmkit.load(str(tmp_path / "x"))
+    (tmp_path / "x" / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    with pytest.raises(CheckpointError, match=r"unknown architecture \['LlamaForCausalLM'\]"):
+        glmkit.load(str(tmp_path / "x"))
+    (tmp_path / "x" / "config.json").write_text(json.dumps({"architectures": ["ChatGLMModel"], "model_type": "chatglm",
+                                                              "multi_query_attention": True}))
+    with pytest.raises(CheckpointError, match="ChatGLM2/3 or GLM-4 remote code"):
+        glmkit.load(str(tmp_path / "x"))
+    with pytest.raises(CheckpointError, match="is not a directory"):
+        glmkit.load(str(tmp_path / "nope"))
+
+
+@torch.no_grad()
+def test_glmkit_checkpoint_round_trip_and_dtype(tmp_path):
+    model = glmkit.load("debug")
+    write_checkpoint(model, tmp_path / "ck")
+    back = glmkit.load(str(tmp_path / "ck"))
+    assert back.cfg == model.cfg
+    ids = torch.randint(0, 512, (1, 8))
+    assert torch.equal(back(ids), model(ids))
+    bf = glmkit.load(str(tmp_path / "ck"), dtype=torch.bfloat16)
+    assert bf.embed.weight.dtype == torch.bfloat16
+    with pytest.raises(CheckpointError, match="exists and is not empty"):
+        write_checkpoint(model, tmp_path / "ck")
