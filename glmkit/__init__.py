@@ -7,3 +7,6 @@ __all__ = ["GLM", "ModelConfig", "PRESETS", "get_preset"]
 from .convert import CheckpointError, load  # noqa: E402
 
 __all__ += ["CheckpointError", "load"]
+from .tokenizer import Tokenizer, load_tokenizer  # noqa: E402
+
+__all__ += ["Tokenizer", "load_tokenizer"]

@@ -1,0 +1,80 @@
+"""`glmkit <command>`: each command is one module's main().
+
+    glmkit info PATH|PRESET      configuration, parameter count, memory per dtype
+    glmkit convert SRC DST       read any supported GLM checkpoint, write it in another layout
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+# command -> (module, one-line help); modules are imported only when their command runs
+COMMANDS = {
+    "info": ("glmkit.cli", "show a checkpoint's or preset's config, parameter count and memory per dtype"),
+    "convert": ("glmkit.convert", "convert a checkpoint between glmkit, HF GLM/GLM-4, THUDM GLM and ChatGLM-6B layouts"),
+}
+
+BYTES = {"fp32": 4, "bf16": 2, "int8": 1, "int4": 0.5}
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def describe(cfg, source: str) -> str:
+    n, n_body = cfg.num_params(), cfg.num_params(embeddings=False)
+    lines = [f"{source}", f"  parameters: {n:,} ({n / 1e6:.1f}M; {n_body / 1e6:.1f}M without embeddings)"]
+    lines.append("  weights:    " + ", ".join(f"{k} {_gib(n * b)}" for k, b in BYTES.items()))
+    kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim  # values per token, keys and values
+    lines.append(f"  KV cache:   {_gib(kv * 2 * 1024)} per 1K tokens in bf16 ({_gib(kv * 2 * cfg.max_seq_len)} at {cfg.max_seq_len} tokens)")
+    lines.append("  config:")
+    lines += [f"    {k}: {v}" for k, v in cfg.to_dict().items()]
+    return "\n".join(lines)
+
+
+def info(argv=None):
+    import argparse
+
+    from .config import PRESETS, get_preset
+    from .convert import CheckpointError, detect_format
+
+    p = argparse.ArgumentParser(prog="glmkit info", description=COMMANDS["info"][1])
+    p.add_argument("model", help=f"checkpoint directory or preset ({', '.join(PRESETS)})")
+    a = p.parse_args(argv)
+    path = Path(a.model)
+    if a.model in PRESETS and not path.exists():
+        print(describe(get_preset(a.model), f"preset {a.model}"))
+        return
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise CheckpointError(f"{a.model} is neither a preset ({', '.join(PRESETS)}) nor a directory with config.json")
+    d = json.loads(cfg_file.read_text())
+    fmt = detect_format(d, str(cfg_file))
+    print(describe(fmt.config_from_hf(d), f"{path} (format {fmt.name})"))
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: glmkit <command> [options]\n\ncommands:")
+        for name, (_, doc) in COMMANDS.items():
+            print(f"  {name:10s} {doc}")
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    import importlib
+
+    from .convert import CheckpointError
+
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    entry = info if argv[0] == "info" else module.main
+    try:
+        entry(argv[1:])
+    except (CheckpointError, FileNotFoundError, NotImplementedError, KeyError, ValueError) as e:
+        print(f"glmkit {argv[0]}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""The public API and the CLI: glmkit.load, load_tokenizer, `glmkit info`, `glmkit convert`."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import glmkit
+from glmkit.cli import main
+from glmkit.convert import write_checkpoint
+
+
+def test_load_preset_and_forward_shape():
+    model = glmkit.load("debug", dtype=torch.bfloat16)
+    assert model.embed.weight.dtype == torch.bfloat16
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 7))
+    with torch.no_grad():
+        assert model(ids).shape == (2, 7, model.cfg.vocab_size)
+        # 2D positions and a per-sample sep are accepted by the same call
+        pos = torch.stack((torch.arange(7).expand(2, 7), torch.zeros(2, 7, dtype=torch.long)), 1)
+        assert model(ids, pos, sep=torch.tensor([3, 0])).shape == (2, 7, model.cfg.vocab_size)
+
+
+def test_unknown_preset_error():
+    with pytest.raises(glmkit.CheckpointError, match="nor a preset: debug, glm-tiny"):
+        glmkit.load("glm-huge")
+
+
+def test_info_preset_and_checkpoint(tmp_path, capsys):
+    assert main(["info", "glm-4-9b-0414"]) == 0
+    out = capsys.readouterr().out
+    assert "sandwich_norm: True" in out and "bf16" in out and "KV cache" in out
+    write_checkpoint(glmkit.load("debug"), tmp_path / "ck", "glm_hf")
+    assert main(["info", str(tmp_path / "ck")]) == 0
+    out = capsys.readouterr().out
+    assert "format glm_hf" in out and f"{glmkit.load('debug').cfg.num_params():,}" in out
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["info", str(tmp_path)]) == 1
+    assert "error: " in capsys.readouterr().err
+    assert main(["frobnicate"]) == 2
+
+
+def test_convert_cli_subprocess(tmp_path):
+    """The console entry point end to end: glmkit -> GlmForCausalLM layout -> glmkit, bf16."""
+    write_checkpoint(glmkit.load("debug"), tmp_path / "a")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "glmkit.cli", *a], capture_output=True, text=True)  # noqa: E731
+    r = run("convert", str(tmp_path / "a"), str(tmp_path / "b"), "--to", "glm_hf", "--dtype", "bf16")
+    assert r.returncode == 0, r.stderr
+    assert "-> " in r.stdout and "torch.bfloat16" in r.stdout
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["architectures"] == ["GlmForCausalLM"]
+    r = run("convert", str(tmp_path / "missing"), str(tmp_path / "c"))
+    assert r.returncode == 1 and "is not a directory" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_load_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["床前明月光，疑是地上霜。", "hello world, hello glm"] * 20,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=list(glmkit.tokenizer.SPECIAL_TOKENS)))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    t = glmkit.load_tokenizer(tmp_path)
+    text = "床前明月光, hello"
+    assert t.decode(t.encode(text)) == text
+    assert t.token_id("[gMASK]") == tok.token_to_id("[gMASK]")
+    with pytest.raises(KeyError, match="no token '<nope>'"):
+        t.token_id("<nope>")
+    with pytest.raises(FileNotFoundError, match="has no tokenizer.json"):
+        glmkit.load_tokenizer(tmp_path / "nothing")
