@@ -2,6 +2,9 @@
 
     glmkit info PATH|PRESET      configuration, parameter count, memory per dtype
     glmkit convert SRC DST       read any supported GLM checkpoint, write it in another layout
+    glmkit tokenizer train ...   train a byte-level BPE with the GLM special tokens
+    glmkit data build ...        assemble the default corpus (or your files) into the cache
+    glmkit data tokenize ...     tokenize a built corpus into memmap shards
 """
 
 from __future__ import annotations
@@ -10,11 +13,27 @@ import json
 import sys
 from pathlib import Path
 
-# command -> (module, one-line help); modules are imported only when their command runs
+# command -> ("module:function", one-line help); modules are imported only when their command runs
 COMMANDS = {
-    "info": ("glmkit.cli", "show a checkpoint's or preset's config, parameter count and memory per dtype"),
-    "convert": ("glmkit.convert", "convert a checkpoint between glmkit, HF GLM/GLM-4, THUDM GLM and ChatGLM-6B layouts"),
+    "info": ("glmkit.cli:info", "show a checkpoint's or preset's config, parameter count and memory per dtype"),
+    "convert": ("glmkit.convert:main", "convert a checkpoint between glmkit, HF GLM/GLM-4, THUDM GLM and ChatGLM-6B layouts"),
+    "tokenizer": ("glmkit.tokenizer:main", "train a byte-level BPE tokenizer with the GLM special tokens"),
+    "data": ("glmkit.cli:data", "build the corpus (`data build`) and tokenize it into shards (`data tokenize`)"),
 }
+
+
+def data(argv):
+    """`glmkit data build ...` and `glmkit data tokenize ...`."""
+    if argv and argv[0] == "build":
+        from .data.corpus import main as build
+
+        return build(argv)
+    if argv and argv[0] == "tokenize":
+        from .data.shards import main as tokenize
+
+        return tokenize(argv[1:])
+    print("usage: glmkit data build [...] | glmkit data tokenize [...]  (add -h for options)")
+    return 2
 
 BYTES = {"fp32": 4, "bf16": 2, "int8": 1, "int4": 0.5}
 
@@ -66,14 +85,13 @@ def main(argv=None):
 
     from .convert import CheckpointError
 
-    module = importlib.import_module(COMMANDS[argv[0]][0])
-    entry = info if argv[0] == "info" else module.main
+    module, function = COMMANDS[argv[0]][0].split(":")
+    entry = getattr(importlib.import_module(module), function)
     try:
-        entry(argv[1:])
-    except (CheckpointError, FileNotFoundError, NotImplementedError, KeyError, ValueError) as e:
+        return entry(argv[1:]) or 0
+    except (CheckpointError, FileNotFoundError, FileExistsError, NotImplementedError, KeyError, ValueError) as e:
         print(f"glmkit {argv[0]}: error: {e}", file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

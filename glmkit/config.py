@@ -72,6 +72,11 @@ class ModelConfig:
         ):
             if value not in allowed:
                 raise ValueError(f"ModelConfig.{name}={value!r}; expected one of {allowed}")
+        for name in ("vocab_size", "dim", "n_layers", "n_heads"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.n_kv_heads is not None and self.n_kv_heads <= 0:
+            raise ValueError(f"ModelConfig.n_kv_heads must be positive, got {self.n_kv_heads}")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:
@@ -175,11 +180,12 @@ PRESETS: dict[str, dict] = {
     ),
     # THUDM/chatglm-6b config.json: 28 layers, 4096 hidden, inner_hidden_size 16384, 32 heads,
     # vocab 130528, max_sequence_length 2048, position_encoding_2d, layernorm_epsilon 1e-5;
-    # modeling_chatglm.py: alpha = sqrt(2 * num_layers) residual, GELU (tanh), separate lm_head
+    # modeling_chatglm.py: alpha = sqrt(2 * num_layers) residual, GELU (tanh); its lm_head is tied to
+    # the word embeddings by HF's default tie_word_embeddings=True (6.17B parameters, the published 6.2B)
     "chatglm-6b": dict(
         vocab_size=130528, dim=4096, n_layers=28, n_heads=32, ffn_dim=16384, max_seq_len=2048,
         position="rope_2d", norm="layernorm", norm_eps=1e-5, residual="deepnorm", mlp="gelu",
-        qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=False, source="chatglm",
+        qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=True, source="chatglm",
     ),
     # THUDM/glm-4-9b-hf config.json (GlmForCausalLM): 40 layers, 4096 hidden, 13696 ffn, 32 heads,
     # 2 kv heads, head_dim 128, partial_rotary_factor 0.5, rms_norm_eps 1.5625e-07, attention_bias,

@@ -314,16 +314,19 @@ def _chatglm_from_dict(d: dict) -> ModelConfig:
         n_heads=_need(d, "num_attention_heads", src), ffn_dim=d.get("inner_hidden_size") or 4 * d["hidden_size"],
         max_seq_len=d.get("max_sequence_length", 2048), position="rope_2d", norm="layernorm",
         norm_eps=d.get("layernorm_epsilon", 1e-5), residual="deepnorm", mlp="gelu",
-        qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=False, source="chatglm",
+        qkv_bias=True, out_bias=True, mlp_bias=True, source="chatglm",
+        # ChatGLM-6B's config.json has no tie_word_embeddings, so HF ties lm_head to the embeddings
+        # when loading (its default); a stored lm_head.weight is then ignored, as HF ignores it
+        tie_embeddings=d.get("tie_word_embeddings", True),
     )
 
 
 def _chatglm_to_dict(cfg: ModelConfig) -> dict:
-    if (cfg.position, cfg.norm, cfg.mlp, cfg.residual, cfg.tie_embeddings, cfg.n_kv_heads) != (
-        "rope_2d", "layernorm", "gelu", "deepnorm", False, cfg.n_heads
+    if (cfg.position, cfg.norm, cfg.mlp, cfg.residual, cfg.n_kv_heads) != (
+        "rope_2d", "layernorm", "gelu", "deepnorm", cfg.n_heads
     ) or not (cfg.qkv_bias and cfg.out_bias and cfg.mlp_bias):
         raise CheckpointError("only ChatGLM-6B-shaped models can be written as chatglm")
-    return {
+    return {"tie_word_embeddings": cfg.tie_embeddings,
         "architectures": ["ChatGLMModel"], "model_type": "chatglm", "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.dim, "inner_hidden_size": cfg.ffn_dim, "num_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads, "max_sequence_length": cfg.max_seq_len,
@@ -346,8 +349,7 @@ def _chatglm_rules(cfg: ModelConfig) -> list[Rule]:
         Rule("embed.weight", (t + "word_embeddings.weight",)),
         Rule("norm.weight", (t + "final_layernorm.weight",)),
         Rule("norm.bias", (t + "final_layernorm.bias",)),
-        Rule("head.weight", ("lm_head.weight",)),
-    ] + _megatron_layer_rules(cfg, t, qkv)
+    ] + ([] if cfg.tie_embeddings else [Rule("head.weight", ("lm_head.weight",))]) + _megatron_layer_rules(cfg, t, qkv)
 
 
 CHATGLM = Format(

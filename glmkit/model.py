@@ -296,7 +296,10 @@ class GLM(nn.Module):
         if offset + T > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; {offset} used, {T} more requested")
         if offset == 0:
-            cache.sep.copy_(self._sep(sep, B, input_ids.device))
+            sep_t = self._sep(sep, B, input_ids.device)
+            if int(sep_t.max()) > T:  # Part A keys must exist before any query attends to them
+                raise ValueError(f"sep={sep_t.tolist()} exceeds the {T} tokens of the first prefill; prefill all of Part A at once")
+            cache.sep.copy_(sep_t)
         elif sep is not None:
             raise ValueError("sep can only be set by the first prefill of a cache")
         valid = torch.ones(B, T, dtype=torch.bool, device=input_ids.device) if attention_mask is None else attention_mask.bool()

@@ -1,21 +1,41 @@
-"""Tokenizer: one wrapper over HF `tokenizers`, with GLM special tokens looked up by name.
+"""Tokenizer: one wrapper over HF `tokenizers`, GLM special tokens by name, the GLM-4 chat template.
 
-    tok = glmkit.load_tokenizer("path/to/checkpoint")   # reads tokenizer.json
-    ids = tok.encode("床前明月光")
-    tok.decode(ids); tok.token_id("[gMASK]")
+    glmkit tokenizer train --vocab 16000 --out tok/ FILES...     # byte-level BPE
+    tok = glmkit.load_tokenizer("tok/")          # tokenizer.json, or a SentencePiece *.model
+    ids = tok.encode("床前明月光"); tok.decode(ids)
+    tok.special("gmask")                          # ids by role, never hard-coded
+    ids, loss_mask = tok.render_chat([{"role": "user", "content": "你好"}], add_generation_prompt=True)
+    dec = tok.incremental_decoder(); text = "".join(dec.add(i) for i in ids) + dec.flush()
 
-This is the loading half: checkpoints that ship a `tokenizer.json` (GLM-4 HF releases, glmkit's
-own models). Training a tokenizer, SentencePiece models of the original GLM and the chat template
-come with the data pipeline (issue 3).
+Byte-level BPE makes decoding lossless for any string. The pre-tokenizer splits like GPT-4's
+(letters, up-to-3-digit numbers, punctuation runs, whitespace); a run of Han characters stays one
+pre-token, so BPE learns frequent Chinese words. Original GLM (`cog-pretrain.model`) and
+ChatGLM-6B (`ice_text.model`) ship SentencePiece models: unigram ones are converted to a
+`tokenizers` Tokenizer on load (needs the `sentencepiece` package for its model protobuf).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 from pathlib import Path
 
-# The GLM special tokens by role; ids are always looked up in the tokenizer, never hard-coded.
+# GLM special tokens, in the order a freshly trained tokenizer gives them ids 0..9.
 SPECIAL_TOKENS = ("<|endoftext|>", "[MASK]", "[sMASK]", "[gMASK]", "<sop>", "<eop>",
                   "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
+# role -> names used across the family (original GLM spells sop/eop as <|startofpiece|> etc.)
+ROLES = {
+    "eos": ("<|endoftext|>", "</s>", "<eos>"),
+    "mask": ("[MASK]",), "smask": ("[sMASK]",), "gmask": ("[gMASK]",),
+    "sop": ("<sop>", "<|startofpiece|>"), "eop": ("<eop>", "<|endofpiece|>"),
+    "system": ("<|system|>",), "user": ("<|user|>",), "assistant": ("<|assistant|>",),
+    "observation": ("<|observation|>",),
+}
+CHAT_ROLES = ("system", "user", "assistant", "observation")
+SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+SENTENCE_END_CHARS = ".?!;。？！；…\n"
 
 
 class Tokenizer:
@@ -31,12 +51,30 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
             raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from None
 
+    @classmethod
+    def from_sentencepiece(cls, path: str | Path) -> "Tokenizer":
+        try:
+            from tokenizers.implementations import SentencePieceUnigramTokenizer
+
+            tok = SentencePieceUnigramTokenizer.from_spm(str(path))
+        except ImportError as e:
+            raise ImportError(f"reading {path} needs the sentencepiece and protobuf packages ({e})") from None
+        except Exception as e:
+            raise ValueError(f"{path}: cannot convert this SentencePiece model ({e}); only unigram models are supported") from None
+        # `tok` is an implementation wrapper; keep the underlying Tokenizer
+        return cls(tok._tokenizer, Path(path))
+
+    # ---- basics ----------------------------------------------------------------------------------
     @property
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Parallel over all cores (the Rust side uses a thread pool)."""
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -47,19 +85,162 @@ class Tokenizer:
             raise KeyError(f"tokenizer {self.path or ''} has no token {name!r}")
         return i
 
+    def special(self, role: str) -> int:
+        """Id of a special token by role (eos, mask, smask, gmask, sop, eop, system, user, ...)."""
+        if role not in ROLES:
+            raise KeyError(f"unknown special role {role!r}; known: {list(ROLES)}")
+        for name in ROLES[role]:
+            i = self.tok.token_to_id(name)
+            if i is not None:
+                return i
+        raise KeyError(f"tokenizer {self.path or ''} has no {role} token (looked for {ROLES[role]})")
+
+    def sentence_end_table(self):
+        """Bool array over the vocabulary: True for tokens whose text ends a sentence."""
+        import numpy as np
+
+        table = np.zeros(self.vocab_size, dtype=bool)
+        for i in range(self.vocab_size):
+            s = self.tok.decode([i], skip_special_tokens=False)
+            table[i] = bool(s) and s.rstrip(" \t")[-1:] in SENTENCE_END_CHARS and s.strip() != ""
+        return table
+
     def save(self, directory: str | Path) -> None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
         self.tok.save(str(Path(directory) / "tokenizer.json"))
+
+    # ---- chat --------------------------------------------------------------------------------------
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
+        """GLM-4 chat format: `[gMASK]<sop>` then `<|role|>\\n{content}` per message.
+
+        Returns ids and a loss mask that is True on assistant replies and on the token that ends
+        each reply (the next role token, or `<|endoftext|>` after a final reply), so a model trained
+        on it learns when to stop. With `add_generation_prompt`, ends with `<|assistant|>`.
+        """
+        ids, mask = [self.special("gmask"), self.special("sop")], [False, False]
+        for n, m in enumerate(messages):
+            role, content = m.get("role"), m.get("content")
+            if role not in CHAT_ROLES:
+                raise ValueError(f"message {n}: role {role!r} is not one of {CHAT_ROLES}")
+            if not isinstance(content, str):
+                raise ValueError(f"message {n}: content must be a string, got {type(content).__name__}")
+            prev_assistant = n > 0 and messages[n - 1]["role"] == "assistant"
+            ids.append(self.special(role))
+            mask.append(prev_assistant)
+            body = self.encode("\n" + content)
+            ids += body
+            mask += [role == "assistant"] * len(body)
+        if messages and messages[-1]["role"] == "assistant" and not add_generation_prompt:
+            ids.append(self.special("eos"))
+            mask.append(True)
+        if add_generation_prompt:
+            ids.append(self.special("assistant"))
+            mask.append(messages[-1]["role"] == "assistant" if messages else False)
+        return ids, mask
+
+    def chat_stop_ids(self) -> list[int]:
+        return [self.special(r) for r in ("eos", "user", "observation")]
+
+    def incremental_decoder(self, skip_special_tokens: bool = False) -> "IncrementalDecoder":
+        return IncrementalDecoder(self, skip_special_tokens)
+
+
+class IncrementalDecoder:
+    """Streams text token by token without ever emitting half a UTF-8 character.
+
+    Byte-level tokens can end inside a multi-byte character; decoding them alone yields U+FFFD.
+    We decode a short window (from the last emitted boundary) and hold back output while it ends
+    in U+FFFD. The window restarts at each emission, so the cost per token stays constant.
+    """
+
+    def __init__(self, tok: Tokenizer, skip_special_tokens: bool = False):
+        self.tok, self.skip = tok, skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix = 0  # window start
+        self.read = 0  # ids up to here are already emitted
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        before = self.tok.decode(self.ids[self.prefix : self.read], self.skip)
+        after = self.tok.decode(self.ids[self.prefix :], self.skip)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before) :]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is held back (e.g. a stream that stopped mid-character), as decode would give it."""
+        before = self.tok.decode(self.ids[self.prefix : self.read], self.skip)
+        after = self.tok.decode(self.ids[self.prefix :], self.skip)
+        self.prefix = self.read = len(self.ids)
+        return after[len(before) :]
+
+
+def train_bpe(files: list[str | Path] | None = None, vocab_size: int = 16000, texts=None, min_frequency: int = 2) -> Tokenizer:
+    """Train a byte-level BPE with the GLM special tokens (ids 0..9) on files and/or an iterator."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex
+
+    tok = HFTokenizer(models.BPE(byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=True,
+    )
+    if files:
+        for f in files:
+            if not Path(f).exists():
+                raise FileNotFoundError(f"training file {f} does not exist")
+        tok.train([str(f) for f in files], trainer)
+    elif texts is not None:
+        tok.train_from_iterator(texts, trainer)
+    else:
+        raise ValueError("train_bpe needs files or texts")
+    return Tokenizer(tok)
+
+
+def _jsonl_texts(path: Path):
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)["text"]
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """The tokenizer of a checkpoint directory (or a tokenizer.json file)."""
+    """The tokenizer of a checkpoint directory, a tokenizer.json, or a SentencePiece .model file."""
     path = Path(path)
+    if path.suffix == ".model":
+        return Tokenizer.from_sentencepiece(path)
     file = path if path.suffix == ".json" else path / "tokenizer.json"
     if file.exists():
         return Tokenizer.from_file(file)
-    if path.is_dir() and any((path / n).exists() for n in ("tokenizer.model", "ice_text.model")):
-        raise NotImplementedError(
-            f"{path} has a SentencePiece tokenizer only; reading those is not implemented yet "
-            "(it comes with the data pipeline). Models that ship tokenizer.json load today."
-        )
-    raise FileNotFoundError(f"{path} has no tokenizer.json; this checkpoint does not ship a tokenizer")
+    if path.is_dir():
+        for name in ("tokenizer.model", "cog-pretrain.model", "ice_text.model"):
+            if (path / name).exists():
+                return Tokenizer.from_sentencepiece(path / name)
+    raise FileNotFoundError(f"{path} has no tokenizer.json (nor a SentencePiece .model); this checkpoint ships no tokenizer")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="glmkit tokenizer", description="Train a byte-level BPE with the GLM special tokens.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train on text files (.txt, or .jsonl with a 'text' field)")
+    t.add_argument("files", nargs="+")
+    t.add_argument("--vocab", type=int, default=16000)
+    t.add_argument("--out", required=True, help="directory for tokenizer.json")
+    t.add_argument("--min-frequency", type=int, default=2)
+    a = p.parse_args(argv)
+    files = [Path(f) for f in a.files]
+    jsonl = [f for f in files if f.suffix == ".jsonl"]
+    if jsonl:
+        texts = (t for f in files for t in (_jsonl_texts(f) if f.suffix == ".jsonl" else [f.read_text(encoding="utf-8")]))
+        tok = train_bpe(vocab_size=a.vocab, texts=texts, min_frequency=a.min_frequency)
+    else:
+        tok = train_bpe(files, vocab_size=a.vocab, min_frequency=a.min_frequency)
+    tok.save(a.out)
+    print(f"tokenizer with {tok.vocab_size} tokens -> {Path(a.out) / 'tokenizer.json'}")
+    return 0

@@ -3,17 +3,41 @@
 import torch
 
 
-def assert_close(got: torch.Tensor, want: torch.Tensor, atol: float, what: str = "tensors") -> float:
-    """Assert max |got - want| <= atol; on failure show max/mean difference and values side by side."""
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    diff = (got.double() - want.double()).abs()
-    mx = diff.max().item() if diff.numel() else 0.0
-    if mx > atol:
-        i = diff.flatten().argmax().item()
-        g, w = got.flatten().double(), want.flatten().double()
-        lo = max(0, i - 2)
-        rows = "\n".join(f"  [{j}] got {g[j].item(): .8f}  want {w[j].item(): .8f}" for j in range(lo, min(lo + 5, g.numel())))
-        raise AssertionError(
-            f"{what}: max abs diff {mx:.3e} > {atol:.1e} (mean {diff.mean().item():.3e}) at flat index {i}\n{rows}"
-        )
-    return mx
+def _diff_report(a: torch.Tensor, b: torch.Tensor, what: str, n: int = 5) -> str:
+    """max / mean abs difference and the `n` worst entries side by side."""
+    a64, b64 = a.detach().double().flatten(), b.detach().double().flatten()
+    diff = (a64 - b64).abs().nan_to_num(nan=float("inf"))
+    worst = diff.topk(min(n, diff.numel())).indices
+    rows = "\n".join(
+        f"    at {tuple(int(i) for i in torch.unravel_index(j, a.shape))}: "
+        f"{a64[j].item():+.8f} vs {b64[j].item():+.8f}  (|diff| {diff[j].item():.3e})"
+        for j in worst
+    )
+    return (
+        f"{what}: shape {tuple(a.shape)}, max |diff| {diff.max().item():.3e}, "
+        f"mean |diff| {diff.mean().item():.3e}\n  worst entries (got vs expected):\n{rows}"
+    )
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, atol: float, what: str = "tensors") -> float:
+    """Assert |a - b| <= atol everywhere (NaN fails); return the max difference for reporting."""
+    __tracebackhide__ = True
+    assert a.shape == b.shape, f"{what}: shapes differ, {tuple(a.shape)} vs {tuple(b.shape)}"
+    diff = (a.detach().double() - b.detach().double()).abs()
+    if not bool((diff <= atol).all()):  # also catches NaN
+        raise AssertionError(f"atol {atol:.1e} exceeded\n" + _diff_report(a, b, what))
+    return diff.max().item() if diff.numel() else 0.0
+
+
+def assert_equal(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    __tracebackhide__ = True
+    """Bit-identical (torch.equal), with the numbers printed when not."""
+    assert a.shape == b.shape, f"{what}: shapes differ, {tuple(a.shape)} vs {tuple(b.shape)}"
+    if not torch.equal(a, b):
+        raise AssertionError("expected bit-identical tensors\n" + _diff_report(a, b, what))
+
+
+def assert_differs(a: torch.Tensor, b: torch.Tensor, min_diff: float, what: str) -> None:
+    __tracebackhide__ = True
+    d = (a.double() - b.double()).abs().max().item()
+    assert d > min_diff, f"{what}: expected a change, but max |diff| = {d:.3e} <= {min_diff:.1e}"

@@ -239,7 +239,8 @@ def random_chatglm_checkpoint(path, C=64, L=2, H=4, F_=160, V=103):
         sd[t + "attention.rotary_emb.inv_freq"] = torch.ones(C // H // 4)  # a buffer real checkpoints carry
     cfg = {"architectures": ["ChatGLMModel"], "model_type": "chatglm", "vocab_size": V, "hidden_size": C,
            "inner_hidden_size": F_, "num_layers": L, "num_attention_heads": H, "max_sequence_length": 128,
-           "layernorm_epsilon": 1e-5, "position_encoding_2d": True, "quantization_bit": 0}
+           "layernorm_epsilon": 1e-5, "position_encoding_2d": True, "quantization_bit": 0,
+           "tie_word_embeddings": False}  # real ChatGLM-6B ties (HF default); the untied head is tested here
     path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps(cfg))
     from safetensors.torch import save_file
@@ -375,3 +376,18 @@ def test_glmkit_checkpoint_round_trip_and_dtype(tmp_path):
     assert bf.embed.weight.dtype == torch.bfloat16
     with pytest.raises(CheckpointError, match="exists and is not empty"):
         write_checkpoint(model, tmp_path / "ck")
+
+
+@torch.no_grad()
+def test_chatglm_ties_head_like_hf_by_default(tmp_path):
+    """ChatGLM-6B's config.json has no tie_word_embeddings; HF then ties lm_head to the embeddings."""
+    sd, cfg = random_chatglm_checkpoint(tmp_path / "c")
+    del cfg["tie_word_embeddings"]
+    (tmp_path / "c" / "config.json").write_text(json.dumps(cfg))
+    ours = glmkit.load(str(tmp_path / "c")).eval()
+    assert ours.cfg.tie_embeddings and not hasattr(ours, "head")
+    ids = torch.randint(0, 103, (1, 6))
+    sd = {**sd, "lm_head.weight": sd["transformer.word_embeddings.weight"]}
+    pos, block = torch.arange(6)[None], torch.zeros(1, 6, dtype=torch.long)
+    want = chatglm_reference(sd, cfg, ids, pos, block, torch.tensor([0]))
+    assert_close(ours(ids), want, TOL, "tied ChatGLM-6B")
