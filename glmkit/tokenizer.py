@@ -53,27 +53,56 @@ class Tokenizer:
 
     @classmethod
     def from_sentencepiece(cls, path: str | Path) -> "Tokenizer":
-        try:
-            from tokenizers.implementations import SentencePieceUnigramTokenizer
+        """Convert a SentencePiece unigram model (original GLM, ChatGLM-6B) to a `tokenizers` one.
 
-            tok = SentencePieceUnigramTokenizer.from_spm(str(path))
+        Pieces and scores become a Unigram model; SentencePiece's normalizer (its precompiled NFKC
+        map, whitespace collapsing) and its "▁" word-boundary marker are reproduced; user-defined
+        and control pieces ([MASK], <|startofpiece|>, ...) become special tokens, matched whole.
+        """
+        from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            from sentencepiece import sentencepiece_model_pb2 as pb
         except ImportError as e:
             raise ImportError(f"reading {path} needs the sentencepiece and protobuf packages ({e})") from None
-        except Exception as e:
-            raise ValueError(f"{path}: cannot convert this SentencePiece model ({e}); only unigram models are supported") from None
-        # `tok` is an implementation wrapper; keep the underlying Tokenizer
-        return cls(tok._tokenizer, Path(path))
+        proto = pb.ModelProto()
+        try:
+            proto.ParseFromString(Path(path).read_bytes())
+        except Exception as e:  # protobuf's DecodeError
+            raise ValueError(f"{path}: not a SentencePiece model ({e})") from None
+        if proto.trainer_spec.model_type != pb.TrainerSpec.UNIGRAM:
+            raise NotImplementedError(f"{path}: only SentencePiece unigram models are supported")
+        vocab = [(p.piece, p.score) for p in proto.pieces]
+        tok = HFTokenizer(models.Unigram(vocab, unk_id=proto.trainer_spec.unk_id, byte_fallback=proto.trainer_spec.byte_fallback))
+        norm = []
+        if proto.normalizer_spec.precompiled_charsmap:
+            norm.append(normalizers.Precompiled(proto.normalizer_spec.precompiled_charsmap))
+        if proto.normalizer_spec.remove_extra_whitespaces:
+            norm += [normalizers.Strip(), normalizers.Replace(Regex(" {2,}"), " ")]
+        if norm:
+            tok.normalizer = normalizers.Sequence(norm)
+        scheme = "always" if proto.normalizer_spec.add_dummy_prefix else "never"
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=scheme)
+        tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme=scheme)
+        specials = [p.piece for p in proto.pieces if p.type in (pb.ModelProto.SentencePiece.CONTROL, pb.ModelProto.SentencePiece.USER_DEFINED)]
+        tok.add_special_tokens(specials)
+        return cls(tok, Path(path))
 
     # ---- basics ----------------------------------------------------------------------------------
     @property
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        """Ids of `text`. Special-token strings in the text ("[MASK]", "<|user|>") are encoded as
+        plain text unless `allow_special`: user input can never forge a role or mask token."""
+        self.tok.encode_special_tokens = not allow_special
         return self.tok.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    def encode_batch(self, texts: list[str], allow_special: bool = False) -> list[list[int]]:
         """Parallel over all cores (the Rust side uses a thread pool)."""
+        self.tok.encode_special_tokens = not allow_special
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
