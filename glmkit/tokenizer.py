@@ -73,10 +73,11 @@ class Tokenizer:
             raise ValueError(f"{path}: not a SentencePiece model ({e})") from None
         if proto.trainer_spec.model_type != pb.TrainerSpec.UNIGRAM:
             raise NotImplementedError(f"{path}: only SentencePiece unigram models are supported")
-        special_types = (pb.ModelProto.SentencePiece.CONTROL, pb.ModelProto.SentencePiece.USER_DEFINED)
-        # special pieces sit in the unigram vocab with the best score; demote them so that plain
-        # text never segments into them (they are matched as added tokens only when allowed)
-        vocab = [(p.piece, -1e9 if p.type in special_types else p.score) for p in proto.pieces]
+        # Pitfall: SentencePiece keeps user-defined pieces ([MASK], ...) in the unigram vocab itself,
+        # so plain text containing "[MASK]" still segments into that piece (as in SentencePiece);
+        # `allow_special=False` cannot prevent it for these models. Demoting their scores does not
+        # help: the unknown-piece penalty is derived from the lowest score.
+        vocab = [(p.piece, p.score) for p in proto.pieces]
         tok = HFTokenizer(models.Unigram(vocab, unk_id=proto.trainer_spec.unk_id, byte_fallback=proto.trainer_spec.byte_fallback))
         norm = []
         if proto.normalizer_spec.precompiled_charsmap:
@@ -88,7 +89,7 @@ class Tokenizer:
         scheme = "always" if proto.normalizer_spec.add_dummy_prefix else "never"
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=scheme)
         tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme=scheme)
-        specials = [p.piece for p in proto.pieces if p.type in special_types]
+        specials = [p.piece for p in proto.pieces if p.type in (pb.ModelProto.SentencePiece.CONTROL, pb.ModelProto.SentencePiece.USER_DEFINED)]
         tok.add_special_tokens(specials)
         return cls(tok, Path(path))
 
