@@ -5,6 +5,8 @@
     glmkit tokenizer train ...   train a byte-level BPE with the GLM special tokens
     glmkit data build ...        assemble the default corpus (or your files) into the cache
     glmkit data tokenize ...     tokenize a built corpus into memmap shards
+    glmkit pretrain ...          pretrain with GLM's objective (torchrun for many processes)
+    glmkit plot RUN_DIR          loss and bits-per-character curves as PNG
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ COMMANDS = {
     "convert": ("glmkit.convert:main", "convert a checkpoint between glmkit, HF GLM/GLM-4, THUDM GLM and ChatGLM-6B layouts"),
     "tokenizer": ("glmkit.tokenizer:main", "train a byte-level BPE tokenizer with the GLM special tokens"),
     "data": ("glmkit.cli:data", "build the corpus (`data build`) and tokenize it into shards (`data tokenize`)"),
+    "pretrain": ("glmkit.train:main", "pretrain or continue pretraining with the blank-infilling objective"),
+    "plot": ("glmkit.train:plot", "draw a run's loss and bits-per-character curves as PNG"),
 }
 
 

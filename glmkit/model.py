@@ -256,7 +256,7 @@ class GLM(nn.Module):
             return torch.full((B,), sep, dtype=torch.long, device=device)
         return sep.to(device=device, dtype=torch.long).reshape(B)
 
-    def _run(self, input_ids, pos, block, mask, cache, offset):
+    def _run(self, input_ids, pos, block, mask, cache, offset, hidden_only=False):
         x = self.embed(input_ids)  # (B, T, C)
         if self.cfg.position == "learned_2d":
             x = x + self.pos_embed(pos) + self.block_pos_embed(block)
@@ -264,11 +264,16 @@ class GLM(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, rotary, mask, cache, i, offset)
         x = self.norm(x)
-        return F.linear(x, self.embed.weight) if self.cfg.tie_embeddings else self.head(x)  # (B, T, V)
+        return x if hidden_only else self.logits(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Output head over final hidden states (..., C) -> (..., V)."""
+        return F.linear(h, self.embed.weight) if self.cfg.tie_embeddings else self.head(h)
 
     # ---- entry points -------------------------------------------------------------------------
-    def forward(self, input_ids, position_ids=None, sep=None, attention_mask=None):
-        """Logits (B, T, V) for a whole sequence, no cache.
+    def forward(self, input_ids, position_ids=None, sep=None, attention_mask=None, hidden_only=False):
+        """Logits (B, T, V) for a whole sequence, no cache (final hidden states (B, T, C) with
+        `hidden_only`, so training can apply the head to the loss positions only).
 
         input_ids (B, T); position_ids (B, T) or (B, 2, T), default 0..T-1 (counting only real
         tokens when `attention_mask` is given); sep: int or (B,) prefix lengths, indices into the
@@ -279,7 +284,7 @@ class GLM(nn.Module):
         pos, block = self._positions(input_ids, position_ids, attention_mask, 0)
         valid = torch.ones(B, T, dtype=torch.bool, device=input_ids.device) if attention_mask is None else attention_mask.bool()
         mask = prefix_mask(self._sep(sep, B, input_ids.device), valid, 0, T)
-        return self._run(input_ids, pos, block, mask, None, 0)
+        return self._run(input_ids, pos, block, mask, None, 0, hidden_only)
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         p = self.embed.weight
