@@ -56,13 +56,15 @@ class InfillConfig:
     def __post_init__(self):
         m = np.asarray(self.mixture, dtype=np.float64)
         if m.shape != (3,) or (m < 0).any() or m.sum() <= 0:
-            raise ValueError(f"InfillConfig.mixture={self.mixture!r}: want 3 non-negative weights (MASK, sMASK, gMASK), not all 0")
+            raise ValueError(
+                f"InfillConfig.mixture={self.mixture!r}: want 3 non-negative weights (MASK, sMASK, gMASK), not all 0"
+            )
         if self.span_lambda <= 0 or self.max_span < 1:
-            raise ValueError(f"InfillConfig: need span_lambda > 0 and max_span >= 1, got {self.span_lambda}, {self.max_span}")
+            raise ValueError(f"InfillConfig: need span_lambda > 0, max_span >= 1; got {self.span_lambda}, {self.max_span}")
         if not 0 < self.coverage < 1:
             raise ValueError(f"InfillConfig.coverage={self.coverage}: want a fraction in (0, 1)")
         if not 0 < self.gmask_min <= self.gmask_max <= 1:
-            raise ValueError(f"InfillConfig: want 0 < gmask_min <= gmask_max <= 1, got {self.gmask_min}, {self.gmask_max}")
+            raise ValueError(f"InfillConfig: want 0 < gmask_min <= gmask_max <= 1; got {self.gmask_min}, {self.gmask_max}")
         if not 0 <= self.gmask_suffix_prob <= 1:
             raise ValueError(f"InfillConfig.gmask_suffix_prob={self.gmask_suffix_prob}: want a probability")
         self.mode_probs = m / m.sum()
@@ -119,7 +121,9 @@ def assemble(tokens, spans, mask_ids, order, special: SpecialIds, *, mode: str |
         raise ValueError(f"spans {spans} must be non-empty, sorted, disjoint and inside 0..{n}")
     order = np.asarray(order, dtype=np.int64).reshape(-1)
     if len(mask_ids) != k or not np.array_equal(np.sort(order), np.arange(k)):
-        raise ValueError(f"need one mask id per span and order a permutation of 0..{k - 1}; got {list(mask_ids)}, {order.tolist()}")
+        raise ValueError(
+            f"need one mask id per span and order a permutation of 0..{k - 1}; got {list(mask_ids)}, {order.tolist()}"
+        )
 
     # Part A: each span collapses to its mask token, which lands at start - (tokens removed before it)
     lens = ends - starts
@@ -192,8 +196,8 @@ def _mask_spans(tokens, seq_len, cfg: InfillConfig, rng, eos) -> tuple[list, int
     L, per_chunk = len(tokens), 8 + int(cfg.coverage * seq_len / cfg.span_lambda)
     lengths = np.zeros(0, np.int64)
     while True:
-        u = rng.random(per_chunk)
-        lengths = np.concatenate((lengths, np.minimum(np.searchsorted(cfg.span_cdf, u, side="right") + 1, cfg.max_span)))
+        drawn = np.searchsorted(cfg.span_cdf, rng.random(per_chunk), side="right") + 1
+        lengths = np.concatenate((lengths, np.minimum(drawn, cfg.max_span)))  # min: float rounding at cdf[-1]
         k = np.arange(1, len(lengths) + 1)
         done = (np.cumsum(lengths) >= cfg.coverage * np.minimum(L, seq_len - 2 * k)) | (seq_len - 2 * (k + 1) < 1)
         if done.any():

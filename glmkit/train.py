@@ -194,7 +194,8 @@ def train(c: TrainConfig) -> dict:
             g["lr"] = lr
         micro = [next(loader) for _ in range(c.grad_accum)]
         n_local = sum(int(m["loss_mask"].sum()) for m in micro)
-        n_global = D.all_reduce_sum(torch.tensor(float(n_local), device=d.device), d)
+        # clamp: a window of nothing but eos tokens yields an example with no predicted tokens
+        n_global = D.all_reduce_sum(torch.tensor(float(n_local), device=d.device), d).clamp(min=1.0)
         step_nll = torch.zeros((), device=d.device)
         for i, m in enumerate(micro):
             sync = i == len(micro) - 1 or not d.active or c.parallel == "fsdp"

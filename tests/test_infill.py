@@ -31,7 +31,8 @@ def assert_array(got, want, what):
     __tracebackhide__ = True
     got, want = np.asarray(got), np.asarray(want)
     if got.shape != want.shape or not (got == want).all():
-        marks = "".join(" ^" if g != w else "  " for g, w in zip(got.ravel(), want.ravel())) if got.shape == want.shape else ""
+        same_shape = got.shape == want.shape
+        marks = "".join(" ^" if g != w else "  " for g, w in zip(got.ravel(), want.ravel())) if same_shape else ""
         raise AssertionError(f"{what}:\n  got  {got.tolist()}\n  want {want.tolist()}\n       {marks}")
 
 
@@ -96,7 +97,8 @@ def test_assemble_rejects_malformed_blanks(spans, mask_ids, order):
 # ---- invariants of build_example -----------------------------------------------------------------
 
 
-def check_example(ex: Example, used: int, tokens: np.ndarray, seq_len: int, special: SpecialIds, cfg: InfillConfig):
+def check_example(ex: Example, used: int, tokens: np.ndarray, seq_len: int, special: SpecialIds, cfg: InfillConfig,
+                  sentence_end: np.ndarray | None = None):
     """Every property the objective promises, for one example built from `tokens`."""
     __tracebackhide__ = True
     src = tokens[:used]
@@ -151,6 +153,13 @@ def check_example(ex: Example, used: int, tokens: np.ndarray, seq_len: int, spec
         assert not segs, "mode none only when nothing but eos is in view"
     elif ex.mode == "sMASK":
         assert n_masked >= cfg.coverage * used
+        if sentence_end is not None:  # whole sentences: from a boundary to a sentence end or document end
+            is_end = sentence_end[tokens] & (tokens != special.eos)
+            for s, e in ex.spans:
+                starts_ok = s == 0 or tokens[s - 1] == special.eos or is_end[s - 1]
+                ends_ok = is_end[e - 1] or e == len(tokens) or tokens[e] == special.eos
+                assert starts_ok and ends_ok, f"sMASK span {(s, e)} is not a whole sentence"
+                assert not is_end[s : e - 1].any(), f"sMASK span {(s, e)} holds more than one sentence"
     elif ex.mode in ("MASK", "sMASK->MASK"):
         # Precondition under which MASK must reach coverage: with D documents in view, spans fit
         # while some document has room for a max_span span. Before the last span is placed they
@@ -188,7 +197,8 @@ def windows(draw):
     tokens = make_stream(docs, vocab, rng, special.eos)
     tokens = tokens[draw(st.integers(0, max(0, len(tokens) - 1))) :]  # windows start anywhere
     seq_len = draw(st.integers(3, 300))
-    cfg = InfillConfig(mixture=ONLY[draw(st.sampled_from(list(ONLY)))], gmask_suffix_prob=draw(st.sampled_from([0.0, 0.5, 1.0])))
+    mixture = ONLY[draw(st.sampled_from(list(ONLY)))]
+    cfg = InfillConfig(mixture=mixture, gmask_suffix_prob=draw(st.sampled_from([0.0, 0.5, 1.0])))
     return tokens, seq_len, special, sentence_end, cfg, seed
 
 
@@ -197,7 +207,7 @@ def windows(draw):
 def test_build_example_invariants(w):
     tokens, seq_len, special, sentence_end, cfg, seed = w
     ex, used = build_example(tokens, seq_len, np.random.default_rng(seed), special, sentence_end, cfg)
-    check_example(ex, used, tokens, seq_len, special, cfg)
+    check_example(ex, used, tokens, seq_len, special, cfg, sentence_end)
     if not sentence_end.any() and cfg.mixture == ONLY["sMASK"]:
         assert ex.mode in ("sMASK->MASK", "none")
 
@@ -245,7 +255,7 @@ def test_a_whole_stream_is_consumed_with_little_padding(mode):
     full = walked[:-1]  # the stream's last window may be short
     pad = sum(seq_len - len(ex.input_ids) for ex, _, _ in full) / (seq_len * len(full))
     for ex, used, window in full:
-        check_example(ex, used, window, seq_len, SPECIAL, cfg)
+        check_example(ex, used, window, seq_len, SPECIAL, cfg, sentence_end)
         if mode != "sMASK":
             assert len(ex.input_ids) == seq_len, f"{mode}: {len(ex.input_ids)} tokens, want exactly {seq_len}"
         if ex.mode in ("MASK", "sMASK"):  # realistic documents: coverage holds beyond the precondition
@@ -260,7 +270,8 @@ def test_a_whole_stream_is_consumed_with_little_padding(mode):
 
 def test_smask_without_sentence_ends_falls_back_to_mask():
     tokens = np.arange(1, 81)  # one document, no sentence ends
-    ex, used = build_example(tokens, 64, np.random.default_rng(0), SPECIAL, np.zeros(100, bool), InfillConfig(mixture=(0, 1, 0)))
+    cfg = InfillConfig(mixture=(0, 1, 0))
+    ex, used = build_example(tokens, 64, np.random.default_rng(0), SPECIAL, np.zeros(100, bool), cfg)
     assert ex.mode == "sMASK->MASK" and SPECIAL.mask in ex.input_ids and SPECIAL.smask not in ex.input_ids
     check_example(ex, used, tokens, 64, SPECIAL, InfillConfig())
 

@@ -1,0 +1,22 @@
+"""Re-record the debug-preset loss trajectory that tests/test_train.py::test_recorded_debug_losses checks.
+
+    .venv/bin/python tests/data/record_losses.py
+
+Run it only when the model or the data pipeline changes on purpose, and say why in the commit.
+"""
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from tests.test_train import cfg, make_shards
+from glmkit.train import train
+
+if __name__ == "__main__":
+    with tempfile.TemporaryDirectory() as d:
+        shards = make_shards(Path(d))
+        losses = train(cfg(shards, Path(d) / "run"))["losses"]
+    out = Path(__file__).parent / "debug_losses.json"
+    out.write_text(json.dumps({"torch": torch.__version__, "losses": losses}, indent=1) + "\n")
+    print(out, losses)
