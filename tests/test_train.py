@@ -61,6 +61,11 @@ def test_loss_falls_and_eval_runs(shards, tmp_path):
     evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "eval" in line]
     assert set(evals[-1]["eval"]["loss"]) == {"MASK", "sMASK", "gMASK"}
     assert set(evals[-1]["eval"]["bpc"]) == {"zh", "en", "code"} and all(0 < v < 100 for v in evals[-1]["eval"]["bpc"].values())
+    from glmkit.train import plot
+
+    assert plot([str(tmp_path / "run")]) == 0
+    png = (tmp_path / "run" / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
 def test_resume_is_bitwise_exact(shards, tmp_path):
