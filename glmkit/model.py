@@ -115,7 +115,8 @@ class Attention(nn.Module):
         v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
         if cache is not None:
             k, v = cache.update(layer, offset, k, v)  # (B, K, S, D), S = offset + T
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=K != H)  # (B, H, T, D)
+        # mask None: plain causal attention over the whole sequence, SDPA's fused causal path
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=K != H)  # (B, H, T, D)
         return self.out(y.transpose(1, 2).reshape(B, T, H * D))
 
 
@@ -282,8 +283,11 @@ class GLM(nn.Module):
         """
         B, T = input_ids.shape
         pos, block = self._positions(input_ids, position_ids, attention_mask, 0)
-        valid = torch.ones(B, T, dtype=torch.bool, device=input_ids.device) if attention_mask is None else attention_mask.bool()
-        mask = prefix_mask(self._sep(sep, B, input_ids.device), valid, 0, T)
+        if attention_mask is None and (sep is None or (isinstance(sep, int) and sep == 0)):
+            mask = None  # causal, no padding: no mask to build (checked without a host sync)
+        else:
+            valid = torch.ones(B, T, dtype=torch.bool, device=input_ids.device) if attention_mask is None else attention_mask.bool()
+            mask = prefix_mask(self._sep(sep, B, input_ids.device), valid, 0, T)
         return self._run(input_ids, pos, block, mask, None, 0, hidden_only)
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
