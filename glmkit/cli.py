@@ -7,6 +7,7 @@
     glmkit data tokenize ...     tokenize a built corpus into memmap shards
     glmkit pretrain ...          pretrain with GLM's objective (torchrun for many processes)
     glmkit plot RUN_DIR          loss and bits-per-character curves as PNG
+    glmkit quantize SRC DST      weight-only int8 / int4 checkpoint
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ COMMANDS = {
     "data": ("glmkit.cli:data", "build the corpus (`data build`) and tokenize it into shards (`data tokenize`)"),
     "pretrain": ("glmkit.train:main", "pretrain or continue pretraining with the blank-infilling objective"),
     "plot": ("glmkit.train:plot", "draw a run's loss and bits-per-character curves as PNG"),
+    "quantize": ("glmkit.quantize:main", "weight-only int8 / int4 quantization of a checkpoint"),
 }
 
 

@@ -59,6 +59,9 @@ class ModelConfig:
     init_std: float = 0.02
     # Which upstream layout this model came from; convert.py uses it as the default export target.
     source: str = "glmkit"
+    # Weight-only quantization of a saved model ({"bits", "group_size", "head"}; see quantize.py).
+    # Not an architecture switch: loading applies it to the float model from outside.
+    quant: dict | None = None
 
     # derived in __post_init__ (not serialized)
     residual_alpha: float = 1.0

@@ -104,10 +104,19 @@ def _need(d: dict, key: str, src: str):
 
 
 # glmkit -------------------------------------------------------------------------------------------
-def _glmkit_rules(cfg: ModelConfig) -> list[Rule]:
+def _meta_model(cfg: ModelConfig) -> GLM:
+    """The model a checkpoint of `cfg` fills, on the meta device (quantized linears swapped in)."""
     with torch.device("meta"):
-        names = list(GLM(cfg).state_dict())
-    return [Rule(n, (n,)) for n in names]
+        model = GLM(cfg)
+        if cfg.quant:
+            from .quantize import swap_for_loading
+
+            swap_for_loading(model, cfg.quant)
+    return model
+
+
+def _glmkit_rules(cfg: ModelConfig) -> list[Rule]:
+    return [Rule(n, (n,)) for n in _meta_model(cfg).state_dict()]
 
 
 def _glmkit_from_hf(d: dict) -> ModelConfig:
@@ -539,17 +548,18 @@ def read_checkpoint(path: str | Path, device=None, dtype=None) -> GLM:
             f"{files.where[present[unexpected[0]]].name}; the config.json does not describe these weights"
         )
 
-    with torch.device("meta"):
-        model = GLM(cfg)
+    if cfg.quant and fmt is not GLMKIT:
+        raise CheckpointError(f"{cfg_file}: quantized checkpoints exist only in the glmkit layout")
+    model = _meta_model(cfg)
     want = model.state_dict()
     sd = {}
     for r in rules:
         ts = [files.get(present[n]) for n in r.theirs]
-        if dtype is None:
+        if dtype is None and ts[0].is_floating_point():
             dtype = _default_dtype(ts[0], device)
         t, why = None, ""
         try:
-            t = r.join([x.to(dtype) for x in ts])
+            t = r.join([x.to(dtype) if x.is_floating_point() else x for x in ts])  # quantized ints stay ints
         except RuntimeError as e:  # a reshape in the layout change failed: wrong shape
             why = f" ({e})"
         if t is None or t.shape != want[r.ours].shape:

@@ -269,7 +269,8 @@ class GLM(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Output head over final hidden states (..., C) -> (..., V)."""
-        return F.linear(h, self.embed.weight) if self.cfg.tie_embeddings else self.head(h)
+        # a tied model has no `head` unless quantization gave it a quantized copy of the embedding
+        return self.head(h) if hasattr(self, "head") else F.linear(h, self.embed.weight)
 
     # ---- entry points -------------------------------------------------------------------------
     def forward(self, input_ids, position_ids=None, sep=None, attention_mask=None, hidden_only=False):

@@ -1,0 +1,202 @@
+"""Weight-only int8 / int4 quantization: transform the state dict, swap the linears.
+
+    glmkit quantize SRC DST --bits 8            # per-output-channel int8
+    glmkit quantize SRC DST --bits 4 --group-size 64
+    model = glmkit.load(DST)                    # every command loads quantized checkpoints
+
+Activations stay in the model's float dtype; only weights are stored as integers. On CPU the
+matmuls run in PyTorch's weight-only kernels (`torch._weight_int8pack_mm`,
+`torch._weight_int4pack_mm_for_cpu`), which read 1 or 0.5 bytes per weight instead of 2 or 4:
+decoding is bound by memory bandwidth, so fewer bytes is faster. Elsewhere (or when a kernel
+rejects a shape) the weight is dequantized on the fly: correct everywhere, fast on CPU.
+
+Checkpoint layout (device independent): for each quantized linear `X`,
+    int8: X.weight int8 (N, K), X.scales (N,) float      w = q * scale
+    int4: X.weight uint8 (N, K/2), two 4-bit values per byte (low nibble = even column),
+          X.scales (N, K/g), X.mins (N, K/g) float       w = q * scale + min, q in 0..15
+and config.json carries `quant: {"bits", "group_size", "head"}`. The CPU kernel's packed int4
+layout is built at load time, so the file does not depend on a kernel version.
+
+A tied model gets a quantized copy of its embedding as the output head (`head`): the head is a
+third to a half of a small model's decode bandwidth, the embedding lookup stays in float.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+TARGETS = ("attn.qkv", "attn.out", "mlp.up", "mlp.down")
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: (q int8 (N, K), scales (N,))."""
+    w = w.float()
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric group-wise int4: (q uint8 (N, K/2) packed, scales (N, K/g), mins (N, K/g))."""
+    N, K = w.shape
+    if K % group_size:
+        raise ValueError(f"int4 group size {group_size} does not divide the input width {K}")
+    wg = w.float().reshape(N, K // group_size, group_size)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scales = ((hi - lo) / 15).clamp(min=1e-10)
+    q = torch.round((wg - lo[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8).reshape(N, K)
+    packed = q[:, 0::2] | (q[:, 1::2] << 4)
+    return packed, scales, lo
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    lo, hi = packed & 0xF, packed >> 4
+    return torch.stack((lo, hi), dim=-1).flatten(-2)  # (N, K) uint8
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, device=None, dtype=torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+            y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales.to(x.dtype))
+            y = y.reshape(*shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.weight.to(x.dtype) * self.scales.to(x.dtype)[:, None])
+        return y + self.bias.to(y.dtype) if self.bias is not None else y
+
+
+class Int4Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int, device=None, dtype=torch.float32):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        G = in_features // group_size
+        self.register_buffer("weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, G, dtype=dtype, device=device))
+        self.register_buffer("mins", torch.zeros(out_features, G, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        self._packed = None  # the CPU kernel's layout, built on first use (not saved)
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        q = unpack_int4(self.weight).to(dtype).reshape(self.out_features, -1, self.group_size)
+        w = q * self.scales.to(dtype)[..., None] + self.mins.to(dtype)[..., None]
+        return w.reshape(self.out_features, self.in_features)
+
+    def _kernel_args(self, dtype):
+        if self._packed is None or self._packed[0].device != self.weight.device:
+            q = unpack_int4(self.weight).to(torch.int32)
+            packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+            # the kernel computes (q - 8) * scale + zero: zero = min + 8 * scale
+            sz = torch.stack((self.scales.float(), (self.mins + 8 * self.scales).float()), -1)  # (N, G, 2)
+            self._packed = (packed, sz.transpose(0, 1).contiguous())  # (G, N, 2)
+        return self._packed[0], self._packed[1].to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        # the CPU kernel packs output rows in blocks of 16
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and self.out_features % 16 == 0:
+            packed, sz = self._kernel_args(x.dtype)
+            y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), packed, self.group_size, sz)
+            y = y.reshape(*shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.dequantize(x.dtype))
+        return y + self.bias.to(y.dtype) if self.bias is not None else y
+
+
+def _targets(model: nn.Module, quant: dict):
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and name.endswith(TARGETS):
+            yield name, mod
+    if quant.get("head") and isinstance(getattr(model, "head", None), nn.Linear):
+        yield "head", model.head
+
+
+def _set(model: nn.Module, name: str, new: nn.Module):
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def _empty_like(lin: nn.Linear, quant: dict, device=None, dtype=torch.float32) -> nn.Module:
+    bias = lin.bias is not None
+    if quant["bits"] == 8:
+        return Int8Linear(lin.in_features, lin.out_features, bias, device, dtype)
+    return Int4Linear(lin.in_features, lin.out_features, bias, quant["group_size"], device, dtype)
+
+
+def swap_for_loading(model: nn.Module, quant: dict) -> nn.Module:
+    """Replace the target linears with empty quantized modules (on the model's device, e.g. meta)
+    so a quantized state dict can be loaded into them."""
+    if quant.get("head") and not hasattr(model, "head"):
+        model.head = nn.Linear(model.cfg.dim, model.cfg.vocab_size, bias=False, device=model.embed.weight.device)
+    for name, lin in list(_targets(model, quant)):
+        _set(model, name, _empty_like(lin, quant, lin.weight.device, torch.float32))
+    return model
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, bits: int, group_size: int = 64, head: bool = True) -> nn.Module:
+    """Quantize a float GLM in place; sets model.cfg.quant so it saves and reloads as quantized."""
+    if bits not in (4, 8):
+        raise ValueError(f"--bits {bits}: choose 8 or 4")
+    if bits == 4 and group_size not in (32, 64, 128, 256):
+        raise ValueError(f"--group-size {group_size}: choose 32, 64, 128 or 256")
+    if getattr(model.cfg, "quant", None):
+        raise ValueError("this model is already quantized; quantize the float checkpoint")
+    quant = {"bits": bits, "group_size": group_size if bits == 4 else None, "head": head}
+    dtype = model.embed.weight.dtype
+    if head and model.cfg.tie_embeddings:  # a quantized copy of the tied embedding as the head
+        model.head = nn.Linear(model.cfg.dim, model.cfg.vocab_size, bias=False).to(model.embed.weight)
+        model.head.weight.copy_(model.embed.weight)
+    for name, lin in list(_targets(model, quant)):
+        new = _empty_like(lin, quant, lin.weight.device, dtype)
+        if bits == 8:
+            q, s = quantize_int8(lin.weight)
+            new.weight.copy_(q)
+            new.scales.copy_(s)
+        else:
+            q, s, m = quantize_int4(lin.weight, group_size)
+            new.weight.copy_(q)
+            new.scales.copy_(s)
+            new.mins.copy_(m)
+        if lin.bias is not None:
+            new.bias.copy_(lin.bias)
+        _set(model, name, new)
+    model.cfg = replace(model.cfg, quant=quant)
+    return model
+
+
+def main(argv=None) -> int:
+    from pathlib import Path
+
+    from .convert import TOKENIZER_FILES, read_checkpoint, write_checkpoint
+
+    p = argparse.ArgumentParser(prog="glmkit quantize", description="Weight-only int8/int4 quantization of a checkpoint.")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--bits", type=int, choices=[8, 4], required=True)
+    p.add_argument("--group-size", type=int, default=64, help="int4 group size (32, 64, 128)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16", help="dtype of the non-quantized tensors")
+    a = p.parse_args(argv)
+    model = read_checkpoint(a.src, dtype=torch.float32)
+    before = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    quantize_model(model, a.bits, a.group_size)
+    if a.dtype == "bf16":
+        for t in list(model.parameters()) + [b for n, b in model.named_buffers() if b.is_floating_point()]:
+            t.data = t.data.to(torch.bfloat16)
+    extra = [Path(a.src) / f for f in TOKENIZER_FILES if (Path(a.src) / f).exists()]
+    write_checkpoint(model, a.dst, "glmkit", extra)
+    after = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    print(f"{a.src} -> {a.dst}: int{a.bits}{f' (group {a.group_size})' if a.bits == 4 else ''}, "
+          f"{before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB")
+    return 0
