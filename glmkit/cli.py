@@ -66,8 +66,13 @@ def info(argv=None):
     from .convert import CheckpointError, detect_format
 
     p = argparse.ArgumentParser(prog="glmkit info", description=COMMANDS["info"][1])
-    p.add_argument("model", help=f"checkpoint directory or preset ({', '.join(PRESETS)})")
+    p.add_argument("model", nargs="?", default=None,
+                   help=f"checkpoint directory or preset ({', '.join(PRESETS)}); default: the embedded model")
     a = p.parse_args(argv)
+    if a.model is None:
+        from .convert import default_model_path
+
+        a.model = str(default_model_path())
     path = Path(a.model)
     if a.model in PRESETS and not path.exists():
         print(describe(get_preset(a.model), f"preset {a.model}"))

@@ -616,8 +616,22 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "ice_text.model", "generation_config.json")
 
 
-def load(path_or_preset: str | Path, device=None, dtype=None) -> GLM:
-    """A GLM from a preset name (random init, fp32 unless `dtype`) or a checkpoint directory."""
+# The model glmkit trains itself and ships inside the package (runs/default_model.sh, MODEL_CARD.md).
+DEFAULT_MODEL = Path(__file__).parent / "assets" / "default"
+
+
+def default_model_path() -> Path:
+    if not (DEFAULT_MODEL / "config.json").exists():
+        raise CheckpointError(f"this glmkit install has no embedded default model at {DEFAULT_MODEL}; "
+                              "pass --model PATH|PRESET, or train one with runs/default_model.sh")
+    return DEFAULT_MODEL
+
+
+def load(path_or_preset: str | Path | None = None, device=None, dtype=None) -> GLM:
+    """A GLM from a checkpoint directory, a preset name (random init, fp32 unless `dtype`), or, with
+    no argument, the embedded default model."""
+    if path_or_preset is None:
+        path_or_preset = default_model_path()
     if isinstance(path_or_preset, str) and path_or_preset in PRESETS and not Path(path_or_preset).exists():
         model = GLM(get_preset(path_or_preset))
         return model.to(device=device, dtype=dtype or torch.float32)
