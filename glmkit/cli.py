@@ -8,6 +8,7 @@
     glmkit pretrain ...          pretrain with GLM's objective (torchrun for many processes)
     glmkit plot RUN_DIR          loss and bits-per-character curves as PNG
     glmkit quantize SRC DST      weight-only int8 / int4 checkpoint
+    glmkit export SRC DST        HF directory or ONNX graphs
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ COMMANDS = {
     "pretrain": ("glmkit.train:main", "pretrain or continue pretraining with the blank-infilling objective"),
     "plot": ("glmkit.train:plot", "draw a run's loss and bits-per-character curves as PNG"),
     "quantize": ("glmkit.quantize:main", "weight-only int8 / int4 quantization of a checkpoint"),
+    "export": ("glmkit.export:main", "export a checkpoint as an HF directory or ONNX graphs (prefill, decode)"),
 }
 
 

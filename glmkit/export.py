@@ -1,0 +1,119 @@
+"""Export: HF directories that transformers loads, and ONNX graphs that onnxruntime runs.
+
+    glmkit export SRC DST --format hf        # GlmForCausalLM / Glm4ForCausalLM (convert.py does the work)
+    glmkit export SRC DST --format onnx      # DST/prefill.onnx, DST/decode.onnx, config, tokenizer
+
+ONNX graphs (opset 18, dynamic batch and lengths):
+    prefill.onnx  input_ids (B,T) int64, position_ids (B,2,T) int64, sep (B,) int64
+                  -> logits (B,T,V), present_keys / present_values (L,B,K,T,D)
+    decode.onnx   input_ids (B,1), position_ids (B,2,1), sep (B,), past_keys / past_values (L,B,K,P,D)
+                  -> logits (B,1,V), present_keys / present_values (L,B,K,P+1,D)
+Same semantics as GLM.prefill / GLM.decode: keys before `sep` are read bidirectionally (GLM's
+Part A), later keys causally; the KV cache travels as graph inputs and outputs, so any ONNX
+runtime can drive generation. Weights are exported in the model's dtype (fp32 recommended).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .model import GLM, prefix_mask
+
+
+class _PastCache:
+    """Quacks like KVCache for one forward: prepends past keys/values, records the result."""
+
+    def __init__(self, past_k=None, past_v=None):
+        self.past_k, self.past_v, self.k, self.v = past_k, past_v, [], []
+
+    def update(self, layer, offset, k, v):
+        if self.past_k is not None:
+            k, v = torch.cat((self.past_k[layer], k), 2), torch.cat((self.past_v[layer], v), 2)
+        self.k.append(k)
+        self.v.append(v)
+        return k, v
+
+
+class OnnxStep(nn.Module):
+    """One forward over new tokens after an optional past, with explicit cache tensors."""
+
+    def __init__(self, model: GLM, with_past: bool):
+        super().__init__()
+        self.model, self.with_past = model, with_past
+
+    def forward(self, input_ids, position_ids, sep, past_keys=None, past_values=None):
+        B, T = input_ids.shape
+        P = past_keys.shape[3] if self.with_past else 0
+        valid = torch.ones(B, P + T, dtype=torch.bool, device=input_ids.device)
+        mask = prefix_mask(sep, valid, P, T)
+        cache = _PastCache(past_keys, past_values)
+        logits = self.model._run(input_ids, position_ids[:, 0], position_ids[:, 1], mask, cache, P)
+        return logits, torch.stack(cache.k), torch.stack(cache.v)
+
+
+def export_onnx(model: GLM, dst: str | Path) -> tuple[Path, Path]:
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"ONNX export needs the onnx and onnxscript packages ({e}); pip install 'glmkit[onnx]'") from None
+    if model.cfg.quant:
+        raise ValueError("export the float checkpoint to ONNX; weight-only quantized linears use PyTorch CPU kernels")
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    cfg = model.cfg
+    B, T, P = 2, 5, 7
+    ids = torch.randint(0, cfg.vocab_size, (B, T))
+    pos = torch.stack((torch.arange(T).expand(B, T), torch.zeros(B, T, dtype=torch.long)), 1)
+    sep = torch.tensor([3, 2])
+    dt = model.embed.weight.dtype
+    past = torch.zeros(cfg.n_layers, B, cfg.n_kv_heads, P, cfg.head_dim, dtype=dt)
+    b, t, p = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
+    out_pre, out_dec = dst / "prefill.onnx", dst / "decode.onnx"
+    with torch.no_grad():
+        torch.onnx.export(
+            OnnxStep(model, False), (ids, pos, sep), out_pre, dynamo=True, opset_version=18, external_data=False,
+            input_names=["input_ids", "position_ids", "sep"], output_names=["logits", "present_keys", "present_values"],
+            dynamic_shapes={"input_ids": {0: b, 1: t}, "position_ids": {0: b, 2: t}, "sep": {0: b}},
+        )
+        torch.onnx.export(
+            OnnxStep(model, True), (ids[:, :1], pos[..., :1], sep, past, past.clone()), out_dec, dynamo=True,
+            opset_version=18, external_data=False,
+            input_names=["input_ids", "position_ids", "sep", "past_keys", "past_values"],
+            output_names=["logits", "present_keys", "present_values"],
+            dynamic_shapes={"input_ids": {0: b}, "position_ids": {0: b}, "sep": {0: b},
+                            "past_keys": {1: b, 3: p}, "past_values": {1: b, 3: p}},
+        )
+    cfg.save(dst / "config.json")
+    return out_pre, out_dec
+
+
+def main(argv=None) -> int:
+    from .convert import TOKENIZER_FILES, read_checkpoint, write_checkpoint
+
+    ap = argparse.ArgumentParser(prog="glmkit export", description="Export a checkpoint as an HF directory or ONNX graphs.")
+    ap.add_argument("src", help="checkpoint directory (any format glmkit reads)")
+    ap.add_argument("dst", help="new output directory")
+    ap.add_argument("--format", choices=["hf", "onnx"], required=True)
+    a = ap.parse_args(argv)
+    src = Path(a.src)
+    model = read_checkpoint(src)
+    extra = [src / f for f in TOKENIZER_FILES if (src / f).exists()]
+    if a.format == "hf":
+        fmt = "glm4_hf" if model.cfg.sandwich_norm else "glm_hf"
+        write_checkpoint(model, a.dst, fmt, extra)
+        print(f"{src} -> {a.dst} ({fmt}: transformers loads it with AutoModelForCausalLM)")
+        return 0
+    if model.embed.weight.dtype != torch.float32:
+        model = model.float()
+    pre, dec = export_onnx(model, a.dst)
+    for f in extra:
+        shutil.copy2(f, Path(a.dst) / f.name)
+    print(f"{src} -> {pre}, {dec}")
+    return 0
