@@ -9,6 +9,11 @@
     glmkit plot RUN_DIR          loss and bits-per-character curves as PNG
     glmkit quantize SRC DST      weight-only int8 / int4 checkpoint
     glmkit export SRC DST        HF directory or ONNX graphs
+    glmkit fill TEXT             fill every [MASK] / [sMASK] / [gMASK] of a text
+    glmkit generate / chat       continue a prompt; interactive chat
+    glmkit finetune ...          cloze classification or SFT, full or LoRA
+    glmkit eval ...              the evaluation suites (JSON + markdown table)
+    glmkit lm-eval ...           lm-evaluation-harness with glmkit registered
 """
 
 from __future__ import annotations
@@ -27,6 +32,12 @@ COMMANDS = {
     "plot": ("glmkit.train:plot", "draw a run's loss and bits-per-character curves as PNG"),
     "quantize": ("glmkit.quantize:main", "weight-only int8 / int4 quantization of a checkpoint"),
     "export": ("glmkit.export:main", "export a checkpoint as an HF directory or ONNX graphs (prefill, decode)"),
+    "fill": ("glmkit.generate:fill_main", "fill the [MASK]/[sMASK]/[gMASK] blanks of a text, left to right"),
+    "generate": ("glmkit.generate:generate_main", "continue a prompt, streaming the text"),
+    "chat": ("glmkit.generate:chat_main", "chat on stdin, streaming; /reset clears, /exit quits"),
+    "finetune": ("glmkit.finetune:main", "fine-tune for cloze classification or SFT, fully or with LoRA"),
+    "eval": ("glmkit.evaluate:eval_main", "evaluate: bits/char, infilling, cloze, Tang-300, idioms, HumanEval line infilling"),
+    "lm-eval": ("glmkit.lm_eval_adapter:main", "lm-evaluation-harness with the glmkit model registered"),
 }
 
 

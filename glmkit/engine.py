@@ -1,0 +1,355 @@
+"""The serving engine: continuous batching over token ids.
+
+    engine = Engine(model, max_batch=8)
+    req = engine.submit(Request(prompt_ids=[...], params=SamplingParams(max_new_tokens=64)))
+    while engine.has_work():
+        engine.step()                    # schedule -> run -> update
+    req.output_ids, req.finish_reason
+
+`step()` reads like nano-vllm's: admit waiting requests into free batch rows (prefilling each
+prompt, or copying its KV from the prompt cache), run one decode step for every running row
+together, then sample each row with its own parameters, emit the token and retire finished rows.
+Requests join and leave between steps, so a long generation never holds a short one back.
+
+Rows live in one static KV cache (L, B_max, K, S_max, D). Running rows are kept contiguous at the
+front of the batch dimension (a leaving row is replaced by the last one), so a step runs on views
+`[:n]` without copying the cache; each row writes its key/value at its own position.
+
+Prompt KV reuse. A GLM-objective model reads its prompt bidirectionally (Part A), so a prompt's KV
+depends on the whole prompt: it is reused only for an identical prompt. Causal models (GLM-4) can
+reuse any cached prefix and prefill only the rest. Entries are scoped by `cache_scope` (the API
+key): one customer's prompt never warms another's cache, so timing cannot leak prompts.
+
+The engine knows nothing of text or HTTP: stop strings and detokenization live in the server,
+which calls `cancel` when a stop string appears or the client disconnects.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .generate import SamplingParams, process_logits
+
+
+class EngineFull(RuntimeError):
+    """The waiting queue is at capacity: shed load (HTTP 503 with Retry-After)."""
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    # GLM inputs: prompt positions (2, T) as lists (default: 0..T-1, block 0), prefix length, and
+    # where generated tokens go: token k sits at gen_start + k * gen_step (position, block)
+    position_ids: list[list[int]] | None = None
+    sep: int = 0
+    gen_start: tuple[int, int] | None = None  # default (T, 0): causal continuation
+    gen_step: tuple[int, int] = (1, 0)
+    cache_scope: str | None = None  # prompt-cache namespace (an API key id); None: no reuse
+    on_token: Callable | None = None  # (request, token_id, logprob, top_logprobs) from the engine thread
+    on_finish: Callable | None = None  # (request,)
+    # filled by the engine
+    id: int = -1
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None  # stop | length | cancelled | error
+    cached_tokens: int = 0
+    t_submit: float = 0.0
+    t_first: float | None = None
+    t_done: float | None = None
+    compute_s: float = 0.0  # this request's share of model time (prefill + its part of each step)
+    _cancel: bool = False
+
+
+@dataclass
+class _Row:
+    req: Request
+    length: int  # positions written in the cache
+    generator: torch.Generator | None
+    counts: torch.Tensor | None  # (1, V) generated-token counts for penalties
+    seen: torch.Tensor | None  # (1, V) prompt-or-generated for repetition penalty
+    next_logits: torch.Tensor | None = None  # (V,) after prefill, before the first sample
+
+
+class Engine:
+    def __init__(self, model, max_batch: int = 8, max_len: int | None = None, max_waiting: int = 64,
+                 prompt_cache_entries: int = 32):
+        self.model = model.eval()
+        cfg = model.cfg
+        self.causal = cfg.position == "rope_partial"  # GLM-4: no bidirectional prefix, any prefix reusable
+        self.max_len = max_len or cfg.max_seq_len
+        p = model.embed.weight
+        shape = (cfg.n_layers, max_batch, cfg.n_kv_heads, self.max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        self.v = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        self.valid = torch.zeros(max_batch, self.max_len, dtype=torch.bool, device=p.device)
+        self.sep = torch.zeros(max_batch, dtype=torch.long, device=p.device)
+        self.rows: list[_Row] = []
+        self.waiting: deque[Request] = deque()
+        self.max_batch, self.max_waiting = max_batch, max_waiting
+        self.prompt_cache: OrderedDict = OrderedDict()
+        self.prompt_cache_entries = prompt_cache_entries
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self._next_id = 0
+        self.stats = {"prefill_tokens": 0, "cached_tokens": 0, "generated_tokens": 0, "steps": 0}
+
+    # ---- API (any thread) ----------------------------------------------------------------------------
+    def check(self, req: Request):
+        T = len(req.prompt_ids)
+        if T == 0:
+            raise ValueError("the prompt is empty")
+        if T + req.params.max_new_tokens > self.max_len:
+            raise ValueError(f"prompt of {T} tokens + max_tokens {req.params.max_new_tokens} exceeds the context "
+                             f"of {self.max_len} tokens")
+        if req.params.num_beams > 1:
+            raise ValueError("beam search is not served by the batching engine")
+        if not 0 <= req.sep <= T:
+            raise ValueError(f"sep={req.sep} outside the prompt of {T} tokens")
+
+    def submit(self, req: Request) -> Request:
+        self.check(req)
+        with self.lock:
+            if len(self.waiting) >= self.max_waiting:
+                raise EngineFull(f"{len(self.waiting)} requests already waiting")
+            req.id, self._next_id = self._next_id, self._next_id + 1
+            req.t_submit = time.perf_counter()
+            self.waiting.append(req)
+        self.wake.set()
+        return req
+
+    def cancel(self, req: Request):
+        req._cancel = True  # picked up at the next step boundary
+        self.wake.set()
+
+    def has_work(self) -> bool:
+        return bool(self.rows or self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.rows)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # ---- the loop -------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self):
+        self._schedule()
+        if not self.rows:
+            return
+        self._sample_and_emit()
+        self._retire()
+        if self.rows:
+            self._decode()
+
+    def run_forever(self, stop: threading.Event):
+        while not stop.is_set():
+            if not self.has_work():
+                self.wake.wait(0.05)
+                self.wake.clear()
+                continue
+            try:
+                self.step()
+            except Exception:  # never leave clients hanging: fail what is in flight, keep serving
+                for row in self.rows:
+                    self._finish(row.req, "error")
+                self.rows.clear()
+                raise
+
+    # ---- schedule: admit waiting requests (prefill or copy cached prompt KV) -----------------------------
+    def _schedule(self):
+        while True:
+            with self.lock:
+                if not self.waiting or len(self.rows) >= self.max_batch:
+                    # cancelled requests still waiting are dropped without running
+                    for req in [r for r in self.waiting if r._cancel]:
+                        self.waiting.remove(req)
+                        self._finish(req, "cancelled")
+                    return
+                req = self.waiting.popleft()
+            if req._cancel:
+                self._finish(req, "cancelled")
+                continue
+            self._admit(req)
+
+    def _positions(self, req: Request) -> torch.Tensor:
+        T = len(req.prompt_ids)
+        if req.position_ids is None:
+            return torch.stack((torch.arange(T), torch.zeros(T, dtype=torch.long)))
+        return torch.tensor(req.position_ids, dtype=torch.long)
+
+    def _cache_key(self, req: Request, n: int):
+        return (req.cache_scope, tuple(req.prompt_ids[:n]), req.sep, tuple(map(tuple, req.position_ids or ())))
+
+    def _lookup(self, req: Request):
+        """(cached length, k, v, logits) of the longest reusable prompt entry, or None."""
+        if req.cache_scope is None:
+            return None
+        full = self._cache_key(req, len(req.prompt_ids))
+        if full in self.prompt_cache:
+            self.prompt_cache.move_to_end(full)
+            return self.prompt_cache[full]
+        if not self.causal or req.position_ids is not None or req.sep:
+            return None
+        best = None  # causal: the longest cached prompt that is a prefix of this one
+        for key, entry in self.prompt_cache.items():
+            scope, ids = key[0], key[1]
+            if scope == req.cache_scope and len(ids) < len(req.prompt_ids) and tuple(req.prompt_ids[: len(ids)]) == ids:
+                if best is None or len(ids) > best[0]:
+                    best = entry
+        return best
+
+    def _admit(self, req: Request):
+        t0 = time.perf_counter()
+        model, dev = self.model, self.k.device
+        T = len(req.prompt_ids)
+        ids = torch.tensor(req.prompt_ids, dtype=torch.long, device=dev)
+        pos = self._positions(req).to(dev)
+        hit = self._lookup(req)
+        tmp = model.new_cache(1, T)
+        if hit is not None and hit[0] == T:
+            n_cached, logits = T, hit[3]
+            tmp.k[:, 0, :, :T], tmp.v[:, 0, :, :T] = hit[1], hit[2]
+        else:
+            n_cached = hit[0] if hit is not None else 0
+            if n_cached:
+                tmp.k[:, 0, :, :n_cached], tmp.v[:, 0, :, :n_cached] = hit[1], hit[2]
+                tmp.valid[:, :n_cached] = True
+                tmp.length = n_cached
+            logits = model.prefill(ids[None, n_cached:], tmp, position_ids=pos[None, :, n_cached:],
+                                   sep=None if n_cached else torch.tensor([req.sep], device=dev))[0, -1].float()
+            self.stats["prefill_tokens"] += T - n_cached
+            if req.cache_scope is not None:
+                self.prompt_cache[self._cache_key(req, T)] = (T, tmp.k[:, 0, :, :T].clone(), tmp.v[:, 0, :, :T].clone(), logits)
+                while len(self.prompt_cache) > self.prompt_cache_entries:
+                    self.prompt_cache.popitem(last=False)
+        req.cached_tokens = n_cached
+        self.stats["cached_tokens"] += n_cached
+        b = len(self.rows)
+        self.k[:, b, :, :T], self.v[:, b, :, :T] = tmp.k[:, 0, :, :T], tmp.v[:, 0, :, :T]
+        self.valid[b] = False
+        self.valid[b, :T] = True
+        self.sep[b] = req.sep
+        p = req.params
+        gen = torch.Generator(device=dev).manual_seed(p.seed) if p.seed is not None else None
+        V = logits.shape[-1]
+        counts = torch.zeros(1, V, device=dev) if (p.presence_penalty or p.frequency_penalty) else None
+        seen = None
+        if p.repetition_penalty != 1.0:
+            seen = torch.zeros(1, V, dtype=torch.bool, device=dev)
+            seen[0, ids] = True
+        self.rows.append(_Row(req, T, gen, counts, seen, logits))
+        req.compute_s += time.perf_counter() - t0
+
+    # ---- run: one decode step for all running rows ------------------------------------------------------
+    def _decode(self):
+        t0 = time.perf_counter()
+        n, dev = len(self.rows), self.k.device
+        tokens = torch.tensor([[r.req.output_ids[-1]] for r in self.rows], device=dev)
+        idx = torch.tensor([r.length for r in self.rows], device=dev)  # (n,) write position per row
+        pos = torch.tensor([self._gen_position(r.req, len(r.req.output_ids) - 1) for r in self.rows], device=dev)
+        S = int(idx.max()) + 1
+        self.valid[torch.arange(n, device=dev), idx] = True
+        kpos = torch.arange(S, device=dev)
+        allowed = self.valid[:n, :S] & ((kpos < self.sep[:n, None]) | (kpos <= idx[:, None]))  # (n, S)
+        cache = _RowCache(self.k, self.v, idx, n, S)
+        logits = self.model._run(tokens, pos[:, 0, None], pos[:, 1, None], allowed[:, None, None, :], cache, 0)
+        for r, lg in zip(self.rows, logits[:, -1].float()):
+            r.length += 1
+            r.next_logits = lg
+        dt = time.perf_counter() - t0
+        for r in self.rows:  # the step's time, shared equally by the rows it served
+            r.req.compute_s += dt / n
+        self.stats["steps"] += 1
+
+    @staticmethod
+    def _gen_position(req: Request, k: int) -> list[int]:
+        start = req.gen_start if req.gen_start is not None else (len(req.prompt_ids), 0)
+        return [start[0] + k * req.gen_step[0], start[1] + k * req.gen_step[1]]
+
+    # ---- update: sample, emit, retire ---------------------------------------------------------------------
+    def _sample_and_emit(self):
+        for r in self.rows:
+            req, p = r.req, r.req.params
+            if req._cancel or r.next_logits is None:
+                continue
+            raw = r.next_logits[None]  # (1, V)
+            logits = process_logits(raw.clone(), p, r.counts, r.seen)
+            if p.temperature == 0:
+                tok = int(logits.argmax(-1))
+            else:
+                probs = F.softmax(logits, -1)
+                tok = int(torch.multinomial(probs, 1, generator=r.generator))
+            lp = F.log_softmax(raw, -1)
+            logprob = float(lp[0, tok]) if p.logprobs else None
+            top = None
+            if p.top_logprobs:
+                v, i = lp[0].topk(p.top_logprobs)
+                top = dict(zip(i.tolist(), v.tolist()))
+            if r.counts is not None:
+                r.counts[0, tok] += 1
+            if r.seen is not None:
+                r.seen[0, tok] = True
+            r.next_logits = None
+            if req.t_first is None:
+                req.t_first = time.perf_counter()
+            if tok in p.stop_ids:
+                req.finish_reason = "stop"
+                continue
+            req.output_ids.append(tok)
+            if logprob is not None:
+                req.logprobs.append(logprob)
+            self.stats["generated_tokens"] += 1
+            if req.on_token:
+                req.on_token(req, tok, logprob, top)
+            if len(req.output_ids) >= p.max_new_tokens:
+                req.finish_reason = "length"
+
+    def _retire(self):
+        keep = []
+        for r in self.rows:
+            req = r.req
+            if req._cancel and req.finish_reason is None:
+                req.finish_reason = "cancelled"
+            if req.finish_reason is None:
+                keep.append(r)
+            else:
+                self._finish(req, req.finish_reason)
+        if len(keep) != len(self.rows):  # compact: survivors move to the front rows
+            old = {id(r): i for i, r in enumerate(self.rows)}
+            for b, r in enumerate(keep):
+                src = old[id(r)]
+                if src != b:
+                    self.k[:, b, :, : r.length] = self.k[:, src, :, : r.length]
+                    self.v[:, b, :, : r.length] = self.v[:, src, :, : r.length]
+                    self.valid[b] = self.valid[src]
+                    self.sep[b] = self.sep[src]
+            self.rows = keep
+
+    def _finish(self, req: Request, reason: str):
+        req.finish_reason = reason
+        req.t_done = time.perf_counter()
+        if req.on_finish:
+            req.on_finish(req)
+
+
+class _RowCache:
+    """Cache view for one decode step: row i writes its new key/value at position idx[i]."""
+
+    def __init__(self, k, v, idx, n, S):
+        self.k, self.v, self.idx, self.n, self.S = k, v, idx, n, S
+        self.rows = torch.arange(n, device=k.device)
+
+    def update(self, layer, offset, k, v):  # k, v: (n, K, 1, D)
+        self.k[layer, self.rows, :, self.idx] = k[:, :, 0]
+        self.v[layer, self.rows, :, self.idx] = v[:, :, 0]
+        return self.k[layer, : self.n, :, : self.S], self.v[layer, : self.n, :, : self.S]
