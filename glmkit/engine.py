@@ -226,7 +226,7 @@ class Engine:
                 tmp.valid[:, :n_cached] = True
                 tmp.length = n_cached
             logits = model.prefill(ids[None, n_cached:], tmp, position_ids=pos[None, :, n_cached:],
-                                   sep=None if n_cached else torch.tensor([req.sep], device=dev))[0, -1].float()
+                                   sep=None if n_cached else torch.tensor([req.sep], device=dev), last_only=True)[0, -1].float()
             self.stats["prefill_tokens"] += T - n_cached
             if req.cache_scope is not None:
                 self.prompt_cache[self._cache_key(req, T)] = (T, tmp.k[:, 0, :, :T].clone(), tmp.v[:, 0, :, :T].clone(), logits)

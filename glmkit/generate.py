@@ -42,7 +42,6 @@ from typing import Iterator
 import torch
 
 MASK_STRINGS = {"[MASK]": "mask", "[sMASK]": "smask", "[gMASK]": "gmask"}  # literal text -> tokenizer role
-DEFAULT_MODEL = None  # the embedded default model; glmkit ships none yet
 
 
 # ---- parameters and results ------------------------------------------------------------------------
@@ -856,7 +855,7 @@ def chat_stream(model, tokenizer, messages: list[dict], params: SamplingParams |
 # ---- command line ------------------------------------------------------------------------------------
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float = 1.0, max_new_tokens: int = 128):
     d = SamplingParams()
-    p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory (with tokenizer.json) or preset; "
+    p.add_argument("--model", default=None, help="checkpoint directory (with tokenizer.json) or preset; "
                    "default: the embedded default model")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory or file (default: the model's directory)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps|xpu|npu|mlu|musa (default auto)")
@@ -896,9 +895,10 @@ def load_for_cli(a, command: str):
     from .devices import resolve_device, resolve_dtype
     from .tokenizer import load_tokenizer
 
-    if a.model is None:
-        raise ValueError(f"glmkit {command}: no --model given, and glmkit ships no default model yet; "
-                         "pass --model DIR, a checkpoint directory with config.json and tokenizer.json")
+    if a.model is None:  # the embedded default model (a clear error if this install has none)
+        from .convert import default_model_path
+
+        a.model = str(default_model_path())
     preset = a.model in PRESETS and not Path(a.model).exists()
     if preset and a.tokenizer is None:
         raise ValueError(f"--model {a.model} is a preset (random weights) and ships no tokenizer; pass --tokenizer PATH, "

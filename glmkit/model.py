@@ -295,11 +295,12 @@ class GLM(nn.Module):
         p = self.embed.weight
         return KVCache(self.cfg, batch_size, max_len or self.cfg.max_seq_len, p.device, p.dtype)
 
-    def prefill(self, input_ids, cache: KVCache, position_ids=None, sep=None, attention_mask=None):
+    def prefill(self, input_ids, cache: KVCache, position_ids=None, sep=None, attention_mask=None, last_only=False):
         """Run `input_ids` (B, T) after what `cache` holds, writing their keys and values.
 
         The first call on an empty cache sets `sep`; later calls (a second chunk, or the `<sop>`
-        of the next blank) continue causally after it. Returns logits (B, T, V).
+        of the next blank) continue causally after it. Returns logits (B, T, V), or (B, 1, V) for
+        the last position only with `last_only` (the head is then applied to one position).
         """
         B, T = input_ids.shape
         offset = cache.length
@@ -318,9 +319,9 @@ class GLM(nn.Module):
             raise ValueError("continuing a cache needs explicit position_ids")
         pos, block = self._positions(input_ids, position_ids, attention_mask, offset)
         mask = prefix_mask(cache.sep, cache.valid, offset, T)
-        logits = self._run(input_ids, pos, block, mask, cache, offset)
+        h = self._run(input_ids, pos, block, mask, cache, offset, hidden_only=True)
         cache.length = offset + T
-        return logits
+        return self.logits(h[:, -1:] if last_only else h)
 
     def decode(self, input_ids, cache: KVCache, position_ids):
         """One step: input_ids (B, 1), position_ids (B, 1) or (B, 2, 1). Returns logits (B, 1, V)."""
