@@ -603,6 +603,7 @@ def write_checkpoint(model: GLM, dst: str | Path, fmt: str | None = None, extra_
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
         if dst.exists():
             dst.rmdir()
         os.rename(tmp, dst)
