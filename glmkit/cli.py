@@ -1,5 +1,7 @@
 """`glmkit <command>`: each command is one module's main().
 
+    glmkit serve [--model M]     the MaaS server (OpenAI-compatible), default: the embedded model
+    glmkit keys / usage          API keys; per-key tokens, compute time, cost, revenue
     glmkit info PATH|PRESET      configuration, parameter count, memory per dtype
     glmkit convert SRC DST       read any supported GLM checkpoint, write it in another layout
     glmkit tokenizer train ...   train a byte-level BPE with the GLM special tokens
@@ -32,6 +34,9 @@ COMMANDS = {
     "plot": ("glmkit.train:plot", "draw a run's loss and bits-per-character curves as PNG"),
     "quantize": ("glmkit.quantize:main", "weight-only int8 / int4 quantization of a checkpoint"),
     "export": ("glmkit.export:main", "export a checkpoint as an HF directory or ONNX graphs (prefill, decode)"),
+    "serve": ("glmkit.server.app:main", "serve a model over HTTP: OpenAI-compatible API, /v1/fill, /infill, /v1/classify, /metrics"),
+    "keys": ("glmkit.server.maas:keys_main", "API keys for `glmkit serve`: create | list | revoke (stored hashed)"),
+    "usage": ("glmkit.server.maas:usage_main", "per-key usage: requests, tokens, compute seconds, cost, revenue, margin"),
     "fill": ("glmkit.generate:fill_main", "fill the [MASK]/[sMASK]/[gMASK] blanks of a text, left to right"),
     "generate": ("glmkit.generate:generate_main", "continue a prompt, streaming the text"),
     "chat": ("glmkit.generate:chat_main", "chat on stdin, streaming; /reset clears, /exit quits"),

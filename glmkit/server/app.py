@@ -1,0 +1,1058 @@
+"""The HTTP server: OpenAI-compatible and GLM-native endpoints over the continuous-batching engine.
+
+    glmkit serve --model DIR [--host 127.0.0.1 --port 8000] [--keys-db PATH | --no-auth] \\
+        [--max-batch 8 --max-waiting 64] [--price-per-hour 2.0 --price-input 0.5 --price-output 1.5]
+    app = create_app(model, tokenizer, "glm-tiny")          # auth off, in-memory ledger
+    app = create_app(model, tokenizer, "glm-tiny", maas=MaaS(KeyStore(p), Ledger(p), Pricing(...)))
+
+Endpoints. OpenAI: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (SSE streaming,
+usage). GLM: POST /v1/fill (any number of [MASK] / [sMASK] / [gMASK] blanks), POST /infill
+(llama.cpp's `input_prefix` / `input_suffix` -> `content`), POST /v1/classify (cloze with
+verbalizers -> label probabilities). GET /health, GET /metrics (Prometheus), GET /openapi.json.
+
+How a prompt meets the model (token ids are what the engine sees; the layouts are GLM's):
+- completions, GLM-objective models (learned_2d, rope_2d): Part A = prompt [gMASK], read
+  bidirectionally; generation starts with <sop> at the mask's position, block positions 1, 2, ...,
+  and ends at <eop> (or <|endoftext|>). Causal models (rope_partial, GLM-4): [gMASK] <sop> prompt,
+  read causally (what GLM-4's tokenizer produces), ending at <|endoftext|>. A prompt given as
+  token ids gets the same layout.
+- completions with `suffix`, and /infill: GLM models read prefix [MASK] suffix and fill the blank;
+  causal models cannot see the suffix, so they continue the prefix and stop where the suffix is
+  likely to begin (`generate.causal_infill_stops`, a heuristic).
+- chat: the GLM-4 chat template (`Tokenizer.render_chat`) read causally, for every model (the
+  layout `glmkit chat` and SFT use), stopping at the chat stop tokens.
+These three go through the engine (batched, streamable, cancellable). /v1/fill (several blanks
+filled in turn, each seeing the earlier ones) and /v1/classify (scoring, not generation) are not
+batched by the engine: they call `generate.fill` and `finetune.candidate_scores` in a worker
+thread, one at a time under a lock, next to the engine's own thread.
+
+The server translates and checks; it does no model work of its own. Parameters are validated at the
+boundary (pydantic, then SamplingParams); a prompt that does not fit the context is a 400, never
+truncated. Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 invalid
+request, 401 unknown or revoked key, 404 unknown model, 429 limits (Retry-After for rate limits,
+`x-should-retry: false` for an exhausted budget), 503 overloaded (Retry-After).
+
+Threads: the engine runs `step()` in its own thread, started and stopped with the app (lifespan).
+Its callbacks hand tokens to the event loop with `loop.call_soon_threadsafe` onto one asyncio queue
+per HTTP request. Stop strings are matched on the decoded text here (`generate.StopText`); a match,
+a client disconnect, or the end of the HTTP exchange cancels the engine request.
+
+Metering (maas.py): a pure ASGI middleware wraps every generation endpoint. It authenticates,
+applies the key's limits, and writes exactly one ledger row when the exchange is over: after the
+response, after an error, or after the client went away (status 499), once the engine has released
+the request, so compute time and tokens are final. The row is written in a `finally` that does not
+depend on the handler or the response generator finishing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import sys
+import threading
+import time
+import traceback
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+import torch
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..engine import Engine, EngineFull, Request
+from ..generate import MASK_STRINGS, SamplingParams, StopText, causal_infill_stops
+from .maas import AuthError, KeyRecord, LimitError, MaaS, UsageRow
+
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/fill", "/infill", "/v1/classify")
+
+
+# ---- errors ---------------------------------------------------------------------------------------
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code, self.headers = status, message, type_, param, code, headers
+
+
+def error_response(status: int, message: str, type_: str, param=None, code=None, headers=None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
+                        status_code=status, headers=headers)
+
+
+# ---- request schemas (they make the OpenAPI spec) ---------------------------------------------------
+class _Sampling(BaseModel):
+    """Sampling fields shared by the OpenAI endpoints (vLLM's extras top_k, min_p, repetition_penalty too)."""
+
+    model: str | None = Field(None, description="the served model's name (default: it)")
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="0 = off")
+    min_p: float = Field(0.0, ge=0, le=1)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(1.0, gt=0)
+    seed: int | None = Field(None, ge=0, le=2**62, description="choice i uses seed + i")
+    n: int = Field(1, ge=1, le=16)
+    stop: str | list[str] | None = Field(None, description="up to 16 stop strings, cut from the text")
+    stream: bool = False
+    stream_options: "StreamOptions | None" = None
+    logit_bias: dict[str, float] | None = Field(None, description="not supported: must be empty")
+    user: str | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, list[str], list[int], list[list[int]]] = Field(..., description="text(s) or token ids")
+    suffix: str | None = Field(None, description="fill-in-the-middle: the text after the completion")
+    max_tokens: int = Field(16, ge=1)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20, description="log-probabilities of the chosen and top-k tokens")
+    best_of: int | None = Field(None, ge=1, description="only 1 is supported")
+
+
+class ContentPart(BaseModel):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant", "observation", "tool"]
+    content: str | list[ContentPart] | None = ""
+    name: str | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: str = "text"
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_tokens: int | None = Field(None, ge=1, description="default: the rest of the context")
+    max_completion_tokens: int | None = Field(None, ge=1, description="alias of max_tokens")
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[dict] | None = Field(None, description="not supported")
+    tool_choice: str | dict | None = None
+    response_format: ResponseFormat | None = None
+
+
+class FillRequest(BaseModel):
+    model: str | None = None
+    text: str = Field(..., description="text with one or more [MASK], [sMASK] or [gMASK] blanks")
+    max_tokens: int = Field(32, ge=1, description="per blank")
+    temperature: float = Field(0.0, ge=0, le=2, description="default greedy, as `glmkit fill`")
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = Field(None, ge=0, le=2**62)
+    stop: str | list[str] | None = None
+
+
+class InfillRequest(BaseModel):
+    """llama.cpp's /infill (defaults as llama.cpp's server)."""
+
+    model: str | None = None
+    input_prefix: str = ""
+    input_suffix: str = ""
+    n_predict: int = Field(-1, ge=-1, description="-1: up to the end of the context")
+    temperature: float = Field(0.8, ge=0, le=2)
+    top_k: int = Field(40, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    min_p: float = Field(0.05, ge=0, le=1)
+    repeat_penalty: float = Field(1.0, gt=0)
+    seed: int = Field(-1, ge=-1, le=2**62, description="-1: random")
+    stop: list[str] = Field(default_factory=list)
+    stream: bool = Field(False, description="not supported on /infill (use /v1/completions with suffix)")
+
+
+class ClassifyRequest(BaseModel):
+    model: str | None = None
+    text: str | list[str] = Field(..., description="one text or a list (at most 64)")
+    pattern: str = Field("{text}[MASK]", description="the cloze: {text} is replaced by the text, [MASK] is the blank")
+    labels: dict[str, str] = Field(..., description="label -> verbalizer, the text that fills the blank")
+    score: Literal["sum", "mean"] = Field("sum", description="sum or per-token mean of the blank's log-probability")
+
+
+_Sampling.model_rebuild()
+CompletionRequest.model_rebuild()
+ChatRequest.model_rebuild()
+
+
+# ---- metrics ----------------------------------------------------------------------------------------
+class Metrics:
+    """Prometheus metrics in a registry of this app's own (two apps in one process never clash)."""
+
+    def __init__(self, engine: Engine):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        r = self.registry = CollectorRegistry()
+        Gauge("glmkit_requests_running", "engine requests in the running batch", registry=r).set_function(lambda: engine.num_running)
+        Gauge("glmkit_requests_waiting", "engine requests waiting for a batch row", registry=r).set_function(lambda: engine.num_waiting)
+        lat = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+        self.ttft = Histogram("glmkit_time_to_first_token_seconds", "submission to first generated token", buckets=lat, registry=r)
+        self.itl = Histogram("glmkit_inter_token_latency_seconds", "time between consecutive tokens of a request",
+                             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r)
+        self.e2e = Histogram("glmkit_e2e_request_latency_seconds", "HTTP request arrival to end of response", buckets=lat, registry=r)
+        self.prompt_tokens = Counter("glmkit_prompt_tokens", "prompt tokens of finished requests", registry=r)
+        self.cached_tokens = Counter("glmkit_cached_prompt_tokens", "prompt tokens served from the prompt cache", registry=r)
+        self.generation_tokens = Counter("glmkit_generation_tokens", "generated tokens", registry=r)
+        self.requests = Counter("glmkit_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r)
+
+
+# ---- the engine's thread ------------------------------------------------------------------------------
+class EngineRunner:
+    """Runs `engine.run_forever` in a thread; no request is ever left without its on_finish.
+
+    `Engine.run_forever` fails the running rows and re-raises when a step raises; we log and run it
+    again. A request that raised while being admitted sits in neither the waiting queue nor the
+    batch: after any failure, and at shutdown, every request we submitted that the engine has not
+    finished is finished here ("error", or "cancelled" at shutdown), so its HTTP handler returns."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.stop_event = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.inflight: dict[int, Request] = {}
+        self.lock = threading.Lock()
+        self.failures, self.last_error = 0, None
+
+    def track(self, req: Request):
+        with self.lock:
+            self.inflight[id(req)] = req
+
+    def forget(self, req: Request):
+        with self.lock:
+            self.inflight.pop(id(req), None)
+
+    @property
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive() and not self.stop_event.is_set()
+
+    def start(self):
+        self.stop_event.clear()
+        self.thread = threading.Thread(target=self._loop, name="glmkit-engine", daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        while not self.stop_event.is_set():
+            try:
+                self.engine.run_forever(self.stop_event)
+            except Exception as e:  # a failed step: its requests got "error"; keep serving the rest
+                self.failures, self.last_error = self.failures + 1, f"{type(e).__name__}: {e}"
+                traceback.print_exc()
+                self._finish_orphans("error", only_lost=True)
+
+    def _finish_orphans(self, reason: str, only_lost: bool):
+        # both locks at once: a request is tracked only after `submit` queued it, so one we track that
+        # is not queued now was taken by this (failed) engine thread (lock order: engine, then ours)
+        with self.engine.lock, self.lock:
+            queued = {id(r) for r in self.engine.waiting} if only_lost else set()
+            reqs = [r for r in self.inflight.values() if r.t_done is None and id(r) not in queued]
+        for r in reqs:
+            r.finish_reason, r.t_done = reason, time.perf_counter()
+            if r.on_finish:
+                r.on_finish(r)
+
+    def stop(self):
+        self.stop_event.set()
+        self.engine.wake.set()
+        if self.thread is not None:
+            self.thread.join()
+        self._finish_orphans("cancelled", only_lost=False)
+
+
+# ---- one HTTP request: its key, its engine requests, its usage, its ledger row ----------------------------
+@dataclass
+class _Choice:
+    """One generated sequence as the HTTP side sees it: text cut at stop strings, logprob entries."""
+
+    index: int
+    group: int  # which prompt it continues
+    req: Request
+    stop: StopText
+    strip_newline: bool = False  # chat: the template's newline after <|assistant|> is not part of the reply
+    prefix: str = ""  # echo
+    text: str = ""
+    entries: list = field(default_factory=list)  # (token id, logprob, top {id: logprob}, text offset)
+    matched: bool = False
+    finish_reason: str | None = None
+
+    def emit(self, piece: str) -> str:
+        if self.strip_newline and piece:
+            piece, self.strip_newline = (piece[1:] if piece.startswith("\n") else piece), False
+        self.text += piece
+        return piece
+
+
+class Call:
+    """State of one metered HTTP request, created by the middleware and used by the handler."""
+
+    def __init__(self, server: "Server", key: KeyRecord | None, endpoint: str):
+        self.server, self.key, self.endpoint = server, key, endpoint
+        self.loop = asyncio.get_running_loop()
+        self.id = uuid.uuid4().hex[:24]
+        self.t0, self.p0 = time.time(), time.perf_counter()
+        self.model: str | None = None
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.choices: list[_Choice] = []  # the engine requests, as the client sees them
+        self.jobs: list[tuple[int, Request]] = []  # (prompt group, engine request) of those submitted
+        self.unfinished = 0
+        self.done = asyncio.Event()
+        self.done.set()
+        # set by handlers that do not go through the engine (fill, classify), or for prompts
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.compute_s = 0.0
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.status: int | None = None  # from http.response.start
+        self.complete = False  # the last body chunk went out
+        self.disconnected = False
+        self.recorded = False
+
+    @property
+    def scope(self) -> str:
+        """Prompt-cache namespace: one customer's prompts never warm another's cache."""
+        return self.key.id if self.key is not None else "local"
+
+    def submit(self, choice: _Choice):
+        """Hand the choice's request to the engine; its tokens arrive on self.queue as (choice index,
+        (tok, logprob, top)), then (index, None) when it is finished. Raises EngineFull / ValueError."""
+        i, group, req = choice.index, choice.group, choice.req
+        loop, queue, metrics = self.loop, self.queue, self.server.metrics
+        last, finished = [None], [False]
+
+        def put(item):
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, (i, item))
+            except RuntimeError:  # the event loop is closed: the server is gone
+                pass
+
+        def on_token(r, tok, logprob, top):  # engine thread
+            now = time.perf_counter()
+            if last[0] is not None:
+                metrics.itl.observe(now - last[0])
+            last[0] = now
+            put((tok, logprob, top))
+
+        def on_finish(r):  # engine thread (or the runner after a failure / at shutdown); once
+            if finished[0]:
+                return
+            finished[0] = True
+            self.server.runner.forget(r)
+            put(None)
+            try:
+                loop.call_soon_threadsafe(self._finished_one)
+            except RuntimeError:
+                pass
+
+        req.on_token, req.on_finish, req.cache_scope = on_token, on_finish, self.scope
+        self.server.engine.submit(req)
+        self.server.runner.track(req)
+        self.jobs.append((group, req))
+        self.choices.append(choice)
+        self.unfinished += 1
+        self.done.clear()
+
+    def _finished_one(self):
+        self.unfinished -= 1
+        if self.unfinished == 0:
+            self.done.set()
+
+    def cancel(self):
+        for _, r in self.jobs:
+            if r.t_done is None:
+                self.server.engine.cancel(r)
+
+    def usage(self) -> dict:
+        """OpenAI usage: prompt tokens counted once per prompt (n > 1 shares it), cached tokens of a
+        prompt the fewest any of its choices had (its prefill ran once), completion tokens generated;
+        for a choice ended by a stop string, those up to the one that completed it (the engine may
+        have made a token or two more before the cancel reached it; compute_s still counts them)."""
+        cached: dict[int, int] = {}
+        for g, r in self.jobs:
+            cached[g] = min(cached.get(g, r.cached_tokens), r.cached_tokens)
+        completion = self.completion_tokens + sum(len(c.entries) if c.matched else len(c.req.output_ids)
+                                                  for c in self.choices)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.prompt_tokens + completion,
+                "prompt_tokens_details": {"cached_tokens": sum(cached.values())}}
+
+    def row(self) -> UsageRow:
+        u = self.usage()
+        status = self.status or 500
+        finish = self.finish_reason
+        if self.disconnected:  # before the response was complete
+            status, finish = 499, "cancelled"
+        elif finish is None and self.jobs:
+            reasons = [c.finish_reason for c in self.choices]
+            finish = ",".join(sorted({x or "unknown" for x in reasons}))
+        firsts = [r.t_first for _, r in self.jobs if r.t_first is not None]
+        return UsageRow(
+            ts=self.t0, request_id=self.id, key_id=self.key.id if self.key else None, endpoint=self.endpoint,
+            model=self.model, status=status, finish_reason=finish, prompt_tokens=u["prompt_tokens"],
+            cached_tokens=u["prompt_tokens_details"]["cached_tokens"], completion_tokens=u["completion_tokens"],
+            compute_s=self.compute_s + sum(r.compute_s for _, r in self.jobs),
+            latency_s=time.perf_counter() - self.p0, ttft_s=min(firsts) - self.p0 if firsts else None,
+            error=self.error if status >= 400 else None)
+
+
+class MeterMiddleware:
+    """Authentication for /v1/* and /infill; limits, metering and the ledger row for generation.
+
+    Pure ASGI (not BaseHTTPMiddleware): it sees the raw `receive`, so a client's disconnect cancels
+    the engine requests at once, and its `finally` writes the row whatever the handler did."""
+
+    def __init__(self, app, server: "Server"):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not (path.startswith("/v1/") or path == "/infill"):
+            return await self.app(scope, receive, send)
+        s = self.server
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        try:
+            key = s.maas.authenticate(headers.get("authorization"))
+        except AuthError as e:  # the label is a known route or "other": clients choose paths, not metric names
+            s.metrics.requests.labels(path if path in GENERATION_PATHS or path == "/v1/models" else "other", "401").inc()
+            return await error_response(401, str(e), "invalid_request_error", None, "invalid_api_key")(scope, receive, send)
+        scope["glmkit.key"] = key
+        if scope["method"] != "POST" or path not in GENERATION_PATHS:
+            return await self.app(scope, receive, send)
+        call = Call(s, key, path)
+        if key is not None:
+            try:
+                s.maas.limiter.admit(key)
+            except LimitError as e:
+                call.status, call.complete, call.error = 429, True, str(e)
+                s.record(call, admitted=False)
+                h = {"retry-after": str(e.retry_after)} if e.retry_after else {}
+                if not e.should_retry:
+                    h["x-should-retry"] = "false"
+                return await error_response(429, str(e), e.type, None, e.code, h)(scope, receive, send)
+        scope["glmkit.call"] = call
+
+        async def rx():
+            m = await receive()
+            if m["type"] == "http.disconnect" and not call.complete:  # the client left before the end
+                call.disconnected = True
+                call.cancel()
+            return m
+
+        async def tx(m):
+            if m["type"] == "http.response.start":
+                call.status = m["status"]
+            elif m["type"] == "http.response.body" and not m.get("more_body", False):
+                call.complete = True
+            try:
+                await send(m)
+            except OSError:  # ASGI 2.4 servers report a gone client this way
+                call.disconnected = True
+                raise
+
+        try:
+            await self.app(scope, rx, tx)
+        finally:
+            call.cancel()  # nobody reads the unfinished ones any more
+            try:
+                await call.done.wait()  # the engine lets go within a step: tokens and compute are final
+            finally:
+                s.record(call)
+
+
+# ---- the server -----------------------------------------------------------------------------------------
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+_PARAM_NAMES = {"max_new_tokens": "max_tokens"}
+
+
+def _param_error(e: ValueError) -> APIError:
+    m = re.match(r"SamplingParams\.(\w+)=", str(e))
+    name = _PARAM_NAMES.get(m[1], m[1]) if m else None
+    return APIError(400, str(e).replace("SamplingParams.", ""), param=name, code="invalid_value")
+
+
+class Server:
+    """The model, tokenizer, engine and MaaS behind one app; handlers call its methods."""
+
+    def __init__(self, model, tokenizer, model_name: str, maas: MaaS, max_batch: int, max_waiting: int,
+                 max_len: int | None):
+        self.model, self.tok, self.name, self.maas = model, tokenizer, model_name, maas
+        self.engine = Engine(model, max_batch=max_batch, max_len=max_len, max_waiting=max_waiting)
+        self.runner = EngineRunner(self.engine)
+        self.metrics = Metrics(self.engine)
+        self.causal = model.cfg.position == "rope_partial"
+        self.work_lock = threading.Lock()  # fill / classify: one at a time, beside the engine
+        self.created = int(time.time())
+
+    # ---- helpers ----
+    def special(self, role: str) -> int:
+        try:
+            return self.tok.special(role)
+        except KeyError as e:
+            raise APIError(400, f"this model's tokenizer has no {role} token, which this endpoint needs ({e})") from None
+
+    def check_model(self, request: HTTPRequest, name: str | None) -> Call:
+        call: Call = request.scope["glmkit.call"]
+        name = name or self.name
+        key: KeyRecord | None = request.scope.get("glmkit.key")
+        if name != self.name or (key is not None and not key.allows(name)):
+            raise APIError(404, f"the model {name!r} does not exist or you do not have access to it; "
+                           "GET /v1/models lists yours", param="model", code="model_not_found")
+        call.model = name
+        return call
+
+    def record(self, call: Call, admitted: bool = True):
+        if call.recorded:
+            return
+        call.recorded = True
+        row = self.maas.record(call.row(), call.key, admitted=admitted)
+        m = self.metrics
+        m.requests.labels(call.endpoint, str(row.status)).inc()
+        m.e2e.observe(row.latency_s)
+        m.prompt_tokens.inc(row.prompt_tokens)
+        m.cached_tokens.inc(row.cached_tokens)
+        m.generation_tokens.inc(row.completion_tokens)
+        for _, r in call.jobs:
+            if r.t_first is not None:
+                m.ttft.observe(r.t_first - r.t_submit)
+
+    @staticmethod
+    def params(**kw) -> SamplingParams:
+        try:
+            return SamplingParams(**kw)
+        except ValueError as e:
+            raise _param_error(e) from None
+
+    def sampling(self, body, max_tokens: int, stop_ids, i: int, logprobs: bool = False, top: int = 0,
+                 stops=()) -> SamplingParams:
+        """SamplingParams of choice i from an OpenAI-style body (fields it lacks keep their defaults)."""
+        kw = {k: getattr(body, k) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                                            "presence_penalty", "frequency_penalty") if hasattr(body, k)}
+        return self.params(max_new_tokens=max_tokens, seed=None if body.seed is None else body.seed + i,
+                           stop=tuple(stops), stop_ids=tuple(stop_ids), logprobs=logprobs, top_logprobs=top, **kw)
+
+    @staticmethod
+    def stops(stop) -> tuple[str, ...]:
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        if len(stops) > 16:
+            raise APIError(400, f"{len(stops)} stop strings; at most 16", param="stop")
+        if any(not s for s in stops):
+            raise APIError(400, "stop strings must not be empty", param="stop")
+        return stops
+
+    def encode_prompt(self, p, param: str) -> list[int]:
+        if isinstance(p, str):
+            return self.tok.encode(p)
+        V = self.model.cfg.vocab_size
+        if any(not 0 <= t < V for t in p):
+            raise APIError(400, f"token ids must lie in 0..{V - 1}", param=param)
+        return list(p)
+
+    # ---- prompt layouts (token ids -> engine Request) ----
+    def blank_request(self, before: list[int], mask_role: str, after: list[int], params: SamplingParams) -> Request:
+        """GLM blank infilling: Part A = before [mask] after (bidirectional); <sop> at the mask's position,
+        block position 1; generated token k at (mask position, k + 2)."""
+        part_a = before + [self.special(mask_role)] + after
+        T, m = len(part_a), len(before)
+        pos = [list(range(T)) + [m], [0] * T + [1]]
+        return Request(part_a + [self.special("sop")], params, position_ids=pos, sep=T, gen_start=(m, 2), gen_step=(0, 1))
+
+    def causal_request(self, ids: list[int], params: SamplingParams) -> Request:
+        return Request([self.special("gmask"), self.special("sop")] + ids, params)
+
+    def completion_stop_ids(self) -> tuple[int, ...]:
+        return (self.special("eos"),) if self.causal else (self.special("eop"), self.special("eos"))
+
+    def submit_all(self, call: Call, choices: list[_Choice]):
+        """Submit every choice's request; all or nothing: each is checked (400) before any is queued."""
+        try:
+            for c in choices:
+                self.engine.check(c.req)
+        except ValueError as e:
+            code = "context_length_exceeded" if "exceeds the context" in str(e) else "invalid_value"
+            raise APIError(400, str(e), param="messages" if call.endpoint.endswith("chat/completions") else "prompt",
+                           code=code) from None
+        try:
+            for c in choices:
+                call.submit(c)
+        except EngineFull as e:
+            call.cancel()
+            raise APIError(503, f"the server is overloaded ({e}); retry shortly", "server_error", None, "overloaded",
+                           {"retry-after": "1"}) from None
+
+    async def events(self, call: Call, choices: list[_Choice]):
+        """(choice, new text, new logprob entries, finished) as tokens arrive, for all choices."""
+        left = len(choices)
+        while left:
+            i, item = await call.queue.get()
+            ch = choices[i]
+            if item is None:
+                left -= 1
+                piece = ch.emit(ch.stop.close())
+                r = ch.req.finish_reason
+                ch.finish_reason = "stop" if ch.matched else r
+                yield ch, piece, [], True
+                continue
+            if ch.matched:
+                continue
+            tok, logprob, top = item
+            offset = len(ch.prefix) + len(ch.text)
+            piece = ch.emit(ch.stop.add(tok))
+            if ch.stop.matched is not None:  # cut here; the engine stops at its next step
+                ch.matched = True
+                self.engine.cancel(ch.req)
+            entry = (tok, logprob, top, offset)
+            ch.entries.append(entry)
+            yield ch, piece, [entry], False
+
+    async def collect(self, request: HTTPRequest, call: Call, choices: list[_Choice]):
+        """Run every choice to its end (non-streaming); a client that leaves cancels them."""
+        async def watch():
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        watcher = asyncio.create_task(watch())  # the middleware's receive cancels on disconnect
+        try:
+            async for _ in self.events(call, choices):
+                pass
+        finally:
+            watcher.cancel()
+        failed = [c for c in choices if c.finish_reason == "error"]
+        if failed:
+            raise APIError(500, "the engine failed while generating; see the server log", "server_error", None, "engine_error")
+
+    async def locked(self, fn, *args, **kw):
+        """Run fn in a worker thread, one at a time; returns (result, seconds)."""
+        def run():
+            with self.work_lock, torch.inference_mode():
+                t0 = time.perf_counter()
+                return fn(*args, **kw), time.perf_counter() - t0
+        return await asyncio.to_thread(run)
+
+    # ---- formatting ----
+    def token_str(self, t: int) -> str:
+        return self.tok.decode([t])
+
+    def completion_logprobs(self, entries) -> dict:
+        return {"tokens": [self.token_str(t) for t, *_ in entries], "token_logprobs": [lp for _, lp, _, _ in entries],
+                "top_logprobs": [{self.token_str(i): v for i, v in top.items()} if top else None for _, _, top, _ in entries],
+                "text_offset": [o for *_, o in entries]}
+
+    def chat_logprobs(self, entries) -> dict:
+        def one(t, lp):
+            s = self.token_str(t)
+            return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+        return {"content": [{**one(t, lp), "top_logprobs": [one(i, v) for i, v in (top or {}).items()]}
+                            for t, lp, top, _ in entries]}
+
+
+def _common_checks(body: _Sampling):
+    if body.logit_bias:
+        raise APIError(400, "logit_bias is not supported", param="logit_bias", code="unsupported_parameter")
+
+
+# ---- the app ------------------------------------------------------------------------------------------------
+def create_app(model, tokenizer, model_name: str, maas: MaaS | None = None, max_batch: int = 8, max_waiting: int = 64,
+               max_len: int | None = None) -> FastAPI:
+    """The FastAPI app serving `model`. maas=None: no authentication, an in-memory ledger (local use).
+    The engine thread starts with the app's lifespan (uvicorn, or `TestClient` used as a context manager)."""
+    maas = maas or MaaS.local()
+    server = Server(model.eval(), tokenizer, model_name, maas, max_batch, max_waiting, max_len)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        server.runner.start()
+        try:
+            yield
+        finally:
+            server.runner.stop()
+
+    app = FastAPI(title="glmkit", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible and GLM-native endpoints for a GLM model (see glmkit/server/app.py).")
+    app.state.server = server
+    app.add_middleware(MeterMiddleware, server=server)
+
+    # ---- errors in OpenAI's shape ----
+    def _note(request, message):
+        call = request.scope.get("glmkit.call")
+        if call is not None:
+            call.error = message
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        _note(request, e.message)
+        return error_response(e.status, e.message, e.type, e.param, e.code, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, e: RequestValidationError):
+        errs = e.errors()
+        first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        msg = f"{param}: {first['msg']}" if param else first["msg"]
+        if len(errs) > 1:
+            msg += f" (and {len(errs) - 1} more problems)"
+        _note(request, msg)
+        return error_response(400, msg, "invalid_request_error", param, "invalid_value")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, e: StarletteHTTPException):
+        msg = str(e.detail) if e.status_code != 404 else f"no route {request.method} {request.url.path}"
+        _note(request, msg)
+        return error_response(e.status_code, msg, "invalid_request_error", None, None, getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _crash(request, e: Exception):
+        traceback.print_exception(e)
+        _note(request, f"{type(e).__name__}: {e}")
+        return error_response(500, f"internal error ({type(e).__name__}); see the server log", "server_error", None, "internal_error")
+
+    # ---- service ----
+    @app.get("/health")
+    async def health():
+        ok = server.runner.alive
+        body = {"status": "ok" if ok else "unavailable", "model": server.name, "running": server.engine.num_running,
+                "waiting": server.engine.num_waiting, "engine_failures": server.runner.failures}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def model_card():
+        return {"id": server.name, "object": "model", "created": server.created, "owned_by": "glmkit",
+                "max_model_len": server.engine.max_len}
+
+    @app.get("/v1/models")
+    async def list_models(request: HTTPRequest):
+        key = request.scope.get("glmkit.key")
+        data = [model_card()] if key is None or key.allows(server.name) else []
+        return {"object": "list", "data": data}
+
+    @app.get("/v1/models/{name}")
+    async def get_model(name: str, request: HTTPRequest):
+        key = request.scope.get("glmkit.key")
+        if name != server.name or (key is not None and not key.allows(name)):
+            raise APIError(404, f"the model {name!r} does not exist or you do not have access to it", param="model",
+                           code="model_not_found")
+        return model_card()
+
+    # ---- OpenAI completions ----
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: HTTPRequest):
+        call = server.check_model(request, body.model)
+        _common_checks(body)
+        if body.best_of not in (None, 1):
+            raise APIError(400, "best_of > 1 is not supported; use n", param="best_of", code="unsupported_parameter")
+        if body.echo and body.logprobs is not None:
+            raise APIError(400, "echo with logprobs (prompt scoring) is not served: the engine does not score prompts; "
+                           "use /v1/classify or `glmkit lm-eval`", param="echo", code="unsupported_parameter")
+        p = body.prompt
+        prompts = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+        if not prompts:
+            raise APIError(400, "prompt is empty", param="prompt")
+        if len(prompts) * body.n > server.engine.max_waiting:
+            raise APIError(400, f"{len(prompts)} prompts x n={body.n} sequences; this server takes at most "
+                           f"{server.engine.max_waiting} in one request", param="n")
+        stops = server.stops(body.stop)
+        stop_ids = server.completion_stop_ids()
+        suffix_ids = server.tok.encode(body.suffix) if body.suffix is not None else None
+        if body.suffix is not None and server.causal:
+            stops += causal_infill_stops(body.suffix)
+        lp = body.logprobs is not None
+        choices = []
+        for g, prompt in enumerate(prompts):
+            ids = server.encode_prompt(prompt, "prompt")
+            echo = (prompt if isinstance(prompt, str) else server.tok.decode(ids)) if body.echo else ""
+            for k in range(body.n):
+                params = server.sampling(body, body.max_tokens, stop_ids, k, lp, body.logprobs or 0, stops)
+                if server.causal:
+                    req = server.causal_request(ids, params)
+                elif suffix_ids is not None:
+                    req = server.blank_request(ids, "mask", suffix_ids, params)
+                else:
+                    req = server.blank_request(ids, "gmask", [], params)
+                choices.append(_Choice(len(choices), g, req, StopText(server.tok, stops), prefix=echo))
+            call.prompt_tokens += len(choices[-1].req.prompt_ids)
+        server.submit_all(call, choices)
+        cid, created = "cmpl-" + call.id, int(time.time())
+
+        def choice_obj(ch, text, entries, finish):
+            return {"index": ch.index, "text": text, "logprobs": server.completion_logprobs(entries) if lp else None,
+                    "finish_reason": finish}
+
+        if not body.stream:
+            await server.collect(request, call, choices)
+            return {"id": cid, "object": "text_completion", "created": created, "model": server.name,
+                    "choices": [choice_obj(c, c.prefix + c.text, c.entries, c.finish_reason) for c in choices],
+                    "usage": call.usage()}
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def stream():
+            base = {"id": cid, "object": "text_completion", "created": created, "model": server.name}
+            if include_usage:
+                base["usage"] = None
+            for ch in choices:
+                if ch.prefix:
+                    yield _sse({**base, "choices": [choice_obj(ch, ch.prefix, [], None)]})
+            async for ch, piece, entries, done in server.events(call, choices):
+                if done and ch.finish_reason == "error":
+                    yield _sse({"error": {"message": "the engine failed while generating", "type": "server_error",
+                                          "param": None, "code": "engine_error"}})
+                    return
+                if piece or entries or done:
+                    yield _sse({**base, "choices": [choice_obj(ch, piece, entries, ch.finish_reason if done else None)]})
+            if include_usage:
+                yield _sse({**base, "choices": [], "usage": call.usage()})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
+
+    # ---- OpenAI chat ----
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: HTTPRequest):
+        call = server.check_model(request, body.model)
+        _common_checks(body)
+        if body.tools:
+            raise APIError(400, "tools are not supported by this server", param="tools", code="unsupported_parameter")
+        if body.response_format is not None and body.response_format.type != "text":
+            raise APIError(400, f"response_format {body.response_format.type!r} is not supported; only text",
+                           param="response_format", code="unsupported_parameter")
+        if body.top_logprobs and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        if body.n > server.engine.max_waiting:
+            raise APIError(400, f"n={body.n}: this server takes at most {server.engine.max_waiting} in one request", param="n")
+        messages = []
+        for i, m in enumerate(body.messages):
+            content = m.content if m.content is not None else ""
+            if not isinstance(content, str):
+                if any(part.type != "text" or part.text is None for part in content):
+                    raise APIError(400, "only text content parts are supported", param=f"messages.{i}.content")
+                content = "".join(part.text for part in content)
+            role = {"developer": "system", "tool": "observation"}.get(m.role, m.role)
+            messages.append({"role": role, "content": content})
+        try:
+            ids, _ = server.tok.render_chat(messages, add_generation_prompt=True)
+            stop_ids = tuple(server.tok.chat_stop_ids())
+        except KeyError as e:
+            raise APIError(400, f"this model's tokenizer has no chat template tokens ({e}); use /v1/completions") from None
+        stops = server.stops(body.stop)
+        max_tokens = body.max_completion_tokens or body.max_tokens or max(1, server.engine.max_len - len(ids))
+        lp, top = body.logprobs, body.top_logprobs or 0
+        choices = [_Choice(k, 0, Request(ids, server.sampling(body, max_tokens, stop_ids, k, lp, top, stops)),
+                           StopText(server.tok, stops), strip_newline=True) for k in range(body.n)]
+        call.prompt_tokens = len(ids)
+        server.submit_all(call, choices)
+        cid, created = "chatcmpl-" + call.id, int(time.time())
+
+        if not body.stream:
+            await server.collect(request, call, choices)
+            return {"id": cid, "object": "chat.completion", "created": created, "model": server.name,
+                    "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                                 "logprobs": server.chat_logprobs(c.entries) if lp else None,
+                                 "finish_reason": c.finish_reason} for c in choices],
+                    "usage": call.usage()}
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def stream():
+            base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": server.name}
+            if include_usage:
+                base["usage"] = None
+
+            def chunk(i, delta, entries=None, finish=None):
+                logprobs = server.chat_logprobs(entries) if lp and entries else None
+                return _sse({**base, "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
+
+            for ch in choices:
+                yield chunk(ch.index, {"role": "assistant", "content": ""})
+            held: dict[int, list] = {c.index: [] for c in choices}  # logprob entries of tokens whose text is held back
+            async for ch, piece, entries, done in server.events(call, choices):
+                if done and ch.finish_reason == "error":
+                    yield _sse({"error": {"message": "the engine failed while generating", "type": "server_error",
+                                          "param": None, "code": "engine_error"}})
+                    return
+                held[ch.index] += entries
+                if piece:
+                    yield chunk(ch.index, {"content": piece}, held[ch.index])
+                    held[ch.index] = []
+                if done:
+                    yield chunk(ch.index, {}, held[ch.index], ch.finish_reason)
+            if include_usage:
+                yield _sse({**base, "choices": [], "usage": call.usage()})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
+
+    # ---- GLM-native ----
+    @app.post("/v1/fill")
+    async def fill_blanks(body: FillRequest, request: HTTPRequest):
+        from ..generate import fill
+
+        call = server.check_model(request, body.model)
+        if server.causal:
+            raise APIError(400, "/v1/fill needs a model trained with GLM's blank-infilling objective; this one is causal "
+                           "(GLM-4 family): use /v1/completions", param="model", code="unsupported_model")
+        parts = re.split(r"(\[MASK\]|\[sMASK\]|\[gMASK\])", body.text)
+        marks = parts[1::2]
+        if not marks:
+            raise APIError(400, "no [MASK], [sMASK] or [gMASK] in text: mark each blank to fill", param="text")
+        for m in set(marks):
+            server.special(MASK_STRINGS[m])
+        part_a = sum(len(server.tok.encode(t)) for t in parts[0::2] if t) + len(marks)
+        need = part_a + len(marks) * (body.max_tokens + 1)
+        if need > server.engine.max_len:
+            raise APIError(400, f"the text ({part_a} tokens) plus {len(marks)} blanks of up to max_tokens={body.max_tokens} "
+                           f"need {need} positions; the context is {server.engine.max_len}", param="text",
+                           code="context_length_exceeded")
+        params = server.sampling(body, body.max_tokens, (), 0, stops=server.stops(body.stop))
+        call.prompt_tokens = part_a
+        try:
+            res, dt = await server.locked(fill, server.model, server.tok, body.text, params)
+        except ValueError as e:
+            raise APIError(400, str(e), param="text") from None
+        call.compute_s, call.completion_tokens = dt, sum(len(s.token_ids) for s in res.spans)
+        call.finish_reason = ",".join(sorted({s.finish_reason for s in res.spans}))
+        return {"id": "fill-" + call.id, "object": "fill", "created": int(time.time()), "model": server.name,
+                "text": res.text,
+                "spans": [{"mask": s.mask, "text": s.text, "start": s.start, "tokens": len(s.token_ids),
+                           "finish_reason": s.finish_reason} for s in res.spans],
+                "usage": call.usage()}
+
+    @app.post("/infill")
+    async def infill(body: InfillRequest, request: HTTPRequest):
+        call = server.check_model(request, body.model)
+        if body.stream:
+            raise APIError(400, "stream is not supported on /infill; use /v1/completions with suffix and stream",
+                           param="stream", code="unsupported_parameter")
+        pre, suf = server.tok.encode(body.input_prefix), server.tok.encode(body.input_suffix)
+        stops = server.stops(body.stop)
+        if server.causal:
+            stops += causal_infill_stops(body.input_suffix)
+        T = len(pre) + 2 + (0 if server.causal else len(suf))  # [gMASK] <sop> prefix, or prefix [MASK] suffix <sop>
+        n = body.n_predict if body.n_predict > 0 else max(1, server.engine.max_len - T)
+        params = server.params(max_new_tokens=n, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
+                               min_p=body.min_p, repetition_penalty=body.repeat_penalty,
+                               seed=None if body.seed < 0 else body.seed, stop=stops,
+                               stop_ids=server.completion_stop_ids())
+        req = server.causal_request(pre, params) if server.causal else server.blank_request(pre, "mask", suf, params)
+        ch = _Choice(0, 0, req, StopText(server.tok, stops))
+        call.prompt_tokens = len(req.prompt_ids)
+        server.submit_all(call, [ch])
+        await server.collect(request, call, [ch])
+        stop_type = "word" if ch.matched else {"stop": "eos", "length": "limit"}.get(ch.finish_reason, ch.finish_reason)
+        return {"content": ch.text, "model": server.name, "stop": True, "stop_type": stop_type,
+                "stopping_word": ch.stop.matched or "", "tokens_predicted": len(req.output_ids),
+                "tokens_evaluated": len(req.prompt_ids), "truncated": False}
+
+    @app.post("/v1/classify")
+    async def classify(body: ClassifyRequest, request: HTTPRequest):
+        from ..evaluate import special_ids
+        from ..finetune import ClozeTask, candidate_scores
+
+        call = server.check_model(request, body.model)
+        if server.causal:
+            raise APIError(400, "/v1/classify scores blanks with GLM's infilling objective; this model is causal "
+                           "(GLM-4 family)", param="model", code="unsupported_model")
+        texts = [body.text] if isinstance(body.text, str) else body.text
+        if not texts or len(texts) > 64:
+            raise APIError(400, f"text: give 1 to 64 texts, got {len(texts)}", param="text")
+        if not 2 <= len(body.labels) <= 32:
+            raise APIError(400, f"labels: give 2 to 32 labels, each with its verbalizer; got {len(body.labels)}", param="labels")
+        if "{text}" not in body.pattern:
+            raise APIError(400, "pattern must contain {text}, where the text goes", param="pattern")
+        try:
+            task = ClozeTask(body.pattern, dict(body.labels))
+            items = [task.encode(server.tok, {"text": t}, max_len=1 << 30) for t in texts]  # never truncated here
+        except (KeyError, ValueError, IndexError) as e:
+            raise APIError(400, str(e).strip('"'), param="pattern") from None
+        if any(not c for c in items[0][2]):
+            raise APIError(400, "a verbalizer encodes to no tokens; give each label a non-empty text", param="labels")
+        longest = max(len(c) for c in items[0][2])
+        sizes = [len(pre) + len(suf) + 2 + longest for pre, suf, _ in items]
+        if max(sizes) > server.engine.max_len:
+            i = sizes.index(max(sizes))
+            raise APIError(400, f"text {i} with the pattern needs {sizes[i]} tokens; the context is {server.engine.max_len}",
+                           param="text", code="context_length_exceeded")
+        call.prompt_tokens = sum(len(pre) + len(suf) + 2 + len(c) for pre, suf, cands in items for c in cands)
+        scores, dt = await server.locked(candidate_scores, server.model, items, special_ids(server.tok), body.score)
+        call.compute_s, call.finish_reason = dt, "scored"
+        probs = scores.float().softmax(-1)
+        labels = task.labels
+        data = [{"index": i, "label": labels[int(s.argmax())],
+                 "probs": {lab: float(p) for lab, p in zip(labels, pr)},
+                 "scores": {lab: float(v) for lab, v in zip(labels, s)}} for i, (s, pr) in enumerate(zip(scores, probs))]
+        return {"id": "cls-" + call.id, "object": "classification", "created": int(time.time()), "model": server.name,
+                "data": data, "usage": call.usage()}
+
+    return app
+
+
+# ---- command line ---------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    """`glmkit serve`."""
+    from pathlib import Path
+
+    from ..generate import load_for_cli
+    from .maas import KeyStore, Ledger, Pricing, default_db_path
+
+    p = argparse.ArgumentParser(prog="glmkit serve", description="Serve a model over HTTP: OpenAI-compatible "
+                                "/v1/completions and /v1/chat/completions, GLM /v1/fill, /infill, /v1/classify, /metrics.")
+    p.add_argument("--model", default=None, help="checkpoint directory (with tokenizer.json); default: the embedded model")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory or file (default: the model's directory)")
+    p.add_argument("--model-name", default=None, help="the name clients ask for (default: the model directory's name)")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps|xpu|npu|mlu|musa")
+    p.add_argument("--dtype", default="auto", help="auto|fp32|bf16|fp16")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--no-auth", action="store_true", help="no API keys (local use only); requests are still metered")
+    p.add_argument("--keys-db", default=None, help=f"keys database, also the ledger by default (default: {default_db_path()})")
+    p.add_argument("--ledger", default=None, help="usage ledger database (default: the keys database)")
+    p.add_argument("--max-batch", type=int, default=8, help="rows decoded together")
+    p.add_argument("--max-waiting", type=int, default=64, help="queued requests before answering 503")
+    p.add_argument("--max-len", type=int, default=None, help="context per row (default: the model's)")
+    g = p.add_argument_group("prices (for the ledger's cost and revenue; one currency)")
+    g.add_argument("--price-per-hour", type=float, default=0.0, help="the machine's price per hour of compute")
+    g.add_argument("--price-input", type=float, default=0.0, help="per million prompt tokens")
+    g.add_argument("--price-cached-input", type=float, default=None, help="per million cached prompt tokens (default: input)")
+    g.add_argument("--price-output", type=float, default=0.0, help="per million completion tokens")
+    a = p.parse_args(argv)
+    for name in ("max_batch", "max_waiting"):
+        if getattr(a, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    pricing = Pricing(a.price_per_hour, a.price_input, a.price_cached_input, a.price_output)
+    db = a.keys_db or default_db_path()
+    ledger = Ledger(a.ledger or db)
+    if a.no_auth:
+        maas = MaaS(None, ledger, pricing, auth=False)
+        if a.host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"glmkit serve: warning: --no-auth on {a.host}: anyone who reaches this address can use the model",
+                  file=sys.stderr)
+    else:
+        keys = KeyStore(db)
+        maas = MaaS(keys, ledger, pricing)
+        if not keys.list():
+            print(f"glmkit serve: no active API keys in {db}: every request will get 401. Create one with "
+                  f"`glmkit keys create --db {db}`, or use --no-auth on this machine only", file=sys.stderr)
+    name = a.model_name or (Path(a.model).name if a.model else "glmkit-default")
+    model, tok = load_for_cli(a, "serve")
+    app = create_app(model, tok, name, maas, a.max_batch, a.max_waiting, a.max_len)
+    import uvicorn
+
+    print(f"glmkit serve: {name} on http://{a.host}:{a.port} (auth {'off' if a.no_auth else 'on'}, ledger {ledger.path})",
+          file=sys.stderr)
+    uvicorn.run(app, host=a.host, port=a.port, log_level="info")
+    return 0

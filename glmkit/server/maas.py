@@ -1,0 +1,488 @@
+"""Model-as-a-Service: API keys, per-key limits, and a usage ledger with cost and revenue.
+
+    glmkit keys create --name alice --models glm-tiny --rpm 60 --tpm 100000 --concurrency 4 --budget-tokens 10000000
+    glmkit keys list [--all]            glmkit keys revoke ID|PREFIX
+    glmkit usage [--key ID|PREFIX] [--since 24h|7d|2026-01-01] [--until ...] [--json]
+
+    maas = MaaS(KeyStore(path), Ledger(path), Pricing(per_hour=2.0, input_per_m=0.5, output_per_m=1.5))
+    key = maas.authenticate("Bearer glmk-...")        # KeyRecord, or AuthError (HTTP 401)
+    maas.limiter.admit(key)                            # or LimitError (HTTP 429)
+
+Keys. A key is `glmk-` + 256 random bits (`secrets.token_urlsafe(32)`). Only its sha256 is stored:
+for a key of that entropy a fast hash is enough (nothing to brute-force), and lookup by hash is an
+index probe, so no comparison leaks timing. The raw key is printed once, at creation; afterwards a
+key is named by its id (`k_...`) or its displayed prefix (the first 12 characters).
+
+Limits (each optional, per key): the models it may use (others answer 404, as OpenAI does for
+models a key cannot see), requests per minute and tokens per minute (sliding 60 s windows, 429
+with Retry-After), concurrent requests (429 with Retry-After), and a lifetime token budget (prompt +
+completion tokens; 429 `insufficient_quota` with `x-should-retry: false`: waiting will not help).
+A request is admitted while its key is under a limit, so one request may overshoot the token
+limits by its own size; the windows live in the server process (one server per database).
+
+Ledger. One row per request that passed authentication (401s have no customer to bill and are
+counted in /metrics only), written when the request is over, also when it failed or the client
+went away: prompt, cached and completion tokens, compute seconds (the engine's per-request share
+of model time), status, latency. cost = compute_s * price per hour / 3600 (the machine's price);
+revenue = (uncached prompt * input + cached * cached input + completion * output) / 1e6 with
+prices per million tokens. Both are stored with the row, so a later price change keeps history.
+SQLite in WAL mode (readers such as `glmkit usage` never block the server's writes); keys and
+usage share one file by default, $GLMKIT_CACHE or ~/.cache/glmkit, `maas.sqlite`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import secrets
+import sqlite3
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+KEY_PREFIX = "glmk-"
+SHOWN = 12  # characters of a raw key kept for display ("glmk-AbCdEfG")
+
+
+def default_db_path() -> Path:
+    return Path(os.environ.get("GLMKIT_CACHE") or Path.home() / ".cache" / "glmkit").expanduser() / "maas.sqlite"
+
+
+def hash_key(raw: str) -> str:
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def _connect(path) -> sqlite3.Connection:
+    """One connection shared by the server's threads (guarded by the owner's lock)."""
+    if str(path) != ":memory:":
+        path = Path(path).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():  # key hashes and customers' usage: readable by the owner only
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
+    db.row_factory = sqlite3.Row
+    db.execute("PRAGMA journal_mode=WAL")  # no-op for :memory:
+    db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a commit survives a process crash
+    return db
+
+
+# ---- keys ----------------------------------------------------------------------------------------
+@dataclass
+class KeyRecord:
+    id: str
+    prefix: str
+    name: str = ""
+    created: float = 0.0
+    revoked: float | None = None
+    models: tuple[str, ...] | None = None  # None: every served model
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
+    budget_tokens: int | None = None
+
+    def allows(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+
+class KeyStore:
+    SCHEMA = """CREATE TABLE IF NOT EXISTS keys (
+        id TEXT PRIMARY KEY, prefix TEXT NOT NULL, hash TEXT NOT NULL UNIQUE, name TEXT NOT NULL DEFAULT '',
+        created REAL NOT NULL, revoked REAL, models TEXT, rpm INTEGER, tpm INTEGER, concurrency INTEGER,
+        budget_tokens INTEGER)"""
+
+    def __init__(self, path=None):
+        self.path = path or default_db_path()
+        self.db = _connect(self.path)
+        self.lock = threading.Lock()
+        self.db.execute(self.SCHEMA)
+
+    @staticmethod
+    def _record(row) -> KeyRecord:
+        d = dict(row)
+        d.pop("hash")
+        d["models"] = tuple(json.loads(d["models"])) if d["models"] is not None else None
+        return KeyRecord(**d)
+
+    def create(self, name: str = "", models=None, rpm=None, tpm=None, concurrency=None, budget_tokens=None) -> tuple[str, KeyRecord]:
+        """A new key: (the raw key, shown only now, and its record)."""
+        for field_, v in (("rpm", rpm), ("tpm", tpm), ("concurrency", concurrency), ("budget_tokens", budget_tokens)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{field_}={v!r}: a limit is a positive integer (leave it out for no limit)")
+        if models is not None:
+            models = tuple(models)
+            if not models or not all(isinstance(m, str) and m for m in models):
+                raise ValueError(f"models={models!r}: name at least one model, or leave it out to allow all")
+        raw = KEY_PREFIX + secrets.token_urlsafe(32)
+        rec = KeyRecord("k_" + secrets.token_hex(6), raw[:SHOWN], name, time.time(), None, models, rpm, tpm,
+                        concurrency, budget_tokens)
+        with self.lock:
+            self.db.execute("INSERT INTO keys VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                            (rec.id, rec.prefix, hash_key(raw), name, rec.created, None,
+                             json.dumps(list(models)) if models is not None else None, rpm, tpm, concurrency, budget_tokens))
+        return raw, rec
+
+    def lookup(self, raw: str) -> KeyRecord | None:
+        """The active key with this raw value, or None (unknown or revoked)."""
+        with self.lock:
+            row = self.db.execute("SELECT * FROM keys WHERE hash = ? AND revoked IS NULL", (hash_key(raw),)).fetchone()
+        return self._record(row) if row else None
+
+    def list(self, include_revoked: bool = False) -> list[KeyRecord]:
+        q = "SELECT * FROM keys" + ("" if include_revoked else " WHERE revoked IS NULL") + " ORDER BY created"
+        with self.lock:
+            return [self._record(r) for r in self.db.execute(q)]
+
+    def find(self, id_or_prefix: str) -> KeyRecord:
+        with self.lock:
+            rows = self.db.execute("SELECT * FROM keys WHERE id = ? OR prefix = ?", (id_or_prefix, id_or_prefix)).fetchall()
+        if not rows:
+            raise KeyError(f"no key with id or prefix {id_or_prefix!r}; see `glmkit keys list --all`")
+        if len(rows) > 1:
+            raise ValueError(f"{id_or_prefix!r} names {len(rows)} keys; use the key id (k_...)")
+        return self._record(rows[0])
+
+    def revoke(self, id_or_prefix: str) -> KeyRecord:
+        rec = self.find(id_or_prefix)
+        with self.lock:
+            self.db.execute("UPDATE keys SET revoked = ? WHERE id = ? AND revoked IS NULL", (time.time(), rec.id))
+        return self.find(rec.id)
+
+
+# ---- pricing and the ledger ------------------------------------------------------------------------
+@dataclass
+class Pricing:
+    """Machine price (per hour of compute) and token prices (per million tokens), one currency."""
+
+    per_hour: float = 0.0
+    input_per_m: float = 0.0
+    cached_input_per_m: float | None = None  # None: same as input
+    output_per_m: float = 0.0
+
+    def __post_init__(self):
+        for k, v in asdict(self).items():
+            if v is not None and not (v >= 0 and math.isfinite(v)):
+                raise ValueError(f"price {k}={v!r} must be a finite number >= 0")
+
+    def cost(self, compute_s: float) -> float:
+        return compute_s * self.per_hour / 3600
+
+    def revenue(self, prompt: int, cached: int, completion: int) -> float:
+        cached_price = self.input_per_m if self.cached_input_per_m is None else self.cached_input_per_m
+        return ((prompt - cached) * self.input_per_m + cached * cached_price + completion * self.output_per_m) / 1e6
+
+
+@dataclass
+class UsageRow:
+    ts: float  # unix time the request arrived
+    request_id: str
+    key_id: str | None  # None: a server started with --no-auth
+    endpoint: str
+    model: str | None = None
+    status: int = 200  # 499: the client went away before the response was complete
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    compute_s: float = 0.0
+    latency_s: float = 0.0
+    ttft_s: float | None = None
+    cost: float = 0.0
+    revenue: float = 0.0
+    error: str | None = None
+
+
+COLUMNS = [f.name for f in UsageRow.__dataclass_fields__.values()]
+
+
+class Ledger:
+    SCHEMA = ("CREATE TABLE IF NOT EXISTS usage (id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, request_id TEXT, "
+              "key_id TEXT, endpoint TEXT, model TEXT, status INTEGER, finish_reason TEXT, prompt_tokens INTEGER, "
+              "cached_tokens INTEGER, completion_tokens INTEGER, compute_s REAL, latency_s REAL, ttft_s REAL, "
+              "cost REAL, revenue REAL, error TEXT)")
+
+    def __init__(self, path=None):
+        self.path = path or default_db_path()
+        self.db = _connect(self.path)
+        self.lock = threading.Lock()
+        self.db.execute(self.SCHEMA)
+        self.db.execute("CREATE INDEX IF NOT EXISTS usage_key_ts ON usage (key_id, ts)")
+
+    def record(self, row: UsageRow) -> None:
+        values = [getattr(row, c) for c in COLUMNS]
+        with self.lock:
+            self.db.execute(f"INSERT INTO usage ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})", values)
+
+    def rows(self, key_id: str | None = None) -> list[UsageRow]:
+        q, args = "SELECT * FROM usage", ()
+        if key_id is not None:
+            q, args = q + " WHERE key_id = ?", (key_id,)
+        with self.lock:
+            return [UsageRow(**{c: r[c] for c in COLUMNS}) for r in self.db.execute(q + " ORDER BY id", args)]
+
+    def used_tokens(self, key_id: str) -> int:
+        with self.lock:
+            r = self.db.execute("SELECT COALESCE(SUM(prompt_tokens + completion_tokens), 0) FROM usage WHERE key_id = ?",
+                                (key_id,)).fetchone()
+        return int(r[0])
+
+    def totals(self, key_id: str | None = None, since: float | None = None, until: float | None = None) -> list[dict]:
+        """Per key: requests, errors, tokens, compute seconds, cost, revenue, margin."""
+        where, args = [], []
+        for cond, v in (("key_id = ?", key_id), ("ts >= ?", since), ("ts < ?", until)):
+            if v is not None:
+                where.append(cond)
+                args.append(v)
+        q = ("SELECT key_id, COUNT(*) AS requests, SUM(status >= 400) AS errors, SUM(prompt_tokens) AS prompt_tokens, "
+             "SUM(cached_tokens) AS cached_tokens, SUM(completion_tokens) AS completion_tokens, SUM(compute_s) AS compute_s, "
+             "SUM(cost) AS cost, SUM(revenue) AS revenue FROM usage" + (" WHERE " + " AND ".join(where) if where else "")
+             + " GROUP BY key_id ORDER BY key_id")
+        with self.lock:
+            out = [dict(r) for r in self.db.execute(q, args)]
+        for d in out:
+            d["margin"] = d["revenue"] - d["cost"]
+        return out
+
+
+# ---- limits ---------------------------------------------------------------------------------------
+class LimitError(Exception):
+    """HTTP 429. `retry_after` seconds for rate limits; None with `should_retry` False for a budget."""
+
+    def __init__(self, message: str, type_: str, code: str, retry_after: int | None = None, should_retry: bool = True):
+        super().__init__(message)
+        self.type, self.code, self.retry_after, self.should_retry = type_, code, retry_after, should_retry
+
+
+class AuthError(Exception):
+    """HTTP 401."""
+
+
+@dataclass
+class _Window:
+    requests: deque = field(default_factory=deque)  # admission times
+    tokens: deque = field(default_factory=deque)  # (time, tokens)
+    active: int = 0
+
+
+class Limiter:
+    """Per-key admission: requests and tokens per minute, concurrency, lifetime token budget."""
+
+    WINDOW = 60.0
+
+    def __init__(self, ledger: Ledger, clock=time.monotonic):
+        self.ledger, self.clock = ledger, clock
+        self.state: dict[str, _Window] = {}
+        self.used: dict[str, int] = {}  # lifetime tokens per key, loaded from the ledger on first use
+        self.lock = threading.Lock()
+
+    def _expire(self, w: _Window, now: float):
+        while w.requests and w.requests[0] <= now - self.WINDOW:
+            w.requests.popleft()
+        while w.tokens and w.tokens[0][0] <= now - self.WINDOW:
+            w.tokens.popleft()
+
+    def admit(self, key: KeyRecord) -> None:
+        """Take a request slot for `key` or raise LimitError; `release` gives the slot back."""
+        with self.lock:
+            now = self.clock()
+            w = self.state.setdefault(key.id, _Window())
+            self._expire(w, now)
+            if key.budget_tokens is not None:
+                if key.id not in self.used:
+                    self.used[key.id] = self.ledger.used_tokens(key.id)
+                if self.used[key.id] >= key.budget_tokens:
+                    raise LimitError(f"this key has used its token budget ({self.used[key.id]} of {key.budget_tokens} "
+                                     "tokens); ask for a larger budget or use another key",
+                                     "insufficient_quota", "insufficient_quota", None, should_retry=False)
+            if key.concurrency is not None and w.active >= key.concurrency:
+                raise LimitError(f"this key already has {w.active} requests in flight (limit {key.concurrency}); "
+                                 "retry when one finishes", "requests", "rate_limit_exceeded", 1)
+            if key.rpm is not None and len(w.requests) >= key.rpm:
+                wait = w.requests[0] + self.WINDOW - now
+                raise LimitError(f"rate limit of {key.rpm} requests per minute reached; retry in {math.ceil(wait)} s",
+                                 "requests", "rate_limit_exceeded", max(1, math.ceil(wait)))
+            if key.tpm is not None:
+                used = sum(n for _, n in w.tokens)
+                if used >= key.tpm:
+                    acc, wait = used, 0.0  # until enough tokens leave the window to get under the limit
+                    for t, n in w.tokens:
+                        acc -= n
+                        wait = t + self.WINDOW - now
+                        if acc < key.tpm:
+                            break
+                    raise LimitError(f"rate limit of {key.tpm} tokens per minute reached ({used} in the last minute); "
+                                     f"retry in {math.ceil(wait)} s", "tokens", "rate_limit_exceeded", max(1, math.ceil(wait)))
+            w.requests.append(now)
+            w.active += 1
+
+    def release(self, key: KeyRecord, tokens: int) -> None:
+        """The request is over: free its slot and count its tokens (prompt + completion)."""
+        with self.lock:
+            w = self.state.setdefault(key.id, _Window())
+            w.active = max(0, w.active - 1)
+            if tokens:
+                w.tokens.append((self.clock(), tokens))
+                if key.id in self.used:
+                    self.used[key.id] += tokens
+
+
+# ---- the bundle the server holds ----------------------------------------------------------------------
+class MaaS:
+    """Keys (None with auth off), limits, ledger and prices of one server."""
+
+    def __init__(self, keys: KeyStore | None, ledger: Ledger, pricing: Pricing | None = None, auth: bool = True):
+        if auth and keys is None:
+            raise ValueError("auth needs a KeyStore; pass auth=False only for local use (glmkit serve --no-auth)")
+        self.keys, self.ledger, self.pricing, self.auth = keys, ledger, pricing or Pricing(), auth
+        self.limiter = Limiter(ledger)
+
+    @classmethod
+    def local(cls, ledger_path=":memory:", pricing: Pricing | None = None) -> "MaaS":
+        """No authentication, metering only: for local use and tests."""
+        return cls(None, Ledger(ledger_path), pricing, auth=False)
+
+    def authenticate(self, authorization: str | None) -> KeyRecord | None:
+        """The key of an `Authorization: Bearer ...` header; None when auth is off."""
+        if not self.auth:
+            return None
+        scheme, _, raw = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not raw.strip():
+            raise AuthError("no API key given: send the header 'Authorization: Bearer YOUR_KEY' "
+                            "(create keys with `glmkit keys create`)")
+        raw = raw.strip()
+        key = self.keys.lookup(raw)
+        if key is None:
+            shown = raw[:SHOWN] + "..." if len(raw) > SHOWN else "***"
+            raise AuthError(f"incorrect or revoked API key provided: {shown}")
+        return key
+
+    def record(self, row: UsageRow, key: KeyRecord | None, admitted: bool = True) -> UsageRow:
+        """Price the row, write it, and release the key's slot (if `admitted` took one). Never raises
+        for a ledger failure in the middle of serving: the row is printed on stderr instead (the
+        response already went out)."""
+        row.cost = self.pricing.cost(row.compute_s)
+        row.revenue = self.pricing.revenue(row.prompt_tokens, row.cached_tokens, row.completion_tokens)
+        try:
+            self.ledger.record(row)
+        except sqlite3.Error as e:
+            print(f"glmkit serve: could not write the usage row of {row.request_id}: {e}; row: {asdict(row)}", file=sys.stderr)
+        finally:
+            if key is not None and admitted:
+                self.limiter.release(key, row.prompt_tokens + row.completion_tokens)
+        return row
+
+
+# ---- command line -----------------------------------------------------------------------------------
+def _when(s: str | None) -> float | None:
+    """'24h' / '30m' / '7d' ago, or an ISO date or datetime (local time unless it names a zone)."""
+    if s is None:
+        return None
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", s.strip())
+    if m:
+        return time.time() - float(m[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m[2]]
+    try:
+        return datetime.fromisoformat(s.strip()).timestamp()
+    except ValueError:
+        raise ValueError(f"--since/--until {s!r}: give a duration ago (30m, 24h, 7d) or an ISO date (2026-01-31)") from None
+
+
+def _fmt_time(t: float | None) -> str:
+    return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M") if t else "-"
+
+
+def _table(rows: list[list], header: list[str]) -> str:
+    cells = [header] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells)
+
+
+def keys_main(argv=None) -> int:
+    """`glmkit keys create|list|revoke`."""
+    p = argparse.ArgumentParser(prog="glmkit keys", description="Manage the API keys of `glmkit serve` (stored hashed).")
+    p.add_argument("--db", default=None, help=f"keys database (default: {default_db_path()})")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("create", help="create a key; it is printed once and cannot be shown again")
+    c.add_argument("--name", default="", help="who or what the key is for")
+    c.add_argument("--models", default=None, help="comma-separated model names the key may use (default: all)")
+    c.add_argument("--rpm", type=int, default=None, help="requests per minute")
+    c.add_argument("--tpm", type=int, default=None, help="tokens (prompt + completion) per minute")
+    c.add_argument("--concurrency", type=int, default=None, help="requests in flight at once")
+    c.add_argument("--budget-tokens", type=int, default=None, help="lifetime token budget (prompt + completion)")
+    ls = sub.add_parser("list", help="list keys (prefix only; the raw keys are not stored)")
+    ls.add_argument("--all", action="store_true", help="include revoked keys")
+    r = sub.add_parser("revoke", help="revoke a key by id (k_...) or prefix; takes effect on the next request")
+    r.add_argument("key")
+    for sp in (c, ls, r):  # --db after the subcommand too
+        sp.add_argument("--db", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    store = KeyStore(a.db)
+    if a.cmd == "create":
+        models = [m.strip() for m in a.models.split(",") if m.strip()] if a.models is not None else None
+        raw, rec = store.create(a.name, models, a.rpm, a.tpm, a.concurrency, a.budget_tokens)
+        print(raw)
+        print(f"key {rec.id} ({rec.prefix}...) created in {store.path}; store it now: it cannot be shown again",
+              file=sys.stderr)
+    elif a.cmd == "list":
+        used = {}
+        if any(r["name"] == "usage" for r in store.db.execute("SELECT name FROM sqlite_master WHERE type='table'")):
+            used = {r[0]: r[1] for r in store.db.execute(
+                "SELECT key_id, SUM(prompt_tokens + completion_tokens) FROM usage GROUP BY key_id")}
+        rows = [[k.id, k.prefix + "...", k.name or "-", _fmt_time(k.created), "revoked" if k.revoked else "active",
+                 ",".join(k.models) if k.models else "all", k.rpm or "-", k.tpm or "-", k.concurrency or "-",
+                 k.budget_tokens or "-", used.get(k.id, 0)] for k in store.list(a.all)]
+        print(_table(rows, ["id", "prefix", "name", "created", "status", "models", "rpm", "tpm", "concurrency",
+                            "budget", "used tokens"]))
+    else:
+        rec = store.revoke(a.key)
+        print(f"revoked {rec.id} ({rec.prefix}...) at {_fmt_time(rec.revoked)}")
+    return 0
+
+
+def usage_main(argv=None) -> int:
+    """`glmkit usage`: per-key totals of the ledger."""
+    p = argparse.ArgumentParser(prog="glmkit usage", description="Per-key totals of the usage ledger: requests, tokens, "
+                                "compute seconds, cost (machine time), revenue (token prices), margin.")
+    p.add_argument("--db", default=None, help=f"ledger database (default: {default_db_path()})")
+    p.add_argument("--key", default=None, help="one key, by id (k_...) or prefix")
+    p.add_argument("--since", default=None, help="30m, 24h, 7d (ago) or an ISO date/time")
+    p.add_argument("--until", default=None, help="as --since")
+    p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    a = p.parse_args(argv)
+    since, until = _when(a.since), _when(a.until)
+    ledger = Ledger(a.db)
+    names = {}
+    if any(r["name"] == "keys" for r in ledger.db.execute("SELECT name FROM sqlite_master WHERE type='table'")):
+        names = {r["id"]: (r["prefix"], r["name"]) for r in ledger.db.execute("SELECT id, prefix, name FROM keys")}
+    key_id = None
+    if a.key is not None:
+        key_id = KeyStore(a.db).find(a.key).id if names else a.key
+    totals = ledger.totals(key_id, since, until)
+    if a.json:
+        for t in totals:
+            print(json.dumps(t))
+        return 0
+    rows = []
+    for t in totals:
+        prefix, name = names.get(t["key_id"], ("", ""))
+        label = t["key_id"] or "(no auth)"
+        rows.append([label, name or "-", t["requests"], t["errors"], t["prompt_tokens"], t["cached_tokens"],
+                     t["completion_tokens"], f"{t['compute_s']:.3f}", f"{t['cost']:.6f}", f"{t['revenue']:.6f}",
+                     f"{t['margin']:.6f}"])
+    if not rows:
+        print("no requests in the ledger" + (" for that key" if a.key else "") + (" in that period" if since or until else ""))
+        return 0
+    header = ["key", "name", "requests", "errors", "prompt", "cached", "completion", "compute_s", "cost", "revenue", "margin"]
+    if len(rows) > 1:
+        s = {k: sum(t[k] for t in totals) for k in ("requests", "errors", "prompt_tokens", "cached_tokens",
+                                                   "completion_tokens", "compute_s", "cost", "revenue", "margin")}
+        rows.append(["total", "", s["requests"], s["errors"], s["prompt_tokens"], s["cached_tokens"], s["completion_tokens"],
+                     f"{s['compute_s']:.3f}", f"{s['cost']:.6f}", f"{s['revenue']:.6f}", f"{s['margin']:.6f}"])
+    print(_table(rows, header))
+    return 0
