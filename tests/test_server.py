@@ -518,3 +518,16 @@ def test_openai_client_chat_and_stream(keyed):
     assert [(x.endpoint, x.status) for x in ledger] == [
         ("/v1/chat/completions", 200), ("/v1/chat/completions", 200), ("/v1/chat/completions", 404)]
     assert ledger[0].completion_tokens == ledger[1].completion_tokens == r.usage.completion_tokens
+
+
+
+def test_playground_and_usage_view(client):
+    """The playground page is served at / and the endpoints it calls answer in the shape it reads."""
+    page = client.get("/")
+    assert page.status_code == 200 and "glmkit playground" in page.text
+    for call in ("/v1/fill", "/v1/chat/completions", "/v1/usage"):
+        assert call in page.text
+    r = client.post("/v1/fill", json={"text": "a[MASK]b", "max_tokens": 3, "temperature": 0})
+    assert r.status_code == 200 and {"text", "spans"} <= set(r.json()) and "mask" in r.json()["spans"][0]
+    usage = client.get("/v1/usage").json()
+    assert usage["object"] == "usage" and sum(d["requests"] for d in usage["data"]) >= 1

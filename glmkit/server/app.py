@@ -53,6 +53,7 @@ import re
 import sys
 import threading
 import time
+from pathlib import Path
 import traceback
 import uuid
 from contextlib import asynccontextmanager
@@ -62,7 +63,7 @@ from typing import Literal, Union
 import torch
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -720,6 +721,18 @@ def create_app(model, tokenizer, model_name: str, maas: MaaS | None = None, max_
         return error_response(500, f"internal error ({type(e).__name__}); see the server log", "server_error", None, "internal_error")
 
     # ---- service ----
+    @app.get("/", include_in_schema=False)
+    async def playground():
+        """The playground: fill the blanks, chat, and this key's usage (plain HTML and JS)."""
+        return HTMLResponse((Path(__file__).parent / "static" / "index.html").read_text(encoding="utf-8"))
+
+    @app.get("/v1/usage")
+    async def usage(request: HTTPRequest):
+        """The calling key's totals from the ledger (all keys' when auth is off, for local use)."""
+        key = request.scope.get("glmkit.key")
+        rows = server.maas.ledger.totals(key_id=key.id if key is not None else None)
+        return {"object": "usage", "data": rows}
+
     @app.get("/health")
     async def health():
         ok = server.runner.alive
