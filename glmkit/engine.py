@@ -27,6 +27,7 @@ which calls `cancel` when a stop string appears or the client disconnects.
 from __future__ import annotations
 
 import threading
+import traceback
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -168,18 +169,22 @@ class Engine:
     # ---- schedule: admit waiting requests (prefill or copy cached prompt KV) -----------------------------
     def _schedule(self):
         while True:
+            dropped = []
             with self.lock:
-                if not self.waiting or len(self.rows) >= self.max_batch:
-                    # cancelled requests still waiting are dropped without running
-                    for req in [r for r in self.waiting if r._cancel]:
-                        self.waiting.remove(req)
-                        self._finish(req, "cancelled")
-                    return
-                req = self.waiting.popleft()
-            if req._cancel:
-                self._finish(req, "cancelled")
-                continue
-            self._admit(req)
+                # cancelled requests still waiting are dropped without running
+                for req in [r for r in self.waiting if r._cancel]:
+                    self.waiting.remove(req)
+                    dropped.append(req)
+                req = self.waiting.popleft() if self.waiting and len(self.rows) < self.max_batch else None
+            for d in dropped:  # callbacks run outside the lock: they may submit
+                self._finish(d, "cancelled")
+            if req is None:
+                return
+            try:
+                self._admit(req)
+            except Exception:  # a request that cannot be admitted fails alone; the others go on
+                traceback.print_exc()
+                self._finish(req, "error")
 
     def _positions(self, req: Request) -> torch.Tensor:
         T = len(req.prompt_ids)
@@ -315,16 +320,13 @@ class Engine:
                 req.finish_reason = "length"
 
     def _retire(self):
-        keep = []
+        keep, done = [], []
         for r in self.rows:
             req = r.req
             if req._cancel and req.finish_reason is None:
                 req.finish_reason = "cancelled"
-            if req.finish_reason is None:
-                keep.append(r)
-            else:
-                self._finish(req, req.finish_reason)
-        if len(keep) != len(self.rows):  # compact: survivors move to the front rows
+            (keep if req.finish_reason is None else done).append(r)
+        if done:  # compact: survivors move to the front rows
             old = {id(r): i for i, r in enumerate(self.rows)}
             for b, r in enumerate(keep):
                 src = old[id(r)]
@@ -334,6 +336,8 @@ class Engine:
                     self.valid[b] = self.valid[src]
                     self.sep[b] = self.sep[src]
             self.rows = keep
+        for r in done:  # after the rows are gone, so callbacks see the engine's new state
+            self._finish(r.req, r.req.finish_reason)
 
     def _finish(self, req: Request, reason: str):
         req.finish_reason = reason
