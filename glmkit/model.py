@@ -257,7 +257,7 @@ class GLM(nn.Module):
             return torch.full((B,), sep, dtype=torch.long, device=device)
         return sep.to(device=device, dtype=torch.long).reshape(B)
 
-    def _run(self, input_ids, pos, block, mask, cache, offset, hidden_only=False):
+    def _run(self, input_ids, pos, block, mask, cache, offset, hidden_only=False, last_only=False):
         x = self.embed(input_ids)  # (B, T, C)
         if self.cfg.position == "learned_2d":
             x = x + self.pos_embed(pos) + self.block_pos_embed(block)
@@ -265,6 +265,8 @@ class GLM(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, rotary, mask, cache, i, offset)
         x = self.norm(x)
+        if last_only:  # generation needs the next-token logits only: skip the head elsewhere
+            x = x[:, -1:]
         return x if hidden_only else self.logits(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -319,9 +321,9 @@ class GLM(nn.Module):
             raise ValueError("continuing a cache needs explicit position_ids")
         pos, block = self._positions(input_ids, position_ids, attention_mask, offset)
         mask = prefix_mask(cache.sep, cache.valid, offset, T)
-        h = self._run(input_ids, pos, block, mask, cache, offset, hidden_only=True)
+        logits = self._run(input_ids, pos, block, mask, cache, offset, last_only=last_only)
         cache.length = offset + T
-        return self.logits(h[:, -1:] if last_only else h)
+        return logits
 
     def decode(self, input_ids, cache: KVCache, position_ids):
         """One step: input_ids (B, 1), position_ids (B, 1) or (B, 2, 1). Returns logits (B, 1, V)."""

@@ -444,9 +444,9 @@ class ScriptedGLM(GLM):
     script: list[int] = []
     start = 0
 
-    def _run(self, input_ids, pos, block, mask, cache, offset, hidden_only=False):
-        logits = super()._run(input_ids, pos, block, mask, cache, offset, hidden_only)
-        j = (pos - self.start).clamp(0, len(self.script) - 1)  # (B, T)
+    def _run(self, input_ids, pos, block, mask, cache, offset, hidden_only=False, last_only=False):
+        logits = super()._run(input_ids, pos, block, mask, cache, offset, hidden_only, last_only)
+        j = (pos - self.start).clamp(0, len(self.script) - 1)[:, -logits.shape[1]:]  # (B, T) or (B, 1)
         return torch.full_like(logits, -10.0).scatter_(-1, torch.tensor(self.script)[j][..., None], 10.0)
 
 
@@ -626,9 +626,12 @@ def test_cli_fill_and_chat(tmp_path, trained, tok, capsys):
     assert G.generate_main(["--model", str(tmp_path / "m"), "--prompt", "床前", "--max-new-tokens", "3"]) == 0
 
 
-def test_cli_without_model_says_what_to_do():
+def test_cli_without_model_says_what_to_do(monkeypatch, tmp_path):
+    import glmkit.convert
+
+    monkeypatch.setattr(glmkit.convert, "DEFAULT_MODEL", tmp_path / "none")  # an install without the embedded model
     for main, argv in ((G.fill_main, ["x[MASK]"]), (G.generate_main, ["--prompt", "x"]), (G.chat_main, [])):
-        with pytest.raises(ValueError, match="no --model given"):
+        with pytest.raises(glmkit.convert.CheckpointError, match="no embedded default model .* pass --model"):
             main(argv)
     with pytest.raises(ValueError, match="SamplingParams.top_p"):
         G.fill_main(["x[MASK]", "--top-p", "0"])
