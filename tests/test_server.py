@@ -525,8 +525,9 @@ def test_playground_and_usage_view(client):
     """The playground page is served at / and the endpoints it calls answer in the shape it reads."""
     page = client.get("/")
     assert page.status_code == 200 and "glmkit playground" in page.text
-    for call in ("/v1/fill", "/v1/chat/completions", "/v1/usage"):
+    for call in ("/v1/fill", "/v1/chat/completions", "/v1/usage", "/v1/models"):
         assert call in page.text
+    assert '"default"' not in page.text  # the chat asks /v1/models for the served name
     r = client.post("/v1/fill", json={"text": "a[MASK]b", "max_tokens": 3, "temperature": 0})
     assert r.status_code == 200 and {"text", "spans"} <= set(r.json()) and "mask" in r.json()["spans"][0]
     usage = client.get("/v1/usage").json()
