@@ -78,12 +78,12 @@ def export_onnx(model: GLM, dst: str | Path) -> tuple[Path, Path]:
     out_pre, out_dec = dst / "prefill.onnx", dst / "decode.onnx"
     with torch.no_grad():
         torch.onnx.export(
-            OnnxStep(model, False), (ids, pos, sep), out_pre, dynamo=True, opset_version=18, external_data=False,
+            OnnxStep(model, False).eval(), (ids, pos, sep), out_pre, dynamo=True, opset_version=18, external_data=False,
             input_names=["input_ids", "position_ids", "sep"], output_names=["logits", "present_keys", "present_values"],
             dynamic_shapes={"input_ids": {0: b, 1: t}, "position_ids": {0: b, 2: t}, "sep": {0: b}},
         )
         torch.onnx.export(
-            OnnxStep(model, True), (ids[:, :1], pos[..., :1], sep, past, past.clone()), out_dec, dynamo=True,
+            OnnxStep(model, True).eval(), (ids[:, :1], pos[..., :1], sep, past, past.clone()), out_dec, dynamo=True,
             opset_version=18, external_data=False,
             input_names=["input_ids", "position_ids", "sep", "past_keys", "past_values"],
             output_names=["logits", "present_keys", "present_values"],
