@@ -41,3 +41,16 @@ def assert_differs(a: torch.Tensor, b: torch.Tensor, min_diff: float, what: str)
     __tracebackhide__ = True
     d = (a.double() - b.double()).abs().max().item()
     assert d > min_diff, f"{what}: expected a change, but max |diff| = {d:.3e} <= {min_diff:.1e}"
+
+
+def debug_checkpoint(tok, directory):
+    """A seeded random-init `debug` model sized to `tok`, written with the tokenizer as a checkpoint directory."""
+    from glmkit.config import get_preset
+    from glmkit.convert import write_checkpoint
+    from glmkit.model import GLM
+
+    tok.save(directory / "tok")
+    torch.manual_seed(0)
+    m = GLM(get_preset("debug", vocab_size=tok.vocab_size))
+    m.init_weights(seed=0)
+    return write_checkpoint(m, directory / "model", extra_files=[directory / "tok" / "tokenizer.json"])

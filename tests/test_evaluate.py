@@ -10,12 +10,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from glmkit.config import get_preset
-from glmkit.convert import write_checkpoint
+from tests.helpers import debug_checkpoint
+
 from glmkit.evaluate import (DEFAULT_SUITES, chengyu_tasks, eval_main, humaneval_line_tasks, run_program, run_programs,
                              special_ids, tang300_tasks)
 from glmkit.finetune import blank_example, read_jsonl, sequence_logprobs
-from glmkit.model import GLM
 from glmkit.tokenizer import train_bpe
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
@@ -31,12 +30,7 @@ def ckpt(tmp_path_factory):
             texts += [v for v in r.values() if isinstance(v, str)] + r.get("lines", [])
     texts += (FIXTURES / "chengyu.txt").read_text(encoding="utf-8").splitlines()
     tok = train_bpe(texts=texts, vocab_size=400)
-    d = tmp_path_factory.mktemp("eval")
-    tok.save(d / "tok")
-    torch.manual_seed(0)
-    m = GLM(get_preset("debug", vocab_size=tok.vocab_size))
-    m.init_weights(seed=0)
-    return write_checkpoint(m, d / "model", extra_files=[d / "tok" / "tokenizer.json"])
+    return debug_checkpoint(tok, tmp_path_factory.mktemp("eval"))
 
 
 def test_all_suites_end_to_end(ckpt, tmp_path):

@@ -9,14 +9,11 @@ import pytest
 import torch
 
 import glmkit
-from glmkit.config import get_preset
-from glmkit.convert import write_checkpoint
 from glmkit.evaluate import special_ids
 from glmkit.finetune import (ClozeTask, FinetuneConfig, candidate_scores, finetune, main, sft_example, sft_messages)
 from glmkit.lora import load_adapters
-from glmkit.model import GLM
 from glmkit.tokenizer import train_bpe
-from tests.helpers import assert_close
+from tests.helpers import assert_close, debug_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
 WORDS = ["red", "blue", "green", "small", "large", "cat", "dog", "tree", "house", "river", "stone", "cloud"]
@@ -40,12 +37,7 @@ def tok():
 @pytest.fixture(scope="module")
 def ckpt(tok, tmp_path_factory):
     """A random-init debug model with the tiny tokenizer, written as a checkpoint directory."""
-    d = tmp_path_factory.mktemp("ckpt")
-    tok.save(d / "tok")
-    torch.manual_seed(0)
-    m = GLM(get_preset("debug", vocab_size=tok.vocab_size))
-    m.init_weights(seed=0)
-    return write_checkpoint(m, d / "model", extra_files=[d / "tok" / "tokenizer.json"])
+    return debug_checkpoint(tok, tmp_path_factory.mktemp("ckpt"))
 
 
 def brute_force_score(model, prefix, cand, suffix, special, eop=True) -> float:
