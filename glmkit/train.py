@@ -21,6 +21,7 @@ reproduces the uninterrupted one bit for bit (tests/test_train.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import time
@@ -199,7 +200,7 @@ def train(c: TrainConfig) -> dict:
         step_nll = torch.zeros((), device=d.device)
         for i, m in enumerate(micro):
             sync = i == len(micro) - 1 or not d.active or c.parallel == "fsdp"
-            ctx = objective.no_sync() if not sync and hasattr(objective, "no_sync") else _null()
+            ctx = objective.no_sync() if not sync and hasattr(objective, "no_sync") else contextlib.nullcontext()
             with ctx:
                 s, _ = run_objective(m)
                 # DDP and FSDP average gradients over ranks: scale by world size to get the global mean
@@ -243,14 +244,6 @@ def train(c: TrainConfig) -> dict:
         metrics.close()
     D.shutdown()
     return {"losses": losses, "model": model}
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def main(argv=None) -> int:
