@@ -1,5 +1,7 @@
-"""MaaS without HTTP: hashed keys and their CLI, limits on a fake clock, pricing, ledger totals, `glmkit usage`."""
+"""MaaS without HTTP: hashed keys and their CLI, limits on a fake clock, pricing, ledger totals, `glmkit usage`.
+Then with it, on a live server: 32 concurrent streams each metered once, a client that hangs up mid-stream."""
 
+import asyncio
 import hashlib
 import json
 import sqlite3
@@ -162,3 +164,145 @@ def test_since_parsing():
     assert _when("2026-01-31") > 0
     with pytest.raises(ValueError, match="ISO date"):
         _when("yesterday")
+
+
+# ---- a live server: concurrent metered streams, a client that hangs up ------------------------------------------
+# uvicorn on a port-0 socket and the official `openai` client, as in test_server.py; the model is its tiny random one.
+@pytest.fixture(scope="module")
+def served():
+    from glmkit.tokenizer import train_bpe
+    from tests.test_server import TEXTS, make_model
+
+    tok = train_bpe(texts=TEXTS, vocab_size=300)
+    return tok, make_model(tok)
+
+
+def live_app(tmp_path, served, n_keys: int, max_batch: int = 8, max_waiting: int = 64, **limits):
+    from glmkit.server.app import create_app
+
+    tok, model = served
+    store = KeyStore(tmp_path / "maas.sqlite")
+    maas = MaaS(store, Ledger(tmp_path / "maas.sqlite"))
+    keys = [store.create(f"key{i}", **limits) for i in range(n_keys)]
+    return maas, keys, create_app(model, tok, "tiny", maas=maas, max_batch=max_batch, max_waiting=max_waiting)
+
+
+def poll(what, fn, timeout: float = 20.0):
+    """`fn()` until it is truthy (a row lands once its exchange is over, which a client does not wait for).
+    `what` says what was awaited: a string, or a function whose text shows the state at the timeout."""
+    deadline = time.monotonic() + timeout
+    while not (value := fn()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what() if callable(what) else what}")
+        time.sleep(0.02)
+    return value
+
+
+def test_32_concurrent_streams_are_each_metered_once(tmp_path, served, monkeypatch):
+    import openai
+
+    from tests.test_server import serve
+
+    tok, _ = served
+    # nothing ends a stream but max_tokens, so every request's completion_tokens is known in advance
+    monkeypatch.setattr(tok, "chat_stop_ids", lambda: [])
+    N, K = 32, 4
+    # back-pressure: submit() answers 503 once max_waiting requests wait for one of the max_batch rows. All 32
+    # may arrive before the engine thread admits any, so max_waiting=32 admits every one; max_batch stays 8,
+    # so most of them wait their turn and the ledger has to follow requests that were queued, not only run.
+    maas, keys, app = live_app(tmp_path, served, K, max_batch=8, max_waiting=N)
+    msgs = [[{"role": "user", "content": "Hello there" + " fox" * (i % 5) + f" #{i}"}] for i in range(N)]
+    want_prompt = [len(tok.render_chat(m, add_generation_prompt=True)[0]) for m in msgs]
+    want_completion = [3 + i % 6 for i in range(N)]  # 3..8: a usage swapped between requests shows
+
+    async def one(client, i):
+        stream = await client.chat.completions.create(
+            model="tiny", messages=msgs[i], max_tokens=want_completion[i], temperature=1.0, seed=i, logprobs=True,
+            stream=True, stream_options={"include_usage": True})
+        return [c async for c in stream]
+
+    async def run(url):
+        clients = [openai.AsyncOpenAI(base_url=url + "/v1", api_key=raw, max_retries=0, timeout=60) for raw, _ in keys]
+        try:
+            # one request alone first: the non-streaming usage is the reference for prompt_tokens, and the
+            # server is accepting before 32 connections arrive at once
+            ref = await clients[0].chat.completions.create(model="tiny", messages=msgs[0], max_tokens=want_completion[0])
+            return ref, await asyncio.gather(*(one(clients[i % K], i) for i in range(N)), return_exceptions=True)
+        finally:
+            for c in clients:
+                await c.close()
+
+    with serve(app) as url:
+        ref, results = asyncio.run(run(url))
+        errors = [(i, repr(r)) for i, r in enumerate(results) if isinstance(r, BaseException)]
+        assert not errors, f"{len(errors)} of {N} streams failed: {errors[:4]}"
+        assert (ref.usage.prompt_tokens, ref.usage.completion_tokens) == (want_prompt[0], want_completion[0]), ref.usage
+        rows = poll(f"{N + 1} ledger rows", lambda: len(r := maas.ledger.rows()) >= N + 1 and r)
+    assert len(maas.ledger.rows()) == N + 1, [(r.request_id, r.status) for r in maas.ledger.rows()]
+
+    got, bad = {}, []
+    for i, chunks in enumerate(results):
+        usage = chunks[-1].usage
+        streamed = sum(len(c.choices[0].logprobs.content or []) for c in chunks if c.choices and c.choices[0].logprobs)
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        line = (i, want_prompt[i], usage and usage.prompt_tokens, want_completion[i], usage and usage.completion_tokens,
+                streamed, finish)
+        if chunks[-1].choices or usage is None or (usage.prompt_tokens, usage.completion_tokens, streamed, finish) != (
+                want_prompt[i], want_completion[i], want_completion[i], ["length"]):
+            bad.append(line)
+        else:
+            got[chunks[0].id.removeprefix("chatcmpl-")] = (keys[i % K][1].id, usage.prompt_tokens,
+                                                          usage.prompt_tokens_details.cached_tokens, usage.completion_tokens)
+    assert not bad, ("(request, prompt wanted, prompt in usage, completion wanted, completion in usage, tokens "
+                     f"streamed, finish reasons) of the {len(bad)} wrong ones:\n" + "\n".join(map(str, bad)))
+    # the ledger: exactly one row per stream (request_id is the chunk id's suffix), with the usage the client saw
+    ref_row = [r for r in rows if r.request_id == ref.id.removeprefix("chatcmpl-")]
+    assert [(r.prompt_tokens, r.completion_tokens) for r in ref_row] == [(want_prompt[0], want_completion[0])], ref_row
+    streamed_rows = {r.request_id: r for r in rows if r not in ref_row}
+    assert len(streamed_rows) == N and set(streamed_rows) == set(got), (sorted(streamed_rows), sorted(got))
+    diff = [(rid, want, (r.key_id, r.prompt_tokens, r.cached_tokens, r.completion_tokens), r.status, r.finish_reason)
+            for rid, want in got.items() if ((r := streamed_rows[rid]).key_id, r.prompt_tokens, r.cached_tokens,
+                                               r.completion_tokens) != want or (r.status, r.finish_reason) != (200, "length")]
+    assert not diff, "(request id, client's (key, prompt, cached, completion), ledger's, status, finish):\n" + "\n".join(
+        map(str, diff))
+    assert all(r.compute_s > 0 for r in rows), [r.compute_s for r in rows]
+    assert {t["key_id"]: t["requests"] for t in maas.ledger.totals()} == {
+        k.id: N // K + (k.id == keys[0][1].id) for _, k in keys}
+    assert all(w.active == 0 for w in maas.limiter.state.values()), {k: w.active for k, w in maas.limiter.state.items()}
+
+
+def test_client_that_hangs_up_mid_stream_is_metered_and_frees_its_slot(tmp_path, served, monkeypatch):
+    """Over a real socket (test_server.py covers the same at the ASGI level): the client reads a couple of
+    chunks and closes the connection; uvicorn reports the disconnect, the engine drops the request, and the
+    row says 499. The key allows one request at a time, so the next one is admitted only if the slot came back."""
+    import httpx
+
+    from tests.test_server import CHAT, serve
+
+    tok, _ = served
+    monkeypatch.setattr(tok, "chat_stop_ids", lambda: [])  # only max_tokens or the client ends this stream
+    maas, [(raw, key)], app = live_app(tmp_path, served, 1, concurrency=1)
+    engine = app.state.server.engine
+    h = {"authorization": f"Bearer {raw}"}
+    body = {"model": "tiny", "messages": CHAT, "max_tokens": 200, "temperature": 1.0, "seed": 1, "stream": True}
+    with serve(app) as url, httpx.Client(base_url=url, headers=h, timeout=30) as client:
+        with client.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200, r.read()
+            data = []
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    data.append(line)
+                    if len(data) == 3:  # the role chunk and two tokens
+                        break
+            assert len(data) == 3 and "[DONE]" not in data[-1], data
+        # leaving the block closes the unfinished response's connection
+        (row,) = poll("the ledger row of the stream that was left", lambda: maas.ledger.rows(key.id))
+        poll(lambda: f"the engine to let go (running {engine.num_running}, waiting {engine.num_waiting}, "
+                     f"tracked {len(app.state.server.runner.inflight)})",
+             lambda: engine.num_running == engine.num_waiting == 0 and not app.state.server.runner.inflight)
+        assert (row.status, row.finish_reason) == (499, "cancelled"), (row.status, row.finish_reason)
+        assert 2 <= row.completion_tokens < 200 and row.prompt_tokens > 0 and row.compute_s > 0, row
+        assert maas.limiter.state[key.id].active == 0, maas.limiter.state[key.id]
+        after = client.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 2})
+        assert after.status_code == 200, (after.status_code, after.text)
+    assert [r.status for r in maas.ledger.rows(key.id)] == [499, 200]
