@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels
 from .config import ModelConfig
 
 
@@ -103,8 +104,8 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         # one fused projection, rows laid out [Q (H*D) | K (K*D) | V (K*D)]
-        self.qkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=cfg.qkv_bias)
-        self.out = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.out_bias)
+        self.qkv = kernels.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=cfg.qkv_bias)
+        self.out = kernels.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.out_bias)
 
     def forward(self, x, rotary: Rotary, mask: torch.Tensor, cache: "KVCache | None", layer: int, offset: int):
         B, T, _ = x.shape
@@ -125,8 +126,8 @@ class MLP(nn.Module):
         super().__init__()
         self.swiglu = cfg.mlp == "swiglu"
         # swiglu: rows [gate (F) | up (F)], as HF GLM's gate_up_proj
-        self.up = nn.Linear(cfg.dim, cfg.ffn_dim * (2 if self.swiglu else 1), bias=cfg.mlp_bias)
-        self.down = nn.Linear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias)
+        self.up = kernels.Linear(cfg.dim, cfg.ffn_dim * (2 if self.swiglu else 1), bias=cfg.mlp_bias)
+        self.down = kernels.Linear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias)
 
     def forward(self, x):
         if self.swiglu:
@@ -216,7 +217,7 @@ class GLM(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = Norm(cfg.dim, cfg.norm, cfg.norm_eps)
         if not cfg.tie_embeddings:
-            self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+            self.head = kernels.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.init_weights()
 
     @torch.no_grad()
@@ -272,7 +273,7 @@ class GLM(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Output head over final hidden states (..., C) -> (..., V)."""
         # a tied model has no `head` unless quantization gave it a quantized copy of the embedding
-        return self.head(h) if hasattr(self, "head") else F.linear(h, self.embed.weight)
+        return self.head(h) if hasattr(self, "head") else kernels.linear(h, self.embed.weight)
 
     # ---- entry points -------------------------------------------------------------------------
     def forward(self, input_ids, position_ids=None, sep=None, attention_mask=None, hidden_only=False):

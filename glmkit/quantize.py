@@ -4,10 +4,11 @@
     glmkit quantize SRC DST --bits 4 --group-size 64
     model = glmkit.load(DST)                    # every command loads quantized checkpoints
 
-Activations stay in the model's float dtype; only weights are stored as integers. On CPU the
-matmuls run in PyTorch's weight-only kernels (`torch._weight_int8pack_mm`,
-`torch._weight_int4pack_mm_for_cpu`), which read 1 or 0.5 bytes per weight instead of 2 or 4:
-decoding is bound by memory bandwidth, so fewer bytes is faster. Elsewhere (or when a kernel
+Activations stay in the model's float dtype; only weights are stored as integers. Decode steps
+(at most kernels.MAX_ROWS rows) on x86 CPUs run in glmkit's native kernels (kernels.py), which read
+this layout as stored. Other CPU matmuls run in PyTorch's weight-only kernels
+(`torch._weight_int8pack_mm`, `torch._weight_int4pack_mm_for_cpu`). Both read 1 or 0.5 bytes per
+weight instead of 2 or 4: decoding is bound by memory bandwidth, so fewer bytes is faster. Elsewhere (or when a kernel
 rejects a shape) the weight is dequantized on the fly: correct everywhere, fast on CPU.
 
 Checkpoint layout (device independent): for each quantized linear `X`,
@@ -29,6 +30,8 @@ from dataclasses import replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from . import kernels
 
 TARGETS = ("attn.qkv", "attn.out", "mlp.up", "mlp.down")
 
@@ -68,6 +71,8 @@ class Int8Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.usable(x):  # decode: glmkit's native kernel (csrc/gemv.cpp)
+            return kernels.linear(x, self.weight, self.bias, self.scales)
         shape = x.shape
         if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
             y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales.to(x.dtype))
@@ -103,6 +108,8 @@ class Int4Linear(nn.Module):
         return self._packed[0], self._packed[1].to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.usable(x):  # decode: glmkit's native kernel reads this layout as stored
+            return kernels.linear_int4(x, self.weight, self.scales, self.mins, self.group_size, self.bias)
         shape = x.shape
         # the CPU kernel packs output rows in blocks of 16
         if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and self.out_features % 16 == 0:

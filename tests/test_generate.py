@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 import glmkit
 from glmkit import generate as G
+from glmkit import kernels
 from glmkit.config import ModelConfig
 from glmkit.generate import (SamplingParams, Sampler, StopText, apply_penalties, beam_search, chat, chat_stream,
                              decode_one, fill, generate, infill, min_p_filter, process_logits, stream, top_k_filter,
@@ -590,17 +591,20 @@ def test_static_decode_step_equals_model_decode():
     assert_close(got, want, 1e-5, "decode_one (whole cache, masked) vs GLM.decode")
 
 
-def test_compiled_decode_graph_equals_eager():
+def test_compiled_decode_graph_equals_eager(monkeypatch):
     """torch.compile's graph capture of the decode step (cache writes included), without inductor's
-    C++ build: aot_eager. The inductor version is the slow test below."""
+    C++ build: aot_eager. The inductor version is the slow test below. A compiled graph calls
+    F.linear, so eager does too here (native kernels off; they are compared in test_kernels.py)."""
+    monkeypatch.setattr(kernels, "MAX_ROWS", 0)
     model = tiny()
     fn = torch.compile(G._decode_tensors, fullgraph=True, dynamic=False, backend="aot_eager")
     assert_close(_steps(model, _static(fn)), _steps(model, _static()), 1e-6, "aot_eager-compiled vs eager decode")
 
 
 @pytest.mark.slow
-def test_compiled_decode_equals_eager_inductor():
+def test_compiled_decode_equals_eager_inductor(monkeypatch):
     """Inductor on CPU: ~40 s of compilation on a busy 2-core machine."""
+    monkeypatch.setattr(kernels, "MAX_ROWS", 0)
     model = tiny()
     fn = torch.compile(G._decode_tensors, fullgraph=True, dynamic=False)
     assert_close(_steps(model, _static(fn)), _steps(model, _static()), 1e-5, "inductor-compiled vs eager decode")
