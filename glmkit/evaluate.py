@@ -158,8 +158,8 @@ def bits_per_char_texts(model, tok, texts_by_domain: dict[str, list[str]], seq_l
     out = {}
     for name, texts in texts_by_domain.items():
         bits, chars, tokens = _gmask_bits(objective, tok.encode_batch(texts), special, seq_len, batch_size, tok)
-        out[name] = {"bpc": bits / max(chars, 1), "docs": len(texts), "chars": chars,
-                     "chance": tokens * math.log2(model.cfg.vocab_size) / max(chars, 1)}
+        out[name] = {"bpc": bits / max(chars, 1), "docs": len(texts), "chars": chars, "tokens": tokens,
+                     "ppl": 2 ** (bits / max(tokens, 1)), "chance": tokens * math.log2(model.cfg.vocab_size) / max(chars, 1)}
     return out
 
 

@@ -37,12 +37,12 @@ def tok():
     return train_bpe(texts=TEXTS, vocab_size=300)
 
 
-def make_model(tok, position="rope_2d"):
+def make_model(tok, position="rope_2d", tie=True, seed=0):
     torch.manual_seed(0)
-    cfg = get_preset("debug", vocab_size=tok.vocab_size) if position == "rope_2d" else ModelConfig(
+    cfg = get_preset("debug", vocab_size=tok.vocab_size, tie_embeddings=tie) if position == "rope_2d" else ModelConfig(
         vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, position="rope_partial", max_seq_len=256)
     m = GLM(cfg).eval()
-    m.init_weights(seed=0)
+    m.init_weights(seed=seed)
     return m
 
 
@@ -54,6 +54,19 @@ def model(tok):
 @pytest.fixture()
 def client(model, tok):
     with TestClient(create_app(model, tok, "tiny")) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def filler(tok):
+    """A random model whose greedy fills are not empty: the tied one's are only <sop> (empty text), and
+    comparing empty with empty would prove nothing (untied head, a seed that fills every test text)."""
+    return make_model(tok, tie=False, seed=2)
+
+
+@pytest.fixture()
+def fill_client(filler, tok):
+    with TestClient(create_app(filler, tok, "tiny")) as c:
         yield c
 
 
@@ -186,12 +199,14 @@ def test_echo_and_logprobs(client, tok):
     assert [e for s in streamed for e in ((s["choices"][0]["logprobs"] or {}).get("content") or [])] == content
 
 
-def test_suffix_fills_the_middle_like_generate_infill(client, model, tok):
+def test_suffix_fills_the_middle_like_generate_infill(fill_client, filler, tok):
+    client, model = fill_client, filler
     prefix, suffix = "def add(a, b):\n", "\n    return a + b\n"
     body = {"prompt": prefix, "suffix": suffix, "max_tokens": 6, "temperature": 1.0, "seed": 4}
     r = client.post("/v1/completions", json=body).json()
     ref = infill(model, tok, prefix, suffix, SamplingParams(max_new_tokens=6, temperature=0))
     greedy = client.post("/v1/completions", json={**body, "temperature": 0}).json()
+    assert ref.spans[0].text.strip(), f"the test model infills nothing: {ref.spans}"
     assert greedy["choices"][0]["text"] == ref.spans[0].text
     assert greedy["usage"]["completion_tokens"] == len(ref.spans[0].token_ids)
     assert r["usage"]["prompt_tokens"] == len(tok.encode(prefix)) + len(tok.encode(suffix)) + 2  # prefix [MASK] suffix <sop>
@@ -210,10 +225,12 @@ def test_causal_model_layouts(tok):
 
 
 # ---- GLM endpoints ----------------------------------------------------------------------------------
-def test_fill_infill_classify(client, model, tok):
+def test_fill_infill_classify(fill_client, filler, tok):
+    client, model = fill_client, filler
     text = "The quick [MASK] fox [sMASK] lazy dog."
     r = client.post("/v1/fill", json={"text": text, "max_tokens": 4}).json()
     ref = fill(model, tok, text, SamplingParams(max_new_tokens=4, temperature=0))
+    assert any(s.text.strip() for s in ref.spans), f"the test model fills nothing: {ref.spans}"
     assert r["object"] == "fill" and r["text"] == ref.text
     assert [(s["mask"], s["text"], s["start"], s["tokens"], s["finish_reason"]) for s in r["spans"]] == [
         (s.mask, s.text, s.start, len(s.token_ids), s.finish_reason) for s in ref.spans]
@@ -222,6 +239,7 @@ def test_fill_infill_classify(client, model, tok):
 
     inf = client.post("/infill", json={"input_prefix": "def add(a, b):\n", "input_suffix": "\n", "n_predict": 5, "temperature": 0}).json()
     ref = infill(model, tok, "def add(a, b):\n", "\n", SamplingParams(max_new_tokens=5, temperature=0))
+    assert ref.spans[0].text.strip(), f"the test model infills nothing: {ref.spans}"
     assert inf["content"] == ref.spans[0].text and inf["tokens_predicted"] == len(ref.spans[0].token_ids)
     assert inf["stop_type"] in ("eos", "limit") and inf["stop"] is True
 
