@@ -4,7 +4,9 @@ A decode step multiplies B activation rows (the batch, 1..16) by every weight ma
 speed is the speed of reading the weights. PyTorch's CPU linear reads them at a fraction of the
 memory bandwidth for one row and far below it for 2-16 rows (it takes a GEMM path meant for large
 inputs; see bench/decode.py and ../shared/PERF_NOTES.md). csrc/gemv.cpp reads each weight row once
-and multiplies it into all rows with AVX2 + FMA, for fp32, bf16, int8 and glmkit's int4 layout.
+and multiplies it into all rows with AVX2 + FMA, for fp32, bf16, int8 and glmkit's int4 layout
+(the quantized ones with integer dot products on int16-quantized activations: 14 bits per row,
+finer than the bf16 activations quantized models run in; see gemv.cpp).
 
     from glmkit import kernels
     kernels.available()                 # True on x86-64 with AVX2 once the extension has compiled
@@ -74,8 +76,9 @@ def _load():
             lib = ctypes.CDLL(str(_build()))
             i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
             lib.glmkit_gemv_dense.argtypes = [ptr, i64, i64, ptr, c_int, ptr, i64, ptr, c_int]
-            lib.glmkit_gemv_int4.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, i64, i64, ptr, c_int]
-            lib.glmkit_gemv_dense.restype = lib.glmkit_gemv_int4.restype = c_int
+            lib.glmkit_gemv_q8.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, c_int]
+            lib.glmkit_gemv_int4.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, ptr, c_int]
+            lib.glmkit_gemv_dense.restype = lib.glmkit_gemv_q8.restype = lib.glmkit_gemv_int4.restype = c_int
             _lib = lib
         except Exception as e:  # no compiler, or it failed: PyTorch's kernels still work
             _why = f"the kernel library did not build: {e}"
@@ -127,8 +130,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if s is not None and s.numel() != N:
         raise ValueError(f"linear: {s.numel()} scales for {N} output rows")
     y = torch.empty(xr.shape[0], N)
-    _lib.glmkit_gemv_dense(xr.data_ptr(), xr.shape[0], K, weight.data_ptr(), _WTYPE[weight.dtype],
-                           s.data_ptr() if s is not None else None, N, y.data_ptr(), torch.get_num_threads())
+    if weight.dtype == torch.int8 and s is not None and K < 32768:  # integer dot products (see gemv.cpp)
+        _lib.glmkit_gemv_q8(xr.data_ptr(), xr.shape[0], K, weight.data_ptr(), s.data_ptr(), N, y.data_ptr(),
+                            torch.get_num_threads())
+    else:
+        _lib.glmkit_gemv_dense(xr.data_ptr(), xr.shape[0], K, weight.data_ptr(), _WTYPE[weight.dtype],
+                               s.data_ptr() if s is not None else None, N, y.data_ptr(), torch.get_num_threads())
     return _out(y, x, bias)
 
 
@@ -138,17 +145,16 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, min
     (N, K/2), scales and mins (N, K/group_size). Native only: the caller checks `usable` first."""
     N, K = packed.shape[0], packed.shape[1] * 2
     G = K // group_size
-    if x.shape[-1] != K or group_size % 16 or K % group_size or scales.numel() != N * G or mins.numel() != N * G:
+    if x.shape[-1] != K or group_size % 32 or K % group_size or scales.numel() != N * G or mins.numel() != N * G:
         raise ValueError(f"linear_int4: x (..., {x.shape[-1]}), packed {tuple(packed.shape)}, group size {group_size}, "
                          f"scales {tuple(scales.shape)}, mins {tuple(mins.shape)} do not fit together")
     if packed.dtype != torch.uint8 or not packed.is_contiguous():
         raise ValueError("linear_int4: packed must be contiguous uint8")
     xr = _rows(x)
-    xsum = xr.view(-1, G, group_size).sum(-1)
     sc, mn = scales.to(torch.float32).contiguous(), mins.to(torch.float32).contiguous()
     y = torch.empty(xr.shape[0], N)
-    _lib.glmkit_gemv_int4(xr.data_ptr(), xsum.data_ptr(), xr.shape[0], K, packed.data_ptr(), sc.data_ptr(), mn.data_ptr(),
-                          group_size, N, y.data_ptr(), torch.get_num_threads())
+    _lib.glmkit_gemv_int4(xr.data_ptr(), xr.shape[0], K, packed.data_ptr(), sc.data_ptr(), mn.data_ptr(), group_size, N,
+                          y.data_ptr(), torch.get_num_threads())
     return _out(y, x, bias)
 
 

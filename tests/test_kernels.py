@@ -29,6 +29,12 @@ def test_builds_on_this_machine():
     assert kernels.available(), kernels.why_unavailable()
 
 
+def act_quant_bound(x: torch.Tensor, w: torch.Tensor) -> float:
+    """The quantized-weight kernels round each activation row to int16 steps of absmax/8191: an output
+    moves by at most half a step times the row's sum of |w|."""
+    return (x.abs().amax(-1).max() / 8191 / 2 * w.abs().sum(-1).max()).item()
+
+
 @needs_native
 @pytest.mark.parametrize("wtype", ["fp32", "bf16", "int8"])
 @pytest.mark.parametrize("M", [1, 3, 4, 5, 8, 16])
@@ -40,16 +46,19 @@ def test_dense_matches_reference(wtype, M, K):
     x = torch.randn(M, K, generator=g)
     b = torch.randn(N, generator=g)
     with torch.no_grad():
+        tol = 1e-4
         if wtype == "int8":
             q, s = quantize_int8(w)
             y = kernels.linear(x, q, b, s)
-            ref = x.double() @ (q.double() * s.double()[:, None]).T + b.double()
+            deq = q.double() * s.double()[:, None]
+            ref = x.double() @ deq.T + b.double()
+            tol += act_quant_bound(x, deq)
         else:
             wd = w.to(torch.bfloat16) if wtype == "bf16" else w
             y = kernels.linear(x, wd, b)
             ref = x.double() @ wd.double().T + b.double()
     assert y.shape == (M, N) and y.dtype == torch.float32
-    assert_close(y.double(), ref, atol=1e-4, what=f"{wtype} M={M} K={K}")
+    assert_close(y.double(), ref, atol=tol, what=f"{wtype} M={M} K={K}")
 
 
 @needs_native
@@ -63,17 +72,17 @@ def test_int4_matches_reference(group, M):
     deq = (unpack_int4(q).double().reshape(N, -1, group) * s.double()[..., None] + m.double()[..., None]).reshape(N, K)
     with torch.no_grad():
         y = kernels.linear_int4(x, q, s, m, group)
-    assert_close(y.double(), x.double() @ deq.T, atol=1e-4, what=f"int4 g{group} M={M}")
+    assert_close(y.double(), x.double() @ deq.T, atol=1e-4 + act_quant_bound(x, deq), what=f"int4 g{group} M={M}")
 
 
 @needs_native
 def test_bf16_input_and_batched_shape():
-    w = torch.randn(48, 32, dtype=torch.bfloat16)
+    w = (torch.randn(48, 32) * 0.1).to(torch.bfloat16)  # outputs ~1: bf16 rounding ~4e-3
     x = torch.randn(2, 3, 32, dtype=torch.bfloat16)
     with torch.no_grad():
         y = kernels.linear(x, w)
     assert y.shape == (2, 3, 48) and y.dtype == torch.bfloat16
-    assert_close(y.float(), F.linear(x.float(), w.float()), atol=3e-2, what="bf16 (2, 3, K)")
+    assert_close(y.float(), F.linear(x.float(), w.float()), atol=1e-2, what="bf16 (2, 3, K)")
 
 
 def test_used_only_for_few_row_inference():
@@ -133,5 +142,5 @@ def test_decode_equals_pytorch_linear(variant, monkeypatch):
     reference = generate(model, prompts, params)
     for n, (a, b) in enumerate(zip(native, reference)):
         assert a.token_ids == b.token_ids, f"{variant} prompt {n}: native {a.token_ids} vs PyTorch {b.token_ids}"
-        tol = 2e-2 if variant == "bf16" else 1e-4
+        tol = {"fp32": 1e-4, "bf16": 2e-2}.get(variant, 2e-3)  # int8/int4: 14-bit activations (see gemv.cpp)
         assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=tol, what=f"{variant} prompt {n} logprobs")

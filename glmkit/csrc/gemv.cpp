@@ -11,7 +11,9 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <vector>
 
 namespace {
 
@@ -81,46 +83,127 @@ void dense(const float* x, int64_t M, int64_t K, const W* w, const float* scale,
   }
 }
 
-// 16 int4 values (8 bytes, low nibble first) -> two vectors of 8 floats in column order.
-inline void load16_int4(const uint8_t* p, __m256& lo8, __m256& hi8) {
-  __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-  __m128i mask = _mm_set1_epi8(0x0F);
-  __m128i lo = _mm_and_si128(b, mask), hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
-  __m128i q = _mm_unpacklo_epi8(lo, hi);  // q0 q1 q2 ... q15
-  lo8 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q));
-  hi8 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(q, 8)));
+// ---- quantized weights: integer dot products ----------------------------------------------------------
+// Converting int8 / int4 weights to float costs more instructions than the FMA itself, and those
+// kernels would be compute-bound. Instead the few activation rows are quantized to int16 with one
+// scale per row (|xq| <= 8191: 14 bits, finer than the bf16 activations a quantized model runs in)
+// and the weights are widened to int16 for _mm256_madd_epi16 (16 products, pairwise summed, per
+// instruction). int32 sums cannot overflow: 127 * 8191 * 2 per madd lane, K / 32 additions per
+// accumulator, below 2^31 for K < 32768 (kernels.py checks).
+constexpr float kXMax = 8191.0f;
+
+inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
 }
 
-// w = q * scale + min per group: dot(x, w) = sum_g scale_g * dot(x_g, q_g) + min_g * sum(x_g);
-// xsum (M, G) holds the per-group activation sums.
+// xq (M, K) int16 and sx (M,): x[m] ~= xq[m] * sx[m].
+void quantize_rows(const float* x, int64_t M, int64_t K, int16_t* xq, float* sx) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * K;
+    __m256 vmax = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(xr + k)));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    float amax = _mm_cvtss_f32(h);
+    for (int64_t t = k; t < K; ++t) amax = std::max(amax, std::fabs(xr[t]));
+    float scale = amax > 0.0f ? amax / kXMax : 1.0f, inv = 1.0f / scale;
+    sx[m] = scale;
+    int16_t* q = xq + m * K;
+    __m256 vinv = _mm256_set1_ps(inv);
+    for (k = 0; k + 16 <= K; k += 16) {
+      __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k), vinv));  // round to nearest even
+      __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k + 8), vinv));
+      // packs works within 128-bit lanes: a0-3 b0-3 a4-7 b4-7; permute back to a0-7 b0-7
+      __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k), p);
+    }
+    for (int64_t t = k; t < K; ++t) q[t] = static_cast<int16_t>(std::nearbyint(xr[t] * inv));
+  }
+}
+
 template <int MB>
-inline void dot_rows_int4(const float* x, int64_t ldx, const float* xsum, int64_t G, const uint8_t* w, int64_t K,
+inline void dot_rows_q8(const int16_t* x, int64_t ldx, const int8_t* w, int64_t K, int32_t* out) {
+  __m256i a0[MB], a1[MB];
+  for (int j = 0; j < MB; ++j) a0[j] = a1[j] = _mm256_setzero_si256();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k)));
+    __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + 16)));
+    for (int j = 0; j < MB; ++j) {
+      const __m256i* xj = reinterpret_cast<const __m256i*>(x + j * ldx + k);
+      a0[j] = _mm256_add_epi32(a0[j], _mm256_madd_epi16(w0, _mm256_loadu_si256(xj)));
+      a1[j] = _mm256_add_epi32(a1[j], _mm256_madd_epi16(w1, _mm256_loadu_si256(xj + 1)));
+    }
+  }
+  for (int j = 0; j < MB; ++j) {
+    int32_t s = hsum_epi32(_mm256_add_epi32(a0[j], a1[j]));
+    for (int64_t t = k; t < K; ++t) s += static_cast<int32_t>(w[t]) * x[j * ldx + t];
+    out[j] = s;
+  }
+}
+
+void q8(const int16_t* xq, const float* sx, int64_t M, int64_t K, const int8_t* w, const float* scale, int64_t N,
+        float* y, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t n = 0; n < N; ++n) {
+    int32_t out[4];
+    const int8_t* wr = w + n * K;
+    for (int64_t m = 0; m < M; m += 4) {
+      int64_t mb = std::min<int64_t>(4, M - m);
+      const int16_t* xm = xq + m * K;
+      switch (mb) {
+        case 4: dot_rows_q8<4>(xm, K, wr, K, out); break;
+        case 3: dot_rows_q8<3>(xm, K, wr, K, out); break;
+        case 2: dot_rows_q8<2>(xm, K, wr, K, out); break;
+        default: dot_rows_q8<1>(xm, K, wr, K, out); break;
+      }
+      for (int64_t j = 0; j < mb; ++j) y[(m + j) * N + n] = static_cast<float>(out[j]) * sx[m + j] * scale[n];
+    }
+  }
+}
+
+// int4 weights come two per byte, low nibble = even column. Rather than interleave the nibbles back
+// into column order, the activations are stored de-interleaved per 32 columns (even columns, then odd,
+// see glmkit_gemv_int4): 16 bytes then give two 16-lane vectors matching two 16-lane x loads.
+// w = q * scale + min per group g: dot(x, w) = sum_g scale_g * dot(xq_g, q_g) * sx + min_g * sum(xq_g) * sx;
+// xsum (M, G) holds the per-group sums of the quantized activations.
+template <int MB>
+inline void dot_rows_int4(const int16_t* x, int64_t ldx, const float* xsum, int64_t G, const uint8_t* w,
                           int64_t gs, const float* sc, const float* mn, float* out) {
   __m256 acc[MB];
   float lin[MB];
   for (int j = 0; j < MB; ++j) acc[j] = _mm256_setzero_ps(), lin[j] = 0.0f;
   for (int64_t g = 0; g < G; ++g) {
-    __m256 a0[MB], a1[MB];
-    for (int j = 0; j < MB; ++j) a0[j] = a1[j] = _mm256_setzero_ps();
-    for (int64_t k = g * gs; k < (g + 1) * gs; k += 16) {
-      __m256 w0, w1;
-      load16_int4(w + k / 2, w0, w1);
+    __m256i a[MB];
+    for (int j = 0; j < MB; ++j) a[j] = _mm256_setzero_si256();
+    for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
+      __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k / 2));
+      __m128i mask = _mm_set1_epi8(0x0F);
+      __m256i even = _mm256_cvtepu8_epi16(_mm_and_si128(b, mask));
+      __m256i odd = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), mask));
       for (int j = 0; j < MB; ++j) {
-        a0[j] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + j * ldx + k), a0[j]);
-        a1[j] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + j * ldx + k + 8), a1[j]);
+        const __m256i* xj = reinterpret_cast<const __m256i*>(x + j * ldx + k);
+        a[j] = _mm256_add_epi32(a[j], _mm256_madd_epi16(even, _mm256_loadu_si256(xj)));
+        a[j] = _mm256_add_epi32(a[j], _mm256_madd_epi16(odd, _mm256_loadu_si256(xj + 1)));
       }
     }
     __m256 s = _mm256_set1_ps(sc[g]);
     for (int j = 0; j < MB; ++j) {
-      acc[j] = _mm256_fmadd_ps(_mm256_add_ps(a0[j], a1[j]), s, acc[j]);
+      acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[j]), s, acc[j]);
       lin[j] += mn[g] * xsum[j * G + g];
     }
   }
   for (int j = 0; j < MB; ++j) out[j] = hsum(acc[j]) + lin[j];
 }
 
-void int4(const float* x, const float* xsum, int64_t M, int64_t K, const uint8_t* w, const float* scales,
-          const float* mins, int64_t gs, int64_t N, float* y, int threads) {
+void int4(const int16_t* xq, const float* sx, const float* xsum, int64_t M, int64_t K, const uint8_t* w,
+          const float* scales, const float* mins, int64_t gs, int64_t N, float* y, int threads) {
   int64_t G = K / gs;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t n = 0; n < N; ++n) {
@@ -130,15 +213,15 @@ void int4(const float* x, const float* xsum, int64_t M, int64_t K, const uint8_t
     const float* mn = mins + n * G;
     for (int64_t m = 0; m < M; m += 4) {
       int64_t mb = std::min<int64_t>(4, M - m);
-      const float* xm = x + m * K;
+      const int16_t* xm = xq + m * K;
       const float* xs = xsum + m * G;
       switch (mb) {
-        case 4: dot_rows_int4<4>(xm, K, xs, G, wr, K, gs, sc, mn, out); break;
-        case 3: dot_rows_int4<3>(xm, K, xs, G, wr, K, gs, sc, mn, out); break;
-        case 2: dot_rows_int4<2>(xm, K, xs, G, wr, K, gs, sc, mn, out); break;
-        default: dot_rows_int4<1>(xm, K, xs, G, wr, K, gs, sc, mn, out); break;
+        case 4: dot_rows_int4<4>(xm, K, xs, G, wr, gs, sc, mn, out); break;
+        case 3: dot_rows_int4<3>(xm, K, xs, G, wr, gs, sc, mn, out); break;
+        case 2: dot_rows_int4<2>(xm, K, xs, G, wr, gs, sc, mn, out); break;
+        default: dot_rows_int4<1>(xm, K, xs, G, wr, gs, sc, mn, out); break;
       }
-      for (int64_t j = 0; j < mb; ++j) y[(m + j) * N + n] = out[j];
+      for (int64_t j = 0; j < mb; ++j) y[(m + j) * N + n] = out[j] * sx[m + j];
     }
   }
 }
@@ -157,10 +240,37 @@ extern "C" int glmkit_gemv_dense(const float* x, int64_t M, int64_t K, const voi
   }
 }
 
-// glmkit's int4 layout: w uint8 (N, K/2), scales and mins fp32 (N, K/gs), xsum fp32 (M, K/gs).
-extern "C" int glmkit_gemv_int4(const float* x, const float* xsum, int64_t M, int64_t K, const uint8_t* w,
-                                const float* scales, const float* mins, int64_t gs, int64_t N, float* y, int threads) {
-  if (gs % 16 || K % gs) return 1;
-  int4(x, xsum, M, K, w, scales, mins, gs, N, y, threads);
+// int8 weights (N, K) with a per-row scale, through int16 activations. K < 32768.
+extern "C" int glmkit_gemv_q8(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale, int64_t N,
+                              float* y, int threads) {
+  if (K >= 32768) return 1;
+  std::vector<int16_t> xq(M * K);
+  std::vector<float> sx(M);
+  quantize_rows(x, M, K, xq.data(), sx.data());
+  q8(xq.data(), sx.data(), M, K, w, scale, N, y, threads);
+  return 0;
+}
+
+// glmkit's int4 layout: w uint8 (N, K/2), scales and mins fp32 (N, K/gs), through int16 activations;
+// the group size gs is a multiple of 32.
+extern "C" int glmkit_gemv_int4(const float* x, int64_t M, int64_t K, const uint8_t* w, const float* scales,
+                                const float* mins, int64_t gs, int64_t N, float* y, int threads) {
+  if (gs % 32 || K % gs) return 1;
+  int64_t G = K / gs;
+  std::vector<int16_t> xq(M * K), xd(M * K);
+  std::vector<float> sx(M), xsum(M * G);
+  quantize_rows(x, M, K, xq.data(), sx.data());
+  for (int64_t m = 0; m < M; ++m) {
+    const int16_t* q = xq.data() + m * K;
+    int16_t* d = xd.data() + m * K;
+    for (int64_t k = 0; k < K; k += 32)  // de-interleave: even columns, then odd, per 32
+      for (int i = 0; i < 16; ++i) d[k + i] = q[k + 2 * i], d[k + 16 + i] = q[k + 2 * i + 1];
+    for (int64_t g = 0; g < G; ++g) {
+      int32_t t = 0;
+      for (int64_t k = g * gs; k < (g + 1) * gs; ++k) t += q[k];
+      xsum[m * G + g] = static_cast<float>(t);
+    }
+  }
+  int4(xd.data(), sx.data(), xsum.data(), M, K, w, scales, mins, gs, N, y, threads);
   return 0;
 }
