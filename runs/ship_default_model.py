@@ -26,7 +26,8 @@ if __name__ == "__main__":
     tokens = state["step"] * train_cfg["batch_size"] * train_cfg["seq_len"] * train_cfg.get("grad_accum", 1)
     info = {
         "checkpoint": str(ckpt), "step": state["step"], "tokens_seen": tokens,
-        "wall_hours": round((steps[-1]["time"] - steps[0]["time"]) / 3600, 2) if steps else None,
+        # training time: gaps between logged steps, leaving out pauses between sessions (> 10 min)
+        "wall_hours": round(sum(d for d in (b["time"] - a["time"] for a, b in zip(steps, steps[1:])) if 0 < d < 600) / 3600, 2),
         "train_config": train_cfg, "last_train_loss": steps[-1]["loss"] if steps else None,
         "last_eval": evals[-1]["eval"] if evals else None,
         "parameters": sum(p.numel() for p in model.parameters()),
