@@ -8,7 +8,10 @@
 #   tokenizer train    ~3 min, byte-level BPE, 16,384 tokens, on all training documents
 #   tokenize shards    ~1 min, 21.6M training tokens
 #   pretrain           ~1,500 tokens/s for the 8.4M-parameter glm-tiny preset (fp32)
-# Re-running resumes training from the last checkpoint in WORK_DIR/run.
+# Re-running resumes training from the last checkpoint in WORK_DIR/run. The shipped model took this
+# command to step 1000 (its schedule shortened to fit a session), then was resumed with
+# `--steps 3300 --lr 1e-3 --min-lr 1e-4 --eval-every 500` (MODEL_CARD.md, history); to train further,
+# resume with a larger --steps. Ship a checkpoint with runs/ship_default_model.py.
 set -euo pipefail
 WORK=${1:-$HOME/glm-run}
 GLMKIT=${GLMKIT:-glmkit}
