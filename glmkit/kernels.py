@@ -106,6 +106,11 @@ def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     return _load() is not None
 
 
+def _check(rc: int, what: str):
+    if rc != 0:  # the C side rejected arguments the checks above should have caught: never return garbage
+        raise RuntimeError(f"glmkit native {what} rejected its arguments (code {rc})")
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
 
@@ -131,11 +136,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         raise ValueError(f"linear: {s.numel()} scales for {N} output rows")
     y = torch.empty(xr.shape[0], N)
     if weight.dtype == torch.int8 and s is not None and K < 32768:  # integer dot products (see gemv.cpp)
-        _lib.glmkit_gemv_q8(xr.data_ptr(), xr.shape[0], K, weight.data_ptr(), s.data_ptr(), N, y.data_ptr(),
-                            torch.get_num_threads())
+        rc = _lib.glmkit_gemv_q8(xr.data_ptr(), xr.shape[0], K, weight.data_ptr(), s.data_ptr(), N, y.data_ptr(),
+                                 torch.get_num_threads())
     else:
-        _lib.glmkit_gemv_dense(xr.data_ptr(), xr.shape[0], K, weight.data_ptr(), _WTYPE[weight.dtype],
-                               s.data_ptr() if s is not None else None, N, y.data_ptr(), torch.get_num_threads())
+        rc = _lib.glmkit_gemv_dense(xr.data_ptr(), xr.shape[0], K, weight.data_ptr(), _WTYPE[weight.dtype],
+                                    s.data_ptr() if s is not None else None, N, y.data_ptr(), torch.get_num_threads())
+    _check(rc, "linear")
     return _out(y, x, bias)
 
 
@@ -153,8 +159,9 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, min
     xr = _rows(x)
     sc, mn = scales.to(torch.float32).contiguous(), mins.to(torch.float32).contiguous()
     y = torch.empty(xr.shape[0], N)
-    _lib.glmkit_gemv_int4(xr.data_ptr(), xr.shape[0], K, packed.data_ptr(), sc.data_ptr(), mn.data_ptr(), group_size, N,
-                          y.data_ptr(), torch.get_num_threads())
+    rc = _lib.glmkit_gemv_int4(xr.data_ptr(), xr.shape[0], K, packed.data_ptr(), sc.data_ptr(), mn.data_ptr(), group_size,
+                               N, y.data_ptr(), torch.get_num_threads())
+    _check(rc, "linear_int4")
     return _out(y, x, bias)
 
 
