@@ -475,6 +475,16 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+# a stream that fails mid-way ends with an error event (the status line is already sent)
+_SSE_ENGINE_ERROR = _sse({"error": {"message": "the engine failed while generating", "type": "server_error",
+                                   "param": None, "code": "engine_error"}})
+
+
+def _sse_end(base: dict, call, include_usage: bool) -> list[str]:
+    """The end of an OpenAI stream: the usage chunk when asked for (no choices), then [DONE]."""
+    return ([_sse({**base, "choices": [], "usage": call.usage()})] if include_usage else []) + ["data: [DONE]\n\n"]
+
+
 _PARAM_NAMES = {"max_new_tokens": "max_tokens"}
 
 
@@ -824,14 +834,12 @@ def create_app(model, tokenizer, model_name: str, maas: MaaS | None = None, max_
                     yield _sse({**base, "choices": [choice_obj(ch, ch.prefix, [], None)]})
             async for ch, piece, entries, done in server.events(call, choices):
                 if done and ch.finish_reason == "error":
-                    yield _sse({"error": {"message": "the engine failed while generating", "type": "server_error",
-                                          "param": None, "code": "engine_error"}})
+                    yield _SSE_ENGINE_ERROR
                     return
                 if piece or entries or done:
                     yield _sse({**base, "choices": [choice_obj(ch, piece, entries, ch.finish_reason if done else None)]})
-            if include_usage:
-                yield _sse({**base, "choices": [], "usage": call.usage()})
-            yield "data: [DONE]\n\n"
+            for event in _sse_end(base, call, include_usage):
+                yield event
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
@@ -895,8 +903,7 @@ def create_app(model, tokenizer, model_name: str, maas: MaaS | None = None, max_
             held: dict[int, list] = {c.index: [] for c in choices}  # logprob entries of tokens whose text is held back
             async for ch, piece, entries, done in server.events(call, choices):
                 if done and ch.finish_reason == "error":
-                    yield _sse({"error": {"message": "the engine failed while generating", "type": "server_error",
-                                          "param": None, "code": "engine_error"}})
+                    yield _SSE_ENGINE_ERROR
                     return
                 held[ch.index] += entries
                 if piece:
@@ -904,9 +911,8 @@ def create_app(model, tokenizer, model_name: str, maas: MaaS | None = None, max_
                     held[ch.index] = []
                 if done:
                     yield chunk(ch.index, {}, held[ch.index], ch.finish_reason)
-            if include_usage:
-                yield _sse({**base, "choices": [], "usage": call.usage()})
-            yield "data: [DONE]\n\n"
+            for event in _sse_end(base, call, include_usage):
+                yield event
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
