@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .generate import SamplingParams, process_logits
 
 
@@ -262,13 +263,16 @@ class Engine:
         tokens = torch.tensor([[r.req.output_ids[-1]] for r in self.rows], device=dev)
         idx = torch.tensor([r.length for r in self.rows], device=dev)  # (n,) write position per row
         pos = torch.tensor([self._gen_position(r.req, len(r.req.output_ids) - 1) for r in self.rows], device=dev)
-        S = int(idx.max()) + 1
-        self.valid[torch.arange(n, device=dev), idx] = True
-        kpos = torch.arange(S, device=dev)
-        allowed = self.valid[:n, :S] & ((kpos < self.sep[:n, None]) | (kpos <= idx[:, None]))  # (n, S)
-        cache = _RowCache(self.k, self.v, idx, n, S)
-        logits = self.model._run(tokens, pos[:, 0, None], pos[:, 1, None], allowed[:, None, None, :], cache, 0)
-        for r, lg in zip(self.rows, logits[:, -1].float()):
+        # one native call for the whole step where it applies (kernels.decode_step), else eager
+        logits = kernels.decode_step(self.model, tokens[:, 0], pos[:, 0], pos[:, 1], self.k, self.v, self.valid, idx)
+        if logits is None:
+            S = int(idx.max()) + 1
+            self.valid[torch.arange(n, device=dev), idx] = True
+            kpos = torch.arange(S, device=dev)
+            allowed = self.valid[:n, :S] & ((kpos < self.sep[:n, None]) | (kpos <= idx[:, None]))  # (n, S)
+            cache = _RowCache(self.k, self.v, idx, n, S)
+            logits = self.model._run(tokens, pos[:, 0, None], pos[:, 1, None], allowed[:, None, None, :], cache, 0)[:, -1]
+        for r, lg in zip(self.rows, logits.float()):
             r.length += 1
             r.next_logits = lg
         dt = time.perf_counter() - t0

@@ -41,6 +41,8 @@ from typing import Iterator
 
 import torch
 
+from . import kernels
+
 MASK_STRINGS = {"[MASK]": "mask", "[sMASK]": "smask", "[gMASK]": "gmask"}  # literal text -> tokenizer role
 
 
@@ -313,11 +315,19 @@ def _decode_tensors(model, k, v, valid, sep, token, position_ids, index):
 _compiled_decode = None
 
 
-def decode_one(model, cache, token, position_ids, index, compile: bool = False):
+def decode_one(model, cache, token, position_ids, index, compile: bool = False, plan=None):
     """Feed token (B, 1) at position_ids (B, 2, 1) into cache slot `index` (a (1,) long tensor equal
     to cache.length) and return the next logits (B, V). `compile`: through `torch.compile` (the first
-    call per model and cache shape compiles)."""
+    call per model and cache shape compiles). Otherwise a CPU step of a few rows is one native call
+    (kernels.decode_step) when it applies; `plan`: kernels.decode_plan(model), got once per loop."""
     global _compiled_decode
+    if not compile:
+        B = token.shape[0]
+        logits = kernels.decode_step(model, token[:, 0], position_ids[:, 0, 0], position_ids[:, 1, 0], cache.k, cache.v,
+                                     cache.valid, index.expand(B), plan)
+        if logits is not None:
+            cache.length += 1
+            return logits
     fn = _decode_tensors
     if compile:
         if _compiled_decode is None:
@@ -447,6 +457,7 @@ def _decode_loop(model, cache, logits, position, delta, params, sampler, rows, s
     # tokens come to the host each step only when something there needs them
     host = bool(stream or stop_set or params.stop or params.no_repeat_ngram_size)
     steps = 0
+    plan = None if compile else kernels.decode_plan(model)  # the model does not change during the loop
     for step in range(N):
         banned = _ngram_bans([r.ids for r in rows], params.no_repeat_ngram_size) if params.no_repeat_ngram_size else None
         tok, lp, top = sampler(logits, banned)  # (B,)
@@ -490,13 +501,13 @@ def _decode_loop(model, cache, logits, position, delta, params, sampler, rows, s
         if step == N - 1:
             break
         token.copy_(tok[:, None])
-        logits = decode_one(model, cache, token, position, index, compile)
+        logits = decode_one(model, cache, token, position, index, compile, plan)
         position.add_(delta)
         index.add_(1)
 
     if feed_last and steps == N and any(r.finish == "length" or r.finish is None for r in rows):
         token.copy_(out[:, N - 1 : N])
-        decode_one(model, cache, token, position, index, compile)
+        decode_one(model, cache, token, position, index, compile, plan)
 
     out_ids = out[:, :steps].tolist()  # one read-back at the end
     lps = out_lp[:, :steps].tolist() if out_lp is not None else None
@@ -536,7 +547,7 @@ def _run_batch(model, prompts, params: SamplingParams, tokenizer, compile, strea
     B, T = len(prompts), max(map(len, prompts))
     ids, mask = _left_pad(prompts, dev)  # (B, T)
     cache = model.new_cache(B, T + params.max_new_tokens)
-    logits = model.prefill(ids, cache, attention_mask=mask)[:, -1]  # (B, V): every row ends at T-1
+    logits = model.prefill(ids, cache, attention_mask=mask, last_only=True)[:, -1]  # (B, V): every row ends at T-1
     position = torch.zeros(B, 2, 1, dtype=torch.long, device=dev)
     position[:, 0, 0] = mask.sum(-1)  # the next token's position: each row's own length
     delta = torch.tensor([[[1], [0]]], device=dev)
@@ -605,7 +616,7 @@ def beam_search(model, prompt_ids, params: SamplingParams, tokenizer=None, *, n_
     dev = _device(model)
     T = len(prompt)
     one = model.new_cache(1, T + N)
-    logits = model.prefill(torch.tensor([prompt], device=dev), one)[:, -1]  # (1, V)
+    logits = model.prefill(torch.tensor([prompt], device=dev), one, last_only=True)[:, -1]  # (1, V)
     cache = model.new_cache(W, T + N)
     for name in ("k", "v", "valid", "sep"):
         getattr(cache, name).copy_(getattr(one, name).expand_as(getattr(cache, name)))
@@ -617,6 +628,7 @@ def beam_search(model, prompt_ids, params: SamplingParams, tokenizer=None, *, n_
     sampler = Sampler(dataclasses.replace(params, temperature=0.0), W, V, dev, prompt_t, torch.ones_like(prompt_t))
     scores = [0.0] + [float("-inf")] * (W - 1)  # all beams start equal: keep only the first alive
     hist: list[list[int]] = [[] for _ in range(W)]
+    plan = None if compile else kernels.decode_plan(model)
     lps: list[list[float]] = [[] for _ in range(W)]
     finished: list[tuple[float, list[int], list[float], str, int | None]] = []
     stop_set = set(params.stop_ids)
@@ -670,7 +682,7 @@ def beam_search(model, prompt_ids, params: SamplingParams, tokenizer=None, *, n_
         sampler.reorder(idx)
         token.copy_(torch.tensor([[t] for _, t, _ in keep], device=dev))
         sampler.update(token[:, 0])
-        logits = decode_one(model, cache, token, position, index, compile)
+        logits = decode_one(model, cache, token, position, index, compile, plan)
         position[:, 0] += 1
         index.add_(1)
     for w, t, s in keep:  # ran out of tokens: the live beams finish by length
@@ -734,7 +746,7 @@ def _fill_ids(model, tokenizer, pieces: list[list[int]], marks: list[str], param
     A = len(part_a)
     ids = torch.tensor([part_a], device=dev)
     pos = torch.stack((torch.arange(A, device=dev), torch.zeros(A, dtype=torch.long, device=dev)))[None]  # (1, 2, A)
-    model.prefill(ids, cache, position_ids=pos, sep=A)  # Part A, read bidirectionally
+    model.prefill(ids, cache, position_ids=pos, sep=A, last_only=True)  # Part A, read bidirectionally (logits unused)
     sampler = Sampler(params, 1, model.cfg.vocab_size, dev, ids, torch.ones_like(ids))
     spans = []
     for mark, p in zip(marks, mask_pos):

@@ -29,6 +29,7 @@ import platform
 import shutil
 import subprocess
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -38,14 +39,14 @@ import torch.nn.functional as F
 MAX_ROWS = 16
 _lib = None
 _why: str | None = None  # why the library is unavailable (None: not tried yet, or available)
-_SRC = Path(__file__).parent / "csrc" / "gemv.cpp"
+_SRCS = [Path(__file__).parent / "csrc" / n for n in ("gemv.cpp", "decode.cpp")]
 _WTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 
 
 def _build() -> Path:
-    src = _SRC.read_bytes()
+    src = b"".join(p.read_bytes() for p in _SRCS)
     cache = Path(os.environ.get("GLMKIT_CACHE", Path.home() / ".cache" / "glmkit")) / "kernels"
-    so = cache / f"gemv-{hashlib.sha256(src).hexdigest()[:16]}.so"
+    so = cache / f"glmkit-{hashlib.sha256(src).hexdigest()[:16]}.so"
     if so.exists():
         return so
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
@@ -53,7 +54,7 @@ def _build() -> Path:
         raise RuntimeError("no C++ compiler on PATH (set CXX)")
     cache.mkdir(parents=True, exist_ok=True)
     tmp = so.with_suffix(f".{os.getpid()}.tmp")
-    cmd = [cxx, "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-o", str(tmp), str(_SRC)]
+    cmd = [cxx, "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-o", str(tmp), *map(str, _SRCS)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr.strip()[-300:]}")
@@ -78,7 +79,9 @@ def _load():
             lib.glmkit_gemv_dense.argtypes = [ptr, i64, i64, ptr, c_int, ptr, i64, ptr, c_int]
             lib.glmkit_gemv_q8.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, c_int]
             lib.glmkit_gemv_int4.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, ptr, c_int]
-            lib.glmkit_gemv_dense.restype = lib.glmkit_gemv_q8.restype = lib.glmkit_gemv_int4.restype = c_int
+            lib.glmkit_decode_step.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, c_int]
+            for f in (lib.glmkit_gemv_dense, lib.glmkit_gemv_q8, lib.glmkit_gemv_int4, lib.glmkit_decode_step):
+                f.restype = c_int
             _lib = lib
         except Exception as e:  # no compiler, or it failed: PyTorch's kernels still work
             _why = f"the kernel library did not build: {e}"
@@ -173,3 +176,187 @@ class Linear(nn.Linear):
         if usable(x, self.weight):
             return linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+
+# ---- the fused decode step (csrc/decode.cpp) ---------------------------------------------------------------
+# An eager decode step spends as long outside the matrix products as in them (norms, rotary, cache
+# writes, attention, residuals: ~25 operator calls per layer, each mostly dispatch), so a few-row
+# CPU step of a supported model runs as one native call. Structs mirror decode.cpp's.
+class _CLinear(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("mins", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("group", ctypes.c_int64), ("kind", ctypes.c_int32)]
+
+
+class _CNorm(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p), ("b", ctypes.c_void_p)]
+
+
+class _CLayer(ctypes.Structure):
+    _fields_ = [("norm1", _CNorm), ("norm2", _CNorm), ("post_attn", _CNorm), ("post_mlp", _CNorm),
+                ("qkv", _CLinear), ("out", _CLinear), ("up", _CLinear), ("down", _CLinear)]
+
+
+class _CModel(ctypes.Structure):
+    _fields_ = [("layers", ctypes.POINTER(_CLayer)), ("norm", _CNorm), ("head", _CLinear)]
+    _fields_ += [(n, ctypes.c_int64) for n in ("n_layers", "dim", "n_heads", "n_kv_heads", "head_dim", "rotary_dim")]
+    _fields_ += [(n, ctypes.c_int32) for n in ("layernorm", "position", "swiglu", "sandwich", "deepnorm")]
+    _fields_ += [(n, ctypes.c_float) for n in ("eps", "alpha", "theta")]
+
+
+class _CCache(ctypes.Structure):
+    _fields_ = [("k", ctypes.c_void_p), ("v", ctypes.c_void_p), ("valid", ctypes.c_void_p),
+                ("batch", ctypes.c_int64), ("max_len", ctypes.c_int64), ("bf16", ctypes.c_int32)]
+
+
+class _Unsupported(Exception):
+    pass
+
+
+class _Plan:
+    """The C view of one model: pointers to its weights (read in place) and fp32 copies of the small
+    tensors the kernel wants in fp32 (norms, biases, quantization scales). `fresh()` says whether the
+    model still is what the plan describes: every module and tensor it read is still in place, with
+    the same storage and version (a LoRA wrapper, `.to(dtype)` or an in-place update rebuilds it)."""
+
+    def __init__(self, model):
+        from .model import GLM, MLP, Attention, Block, Norm  # model and quantize import this module
+        from .quantize import Int4Linear, Int8Linear
+
+        if type(model) is not GLM:  # a subclass may change what a step computes
+            raise _Unsupported(f"a {type(model).__name__}, not a GLM")
+        self.refs, self.keep = [], []
+        cfg = model.cfg
+
+        def tensor(owner, name, fp32=False):
+            t = getattr(owner, name)
+            if t is None:
+                return None
+            if t.device.type != "cpu" or not t.is_contiguous():
+                raise _Unsupported(f"{name} is not a contiguous CPU tensor")
+            store = owner._parameters if name in owner._parameters else owner._buffers
+            self.refs.append((store, name, t, t._version, t.data_ptr()))
+            if fp32:
+                t = t.detach().to(torch.float32).contiguous()
+                self.keep.append(t)
+            return t.data_ptr()
+
+        def module(owner, name, types):
+            m = owner._modules.get(name)
+            if type(m) not in types:
+                raise _Unsupported(f"{name} is a {type(m).__name__}")
+            self.refs.append((owner._modules, name, m, None, None))
+            return m
+
+        def lin(owner, name):
+            m = module(owner, name, (Linear, nn.Linear, Int8Linear, Int4Linear))
+            w = m.weight
+            c = _CLinear(n=w.shape[0], k=m.in_features, group=0, bias=tensor(m, "bias", fp32=True))
+            if type(m) is Int4Linear:
+                if m.group_size % 32 or m.in_features % m.group_size:
+                    raise _Unsupported(f"int4 group size {m.group_size}")
+                c.kind, c.group = 3, m.group_size
+                c.scale, c.mins = tensor(m, "scales", fp32=True), tensor(m, "mins", fp32=True)
+            elif type(m) is Int8Linear:
+                c.kind, c.scale = 2, tensor(m, "scales", fp32=True)
+            elif w.dtype in (torch.float32, torch.bfloat16):
+                c.kind = 0 if w.dtype == torch.float32 else 1
+            else:
+                raise _Unsupported(f"{name} weight dtype {w.dtype}")
+            c.w = tensor(m, "weight")
+            return c
+
+        def norm(owner, name):
+            m = module(owner, name, (Norm,))
+            return _CNorm(tensor(m, "weight", fp32=True), tensor(m, "bias", fp32=True))
+
+        blocks = []
+        for i in range(cfg.n_layers):
+            blk = module(model.layers, str(i), (Block,))
+            attn, mlp = module(blk, "attn", (Attention,)), module(blk, "mlp", (MLP,))
+            layer = _CLayer(norm1=norm(blk, "norm1"), norm2=norm(blk, "norm2"), qkv=lin(attn, "qkv"), out=lin(attn, "out"),
+                            up=lin(mlp, "up"), down=lin(mlp, "down"))
+            if cfg.sandwich_norm:
+                layer.post_attn, layer.post_mlp = norm(blk, "post_attn_norm"), norm(blk, "post_mlp_norm")
+            blocks.append(layer)
+        self.layers = (_CLayer * len(blocks))(*blocks)
+        if "head" in model._modules:
+            head = lin(model, "head")
+        else:  # tied: the embedding table is the head
+            emb = module(model, "embed", (nn.Embedding,))
+            if emb.weight.dtype not in (torch.float32, torch.bfloat16):
+                raise _Unsupported(f"embedding dtype {emb.weight.dtype}")
+            head = _CLinear(w=tensor(emb, "weight"), n=emb.weight.shape[0], k=emb.weight.shape[1],
+                            kind=0 if emb.weight.dtype == torch.float32 else 1)
+        self.model = _CModel(
+            layers=self.layers, norm=norm(model, "norm"), head=head, n_layers=cfg.n_layers, dim=cfg.dim,
+            n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+            rotary_dim=cfg.rotary_dim if cfg.position in ("rope_2d", "rope_partial") else 0,
+            layernorm=cfg.norm == "layernorm", position={"rope_2d": 1, "rope_partial": 2}.get(cfg.position, 0),
+            swiglu=cfg.mlp == "swiglu", sandwich=cfg.sandwich_norm, deepnorm=cfg.residual == "deepnorm",
+            eps=cfg.norm_eps, alpha=cfg.residual_alpha, theta=cfg.rope_theta,
+        )
+        self.vocab = head.n
+
+    def fresh(self) -> bool:
+        for store, name, obj, version, ptr in self.refs:
+            if store.get(name) is not obj or (ptr is not None and (obj._version != version or obj.data_ptr() != ptr)):
+                return False
+        return True
+
+
+_plans: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> _Plan, or the reason it has none
+
+
+def decode_plan(model) -> _Plan | None:
+    """The native view of `model` for decode_step, rebuilt if the model changed since it was made, or
+    None if the fused step does not support the model (e.g. a LoRA wrapper, a CUDA model). Checking
+    costs a few microseconds per layer: a generation loop gets it once and passes it to each step."""
+    p = _plans.get(model)
+    if p is None or (isinstance(p, _Plan) and not p.fresh()):
+        try:
+            p = _Plan(model)
+        except _Unsupported as e:
+            p = str(e)
+        _plans[model] = p
+    return p if isinstance(p, _Plan) else None
+
+
+def decode_step(model, token: torch.Tensor, pos: torch.Tensor, block: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                valid: torch.Tensor, idx: torch.Tensor, plan: _Plan | None = None) -> torch.Tensor | None:
+    """One decode step of `model` (a glmkit GLM) for rows 0..M-1 of a cache, as one native call.
+
+    token, pos, block, idx: (M,) long: the token each row feeds, its position and block position,
+    and the cache slot it writes (also its last visible key). k, v: (L, B, K, S, D) cache tensors,
+    written at [:, b, :, idx[b]]; valid (B, S) bool, set at idx. The visible keys of row b are its
+    valid keys up to idx[b] (GLM's Part A ends before the first decode slot). Returns the next-token
+    logits (M, V) in fp32, or None when the fused step does not apply (the caller then runs the
+    eager step, which gives the same results within rounding: this one keeps the residual stream,
+    rotary and attention in fp32 even for a bf16 model). `plan`: decode_plan(model), if the caller
+    already has it (it must be current: the model not changed since).
+    """
+    M = token.shape[0]
+    if not (0 < M <= MAX_ROWS and token.device.type == "cpu" and k.dtype in (torch.float32, torch.bfloat16)):
+        return None
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or _load() is None:
+        return None
+    if torch.is_grad_enabled() and model.embed.weight.requires_grad:
+        return None
+    plan = plan or decode_plan(model)
+    L, B, K, S, D = k.shape
+    cfg = model.cfg
+    if plan is None or (L, K, D) != (cfg.n_layers, cfg.n_kv_heads, cfg.head_dim) or v.shape != k.shape or v.dtype != k.dtype:
+        return None
+    if not (k.is_contiguous() and v.is_contiguous() and valid.is_contiguous() and valid.dtype == torch.bool
+            and valid.shape == (B, S) and M <= B):
+        return None
+    x = model.embed(token)  # (M, C)
+    if cfg.position == "learned_2d":
+        x = x + model.pos_embed(pos) + model.block_pos_embed(block)
+    x = x.to(torch.float32).contiguous()  # a fresh tensor (the lookup copies): the kernel overwrites it
+    pos, block, idx = (t.to(torch.long).contiguous() for t in (pos, block, idx))
+    logits = torch.empty(M, plan.vocab)
+    cache = _CCache(k.data_ptr(), v.data_ptr(), valid.data_ptr(), B, S, int(k.dtype == torch.bfloat16))
+    rc = _lib.glmkit_decode_step(ctypes.addressof(plan.model), ctypes.addressof(cache), M, x.data_ptr(), pos.data_ptr(),
+                                 block.data_ptr(), idx.data_ptr(), logits.data_ptr(), torch.get_num_threads())
+    _check(rc, "decode step")
+    return logits

@@ -75,7 +75,7 @@ class Int8Linear(nn.Module):
             return kernels.linear(x, self.weight, self.bias, self.scales)
         shape = x.shape
         if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
-            y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales.to(x.dtype))
+            y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).contiguous(), self.weight, self.scales.to(x.dtype))
             y = y.reshape(*shape[:-1], self.out_features)
         else:
             y = F.linear(x, self.weight.to(x.dtype) * self.scales.to(x.dtype)[:, None])
@@ -114,7 +114,7 @@ class Int4Linear(nn.Module):
         # the CPU kernel packs output rows in blocks of 16
         if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and self.out_features % 16 == 0:
             packed, sz = self._kernel_args(x.dtype)
-            y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), packed, self.group_size, sz)
+            y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).contiguous(), packed, self.group_size, sz)
             y = y.reshape(*shape[:-1], self.out_features)
         else:
             y = F.linear(x, self.dequantize(x.dtype))

@@ -1,5 +1,6 @@
-"""Native decode kernels (glmkit/kernels.py, csrc/gemv.cpp) against float64 references, and a decoding
-model with them against the same model through PyTorch's linear."""
+"""Native decode kernels (glmkit/kernels.py, csrc/gemv.cpp, csrc/decode.cpp) against float64 references,
+the fused decode step against the eager PyTorch step on the same cache, and a decoding model with them
+against the same model through PyTorch alone."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from glmkit.quantize import quantize_int4, quantize_int8, quantize_model, unpack
 from .helpers import assert_close
 
 X86_AVX2 = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-needs_native = pytest.mark.skipif(not (X86_AVX2 and shutil.which("c++") or shutil.which("g++")),
+needs_native = pytest.mark.skipif(not (X86_AVX2 and (shutil.which("c++") or shutil.which("g++"))),
                                   reason="native kernels need an x86-64 CPU with AVX2 and a C++ compiler")
 
 
@@ -125,7 +126,8 @@ def test_build_failure_falls_back_to_pytorch(monkeypatch, tmp_path):
 @needs_native
 @pytest.mark.parametrize("variant", ["fp32", "bf16", "int8", "int4"])
 def test_decode_equals_pytorch_linear(variant, monkeypatch):
-    """Greedy decoding with the native kernels gives the tokens PyTorch's linear gives, batch 1 and 3."""
+    """Greedy decoding with the native kernels (the fused step, and the few-row linears of the prefill)
+    gives the tokens PyTorch gives, batch 3 with left padding."""
     cfg = get_preset("debug")
     torch.manual_seed(0)
     model = GLM(cfg)
@@ -144,3 +146,143 @@ def test_decode_equals_pytorch_linear(variant, monkeypatch):
         assert a.token_ids == b.token_ids, f"{variant} prompt {n}: native {a.token_ids} vs PyTorch {b.token_ids}"
         tol = {"fp32": 1e-4, "bf16": 2e-2}.get(variant, 2e-3)  # int8/int4: 14-bit activations (see gemv.cpp)
         assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=tol, what=f"{variant} prompt {n} logprobs")
+
+
+# ---- the fused decode step (csrc/decode.cpp) ------------------------------------------------------------
+# Every switch of ModelConfig the step implements, each against the eager step on the same cache.
+FUSED_VARIANTS = {
+    "glm4": dict(position="rope_partial", n_kv_heads=2, qkv_bias=True, tie_embeddings=False),
+    "chatglm": dict(position="rope_2d", residual="deepnorm", mlp="gelu", norm="layernorm", qkv_bias=True,
+                    out_bias=True, mlp_bias=True),
+    "glm": dict(position="learned_2d", norm="layernorm", mlp="gelu"),
+    "glm4-0414": dict(position="rope_partial", sandwich_norm=True, n_kv_heads=1),
+}
+
+
+def fused_model(variant: str, dtype=torch.float32, quant: int | None = None) -> GLM:
+    import dataclasses
+
+    model = GLM(dataclasses.replace(get_preset("debug"), **FUSED_VARIANTS[variant]))
+    model.init_weights(seed=3)
+    with torch.no_grad():  # non-trivial norms and biases, so a wrong scale or missing bias shows
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
+    model.eval()
+    if quant:
+        quantize_model(model, quant, 32)
+    return model.to(dtype) if dtype != torch.float32 else model
+
+
+def prefilled(model, prompts, sep):
+    """A cache holding left-padded prompts (GLM Part A of `sep` tokens each when sep > 0)."""
+    T = max(map(len, prompts))
+    ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    cache = model.new_cache(len(prompts), T + 8)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    model.prefill(ids, cache, position_ids=torch.stack((pos, torch.zeros_like(pos)), 1), attention_mask=mask,
+                  sep=torch.tensor([T - len(p) + sep for p in prompts]) if sep else None)
+    return cache, pos[:, -1]
+
+
+@needs_native
+@pytest.mark.parametrize("variant", list(FUSED_VARIANTS))
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "int8", "int4"])
+def test_fused_step_equals_eager_step(variant, kind):
+    """Five decode steps through kernels.decode_step and through the eager step (generate's
+    _decode_tensors), each on its own copy of the same prefilled cache: same logits, same cache
+    writes. Batch 3, left-padded, GLM positions (block positions counting up) after a Part A."""
+    from glmkit.generate import _decode_tensors
+
+    dtype = torch.bfloat16 if kind == "bf16" else torch.float32
+    model = fused_model(variant, dtype, {"int8": 8, "int4": 4}.get(kind))
+    with torch.inference_mode():
+        cache, last = prefilled(model, [[5, 9, 13, 21, 7], [3, 4], [8, 8, 30, 31, 32, 33]], sep=2)
+        ref = model.new_cache(3, cache.max_len)
+        for name in ("k", "v", "valid", "sep"):
+            getattr(ref, name).copy_(getattr(cache, name))
+        plan = kernels.decode_plan(model)
+        assert plan is not None, kernels._plans.get(model)
+        token = torch.tensor([[11], [12], [13]])
+        # fp32: summation order only (measured ~2e-7); bf16: the fused step keeps fp32 where the eager one
+        # rounds to bf16 (~5e-3 on logits below 1.1); int8/int4: 14-bit activations (~1e-4)
+        tol = {"fp32": 1e-5, "bf16": 2e-2}.get(kind, 1e-3)
+        for step in range(5):
+            index = torch.tensor([cache.max_len - 8 + step])
+            position = torch.stack((last + 1, torch.full_like(last, step + 1)), 1)[:, :, None]  # (3, 2, 1)
+            got = kernels.decode_step(model, token[:, 0], position[:, 0, 0], position[:, 1, 0], cache.k, cache.v,
+                                      cache.valid, index.expand(3), plan)
+            want = _decode_tensors(model, ref.k, ref.v, ref.valid, ref.sep, token, position, index).float()
+            assert got is not None and got.shape == want.shape == (3, model.cfg.vocab_size)
+            assert_close(got, want, atol=tol * max(1.0, want.abs().max().item()), what=f"{variant} {kind} step {step} logits")
+            assert torch.equal(cache.valid, ref.valid)
+            assert_close(cache.k.float(), ref.k.float(), atol=tol, what=f"{variant} {kind} step {step} cached keys")
+            assert_close(cache.v.float(), ref.v.float(), atol=tol, what=f"{variant} {kind} step {step} cached values")
+            token = want.argmax(-1, keepdim=True)
+
+
+@needs_native
+def test_fused_step_rows_at_different_lengths():
+    """The serving engine's step: each row writes its own slot (rows of different lengths), as the
+    eager step with the engine's per-row cache view computes it."""
+    from glmkit.engine import _RowCache
+
+    model = fused_model("glm4")
+    with torch.inference_mode():
+        cache = model.new_cache(4, 16)
+        for b, n in enumerate([3, 7, 5]):  # row 3 of the cache is unused
+            one = model.new_cache(1, 16)
+            model.prefill(torch.arange(2, 2 + n)[None] + b, one)
+            cache.k[:, b], cache.v[:, b], cache.valid[b] = one.k[:, 0], one.v[:, 0], one.valid[0]
+        k, v, valid = cache.k.clone(), cache.v.clone(), cache.valid.clone()
+        idx, tokens = torch.tensor([3, 7, 5]), torch.tensor([[9], [10], [11]])
+        pos = torch.stack((idx, torch.zeros_like(idx)), 1)
+        got = kernels.decode_step(model, tokens[:, 0], pos[:, 0], pos[:, 1], cache.k, cache.v, cache.valid, idx)
+        valid[torch.arange(3), idx] = True
+        allowed = valid[:3, :8] & (torch.arange(8) <= idx[:, None])
+        want = model._run(tokens, pos[:, 0, None], pos[:, 1, None], allowed[:, None, None, :], _RowCache(k, v, idx, 3, 8), 0)[:, -1]
+    assert_close(got, want, atol=1e-4, what="per-row slots: logits")
+    assert_close(cache.k, k, atol=1e-5, what="per-row slots: cached keys")
+    assert torch.equal(cache.valid, valid)
+
+
+@needs_native
+def test_fused_step_follows_the_model():
+    """The plan is rebuilt when the model changes (in-place weight update, dtype change), and the
+    fused step steps aside for models it does not describe (LoRA wrappers, subclasses, training)."""
+    from glmkit.lora import LoRAConfig, apply_lora
+
+    model = fused_model("glm4")
+    p1 = kernels.decode_plan(model)
+    assert p1 is not None and kernels.decode_plan(model) is p1  # cached while the model is unchanged
+    with torch.no_grad():
+        model.layers[0].norm1.weight.mul_(2.0)  # read through an fp32 copy: must not go stale
+    p2 = kernels.decode_plan(model)
+    assert p2 is not p1
+    model.to(torch.bfloat16)
+    assert kernels.decode_plan(model) is not p2 and kernels.decode_plan(model).model.head.kind == 1  # bf16
+    apply_lora(model.float(), LoRAConfig(rank=2))
+    assert kernels.decode_plan(model) is None and "LoRALinear" in kernels._plans[model]
+    cache = model.new_cache(1, 4)
+    one = torch.tensor([1])
+    assert kernels.decode_step(model, one, one, one, cache.k, cache.v, cache.valid, one) is None
+
+    class Sub(GLM):
+        pass
+
+    assert kernels.decode_plan(Sub(get_preset("debug"))) is None
+    trained = fused_model("glm4").train()  # parameters need grad and grad mode is on: autograd's job
+    c = trained.new_cache(1, 4)
+    assert kernels.decode_step(trained, one, one, one, c.k, c.v, c.valid, one) is None
+
+
+@needs_native
+def test_fused_step_rejects_bad_slots_without_writing():
+    model = fused_model("glm4")
+    cache = model.new_cache(2, 8)
+    before = cache.valid.clone()
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="decode step rejected"):
+        kernels.decode_step(model, torch.tensor([1, 2]), torch.tensor([0, 0]), torch.tensor([0, 0]), cache.k, cache.v,
+                            cache.valid, torch.tensor([0, 8]))  # slot 8 of an 8-slot cache
+    assert torch.equal(cache.valid, before)

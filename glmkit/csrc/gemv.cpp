@@ -49,6 +49,7 @@ inline void dot_rows(const float* x, int64_t ldx, const W* w, int64_t K, float* 
   for (int j = 0; j < MB; ++j) a0[j] = a1[j] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + k) + 1024, _MM_HINT_T0);  // the hardware prefetcher alone falls behind
     __m256 w0 = load8(w + k), w1 = load8(w + k + 8);
     for (int j = 0; j < MB; ++j) {
       a0[j] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + j * ldx + k), a0[j]);
@@ -133,6 +134,7 @@ inline void dot_rows_q8(const int16_t* x, int64_t ldx, const int8_t* w, int64_t 
   for (int j = 0; j < MB; ++j) a0[j] = a1[j] = _mm256_setzero_si256();
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + k) + 1024, _MM_HINT_T0);
     __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k)));
     __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + 16)));
     for (int j = 0; j < MB; ++j) {
@@ -183,6 +185,7 @@ inline void dot_rows_int4(const int16_t* x, int64_t ldx, const float* xsum, int6
     __m256i a[MB];
     for (int j = 0; j < MB; ++j) a[j] = _mm256_setzero_si256();
     for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + k / 2) + 1024, _MM_HINT_T0);
       __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k / 2));
       __m128i mask = _mm_set1_epi8(0x0F);
       __m256i even = _mm256_cvtepu8_epi16(_mm_and_si128(b, mask));

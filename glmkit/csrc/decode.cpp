@@ -1,0 +1,314 @@
+// One decode step of a glmkit GLM on x86 CPUs, every layer in one native call.
+//
+// A decode step is bound by reading the weights once (gemv.cpp reads them near the memory
+// bandwidth), but an eager PyTorch step spends as long again outside the matrix products: ~25 small
+// operator calls per layer (norms, rotary, cache writes, attention, residuals, dtype conversions),
+// each a few microseconds of dispatch and allocation for a few hundred numbers of work, plus the
+// Python between them. Here the whole step runs in C++: the residual stream stays in fp32, the
+// matrix products go through gemv.cpp's kernels, attention reads the static cache only up to each
+// row's write position, and nothing is allocated per operator.
+//
+// Scope: the switches of glmkit's ModelConfig (RMSNorm / LayerNorm; rope_partial, rope_2d, or no
+// rotary, learned positions being added by the caller with the embeddings; pre-LN / deepnorm
+// residuals; sandwich norms; SwiGLU / tanh GELU; biases), weights fp32, bf16, int8 (per row) or int4
+// (glmkit's group-wise layout), caches fp32 or bf16. kernels.py builds the structs below from a model
+// and checks everything else (shapes, dtypes, contiguity, row counts); plain C ABI, called through
+// ctypes with the GIL released.
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+extern "C" int glmkit_gemv_dense(const float* x, int64_t M, int64_t K, const void* w, int wtype, const float* scale,
+                                 int64_t N, float* y, int threads);
+extern "C" int glmkit_gemv_q8(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale, int64_t N,
+                              float* y, int threads);
+extern "C" int glmkit_gemv_int4(const float* x, int64_t M, int64_t K, const uint8_t* w, const float* scales,
+                                const float* mins, int64_t gs, int64_t N, float* y, int threads);
+
+// Field order and types must match kernels.py (_CLinear, _CNorm, _CLayer, _CModel, _CCache).
+struct GlmkitLinear {
+  const void* w;       // (N, K) fp32 / bf16 / int8, or (N, K/2) uint8 for int4
+  const float* scale;  // int8: (N,); int4: (N, K/group); else null
+  const float* mins;   // int4: (N, K/group); else null
+  const float* bias;   // (N,) or null
+  int64_t n, k, group;
+  int32_t kind;  // 0 fp32, 1 bf16, 2 int8, 3 int4
+};
+
+struct GlmkitNorm {
+  const float* w;  // (C,)
+  const float* b;  // (C,) for LayerNorm, else null
+};
+
+struct GlmkitLayer {
+  GlmkitNorm norm1, norm2, post_attn, post_mlp;  // post_*: sandwich norms only
+  GlmkitLinear qkv, out, up, down;
+};
+
+struct GlmkitModel {
+  const GlmkitLayer* layers;
+  GlmkitNorm norm;
+  GlmkitLinear head;
+  int64_t n_layers, dim, n_heads, n_kv_heads, head_dim, rotary_dim;
+  int32_t layernorm, position, swiglu, sandwich, deepnorm;  // position: 0 none, 1 rope_2d, 2 rope_partial
+  float eps, alpha, theta;
+};
+
+struct GlmkitCache {
+  void* k;              // (L, B, K, S, D)
+  void* v;              // (L, B, K, S, D)
+  uint8_t* valid;       // (B, S): real (non-padding) keys. Row b's visible keys are the valid ones up to
+                        // its slot idx[b]: GLM's Part A (keys < sep) always ends before the first decode slot
+  int64_t batch, max_len;
+  int32_t bf16;  // cache dtype: 1 bf16, 0 fp32
+};
+
+namespace {
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, as PyTorch's conversion (NaN kept NaN)
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffff) > 0x7f800000) return static_cast<uint16_t>((u >> 16) | 0x40);
+  return static_cast<uint16_t>((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline float get(const float* p, int64_t i) { return p[i]; }
+inline float get(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <typename T>
+inline float dot(const float* q, const T* k, int64_t D) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k + d), acc);
+  float s = hsum(acc);
+  for (; d < D; ++d) s += q[d] * get(k, d);
+  return s;
+}
+
+template <typename T>
+inline void axpy(float* out, float p, const T* v, int64_t D) {  // out += p * v
+  __m256 vp = _mm256_set1_ps(p);
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) _mm256_storeu_ps(out + d, _mm256_fmadd_ps(vp, load8(v + d), _mm256_loadu_ps(out + d)));
+  for (; d < D; ++d) out[d] += p * get(v, d);
+}
+
+int linear(const GlmkitLinear& l, const float* x, int64_t M, float* y, int threads) {
+  int rc;
+  switch (l.kind) {
+    case 0:
+    case 1: rc = glmkit_gemv_dense(x, M, l.k, l.w, l.kind, nullptr, l.n, y, threads); break;
+    case 2:
+      rc = l.k < 32768 ? glmkit_gemv_q8(x, M, l.k, static_cast<const int8_t*>(l.w), l.scale, l.n, y, threads)
+                       : glmkit_gemv_dense(x, M, l.k, l.w, 2, l.scale, l.n, y, threads);
+      break;
+    case 3:
+      rc = glmkit_gemv_int4(x, M, l.k, static_cast<const uint8_t*>(l.w), l.scale, l.mins, l.group, l.n, y, threads);
+      break;
+    default: return 10;
+  }
+  if (rc) return rc;
+  if (l.bias)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < l.n; ++n) y[m * l.n + n] += l.bias[n];
+  return 0;
+}
+
+// y = norm(x) row by row (y may alias x): statistics in double, as exact as PyTorch's fp32 reductions.
+void norm(const GlmkitModel& m, const GlmkitNorm& p, const float* x, float* y, int64_t M) {
+  const int64_t C = m.dim;
+  for (int64_t r = 0; r < M; ++r) {
+    const float* xr = x + r * C;
+    float* yr = y + r * C;
+    if (m.layernorm) {
+      double mean = 0, var = 0;
+      for (int64_t i = 0; i < C; ++i) mean += xr[i];
+      mean /= C;
+      for (int64_t i = 0; i < C; ++i) var += (xr[i] - mean) * (xr[i] - mean);
+      float inv = static_cast<float>(1.0 / std::sqrt(var / C + m.eps)), mu = static_cast<float>(mean);
+      for (int64_t i = 0; i < C; ++i) yr[i] = (xr[i] - mu) * inv * p.w[i] + p.b[i];
+    } else {
+      double ss = 0;
+      for (int64_t i = 0; i < C; ++i) ss += static_cast<double>(xr[i]) * xr[i];
+      float inv = static_cast<float>(1.0 / std::sqrt(ss / C + m.eps));
+      for (int64_t i = 0; i < C; ++i) yr[i] = xr[i] * inv * p.w[i];
+    }
+  }
+}
+
+// cos / sin tables (M, r/2) for positions p: the frequencies model.rope_cos_sin uses.
+void rope_table(const int64_t* p, int64_t M, int64_t r, float theta, float* cs, float* sn) {
+  for (int64_t i = 0; i < r / 2; ++i) {
+    float inv = 1.0f / std::pow(theta, static_cast<float>(2 * i) / static_cast<float>(r));
+    for (int64_t m = 0; m < M; ++m) {
+      float a = static_cast<float>(p[m]) * inv;
+      cs[m * (r / 2) + i] = std::cos(a);
+      sn[m * (r / 2) + i] = std::sin(a);
+    }
+  }
+}
+
+// Rotate pairs (x[i], x[i + r/2]) for i < r/2 (ChatGLM-6B halves) or (x[2i], x[2i+1]) (GLM-4).
+inline void rotate(float* x, int64_t r, const float* cs, const float* sn, bool interleaved) {
+  for (int64_t i = 0; i < r / 2; ++i) {
+    int64_t a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + r / 2;
+    float x1 = x[a], x2 = x[b];
+    x[a] = x1 * cs[i] - x2 * sn[i];
+    x[b] = x2 * cs[i] + x1 * sn[i];
+  }
+}
+
+template <typename T>
+void attend(const GlmkitModel& m, const GlmkitCache& c, int64_t layer, int64_t M, const float* qkv, const int64_t* idx,
+            float* att, float* scores, int64_t smax, int threads) {
+  const int64_t H = m.n_heads, KH = m.n_kv_heads, D = m.head_dim, S = c.max_len, B = c.batch;
+  const int64_t QKV = (H + 2 * KH) * D, group = H / KH;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const T* kc = static_cast<const T*>(c.k);
+  const T* vc = static_cast<const T*>(c.v);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t bh = 0; bh < M * H; ++bh) {
+    const int64_t b = bh / H, h = bh % H, kh = h / group, n = idx[b] + 1;
+    const float* q = qkv + b * QKV + h * D;
+    const int64_t base = ((layer * B + b) * KH + kh) * S * D;
+    const uint8_t* valid = c.valid + b * S;
+    float* sc = scores + bh * smax;
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t s = 0; s < n; ++s) {  // keys after idx[b] are never visible (Part A ends before it)
+      if (valid[s]) {
+        sc[s] = dot(q, kc + base + s * D, D) * scale;
+        mx = std::max(mx, sc[s]);
+      }
+    }
+    float sum = 0.0f;
+    for (int64_t s = 0; s < n; ++s) {
+      sc[s] = valid[s] ? std::exp(sc[s] - mx) : 0.0f;
+      sum += sc[s];
+    }
+    float* o = att + b * H * D + h * D;
+    std::fill(o, o + D, 0.0f);
+    for (int64_t s = 0; s < n; ++s)
+      if (sc[s] > 0.0f) axpy(o, sc[s] / sum, vc + base + s * D, D);
+  }
+}
+
+template <typename T>
+void store_kv(const GlmkitModel& m, const GlmkitCache& c, int64_t layer, int64_t M, const float* qkv, const int64_t* idx) {
+  const int64_t H = m.n_heads, KH = m.n_kv_heads, D = m.head_dim, S = c.max_len, B = c.batch;
+  const int64_t QKV = (H + 2 * KH) * D;
+  T* kc = static_cast<T*>(c.k);
+  T* vc = static_cast<T*>(c.v);
+  for (int64_t b = 0; b < M; ++b)
+    for (int64_t kh = 0; kh < KH; ++kh) {
+      const float* kp = qkv + b * QKV + H * D + kh * D;
+      const float* vp = qkv + b * QKV + (H + KH) * D + kh * D;
+      const int64_t off = (((layer * B + b) * KH + kh) * S + idx[b]) * D;
+      for (int64_t d = 0; d < D; ++d) {
+        if constexpr (sizeof(T) == 2) {
+          kc[off + d] = float_to_bf16(kp[d]);
+          vc[off + d] = float_to_bf16(vp[d]);
+        } else {
+          kc[off + d] = kp[d];
+          vc[off + d] = vp[d];
+        }
+      }
+    }
+}
+
+inline float gelu_tanh(float x) {
+  return 0.5f * x * (1.0f + std::tanh(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+}
+
+}  // namespace
+
+// x (M, C) fp32: the step's input embeddings (learned positions already added), overwritten.
+// pos, block (M,): positions and block positions; idx (M,): the cache slot each row writes, which
+// is also its last visible key. Row b uses cache row b. logits (M, V) fp32.
+// Returns 0, or non-zero if an argument is out of range (nothing useful is written then).
+extern "C" int glmkit_decode_step(const GlmkitModel* mp, const GlmkitCache* cp, int64_t M, float* x, const int64_t* pos,
+                                  const int64_t* block, const int64_t* idx, float* logits, int threads) {
+  const GlmkitModel& m = *mp;
+  const GlmkitCache& c = *cp;
+  const int64_t C = m.dim, H = m.n_heads, KH = m.n_kv_heads, D = m.head_dim, r = m.rotary_dim;
+  if (M < 1 || M > c.batch || KH < 1 || H % KH) return 1;
+  int64_t smax = 0;
+  for (int64_t b = 0; b < M; ++b) {
+    if (idx[b] < 0 || idx[b] >= c.max_len) return 2;  // before anything is written
+    smax = std::max(smax, idx[b] + 1);
+  }
+  for (int64_t b = 0; b < M; ++b) c.valid[b * c.max_len + idx[b]] = 1;  // the new key is real
+  const int64_t QKV = (H + 2 * KH) * D, F = m.layers[0].down.k;
+  std::vector<float> h(M * C), a(M * C), qkv(M * QKV), att(M * H * D), up(M * m.layers[0].up.n), act(M * F);
+  std::vector<float> scores(M * H * smax), cs_p(M * (r / 2)), sn_p(M * (r / 2)), cs_b(M * (r / 2)), sn_b(M * (r / 2));
+  if (m.position) rope_table(pos, M, r, m.theta, cs_p.data(), sn_p.data());
+  if (m.position == 1) rope_table(block, M, r, m.theta, cs_b.data(), sn_b.data());
+  int rc;
+  for (int64_t l = 0; l < m.n_layers; ++l) {
+    const GlmkitLayer& L = m.layers[l];
+    norm(m, L.norm1, x, h.data(), M);
+    if ((rc = linear(L.qkv, h.data(), M, qkv.data(), threads))) return rc;
+    if (m.position)
+      for (int64_t b = 0; b < M; ++b)
+        for (int64_t j = 0; j < H + KH; ++j) {  // query heads, then key heads
+          float* v = qkv.data() + b * QKV + j * D;
+          const float *cp_ = cs_p.data() + b * (r / 2), *sp_ = sn_p.data() + b * (r / 2);
+          if (m.position == 2) {
+            rotate(v, r, cp_, sp_, true);
+          } else {  // rope_2d: first half of the head by position, second by block position
+            rotate(v, r, cp_, sp_, false);
+            rotate(v + r, r, cs_b.data() + b * (r / 2), sn_b.data() + b * (r / 2), false);
+          }
+        }
+    if (c.bf16) {
+      store_kv<uint16_t>(m, c, l, M, qkv.data(), idx);
+      attend<uint16_t>(m, c, l, M, qkv.data(), idx, att.data(), scores.data(), smax, threads);
+    } else {
+      store_kv<float>(m, c, l, M, qkv.data(), idx);
+      attend<float>(m, c, l, M, qkv.data(), idx, att.data(), scores.data(), smax, threads);
+    }
+    if ((rc = linear(L.out, att.data(), M, a.data(), threads))) return rc;
+    if (m.sandwich) norm(m, L.post_attn, a.data(), a.data(), M);
+    for (int64_t i = 0; i < M * C; ++i) x[i] = (m.deepnorm ? h[i] * m.alpha : x[i]) + a[i];
+    norm(m, L.norm2, x, h.data(), M);
+    if ((rc = linear(L.up, h.data(), M, up.data(), threads))) return rc;
+    for (int64_t b = 0; b < M; ++b)
+      for (int64_t f = 0; f < F; ++f) {
+        if (m.swiglu) {  // rows [gate (F) | up (F)]
+          float g = up[b * 2 * F + f];
+          act[b * F + f] = g / (1.0f + std::exp(-g)) * up[b * 2 * F + F + f];
+        } else {
+          act[b * F + f] = gelu_tanh(up[b * F + f]);
+        }
+      }
+    if ((rc = linear(L.down, act.data(), M, a.data(), threads))) return rc;
+    if (m.sandwich) norm(m, L.post_mlp, a.data(), a.data(), M);
+    for (int64_t i = 0; i < M * C; ++i) x[i] = (m.deepnorm ? h[i] * m.alpha : x[i]) + a[i];
+  }
+  norm(m, m.norm, x, h.data(), M);
+  return linear(m.head, h.data(), M, logits, threads);
+}
