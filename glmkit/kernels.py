@@ -5,8 +5,9 @@ speed is the speed of reading the weights. PyTorch's CPU linear reads them at a 
 memory bandwidth for one row and far below it for 2-16 rows (it takes a GEMM path meant for large
 inputs; see bench/decode.py and ../shared/PERF_NOTES.md). csrc/gemv.cpp reads each weight row once
 and multiplies it into all rows with AVX2 + FMA, for fp32, bf16, int8 and glmkit's int4 layout
-(the quantized ones with integer dot products on int16-quantized activations: 14 bits per row,
-finer than the bf16 activations quantized models run in; see gemv.cpp).
+(the quantized ones with integer dot products: int8 weights on activations rounded to int16, 14
+bits per row, finer than the bf16 activations quantized models run in; int4 weights on activations
+rounded to int8 per group, as llama.cpp's 4-bit formats do; see gemv.cpp).
 
     from glmkit import kernels
     kernels.available()                 # True on x86-64 with AVX2 once the extension has compiled

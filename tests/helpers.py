@@ -54,3 +54,20 @@ def debug_checkpoint(tok, directory):
     m = GLM(get_preset("debug", vocab_size=tok.vocab_size))
     m.init_weights(seed=0)
     return write_checkpoint(m, directory / "model", extra_files=[directory / "tok" / "tokenizer.json"])
+
+
+def int16_act_bound(x: torch.Tensor, w: torch.Tensor) -> float:
+    """How far the native int8-weight kernel may be from x @ w.T: it rounds each activation row to int16
+    steps of absmax/8191, so an output moves by at most half a step times the row's sum of |w|."""
+    return (x.float().abs().amax(-1).max() / 8191 / 2 * w.float().abs().sum(-1).max()).item()
+
+
+def int4_act_bound(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, group: int) -> float:
+    """How far the native int4 kernel may be from x @ dequant.T, for unpacked codes q (N, K) and scales
+    (N, K/group): it rounds each (row, group) of x to int8 steps of its absmax / 127 and multiplies the
+    mins by exact sums of x, so an output moves by at most half a step times the group's sum of
+    |q * scale|."""
+    M, N = x.shape[0], q.shape[0]
+    step = x.double().reshape(M, -1, group).abs().amax(-1) / 127  # (M, G)
+    qs = (q.double().reshape(N, -1, group) * scales.double()[..., None]).abs().sum(-1)  # (N, G)
+    return (step / 2 @ qs.T).max().item()

@@ -17,7 +17,7 @@ from glmkit.generate import SamplingParams, generate
 from glmkit.model import GLM
 from glmkit.quantize import quantize_int4, quantize_int8, quantize_model, unpack_int4
 
-from .helpers import assert_close
+from .helpers import assert_close, int16_act_bound, int4_act_bound
 
 X86_AVX2 = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 needs_native = pytest.mark.skipif(not (X86_AVX2 and (shutil.which("c++") or shutil.which("g++"))),
@@ -28,12 +28,6 @@ needs_native = pytest.mark.skipif(not (X86_AVX2 and (shutil.which("c++") or shut
 def test_builds_on_this_machine():
     # CI machines have a compiler and AVX2: the kernels must be there, not silently replaced
     assert kernels.available(), kernels.why_unavailable()
-
-
-def act_quant_bound(x: torch.Tensor, w: torch.Tensor) -> float:
-    """The quantized-weight kernels round each activation row to int16 steps of absmax/8191: an output
-    moves by at most half a step times the row's sum of |w|."""
-    return (x.abs().amax(-1).max() / 8191 / 2 * w.abs().sum(-1).max()).item()
 
 
 @needs_native
@@ -53,7 +47,7 @@ def test_dense_matches_reference(wtype, M, K):
             y = kernels.linear(x, q, b, s)
             deq = q.double() * s.double()[:, None]
             ref = x.double() @ deq.T + b.double()
-            tol += act_quant_bound(x, deq)
+            tol += int16_act_bound(x, deq)
         else:
             wd = w.to(torch.bfloat16) if wtype == "bf16" else w
             y = kernels.linear(x, wd, b)
@@ -73,7 +67,8 @@ def test_int4_matches_reference(group, M):
     deq = (unpack_int4(q).double().reshape(N, -1, group) * s.double()[..., None] + m.double()[..., None]).reshape(N, K)
     with torch.no_grad():
         y = kernels.linear_int4(x, q, s, m, group)
-    assert_close(y.double(), x.double() @ deq.T, atol=1e-4 + act_quant_bound(x, deq), what=f"int4 g{group} M={M}")
+    bound = int4_act_bound(x, unpack_int4(q), s, group)
+    assert_close(y.double(), x.double() @ deq.T, atol=1e-4 + bound, what=f"int4 g{group} M={M}")
 
 
 @needs_native
@@ -144,7 +139,8 @@ def test_decode_equals_pytorch_linear(variant, monkeypatch):
     reference = generate(model, prompts, params)
     for n, (a, b) in enumerate(zip(native, reference)):
         assert a.token_ids == b.token_ids, f"{variant} prompt {n}: native {a.token_ids} vs PyTorch {b.token_ids}"
-        tol = {"fp32": 1e-4, "bf16": 2e-2}.get(variant, 2e-3)  # int8/int4: 14-bit activations (see gemv.cpp)
+        # int8: 14-bit activations; int4: 8-bit activations per group (see gemv.cpp); measured 2.9e-3
+        tol = {"fp32": 1e-4, "bf16": 2e-2, "int8": 2e-3, "int4": 1e-2}[variant]
         assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=tol, what=f"{variant} prompt {n} logprobs")
 
 
@@ -206,8 +202,10 @@ def test_fused_step_equals_eager_step(variant, kind):
         assert plan is not None, kernels._plans.get(model)
         token = torch.tensor([[11], [12], [13]])
         # fp32: summation order only (measured ~2e-7); bf16: the fused step keeps fp32 where the eager one
-        # rounds to bf16 (~5e-3 on logits below 1.1); int8/int4: 14-bit activations (~1e-4)
-        tol = {"fp32": 1e-5, "bf16": 2e-2}.get(kind, 1e-3)
+        # rounds to bf16 (~5e-3 on logits below 1.1); int8: 14-bit activations (~5e-5); int4: activations
+        # rounded to int8 steps per group, where a float-rounding difference between the two paths can
+        # move a value by one step (~1/127 of the group's range; measured up to 1.6e-2 with sandwich norms)
+        tol = {"fp32": 1e-5, "bf16": 2e-2, "int8": 1e-3, "int4": 3e-2}[kind]
         for step in range(5):
             index = torch.tensor([cache.max_len - 8 + step])
             position = torch.stack((last + 1, torch.full_like(last, step + 1)), 1)[:, :, None]  # (3, 2, 1)

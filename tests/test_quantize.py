@@ -7,12 +7,7 @@ import glmkit
 from glmkit import kernels
 from glmkit.convert import write_checkpoint
 from glmkit.quantize import Int4Linear, Int8Linear, quantize_int4, quantize_int8, quantize_model, unpack_int4
-from tests.helpers import assert_close
-
-
-def act_quant_bound(x: torch.Tensor, w: torch.Tensor) -> float:
-    """glmkit's native kernels round activation rows to int16 steps of absmax/8191 (kernels.py)."""
-    return (x.float().abs().amax(-1).max() / 8191 / 2 * w.float().abs().sum(-1).max()).item()
+from tests.helpers import assert_close, int4_act_bound, int16_act_bound
 
 
 @pytest.fixture(params=["native", "pytorch"])
@@ -35,7 +30,7 @@ def test_int8_linear_equals_dequantized_reference(dtype, path):
     lin.weight.copy_(q), lin.scales.copy_(s), lin.bias.data.copy_(b)
     lin = lin.to(dtype)
     want = x.to(dtype).float() @ (q.float() * s[:, None].to(dtype).float()).T + b.to(dtype).float()
-    tol = (1e-4 if dtype == torch.float32 else 0.15) + (act_quant_bound(x, q.float() * s[:, None]) if path == "native" else 0)
+    tol = (1e-4 if dtype == torch.float32 else 0.15) + (int16_act_bound(x, q.float() * s[:, None]) if path == "native" else 0)
     assert_close(lin(x.to(dtype)).float(), want, tol, f"int8 {path} kernel {dtype}")
 
 
@@ -51,7 +46,7 @@ def test_int4_kernel_equals_dequantized_reference_and_fallback(group, N, path):
     lin = Int4Linear(128, N, False, group)
     lin.weight.copy_(packed), lin.scales.copy_(s), lin.mins.copy_(m)
     kernel = lin(x)
-    tol = 1e-4 + (act_quant_bound(x, deq) if path == "native" else 0)
+    tol = 1e-4 + (int4_act_bound(x, q, s, group) if path == "native" else 0)
     assert_close(kernel, x @ deq.T, tol, f"int4 {path} kernel vs dequantized matmul")
     assert_close(torch.nn.functional.linear(x, lin.dequantize()), kernel, tol, f"fallback path vs {path} kernel")
 

@@ -170,14 +170,22 @@ void q8(const int16_t* xq, const float* sx, int64_t M, int64_t K, const int8_t* 
   }
 }
 
-// int4 weights come two per byte, low nibble = even column. Rather than interleave the nibbles back
-// into column order, the activations are stored de-interleaved per 32 columns (even columns, then odd,
-// see glmkit_gemv_int4): 16 bytes then give two 16-lane vectors matching two 16-lane x loads.
-// w = q * scale + min per group g: dot(x, w) = sum_g scale_g * dot(xq_g, q_g) * sx + min_g * sum(xq_g) * sx;
-// xsum (M, G) holds the per-group sums of the quantized activations.
+// int4 weights come two per byte, low nibble = even column. Their products use int8 activations:
+// each (row, group) of x is rounded to int8 steps of its own absmax / 127 (as llama.cpp's Q8_0 does
+// for its 4-bit formats), so _mm256_maddubs_epi16 multiplies 32 unsigned nibbles by 32 signed
+// activations per instruction, about twice the work per instruction of the int16 path, which
+// matters because int4 weights are cheap to read and the kernel would be compute-bound. Rather than
+// interleave the nibbles back into column order, the activations are stored de-interleaved per 32
+// columns (even columns, then odd; see glmkit_gemv_int4): 16 bytes of weights, split into low and high
+// nibbles, then give one 32-lane vector matching one 32-lane x load.
+// w = q * scale + min per group g: dot(x, w) = sum_g scale_g * sx_g * dot(q_g, xq_g) + min_g * sum(x_g);
+// sx (M, G) holds the activation steps and xsum (M, G) the exact fp32 sums of x per group.
+// maddubs sums two products of at most 15 * 127 (no int16 saturation); madd with ones widens to int32.
 template <int MB>
-inline void dot_rows_int4(const int16_t* x, int64_t ldx, const float* xsum, int64_t G, const uint8_t* w,
+inline void dot_rows_int4(const int8_t* x, int64_t ldx, const float* sx, const float* xsum, int64_t G, const uint8_t* w,
                           int64_t gs, const float* sc, const float* mn, float* out) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m128i mask = _mm_set1_epi8(0x0F);
   __m256 acc[MB];
   float lin[MB];
   for (int j = 0; j < MB; ++j) acc[j] = _mm256_setzero_ps(), lin[j] = 0.0f;
@@ -187,25 +195,21 @@ inline void dot_rows_int4(const int16_t* x, int64_t ldx, const float* xsum, int6
     for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
       _mm_prefetch(reinterpret_cast<const char*>(w + k / 2) + 1024, _MM_HINT_T0);
       __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k / 2));
-      __m128i mask = _mm_set1_epi8(0x0F);
-      __m256i even = _mm256_cvtepu8_epi16(_mm_and_si128(b, mask));
-      __m256i odd = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), mask));
+      __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), mask), _mm_and_si128(b, mask));  // [even | odd]
       for (int j = 0; j < MB; ++j) {
-        const __m256i* xj = reinterpret_cast<const __m256i*>(x + j * ldx + k);
-        a[j] = _mm256_add_epi32(a[j], _mm256_madd_epi16(even, _mm256_loadu_si256(xj)));
-        a[j] = _mm256_add_epi32(a[j], _mm256_madd_epi16(odd, _mm256_loadu_si256(xj + 1)));
+        __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j * ldx + k));
+        a[j] = _mm256_add_epi32(a[j], _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones));
       }
     }
-    __m256 s = _mm256_set1_ps(sc[g]);
     for (int j = 0; j < MB; ++j) {
-      acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[j]), s, acc[j]);
+      acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[j]), _mm256_set1_ps(sc[g] * sx[j * G + g]), acc[j]);
       lin[j] += mn[g] * xsum[j * G + g];
     }
   }
   for (int j = 0; j < MB; ++j) out[j] = hsum(acc[j]) + lin[j];
 }
 
-void int4(const int16_t* xq, const float* sx, const float* xsum, int64_t M, int64_t K, const uint8_t* w,
+void int4(const int8_t* xq, const float* sx, const float* xsum, int64_t M, int64_t K, const uint8_t* w,
           const float* scales, const float* mins, int64_t gs, int64_t N, float* y, int threads) {
   int64_t G = K / gs;
 #pragma omp parallel for schedule(static) num_threads(threads)
@@ -216,15 +220,15 @@ void int4(const int16_t* xq, const float* sx, const float* xsum, int64_t M, int6
     const float* mn = mins + n * G;
     for (int64_t m = 0; m < M; m += 4) {
       int64_t mb = std::min<int64_t>(4, M - m);
-      const int16_t* xm = xq + m * K;
-      const float* xs = xsum + m * G;
+      const int8_t* xm = xq + m * K;
+      const float *s = sx + m * G, *xs = xsum + m * G;
       switch (mb) {
-        case 4: dot_rows_int4<4>(xm, K, xs, G, wr, gs, sc, mn, out); break;
-        case 3: dot_rows_int4<3>(xm, K, xs, G, wr, gs, sc, mn, out); break;
-        case 2: dot_rows_int4<2>(xm, K, xs, G, wr, gs, sc, mn, out); break;
-        default: dot_rows_int4<1>(xm, K, xs, G, wr, gs, sc, mn, out); break;
+        case 4: dot_rows_int4<4>(xm, K, s, xs, G, wr, gs, sc, mn, out); break;
+        case 3: dot_rows_int4<3>(xm, K, s, xs, G, wr, gs, sc, mn, out); break;
+        case 2: dot_rows_int4<2>(xm, K, s, xs, G, wr, gs, sc, mn, out); break;
+        default: dot_rows_int4<1>(xm, K, s, xs, G, wr, gs, sc, mn, out); break;
       }
-      for (int64_t j = 0; j < mb; ++j) y[(m + j) * N + n] = out[j] * sx[m + j];
+      for (int64_t j = 0; j < mb; ++j) y[(m + j) * N + n] = out[j];
     }
   }
 }
@@ -254,26 +258,29 @@ extern "C" int glmkit_gemv_q8(const float* x, int64_t M, int64_t K, const int8_t
   return 0;
 }
 
-// glmkit's int4 layout: w uint8 (N, K/2), scales and mins fp32 (N, K/gs), through int16 activations;
-// the group size gs is a multiple of 32.
+// glmkit's int4 layout: w uint8 (N, K/2), scales and mins fp32 (N, K/gs), through int8 activations
+// quantized per group; the group size gs is a multiple of 32.
 extern "C" int glmkit_gemv_int4(const float* x, int64_t M, int64_t K, const uint8_t* w, const float* scales,
                                 const float* mins, int64_t gs, int64_t N, float* y, int threads) {
   if (gs % 32 || K % gs) return 1;
   int64_t G = K / gs;
-  std::vector<int16_t> xq(M * K), xd(M * K);
-  std::vector<float> sx(M), xsum(M * G);
-  quantize_rows(x, M, K, xq.data(), sx.data());
-  for (int64_t m = 0; m < M; ++m) {
-    const int16_t* q = xq.data() + m * K;
-    int16_t* d = xd.data() + m * K;
-    for (int64_t k = 0; k < K; k += 32)  // de-interleave: even columns, then odd, per 32
-      for (int i = 0; i < 16; ++i) d[k + i] = q[k + 2 * i], d[k + 16 + i] = q[k + 2 * i + 1];
+  std::vector<int8_t> xd(M * K);
+  std::vector<float> sx(M * G), xsum(M * G);
+  for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < G; ++g) {
-      int32_t t = 0;
-      for (int64_t k = g * gs; k < (g + 1) * gs; ++k) t += q[k];
-      xsum[m * G + g] = static_cast<float>(t);
+      const float* xg = x + m * K + g * gs;
+      float amax = 0.0f, sum = 0.0f;
+      for (int64_t i = 0; i < gs; ++i) amax = std::max(amax, std::fabs(xg[i])), sum += xg[i];
+      float step = amax > 0.0f ? amax / 127.0f : 1.0f, inv = 1.0f / step;
+      sx[m * G + g] = step;
+      xsum[m * G + g] = sum;
+      int8_t* d = xd.data() + m * K + g * gs;
+      for (int64_t k = 0; k < gs; k += 32)  // de-interleave: even columns, then odd, per 32
+        for (int i = 0; i < 16; ++i) {
+          d[k + i] = static_cast<int8_t>(std::nearbyint(xg[k + 2 * i] * inv));
+          d[k + 16 + i] = static_cast<int8_t>(std::nearbyint(xg[k + 2 * i + 1] * inv));
+        }
     }
-  }
   int4(xd.data(), sx.data(), xsum.data(), M, K, w, scales, mins, gs, N, y, threads);
   return 0;
 }
