@@ -41,11 +41,12 @@ MAX_ROWS = 16
 _lib = None
 _why: str | None = None  # why the library is unavailable (None: not tried yet, or available)
 _SRCS = [Path(__file__).parent / "csrc" / n for n in ("gemv.cpp", "decode.cpp")]
+_HEADERS = [Path(__file__).parent / "csrc" / "simd.h"]  # part of the source hash, not compiled alone
 _WTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 
 
 def _build() -> Path:
-    src = b"".join(p.read_bytes() for p in _SRCS)
+    src = b"".join(p.read_bytes() for p in _SRCS + _HEADERS)
     cache = Path(os.environ.get("GLMKIT_CACHE", Path.home() / ".cache" / "glmkit")) / "kernels"
     so = cache / f"glmkit-{hashlib.sha256(src).hexdigest()[:16]}.so"
     if so.exists():
@@ -260,7 +261,7 @@ class _Plan:
             elif type(m) is Int8Linear:
                 c.kind, c.scale = 2, tensor(m, "scales", fp32=True)
             elif w.dtype in (torch.float32, torch.bfloat16):
-                c.kind = 0 if w.dtype == torch.float32 else 1
+                c.kind = _WTYPE[w.dtype]
             else:
                 raise _Unsupported(f"{name} weight dtype {w.dtype}")
             c.w = tensor(m, "weight")
@@ -287,7 +288,7 @@ class _Plan:
             if emb.weight.dtype not in (torch.float32, torch.bfloat16):
                 raise _Unsupported(f"embedding dtype {emb.weight.dtype}")
             head = _CLinear(w=tensor(emb, "weight"), n=emb.weight.shape[0], k=emb.weight.shape[1],
-                            kind=0 if emb.weight.dtype == torch.float32 else 1)
+                            kind=_WTYPE[emb.weight.dtype])
         self.model = _CModel(
             layers=self.layers, norm=norm(model, "norm"), head=head, n_layers=cfg.n_layers, dim=cfg.dim,
             n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,

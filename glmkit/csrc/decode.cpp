@@ -24,6 +24,8 @@
 #include <limits>
 #include <vector>
 
+#include "simd.h"
+
 extern "C" int glmkit_gemv_dense(const float* x, int64_t M, int64_t K, const void* w, int wtype, const float* scale,
                                  int64_t N, float* y, int threads);
 extern "C" int glmkit_gemv_q8(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale, int64_t N,
@@ -71,12 +73,7 @@ struct GlmkitCache {
 
 namespace {
 
-inline float bf16_to_float(uint16_t v) {
-  uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+using namespace glmkit_simd;
 
 inline uint16_t float_to_bf16(float f) {  // round to nearest even, as PyTorch's conversion (NaN kept NaN)
   uint32_t u;
@@ -85,28 +82,13 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even, as PyTorch's
   return static_cast<uint16_t>((u + 0x7fff + ((u >> 16) & 1)) >> 16);
 }
 
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const uint16_t* p) {
-  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-inline float get(const float* p, int64_t i) { return p[i]; }
-inline float get(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 template <typename T>
 inline float dot(const float* q, const T* k, int64_t D) {
   __m256 acc = _mm256_setzero_ps();
   int64_t d = 0;
   for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k + d), acc);
   float s = hsum(acc);
-  for (; d < D; ++d) s += q[d] * get(k, d);
+  for (; d < D; ++d) s += q[d] * to_float(k[d]);
   return s;
 }
 
@@ -115,7 +97,7 @@ inline void axpy(float* out, float p, const T* v, int64_t D) {  // out += p * v
   __m256 vp = _mm256_set1_ps(p);
   int64_t d = 0;
   for (; d + 8 <= D; d += 8) _mm256_storeu_ps(out + d, _mm256_fmadd_ps(vp, load8(v + d), _mm256_loadu_ps(out + d)));
-  for (; d < D; ++d) out[d] += p * get(v, d);
+  for (; d < D; ++d) out[d] += p * to_float(v[d]);
 }
 
 int linear(const GlmkitLinear& l, const float* x, int64_t M, float* y, int threads) {
