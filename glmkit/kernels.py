@@ -80,7 +80,7 @@ def _load():
             i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
             lib.glmkit_gemv_dense.argtypes = [ptr, i64, i64, ptr, c_int, ptr, i64, ptr, c_int]
             lib.glmkit_gemv_q8.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, c_int]
-            lib.glmkit_gemv_int4.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, ptr, c_int]
+            lib.glmkit_gemv_int4.argtypes = [ptr, i64, i64, ptr, ptr, c_int, i64, i64, ptr, c_int]
             lib.glmkit_decode_step.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, c_int]
             for f in (lib.glmkit_gemv_dense, lib.glmkit_gemv_q8, lib.glmkit_gemv_int4, lib.glmkit_decode_step):
                 f.restype = c_int
@@ -150,21 +150,37 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return _out(y, x, bias)
 
 
+def int4_supported(in_features: int, group_size: int) -> bool:
+    """Whether the native int4 kernel takes this shape: groups of a multiple of 32 columns that
+    divide the input width, which is a multiple of 64 (the kernel reads 64 columns at a time)."""
+    return group_size % 32 == 0 and in_features % group_size == 0 and in_features % 64 == 0
+
+
+def int4_pairs(scales: torch.Tensor, mins: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The int4 kernel's (N, G, 2) [scale, min] pairs (one stream beside the weights) and their type
+    code: bf16 (1) when both are stored in bf16, so nothing is rounded and 4 bytes per group are read
+    instead of 8, else fp32 (0)."""
+    bf16 = scales.dtype == torch.bfloat16 and mins.dtype == torch.bfloat16
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return torch.stack((scales.detach().to(dtype), mins.detach().to(dtype)), -1).contiguous(), int(bf16)
+
+
 def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ dequant(packed).T + bias for glmkit's int4 layout (see quantize.py): packed uint8
-    (N, K/2), scales and mins (N, K/group_size). Native only: the caller checks `usable` first."""
+    (N, K/2), scales and mins (N, K/group_size). Native only: the caller checks `usable` and
+    `int4_supported` first."""
     N, K = packed.shape[0], packed.shape[1] * 2
     G = K // group_size
-    if x.shape[-1] != K or group_size % 32 or K % group_size or scales.numel() != N * G or mins.numel() != N * G:
+    if x.shape[-1] != K or not int4_supported(K, group_size) or scales.numel() != N * G or mins.numel() != N * G:
         raise ValueError(f"linear_int4: x (..., {x.shape[-1]}), packed {tuple(packed.shape)}, group size {group_size}, "
                          f"scales {tuple(scales.shape)}, mins {tuple(mins.shape)} do not fit together")
     if packed.dtype != torch.uint8 or not packed.is_contiguous():
         raise ValueError("linear_int4: packed must be contiguous uint8")
     xr = _rows(x)
-    sc, mn = scales.to(torch.float32).contiguous(), mins.to(torch.float32).contiguous()
+    sm, sm_type = int4_pairs(scales, mins)
     y = torch.empty(xr.shape[0], N)
-    rc = _lib.glmkit_gemv_int4(xr.data_ptr(), xr.shape[0], K, packed.data_ptr(), sc.data_ptr(), mn.data_ptr(), group_size,
+    rc = _lib.glmkit_gemv_int4(xr.data_ptr(), xr.shape[0], K, packed.data_ptr(), sm.data_ptr(), sm_type, group_size,
                                N, y.data_ptr(), torch.get_num_threads())
     _check(rc, "linear_int4")
     return _out(y, x, bias)
@@ -185,7 +201,7 @@ class Linear(nn.Linear):
 # writes, attention, residuals: ~25 operator calls per layer, each mostly dispatch), so a few-row
 # CPU step of a supported model runs as one native call. Structs mirror decode.cpp's.
 class _CLinear(ctypes.Structure):
-    _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("mins", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+    _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
                 ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("group", ctypes.c_int64), ("kind", ctypes.c_int32)]
 
 
@@ -254,10 +270,12 @@ class _Plan:
             w = m.weight
             c = _CLinear(n=w.shape[0], k=m.in_features, group=0, bias=tensor(m, "bias", fp32=True))
             if type(m) is Int4Linear:
-                if m.group_size % 32 or m.in_features % m.group_size:
-                    raise _Unsupported(f"int4 group size {m.group_size}")
-                c.kind, c.group = 3, m.group_size
-                c.scale, c.mins = tensor(m, "scales", fp32=True), tensor(m, "mins", fp32=True)
+                if not int4_supported(m.in_features, m.group_size):
+                    raise _Unsupported(f"int4 group size {m.group_size} with {m.in_features} inputs")
+                tensor(m, "scales"), tensor(m, "mins")  # watched for changes; the kernel reads a pairs copy
+                sm, sm_type = int4_pairs(m.scales, m.mins)
+                self.keep.append(sm)
+                c.kind, c.group, c.scale = 3 + sm_type, m.group_size, sm.data_ptr()
             elif type(m) is Int8Linear:
                 c.kind, c.scale = 2, tensor(m, "scales", fp32=True)
             elif w.dtype in (torch.float32, torch.bfloat16):

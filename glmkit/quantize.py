@@ -108,7 +108,8 @@ class Int4Linear(nn.Module):
         return self._packed[0], self._packed[1].to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.usable(x):  # decode: glmkit's native kernel reads this layout as stored
+        if kernels.usable(x) and kernels.int4_supported(self.in_features, self.group_size):
+            # decode: glmkit's native kernel reads this layout as stored
             return kernels.linear_int4(x, self.weight, self.scales, self.mins, self.group_size, self.bias)
         shape = x.shape
         # the CPU kernel packs output rows in blocks of 16

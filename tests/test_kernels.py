@@ -15,7 +15,7 @@ from glmkit import kernels
 from glmkit.config import get_preset
 from glmkit.generate import SamplingParams, generate
 from glmkit.model import GLM
-from glmkit.quantize import quantize_int4, quantize_int8, quantize_model, unpack_int4
+from glmkit.quantize import Int4Linear, quantize_int4, quantize_int8, quantize_model, unpack_int4
 
 from .helpers import assert_close, int16_act_bound, int4_act_bound
 
@@ -59,16 +59,35 @@ def test_dense_matches_reference(wtype, M, K):
 @needs_native
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("M", [1, 4, 7, 16])
-def test_int4_matches_reference(group, M):
-    g = torch.Generator().manual_seed(group + M)
-    N, K = 24, 256
-    w, x = torch.randn(N, K, generator=g), torch.randn(M, K, generator=g)
-    q, s, m = quantize_int4(w, group)
-    deq = (unpack_int4(q).double().reshape(N, -1, group) * s.double()[..., None] + m.double()[..., None]).reshape(N, K)
+@pytest.mark.parametrize("sdtype", [torch.float32, torch.bfloat16])
+def test_int4_matches_reference(group, M, sdtype):
+    # N = 24: M = 1 takes the 4-weight-rows-at-once path (groups >= 64); N = 22 the one-row path
+    for N in (24, 22):
+        g = torch.Generator().manual_seed(group + M + N)
+        K = 256
+        w, x = torch.randn(N, K, generator=g), torch.randn(M, K, generator=g)
+        q, s, m = quantize_int4(w, group)
+        s, m = s.to(sdtype), m.to(sdtype)  # bf16 scales / mins are read as stored, not widened
+        deq = (unpack_int4(q).double().reshape(N, -1, group) * s.double()[..., None] + m.double()[..., None]).reshape(N, K)
+        with torch.no_grad():
+            y = kernels.linear_int4(x, q, s, m, group)
+        bound = int4_act_bound(x, unpack_int4(q), s, group)
+        assert_close(y.double(), x.double() @ deq.T, atol=1e-4 + bound, what=f"int4 g{group} M={M} N={N} {sdtype}")
+
+
+def test_int4_input_width_not_a_multiple_of_64_uses_pytorch():
+    # the native kernel reads 64 columns at a time: 96 inputs (groups of 32) go through PyTorch
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(16, 96, generator=g), torch.randn(1, 96, generator=g)
+    q, s, m = quantize_int4(w, 32)
+    layer = Int4Linear(96, 16, bias=False, group_size=32)
+    layer.weight.copy_(q), layer.scales.copy_(s), layer.mins.copy_(m)
+    assert not kernels.int4_supported(96, 32) and kernels.int4_supported(128, 32)
     with torch.no_grad():
-        y = kernels.linear_int4(x, q, s, m, group)
-    bound = int4_act_bound(x, unpack_int4(q), s, group)
-    assert_close(y.double(), x.double() @ deq.T, atol=1e-4 + bound, what=f"int4 g{group} M={M}")
+        assert_close(layer(x), x @ layer.dequantize().T, atol=1e-5, what="int4, 96 inputs, PyTorch path")
+        if kernels.available():
+            with pytest.raises(ValueError, match="do not fit"):
+                kernels.linear_int4(x, q, s, m, 32)
 
 
 @needs_native

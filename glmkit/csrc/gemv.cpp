@@ -153,63 +153,148 @@ void q8(const int16_t* xq, const float* sx, int64_t M, int64_t K, const int8_t* 
 // int4 weights come two per byte, low nibble = even column. Their products use int8 activations:
 // each (row, group) of x is rounded to int8 steps of its own absmax / 127 (as llama.cpp's Q8_0 does
 // for its 4-bit formats), so _mm256_maddubs_epi16 multiplies 32 unsigned nibbles by 32 signed
-// activations per instruction, about twice the work per instruction of the int16 path, which
-// matters because int4 weights are cheap to read and the kernel would be compute-bound. Rather than
-// interleave the nibbles back into column order, the activations are stored de-interleaved per 32
-// columns (even columns, then odd; see glmkit_gemv_int4): 16 bytes of weights, split into low and high
-// nibbles, then give one 32-lane vector matching one 32-lane x load.
-// w = q * scale + min per group g: dot(x, w) = sum_g scale_g * sx_g * dot(q_g, xq_g) + min_g * sum(x_g);
-// sx (M, G) holds the activation steps and xsum (M, G) the exact fp32 sums of x per group.
-// maddubs sums two products of at most 15 * 127 (no int16 saturation); madd with ones widens to int32.
+// activations per instruction. The loop takes 64 columns (32 bytes, one load) at a time: masking the
+// low nibbles gives the even columns of both 32-column halves, shifting and masking the odd ones, so
+// the activations are stored in that order per 64 columns (see glmkit_gemv_int4) instead of the
+// nibbles being shuffled back into column order. maddubs sums pairs of products (|.| <= 2 * 15 * 127
+// = 3810); the even and odd results are added in int16 (<= 7620, no saturation) and widened to int32
+// by madd with ones: int32 lanes 0-3 then hold columns 0-31 of the chunk, lanes 4-7 columns 32-63.
+// With w = q * scale + min per group g:
+//   dot(x, w) = sum_g scale_g * sx_g * dot(q_g, xq_g) + sum_g min_g * xsum_g,
+// sx (M, G) the activation steps and xsum (M, G) the exact fp32 sums of x per group. The scales and
+// mins come interleaved, sm (N, G, 2) = [scale, min] in fp32 or bf16 (S), one stream next to the
+// weights; in bf16 they add 4 bytes per group to its 32 (group 64), in fp32 8. Groups of 64 or more
+// scale whole int32 vectors; groups of 32 scale lanes 0-3 and 4-7 by their own group's factor.
+
+// The int32 lanes of MB activation rows against one chunk of 64 columns at k: a[j] += ...
 template <int MB>
+inline void chunk_int4(const int8_t* x, int64_t ldx, const uint8_t* w, int64_t k, __m256i* a) {
+  const __m256i ones = _mm256_set1_epi16(1), mask = _mm256_set1_epi8(0x0F);
+  __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k / 2));
+  __m256i lo = _mm256_and_si256(b, mask), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+  for (int j = 0; j < MB; ++j) {
+    const __m256i* xj = reinterpret_cast<const __m256i*>(x + j * ldx + k);
+    __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(xj)),
+                                 _mm256_maddubs_epi16(hi, _mm256_loadu_si256(xj + 1)));
+    a[j] = _mm256_add_epi32(a[j], _mm256_madd_epi16(p, ones));
+  }
+}
+
+// MB activation rows against one weight row w (K / 2 bytes), CH = gs / 64 chunks per group (0: gs / 64
+// at run time). sm: this row's (G, 2) scale / min pairs.
+template <int MB, int CH, typename S>
 inline void dot_rows_int4(const int8_t* x, int64_t ldx, const float* sx, const float* xsum, int64_t G, const uint8_t* w,
-                          int64_t gs, const float* sc, const float* mn, float* out) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  const __m128i mask = _mm_set1_epi8(0x0F);
+                          int64_t gs, const S* sm, float* out) {
   __m256 acc[MB];
+  __m256i a[MB];
   float lin[MB];
   for (int j = 0; j < MB; ++j) acc[j] = _mm256_setzero_ps(), lin[j] = 0.0f;
-  for (int64_t g = 0; g < G; ++g) {
-    __m256i a[MB];
-    for (int j = 0; j < MB; ++j) a[j] = _mm256_setzero_si256();
-    for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + k / 2) + 1024, _MM_HINT_T0);
-      __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k / 2));
-      __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), mask), _mm_and_si128(b, mask));  // [even | odd]
+  if (gs == 32) {  // one chunk holds two groups
+    const __m256i pick = _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0);
+    for (int64_t g = 0; g < G; g += 2) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + 16 * g) + 1024, _MM_HINT_T0);
+      for (int j = 0; j < MB; ++j) a[j] = _mm256_setzero_si256();
+      chunk_int4<MB>(x, ldx, w, 32 * g, a);
+      const float s0 = to_float(sm[2 * g]), m0 = to_float(sm[2 * g + 1]);
+      const float s1 = to_float(sm[2 * g + 2]), m1 = to_float(sm[2 * g + 3]);
       for (int j = 0; j < MB; ++j) {
-        __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j * ldx + k));
-        a[j] = _mm256_add_epi32(a[j], _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones));
+        const float* sj = sx + j * G + g;
+        __m256 f = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_set_ps(0.0f, 0.0f, s1 * sj[1], s0 * sj[0])), pick);
+        acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[j]), f, acc[j]);
+        lin[j] += m0 * xsum[j * G + g] + m1 * xsum[j * G + g + 1];
       }
     }
-    for (int j = 0; j < MB; ++j) {
-      acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[j]), _mm256_set1_ps(sc[g] * sx[j * G + g]), acc[j]);
-      lin[j] += mn[g] * xsum[j * G + g];
+  } else {
+    const int64_t chunks = CH ? CH : gs / 64;
+    for (int64_t g = 0; g < G; ++g) {
+      for (int j = 0; j < MB; ++j) a[j] = _mm256_setzero_si256();
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t k = g * gs + 64 * c;
+        _mm_prefetch(reinterpret_cast<const char*>(w + k / 2) + 1024, _MM_HINT_T0);
+        chunk_int4<MB>(x, ldx, w, k, a);
+      }
+      const float s = to_float(sm[2 * g]), mn = to_float(sm[2 * g + 1]);
+      for (int j = 0; j < MB; ++j) {
+        acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[j]), _mm256_set1_ps(s * sx[j * G + g]), acc[j]);
+        lin[j] += mn * xsum[j * G + g];
+      }
     }
   }
   for (int j = 0; j < MB; ++j) out[j] = hsum(acc[j]) + lin[j];
 }
 
-void int4(const int8_t* xq, const float* sx, const float* xsum, int64_t M, int64_t K, const uint8_t* w,
-          const float* scales, const float* mins, int64_t gs, int64_t N, float* y, int threads) {
-  int64_t G = K / gs;
+// One activation row against R weight rows (M = 1, the common decode case; groups of 64 or more):
+// the activations are loaded once per chunk for all R rows and the R accumulation chains run side by
+// side. The R rows are contiguous, so the next block is prefetched as one stream.
+template <int R, int CH, typename S>
+inline void wrows_int4(const int8_t* x, const float* sx, const float* xsum, int64_t G, const uint8_t* w, int64_t gs,
+                       const S* sm, float* out) {
+  const __m256i ones = _mm256_set1_epi16(1), mask = _mm256_set1_epi8(0x0F);
+  const int64_t chunks = CH ? CH : gs / 64, ldw = G * gs / 2;
+  __m256 acc[R];
+  float lin[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), lin[r] = 0.0f;
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i a[R];
+    for (int r = 0; r < R; ++r) a[r] = _mm256_setzero_si256();
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t k = g * gs + 64 * c;
+      const char* pf = reinterpret_cast<const char*>(w + R * ldw) + R * (k / 2);  // 32 bytes per row per chunk
+      for (int i = 0; i < R * 32; i += 64) _mm_prefetch(pf + i, _MM_HINT_T0);
+      __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k));
+      __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k + 32));
+      for (int r = 0; r < R; ++r) {
+        __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * ldw + k / 2));
+        __m256i lo = _mm256_and_si256(b, mask), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+        __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1));
+        a[r] = _mm256_add_epi32(a[r], _mm256_madd_epi16(p, ones));
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const S* p = sm + 2 * (r * G + g);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r]), _mm256_set1_ps(to_float(p[0]) * sx[g]), acc[r]);
+      lin[r] += to_float(p[1]) * xsum[g];
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) + lin[r];
+}
+
+template <int CH, typename S>
+void int4_rows(const int8_t* xq, const float* sx, const float* xsum, int64_t M, int64_t K, const uint8_t* w,
+               const S* sm, int64_t gs, int64_t N, float* y, int threads) {
+  const int64_t G = K / gs;
+  if (M == 1 && gs != 32 && N % 4 == 0) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n += 4) wrows_int4<4, CH>(xq, sx, xsum, G, w + n * (K / 2), gs, sm + 2 * n * G, y + n);
+    return;
+  }
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t n = 0; n < N; ++n) {
     float out[4];
     const uint8_t* wr = w + n * (K / 2);
-    const float* sc = scales + n * G;
-    const float* mn = mins + n * G;
+    const S* smr = sm + 2 * n * G;
     for (int64_t m = 0; m < M; m += 4) {
       int64_t mb = std::min<int64_t>(4, M - m);
       const int8_t* xm = xq + m * K;
       const float *s = sx + m * G, *xs = xsum + m * G;
       switch (mb) {
-        case 4: dot_rows_int4<4>(xm, K, s, xs, G, wr, gs, sc, mn, out); break;
-        case 3: dot_rows_int4<3>(xm, K, s, xs, G, wr, gs, sc, mn, out); break;
-        case 2: dot_rows_int4<2>(xm, K, s, xs, G, wr, gs, sc, mn, out); break;
-        default: dot_rows_int4<1>(xm, K, s, xs, G, wr, gs, sc, mn, out); break;
+        case 4: dot_rows_int4<4, CH>(xm, K, s, xs, G, wr, gs, smr, out); break;
+        case 3: dot_rows_int4<3, CH>(xm, K, s, xs, G, wr, gs, smr, out); break;
+        case 2: dot_rows_int4<2, CH>(xm, K, s, xs, G, wr, gs, smr, out); break;
+        default: dot_rows_int4<1, CH>(xm, K, s, xs, G, wr, gs, smr, out); break;
       }
       for (int64_t j = 0; j < mb; ++j) y[(m + j) * N + n] = out[j];
     }
+  }
+}
+
+template <typename S>
+void int4(const int8_t* xq, const float* sx, const float* xsum, int64_t M, int64_t K, const uint8_t* w, const S* sm,
+          int64_t gs, int64_t N, float* y, int threads) {
+  switch (gs) {  // the common group sizes get a fixed chunk count per group
+    case 64: int4_rows<1>(xq, sx, xsum, M, K, w, sm, gs, N, y, threads); break;
+    case 128: int4_rows<2>(xq, sx, xsum, M, K, w, sm, gs, N, y, threads); break;
+    default: int4_rows<0>(xq, sx, xsum, M, K, w, sm, gs, N, y, threads); break;
   }
 }
 
@@ -238,29 +323,34 @@ extern "C" int glmkit_gemv_q8(const float* x, int64_t M, int64_t K, const int8_t
   return 0;
 }
 
-// glmkit's int4 layout: w uint8 (N, K/2), scales and mins fp32 (N, K/gs), through int8 activations
-// quantized per group; the group size gs is a multiple of 32.
-extern "C" int glmkit_gemv_int4(const float* x, int64_t M, int64_t K, const uint8_t* w, const float* scales,
-                                const float* mins, int64_t gs, int64_t N, float* y, int threads) {
-  if (gs % 32 || K % gs) return 1;
+// glmkit's int4 layout: w uint8 (N, K/2); sm (N, K/gs, 2) [scale, min] pairs, fp32 (sm_type 0) or bf16
+// (sm_type 1); through int8 activations quantized per group. gs: a multiple of 32; K: a multiple of 64.
+extern "C" int glmkit_gemv_int4(const float* x, int64_t M, int64_t K, const uint8_t* w, const void* sm, int sm_type,
+                                int64_t gs, int64_t N, float* y, int threads) {
+  if (gs % 32 || K % gs || K % 64 || sm_type < 0 || sm_type > 1) return 1;
   int64_t G = K / gs;
   std::vector<int8_t> xd(M * K);
-  std::vector<float> sx(M * G), xsum(M * G);
-  for (int64_t m = 0; m < M; ++m)
+  std::vector<float> sx(M * G), xsum(M * G), inv(G);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * K;
     for (int64_t g = 0; g < G; ++g) {
-      const float* xg = x + m * K + g * gs;
       float amax = 0.0f, sum = 0.0f;
-      for (int64_t i = 0; i < gs; ++i) amax = std::max(amax, std::fabs(xg[i])), sum += xg[i];
-      float step = amax > 0.0f ? amax / 127.0f : 1.0f, inv = 1.0f / step;
-      sx[m * G + g] = step;
-      xsum[m * G + g] = sum;
-      int8_t* d = xd.data() + m * K + g * gs;
-      for (int64_t k = 0; k < gs; k += 32)  // de-interleave: even columns, then odd, per 32
-        for (int i = 0; i < 16; ++i) {
-          d[k + i] = static_cast<int8_t>(std::nearbyint(xg[k + 2 * i] * inv));
-          d[k + 16 + i] = static_cast<int8_t>(std::nearbyint(xg[k + 2 * i + 1] * inv));
-        }
+      for (int64_t i = g * gs; i < (g + 1) * gs; ++i) amax = std::max(amax, std::fabs(xr[i])), sum += xr[i];
+      float step = amax > 0.0f ? amax / 127.0f : 1.0f;
+      sx[m * G + g] = step, xsum[m * G + g] = sum, inv[g] = 1.0f / step;
     }
-  int4(xd.data(), sx.data(), xsum.data(), M, K, w, scales, mins, gs, N, y, threads);
+    int8_t* d = xd.data() + m * K;
+    for (int64_t k = 0; k < K; k += 64)  // per 64 columns: even columns of each half, then odd ones
+      for (int h = 0; h < 2; ++h) {
+        const float* xh = xr + k + 32 * h;
+        const float s = inv[(k + 32 * h) / gs];
+        for (int i = 0; i < 16; ++i) {
+          d[k + 16 * h + i] = static_cast<int8_t>(std::nearbyint(xh[2 * i] * s));
+          d[k + 32 + 16 * h + i] = static_cast<int8_t>(std::nearbyint(xh[2 * i + 1] * s));
+        }
+      }
+  }
+  if (sm_type == 0) int4(xd.data(), sx.data(), xsum.data(), M, K, w, static_cast<const float*>(sm), gs, N, y, threads);
+  else int4(xd.data(), sx.data(), xsum.data(), M, K, w, static_cast<const uint16_t*>(sm), gs, N, y, threads);
   return 0;
 }
