@@ -131,6 +131,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     PyTorch when the native kernel is not usable for these inputs."""
     if not (usable(x, weight) and weight.dim() == 2 and weight.is_contiguous() and weight.dtype in _WTYPE):
         w = weight.to(x.dtype) * scale.to(x.dtype)[:, None] if scale is not None else weight
+        if bf16_via_fp32(x, w):
+            return _Bf16Linear.apply(x, w, bias)
         return F.linear(x, w, bias)
     N, K = weight.shape
     if x.shape[-1] != K:
@@ -186,14 +188,77 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, min
     return _out(y, x, bias)
 
 
+# ---- bf16 matrix products on CPUs without bf16 instructions -------------------------------------------------
+# Without AVX512-BF16 or AMX, PyTorch's CPU bf16 GEMM converts as it goes and runs far below the fp32
+# GEMM on the same machine (on the AVX2 development machine: a 512 x 768 x 3072 product 6.5x slower,
+# a weight gradient 12x; see bench/decode.py's prefill and bench/train_throughput.py). A bf16 product
+# is exact products of bf16 values summed in fp32, which is what an fp32 GEMM of the widened operands
+# computes too (in another summation order), so there it is done that way: bf16 in, bf16 out, the
+# same contract as F.linear in bf16 or under bf16 autocast, with bf16 tensors saved for backward.
+_BF16_EMULATED: bool | None = None
+
+
+def _cpu_bf16_emulated() -> bool:
+    """Whether this CPU lacks bf16 matrix instructions (x86 without AVX512-BF16 / AMX), so that bf16
+    products are faster as fp32 ones. GLMKIT_BF16_GEMM=fp32|native overrides the detection."""
+    global _BF16_EMULATED
+    if _BF16_EMULATED is None:
+        env = os.environ.get("GLMKIT_BF16_GEMM", "auto")
+        if env in ("fp32", "native"):
+            _BF16_EMULATED = env == "fp32"
+        elif platform.machine().lower() not in ("x86_64", "amd64"):
+            _BF16_EMULATED = False  # ARM's bf16 paths are its own; leave them to PyTorch
+        else:
+            cpu = torch.cpu
+            native = [getattr(cpu, f, lambda: True)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+            _BF16_EMULATED = not any(native)
+    return _BF16_EMULATED
+
+
+def bf16_via_fp32(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether x @ weight.T is a CPU bf16 product (bf16 operands, or bf16 autocast) better done in fp32."""
+    if x.device.type != "cpu" or weight.device.type != "cpu" or not _cpu_bf16_emulated():
+        return False
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.is_floating_point() and weight.is_floating_point()
+    return x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
+
+
+class _Bf16Linear(torch.autograd.Function):
+    """F.linear for bf16 operands through fp32 products, forward and backward (see above)."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.bfloat16)
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        y = F.linear(x.float(), weight.float(), bias.float() if bias is not None else None)
+        return y.to(torch.bfloat16)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, gy):
+        x, weight = ctx.saved_tensors
+        g = gy.float()
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = (g @ weight.float()).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            gw = (g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).float()).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g.reshape(-1, g.shape[-1]).sum(0).to(weight.dtype)
+        return gx, gw, gb
+
+
 class Linear(nn.Linear):
     """nn.Linear (same parameters and state-dict keys) whose few-row CPU inference calls use the
-    native kernel; everything else (training, prefill, other devices, compile, export) is F.linear."""
+    native kernel and whose CPU bf16 products run in fp32 where that is faster (see bf16_via_fp32);
+    everything else (fp32 training and prefill, other devices, compile, export) is F.linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if usable(x, self.weight):
-            return linear(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 # ---- the fused decode step (csrc/decode.cpp) ---------------------------------------------------------------

@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from glmkit import kernels
@@ -303,3 +304,44 @@ def test_fused_step_rejects_bad_slots_without_writing():
         kernels.decode_step(model, torch.tensor([1, 2]), torch.tensor([0, 0]), torch.tensor([0, 0]), cache.k, cache.v,
                             cache.valid, torch.tensor([0, 8]))  # slot 8 of an 8-slot cache
     assert torch.equal(cache.valid, before)
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_bf16_products_through_fp32_match_pytorch(monkeypatch, autocast):
+    # on CPUs without bf16 instructions glmkit's Linear does bf16 products as fp32 ones; forced on here
+    # so that the test runs (and means the same) on every CPU
+    monkeypatch.setattr(kernels, "_BF16_EMULATED", True)
+    g = torch.Generator().manual_seed(0)
+    lin = kernels.Linear(96, 40)
+    ref = nn.Linear(96, 40)
+    if not autocast:
+        lin, ref = lin.bfloat16(), ref.bfloat16()
+    ref.load_state_dict(lin.state_dict())
+    x = torch.randn(3, 20, 96, generator=g, dtype=torch.float32 if autocast else torch.bfloat16)
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    outs = []
+    for m, xi in zip((lin, ref), xs):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = m(xi)
+        (y.float().square() * torch.linspace(0, 1, 40)).sum().backward()
+        outs.append(y)
+    assert type(outs[0].grad_fn).__name__ == "_Bf16LinearBackward"
+    assert outs[0].dtype == outs[1].dtype == torch.bfloat16
+    # the same bf16 products summed in fp32 in another order: outputs within a bf16 rounding
+    assert_close(outs[0].float(), outs[1].float(), atol=2 ** -7 * outs[1].float().abs().max().item(), what="bf16 linear via fp32")
+    for a, b, what in ((xs[0].grad, xs[1].grad, "dx"), (lin.weight.grad, ref.weight.grad, "dW"), (lin.bias.grad, ref.bias.grad, "db")):
+        assert a.dtype == b.dtype, what
+        assert_close(a.float(), b.float(), atol=2e-2 * b.float().abs().max().item(), what=what)
+
+
+def test_bf16_via_fp32_only_where_it_applies(monkeypatch):
+    monkeypatch.setattr(kernels, "_BF16_EMULATED", True)
+    xb, wb, xf, wf = torch.zeros(2, 4, dtype=torch.bfloat16), torch.zeros(3, 4, dtype=torch.bfloat16), torch.zeros(2, 4), torch.zeros(3, 4)
+    assert kernels.bf16_via_fp32(xb, wb) and not kernels.bf16_via_fp32(xf, wf) and not kernels.bf16_via_fp32(xb, wf)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert kernels.bf16_via_fp32(xf, wf)
+    monkeypatch.setattr(kernels, "_BF16_EMULATED", False)  # a CPU with bf16 instructions: PyTorch's bf16 GEMM
+    assert not kernels.bf16_via_fp32(xb, wb)
+    monkeypatch.setattr(kernels, "_BF16_EMULATED", None)
+    monkeypatch.setenv("GLMKIT_BF16_GEMM", "native")
+    assert not kernels._cpu_bf16_emulated()
