@@ -29,12 +29,17 @@ SIZES = {  # name: (dim, layers, heads, kv heads, ffn, vocab)
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+    """FLOP/s of an n x n x n product. bf16 through glmkit's Linear, so on a CPU without bf16
+    instructions it is the fp32 GEMM of the widened operands (PyTorch's own bf16 GEMM there runs
+    at ~0.1 GFLOP/s for square shapes, which would make any utilisation figure meaningless)."""
+    from glmkit import kernels
+
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(2):
-        a @ b
+        kernels.linear(a, b)
     t = time.perf_counter()
     for _ in range(reps):
-        a @ b
+        kernels.linear(a, b)
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
@@ -70,6 +75,7 @@ def main():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--no-hf", action="store_true", help="glmkit only (transformers' CPU bf16 training takes minutes a step)")
     a = p.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {a.batch} x {a.seq_len}")
     peaks = {pr: matmul_peak(torch.float32 if pr == "fp32" else torch.bfloat16) for pr in a.precisions}
@@ -97,10 +103,11 @@ def main():
 
         for pr in a.precisions:
             amp = pr == "bf16"
-            opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for n, m in (("ours", ours), ("hf", hf))}
-            times = {"ours": [], "hf": []}
+            runs = (("ours", ours, step_ours),) + (() if a.no_hf else (("hf", hf, step_hf),))
+            opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for n, m, _ in runs}
+            times = {n: [] for n, _, _ in runs}
             for i in range(a.steps + 1):
-                for name, fn in (("ours", step_ours), ("hf", step_hf)):
+                for name, _, fn in runs:
                     t = time.perf_counter()
                     fn(opts[name], amp)
                     if i > 0:  # the first step warms caches and allocators
@@ -108,12 +115,13 @@ def main():
             tokens = a.batch * (a.seq_len - 1)
             tps = {n: tokens / statistics.median(v) for n, v in times.items()}
             mfu = tps["ours"] * flops_per_token(ours, a.seq_len) / peaks[pr]
-            rows.append((size, f"{ours.cfg.num_params() / 1e6:.1f}M", pr, tps["hf"], tps["ours"], tps["ours"] / tps["hf"], mfu))
-            print(f"{size} {pr}: transformers {tps['hf']:.0f} tok/s, glmkit {tps['ours']:.0f} tok/s", flush=True)
+            h = tps.get("hf")
+            rows.append((size, f"{ours.cfg.num_params() / 1e6:.1f}M", pr, h, tps["ours"], tps["ours"] / h if h else None, mfu))
+            print(f"{size} {pr}: transformers {f'{h:.0f}' if h else '-'} tok/s, glmkit {tps['ours']:.0f} tok/s", flush=True)
     print("\n| size | params | precision | transformers tok/s | glmkit tok/s | ratio | glmkit MFU |")
     print("|---|---|---|---|---|---|---|")
     for size, n, pr, h, o, r, m in rows:
-        print(f"| {size} | {n} | {pr} | {h:.0f} | {o:.0f} | {r:.2f}x | {m:.0%} |")
+        print(f"| {size} | {n} | {pr} | {f'{h:.0f}' if h else '-'} | {o:.0f} | {f'{r:.2f}x' if r else '-'} | {m:.0%} |")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import distributed as D
+from . import kernels
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .infill import InfillConfig
 
@@ -86,6 +87,13 @@ class GLMObjective(nn.Module):
         logits = self.model.logits(h[loss_mask])  # (N, V)
         return F.cross_entropy(logits.float(), targets[loss_mask], reduction="sum")
 
+
+
+def _amp_note(device) -> str:
+    note = "bf16 autocast, fp32 master weights"
+    if torch.device(device).type == "cpu" and kernels._cpu_bf16_emulated():
+        note += "; no bf16 instructions on this CPU: linear layers multiply in fp32 (kernels.bf16_via_fp32)"
+    return note
 
 def lr_at(step: int, c: TrainConfig) -> float:
     if step < c.warmup:
@@ -162,7 +170,7 @@ def train(c: TrainConfig) -> dict:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"glmkit pretrain: {n_params / 1e6:.2f}M parameters, device {d.device} x {d.world_size} "
               f"({c.parallel if d.active else 'single process'}), precision {c.precision} "
-              f"({'bf16 autocast, fp32 master weights' if amp else 'fp32'}), AdamW {opt_kind}, "
+              f"({_amp_note(d.device) if amp else 'fp32'}), AdamW {opt_kind}, "
               f"compile {c.compile}, global batch {c.batch_size * c.grad_accum * d.world_size} x {c.seq_len}")
         (out / "train_config.json").write_text(json.dumps(asdict(c), indent=1) + "\n")
 
