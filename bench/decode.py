@@ -188,7 +188,8 @@ def main(argv=None):
                 else:
                     ours = glmkit.load(tmp, dtype=DTYPES[d]).eval()
                     hf = None if a.no_hf else transformers.GlmForCausalLM.from_pretrained(tmp, dtype=DTYPES[d]).eval()
-                n_params = sum(p.numel() for p in ours.parameters()) + sum(b.numel() for b in ours.buffers() if not b.is_floating_point())
+                n_params = sum(p.numel() for p in ours.parameters()) + sum(  # int4 weights: two per uint8
+                    b.numel() * (2 if b.dtype == torch.uint8 else 1) for b in ours.buffers() if not b.is_floating_point())
                 wb = weight_bytes(ours)
                 label = f"{size} ({n_params / 1e6:.0f}M) {name}"
                 sizes_mib[label] = model_bytes(ours) / 2**20
