@@ -198,7 +198,7 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, min
 _BF16_EMULATED: bool | None = None
 
 
-def _cpu_bf16_emulated() -> bool:
+def cpu_bf16_emulated() -> bool:
     """Whether this CPU lacks bf16 matrix instructions (x86 without AVX512-BF16 / AMX), so that bf16
     products are faster as fp32 ones. GLMKIT_BF16_GEMM=fp32|native overrides the detection."""
     global _BF16_EMULATED
@@ -217,7 +217,7 @@ def _cpu_bf16_emulated() -> bool:
 
 def bf16_via_fp32(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether x @ weight.T is a CPU bf16 product (bf16 operands, or bf16 autocast) better done in fp32."""
-    if x.device.type != "cpu" or weight.device.type != "cpu" or not _cpu_bf16_emulated():
+    if x.device.type != "cpu" or weight.device.type != "cpu" or not cpu_bf16_emulated():
         return False
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return False

@@ -88,10 +88,9 @@ class GLMObjective(nn.Module):
         return F.cross_entropy(logits.float(), targets[loss_mask], reduction="sum")
 
 
-
 def _amp_note(device) -> str:
     note = "bf16 autocast, fp32 master weights"
-    if torch.device(device).type == "cpu" and kernels._cpu_bf16_emulated():
+    if torch.device(device).type == "cpu" and kernels.cpu_bf16_emulated():
         note += "; no bf16 instructions on this CPU: linear layers multiply in fp32 (kernels.bf16_via_fp32)"
     return note
 

@@ -344,4 +344,4 @@ def test_bf16_via_fp32_only_where_it_applies(monkeypatch):
     assert not kernels.bf16_via_fp32(xb, wb)
     monkeypatch.setattr(kernels, "_BF16_EMULATED", None)
     monkeypatch.setenv("GLMKIT_BF16_GEMM", "native")
-    assert not kernels._cpu_bf16_emulated()
+    assert not kernels.cpu_bf16_emulated()
