@@ -75,6 +75,7 @@ def main():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--compile", action="store_true", help="glmkit's model through torch.compile (as `pretrain --compile`)")
     p.add_argument("--no-hf", action="store_true", help="glmkit only (transformers' CPU bf16 training takes minutes a step)")
     a = p.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {a.batch} x {a.seq_len}")
@@ -84,10 +85,11 @@ def main():
     for size in a.sizes:
         hf, ours = build(size, a.seq_len)
         ids = torch.randint(0, ours.cfg.vocab_size, (a.batch, a.seq_len))
+        run_ours = torch.compile(ours) if a.compile else ours  # compiled in the untimed first step
 
         def step_ours(opt, amp):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-                h = ours(ids[:, :-1], hidden_only=True)
+                h = run_ours(ids[:, :-1], hidden_only=True)
                 loss = F.cross_entropy(ours.logits(h).flatten(0, 1).float(), ids[:, 1:].flatten())
             loss.backward()
             opt.step()
