@@ -45,6 +45,10 @@ _HEADERS = [Path(__file__).parent / "csrc" / "simd.h"]  # part of the source has
 _WTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 
 
+def _x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
 def _build() -> Path:
     src = b"".join(p.read_bytes() for p in _SRCS + _HEADERS)
     cache = Path(os.environ.get("GLMKIT_CACHE", Path.home() / ".cache" / "glmkit")) / "kernels"
@@ -70,7 +74,7 @@ def _load():
         return _lib
     if os.environ.get("GLMKIT_NATIVE", "1") == "0":
         _why = "disabled by GLMKIT_NATIVE=0"
-    elif platform.machine().lower() not in ("x86_64", "amd64"):
+    elif not _x86():
         _why = f"not an x86-64 CPU ({platform.machine()})"
     elif torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         _why = f"the CPU lacks AVX2 ({torch.backends.cpu.get_cpu_capability()})"
@@ -206,7 +210,7 @@ def cpu_bf16_emulated() -> bool:
         env = os.environ.get("GLMKIT_BF16_GEMM", "auto")
         if env in ("fp32", "native"):
             _BF16_EMULATED = env == "fp32"
-        elif platform.machine().lower() not in ("x86_64", "amd64"):
+        elif not _x86():
             _BF16_EMULATED = False  # ARM's bf16 paths are its own; leave them to PyTorch
         else:
             cpu = torch.cpu

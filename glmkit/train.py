@@ -94,6 +94,7 @@ def _amp_note(device) -> str:
         note += "; no bf16 instructions on this CPU: linear layers multiply in fp32 (kernels.bf16_via_fp32)"
     return note
 
+
 def lr_at(step: int, c: TrainConfig) -> float:
     if step < c.warmup:
         return c.lr * (step + 1) / c.warmup

@@ -166,17 +166,27 @@ void q8(const int16_t* xq, const float* sx, int64_t M, int64_t K, const int8_t* 
 // weights; in bf16 they add 4 bytes per group to its 32 (group 64), in fp32 8. Groups of 64 or more
 // scale whole int32 vectors; groups of 32 scale lanes 0-3 and 4-7 by their own group's factor.
 
-// The int32 lanes of MB activation rows against one chunk of 64 columns at k: a[j] += ...
+// 32 bytes of packed weights (64 columns) split into their low (even columns) and high nibbles.
+inline void nibbles(const uint8_t* w, __m256i& lo, __m256i& hi) {
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  lo = _mm256_and_si256(b, mask), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+}
+
+// The int32 lanes of one chunk: even / odd nibbles against the matching 32 activations each.
+inline __m256i dot64(__m256i lo, __m256i hi, __m256i x_even, __m256i x_odd) {
+  __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x_even), _mm256_maddubs_epi16(hi, x_odd));
+  return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+}
+
+// MB activation rows against one chunk of 64 columns at k: a[j] += its int32 lanes.
 template <int MB>
 inline void chunk_int4(const int8_t* x, int64_t ldx, const uint8_t* w, int64_t k, __m256i* a) {
-  const __m256i ones = _mm256_set1_epi16(1), mask = _mm256_set1_epi8(0x0F);
-  __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k / 2));
-  __m256i lo = _mm256_and_si256(b, mask), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+  __m256i lo, hi;
+  nibbles(w + k / 2, lo, hi);
   for (int j = 0; j < MB; ++j) {
     const __m256i* xj = reinterpret_cast<const __m256i*>(x + j * ldx + k);
-    __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(xj)),
-                                 _mm256_maddubs_epi16(hi, _mm256_loadu_si256(xj + 1)));
-    a[j] = _mm256_add_epi32(a[j], _mm256_madd_epi16(p, ones));
+    a[j] = _mm256_add_epi32(a[j], dot64(lo, hi, _mm256_loadu_si256(xj), _mm256_loadu_si256(xj + 1)));
   }
 }
 
@@ -229,7 +239,6 @@ inline void dot_rows_int4(const int8_t* x, int64_t ldx, const float* sx, const f
 template <int R, int CH, typename S>
 inline void wrows_int4(const int8_t* x, const float* sx, const float* xsum, int64_t G, const uint8_t* w, int64_t gs,
                        const S* sm, float* out) {
-  const __m256i ones = _mm256_set1_epi16(1), mask = _mm256_set1_epi8(0x0F);
   const int64_t chunks = CH ? CH : gs / 64, ldw = G * gs / 2;
   __m256 acc[R];
   float lin[R];
@@ -244,10 +253,9 @@ inline void wrows_int4(const int8_t* x, const float* sx, const float* xsum, int6
       __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k));
       __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k + 32));
       for (int r = 0; r < R; ++r) {
-        __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * ldw + k / 2));
-        __m256i lo = _mm256_and_si256(b, mask), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
-        __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1));
-        a[r] = _mm256_add_epi32(a[r], _mm256_madd_epi16(p, ones));
+        __m256i lo, hi;
+        nibbles(w + r * ldw + k / 2, lo, hi);
+        a[r] = _mm256_add_epi32(a[r], dot64(lo, hi, x0, x1));
       }
     }
     for (int r = 0; r < R; ++r) {
