@@ -13,7 +13,7 @@ q/k/v bias) and GLM-4-0414 (sandwich norms); the switches live in `ModelConfig` 
 Attention follows GLM's blank-infilling mask: for sample b, key k is visible to query q when
 `k < sep[b]` (Part A, read bidirectionally) or `k <= q` (Part B, causal). `sep = 0` is a plain
 causal LM. The mask is built once per forward and shared by all layers; attention runs through
-`scaled_dot_product_attention`.
+`scaled_dot_product_attention` (via `kernels.attention`, which takes CPU bf16 attention through fp32).
 
 Positions are either (B, T) or (B, 2, T) = (position, block position). Block positions matter for
 `learned_2d` and `rope_2d`; `rope_partial` (GLM-4) reads only the first row.
@@ -117,7 +117,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, offset, k, v)  # (B, K, S, D), S = offset + T
         # mask None: plain causal attention over the whole sequence, SDPA's fused causal path
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=K != H)  # (B, H, T, D)
+        y = kernels.attention(q, k, v, mask, enable_gqa=K != H)  # (B, H, T, D)
         return self.out(y.transpose(1, 2).reshape(B, T, H * D))
 
 
