@@ -286,15 +286,32 @@ class EvalContext:
         return [items[i] for i in keep]
 
 
+@torch.no_grad()
 def _multiple_choice(ctx: EvalContext, items: list[tuple[list, list, list[list]]], gold: list[int]) -> dict:
-    """Accuracy of argmax blank log-likelihood (summed, <eop> counted) over candidates."""
+    """Accuracy of argmax blank log-likelihood (summed, <eop> counted) over candidates, and the same
+    calibrated by each candidate's log-likelihood in an empty context (the blank alone, Part A =
+    `[MASK]`): score = log p(c | context) - log p(c | nothing), the pointwise mutual information of
+    candidate and context. The plain score favours candidates that are frequent (or few tokens) in
+    general; calibration asks which candidate the context makes more likely than it is anyway
+    (Holtzman et al. 2021, "surface form competition"). Both are reported; `accuracy` is the plain one."""
     from .finetune import candidate_scores
 
-    special, right = ctx.special, 0
+    special = ctx.special
+    prior: dict[tuple, float] = {}  # candidate ids -> log p(candidate | empty context)
+    todo = sorted({tuple(c) for _, _, cands in items for c in cands})
+    for i in range(0, len(todo), ctx.batch_size):
+        chunk = todo[i : i + ctx.batch_size]
+        s = candidate_scores(ctx.model, [([], [], [list(c)]) for c in chunk], special)[:, 0]
+        prior.update(zip(chunk, s.tolist()))
+    right = right_cal = 0
     for i in range(0, len(items), ctx.batch_size):
-        s = candidate_scores(ctx.model, items[i : i + ctx.batch_size], special)
-        right += int((s.argmax(-1).cpu() == torch.tensor(gold[i : i + ctx.batch_size])).sum())
-    return {"n": len(items), "accuracy": right / max(len(items), 1)}
+        batch, want = items[i : i + ctx.batch_size], torch.tensor(gold[i : i + ctx.batch_size])
+        s = candidate_scores(ctx.model, batch, special).cpu()
+        cal = s - torch.tensor([[prior[tuple(c)] for c in cands] for _, _, cands in batch], dtype=s.dtype)
+        right += int((s.argmax(-1) == want).sum())
+        right_cal += int((cal.argmax(-1) == want).sum())
+    n = max(len(items), 1)
+    return {"n": len(items), "accuracy": right / n, "accuracy_calibrated": right_cal / n}
 
 
 def _fit(prefix: list, suffix: list, budget: int) -> tuple[list, list]:
@@ -512,6 +529,8 @@ def markdown_table(results: dict) -> str:
         else:
             metric = "token accuracy" if name == "infill" else "accuracy" + (" (fine-tuned)" if r.get("finetuned") else "")
             rows.append((name, metric, f"{r['accuracy']:.3f}", str(r["n"]), f"{r['chance']:.3g}"))
+            if "accuracy_calibrated" in r:
+                rows.append((name, "accuracy, calibrated (PMI)", f"{r['accuracy_calibrated']:.3f}", str(r["n"]), f"{r['chance']:.3g}"))
     lines = ["| suite | metric | value | n | chance |", "|---|---|---|---|---|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return f"`{results['model']}`\n\n" + "\n".join(lines) + "\n"

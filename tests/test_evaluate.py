@@ -191,3 +191,27 @@ def test_lm_eval_runs_a_local_task(ckpt, tmp_path, monkeypatch):
     from lm_eval.api.registry import get_model
 
     assert get_model("glmkit") is GLMkitLM
+
+
+def test_multiple_choice_reports_plain_and_calibrated_accuracy(ckpt):
+    # calibrated score = log p(candidate | context) - log p(candidate | empty context); recomputed here
+    # from sequence_logprobs, item by item, and compared with _multiple_choice's two accuracies
+    from glmkit.convert import load
+    from glmkit.evaluate import EvalContext, _multiple_choice
+    from glmkit.tokenizer import load_tokenizer
+
+    model, tok = load(ckpt).eval(), load_tokenizer(ckpt)
+    ctx = EvalContext(model=model, tok=tok, data=FIXTURES, batch_size=3)
+    sp = ctx.special
+    words = ["春眠不觉晓", "处处闻啼鸟", "夜来风雨声", "花落知多少", "床前明月光"]
+    items = [(tok.encode(w[:2]), tok.encode(w[3:]), [tok.encode(c) for c in words[i : i + 3]]) for i, w in enumerate(words[:3])]
+    gold = [0, 1, 2]
+    score = lambda p, c, s: float(sequence_logprobs(model, [blank_example(p, c, s, sp)], sp.pad)[0][0].detach())  # noqa: E731
+    plain = [[score(p, c, s) for c in cands] for p, s, cands in items]
+    cal = [[score(p, c, s) - score([], c, []) for c in cands] for p, s, cands in items]
+    want = {"accuracy": sum(max(range(3), key=r.__getitem__) == g for r, g in zip(plain, gold)) / 3,
+            "accuracy_calibrated": sum(max(range(3), key=r.__getitem__) == g for r, g in zip(cal, gold)) / 3}
+    got = _multiple_choice(ctx, items, gold)
+    assert got["n"] == 3 and {k: got[k] for k in want} == want, (got, want, plain, cal)
+    # the two rules disagree somewhere on these items (else the test could not tell them apart)
+    assert any(max(range(3), key=a.__getitem__) != max(range(3), key=b.__getitem__) for a, b in zip(plain, cal)), (plain, cal)
