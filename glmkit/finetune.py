@@ -299,6 +299,7 @@ class FinetuneConfig:
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate at the end only
     limit: int = 0  # use at most this many training / eval records (0: all)
+    group_by_length: bool = False  # batches of similar length (less padding), see epoch_batches
     # LoRA
     lora: bool = False
     lora_rank: int = 8
@@ -329,6 +330,22 @@ def read_jsonl(path: str | Path, split: str = "", limit: int = 0) -> list[dict]:
     if not rows:
         raise ValueError(f"{path}: no records" + (f" with split == {split!r}" if split else ""))
     return rows
+
+
+def epoch_batches(lengths: list[int], batch_size: int, rng: np.random.Generator, group_by_length: bool = False,
+                  window: int = 64) -> list[np.ndarray]:
+    """One epoch's batches of example indices: a seeded permutation cut into batches (the last may be
+    short). With `group_by_length`, each run of `window` batches' worth of the permutation is sorted by
+    length before it is cut, and the batches are then shuffled: every batch is still a random draw
+    from a random window, but of similar lengths, so padding to the batch's longest example wastes
+    little (short reviews batched with a 128-token one otherwise cost 128 tokens each)."""
+    order = rng.permutation(len(lengths))
+    if not group_by_length:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    span = batch_size * window
+    runs = [sorted(order[i : i + span], key=lambda j: lengths[j]) for i in range(0, len(order), span)]
+    batches = [np.asarray(r[i : i + batch_size]) for r in runs for i in range(0, len(r), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
 
 
 def cloze_task_from(c: FinetuneConfig) -> ClozeTask:
@@ -425,17 +442,21 @@ def finetune(c: FinetuneConfig) -> dict:
           f"{trainable / 1e6:.3f}M of {total / 1e6:.2f}M parameters train")
     amp = c.precision == "bf16"
     rng = np.random.default_rng(c.seed)
-    order, pos = rng.permutation(len(train_items)), 0
+    if c.task == "cloze":  # the longest candidate's example
+        lengths = [len(p) + len(s) + max(map(len, cands)) for (p, s, cands), _ in train_items]
+    else:
+        lengths = [len(e.input_ids) for e in train_items]
+    batches, bi = epoch_batches(lengths, c.batch_size, rng, c.group_by_length), 0
     losses, history = [], []
     t0 = time.perf_counter()
     model.train()
     for step in range(steps):
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, sched)
-        if pos >= len(order):
-            order, pos = rng.permutation(len(train_items)), 0
-        batch = [train_items[i] for i in order[pos : pos + c.batch_size]]
-        pos += c.batch_size
+        if bi >= len(batches):
+            batches, bi = epoch_batches(lengths, c.batch_size, rng, c.group_by_length), 0
+        batch = [train_items[i] for i in batches[bi]]
+        bi += 1
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss = loss_fn(batch)
         loss.backward()
@@ -501,6 +522,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=d.device)
     p.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights")
     p.add_argument("--lora-targets", nargs="+", default=list(d.lora_targets), help="linear name suffixes to adapt")
+    p.add_argument("--group-by-length", action="store_true",
+                   help="batch examples of similar length together (less padding; batches still random)")
     p.add_argument("--quiet", action="store_true")
     a = vars(p.parse_args(argv))
     a["eop"] = not a.pop("no_eop")

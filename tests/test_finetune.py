@@ -10,7 +10,8 @@ import torch
 
 import glmkit
 from glmkit.evaluate import special_ids
-from glmkit.finetune import (ClozeTask, FinetuneConfig, candidate_scores, finetune, main, sft_example, sft_messages)
+from glmkit.finetune import (ClozeTask, FinetuneConfig, candidate_scores, epoch_batches, finetune, main, sft_example,
+                             sft_messages)
 from glmkit.lora import load_adapters
 from glmkit.tokenizer import train_bpe
 from tests.helpers import assert_close, debug_checkpoint
@@ -105,13 +106,30 @@ def write_jsonl(path, rows):
     return path
 
 
-def test_cloze_finetune_learns_a_separable_task(tok, ckpt, tmp_path, capsys):
+def test_epoch_batches_cover_every_example_once_and_group_lengths():
+    rng = np.random.default_rng(0)
+    lengths = list(np.where(rng.random(1000) < 0.15, 128, rng.integers(10, 60, 1000)))  # few long, many short
+    padded = {}
+    for group in (False, True):
+        a = epoch_batches(lengths, 16, np.random.default_rng(3), group, window=8)
+        b = epoch_batches(lengths, 16, np.random.default_rng(3), group, window=8)
+        assert all(np.array_equal(x, y) for x, y in zip(a, b)) and len(a) == len(b) == 63  # seeded
+        assert sorted(np.concatenate(a).tolist()) == list(range(1000))  # each example once per epoch
+        padded[group] = sum(len(x) * max(lengths[i] for i in x) for x in a)
+    real = sum(lengths)
+    # grouping within windows of 8 batches cuts the padded tokens to near the real ones
+    assert padded[True] < 0.75 * padded[False] and padded[True] < 1.35 * real, (padded, real)
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_cloze_finetune_learns_a_separable_task(tok, ckpt, tmp_path, capsys, group):
     train = write_jsonl(tmp_path / "train.jsonl", toy_records(64, 0))
     test = write_jsonl(tmp_path / "test.jsonl", toy_records(40, 1))
     out = tmp_path / "ft"
     main(["--task", "cloze", "--model", str(ckpt), "--train", str(train), "--eval", str(test), "--out", str(out),
           "--pattern", "{text}. This message is[MASK].", "--verbalizer", '{"pos": " fine", "neg": " junk"}',
-          "--steps", "40", "--lr", "3e-3", "--batch-size", "16", "--max-len", "64", "--device", "cpu", "--quiet"])
+          "--steps", "40", "--lr", "3e-3", "--batch-size", "16", "--max-len", "64", "--device", "cpu", "--quiet"]
+         + (["--group-by-length"] if group else []))
     meta = json.loads((out / "finetune.json").read_text())
     res = meta["eval"][-1]
     assert res["accuracy"] >= 0.9, f"cloze accuracy after fine-tuning {res['accuracy']:.3f} (n={res['n']}), losses end {meta['final_loss']:.4f}"
