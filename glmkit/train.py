@@ -91,7 +91,7 @@ class GLMObjective(nn.Module):
 def _amp_note(device) -> str:
     note = "bf16 autocast, fp32 master weights"
     if torch.device(device).type == "cpu" and kernels.cpu_bf16_emulated():
-        note += "; no bf16 instructions on this CPU: linear layers multiply in fp32 (kernels.bf16_via_fp32)"
+        note += "; no bf16 instructions on this CPU: linear layers and attention multiply in fp32 (kernels.bf16_via_fp32)"
     return note
 
 
