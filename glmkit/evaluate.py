@@ -292,8 +292,9 @@ def _multiple_choice(ctx: EvalContext, items: list[tuple[list, list, list[list]]
     calibrated by each candidate's log-likelihood in an empty context (the blank alone, Part A =
     `[MASK]`): score = log p(c | context) - log p(c | nothing), the pointwise mutual information of
     candidate and context. The plain score favours candidates that are frequent (or few tokens) in
-    general; calibration asks which candidate the context makes more likely than it is anyway
-    (Holtzman et al. 2021, "surface form competition"). Both are reported; `accuracy` is the plain one."""
+    general; calibration asks which candidate the context makes more likely than it is anyway (GPT-3's
+    unconditional normalisation; Holtzman et al. 2021 call the bias "surface form competition"). Both
+    are reported; `accuracy` is the plain one."""
     from .finetune import candidate_scores
 
     special = ctx.special
