@@ -85,6 +85,22 @@ def test_grad_accumulation_equals_big_batch(shards, tmp_path):
     assert max(abs(a - b) for a, b in zip(big, acc)) < 1e-5, (big, acc)
 
 
+@pytest.mark.parametrize("bf16_products", ["fp32", "native"])
+def test_bf16_autocast_tracks_fp32(shards, tmp_path, monkeypatch, bf16_products):
+    # the same 10 steps under bf16 autocast stay within bf16 rounding noise of the fp32 run, both with
+    # glmkit's fp32 products for bf16 operands (kernels.bf16_via_fp32 / kernels.attention, the path
+    # this CPU takes) and with PyTorch's own bf16 kernels
+    from glmkit import kernels
+
+    monkeypatch.setattr(kernels, "_BF16_EMULATED", bf16_products == "fp32")
+    ref = train(cfg(shards, tmp_path / "fp32"))["losses"]
+    got = train(cfg(shards, tmp_path / "bf16", precision="bf16"))["losses"]
+    diffs = [abs(a - b) / b for a, b in zip(got, ref)]
+    assert got != ref, "bf16 autocast changed nothing: the run was not in bf16"
+    assert max(diffs) < 5e-3 and got[-1] < got[0] - 0.5, \
+        "\n".join(f"step {i + 1}: bf16 {a:.4f} fp32 {b:.4f}" for i, (a, b) in enumerate(zip(got, ref)))
+
+
 def test_recorded_debug_losses(shards, tmp_path):
     """10 steps on the debug preset reproduce losses recorded by tests/data/record_losses.py.
     When the model or data pipeline changes on purpose, run that script and commit the new file."""
