@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import threading
 from pathlib import Path
 
 # GLM special tokens, in the order a freshly trained tokenizer gives them ids 0..9.
@@ -41,6 +42,8 @@ SENTENCE_END_CHARS = ".?!;。？！；…\n"
 class Tokenizer:
     def __init__(self, tok, path: Path | None = None):
         self.tok, self.path = tok, path
+        self._lock = threading.Lock()
+        self._max_token_chars: int | None = None
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Tokenizer":
@@ -100,14 +103,40 @@ class Tokenizer:
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         """Ids of `text`. Special-token strings in the text ("[MASK]", "<|user|>") are encoded as
-        plain text unless `allow_special`: user input can never forge a role or mask token."""
-        self.tok.encode_special_tokens = not allow_special
-        return self.tok.encode(text, add_special_tokens=False).ids
+        plain text unless `allow_special`: user input can never forge a role or mask token.
+        Raises ValueError for text the tokenizer cannot take (a lone surrogate, a Rust panic)."""
+        return self.encode_batch([text], allow_special)[0]
 
     def encode_batch(self, texts: list[str], allow_special: bool = False) -> list[list[int]]:
-        """Parallel over all cores (the Rust side uses a thread pool)."""
-        self.tok.encode_special_tokens = not allow_special
-        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+        """Parallel over all cores (the Rust side uses a thread pool).
+
+        Pitfalls this handles: `tokenizers`' single-text `encode` holds the GIL for the whole call (a
+        10 MB prompt froze a server's event loop for seconds), its batch call releases it, so every
+        encode goes through here. `encode_special_tokens` is a flag on the shared tokenizer: it is set
+        and used under one lock, or a thread encoding with `allow_special` could let another thread's
+        user text through as special tokens. A panic in the Rust code (`PanicException`, a
+        BaseException) becomes a ValueError, as the caller's bad input it is."""
+        for t in texts:
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as e:  # valid JSON ("\ud800") but not text
+                raise ValueError(f"the text has a lone surrogate {t[e.start]!r} at character {e.start}: not valid Unicode") from None
+        with self._lock:
+            self.tok.encode_special_tokens = not allow_special
+            try:
+                return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+            except BaseException as e:  # pyo3's PanicException derives from BaseException
+                if type(e).__name__ != "PanicException":
+                    raise
+                raise ValueError(f"the tokenizer could not encode this text ({e})") from None
+
+    @property
+    def max_token_chars(self) -> int:
+        """The most characters one token can stand for (its byte length bounds them): a text longer
+        than context x this can never fit, so a server refuses it before tokenizing."""
+        if self._max_token_chars is None:
+            self._max_token_chars = max(len(t.encode("utf-8", "replace")) for t in self.tok.get_vocab(with_added_tokens=True))
+        return self._max_token_chars
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
