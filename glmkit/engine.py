@@ -18,7 +18,20 @@ front of the batch dimension (a leaving row is replaced by the last one), so a s
 Prompt KV reuse. A GLM-objective model reads its prompt bidirectionally (Part A), so a prompt's KV
 depends on the whole prompt: it is reused only for an identical prompt. Causal models (GLM-4) can
 reuse any cached prefix and prefill only the rest. Entries are scoped by `cache_scope` (the API
-key): one customer's prompt never warms another's cache, so timing cannot leak prompts.
+key): one customer's prompt never warms another's cache, so timing cannot leak prompts, and each
+scope has its own LRU of `prompt_cache_entries`, so one customer's new prompts never evict another's
+(eviction would tell a tenant that someone else is active). The number of scopes kept is bounded
+too (`prompt_cache_scopes`, least recently used scope dropped whole): that bounds memory, and what
+it can reveal is only that many other keys were active, not when or what they sent.
+
+Faults stay in their row. A request that cannot be admitted, or whose logits are not finite, or
+whose sampling raises, ends alone with finish_reason "error" and `req.error` saying why; the other
+rows go on. Only a failure of the batched decode step itself (the model, not a request) fails
+every running row.
+
+Memory. The KV cache is allocated once, at construction, for max_batch rows of max_len positions;
+a size that cannot fit the memory this process may use is refused before allocating
+(`MemoryError`, naming the --max-len / --max-batch that would fit).
 
 The engine knows nothing of text or HTTP: stop strings and detokenization live in the server,
 which calls `cancel` when a stop string appears or the client disconnects.
@@ -37,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
+from .plan import check_kv_fits
 from .generate import SamplingParams, process_logits
 
 
@@ -67,6 +81,7 @@ class Request:
     t_first: float | None = None
     t_done: float | None = None
     compute_s: float = 0.0  # this request's share of model time (prefill + its part of each step)
+    error: str | None = None  # why, when finish_reason is "error"
     _cancel: bool = False
 
 
@@ -82,12 +97,13 @@ class _Row:
 
 class Engine:
     def __init__(self, model, max_batch: int = 8, max_len: int | None = None, max_waiting: int = 64,
-                 prompt_cache_entries: int = 32):
+                 prompt_cache_entries: int = 8, prompt_cache_scopes: int = 64):
         self.model = model.eval()
         cfg = model.cfg
         self.causal = cfg.position == "rope_partial"  # GLM-4: no bidirectional prefix, any prefix reusable
         self.max_len = max_len or cfg.max_seq_len
         p = model.embed.weight
+        check_kv_fits(cfg, max_batch, self.max_len, p.dtype, p.device)
         shape = (cfg.n_layers, max_batch, cfg.n_kv_heads, self.max_len, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=p.dtype, device=p.device)
         self.v = torch.zeros(shape, dtype=p.dtype, device=p.device)
@@ -96,8 +112,8 @@ class Engine:
         self.rows: list[_Row] = []
         self.waiting: deque[Request] = deque()
         self.max_batch, self.max_waiting = max_batch, max_waiting
-        self.prompt_cache: OrderedDict = OrderedDict()
-        self.prompt_cache_entries = prompt_cache_entries
+        self.prompt_cache: OrderedDict[str, OrderedDict] = OrderedDict()  # scope -> its own LRU of entries
+        self.prompt_cache_entries, self.prompt_cache_scopes = prompt_cache_entries, prompt_cache_scopes
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self._next_id = 0
@@ -183,8 +199,9 @@ class Engine:
                 return
             try:
                 self._admit(req)
-            except Exception:  # a request that cannot be admitted fails alone; the others go on
+            except Exception as e:  # a request that cannot be admitted fails alone; the others go on
                 traceback.print_exc()
+                req.error = f"could not start: {type(e).__name__}: {e}"
                 self._finish(req, "error")
 
     def _positions(self, req: Request) -> torch.Tensor:
@@ -193,26 +210,38 @@ class Engine:
             return torch.stack((torch.arange(T), torch.zeros(T, dtype=torch.long)))
         return torch.tensor(req.position_ids, dtype=torch.long)
 
-    def _cache_key(self, req: Request, n: int):
-        return (req.cache_scope, tuple(req.prompt_ids[:n]), req.sep, tuple(map(tuple, req.position_ids or ())))
+    @staticmethod
+    def _cache_key(req: Request, n: int):
+        return (tuple(req.prompt_ids[:n]), req.sep, tuple(map(tuple, req.position_ids or ())))
 
     def _lookup(self, req: Request):
-        """(cached length, k, v, logits) of the longest reusable prompt entry, or None."""
-        if req.cache_scope is None:
+        """(cached length, k, v, logits) of the longest reusable prompt entry of the request's scope, or None."""
+        entries = self.prompt_cache.get(req.cache_scope) if req.cache_scope is not None else None
+        if not entries:
             return None
+        self.prompt_cache.move_to_end(req.cache_scope)
         full = self._cache_key(req, len(req.prompt_ids))
-        if full in self.prompt_cache:
-            self.prompt_cache.move_to_end(full)
-            return self.prompt_cache[full]
+        if full in entries:
+            entries.move_to_end(full)
+            return entries[full]
         if not self.causal or req.position_ids is not None or req.sep:
             return None
         best = None  # causal: the longest cached prompt that is a prefix of this one
-        for key, entry in self.prompt_cache.items():
-            scope, ids = key[0], key[1]
-            if scope == req.cache_scope and len(ids) < len(req.prompt_ids) and tuple(req.prompt_ids[: len(ids)]) == ids:
+        for (ids, _, _), entry in entries.items():
+            if len(ids) < len(req.prompt_ids) and tuple(req.prompt_ids[: len(ids)]) == ids:
                 if best is None or len(ids) > best[0]:
                     best = entry
         return best
+
+    def _remember(self, req: Request, entry):
+        """Keep a prompt's KV in its scope's LRU; evicts only within that scope (or a whole idle scope)."""
+        entries = self.prompt_cache.setdefault(req.cache_scope, OrderedDict())
+        self.prompt_cache.move_to_end(req.cache_scope)
+        entries[self._cache_key(req, len(req.prompt_ids))] = entry
+        while len(entries) > self.prompt_cache_entries:
+            entries.popitem(last=False)
+        while len(self.prompt_cache) > self.prompt_cache_scopes:
+            self.prompt_cache.popitem(last=False)
 
     def _admit(self, req: Request):
         t0 = time.perf_counter()
@@ -234,10 +263,8 @@ class Engine:
             logits = model.prefill(ids[None, n_cached:], tmp, position_ids=pos[None, :, n_cached:],
                                    sep=None if n_cached else torch.tensor([req.sep], device=dev), last_only=True)[0, -1].float()
             self.stats["prefill_tokens"] += T - n_cached
-            if req.cache_scope is not None:
-                self.prompt_cache[self._cache_key(req, T)] = (T, tmp.k[:, 0, :, :T].clone(), tmp.v[:, 0, :, :T].clone(), logits)
-                while len(self.prompt_cache) > self.prompt_cache_entries:
-                    self.prompt_cache.popitem(last=False)
+            if req.cache_scope is not None and self.prompt_cache_entries > 0:
+                self._remember(req, (T, tmp.k[:, 0, :, :T].clone(), tmp.v[:, 0, :, :T].clone(), logits))
         req.cached_tokens = n_cached
         self.stats["cached_tokens"] += n_cached
         b = len(self.rows)
@@ -286,24 +313,37 @@ class Engine:
         return [start[0] + k * req.gen_step[0], start[1] + k * req.gen_step[1]]
 
     # ---- update: sample, emit, retire ---------------------------------------------------------------------
+    @staticmethod
+    def _sample(r: _Row) -> tuple[int, float | None, dict | None]:
+        """(token, its logprob, top logprobs) for one row; raises ValueError when the row's numbers are
+        not usable (NaN or +inf logits, no token left to choose), whatever produced them."""
+        p = r.req.params
+        raw = r.next_logits[None]  # (1, V)
+        logits = process_logits(raw.clone(), p, r.counts, r.seen)
+        if torch.isnan(logits).any() or torch.isposinf(logits).any() or not torch.isfinite(logits).any():
+            raise ValueError("the row's logits are not finite after its sampling parameters were applied")
+        if p.temperature == 0:
+            tok = int(logits.argmax(-1))
+        else:
+            tok = int(torch.multinomial(F.softmax(logits, -1), 1, generator=r.generator))
+        lp = F.log_softmax(raw, -1)
+        top = None
+        if p.top_logprobs:
+            v, i = lp[0].topk(p.top_logprobs)
+            top = dict(zip(i.tolist(), v.tolist()))
+        return tok, float(lp[0, tok]) if p.logprobs else None, top
+
     def _sample_and_emit(self):
         for r in self.rows:
             req, p = r.req, r.req.params
             if req._cancel or r.next_logits is None:
                 continue
-            raw = r.next_logits[None]  # (1, V)
-            logits = process_logits(raw.clone(), p, r.counts, r.seen)
-            if p.temperature == 0:
-                tok = int(logits.argmax(-1))
-            else:
-                probs = F.softmax(logits, -1)
-                tok = int(torch.multinomial(probs, 1, generator=r.generator))
-            lp = F.log_softmax(raw, -1)
-            logprob = float(lp[0, tok]) if p.logprobs else None
-            top = None
-            if p.top_logprobs:
-                v, i = lp[0].topk(p.top_logprobs)
-                top = dict(zip(i.tolist(), v.tolist()))
+            try:
+                tok, logprob, top = self._sample(r)
+            except Exception as e:  # this row's fault: it ends alone (retired below), the batch goes on
+                req.finish_reason, req.error = "error", f"sampling failed: {type(e).__name__}: {e}"
+                r.next_logits = None
+                continue
             if r.counts is not None:
                 r.counts[0, tok] += 1
             if r.seen is not None:

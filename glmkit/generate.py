@@ -47,12 +47,18 @@ MASK_STRINGS = {"[MASK]": "mask", "[sMASK]": "smask", "[gMASK]": "gmask"}  # lit
 
 
 # ---- parameters and results ------------------------------------------------------------------------
+GREEDY_BELOW = 1e-5  # temperatures below this sample greedily
+# a seen token's logit is divided or multiplied by the penalty: bounded so that no logit overflows
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+
+
 @dataclass
 class SamplingParams:
     """How to pick tokens and when to stop. Checked on construction: a bad value is a ValueError.
 
-    temperature 0 is greedy (argmax of the penalized logits). Filters apply in this order, each on
-    the output of the previous: penalties, temperature, top_k (0 = off), top_p (1 = off; keeps the
+    temperature 0 is greedy (argmax of the penalized logits), and so is any temperature below
+    GREEDY_BELOW (1e-5, as vLLM): dividing logits by 1e-300 makes them infinite. Filters apply in
+    this order, each on the output of the previous: penalties, temperature, top_k (0 = off), top_p (1 = off; keeps the
     smallest set of most likely tokens whose mass is >= top_p), min_p (0 = off; drops tokens with
     probability < min_p * the top probability).
     Penalties: `repetition_penalty` as HF / CTRL (over prompt and generated tokens, a seen token's
@@ -105,14 +111,16 @@ class SamplingParams:
             bad("max_new_tokens", "must be >= 1")
         if not self.temperature >= 0 or self.temperature == float("inf"):  # also rejects NaN
             bad("temperature", "must be a finite number >= 0 (0 = greedy)")
+        if self.temperature < GREEDY_BELOW:  # logits / 1e-300 overflow to inf: a vanishing temperature is greedy
+            self.temperature = 0.0
         if self.top_k < 0:
             bad("top_k", "must be >= 0 (0 = no top-k filter)")
         if not 0 < self.top_p <= 1:
             bad("top_p", "must be in (0, 1] (1 = no nucleus filter)")
         if not 0 <= self.min_p <= 1:
             bad("min_p", "must be in [0, 1] (0 = no min-p filter)")
-        if not 0 < self.repetition_penalty < float("inf"):
-            bad("repetition_penalty", "must be > 0 (1 = none; > 1 discourages repeats)")
+        if not REPETITION_PENALTY_RANGE[0] <= self.repetition_penalty <= REPETITION_PENALTY_RANGE[1]:
+            bad("repetition_penalty", f"must be in {list(REPETITION_PENALTY_RANGE)} (1 = none; > 1 discourages repeats)")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 bad(name, "must be in [-2, 2], as OpenAI's API allows")

@@ -143,3 +143,65 @@ def test_seeded_sampling_is_reproducible_in_any_batch():
             e.step()
         outs.append(r.output_ids)
     assert outs[0] == outs[1]  # a request's own generator: neighbours do not change its samples
+
+
+def test_a_poisoned_row_ends_alone_and_the_others_finish():
+    """A row whose numbers go bad (here: parameters forced past validation, as a hostile tenant's
+    1e-300 temperature once did) ends with "error"; the rows beside it run to the end, unchanged."""
+    model = model_of()
+    greedy = SamplingParams(max_new_tokens=8, temperature=0)
+    alone = [generate(model, [p], greedy)[0].token_ids for p in ([5, 6, 7], [9, 10, 11, 12])]
+    e = Engine(model, max_batch=4, max_len=64)
+    good = [e.submit(Request(p, SamplingParams(max_new_tokens=8, temperature=0))) for p in ([5, 6, 7], [9, 10, 11, 12])]
+    bad_params = SamplingParams(max_new_tokens=8, temperature=1.0, repetition_penalty=1.5)
+    bad_params.temperature, bad_params.repetition_penalty = 1e-300, 1e-308  # past the checks: logits overflow
+    bad = e.submit(Request([20, 21, 22], bad_params))
+    while e.has_work():
+        e.step()
+    assert bad.finish_reason == "error" and "not finite" in bad.error, (bad.finish_reason, bad.error)
+    assert [r.finish_reason for r in good] == ["length", "length"]
+    assert [r.output_ids for r in good] == alone
+
+
+def test_sampling_params_bound_what_would_overflow():
+    p = SamplingParams(temperature=1e-300)
+    assert p.temperature == 0.0  # a vanishing temperature is greedy
+    for bad in (1e-308, 0.0, 1e308, float("nan")):
+        with pytest.raises(ValueError, match="repetition_penalty"):
+            SamplingParams(repetition_penalty=bad)
+    model = model_of()
+    tiny = generate(model, [[5, 6, 7]], SamplingParams(max_new_tokens=6, temperature=1e-300, seed=1))[0].token_ids
+    assert tiny == generate(model, [[5, 6, 7]], SamplingParams(max_new_tokens=6, temperature=0))[0].token_ids
+
+
+def test_prompt_cache_entries_are_per_key():
+    """One key's new prompts never evict another key's entries (eviction would reveal activity)."""
+    model = model_of()
+    p = SamplingParams(max_new_tokens=1, temperature=0)
+    e = Engine(model, max_batch=1, max_len=64, prompt_cache_entries=2)
+
+    def run(prompt, scope):
+        r = e.submit(glm_request(prompt, 3, 4, params=p, cache_scope=scope))
+        while e.has_work():
+            e.step()
+        return r
+
+    run([50, 51], "victim")
+    for i in range(5):  # another key sends more new prompts than a key's whole LRU holds
+        run([60 + i, 61], "attacker")
+    assert run([50, 51], "victim").cached_tokens == 4
+    assert run([60, 61], "attacker").cached_tokens == 0  # its own LRU did evict its own oldest
+
+
+def test_a_kv_cache_that_cannot_fit_is_refused_before_allocating():
+    from glmkit.plan import check_kv_fits, kv_cache_bytes
+
+    model = model_of()
+    cfg = model.cfg
+    with pytest.raises(MemoryError) as err:
+        check_kv_fits(cfg, 8, 4096, torch.float32, "cpu", available=kv_cache_bytes(cfg, 8, 1024, torch.float32))
+    msg = str(err.value)
+    assert "--max-len 921 (at --max-batch 8)" in msg and "--max-batch 1 (at --max-len 4096)" in msg, msg
+    check_kv_fits(cfg, 8, 512, torch.float32, "cpu", available=kv_cache_bytes(cfg, 8, 1024, torch.float32))
+    with pytest.raises(MemoryError, match="needs .* GiB"):  # the real machine: a context no memory holds
+        Engine(model, max_batch=8, max_len=1 << 40)
