@@ -45,8 +45,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
 import json
+import os
 import re
+import string
 import sys
 import threading
 import time
@@ -54,18 +57,18 @@ from pathlib import Path
 import traceback
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 import torch
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import Engine, EngineFull, Request
-from ..generate import MASK_STRINGS, SamplingParams, StopText, causal_infill_stops
-from .maas import KeyRecord, MaaS
+from ..generate import GREEDY_BELOW, MASK_STRINGS, REPETITION_PENALTY_RANGE, SamplingParams, StopText, causal_infill_stops
+from .maas import KeyRecord, LimitError, MaaS
 from .metering import Call, MeterMiddleware, error_response
 
 # ---- errors ---------------------------------------------------------------------------------------
@@ -76,58 +79,148 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code, self.headers = status, message, type_, param, code, headers
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error the server answers, OpenAI's shape."""
+
+    error: ErrorDetail
+
+
+# what each kind of route can answer besides 200, documented in the spec (validation errors are 400, as
+# OpenAI answers them, not FastAPI's 422)
+_ERRORS = {
+    "generation": {400: "invalid request (schema, values, context length, tokenizer)", 401: "missing, unknown or revoked API key",
+                   404: "unknown model, or one the key may not use", 408: "the request body did not arrive in time",
+                   413: "request body over the server's limit",
+                   429: "a limit of the key (Retry-After), or its budget (x-should-retry: false)",
+                   500: "the engine failed on this request", 503: "overloaded (Retry-After)"},
+    "keyed": {401: "missing, unknown or revoked API key", 404: "unknown model, or one the key may not use"},
+    "health": {503: "the engine thread is not running"},
+}
+
+
+def _openapi(app: FastAPI) -> dict:
+    """The spec as the server behaves: 400 (not 422) with the error schema, and every error status a route
+    can answer, so a client generator or a conformance checker sees what really comes back."""
+    from fastapi.openapi.utils import get_openapi
+
+    if app.openapi_schema:
+        return app.openapi_schema
+    spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    comps = spec.setdefault("components", {}).setdefault("schemas", {})
+    err = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+    comps.update(err.pop("$defs", {}))
+    comps["ErrorResponse"] = err
+    for name in ("HTTPValidationError", "ValidationError"):
+        comps.pop(name, None)
+    content = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            responses = op.setdefault("responses", {})
+            responses.pop("422", None)
+            kind = ("generation" if method == "post" else "keyed" if path.startswith("/v1/") else
+                    "health" if path == "/health" else None)
+            for status, what in _ERRORS.get(kind, {}).items():
+                responses.setdefault(str(status), {"description": what, "content": content})
+    app.openapi_schema = spec
+    return spec
+
+
 # ---- request schemas (they make the OpenAPI spec) ---------------------------------------------------
-class _Sampling(BaseModel):
+def _no_surrogates(v, where: str = ""):
+    """Every string of a request, however nested: a lone surrogate ("\\ud800") is valid JSON but not
+    text; left in, it fails later (tokenizer, UTF-8 output) as a 500 instead of this 400."""
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"a lone surrogate {v[e.start]!r} at character {e.start}{where}: not valid Unicode") from None
+    elif isinstance(v, (list, tuple)):
+        for x in v:
+            _no_surrogates(x, where)
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            _no_surrogates(k, " of a key")
+            _no_surrogates(x, where)
+    return v
+
+
+class _Body(BaseModel):
+    """Base of every request schema: strings must be valid Unicode."""
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_unicode(cls, v):
+        return _no_surrogates(v)
+
+
+NonEmpty = Annotated[str, Field(min_length=1)]
+Stops = NonEmpty | Annotated[list[NonEmpty], Field(max_length=16)] | None
+REPETITION_PENALTY = Field(1.0, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1],
+                           description="HF / CTRL repetition penalty (1 = off)")
+TEMPERATURE_NOTE = f"0, or below {GREEDY_BELOW}, is greedy"
+
+
+class _Sampling(_Body):
     """Sampling fields shared by the OpenAI endpoints (vLLM's extras top_k, min_p, repetition_penalty too)."""
 
     model: str | None = Field(None, description="the served model's name (default: it)")
-    temperature: float = Field(1.0, ge=0, le=2)
+    temperature: float = Field(1.0, ge=0, le=2, description=TEMPERATURE_NOTE)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="0 = off")
     min_p: float = Field(0.0, ge=0, le=1)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    repetition_penalty: float = Field(1.0, gt=0)
+    repetition_penalty: float = REPETITION_PENALTY
     seed: int | None = Field(None, ge=0, le=2**62, description="choice i uses seed + i")
     n: int = Field(1, ge=1, le=16)
-    stop: str | list[str] | None = Field(None, description="up to 16 stop strings, cut from the text")
+    stop: Stops = Field(None, description="up to 16 non-empty stop strings, cut from the text")
     stream: bool = False
     stream_options: "StreamOptions | None" = None
-    logit_bias: dict[str, float] | None = Field(None, description="not supported: must be empty")
+    logit_bias: dict[str, float] | None = Field(None, max_length=0, description="not supported: must be empty")
     user: str | None = None
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(_Body):
     include_usage: bool = False
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[str], list[int], list[list[int]]] = Field(..., description="text(s) or token ids")
+    prompt: Union[str, list[str], list[int], list[list[int]]] = Field(
+        ..., min_length=1, description="text(s) or token ids; a text of more than context x the longest token's "
+        "characters is refused before tokenizing")
     suffix: str | None = Field(None, description="fill-in-the-middle: the text after the completion")
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: int = Field(16, ge=1, description="per choice; prompt + max_tokens must fit the context")
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20, description="log-probabilities of the chosen and top-k tokens")
-    best_of: int | None = Field(None, ge=1, description="only 1 is supported")
+    best_of: int | None = Field(None, ge=1, le=1, description="only 1 is supported")
 
 
-class ContentPart(BaseModel):
+class ContentPart(_Body):
     type: str
     text: str | None = None
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "observation", "tool"]
     content: str | list[ContentPart] | None = ""
     name: str | None = None
 
 
-class ResponseFormat(BaseModel):
+class ResponseFormat(_Body):
     type: str = "text"
 
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_tokens: int | None = Field(None, ge=1, description="default: the rest of the context")
+    max_tokens: int | None = Field(None, ge=1, description="default: the server's default max tokens "
+                                   "(`glmkit serve --default-max-tokens`), within the rest of the context")
     max_completion_tokens: int | None = Field(None, ge=1, description="alias of max_tokens")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
@@ -136,38 +229,40 @@ class ChatRequest(_Sampling):
     response_format: ResponseFormat | None = None
 
 
-class FillRequest(BaseModel):
+class FillRequest(_Body):
     model: str | None = None
     text: str = Field(..., description="text with one or more [MASK], [sMASK] or [gMASK] blanks")
     max_tokens: int = Field(32, ge=1, description="per blank")
-    temperature: float = Field(0.0, ge=0, le=2, description="default greedy, as `glmkit fill`")
+    temperature: float = Field(0.0, ge=0, le=2, description="default greedy, as `glmkit fill`; " + TEMPERATURE_NOTE)
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = Field(None, ge=0, le=2**62)
-    stop: str | list[str] | None = None
+    stop: Stops = None
 
 
-class InfillRequest(BaseModel):
+class InfillRequest(_Body):
     """llama.cpp's /infill (defaults as llama.cpp's server)."""
 
     model: str | None = None
     input_prefix: str = ""
     input_suffix: str = ""
-    n_predict: int = Field(-1, ge=-1, description="-1: up to the end of the context")
-    temperature: float = Field(0.8, ge=0, le=2)
+    n_predict: int = Field(-1, ge=-1, description="-1: the server's default max tokens, within the context")
+    temperature: float = Field(0.8, ge=0, le=2, description=TEMPERATURE_NOTE)
     top_k: int = Field(40, ge=0)
     top_p: float = Field(0.95, gt=0, le=1)
     min_p: float = Field(0.05, ge=0, le=1)
-    repeat_penalty: float = Field(1.0, gt=0)
+    repeat_penalty: float = REPETITION_PENALTY
     seed: int = Field(-1, ge=-1, le=2**62, description="-1: random")
-    stop: list[str] = Field(default_factory=list)
+    stop: Annotated[list[NonEmpty], Field(max_length=16)] = Field(default_factory=list)
     stream: bool = Field(False, description="not supported on /infill (use /v1/completions with suffix)")
 
 
-class ClassifyRequest(BaseModel):
+class ClassifyRequest(_Body):
     model: str | None = None
-    text: str | list[str] = Field(..., description="one text or a list (at most 64)")
-    pattern: str = Field("{text}[MASK]", description="the cloze: {text} is replaced by the text, [MASK] is the blank")
-    labels: dict[str, str] = Field(..., description="label -> verbalizer, the text that fills the blank")
+    text: str | Annotated[list[str], Field(min_length=1, max_length=64)] = Field(..., description="one text or a list (at most 64)")
+    pattern: str = Field("{text}[MASK]", description="the cloze: each plain {text} is replaced by the text (no "
+                         "other fields, format specs or conversions; {{ and }} are literal braces), [MASK] is the blank")
+    labels: dict[str, NonEmpty] = Field(
+        ..., min_length=2, max_length=32, description="2 to 32 labels, label -> verbalizer, the text that fills the blank")
     score: Literal["sum", "mean"] = Field("sum", description="sum or per-token mean of the blank's log-probability")
 
 
@@ -288,8 +383,9 @@ def _sse(obj) -> str:
 
 
 # a stream that fails mid-way ends with an error event (the status line is already sent)
-_SSE_ENGINE_ERROR = _sse({"error": {"message": "the engine failed while generating", "type": "server_error",
-                                   "param": None, "code": "engine_error"}})
+def _sse_engine_error(req) -> str:
+    return _sse({"error": {"message": f"the engine failed on this request ({req.error or 'see the server log'})",
+                           "type": "server_error", "param": None, "code": "engine_error"}})
 
 
 def _sse_end(base: dict, call, include_usage: bool) -> list[str]:
@@ -310,7 +406,7 @@ class Server:
     """The model, tokenizer, engine and MaaS behind one app; handlers call its methods."""
 
     def __init__(self, model, tokenizer, model_name: str, maas: MaaS, max_batch: int, max_waiting: int,
-                 max_len: int | None):
+                 max_len: int | None, default_max_tokens: int = 1024, admin_token: str | None = None):
         self.model, self.tok, self.name, self.maas = model, tokenizer, model_name, maas
         self.engine = Engine(model, max_batch=max_batch, max_len=max_len, max_waiting=max_waiting)
         self.runner = EngineRunner(self.engine)
@@ -318,6 +414,13 @@ class Server:
         self.causal = model.cfg.position == "rope_partial"
         self.work_lock = threading.Lock()  # fill / classify: one at a time, beside the engine
         self.created = int(time.time())
+        if default_max_tokens < 1:
+            raise ValueError(f"default_max_tokens={default_max_tokens}: must be >= 1")
+        self.default_max_tokens = default_max_tokens
+        self.admin_token = admin_token
+        # a text longer than this can never fit the context (no token stands for more characters):
+        # refused before it is tokenized, so an oversized text costs a length check, not seconds of CPU
+        self.max_text_chars = self.engine.max_len * tokenizer.max_token_chars
 
     # ---- helpers ----
     def special(self, role: str) -> int:
@@ -375,9 +478,30 @@ class Server:
             raise APIError(400, "stop strings must not be empty", param="stop")
         return stops
 
+    def encode(self, text: str, param: str) -> list[int]:
+        """Token ids of a request's text (call it off the event loop: see `prepare`); 400 for a text that
+        cannot fit the context whatever it encodes to, or that the tokenizer refuses."""
+        if len(text) > self.max_text_chars:
+            raise APIError(400, f"{param}: {len(text)} characters can never fit the context of {self.engine.max_len} "
+                           f"tokens (at most {self.max_text_chars} characters)", param=param, code="context_length_exceeded")
+        try:
+            return self.tok.encode(text)
+        except ValueError as e:
+            raise APIError(400, f"{param}: {e}", param=param) from None
+
+    def rest_of_context(self, prompt_len: int) -> int:
+        """max_tokens when a request gives none: the server's default, within the context."""
+        return max(1, min(self.default_max_tokens, self.engine.max_len - prompt_len))
+
+    @staticmethod
+    async def prepare(fn, *args):
+        """Run a handler's request preparation (tokenizing, layouts) in a worker thread: a 10 MB prompt
+        must not stall the event loop, which serves every other stream and /health."""
+        return await asyncio.to_thread(fn, *args)
+
     def encode_prompt(self, p, param: str) -> list[int]:
         if isinstance(p, str):
-            return self.tok.encode(p)
+            return self.encode(p, param)
         V = self.model.cfg.vocab_size
         if any(not 0 <= t < V for t in p):
             raise APIError(400, f"token ids must lie in 0..{V - 1}", param=param)
@@ -398,8 +522,9 @@ class Server:
     def completion_stop_ids(self) -> tuple[int, ...]:
         return (self.special("eos"),) if self.causal else (self.special("eop"), self.special("eos"))
 
-    def submit_all(self, call: Call, choices: list[_Choice]):
-        """Submit every choice's request; all or nothing: each is checked (400) before any is queued."""
+    def submit_all(self, call: Call, choices: list[_Choice], max_tokens: int):
+        """Submit every choice's request; all or nothing: each is checked (400) before any is queued, then
+        the call reserves its prompt tokens + max_tokens per choice against the key's limits (429)."""
         try:
             for c in choices:
                 self.engine.check(c.req)
@@ -407,6 +532,7 @@ class Server:
             code = "context_length_exceeded" if "exceeds the context" in str(e) else "invalid_value"
             raise APIError(400, str(e), param="messages" if call.endpoint.endswith("chat/completions") else "prompt",
                            code=code) from None
+        call.reserve(call.prompt_tokens + max_tokens * len(choices))
         try:
             for c in choices:
                 call.submit(c)
@@ -454,7 +580,8 @@ class Server:
             watcher.cancel()
         failed = [c for c in choices if c.finish_reason == "error"]
         if failed:
-            raise APIError(500, "the engine failed while generating; see the server log", "server_error", None, "engine_error")
+            why = failed[0].req.error or "see the server log"
+            raise APIError(500, f"the engine failed on this request ({why})", "server_error", None, "engine_error")
 
     async def locked(self, fn, *args, **kw):
         """Run fn in a worker thread, one at a time; returns (result, seconds)."""
@@ -481,6 +608,21 @@ class Server:
                             for t, lp, top, _ in entries]}
 
 
+def _check_pattern(pattern: str):
+    """A cloze pattern may hold plain {text} fields only: `str.format` would otherwise run a format spec
+    chosen by the client ("{text:a>10000000}" made 10 MB per text) or look up attributes."""
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(pattern) if name is not None]
+    except ValueError as e:  # a lone "{" or "}"
+        raise APIError(400, f"pattern: {e}; write literal braces as {{{{ and }}}}", param="pattern") from None
+    if not fields:
+        raise APIError(400, "pattern must contain {text}, where the text goes", param="pattern")
+    for name, spec, conv in fields:
+        if name != "text" or spec or conv:
+            field_ = "{" + name + ("!" + conv if conv else "") + (":" + spec if spec else "") + "}"
+            raise APIError(400, f"pattern: {field_} is not allowed; the only field is a plain {{text}}", param="pattern")
+
+
 def _common_checks(body: _Sampling):
     if body.logit_bias:
         raise APIError(400, "logit_bias is not supported", param="logit_bias", code="unsupported_parameter")
@@ -488,11 +630,14 @@ def _common_checks(body: _Sampling):
 
 # ---- the app ------------------------------------------------------------------------------------------------
 def create_app(model, tokenizer, model_name: str, maas: MaaS | None = None, max_batch: int = 8, max_waiting: int = 64,
-               max_len: int | None = None) -> FastAPI:
+               max_len: int | None = None, default_max_tokens: int = 1024, admin_token: str | None = None) -> FastAPI:
     """The FastAPI app serving `model`. maas=None: no authentication, an in-memory ledger (local use).
+    default_max_tokens: what chat and /infill generate when a request names no limit (within the context).
+    admin_token: the credential /metrics needs when auth is on.
     The engine thread starts with the app's lifespan (uvicorn, or `TestClient` used as a context manager)."""
     maas = maas or MaaS.local()
-    server = Server(model.eval(), tokenizer, model_name, maas, max_batch, max_waiting, max_len)
+    server = Server(model.eval(), tokenizer, model_name, maas, max_batch, max_waiting, max_len, default_max_tokens,
+                    admin_token)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -505,6 +650,7 @@ def create_app(model, tokenizer, model_name: str, maas: MaaS | None = None, max_
     app = FastAPI(title="glmkit", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible and GLM-native endpoints for a GLM model (see glmkit/server/app.py).")
     app.state.server = server
+    app.openapi = lambda: _openapi(app)
     app.add_middleware(MeterMiddleware, server=server)
 
     # ---- errors in OpenAI's shape ----
@@ -518,10 +664,20 @@ def create_app(model, tokenizer, model_name: str, maas: MaaS | None = None, max_
         _note(request, e.message)
         return error_response(e.status, e.message, e.type, e.param, e.code, e.headers)
 
+    @app.exception_handler(LimitError)
+    async def _limit(request, e: LimitError):  # a reservation the key's budget or TPM cannot take
+        _note(request, str(e))
+        h = {"retry-after": str(e.retry_after)} if e.retry_after else {}
+        if not e.should_retry:
+            h["x-should-retry"] = "false"
+        return error_response(429, str(e), e.type, None, e.code, h)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, e: RequestValidationError):
         errs = e.errors()
-        first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
+        # a union field reports one error per branch; a value error (ours: bounds, surrogates) says most
+        specific = [x for x in errs if x.get("type") in ("value_error", "string_unicode")]
+        first = (specific or errs or [{"loc": (), "msg": "invalid request"}])[0]
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         param = ".".join(loc) or None
         msg = f"{param}: {first['msg']}" if param else first["msg"]
@@ -562,10 +718,25 @@ def create_app(model, tokenizer, model_name: str, maas: MaaS | None = None, max_
                 "waiting": server.engine.num_waiting, "engine_failures": server.runner.failures}
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    @app.get("/metrics")
-    async def metrics():
+    @app.get("/metrics", response_class=PlainTextResponse, responses={
+        200: {"description": "Prometheus text exposition format 0.0.4",
+              "content": {"text/plain; version=0.0.4; charset=utf-8": {"schema": {"type": "string"}}}},
+        401: {"description": "missing or wrong admin token", "model": ErrorResponse},
+        403: {"description": "auth is on and no admin token is configured", "model": ErrorResponse}})
+    async def metrics(request: HTTPRequest):
+        """Prometheus metrics over all tenants. With auth on they need the admin token
+        (`Authorization: Bearer ...`, from `glmkit serve --admin-token-file`); with --no-auth they are open."""
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+        if server.maas.auth:
+            if server.admin_token is None:
+                raise APIError(403, "/metrics covers every tenant: start the server with --admin-token-file FILE (or "
+                               "GLMKIT_ADMIN_TOKEN) and send that token as 'Authorization: Bearer ...'",
+                               "permission_error", code="admin_token_not_configured")
+            scheme, _, given = (request.headers.get("authorization") or "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), server.admin_token.encode()):
+                raise APIError(401, "/metrics needs the admin token: 'Authorization: Bearer ADMIN_TOKEN'",
+                               code="invalid_admin_token")
         return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     def model_card():
@@ -603,27 +774,32 @@ def create_app(model, tokenizer, model_name: str, maas: MaaS | None = None, max_
         if len(prompts) * body.n > server.engine.max_waiting:
             raise APIError(400, f"{len(prompts)} prompts x n={body.n} sequences; this server takes at most "
                            f"{server.engine.max_waiting} in one request", param="n")
-        stops = server.stops(body.stop)
-        stop_ids = server.completion_stop_ids()
-        suffix_ids = server.tok.encode(body.suffix) if body.suffix is not None else None
-        if body.suffix is not None and server.causal:
-            stops += causal_infill_stops(body.suffix)
         lp = body.logprobs is not None
-        choices = []
-        for g, prompt in enumerate(prompts):
-            ids = server.encode_prompt(prompt, "prompt")
-            echo = (prompt if isinstance(prompt, str) else server.tok.decode(ids)) if body.echo else ""
-            for k in range(body.n):
-                params = server.sampling(body, body.max_tokens, stop_ids, k, lp, body.logprobs or 0, stops)
-                if server.causal:
-                    req = server.causal_request(ids, params)
-                elif suffix_ids is not None:
-                    req = server.blank_request(ids, "mask", suffix_ids, params)
-                else:
-                    req = server.blank_request(ids, "gmask", [], params)
-                choices.append(_Choice(len(choices), g, req, StopText(server.tok, stops), prefix=echo))
-            call.prompt_tokens += len(choices[-1].req.prompt_ids)
-        server.submit_all(call, choices)
+
+        def build() -> list[_Choice]:  # in a worker thread
+            stops = server.stops(body.stop)
+            stop_ids = server.completion_stop_ids()
+            suffix_ids = server.encode(body.suffix, "suffix") if body.suffix is not None else None
+            if body.suffix is not None and server.causal:
+                stops += causal_infill_stops(body.suffix)
+            choices = []
+            for g, prompt in enumerate(prompts):
+                ids = server.encode_prompt(prompt, "prompt")
+                echo = (prompt if isinstance(prompt, str) else server.tok.decode(ids)) if body.echo else ""
+                for k in range(body.n):
+                    params = server.sampling(body, body.max_tokens, stop_ids, k, lp, body.logprobs or 0, stops)
+                    if server.causal:
+                        req = server.causal_request(ids, params)
+                    elif suffix_ids is not None:
+                        req = server.blank_request(ids, "mask", suffix_ids, params)
+                    else:
+                        req = server.blank_request(ids, "gmask", [], params)
+                    choices.append(_Choice(len(choices), g, req, StopText(server.tok, stops), prefix=echo))
+            return choices
+
+        choices = await server.prepare(build)
+        call.prompt_tokens = sum(len(c.req.prompt_ids) for c in choices if c.index % body.n == 0)
+        server.submit_all(call, choices, body.max_tokens)
         cid, created = "cmpl-" + call.id, int(time.time())
 
         def choice_obj(ch, text, entries, finish):
@@ -646,7 +822,7 @@ def create_app(model, tokenizer, model_name: str, maas: MaaS | None = None, max_
                     yield _sse({**base, "choices": [choice_obj(ch, ch.prefix, [], None)]})
             async for ch, piece, entries, done in server.events(call, choices):
                 if done and ch.finish_reason == "error":
-                    yield _SSE_ENGINE_ERROR
+                    yield _sse_engine_error(ch.req)
                     return
                 if piece or entries or done:
                     yield _sse({**base, "choices": [choice_obj(ch, piece, entries, ch.finish_reason if done else None)]})
@@ -678,18 +854,29 @@ def create_app(model, tokenizer, model_name: str, maas: MaaS | None = None, max_
                 content = "".join(part.text for part in content)
             role = {"developer": "system", "tool": "observation"}.get(m.role, m.role)
             messages.append({"role": role, "content": content})
-        try:
-            ids, _ = server.tok.render_chat(messages, add_generation_prompt=True)
-            stop_ids = tuple(server.tok.chat_stop_ids())
-        except KeyError as e:
-            raise APIError(400, f"this model's tokenizer has no chat template tokens ({e}); use /v1/completions") from None
-        stops = server.stops(body.stop)
-        max_tokens = body.max_completion_tokens or body.max_tokens or max(1, server.engine.max_len - len(ids))
+        chars = sum(len(m["content"]) for m in messages)
+        if chars > server.max_text_chars:
+            raise APIError(400, f"messages: {chars} characters can never fit the context of {server.engine.max_len} "
+                           f"tokens (at most {server.max_text_chars} characters)", param="messages",
+                           code="context_length_exceeded")
         lp, top = body.logprobs, body.top_logprobs or 0
-        choices = [_Choice(k, 0, Request(ids, server.sampling(body, max_tokens, stop_ids, k, lp, top, stops)),
-                           StopText(server.tok, stops), strip_newline=True) for k in range(body.n)]
-        call.prompt_tokens = len(ids)
-        server.submit_all(call, choices)
+
+        def build() -> list[_Choice]:  # in a worker thread
+            try:
+                ids, _ = server.tok.render_chat(messages, add_generation_prompt=True)
+                stop_ids = tuple(server.tok.chat_stop_ids())
+            except KeyError as e:
+                raise APIError(400, f"this model's tokenizer has no chat template tokens ({e}); use /v1/completions") from None
+            except ValueError as e:
+                raise APIError(400, f"messages: {e}", param="messages") from None
+            stops = server.stops(body.stop)
+            max_tokens = body.max_completion_tokens or body.max_tokens or server.rest_of_context(len(ids))
+            return [_Choice(k, 0, Request(ids, server.sampling(body, max_tokens, stop_ids, k, lp, top, stops)),
+                            StopText(server.tok, stops), strip_newline=True) for k in range(body.n)]
+
+        choices = await server.prepare(build)
+        call.prompt_tokens = len(choices[0].req.prompt_ids)
+        server.submit_all(call, choices, choices[0].req.params.max_new_tokens)
         cid, created = "chatcmpl-" + call.id, int(time.time())
 
         if not body.stream:
@@ -715,7 +902,7 @@ def create_app(model, tokenizer, model_name: str, maas: MaaS | None = None, max_
             held: dict[int, list] = {c.index: [] for c in choices}  # logprob entries of tokens whose text is held back
             async for ch, piece, entries, done in server.events(call, choices):
                 if done and ch.finish_reason == "error":
-                    yield _SSE_ENGINE_ERROR
+                    yield _sse_engine_error(ch.req)
                     return
                 held[ch.index] += entries
                 if piece:
@@ -743,7 +930,7 @@ def create_app(model, tokenizer, model_name: str, maas: MaaS | None = None, max_
             raise APIError(400, "no [MASK], [sMASK] or [gMASK] in text: mark each blank to fill", param="text")
         for m in set(marks):
             server.special(MASK_STRINGS[m])
-        part_a = sum(len(server.tok.encode(t)) for t in parts[0::2] if t) + len(marks)
+        part_a = await server.prepare(lambda: sum(len(server.encode(t, "text")) for t in parts[0::2] if t) + len(marks))
         need = part_a + len(marks) * (body.max_tokens + 1)
         if need > server.engine.max_len:
             raise APIError(400, f"the text ({part_a} tokens) plus {len(marks)} blanks of up to max_tokens={body.max_tokens} "
@@ -751,6 +938,8 @@ def create_app(model, tokenizer, model_name: str, maas: MaaS | None = None, max_
                            code="context_length_exceeded")
         params = server.sampling(body, body.max_tokens, (), 0, stops=server.stops(body.stop))
         call.prompt_tokens = part_a
+        call.reserve(part_a + len(marks) * body.max_tokens)
+        call.start()
         try:
             res, dt = await server.locked(fill, server.model, server.tok, body.text, params)
         except ValueError as e:
@@ -769,12 +958,13 @@ def create_app(model, tokenizer, model_name: str, maas: MaaS | None = None, max_
         if body.stream:
             raise APIError(400, "stream is not supported on /infill; use /v1/completions with suffix and stream",
                            param="stream", code="unsupported_parameter")
-        pre, suf = server.tok.encode(body.input_prefix), server.tok.encode(body.input_suffix)
+        pre, suf = await server.prepare(lambda: (server.encode(body.input_prefix, "input_prefix"),
+                                                 server.encode(body.input_suffix, "input_suffix")))
         stops = server.stops(body.stop)
         if server.causal:
             stops += causal_infill_stops(body.input_suffix)
         T = len(pre) + 2 + (0 if server.causal else len(suf))  # [gMASK] <sop> prefix, or prefix [MASK] suffix <sop>
-        n = body.n_predict if body.n_predict > 0 else max(1, server.engine.max_len - T)
+        n = body.n_predict if body.n_predict > 0 else server.rest_of_context(T)
         params = server.params(max_new_tokens=n, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
                                min_p=body.min_p, repetition_penalty=body.repeat_penalty,
                                seed=None if body.seed < 0 else body.seed, stop=stops,
@@ -782,7 +972,7 @@ def create_app(model, tokenizer, model_name: str, maas: MaaS | None = None, max_
         req = server.causal_request(pre, params) if server.causal else server.blank_request(pre, "mask", suf, params)
         ch = _Choice(0, 0, req, StopText(server.tok, stops))
         call.prompt_tokens = len(req.prompt_ids)
-        server.submit_all(call, [ch])
+        server.submit_all(call, [ch], n)
         await server.collect(request, call, [ch])
         stop_type = "word" if ch.matched else {"stop": "eos", "length": "limit"}.get(ch.finish_reason, ch.finish_reason)
         return {"content": ch.text, "model": server.name, "stop": True, "stop_type": stop_type,
@@ -799,17 +989,22 @@ def create_app(model, tokenizer, model_name: str, maas: MaaS | None = None, max_
             raise APIError(400, "/v1/classify scores blanks with GLM's infilling objective; this model is causal "
                            "(GLM-4 family)", param="model", code="unsupported_model")
         texts = [body.text] if isinstance(body.text, str) else body.text
-        if not texts or len(texts) > 64:
-            raise APIError(400, f"text: give 1 to 64 texts, got {len(texts)}", param="text")
-        if not 2 <= len(body.labels) <= 32:
-            raise APIError(400, f"labels: give 2 to 32 labels, each with its verbalizer; got {len(body.labels)}", param="labels")
-        if "{text}" not in body.pattern:
-            raise APIError(400, "pattern must contain {text}, where the text goes", param="pattern")
-        try:
-            task = ClozeTask(body.pattern, dict(body.labels))
-            items = [task.encode(server.tok, {"text": t}, max_len=1 << 30) for t in texts]  # never truncated here
-        except (KeyError, ValueError, IndexError) as e:
-            raise APIError(400, str(e).strip('"'), param="pattern") from None
+        _check_pattern(body.pattern)
+        copies = body.pattern.count("{text}")  # each placeholder repeats the text
+        longest = max(len(t) for t in texts) * copies + len(body.pattern)
+        if longest > server.max_text_chars:
+            raise APIError(400, f"text: a text in the pattern makes {longest} characters, which can never fit the context "
+                           f"of {server.engine.max_len} tokens (at most {server.max_text_chars} characters)", param="text",
+                           code="context_length_exceeded")
+
+        def build():  # in a worker thread
+            try:
+                task = ClozeTask(body.pattern, dict(body.labels))
+                return task, [task.encode(server.tok, {"text": t}, max_len=1 << 30) for t in texts]  # never truncated here
+            except (KeyError, ValueError, IndexError) as e:
+                raise APIError(400, str(e).strip('"'), param="pattern") from None
+
+        task, items = await server.prepare(build)
         if any(not c for c in items[0][2]):
             raise APIError(400, "a verbalizer encodes to no tokens; give each label a non-empty text", param="labels")
         longest = max(len(c) for c in items[0][2])
@@ -819,6 +1014,8 @@ def create_app(model, tokenizer, model_name: str, maas: MaaS | None = None, max_
             raise APIError(400, f"text {i} with the pattern needs {sizes[i]} tokens; the context is {server.engine.max_len}",
                            param="text", code="context_length_exceeded")
         call.prompt_tokens = sum(len(pre) + len(suf) + 2 + len(c) for pre, suf, cands in items for c in cands)
+        call.reserve(call.prompt_tokens)
+        call.start()
         scores, dt = await server.locked(candidate_scores, server.model, items, special_ids(server.tok), body.score)
         call.compute_s, call.finish_reason = dt, "scored"
         probs = scores.float().softmax(-1)
@@ -855,6 +1052,10 @@ def main(argv=None) -> int:
     p.add_argument("--max-batch", type=int, default=8, help="rows decoded together")
     p.add_argument("--max-waiting", type=int, default=64, help="queued requests before answering 503")
     p.add_argument("--max-len", type=int, default=None, help="context per row (default: the model's)")
+    p.add_argument("--default-max-tokens", type=int, default=1024,
+                   help="tokens a chat or /infill request may generate when it names no limit (within the context)")
+    p.add_argument("--admin-token-file", default=None,
+                   help="file holding the admin token that /metrics needs when auth is on (or set GLMKIT_ADMIN_TOKEN)")
     g = p.add_argument_group("prices (for the ledger's cost and revenue; one currency)")
     g.add_argument("--price-per-hour", type=float, default=0.0, help="the machine's price per hour of compute")
     g.add_argument("--price-input", type=float, default=0.0, help="per million prompt tokens")
@@ -878,9 +1079,19 @@ def main(argv=None) -> int:
         if not keys.list():
             print(f"glmkit serve: no active API keys in {db}: every request will get 401. Create one with "
                   f"`glmkit keys create --db {db}`, or use --no-auth on this machine only", file=sys.stderr)
+    admin_token = os.environ.get("GLMKIT_ADMIN_TOKEN")
+    if a.admin_token_file:
+        admin_token = Path(a.admin_token_file).read_text().strip()
+    if admin_token is not None and len(admin_token) < 16:
+        raise ValueError("the admin token must be at least 16 characters (e.g. `python -c 'import secrets; "
+                         "print(secrets.token_urlsafe(32))'`)")
     name = a.model_name or (Path(a.model).name if a.model else "glmkit-default")
     model, tok = load_for_cli(a, "serve")
-    app = create_app(model, tok, name, maas, a.max_batch, a.max_waiting, a.max_len)
+    try:
+        app = create_app(model, tok, name, maas, a.max_batch, a.max_waiting, a.max_len, a.default_max_tokens, admin_token)
+    except MemoryError as e:  # the KV cache cannot fit: refused before allocating, with the flags that fit
+        print(f"glmkit serve: {e}", file=sys.stderr)
+        return 1
     import uvicorn
 
     print(f"glmkit serve: {name} on http://{a.host}:{a.port} (auth {'off' if a.no_auth else 'on'}, ledger {ledger.path})",
