@@ -14,9 +14,11 @@ rounded to int8 per group, as llama.cpp's 4-bit formats do; see gemv.cpp).
     y = kernels.linear(x, weight, bias) # F.linear's contract; falls back to F.linear when not usable
 
 The library is compiled on first use with the system C++ compiler (`$CXX`, else c++ / g++; about a
-second, cached under ~/.cache/glmkit/kernels keyed by the source's hash) and called through ctypes,
-which releases the GIL. When it cannot be built (no compiler, no AVX2, not x86) every call falls
-back to PyTorch and `why_unavailable()` says why. `GLMKIT_NATIVE=0` turns it off.
+second, cached under $GLMKIT_CACHE/kernels, default ~/.cache/glmkit/kernels, keyed by the source's
+hash) and called through ctypes, which releases the GIL. The cache directory is private (0700); a
+cache another user owns or can write to is refused, never loaded from. When the library cannot be
+built or loaded (no compiler, no AVX2, not x86, an unsafe cache) every call falls back to PyTorch
+with a warning, and `why_unavailable()` says why. `GLMKIT_NATIVE=0` turns it off.
 It is used only for inference on CPU (no autograd, not inside torch.compile or export tracing) and
 for at most MAX_ROWS rows; larger inputs (prefill, training) go to PyTorch's GEMM, which is faster there.
 """
@@ -28,7 +30,9 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
+import tempfile
 import warnings
 import weakref
 from pathlib import Path
@@ -49,23 +53,110 @@ def _x86() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64")
 
 
-def _build() -> Path:
+# ---- the library cache ------------------------------------------------------------------------------------
+# The library's path is predictable (a hash of the public sources), and loading it runs its code in this
+# process, so a library is loaded only from a directory that no one else can write to: owned by this user,
+# not group- or world-writable (created 0700), and only if the file itself is ours and not writable by
+# others. The file is checked through the descriptor it is loaded through (/proc/self/fd), so it cannot be
+# swapped between the check and dlopen. Builds write a temporary name in the directory and rename it,
+# so a concurrent or killed build never leaves a half-written library under the final name.
+class _UnsafeCache(Exception):
+    """The cache directory or the library in it could have been written by someone else."""
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("GLMKIT_CACHE") or Path.home() / ".cache" / "glmkit").expanduser() / "kernels"
+
+
+def _library_name() -> str:
     src = b"".join(p.read_bytes() for p in _SRCS + _HEADERS)
-    cache = Path(os.environ.get("GLMKIT_CACHE", Path.home() / ".cache" / "glmkit")) / "kernels"
-    so = cache / f"glmkit-{hashlib.sha256(src).hexdigest()[:16]}.so"
-    if so.exists():
-        return so
+    return f"glmkit-{hashlib.sha256(src).hexdigest()[:16]}.so"
+
+
+def _check_private(st: os.stat_result, path: Path, what: str) -> None:
+    fix = f"remove {path} or set GLMKIT_CACHE to a directory of your own"
+    if st.st_uid != os.geteuid():
+        raise _UnsafeCache(f"{what} {path} is owned by uid {st.st_uid}, not by you (uid {os.geteuid()}); {fix}")
+    if st.st_mode & 0o022:
+        raise _UnsafeCache(f"{what} {path} is group- or world-writable (mode {stat.S_IMODE(st.st_mode):o}); "
+                           f"run `chmod go-w {path}` after checking what is in it, or {fix}")
+
+
+def _private_dir() -> Path:
+    cache = _cache_dir()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        cache.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    st = os.stat(cache)
+    if not stat.S_ISDIR(st.st_mode):
+        raise _UnsafeCache(f"kernel cache {cache} is not a directory; remove it or set GLMKIT_CACHE")
+    _check_private(st, cache, "kernel cache")
+    if st.st_mode & 0o077:  # ours and not writable by others, e.g. made 0755 by an older glmkit: close it
+        os.chmod(cache, 0o700)
+    return cache
+
+
+def _open_library(so: Path) -> int | None:
+    """A descriptor of the cached library after checking it is ours (None: not built yet)."""
+    try:
+        fd = os.open(so, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as e:  # ELOOP: a symlink where the library should be
+        raise _UnsafeCache(f"kernel library {so} cannot be opened safely ({e.strerror}); remove it") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _UnsafeCache(f"kernel library {so} is not a regular file; remove it")
+        _check_private(st, so, "kernel library")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _compile(cache: Path, so: Path) -> None:
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if not cxx:
         raise RuntimeError("no C++ compiler on PATH (set CXX)")
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = so.with_suffix(f".{os.getpid()}.tmp")
-    cmd = [cxx, "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-o", str(tmp), *map(str, _SRCS)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr.strip()[-300:]}")
-    os.replace(tmp, so)  # atomic: a concurrent build or a kill leaves no half-written library
-    return so
+    fd, tmp = tempfile.mkstemp(prefix=so.stem + ".", suffix=".tmp", dir=cache)  # unique: concurrent builds
+    os.close(fd)
+    try:
+        cmd = [cxx, "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-o", tmp, *map(str, _SRCS)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr.strip()[-300:]}")
+        os.chmod(tmp, 0o755)  # the linker's mode follows the umask: 0775 under umask 002 would be refused
+        os.replace(tmp, so)  # atomic: readers see no library or a whole one
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _build() -> tuple[int, Path]:
+    """A checked descriptor of the library for this source and its path, compiling it first if it is not cached."""
+    cache = _private_dir()
+    so = cache / _library_name()
+    fd = _open_library(so)
+    if fd is None:
+        _compile(cache, so)
+        fd = _open_library(so)
+        if fd is None:
+            raise RuntimeError(f"{so} vanished right after it was built")
+    return fd, so
+
+
+def _dlopen(fd: int, so: Path) -> ctypes.CDLL:
+    """Load the file that was checked, through its descriptor (by path where there is no /proc). On success
+    the descriptor stays open: glibc knows a loaded library by the name it was opened with and matches a
+    later dlopen of that name to it, so the number must not come to name another file."""
+    try:
+        return ctypes.CDLL(f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd") else str(so))
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _load():
@@ -80,7 +171,7 @@ def _load():
         _why = f"the CPU lacks AVX2 ({torch.backends.cpu.get_cpu_capability()})"
     else:
         try:
-            lib = ctypes.CDLL(str(_build()))
+            lib = _dlopen(*_build())
             i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
             lib.glmkit_gemv_dense.argtypes = [ptr, i64, i64, ptr, c_int, ptr, i64, ptr, c_int]
             lib.glmkit_gemv_q8.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, c_int]
@@ -89,8 +180,11 @@ def _load():
             for f in (lib.glmkit_gemv_dense, lib.glmkit_gemv_q8, lib.glmkit_gemv_int4, lib.glmkit_decode_step):
                 f.restype = c_int
             _lib = lib
-        except Exception as e:  # no compiler, or it failed: PyTorch's kernels still work
+        except _UnsafeCache as e:  # never load it; PyTorch's kernels still work
+            _why = f"refused to load from the kernel cache: {e}"
+        except Exception as e:  # no compiler, or it failed
             _why = f"the kernel library did not build: {e}"
+        if _why is not None:
             warnings.warn(f"glmkit native decode kernels unavailable ({_why}); using PyTorch's", stacklevel=3)
     return _lib
 
