@@ -6,7 +6,9 @@
 
     maas = MaaS(KeyStore(path), Ledger(path), Pricing(per_hour=2.0, input_per_m=0.5, output_per_m=1.5))
     key = maas.authenticate("Bearer glmk-...")        # KeyRecord, or AuthError (HTTP 401)
-    maas.limiter.admit(key)                            # or LimitError (HTTP 429)
+    maas.limiter.admit(key)                            # a slot, or LimitError (HTTP 429)
+    maas.limiter.reserve(key, 56, request_id)          # prompt + max_tokens x n set aside, or LimitError
+    maas.open(row); maas.flush([row]); maas.record(row, key)   # the ledger row's life; record settles
 
 Keys. A key is `glmk-` + 256 random bits (`secrets.token_urlsafe(32)`). Only its sha256 is stored:
 for a key of that entropy a fast hash is enough (nothing to brute-force), and lookup by hash is an
@@ -17,17 +19,39 @@ Limits (each optional, per key): the models it may use (others answer 404, as Op
 models a key cannot see), requests per minute and tokens per minute (sliding 60 s windows, 429
 with Retry-After), concurrent requests (429 with Retry-After), and a lifetime token budget (prompt +
 completion tokens; 429 `insufficient_quota` with `x-should-retry: false`: waiting will not help).
-A request is admitted while its key is under a limit, so one request may overshoot the token
-limits by its own size; the windows live in the server process (one server per database).
+The windows live in the server process (one server per database).
+
+Token limits are never overshot. Admission (`admit`) takes a request slot after the cheap checks
+(concurrency, requests per minute, budget or window already spent). Once the handler knows the
+prompt and max_tokens, and before any work starts, `reserve` sets aside what the request may use
+at most (prompt + max_tokens x n, summed over prompts) against the budget (used + reserved + this
+<= budget) and the minute's window (settled + reserved + this <= tpm), atomically under the
+limiter's lock, or refuses with a 429 that says whether waiting helps: a request larger than what
+is left of the budget (`insufficient_quota`) or than the tpm itself never passes (no Retry-After,
+`x-should-retry: false`); one that only waits for other requests in flight, or for the window to
+move, gets Retry-After. When the request is over, `release` replaces its reservation by the tokens
+it used, in one step, so 20 concurrent requests against a budget of 200 end at 200 or less.
 
 Ledger. One row per request that passed authentication (401s have no customer to bill and are
-counted in /metrics only), written when the request is over, also when it failed or the client
-went away: prompt, cached and completion tokens, compute seconds (the engine's per-request share
-of model time), status, latency. cost = compute_s * price per hour / 3600 (the machine's price);
-revenue = (uncached prompt * input + cached * cached input + completion * output) / 1e6 with
-prices per million tokens. Both are stored with the row, so a later price change keeps history.
-SQLite in WAL mode (readers such as `glmkit usage` never block the server's writes); keys and
-usage share one file by default, $GLMKIT_CACHE or ~/.cache/glmkit, `maas.sqlite`.
+counted in /metrics only): prompt, cached and completion tokens, compute seconds (the engine's
+per-request share of model time), status, latency. cost = compute_s * price per hour / 3600 (the
+machine's price); revenue = (uncached prompt * input + cached * cached input + completion * output)
+/ 1e6 with prices per million tokens. Both are stored with the row, so a later price change keeps
+history. Only work done is billed: a request refused before it ran (400, 404, 413, 429, a client
+that left while queued) is recorded with its status and zero tokens, revenue and limit charge.
+
+A row's life, so that billing survives kill -9: the row is written (`open`, status NULL) when the
+request is admitted; while it runs, metering's flusher writes its usage so far every second
+(`flush`); at the end `record` completes it, and is committed before the last byte of the response
+goes out (a client that saw a complete response always has a complete row). After a crash, rows
+left with status NULL are the requests cut off; the next MaaS on the database (the next `glmkit
+serve`) marks them finish_reason 'interrupted'. They keep the tokens of their last flush, at most a
+second behind what was sent, and count against the key's budget. `glmkit usage` shows them in
+`unfinished` (rows without a status: cut off by a crash, or in flight now).
+SQLite in WAL mode (readers such as `glmkit usage` never block the server's writes) with
+synchronous=NORMAL: a commit is in the WAL file before the call returns, which survives the
+process being killed (not a power cut). Keys and usage share one file by default, $GLMKIT_CACHE or
+~/.cache/glmkit, `maas.sqlite`.
 """
 
 from __future__ import annotations
@@ -186,7 +210,7 @@ class UsageRow:
     key_id: str | None  # None: a server started with --no-auth
     endpoint: str
     model: str | None = None
-    status: int = 200  # 499: the client went away before the response was complete
+    status: int | None = 200  # 499: the client went away before the end; None: open (in flight, or cut by a crash)
     finish_reason: str | None = None
     prompt_tokens: int = 0
     cached_tokens: int = 0
@@ -208,17 +232,48 @@ class Ledger:
               "cached_tokens INTEGER, completion_tokens INTEGER, compute_s REAL, latency_s REAL, ttft_s REAL, "
               "cost REAL, revenue REAL, error TEXT)")
 
+    INSERT = f"INSERT INTO usage ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+    # rows are found by request id while open (status NULL) only: a small partial index
+    UPDATE_OPEN = f"UPDATE usage SET {', '.join(c + ' = ?' for c in COLUMNS)} WHERE request_id = ? AND status IS NULL"
+
     def __init__(self, path=None):
         self.path = path or default_db_path()
         self.db = _connect(self.path)
         self.lock = threading.Lock()
         self.db.execute(self.SCHEMA)
         self.db.execute("CREATE INDEX IF NOT EXISTS usage_key_ts ON usage (key_id, ts)")
+        self.db.execute("CREATE INDEX IF NOT EXISTS usage_open ON usage (request_id) WHERE status IS NULL")
+
+    def open(self, row: UsageRow) -> None:
+        """The row of a request just admitted (status None until `record` completes it)."""
+        with self.lock:
+            self.db.execute(self.INSERT, [getattr(row, c) for c in COLUMNS])
+
+    def flush(self, rows: list[UsageRow]) -> None:
+        """Usage so far of open rows, in one transaction; a row completed meanwhile is left as it is."""
+        with self.lock:
+            self.db.execute("BEGIN")
+            try:
+                self.db.executemany(self.UPDATE_OPEN, [[getattr(r, c) for c in COLUMNS] + [r.request_id] for r in rows])
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
 
     def record(self, row: UsageRow) -> None:
+        """The final row: completes the request's open row, or adds it (a request refused before admission)."""
         values = [getattr(row, c) for c in COLUMNS]
         with self.lock:
-            self.db.execute(f"INSERT INTO usage ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})", values)
+            if self.db.execute(self.UPDATE_OPEN, values + [row.request_id]).rowcount == 0:
+                self.db.execute(self.INSERT, values)
+
+    def mark_interrupted(self) -> int:
+        """Rows left open by a server that died (kill -9, crash): finish_reason 'interrupted'. Only a server
+        starting on this database may call this: the open rows of a live server look the same."""
+        with self.lock:
+            return self.db.execute(
+                "UPDATE usage SET finish_reason = 'interrupted', error = 'the server stopped before the request ended; "
+                "tokens as of its last flush' WHERE status IS NULL AND finish_reason IS NULL").rowcount
 
     def rows(self, key_id: str | None = None) -> list[UsageRow]:
         q, args = "SELECT * FROM usage", ()
@@ -234,13 +289,15 @@ class Ledger:
         return int(r[0])
 
     def totals(self, key_id: str | None = None, since: float | None = None, until: float | None = None) -> list[dict]:
-        """Per key: requests, errors, tokens, compute seconds, cost, revenue, margin."""
+        """Per key: requests, errors, unfinished (no status: in flight or cut by a crash), tokens, compute
+        seconds, cost, revenue, margin."""
         where, args = [], []
         for cond, v in (("key_id = ?", key_id), ("ts >= ?", since), ("ts < ?", until)):
             if v is not None:
                 where.append(cond)
                 args.append(v)
-        q = ("SELECT key_id, COUNT(*) AS requests, SUM(status >= 400) AS errors, SUM(prompt_tokens) AS prompt_tokens, "
+        q = ("SELECT key_id, COUNT(*) AS requests, COALESCE(SUM(status >= 400), 0) AS errors, "
+             "SUM(status IS NULL) AS unfinished, SUM(prompt_tokens) AS prompt_tokens, "
              "SUM(cached_tokens) AS cached_tokens, SUM(completion_tokens) AS completion_tokens, SUM(compute_s) AS compute_s, "
              "SUM(cost) AS cost, SUM(revenue) AS revenue FROM usage" + (" WHERE " + " AND ".join(where) if where else "")
              + " GROUP BY key_id ORDER BY key_id")
@@ -267,12 +324,14 @@ class AuthError(Exception):
 @dataclass
 class _Window:
     requests: deque = field(default_factory=deque)  # admission times
-    tokens: deque = field(default_factory=deque)  # (time, tokens)
+    tokens: deque = field(default_factory=deque)  # (time, tokens) of requests settled
     active: int = 0
+    reserved: int = 0  # tokens set aside by this key's requests in flight
 
 
 class Limiter:
-    """Per-key admission: requests and tokens per minute, concurrency, lifetime token budget."""
+    """Per-key admission: requests and tokens per minute, concurrency, lifetime token budget; token
+    reservations of requests in flight (see the module docstring)."""
 
     WINDOW = 60.0
 
@@ -280,27 +339,41 @@ class Limiter:
         self.ledger, self.clock = ledger, clock
         self.state: dict[str, _Window] = {}
         self.used: dict[str, int] = {}  # lifetime tokens per key, loaded from the ledger on first use
+        self.reservations: dict[str, int] = {}  # request id -> tokens it reserved
         self.lock = threading.Lock()
 
-    def _expire(self, w: _Window, now: float):
+    def _window(self, key: KeyRecord, now: float) -> _Window:
+        w = self.state.setdefault(key.id, _Window())
         while w.requests and w.requests[0] <= now - self.WINDOW:
             w.requests.popleft()
         while w.tokens and w.tokens[0][0] <= now - self.WINDOW:
             w.tokens.popleft()
+        return w
+
+    def _used(self, key: KeyRecord) -> int:
+        if key.id not in self.used:
+            self.used[key.id] = self.ledger.used_tokens(key.id)
+        return self.used[key.id]
+
+    def _tpm_wait(self, w: _Window, now: float, room: int) -> int:
+        """Whole seconds until the settled tokens in the window are at most `room`."""
+        acc, wait = sum(n for _, n in w.tokens), 0.0
+        for t, n in w.tokens:
+            if acc <= room:
+                break
+            acc -= n
+            wait = t + self.WINDOW - now
+        return max(1, math.ceil(wait))
 
     def admit(self, key: KeyRecord) -> None:
         """Take a request slot for `key` or raise LimitError; `release` gives the slot back."""
         with self.lock:
             now = self.clock()
-            w = self.state.setdefault(key.id, _Window())
-            self._expire(w, now)
-            if key.budget_tokens is not None:
-                if key.id not in self.used:
-                    self.used[key.id] = self.ledger.used_tokens(key.id)
-                if self.used[key.id] >= key.budget_tokens:
-                    raise LimitError(f"this key has used its token budget ({self.used[key.id]} of {key.budget_tokens} "
-                                     "tokens); ask for a larger budget or use another key",
-                                     "insufficient_quota", "insufficient_quota", None, should_retry=False)
+            w = self._window(key, now)
+            if key.budget_tokens is not None and self._used(key) >= key.budget_tokens:
+                raise LimitError(f"this key has used its token budget ({self.used[key.id]} of {key.budget_tokens} "
+                                 "tokens); ask for a larger budget or use another key",
+                                 "insufficient_quota", "insufficient_quota", None, should_retry=False)
             if key.concurrency is not None and w.active >= key.concurrency:
                 raise LimitError(f"this key already has {w.active} requests in flight (limit {key.concurrency}); "
                                  "retry when one finishes", "requests", "rate_limit_exceeded", 1)
@@ -308,25 +381,55 @@ class Limiter:
                 wait = w.requests[0] + self.WINDOW - now
                 raise LimitError(f"rate limit of {key.rpm} requests per minute reached; retry in {math.ceil(wait)} s",
                                  "requests", "rate_limit_exceeded", max(1, math.ceil(wait)))
-            if key.tpm is not None:
-                used = sum(n for _, n in w.tokens)
-                if used >= key.tpm:
-                    acc, wait = used, 0.0  # until enough tokens leave the window to get under the limit
-                    for t, n in w.tokens:
-                        acc -= n
-                        wait = t + self.WINDOW - now
-                        if acc < key.tpm:
-                            break
-                    raise LimitError(f"rate limit of {key.tpm} tokens per minute reached ({used} in the last minute); "
-                                     f"retry in {math.ceil(wait)} s", "tokens", "rate_limit_exceeded", max(1, math.ceil(wait)))
+            if key.tpm is not None and (used := sum(n for _, n in w.tokens)) >= key.tpm:
+                wait = self._tpm_wait(w, now, key.tpm - 1)  # until the window is under the limit
+                raise LimitError(f"rate limit of {key.tpm} tokens per minute reached ({used} in the last minute); "
+                                 f"retry in {wait} s", "tokens", "rate_limit_exceeded", wait)
             w.requests.append(now)
             w.active += 1
 
-    def release(self, key: KeyRecord, tokens: int) -> None:
-        """The request is over: free its slot and count its tokens (prompt + completion)."""
+    def reserve(self, key: KeyRecord, tokens: int, request_id: str) -> None:
+        """Set aside `tokens`, the most an admitted request may use, against the key's budget and
+        tokens per minute, or raise LimitError; `release(key, used, request_id)` settles it."""
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+            raise ValueError(f"reserve({tokens!r}): give the most tokens the request may use, an integer >= 0")
+        with self.lock:
+            now = self.clock()
+            w = self._window(key, now)
+            if key.budget_tokens is not None:
+                used, budget = self._used(key), key.budget_tokens
+                if used + tokens > budget:
+                    raise LimitError(f"this request may use up to {tokens} tokens (prompt + max_tokens x n) and this key "
+                                     f"has {max(0, budget - used)} of its budget of {budget} left; lower max_tokens or n, "
+                                     "or ask for a larger budget", "insufficient_quota", "insufficient_quota", None,
+                                     should_retry=False)
+                if used + w.reserved + tokens > budget:
+                    raise LimitError(f"this request may use up to {tokens} tokens; this key's requests in flight have "
+                                     f"reserved {w.reserved} of the {budget - used} left in its budget; retry when one "
+                                     "finishes", "tokens", "rate_limit_exceeded", 1)
+            if key.tpm is not None:
+                if tokens > key.tpm:
+                    raise LimitError(f"this request may use up to {tokens} tokens (prompt + max_tokens x n), more than "
+                                     f"this key's limit of {key.tpm} tokens per minute, so it can never pass; lower "
+                                     "max_tokens or n, or shorten the prompt", "tokens", "rate_limit_exceeded", None,
+                                     should_retry=False)
+                settled = sum(n for _, n in w.tokens)
+                if settled + w.reserved + tokens > key.tpm:
+                    room = key.tpm - w.reserved - tokens  # < 0: only requests in flight finishing can make room
+                    wait = self._tpm_wait(w, now, room) if room >= 0 else 1
+                    raise LimitError(f"rate limit of {key.tpm} tokens per minute: this request may use up to {tokens}, "
+                                     f"{settled} were used in the last minute and {w.reserved} are reserved by requests "
+                                     f"in flight; retry in {wait} s", "tokens", "rate_limit_exceeded", wait)
+            w.reserved += tokens
+            self.reservations[request_id] = self.reservations.get(request_id, 0) + tokens
+
+    def release(self, key: KeyRecord, tokens: int, request_id: str | None = None) -> None:
+        """The request is over: free its slot, and replace its reservation by the tokens it used
+        (prompt + completion), in one step."""
         with self.lock:
             w = self.state.setdefault(key.id, _Window())
             w.active = max(0, w.active - 1)
+            w.reserved -= self.reservations.pop(request_id, 0)
             if tokens:
                 w.tokens.append((self.clock(), tokens))
                 if key.id in self.used:
@@ -342,6 +445,11 @@ class MaaS:
             raise ValueError("auth needs a KeyStore; pass auth=False only for local use (glmkit serve --no-auth)")
         self.keys, self.ledger, self.pricing, self.auth = keys, ledger, pricing or Pricing(), auth
         self.limiter = Limiter(ledger)
+        # one server per database: rows still open now were left by one that died
+        self.interrupted = ledger.mark_interrupted()
+        if self.interrupted:
+            print(f"glmkit: {self.interrupted} requests of an earlier server were cut off (kill, crash); their ledger rows "
+                  "are marked 'interrupted' and carry the tokens of their last flush (see `glmkit usage`)", file=sys.stderr)
 
     @classmethod
     def local(cls, ledger_path=":memory:", pricing: Pricing | None = None) -> "MaaS":
@@ -363,19 +471,37 @@ class MaaS:
             raise AuthError(f"incorrect or revoked API key provided: {shown}")
         return key
 
-    def record(self, row: UsageRow, key: KeyRecord | None, admitted: bool = True) -> UsageRow:
-        """Price the row, write it, and release the key's slot (if `admitted` took one). Never raises
-        for a ledger failure in the middle of serving: the row is printed on stderr instead (the
-        response already went out)."""
+    def _price(self, row: UsageRow) -> UsageRow:
         row.cost = self.pricing.cost(row.compute_s)
         row.revenue = self.pricing.revenue(row.prompt_tokens, row.cached_tokens, row.completion_tokens)
+        return row
+
+    @staticmethod
+    def _write(fn, arg, rows: list[UsageRow]) -> None:
+        # never raises in the middle of serving: the rows go to stderr instead
         try:
-            self.ledger.record(row)
+            fn(arg)
         except sqlite3.Error as e:
-            print(f"glmkit serve: could not write the usage row of {row.request_id}: {e}; row: {asdict(row)}", file=sys.stderr)
+            print(f"glmkit serve: could not write usage rows (Ledger.{fn.__name__}: {e}): {[asdict(r) for r in rows]}",
+                  file=sys.stderr)
+
+    def open(self, row: UsageRow) -> None:
+        """Write the row of a request just admitted (status None)."""
+        self._write(self.ledger.open, row, [row])
+
+    def flush(self, rows: list[UsageRow]) -> None:
+        """Write the usage so far of open rows."""
+        rows = [self._price(r) for r in rows]
+        self._write(self.ledger.flush, rows, rows)
+
+    def record(self, row: UsageRow, key: KeyRecord | None, admitted: bool = True) -> UsageRow:
+        """Price the final row, write it, and release the key's slot (if `admitted` took one), settling
+        its reservation to the tokens of the row."""
+        try:
+            self._write(self.ledger.record, self._price(row), [row])
         finally:
             if key is not None and admitted:
-                self.limiter.release(key, row.prompt_tokens + row.completion_tokens)
+                self.limiter.release(key, row.prompt_tokens + row.completion_tokens, row.request_id)
         return row
 
 
@@ -447,8 +573,10 @@ def keys_main(argv=None) -> int:
 
 def usage_main(argv=None) -> int:
     """`glmkit usage`: per-key totals of the ledger."""
-    p = argparse.ArgumentParser(prog="glmkit usage", description="Per-key totals of the usage ledger: requests, tokens, "
-                                "compute seconds, cost (machine time), revenue (token prices), margin.")
+    p = argparse.ArgumentParser(prog="glmkit usage", description="Per-key totals of the usage ledger: requests, errors, "
+                                "unfinished (no status: in flight now, or cut off by a crash and marked 'interrupted' when "
+                                "a server next opens the ledger), tokens, compute seconds, cost (machine time), revenue "
+                                "(token prices), margin.")
     p.add_argument("--db", default=None, help=f"ledger database (default: {default_db_path()})")
     p.add_argument("--key", default=None, help="one key, by id (k_...) or prefix")
     p.add_argument("--since", default=None, help="30m, 24h, 7d (ago) or an ISO date/time")
@@ -472,17 +600,19 @@ def usage_main(argv=None) -> int:
     for t in totals:
         prefix, name = names.get(t["key_id"], ("", ""))
         label = t["key_id"] or "(no auth)"
-        rows.append([label, name or "-", t["requests"], t["errors"], t["prompt_tokens"], t["cached_tokens"],
+        rows.append([label, name or "-", t["requests"], t["errors"], t["unfinished"], t["prompt_tokens"], t["cached_tokens"],
                      t["completion_tokens"], f"{t['compute_s']:.3f}", f"{t['cost']:.6f}", f"{t['revenue']:.6f}",
                      f"{t['margin']:.6f}"])
     if not rows:
         print("no requests in the ledger" + (" for that key" if a.key else "") + (" in that period" if since or until else ""))
         return 0
-    header = ["key", "name", "requests", "errors", "prompt", "cached", "completion", "compute_s", "cost", "revenue", "margin"]
+    header = ["key", "name", "requests", "errors", "unfinished", "prompt", "cached", "completion", "compute_s", "cost",
+              "revenue", "margin"]
     if len(rows) > 1:
-        s = {k: sum(t[k] for t in totals) for k in ("requests", "errors", "prompt_tokens", "cached_tokens",
+        s = {k: sum(t[k] for t in totals) for k in ("requests", "errors", "unfinished", "prompt_tokens", "cached_tokens",
                                                    "completion_tokens", "compute_s", "cost", "revenue", "margin")}
-        rows.append(["total", "", s["requests"], s["errors"], s["prompt_tokens"], s["cached_tokens"], s["completion_tokens"],
+        rows.append(["total", "", s["requests"], s["errors"], s["unfinished"], s["prompt_tokens"], s["cached_tokens"],
+                     s["completion_tokens"],
                      f"{s['compute_s']:.3f}", f"{s['cost']:.6f}", f"{s['revenue']:.6f}", f"{s['margin']:.6f}"])
     print(_table(rows, header))
     return 0
