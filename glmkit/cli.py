@@ -2,7 +2,7 @@
 
     glmkit serve [--model M]     the MaaS server (OpenAI-compatible), default: the embedded model
     glmkit keys / usage          API keys; per-key tokens, compute time, cost, revenue
-    glmkit info PATH|PRESET      configuration, parameter count, memory per dtype
+    glmkit info PATH|PRESET      configuration, parameter count, memory per dtype (--verify: every file whole)
     glmkit convert SRC DST       read any supported GLM checkpoint, write it in another layout
     glmkit tokenizer train ...   train a byte-level BPE with the GLM special tokens
     glmkit data build ...        assemble the default corpus (or your files) into the cache
@@ -20,7 +20,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -81,11 +80,14 @@ def info(argv=None):
     import argparse
 
     from .config import PRESETS, get_preset
-    from .convert import CheckpointError, detect_format
+    from .convert import config_of, verify_checkpoint
 
     p = argparse.ArgumentParser(prog="glmkit info", description=COMMANDS["info"][1])
     p.add_argument("model", nargs="?", default=None,
                    help=f"checkpoint directory or preset ({', '.join(PRESETS)}); default: the embedded model")
+    p.add_argument("--verify", action="store_true",
+                   help="also check every weight file's size against its header and the tensor names against "
+                        "config.json (reads headers only; exit code 1 when anything is damaged)")
     a = p.parse_args(argv)
     if a.model is None:
         from .convert import default_model_path
@@ -94,13 +96,19 @@ def info(argv=None):
     path = Path(a.model)
     if a.model in PRESETS and not path.exists():
         print(describe(get_preset(a.model), f"preset {a.model}"))
-        return
-    cfg_file = path / "config.json"
-    if not cfg_file.exists():
-        raise CheckpointError(f"{a.model} is neither a preset ({', '.join(PRESETS)}) nor a directory with config.json")
-    d = json.loads(cfg_file.read_text())
-    fmt = detect_format(d, str(cfg_file))
-    print(describe(fmt.config_from_hf(d), f"{path} (format {fmt.name})"))
+        return 0
+    fmt, cfg = config_of(path)  # CheckpointError / ConfigError name the file and field; main prints them
+    print(describe(cfg, f"{path} (format {fmt.name})"))
+    if not a.verify:
+        print("  files:      not checked; `glmkit info --verify PATH` checks them against their headers")
+        return 0
+    problems, summary = verify_checkpoint(path)
+    for problem in problems:
+        print(f"glmkit info: error: {problem}", file=sys.stderr)
+    if problems:
+        return 1
+    print(f"  verified:   {summary}")
+    return 0
 
 
 def main(argv=None):
@@ -116,10 +124,14 @@ def main(argv=None):
 
     module, function = COMMANDS[argv[0]][0].split(":")
     entry = getattr(importlib.import_module(module), function)
+    # user mistakes (a wrong path, a damaged checkpoint, a bad config.json or option value) print one
+    # line; anything else is a bug in glmkit and keeps its traceback
     try:
         return entry(argv[1:]) or 0
-    except (CheckpointError, FileNotFoundError, FileExistsError, NotImplementedError, KeyError, ValueError) as e:
-        print(f"glmkit {argv[0]}: error: {e}", file=sys.stderr)
+    except (CheckpointError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+            PermissionError, NotImplementedError, KeyError, ValueError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e  # str(KeyError) would add quotes
+        print(f"glmkit {argv[0]}: error: {msg}", file=sys.stderr)
         return 1
 
 

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 POSITIONS = ("learned_2d", "rope_2d", "rope_partial")
 NORMS = ("layernorm", "rmsnorm")
@@ -67,6 +69,7 @@ class ModelConfig:
     residual_alpha: float = 1.0
 
     def __post_init__(self):
+        self._check_types()
         for name, value, allowed in (
             ("position", self.position, POSITIONS),
             ("norm", self.norm, NORMS),
@@ -99,6 +102,26 @@ class ModelConfig:
             raise ValueError(f"rope_partial needs an even rotary dim, got {self.rotary_dim}")
         self.residual_alpha = math.sqrt(2 * self.n_layers) if self.residual == "deepnorm" else 1.0
 
+    def _check_types(self):
+        """Each field holds what its annotation says, so a config.json with `"dim": "big"` fails
+        here, naming the field, rather than deep inside the model with a TypeError."""
+        for f in fields(self):
+            if f.name == "residual_alpha":
+                continue
+            value, kinds = getattr(self, f.name), f.type.replace(" ", "").split("|")
+            if not any(_is(value, k) for k in kinds):
+                want = " or ".join(_KIND_NAMES[k] for k in kinds)
+                raise ValueError(f"ModelConfig.{f.name} must be {want}, got {_show(value)}")
+            if _is(value, "float") and not math.isfinite(value):
+                raise ValueError(f"ModelConfig.{f.name} must be a finite number, got {value}")
+        for name in ("max_seq_len", "ffn_dim", "head_dim", "rope_theta", "norm_eps"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        if not 0 < self.rope_fraction <= 1:
+            raise ValueError(f"ModelConfig.rope_fraction must be in (0, 1], got {self.rope_fraction}")
+        if self.init_std < 0:
+            raise ValueError(f"ModelConfig.init_std must not be negative, got {self.init_std}")
+
     @property
     def rotary_dim(self) -> int:
         """Channels of each head that one rotary frequency table covers."""
@@ -120,6 +143,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"a ModelConfig is a JSON object of fields, got {_show(d)}")
         known = {f.name for f in fields(cls)} - {"residual_alpha"}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -135,7 +160,12 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelConfig":
-        d = json.loads(Path(path).read_text())
+        try:
+            d = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path} must hold a JSON object ({{...}}), not {_show(d)}")
         if d.get("model_type") != "glmkit":
             raise ValueError(
                 f"{path} is not a glmkit config (model_type={d.get('model_type')!r}); "
@@ -158,6 +188,26 @@ class ModelConfig:
             if self.position == "learned_2d":
                 n += 2 * self.max_seq_len * C
         return n
+
+
+# annotation -> test, for _check_types. bool is an int subclass and int a valid float in JSON
+# (`"rope_theta": 10000`), hence the explicit tests.
+_KIND_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+               "dict": "a JSON object", "None": "null"}
+
+
+def _is(value: Any, kind: str) -> bool:
+    if kind == "int":  # numbers.Integral also admits numpy integers that code may pass
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    return isinstance(value, {"bool": bool, "str": str, "dict": dict, "None": type(None)}[kind])
+
+
+def _show(value: Any) -> str:
+    """A value for an error message: its repr, cut short (a config may hold anything), and its type."""
+    r = repr(value)
+    return f"{r[:60] + '...' if len(r) > 60 else r} ({type(value).__name__})"
 
 
 # Presets are data. Upstream presets carry the real hyper-parameters of the named checkpoint;

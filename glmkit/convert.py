@@ -32,6 +32,7 @@ Layouts that differ beyond names:
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -42,12 +43,18 @@ from typing import Callable
 
 import torch
 
-from .config import PRESETS, ModelConfig, get_preset
+from .config import _KIND_NAMES, PRESETS, ModelConfig, _show, get_preset
 from .model import GLM
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read as it claims to be; the message says what to do."""
+
+
+class ConfigError(CheckpointError, ValueError):
+    """A config.json that does not describe a model (not a JSON object, a field of the wrong type or
+    out of range). A CheckpointError, since that is what loading raises, and a ValueError, since
+    that is what it is."""
 
 
 # ---- rules ---------------------------------------------------------------------------------------
@@ -97,10 +104,31 @@ class Format:
     ignore: tuple[str, ...] = field(default=())  # non-parameter buffers some checkpoints carry
 
 
-def _need(d: dict, key: str, src: str):
-    if key not in d:
-        raise CheckpointError(f"{src}: config.json has no {key!r}, which this format requires")
-    return d[key]
+_REQUIRED = object()
+
+
+def _get(d: dict, key: str, default=_REQUIRED, kind: type = int, src: str = ""):
+    """config.json field `key` (null or absent: `default`), checked to be of `kind`; integers must
+    be positive (every integer field read here is a size or a count). Errors name the field as
+    config.json spells it, which is what the user can fix."""
+    v = d.get(key)
+    if v is None:
+        if default is _REQUIRED:
+            raise ConfigError(f"has no field {key!r}, which the {src} format requires")
+        return default
+    if kind in (int, float) and (isinstance(v, bool) or not isinstance(v, int if kind is int else (int, float))):
+        raise ConfigError(f"field {key!r} must be {'an integer' if kind is int else 'a number'}, "
+                          f"got {_show(v)}")
+    if kind is int and v <= 0:
+        raise ConfigError(f"field {key!r} must be a positive integer, got {v}")
+    if kind not in (int, float) and not isinstance(v, kind):
+        raise ConfigError(f"field {key!r} must be {_KIND_NAMES.get(kind.__name__, kind.__name__)}, "
+                          f"got {_show(v)}")
+    return v
+
+
+def _need(d: dict, key: str, src: str, kind: type = int):
+    return _get(d, key, _REQUIRED, kind, src)
 
 
 # glmkit -------------------------------------------------------------------------------------------
@@ -130,7 +158,7 @@ GLMKIT = Format("glmkit", ("GlmkitForCausalLM",), _glmkit_from_hf, ModelConfig.t
 def _hf_from_dict(d: dict, sandwich: bool, source: str) -> ModelConfig:
     if "glmkit_config" in d:  # our own export: restore what HF cannot express
         return ModelConfig.from_dict(d["glmkit_config"])
-    rope = d.get("rope_parameters") or {}
+    rope = _get(d, "rope_parameters", {}, dict)
     rtype = rope.get("rope_type", "default")
     if rtype != "default" or d.get("rope_scaling"):
         raise CheckpointError(f"rope scaling {rtype!r} / {d.get('rope_scaling')} is not supported yet; only default RoPE")
@@ -138,13 +166,14 @@ def _hf_from_dict(d: dict, sandwich: bool, source: str) -> ModelConfig:
     return ModelConfig(
         vocab_size=_need(d, "vocab_size", source), dim=_need(d, "hidden_size", source),
         n_layers=_need(d, "num_hidden_layers", source), n_heads=H,
-        n_kv_heads=d.get("num_key_value_heads") or H, head_dim=d.get("head_dim"),
-        ffn_dim=_need(d, "intermediate_size", source), max_seq_len=d.get("max_position_embeddings", 8192),
-        position="rope_partial", rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)),
-        rope_fraction=rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 0.5)),
-        norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1.5625e-07), mlp="swiglu",
-        qkv_bias=d.get("attention_bias", True), sandwich_norm=sandwich,
-        tie_embeddings=d.get("tie_word_embeddings", False), source=source,
+        n_kv_heads=_get(d, "num_key_value_heads", H), head_dim=_get(d, "head_dim", None),
+        ffn_dim=_need(d, "intermediate_size", source), max_seq_len=_get(d, "max_position_embeddings", 8192),
+        position="rope_partial",
+        rope_theta=_get(rope, "rope_theta", _get(d, "rope_theta", 10000.0, float), float),
+        rope_fraction=_get(rope, "partial_rotary_factor", _get(d, "partial_rotary_factor", 0.5, float), float),
+        norm="rmsnorm", norm_eps=_get(d, "rms_norm_eps", 1.5625e-07, float), mlp="swiglu",
+        qkv_bias=_get(d, "attention_bias", True, bool), sandwich_norm=sandwich,
+        tie_embeddings=_get(d, "tie_word_embeddings", False, bool), source=source,
     )
 
 
@@ -320,13 +349,13 @@ def _chatglm_from_dict(d: dict) -> ModelConfig:
         raise CheckpointError(f"{src}: P-tuning prefix checkpoints (pre_seq_len) are not supported")
     return ModelConfig(
         vocab_size=_need(d, "vocab_size", src), dim=_need(d, "hidden_size", src), n_layers=_need(d, "num_layers", src),
-        n_heads=_need(d, "num_attention_heads", src), ffn_dim=d.get("inner_hidden_size") or 4 * d["hidden_size"],
-        max_seq_len=d.get("max_sequence_length", 2048), position="rope_2d", norm="layernorm",
-        norm_eps=d.get("layernorm_epsilon", 1e-5), residual="deepnorm", mlp="gelu",
+        n_heads=_need(d, "num_attention_heads", src), ffn_dim=_get(d, "inner_hidden_size", 4 * _need(d, "hidden_size", src)),
+        max_seq_len=_get(d, "max_sequence_length", 2048), position="rope_2d", norm="layernorm",
+        norm_eps=_get(d, "layernorm_epsilon", 1e-5, float), residual="deepnorm", mlp="gelu",
         qkv_bias=True, out_bias=True, mlp_bias=True, source="chatglm",
         # ChatGLM-6B's config.json has no tie_word_embeddings, so HF ties lm_head to the embeddings
         # when loading (its default); a stored lm_head.weight is then ignored, as HF ignores it
-        tie_embeddings=d.get("tie_word_embeddings", True),
+        tie_embeddings=_get(d, "tie_word_embeddings", True, bool),
     )
 
 
@@ -370,9 +399,15 @@ FORMATS: dict[str, Format] = {f.name: f for f in (GLMKIT, GLM_HF, GLM4_HF, GLM_O
 
 
 def detect_format(d: dict, src: str) -> Format:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{src} must hold a JSON object ({{...}}), not {_show(d)}")
+    archs = d.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ConfigError(f"{src}: field 'architectures' must be a list of class names, got {_show(archs)}")
+    if not isinstance(d.get("model_type"), (str, type(None))):
+        raise ConfigError(f"{src}: field 'model_type' must be a string, got {_show(d['model_type'])}")
     if d.get("model_type") == "glmkit":
         return GLMKIT
-    archs = d.get("architectures") or []
     for fmt in FORMATS.values():
         if any(a in fmt.architectures for a in archs):
             return fmt
@@ -388,50 +423,167 @@ def detect_format(d: dict, src: str) -> Format:
     )
 
 
+# ---- finding a checkpoint's files ------------------------------------------------------------------
+def checkpoint_dir(path: str | Path) -> Path:
+    """`path` if it is a directory; otherwise a CheckpointError saying what it is instead."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist (and is not a preset; known presets: {', '.join(PRESETS)})")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory; a checkpoint is a directory with config.json and weights")
+    return path
+
+
+def _exists(p: Path) -> bool:
+    # a dangling symlink counts as present, so that confined() judges where it points before
+    # anything reports the outside file as missing (which would say something about it)
+    return p.is_symlink() or p.exists()
+
+
+def confined(directory: str | Path, name: str, what: str = "file") -> Path:
+    """`directory / name` with every symlink resolved, refused unless it stays inside `directory`.
+
+    A checkpoint is often a stranger's download, read by a server: a shard index naming
+    `../../etc/passwd`, or a weight file that is a symlink to one, must not make glmkit open a file
+    elsewhere on the machine, nor report its size or contents in an error. The message names only
+    what the checkpoint itself says. One exception: the Hugging Face hub cache, where
+    `models--X/snapshots/REV/` holds links into the same repository's `models--X/blobs/`.
+    """
+    directory = Path(directory)
+    try:
+        root = directory.resolve()
+        target = (directory / name).resolve()
+    except (OSError, RuntimeError, ValueError):  # a symlink loop (RuntimeError before Python 3.13), a NUL byte
+        raise CheckpointError(f"{directory}: {what} {name!r} cannot be resolved (a symlink loop?); "
+                              "replace it with the file itself") from None
+    if target == root or root in target.parents:
+        return target
+    if root.parent.name == "snapshots" and target.parent == root.parent.parent / "blobs":
+        return target
+    raise CheckpointError(f"{directory}: {what} {name!r} points outside the checkpoint directory; glmkit reads "
+                          "only files inside it. If the file belongs to this checkpoint, copy it into the directory")
+
+
+def read_config_json(path: str | Path) -> tuple[dict, Path]:
+    """(the parsed config.json of checkpoint directory `path`, its path), checked to be a JSON object."""
+    path = checkpoint_dir(path)
+    cfg_file = path / "config.json"
+    if not _exists(cfg_file):
+        raise CheckpointError(f"{path} has no config.json; a checkpoint directory needs one (see `glmkit convert`)")
+    real = confined(path, "config.json")
+    try:
+        d = json.loads(real.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{cfg_file}: invalid JSON ({e})") from None
+    except OSError as e:  # a directory, unreadable, ...
+        raise CheckpointError(f"{cfg_file}: cannot be read ({e.strerror})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{cfg_file} must hold a JSON object ({{...}}) of config fields, not {_show(d)}")
+    return d, cfg_file
+
+
+def config_of(path: str | Path) -> tuple[Format, ModelConfig]:
+    """The format and ModelConfig a checkpoint directory's config.json describes; every problem is
+    a ConfigError naming the file and the field."""
+    d, cfg_file = read_config_json(path)
+    fmt = detect_format(d, str(cfg_file))
+    try:
+        return fmt, fmt.config_from_hf(d)
+    except (ValueError, TypeError) as e:  # _get's and ModelConfig's checks (for glmkit, its names are config.json's)
+        raise ConfigError(f"{cfg_file}: {e}") from None
+
+
 # ---- reading weight files --------------------------------------------------------------------------
 _ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
              "F8_E4M3": 1, "F8_E5M2": 1}
+REDOWNLOAD = "re-download it or convert the checkpoint again"
 
 
-def check_safetensors(path: Path) -> list[str]:
+def check_safetensors(path: Path, shown: str | Path | None = None, advice: str = REDOWNLOAD) -> list[str]:
     """Validate a safetensors file's header against its size; return its tensor names.
 
-    safetensors itself reports a short file as an opaque deserialization error, or not at all when
-    memory-mapped until a read faults; checking offsets up front turns that into a clear message.
+    The file must be exactly 8 + header length + the end of its last tensor bytes long: safetensors
+    itself reports a short file as an opaque deserialization error, or not at all when memory-mapped
+    until a read faults, and refuses a long one. `shown` is the name messages use (default: path).
     """
+    shown = shown or path
+    advice = f"; {advice}" if advice else ""
     size = path.stat().st_size
-    what = "re-download it or convert the checkpoint again"
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header); {what}")
+            raise CheckpointError(f"{shown}: truncated safetensors file ({size} bytes, no header){advice}")
         (n,) = struct.unpack("<Q", head)
         if 8 + n > size:
-            raise CheckpointError(f"{path}: truncated safetensors file: header says {n} bytes, file has {size}; {what}")
+            raise CheckpointError(f"{shown}: truncated safetensors file: header says {n} bytes, file has {size}{advice}")
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({e}); {what}") from None
+            raise CheckpointError(f"{shown}: corrupt safetensors header ({e}){advice}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{shown}: corrupt safetensors header (not a JSON object){advice}")
     end = 0
     for name, info in header.items():
         if name == "__metadata__":
             continue
         try:
             a, b = info["data_offsets"]
-            numel = 1
-            for s in info["shape"]:
-                numel *= s
-            itemsize = _ST_SIZES.get(info["dtype"])
+            shape, itemsize = list(info["shape"]), _ST_SIZES.get(info["dtype"])
+            ok = all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (a, b, *shape)) and a <= b
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name!r}; {what}") from None
-        if itemsize is not None and b - a != numel * itemsize:
-            raise CheckpointError(f"{path}: tensor {name!r} claims {b - a} bytes for shape {info['shape']} {info['dtype']}; {what}")
+            ok = False
+        if not ok:
+            raise CheckpointError(f"{shown}: corrupt safetensors header entry for tensor {name!r}{advice}")
+        if itemsize is not None and b - a != math.prod(shape) * itemsize:
+            raise CheckpointError(f"{shown}: tensor {name!r} claims {b - a} bytes for shape {shape} {info['dtype']}{advice}")
         end = max(end, b)
     if 8 + n + end > size:
-        raise CheckpointError(
-            f"{path}: truncated safetensors file: tensors need {8 + n + end} bytes, file has {size}; {what}"
-        )
+        raise CheckpointError(f"{shown}: truncated safetensors file: tensors need {8 + n + end} bytes, file has {size}{advice}")
+    if 8 + n + end < size:
+        raise CheckpointError(f"{shown}: {size - 8 - n - end} bytes after the last tensor: tensors need {8 + n + end} "
+                              f"bytes, file has {size}{advice}")
     return [k for k in header if k != "__metadata__"]
+
+
+def _read_bin(f: Path, shown: str | Path) -> dict:
+    try:
+        sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises RuntimeError, EOFError, pickle errors, ...
+        raise CheckpointError(f"{shown}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e}); "
+                              "the file is truncated or corrupt; re-download it") from None
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{shown}: holds a {type(sd).__name__}, not a state dict")
+    return sd.get("module", sd) if isinstance(sd.get("module"), dict) else sd
+
+
+def weight_file_paths(path: Path) -> list[tuple[str, Path]]:
+    """(name as the checkpoint gives it, resolved path) of each weight file of a checkpoint
+    directory: the shards its *.index.json lists, or its one model file. All confined to `path`."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = path / index_name
+        if not _exists(index):
+            continue
+        try:
+            weight_map = json.loads(confined(path, index_name, "shard index").read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid shard index ({type(e).__name__}: {e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(s, str) and s for s in weight_map.values()):
+            raise CheckpointError(f"{index}: not a valid shard index (weight_map must map tensor names to file names)")
+        shards = sorted(set(weight_map.values()))
+        files = [(s, confined(path, s, f"shard (listed in {index_name})")) for s in shards]
+        missing = [s for s, f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index} lists shards that are not in {path}: {missing}; download all shards")
+        return files
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if _exists(path / single):
+            f = confined(path, single, "weight file")
+            if not f.is_file():
+                raise CheckpointError(f"{path / single} is not a file (a broken symlink?); download the checkpoint again")
+            return [(single, f)]
+    raise CheckpointError(
+        f"{path} has no weights: expected model.safetensors, pytorch_model.bin, or a sharded *.index.json"
+    )
 
 
 class WeightFiles:
@@ -439,46 +591,18 @@ class WeightFiles:
 
     def __init__(self, path: Path):
         self.path = path
-        self.where: dict[str, Path] = {}
+        self.where: dict[str, Path] = {}  # tensor name -> resolved file
+        self.shown: dict[Path, Path] = {}  # resolved file -> path as the checkpoint names it, for messages
         self._bin: dict[Path, dict] = {}
-        for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-            index = path / index_name
-            if index.exists():
-                try:
-                    weight_map = json.loads(index.read_text())["weight_map"]
-                except (json.JSONDecodeError, KeyError) as e:
-                    raise CheckpointError(f"{index}: not a valid shard index ({e})") from None
-                shards = sorted(set(weight_map.values()))
-                missing = [s for s in shards if not (path / s).exists()]
-                if missing:
-                    raise CheckpointError(f"{index} lists shards that are not in {path}: {missing}; download all shards")
-                for shard in shards:
-                    self._add(path / shard)
-                return
-        for single in ("model.safetensors", "pytorch_model.bin"):
-            if (path / single).exists():
-                self._add(path / single)
-                return
-        raise CheckpointError(
-            f"{path} has no weights: expected model.safetensors, pytorch_model.bin, or a sharded *.index.json"
-        )
-
-    def _add(self, f: Path):
-        if f.suffix == ".safetensors":
-            names = check_safetensors(f)
-        else:
-            try:
-                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as e:  # torch raises RuntimeError, EOFError, pickle errors, ...
-                raise CheckpointError(f"{f}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e}); "
-                                      "the file is truncated or corrupt; re-download it") from None
-            if not isinstance(sd, dict):
-                raise CheckpointError(f"{f}: holds a {type(sd).__name__}, not a state dict")
-            sd = sd.get("module", sd) if isinstance(sd.get("module"), dict) else sd
-            self._bin[f] = sd
-            names = list(sd)
-        for n in names:
-            self.where[n] = f
+        for name, f in weight_file_paths(path):
+            self.shown[f] = path / name
+            if name.endswith(".safetensors"):  # the name's suffix: a hub-cache blob's own name has none
+                names = check_safetensors(f, path / name)
+            else:
+                self._bin[f] = _read_bin(f, path / name)
+                names = list(self._bin[f])
+            for n in names:
+                self.where[n] = f
 
     def get(self, name: str) -> torch.Tensor:
         f = self.where[name]
@@ -500,37 +624,13 @@ def _strip_prefix(names, fmt: Format, expected: set[str]) -> str:
     return best
 
 
-def _default_dtype(t: torch.Tensor, device) -> torch.dtype:
-    # fp16 matmuls run ~75x slower than fp32 on CPUs without fp16 units (PERF_NOTES)
-    if t.dtype == torch.float16 and torch.device(device or "cpu").type == "cpu":
-        return torch.float32
-    return t.dtype if t.is_floating_point() else torch.float32
-
-
-def read_checkpoint(path: str | Path, device=None, dtype=None) -> GLM:
-    """Load any supported checkpoint directory as a glmkit GLM, checking every tensor."""
-    path = Path(path)
-    cfg_file = path / "config.json"
-    if not path.is_dir():
-        raise CheckpointError(f"{path} is not a directory (nor a preset: {', '.join(PRESETS)})")
-    if not cfg_file.exists():
-        raise CheckpointError(f"{path} has no config.json; a checkpoint directory needs one (see `glmkit convert`)")
-    try:
-        d = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from None
-    fmt = detect_format(d, str(cfg_file))
-    try:
-        cfg = fmt.config_from_hf(d)
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{cfg_file}: {e}") from None
-    files = WeightFiles(path)
-    rules = fmt.rules(cfg)
-    expected = {n for r in rules for n in r.theirs}
-    prefix = _strip_prefix(files.where, fmt, expected)
-    present = {n[len(prefix):]: n for n in files.where if n.startswith(prefix)}
-    present.update({n: n for n in files.where if not n.startswith(prefix)})
-
+def _match_names(names: dict[str, Path], fmt: Format, cfg: ModelConfig, path: Path) -> dict[str, str]:
+    """{format name: stored name} for every tensor the format's rules need; a CheckpointError when one
+    is missing or a stored one is unexpected. `names` maps stored names to the file holding them."""
+    expected = {n for r in fmt.rules(cfg) for n in r.theirs}
+    prefix = _strip_prefix(names, fmt, expected)
+    present = {n[len(prefix):]: n for n in names if n.startswith(prefix)}
+    present.update({n: n for n in names if not n.startswith(prefix)})
     missing = sorted(expected - set(present))
     if missing:
         raise CheckpointError(
@@ -545,9 +645,52 @@ def read_checkpoint(path: str | Path, device=None, dtype=None) -> GLM:
     if unexpected:
         raise CheckpointError(
             f"{path} ({fmt.name}) has {len(unexpected)} unexpected tensor(s), e.g. {unexpected[:3]} in "
-            f"{files.where[present[unexpected[0]]].name}; the config.json does not describe these weights"
+            f"{Path(names[present[unexpected[0]]]).name}; the config.json does not describe these weights"
         )
+    return present
 
+
+def verify_checkpoint(path: str | Path) -> tuple[list[str], str]:
+    """(problems, summary) of a checkpoint directory, checked without reading tensor data: config.json,
+    every weight file's size against its header (each file on its own, so all damage is listed), and
+    the tensor names against those config.json implies. No problems: the checkpoint is whole."""
+    path = checkpoint_dir(path)
+    fmt, cfg = config_of(path)
+    problems, names, total = [], {}, 0
+    files = weight_file_paths(path)
+    for name, f in files:
+        try:
+            found = check_safetensors(f, path / name) if name.endswith(".safetensors") else _read_bin(f, path / name)
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
+        total += f.stat().st_size
+        names.update(dict.fromkeys(found, path / name))
+    if not problems:
+        try:
+            _match_names(names, fmt, cfg, path)
+        except CheckpointError as e:
+            problems.append(str(e))
+    summary = (f"{len(files)} weight file(s), {len(names)} tensors, {total / 2**20:.1f} MiB: sizes match their "
+               f"headers, tensor names match config.json ({fmt.name})")
+    return problems, summary
+
+
+def _default_dtype(t: torch.Tensor, device) -> torch.dtype:
+    # fp16 matmuls run ~75x slower than fp32 on CPUs without fp16 units (PERF_NOTES)
+    if t.dtype == torch.float16 and torch.device(device or "cpu").type == "cpu":
+        return torch.float32
+    return t.dtype if t.is_floating_point() else torch.float32
+
+
+def read_checkpoint(path: str | Path, device=None, dtype=None) -> GLM:
+    """Load any supported checkpoint directory as a glmkit GLM, checking every tensor."""
+    path = checkpoint_dir(path)
+    cfg_file = path / "config.json"
+    fmt, cfg = config_of(path)
+    files = WeightFiles(path)
+    rules = fmt.rules(cfg)
+    present = _match_names(files.where, fmt, cfg, path)
     if cfg.quant and fmt is not GLMKIT:
         raise CheckpointError(f"{cfg_file}: quantized checkpoints exist only in the glmkit layout")
     model = _meta_model(cfg)
@@ -565,7 +708,7 @@ def read_checkpoint(path: str | Path, device=None, dtype=None) -> GLM:
         if t is None or t.shape != want[r.ours].shape:
             got = [tuple(x.shape) for x in ts]
             raise CheckpointError(
-                f"{files.where[present[r.theirs[0]]]}: tensor {r.theirs[0] if len(ts) == 1 else list(r.theirs)} has "
+                f"{files.shown[files.where[present[r.theirs[0]]]]}: tensor {r.theirs[0] if len(ts) == 1 else list(r.theirs)} has "
                 f"shape {got[0] if len(got) == 1 else got}, but config.json implies {tuple(want[r.ours].shape)} for "
                 f"{r.ours}{why}; the weights and config.json disagree"
             )
@@ -617,6 +760,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "ice_text.model", "generation_config.json")
 
 
+def tokenizer_files(src: str | Path) -> list[Path]:
+    """The TOKENIZER_FILES a checkpoint directory has, to copy along when it is rewritten; each is
+    confined to `src`, so converting a stranger's checkpoint cannot copy a file from elsewhere on this
+    machine into the output. The paths keep their own names (not their resolved ones)."""
+    src = Path(src)
+    return [src / f for f in TOKENIZER_FILES if _exists(src / f) and confined(src, f, "tokenizer file").is_file()]
+
+
 # The model glmkit trains itself and ships inside the package (runs/default_model.sh, MODEL_CARD.md).
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "default"
 
@@ -650,7 +801,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}[a.dtype]
     model = read_checkpoint(a.src, dtype=dtype)
-    extra = [Path(a.src) / f for f in TOKENIZER_FILES if (Path(a.src) / f).exists()]
+    extra = tokenizer_files(a.src)
     write_checkpoint(model, a.dst, a.to, extra)
     n = sum(p.numel() for p in model.parameters())
     print(f"{a.src} ({model.cfg.source}) -> {a.dst} ({a.to}): {n / 1e6:.1f}M parameters, {next(model.parameters()).dtype}")

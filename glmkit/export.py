@@ -95,7 +95,7 @@ def export_onnx(model: GLM, dst: str | Path) -> tuple[Path, Path]:
 
 
 def main(argv=None) -> int:
-    from .convert import TOKENIZER_FILES, read_checkpoint, write_checkpoint
+    from .convert import read_checkpoint, tokenizer_files, write_checkpoint
 
     ap = argparse.ArgumentParser(prog="glmkit export", description="Export a checkpoint as an HF directory or ONNX graphs.")
     ap.add_argument("src", help="checkpoint directory (any format glmkit reads)")
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     src = Path(a.src)
     model = read_checkpoint(src)
-    extra = [src / f for f in TOKENIZER_FILES if (src / f).exists()]
+    extra = tokenizer_files(src)
     if a.format == "hf":
         fmt = "glm4_hf" if model.cfg.sandwich_norm else "glm_hf"
         write_checkpoint(model, a.dst, fmt, extra)

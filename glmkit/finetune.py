@@ -372,8 +372,8 @@ def _load(c: FinetuneConfig, device):
     tok_path = c.tokenizer or c.model
     try:
         tok = load_tokenizer(tok_path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{tok_path} has no tokenizer.json; pass --tokenizer PATH") from None
+    except FileNotFoundError as e:  # keep what was wrong ("does not exist" or "has no tokenizer.json")
+        raise FileNotFoundError(f"{e}; pass --tokenizer PATH") from None
     if tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} tokens, the model's vocabulary {model.cfg.vocab_size}")
     return model, tok

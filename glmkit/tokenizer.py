@@ -275,15 +275,22 @@ def _jsonl_texts(path: Path):
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """The tokenizer of a checkpoint directory, a tokenizer.json, or a SentencePiece .model file."""
     path = Path(path)
-    if path.suffix == ".model":
-        return Tokenizer.from_sentencepiece(path)
-    file = path if path.suffix == ".json" else path / "tokenizer.json"
-    if file.exists():
-        return Tokenizer.from_file(file)
-    if path.is_dir():
-        for name in ("tokenizer.model", "cog-pretrain.model", "ice_text.model"):
-            if (path / name).exists():
-                return Tokenizer.from_sentencepiece(path / name)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; pass a checkpoint directory, a tokenizer.json or a "
+                                "SentencePiece .model file")
+    if not path.is_dir():  # a file the user named: read as named
+        if path.suffix == ".model":
+            return Tokenizer.from_sentencepiece(path)
+        if path.suffix == ".json":
+            return Tokenizer.from_file(path)
+        raise ValueError(f"{path} is neither a directory nor a tokenizer.json / SentencePiece .model file")
+    from .convert import confined
+
+    # in a checkpoint directory, a file (or symlink) pointing outside it is refused, as weights are
+    for name in ("tokenizer.json", "tokenizer.model", "cog-pretrain.model", "ice_text.model"):
+        if (path / name).is_symlink() or (path / name).exists():
+            confined(path, name, "tokenizer file")
+            return Tokenizer.from_file(path / name) if name.endswith(".json") else Tokenizer.from_sentencepiece(path / name)
     raise FileNotFoundError(f"{path} has no tokenizer.json (nor a SentencePiece .model); this checkpoint ships no tokenizer")
 
 

@@ -24,7 +24,7 @@ def test_load_preset_and_forward_shape():
 
 
 def test_unknown_preset_error():
-    with pytest.raises(glmkit.CheckpointError, match="nor a preset: debug, glm-tiny"):
+    with pytest.raises(glmkit.CheckpointError, match="glm-huge does not exist .*known presets: debug, glm-tiny"):
         glmkit.load("glm-huge")
 
 
@@ -53,7 +53,7 @@ def test_convert_cli_subprocess(tmp_path):
     assert "-> " in r.stdout and "torch.bfloat16" in r.stdout
     assert json.loads((tmp_path / "b" / "config.json").read_text())["architectures"] == ["GlmForCausalLM"]
     r = run("convert", str(tmp_path / "missing"), str(tmp_path / "c"))
-    assert r.returncode == 1 and "is not a directory" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 1 and "missing does not exist" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_load_tokenizer(tmp_path):
@@ -71,5 +71,8 @@ def test_load_tokenizer(tmp_path):
     assert t.token_id("[gMASK]") == tok.token_to_id("[gMASK]")
     with pytest.raises(KeyError, match="no token '<nope>'"):
         t.token_id("<nope>")
-    with pytest.raises(FileNotFoundError, match="has no tokenizer.json"):
+    with pytest.raises(FileNotFoundError, match="nothing does not exist"):
         glmkit.load_tokenizer(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty has no tokenizer.json"):
+        glmkit.load_tokenizer(tmp_path / "empty")

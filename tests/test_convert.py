@@ -360,8 +360,11 @@ def test_unknown_architecture_and_missing_config(tmp_path):
                                                               "multi_query_attention": True}))
     with pytest.raises(CheckpointError, match="ChatGLM2/3 or GLM-4 remote code"):
         glmkit.load(str(tmp_path / "x"))
-    with pytest.raises(CheckpointError, match="is not a directory"):
+    with pytest.raises(CheckpointError, match="nope does not exist"):
         glmkit.load(str(tmp_path / "nope"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(CheckpointError, match="file is not a directory"):
+        glmkit.load(str(tmp_path / "file"))
 
 
 @torch.no_grad()
