@@ -15,7 +15,9 @@ ranks): each micro-batch contributes its summed NLL divided by the global token 
 all-reduced before the backward passes. So 1 process with batch G, 2 processes with G/2 each, and
 1 process with 2 micro-batches of G/2 all take the same step, up to float summation order.
 Resuming restores weights, optimizer, loader position and RNG: on CPU in fp32 the resumed run
-reproduces the uninterrupted one bit for bit (tests/test_train.py).
+reproduces the uninterrupted one bit for bit (tests/test_train.py). It starts from the newest
+checkpoint that loads, skipping (and setting aside) damaged newer ones, and cuts metrics.jsonl back
+to that step, so every step appears there once.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import argparse
 import contextlib
 import json
 import math
+import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +38,7 @@ import torch.nn.functional as F
 
 from . import distributed as D
 from . import kernels
-from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import latest_good_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .infill import InfillConfig
 
 
@@ -132,6 +136,36 @@ def build_model(c: TrainConfig, vocab_size: int, device: torch.device) -> nn.Mod
     return model.to(device)
 
 
+def truncate_metrics(path: Path, step: int) -> int:
+    """Keep only the records of steps <= `step` in metrics.jsonl; return how many were dropped.
+
+    A run killed after its last checkpoint has logged steps past it; resumed from that checkpoint
+    it logs them again. Cutting the file back to the resumed step keeps each step once (a line the
+    kill cut in half goes too). Written to a temporary file and renamed: a kill here leaves the old
+    file or the new one, never a mix."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+            keep = isinstance(rec.get("step"), int) and rec["step"] <= step
+        except (json.JSONDecodeError, AttributeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in kept))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return dropped
+
+
 def train(c: TrainConfig) -> dict:
     from .data.loader import InfillLoader
     from .data.shards import TokenShards
@@ -157,16 +191,21 @@ def train(c: TrainConfig) -> dict:
                           seed=c.seed, rank=d.rank, world_size=d.world_size)
     out = Path(c.out)
     start = 0
-    if c.resume and (ck := latest_checkpoint(out)) is not None:
-        model_state, optim_state, state = load_checkpoint(ck)
+    say = (lambda msg: print(f"glmkit pretrain: {msg}", file=sys.stderr)) if d.is_main else (lambda msg: None)
+    found = latest_good_checkpoint(out, log=say, set_aside=d.is_main) if c.resume else None
+    if found is not None:
+        ck, model_state, optim_state, state = found
         D.load_full_state(objective, optimizer, {f"model.{k}": v for k, v in model_state.items()}, optim_state)
         loader.load_state_dict(state["loader"])
         set_rng_state(state.get("rng", {}))
         start = state["step"]
-        if d.is_main:
-            print(f"resumed from {ck} at step {start}")
+        say(f"resuming from {ck} at step {start}")
+    elif c.resume:
+        say(f"--resume: {out / 'checkpoints'} holds no checkpoint; starting from step 0")
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        if dropped := truncate_metrics(out / "metrics.jsonl", start):
+            say(f"{out / 'metrics.jsonl'}: dropped {dropped} record(s) after step {start}, which this run writes again")
         n_params = sum(p.numel() for p in model.parameters())
         print(f"glmkit pretrain: {n_params / 1e6:.2f}M parameters, device {d.device} x {d.world_size} "
               f"({c.parallel if d.active else 'single process'}), precision {c.precision} "

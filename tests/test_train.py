@@ -3,6 +3,7 @@ and 10 steps on the debug preset reproduce recorded losses."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -76,6 +77,66 @@ def test_resume_is_bitwise_exact(shards, tmp_path):
     os.rename(tmp_path / "a" / "checkpoints" / "step-0000004", tmp_path / "b" / "checkpoints" / "step-0000004")
     resumed = train(cfg(shards, tmp_path / "b", steps=8, resume=True))["losses"]
     assert resumed == full[4:], f"resumed {resumed} != uninterrupted {full[4:]}"
+
+
+def test_resume_falls_back_past_a_damaged_checkpoint(shards, tmp_path, capsys):
+    run = tmp_path / "run"
+    full = train(cfg(shards, run, steps=8, save_every=4))["losses"]
+    ckpts = run / "checkpoints"
+    # the newest checkpoint loses its tail (a copy cut short, a full disk), and the killed run left a
+    # half-written metrics line: resume must start from step 4 and log steps 5..8 once
+    weights = ckpts / "step-0000008" / "model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as f:
+        f.truncate(size - 100)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 9, "lo')
+    capsys.readouterr()
+    resumed = train(cfg(shards, run, steps=8, save_every=4, resume=True))["losses"]
+    err = capsys.readouterr().err
+    assert (f"skipping checkpoint step-0000008: {weights}: truncated safetensors file: tensors need {size} bytes, "
+            f"file has {size - 100}; moved it to {ckpts / 'damaged-step-0000008'}") in err, err
+    assert f"resuming from {ckpts / 'step-0000004'} at step 4" in err, err
+    assert "re-download" not in err, err
+    assert resumed == full[4:], f"resumed {resumed} != uninterrupted {full[4:]}"
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9)), f"metrics.jsonl steps {steps}"
+    # the damaged checkpoint is set aside, and the one the resumed run wrote in its place loads
+    assert sorted(p.name for p in ckpts.iterdir()) == ["damaged-step-0000008", "step-0000004", "step-0000008"]
+    assert load_checkpoint(ckpts / "step-0000008")[2]["step"] == 8
+
+
+def test_metrics_have_each_step_once_after_a_kill_and_resume(shards, tmp_path):
+    run = tmp_path / "run"
+    train(cfg(shards, run, steps=6, save_every=4, eval_every=3, eval_docs=2, eval_batches=1))
+    # a kill -9 after step 6 was logged but before its checkpoint was written looks like this
+    shutil.rmtree(run / "checkpoints" / "step-0000006")
+    train(cfg(shards, run, steps=6, save_every=4, eval_every=3, eval_docs=2, eval_batches=1, resume=True))
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in recs if "eval" not in r]
+    eval_steps = [r["step"] for r in recs if "eval" in r]
+    assert train_steps == [1, 2, 3, 4, 5, 6] and eval_steps == [3, 6], f"train {train_steps}, eval {eval_steps}"
+
+
+def test_resume_with_every_checkpoint_damaged_says_so(tmp_path):
+    from glmkit.checkpoint import latest_good_checkpoint
+    from glmkit.convert import CheckpointError
+
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, {"w": torch.ones(3)}, get_preset("debug"), None, {"loader": {}})
+        (tmp_path / "checkpoints" / f"step-{step:07d}" / "trainer_state.json").write_text("{")
+    lines = []
+    with pytest.raises(CheckpointError, match="no checkpoint in .* loads \\(all 2 are damaged"):
+        latest_good_checkpoint(tmp_path, log=lines.append)
+    assert [line.split(":")[0] for line in lines] == ["skipping checkpoint step-0000002", "skipping checkpoint step-0000001"], lines
+    assert latest_good_checkpoint(tmp_path / "fresh") is None
+
+
+def test_save_never_prunes_the_checkpoint_it_wrote(tmp_path):
+    # after a resume from step 4, a newer step-8 still sorts last: saving step 6 with keep=1 must keep 6
+    for step in (4, 8, 6):
+        save_checkpoint(tmp_path, step, {"w": torch.ones(3)}, get_preset("debug"), None, {"loader": {}}, keep=1)
+    assert "step-0000006" in [p.name for p in (tmp_path / "checkpoints").iterdir()]
 
 
 def test_grad_accumulation_equals_big_batch(shards, tmp_path):
