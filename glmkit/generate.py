@@ -202,7 +202,8 @@ def top_p_filter(logits, p: float):
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
         before = probs.cumsum(-1) - probs  # mass of the tokens ranked above each one
-        drop = before >= p  # the set above already reaches p; rank 0 always stays (before = 0 < p)
+        drop = before >= p  # the set above already reaches p
+        drop[..., 0] = False  # the most likely token always stays (p = 5e-324 is 0 in float32: 0 >= 0 dropped it)
         logits.scatter_(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     return logits
 

@@ -185,9 +185,7 @@ def quantize_model(model: nn.Module, bits: int, group_size: int = 64, head: bool
 
 
 def main(argv=None) -> int:
-    from pathlib import Path
-
-    from .convert import TOKENIZER_FILES, read_checkpoint, write_checkpoint
+    from .convert import read_checkpoint, tokenizer_files, write_checkpoint
 
     p = argparse.ArgumentParser(prog="glmkit quantize", description="Weight-only int8/int4 quantization of a checkpoint.")
     p.add_argument("src")
@@ -202,7 +200,7 @@ def main(argv=None) -> int:
     if a.dtype == "bf16":
         for t in list(model.parameters()) + [b for n, b in model.named_buffers() if b.is_floating_point()]:
             t.data = t.data.to(torch.bfloat16)
-    extra = [Path(a.src) / f for f in TOKENIZER_FILES if (Path(a.src) / f).exists()]
+    extra = tokenizer_files(a.src)
     write_checkpoint(model, a.dst, "glmkit", extra)
     after = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     print(f"{a.src} -> {a.dst}: int{a.bits}{f' (group {a.group_size})' if a.bits == 4 else ''}, "

@@ -205,3 +205,11 @@ def test_a_kv_cache_that_cannot_fit_is_refused_before_allocating():
     check_kv_fits(cfg, 8, 512, torch.float32, "cpu", available=kv_cache_bytes(cfg, 8, 1024, torch.float32))
     with pytest.raises(MemoryError, match="needs .* GiB"):  # the real machine: a context no memory holds
         Engine(model, max_batch=8, max_len=1 << 40)
+
+
+def test_a_vanishing_top_p_keeps_the_most_likely_token():
+    from glmkit.generate import process_logits
+
+    logits = torch.tensor([[0.5, 3.0, -1.0, 2.0]])
+    out = process_logits(logits.clone(), SamplingParams(top_p=5e-324))  # 0 once in float32
+    assert torch.isfinite(out).tolist() == [[False, True, False, False]], out

@@ -62,8 +62,8 @@ from typing import Annotated, Literal, Union
 import torch
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field, field_validator
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import Engine, EngineFull, Request
@@ -128,6 +128,9 @@ def _openapi(app: FastAPI) -> dict:
                     "health" if path == "/health" else None)
             for status, what in _ERRORS.get(kind, {}).items():
                 responses.setdefault(str(status), {"description": what, "content": content})
+            if path in ("/v1/completions", "/v1/chat/completions"):  # "stream": true answers server-sent events
+                responses["200"].setdefault("content", {})["text/event-stream"] = {
+                    "schema": {"description": "data: {chunk JSON} events, then data: [DONE]"}}
     app.openapi_schema = spec
     return spec
 
@@ -151,8 +154,27 @@ def _no_surrogates(v, where: str = ""):
     return v
 
 
+def _integral(v):
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, list):
+        return [_integral(x) for x in v]
+    return v
+
+
 class _Body(BaseModel):
-    """Base of every request schema: strings must be valid Unicode."""
+    """Base of every request schema: strings must be valid Unicode, and types are strict (1.0 is not an
+    integer, 0 is not a boolean: the spec says what is accepted, and nothing else is)."""
+
+    model_config = ConfigDict(strict=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _json_integers(cls, v, info):
+        # JSON Schema counts 1.0 as an integer; strict pydantic does not: integral floats become ints in
+        # fields with integers and no floats (prompt token ids included)
+        ann = str(cls.model_fields[info.field_name].annotation)
+        return _integral(v) if "int" in ann and "float" not in ann else v
 
     @field_validator("*", mode="after")
     @classmethod
@@ -161,6 +183,9 @@ class _Body(BaseModel):
 
 
 NonEmpty = Annotated[str, Field(min_length=1)]
+MAX_SEED = 2**53 - 1  # every seed a JSON number holds exactly (larger ones round in clients that parse doubles)
+# a cloze pattern: literal text, {{ and }} for braces, and at least one plain {text} (what _check_pattern enforces)
+CLOZE_PATTERN = r"^([^{}]|\{\{|\}\}|\{text\})*\{text\}([^{}]|\{\{|\}\}|\{text\})*$"
 Stops = NonEmpty | Annotated[list[NonEmpty], Field(max_length=16)] | None
 REPETITION_PENALTY = Field(1.0, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1],
                            description="HF / CTRL repetition penalty (1 = off)")
@@ -178,7 +203,7 @@ class _Sampling(_Body):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     repetition_penalty: float = REPETITION_PENALTY
-    seed: int | None = Field(None, ge=0, le=2**62, description="choice i uses seed + i")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="choice i uses seed + i")
     n: int = Field(1, ge=1, le=16)
     stop: Stops = Field(None, description="up to 16 non-empty stop strings, cut from the text")
     stream: bool = False
@@ -192,8 +217,9 @@ class StreamOptions(_Body):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[str], list[int], list[list[int]]] = Field(
-        ..., min_length=1, description="text(s) or token ids; a text of more than context x the longest token's "
+    prompt: Union[str, Annotated[list[str], Field(min_length=1)], Annotated[list[int], Field(min_length=1)],
+                  Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)]] = Field(
+        ..., description="text(s) or token ids; a text of more than context x the longest token's "
         "characters is refused before tokenizing")
     suffix: str | None = Field(None, description="fill-in-the-middle: the text after the completion")
     max_tokens: int = Field(16, ge=1, description="per choice; prompt + max_tokens must fit the context")
@@ -203,8 +229,8 @@ class CompletionRequest(_Sampling):
 
 
 class ContentPart(_Body):
-    type: str
-    text: str | None = None
+    type: Literal["text"] = Field(..., description="only text parts are supported")
+    text: str
 
 
 class ChatMessage(_Body):
@@ -214,7 +240,7 @@ class ChatMessage(_Body):
 
 
 class ResponseFormat(_Body):
-    type: str = "text"
+    type: Literal["text"] = Field("text", description="only text (json_object and json_schema are not supported yet)")
 
 
 class ChatRequest(_Sampling):
@@ -224,18 +250,18 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1, description="alias of max_tokens")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[dict] | None = Field(None, description="not supported")
+    tools: list[dict] | None = Field(None, max_length=0, description="not supported yet: must be empty")
     tool_choice: str | dict | None = None
     response_format: ResponseFormat | None = None
 
 
 class FillRequest(_Body):
     model: str | None = None
-    text: str = Field(..., description="text with one or more [MASK], [sMASK] or [gMASK] blanks")
+    text: str = Field(..., pattern=r"\[(MASK|sMASK|gMASK)\]", description="text with one or more [MASK], [sMASK] or [gMASK] blanks")
     max_tokens: int = Field(32, ge=1, description="per blank")
     temperature: float = Field(0.0, ge=0, le=2, description="default greedy, as `glmkit fill`; " + TEMPERATURE_NOTE)
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = Field(None, ge=0, le=2**62)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stop: Stops = None
 
 
@@ -251,15 +277,22 @@ class InfillRequest(_Body):
     top_p: float = Field(0.95, gt=0, le=1)
     min_p: float = Field(0.05, ge=0, le=1)
     repeat_penalty: float = REPETITION_PENALTY
-    seed: int = Field(-1, ge=-1, le=2**62, description="-1: random")
+    seed: int = Field(-1, ge=-1, le=MAX_SEED, description="-1: random")
     stop: Annotated[list[NonEmpty], Field(max_length=16)] = Field(default_factory=list)
-    stream: bool = Field(False, description="not supported on /infill (use /v1/completions with suffix)")
+    stream: Literal[False] = Field(False, description="not supported on /infill (use /v1/completions with suffix and stream)")
+
+    @field_validator("stream", mode="before")
+    @classmethod
+    def _false_only(cls, v):
+        if v is not False:  # Literal[False] would take 0
+            raise ValueError("stream is not supported on /infill; use /v1/completions with suffix and stream")
+        return v
 
 
 class ClassifyRequest(_Body):
     model: str | None = None
     text: str | Annotated[list[str], Field(min_length=1, max_length=64)] = Field(..., description="one text or a list (at most 64)")
-    pattern: str = Field("{text}[MASK]", description="the cloze: each plain {text} is replaced by the text (no "
+    pattern: str = Field("{text}[MASK]", pattern=CLOZE_PATTERN, description="the cloze: each plain {text} is replaced by the text (no "
                          "other fields, format specs or conversions; {{ and }} are literal braces), [MASK] is the blank")
     labels: dict[str, NonEmpty] = Field(
         ..., min_length=2, max_length=32, description="2 to 32 labels, label -> verbalizer, the text that fills the blank")
@@ -718,11 +751,13 @@ def create_app(model, tokenizer, model_name: str, maas: MaaS | None = None, max_
                 "waiting": server.engine.num_waiting, "engine_failures": server.runner.failures}
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    @app.get("/metrics", response_class=PlainTextResponse, responses={
+    error_json = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+
+    @app.get("/metrics", response_class=Response, responses={
         200: {"description": "Prometheus text exposition format 0.0.4",
               "content": {"text/plain; version=0.0.4; charset=utf-8": {"schema": {"type": "string"}}}},
-        401: {"description": "missing or wrong admin token", "model": ErrorResponse},
-        403: {"description": "auth is on and no admin token is configured", "model": ErrorResponse}})
+        401: {"description": "missing or wrong admin token", "content": error_json},
+        403: {"description": "auth is on and no admin token is configured", "content": error_json}})
     async def metrics(request: HTTPRequest):
         """Prometheus metrics over all tenants. With auth on they need the admin token
         (`Authorization: Bearer ...`, from `glmkit serve --admin-token-file`); with --no-auth they are open."""
@@ -836,21 +871,14 @@ def create_app(model, tokenizer, model_name: str, maas: MaaS | None = None, max_
     async def chat_completions(body: ChatRequest, request: HTTPRequest):
         call = server.check_model(request, body.model)
         _common_checks(body)
-        if body.tools:
-            raise APIError(400, "tools are not supported by this server", param="tools", code="unsupported_parameter")
-        if body.response_format is not None and body.response_format.type != "text":
-            raise APIError(400, f"response_format {body.response_format.type!r} is not supported; only text",
-                           param="response_format", code="unsupported_parameter")
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         if body.n > server.engine.max_waiting:
             raise APIError(400, f"n={body.n}: this server takes at most {server.engine.max_waiting} in one request", param="n")
         messages = []
-        for i, m in enumerate(body.messages):
+        for m in body.messages:
             content = m.content if m.content is not None else ""
             if not isinstance(content, str):
-                if any(part.type != "text" or part.text is None for part in content):
-                    raise APIError(400, "only text content parts are supported", param=f"messages.{i}.content")
                 content = "".join(part.text for part in content)
             role = {"developer": "system", "tool": "observation"}.get(m.role, m.role)
             messages.append({"role": role, "content": content})
@@ -955,9 +983,6 @@ def create_app(model, tokenizer, model_name: str, maas: MaaS | None = None, max_
     @app.post("/infill")
     async def infill(body: InfillRequest, request: HTTPRequest):
         call = server.check_model(request, body.model)
-        if body.stream:
-            raise APIError(400, "stream is not supported on /infill; use /v1/completions with suffix and stream",
-                           param="stream", code="unsupported_parameter")
         pre, suf = await server.prepare(lambda: (server.encode(body.input_prefix, "input_prefix"),
                                                  server.encode(body.input_suffix, "input_suffix")))
         stops = server.stops(body.stop)
