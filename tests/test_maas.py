@@ -1,11 +1,15 @@
-"""MaaS without HTTP: hashed keys and their CLI, limits on a fake clock, pricing, ledger totals, `glmkit usage`.
-Then with it, on a live server: 32 concurrent streams each metered once, a client that hangs up mid-stream."""
+"""MaaS without HTTP: hashed keys and their CLI, limits on a fake clock, token reservations, pricing, the ledger
+row's life (open, flushed, completed, interrupted), what a call bills, ledger totals, `glmkit usage`.
+Then with it, on a live server: 32 concurrent streams each metered once, a client that hangs up mid-stream.
+(Billing over HTTP, kill -9, and body and head deadlines: test_billing.py.)"""
 
 import asyncio
 import hashlib
 import json
 import sqlite3
+import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -117,6 +121,151 @@ def test_limiter_rpm_tpm_concurrency_budget():
     with pytest.raises(LimitError) as e:
         lim.admit(k)
     assert (e.value.type, e.value.code, e.value.retry_after, e.value.should_retry) == ("insufficient_quota", "insufficient_quota", None, False)
+
+
+def test_reservations_hold_budget_and_tpm_when_everyone_is_admitted_at_once():
+    """Issue 16 #3: 20 requests (prompt 40, max_tokens 16) admitted at once against a budget of 200 used 1,260
+    tokens, and as many against a tpm of 100: admission looked at tokens already used. Each request now reserves
+    the most it may use before it runs, and settles to what it used."""
+    store, ledger, clock = KeyStore(":memory:"), Ledger(":memory:"), Clock()
+    lim = Limiter(ledger, clock)
+
+    def burst(key, need=56, n=20):
+        for i in range(n):  # every one admitted before any reserves: the race of the issue, in order
+            lim.admit(key)
+        ran, refused = [], []
+        for i in range(n):
+            try:
+                lim.reserve(key, need, f"{key.id}-{i}")
+                ran.append(i)
+            except LimitError as e:
+                refused.append(e)
+        for i in range(n):  # the worst case: each used all it reserved
+            lim.release(key, need if i in ran else 0, f"{key.id}-{i}")
+        return ran, refused
+
+    _, k = store.create("budget", budget_tokens=200)
+    ran, refused = burst(k)
+    w = lim.state[k.id]
+    assert (len(ran), lim.used[k.id], w.reserved, w.active) == (3, 168, 0, 0), (len(ran), lim.used[k.id], w)
+    # they waited for requests in flight: retrying helps
+    assert {(e.type, e.retry_after, e.should_retry) for e in refused} == {("tokens", 1, True)}, refused[0]
+    with pytest.raises(LimitError, match="32 of its budget of 200 left") as e:
+        lim.reserve(k, 56, "late")  # now it cannot fit at all: waiting will not help
+    assert (e.value.type, e.value.code, e.value.retry_after, e.value.should_retry) == (
+        "insufficient_quota", "insufficient_quota", None, False)
+    lim.admit(k), lim.reserve(k, 32, "exact"), lim.release(k, 20, "exact")  # settles to what it used
+    assert (lim.used[k.id], w.reserved) == (188, 0)
+
+    _, k = store.create("tpm", tpm=100)
+    ran, refused = burst(k)
+    w = lim.state[k.id]
+    assert (len(ran), sum(n for _, n in w.tokens), w.reserved) == (1, 56, 0), (len(ran), w)
+    assert {(e.type, e.retry_after, e.should_retry) for e in refused} == {("tokens", 1, True)}, refused[0]
+    with pytest.raises(LimitError) as e:
+        lim.reserve(k, 56, "next")  # 56 settled + 56 > 100: until the first leaves the window
+    assert e.value.retry_after == 60, str(e.value)
+    clock.t += 60
+    lim.reserve(k, 56, "next")
+    with pytest.raises(LimitError, match="can never pass") as e:
+        lim.reserve(k, 101, "huge")
+    assert (e.value.retry_after, e.value.should_retry) == (None, False)
+
+    # and with threads: the reservation is atomic under the limiter's lock
+    _, k = store.create("threads", budget_tokens=200)
+    go = threading.Barrier(20)
+
+    def one(i):
+        lim.admit(k)
+        go.wait()
+        try:
+            lim.reserve(k, 56, f"t{i}")
+        except LimitError:
+            return lim.release(k, 0, f"t{i}")
+        lim.release(k, 56, f"t{i}")
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert lim.used[k.id] <= 200 and lim.state[k.id].reserved == 0, (lim.used[k.id], lim.state[k.id])
+
+
+def test_ledger_row_lives_open_flushed_completed_or_interrupted(tmp_path, capsys):
+    """Issue 16 #6: the row is written at admission (status NULL), flushed while the request runs, completed at
+    the end; a server that dies leaves it open, and the next one on the database marks it interrupted."""
+    db = tmp_path / "m.sqlite"
+    store = KeyStore(db)
+    _, k = store.create("a", budget_tokens=1000)
+    maas = MaaS(store, Ledger(db), Pricing(input_per_m=1e6, output_per_m=2e6))  # 1 per prompt, 2 per completion token
+    t = time.time()
+
+    def row(rid, status=None, completion=0, **kw):
+        return UsageRow(t, rid, k.id, "/v1/completions", status=status, prompt_tokens=10, completion_tokens=completion, **kw)
+
+    for rid in ("done", "cut"):
+        maas.limiter.admit(k)
+        maas.open(UsageRow(t, rid, k.id, "/v1/completions", status=None))
+    maas.flush([row("done", completion=3), row("cut", completion=5)])
+    maas.record(row("done", 200, 8, finish_reason="length"), k)
+    maas.flush([row("done", completion=4)])  # a flush that lost the race never reopens a completed row
+    rows = {r.request_id: r for r in maas.ledger.rows()}
+    assert (rows["done"].status, rows["done"].completion_tokens, rows["done"].revenue) == (200, 8, pytest.approx(26)), rows
+    assert (rows["cut"].status, rows["cut"].completion_tokens, rows["cut"].revenue) == (None, 5, pytest.approx(20)), rows
+    assert maas.interrupted == 0 and capsys.readouterr().err == ""
+
+    del maas  # the server is killed here; the next one finds the open row
+    again = MaaS(KeyStore(db), Ledger(db))
+    assert again.interrupted == 1 and "interrupted" in capsys.readouterr().err
+    cut = {r.request_id: r for r in again.ledger.rows()}["cut"]
+    assert (cut.status, cut.finish_reason, cut.completion_tokens) == (None, "interrupted", 5), cut
+    assert MaaS(KeyStore(db), Ledger(db)).interrupted == 0  # marked once
+    with pytest.raises(LimitError, match="967 of its budget"):  # its tokens count: 18 + 15 used
+        again.limiter.reserve(k, 968, "r")
+    usage_main(["--db", str(db), "--json"])
+    (total,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert (total["requests"], total["errors"], total["unfinished"], total["completion_tokens"]) == (2, 0, 1, 13), total
+    usage_main(["--db", str(db)])
+    header, line = capsys.readouterr().out.splitlines()
+    assert header.split()[2:5] == ["requests", "errors", "unfinished"] and line.split()[2:5] == ["2", "0", "1"], (header, line)
+
+
+def test_a_call_bills_only_work_done():
+    """Issue 16 #4: a request refused before it ran (a 400 for a prompt longer than the context) was billed its
+    prompt tokens, revenue and a charge against the key's limits. Now only work done is billed."""
+    from glmkit.engine import Request
+    from glmkit.server.metering import Call
+
+    store = KeyStore(":memory:")
+    _, k = store.create("a", budget_tokens=1000, tpm=1000)
+    maas = MaaS(store, Ledger(":memory:"), Pricing(input_per_m=1e6, output_per_m=1e6))
+    server = SimpleNamespace(maas=maas)
+
+    async def calls():
+        return [Call(server, k, "/v1/completions") for _ in range(5)]
+
+    refused, queued, prefilled, own, own_done = asyncio.run(calls())
+    for c in (refused, queued, prefilled, own, own_done):
+        maas.limiter.admit(k)
+        c.prompt_tokens, c.status = 40, 200
+    refused.status = 400  # the handler set prompt_tokens, then the context check failed
+    refused.reserve(50)  # (a reservation, to see it released)
+    for c in (queued, prefilled):  # an engine request: cancelled while queued, or prefilled
+        req = Request([1] * 40)
+        c.jobs.append((0, req))
+        c.choices.append(SimpleNamespace(matched=False, entries=[], req=req, finish_reason="cancelled"))
+        c.started = True
+    prefilled.jobs[0][1].compute_s, prefilled.jobs[0][1].output_ids = 0.01, [7, 8]
+    own.start()  # fill / classify: their own work started
+    own_done.compute_s = 0.5  # a handler that did not say so, but did the work
+    billed = {name: (r.status, r.prompt_tokens, r.completion_tokens, r.revenue) for name, c in
+              [("refused", refused), ("queued", queued), ("prefilled", prefilled), ("own", own), ("own_done", own_done)]
+              for r in [maas.record(c.row(), k)]}
+    assert billed == {"refused": (400, 0, 0, 0.0), "queued": (200, 0, 0, 0.0), "prefilled": (200, 40, 2, pytest.approx(42)),
+                      "own": (200, 40, 0, pytest.approx(40)), "own_done": (200, 40, 0, pytest.approx(40))}, billed
+    w = maas.limiter.state[k.id]
+    assert (maas.limiter.used[k.id], sum(n for _, n in w.tokens), w.reserved, w.active) == (122, 122, 0, 0), w
 
 
 def test_pricing_arithmetic():
@@ -304,7 +453,8 @@ def test_client_that_hangs_up_mid_stream_is_metered_and_frees_its_slot(tmp_path,
              lambda: engine.num_running == engine.num_waiting == 0 and not app.state.server.runner.inflight)
         assert (row.status, row.finish_reason) == (499, "cancelled"), (row.status, row.finish_reason)
         assert 2 <= row.completion_tokens < 200 and row.prompt_tokens > 0 and row.compute_s > 0, row
-        assert maas.limiter.state[key.id].active == 0, maas.limiter.state[key.id]
+        w = maas.limiter.state[key.id]
+        assert (w.active, w.reserved, maas.limiter.reservations) == (0, 0, {}), (w, maas.limiter.reservations)
         after = client.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 2})
         assert after.status_code == 200, (after.status_code, after.text)
     assert [r.status for r in maas.ledger.rows(key.id)] == [499, 200]

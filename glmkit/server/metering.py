@@ -14,9 +14,11 @@ The middleware wraps /v1/* and /infill. It authenticates (401), then, for the ge
 2. admits the request against the key's limits (429) and writes its ledger row, still open (status
    NULL). The handler reserves the most it may use (`Call.reserve`, LimitError: the app answers
    it with `limit_response`), settled to the tokens used when the row is completed (maas.py).
-3. while it runs, a flusher writes every open row's usage so far every FLUSH_S = 1 s, in one
-   transaction (about 60 us a row; measured: tests/test_billing.py). After a kill -9 a row has the
-   tokens of its last flush, at most a second of generation behind what was sent.
+3. while it runs, a flusher writes the usage so far of every open row that changed, every FLUSH_S
+   = 1 s, in one transaction in a worker thread: 0.5 ms for 64 rows, 2 ms for 256 (8 us a row + 30
+   us; opening a row at admission 30 us, completing it 40-80 us; measured on a 100,000-row ledger
+   on local disk). After a kill -9 a row has the tokens of its last flush, at most a second of
+   generation behind what was sent (0.2-0.3 s in tests/test_billing.py's kill -9 run).
 4. completes the row when the exchange is over, and commits it before the last byte of the response
    goes out: a client that saw a complete response always has a complete row. After an error, or a
    client that went away (status 499), it is completed once the engine has released the request, so
