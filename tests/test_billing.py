@@ -359,10 +359,10 @@ def test_kill_9_leaves_a_row_for_every_admitted_request(tmp_path, served, capsys
         for t in threads:
             t.start()
         # wait until every stream has had 20 tokens and its row shows them (the flusher's work), then kill
-        poll(lambda: f"streams at 20 tokens, flushed: {[len(s['got']) for s in streams.values()]}",
-             lambda: all(
-                 s["id"] and len(s["got"]) >= 20 and (db_rows().get(s["id"][5:]) or {}).get(
-                     "completion_tokens", 0) >= 20 for s in streams.values()), timeout=60)
+        poll(lambda: f"streams running with 20 tokens in their rows: tokens received "
+                     f"{[len(s['got']) for s in streams.values()]}, ended {[s['done'] for s in streams.values()]}",
+             lambda: all(s["id"] and not s["done"] and len(s["got"]) >= 20 and (db_rows().get(s["id"][5:]) or {}).get(
+                 "completion_tokens", 0) >= 20 for s in streams.values()), timeout=60)
         # then kill at a moment that has nothing to do with the flusher's: 150 tokens later
         base = [len(s["got"]) for s in streams.values()]
         poll("150 more tokens on each stream", lambda: all(len(s["got"]) >= b + 150 for s, b in zip(streams.values(), base)))

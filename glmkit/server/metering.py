@@ -31,7 +31,6 @@ queued).
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from typing import TYPE_CHECKING
@@ -43,7 +42,7 @@ if TYPE_CHECKING:
     from .app import Server, _Choice
 
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/fill", "/infill", "/v1/classify")
-MAX_BODY_BYTES = 8 << 20  # a 64-text classify or a long prompt is well under 1 MiB
+MAX_BODY_BYTES = 8 << 20  # a 128k-token prompt is about 0.5 MiB of text, 1 MiB as JSON token ids
 BODY_TIMEOUT_S = 30.0  # from the request head to the end of its body
 FLUSH_S = 1.0  # how often the usage of requests in flight reaches their ledger rows
 
@@ -291,10 +290,9 @@ class MeterMiddleware:
         self.max_body_bytes, self.body_timeout = max_body_bytes, body_timeout
         self.flusher = Flusher(server.maas, flush_s)
 
-    async def refuse(self, call: Call, response, scope, receive, send):
+    async def refuse(self, call: Call, why: Exception, response, scope, receive, send):
         """Answer before admission; the row (zero tokens, no slot taken) is written first."""
-        call.status, call.complete = response.status_code, True
-        call.error = call.error or json.loads(response.body)["error"]["message"]
+        call.status, call.complete, call.error = response.status_code, True, str(why)
         self.server.record(call, admitted=False)
         await response(scope, receive, send)
 
@@ -316,16 +314,17 @@ class MeterMiddleware:
         try:
             body = await read_body(scope, receive, self.max_body_bytes, self.body_timeout)
         except BodyError as e:  # the rest of the body is not read: the connection cannot carry another request
-            return await self.refuse(call, error_response(e.status, str(e), "invalid_request_error", None, e.code,
-                                                          {"connection": "close"}), scope, receive, send)
+            return await self.refuse(call, e, error_response(e.status, str(e), "invalid_request_error", None, e.code,
+                                                             {"connection": "close"}), scope, receive, send)
         if body is None:  # the client left while sending
             call.disconnected = True
-            return s.record(call, admitted=False)
+            s.record(call, admitted=False)
+            return
         if key is not None:
             try:
                 s.maas.limiter.admit(key)
             except LimitError as e:
-                return await self.refuse(call, limit_response(e), scope, receive, send)
+                return await self.refuse(call, e, limit_response(e), scope, receive, send)
         scope["glmkit.call"] = call
         s.maas.open(call.row(final=False))  # from here on a kill -9 leaves the row, open
         self.flusher.add(call)
