@@ -45,8 +45,9 @@ request is admitted; while it runs, metering's flusher writes its usage so far e
 (`flush`); at the end `record` completes it, and is committed before the last byte of the response
 goes out (a client that saw a complete response always has a complete row). After a crash, rows
 left with status NULL are the requests cut off; the next MaaS on the database (the next `glmkit
-serve`) marks them finish_reason 'interrupted'. They keep the tokens of their last flush, at most a
-second behind what was sent, and count against the key's budget. `glmkit usage` shows them in
+serve`) marks them finish_reason 'interrupted' (a live server whose rows were marked by mistake, by a
+second server on its database, still completes them). They keep the tokens of their last flush, at
+most a second behind what was sent, and count against the key's budget. `glmkit usage` shows them in
 `unfinished` (rows without a status: cut off by a crash, or in flight now).
 SQLite in WAL mode (readers such as `glmkit usage` never block the server's writes) with
 synchronous=NORMAL: a commit is in the WAL file before the call returns, which survives the
