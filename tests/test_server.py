@@ -354,11 +354,11 @@ def test_rpm_limit_is_429_with_retry_after(keyed):
 
 def test_token_budget_is_429_without_retry(keyed):
     store, maas, app = keyed
-    raw, key = store.create("budget", budget_tokens=5)
+    raw, key = store.create("budget", budget_tokens=7)
     h = {"authorization": f"Bearer {raw}"}
-    with TestClient(app) as c:
-        assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 4}, headers=h).status_code == 200  # admitted under budget
-        r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}, headers=h)
+    with TestClient(app) as c:  # "x" is 3 prompt tokens with [gMASK] <sop>: 3 + 4 reserved fits the budget exactly
+        assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 4}, headers=h).status_code == 200
+        r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 5}, headers=h)  # 3 + 5 > what is left
     assert_error(r, 429, "insufficient_quota", code="insufficient_quota")
     assert r.headers["x-should-retry"] == "false" and "retry-after" not in r.headers
 

@@ -23,11 +23,11 @@ pytest.importorskip("schemathesis")
 ADMIN = "admin-token-for-the-fuzz-run-0123"
 
 
-def schemathesis(url: str, token: str, *args: str) -> subprocess.CompletedProcess:
+def schemathesis(url: str, token: str, cwd, *args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "schemathesis.cli", "run", url + "/openapi.json", "-H", f"Authorization: Bearer {token}",
            "--checks", "all", "--exclude-checks", "positive_data_acceptance", "--seed", "20261201",
            "--request-timeout", "60", "--no-color", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=cwd)  # its .schemathesis/ cache goes there
 
 
 def test_schemathesis_finds_no_server_error_and_no_spec_mismatch(tmp_path):
@@ -40,8 +40,8 @@ def test_schemathesis_finds_no_server_error_and_no_spec_mismatch(tmp_path):
     ledger = Ledger(db)
     app = create_app(make_model(tok), tok, "tiny", maas=MaaS(store, ledger), admin_token=ADMIN)
     with serve(app) as url:
-        tenant = schemathesis(url, raw, "--max-examples", "20", "--exclude-path", "/metrics")
-        admin = schemathesis(url, ADMIN, "--max-examples", "10", "--include-path", "/metrics")
+        tenant = schemathesis(url, raw, tmp_path, "--max-examples", "20", "--exclude-path", "/metrics")
+        admin = schemathesis(url, ADMIN, tmp_path, "--max-examples", "10", "--include-path", "/metrics")
     for run in (tenant, admin):
         assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     assert "generated" in tenant.stdout, tenant.stdout[-2000:]

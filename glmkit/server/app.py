@@ -27,10 +27,20 @@ batched by the engine: they call `generate.fill` and `finetune.candidate_scores`
 thread, one at a time under a lock, next to the engine's own thread.
 
 The server translates and checks; it does no model work of its own. Parameters are validated at the
-boundary (pydantic, then SamplingParams); a prompt that does not fit the context is a 400, never
-truncated. Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 invalid
-request, 401 unknown or revoked key, 404 unknown model, 429 limits (Retry-After for rate limits,
-`x-should-retry: false` for an exhausted budget), 503 overloaded (Retry-After).
+boundary (pydantic in strict mode, then SamplingParams); a prompt that does not fit the context is a
+400, never truncated. Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}:
+400 invalid request (validation too: the spec says 400, not FastAPI's 422), 401 unknown or revoked
+key, 404 unknown model, 408 / 413 a body too slow / too large, 429 limits (Retry-After for rate
+limits, `x-should-retry: false` for an exhausted budget), 500 the engine failed on this request
+(only this one: a row's fault never ends another's), 503 overloaded (Retry-After).
+
+Hostile input. Request preparation (tokenizing, prompt layouts) runs in a worker thread, so a huge
+prompt never stalls the event loop, /health or other streams; the tokenizer's batch call releases
+the GIL. A text longer than context x the longest token's characters can never fit and is refused
+before it is tokenized. Every string must be valid Unicode (no lone surrogates). A cloze pattern
+takes plain {text} fields only (no format specs: "{text:a>10000000}" made 10 MB per text). A request
+that names no max_tokens (chat, /infill) gets --default-max-tokens, not the rest of the context.
+/metrics (all tenants' counts) needs the admin token when auth is on.
 
 Threads: the engine runs `step()` in its own thread, started and stopped with the app (lifespan).
 Its callbacks hand tokens to the event loop with `loop.call_soon_threadsafe` onto one asyncio queue
@@ -69,7 +79,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..engine import Engine, EngineFull, Request
 from ..generate import GREEDY_BELOW, MASK_STRINGS, REPETITION_PENALTY_RANGE, SamplingParams, StopText, causal_infill_stops
 from .maas import KeyRecord, LimitError, MaaS
-from .metering import Call, MeterMiddleware, error_response
+from .http import HEADER_TIMEOUT_S, serve
+from .metering import BODY_TIMEOUT_S, MAX_BODY_BYTES, Call, MeterMiddleware, error_response, limit_response
 
 # ---- errors ---------------------------------------------------------------------------------------
 class APIError(Exception):
@@ -663,10 +674,12 @@ def _common_checks(body: _Sampling):
 
 # ---- the app ------------------------------------------------------------------------------------------------
 def create_app(model, tokenizer, model_name: str, maas: MaaS | None = None, max_batch: int = 8, max_waiting: int = 64,
-               max_len: int | None = None, default_max_tokens: int = 1024, admin_token: str | None = None) -> FastAPI:
+               max_len: int | None = None, default_max_tokens: int = 1024, admin_token: str | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES, body_timeout: float = BODY_TIMEOUT_S) -> FastAPI:
     """The FastAPI app serving `model`. maas=None: no authentication, an in-memory ledger (local use).
     default_max_tokens: what chat and /infill generate when a request names no limit (within the context).
-    admin_token: the credential /metrics needs when auth is on.
+    admin_token: the credential /metrics needs when auth is on. max_body_bytes / body_timeout: a request body
+    larger (413) or slower (408) than these is refused before it takes a slot.
     The engine thread starts with the app's lifespan (uvicorn, or `TestClient` used as a context manager)."""
     maas = maas or MaaS.local()
     server = Server(model.eval(), tokenizer, model_name, maas, max_batch, max_waiting, max_len, default_max_tokens,
@@ -684,7 +697,7 @@ def create_app(model, tokenizer, model_name: str, maas: MaaS | None = None, max_
                   description="OpenAI-compatible and GLM-native endpoints for a GLM model (see glmkit/server/app.py).")
     app.state.server = server
     app.openapi = lambda: _openapi(app)
-    app.add_middleware(MeterMiddleware, server=server)
+    app.add_middleware(MeterMiddleware, server=server, max_body_bytes=max_body_bytes, body_timeout=body_timeout)
 
     # ---- errors in OpenAI's shape ----
     def _note(request, message):
@@ -700,10 +713,7 @@ def create_app(model, tokenizer, model_name: str, maas: MaaS | None = None, max_
     @app.exception_handler(LimitError)
     async def _limit(request, e: LimitError):  # a reservation the key's budget or TPM cannot take
         _note(request, str(e))
-        h = {"retry-after": str(e.retry_after)} if e.retry_after else {}
-        if not e.should_retry:
-            h["x-should-retry"] = "false"
-        return error_response(429, str(e), e.type, None, e.code, h)
+        return limit_response(e)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, e: RequestValidationError):
@@ -1079,6 +1089,11 @@ def main(argv=None) -> int:
     p.add_argument("--max-len", type=int, default=None, help="context per row (default: the model's)")
     p.add_argument("--default-max-tokens", type=int, default=1024,
                    help="tokens a chat or /infill request may generate when it names no limit (within the context)")
+    p.add_argument("--max-body-mb", type=float, default=MAX_BODY_BYTES / (1 << 20), help="largest request body (413 above)")
+    p.add_argument("--body-timeout", type=float, default=BODY_TIMEOUT_S, help="seconds a request body may take to arrive (408)")
+    p.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT_S,
+                   help="seconds a client has to send a request head before the connection is closed")
+    p.add_argument("--timeout-keep-alive", type=float, default=5.0, help="seconds an idle keep-alive connection stays open")
     p.add_argument("--admin-token-file", default=None,
                    help="file holding the admin token that /metrics needs when auth is on (or set GLMKIT_ADMIN_TOKEN)")
     g = p.add_argument_group("prices (for the ledger's cost and revenue; one currency)")
@@ -1113,13 +1128,12 @@ def main(argv=None) -> int:
     name = a.model_name or (Path(a.model).name if a.model else "glmkit-default")
     model, tok = load_for_cli(a, "serve")
     try:
-        app = create_app(model, tok, name, maas, a.max_batch, a.max_waiting, a.max_len, a.default_max_tokens, admin_token)
+        app = create_app(model, tok, name, maas, a.max_batch, a.max_waiting, a.max_len, a.default_max_tokens, admin_token,
+                         int(a.max_body_mb * (1 << 20)), a.body_timeout)
     except MemoryError as e:  # the KV cache cannot fit: refused before allocating, with the flags that fit
         print(f"glmkit serve: {e}", file=sys.stderr)
         return 1
-    import uvicorn
-
     print(f"glmkit serve: {name} on http://{a.host}:{a.port} (auth {'off' if a.no_auth else 'on'}, ledger {ledger.path})",
           file=sys.stderr)
-    uvicorn.run(app, host=a.host, port=a.port, log_level="info")
+    serve(app, a.host, a.port, header_timeout=a.header_timeout, timeout_keep_alive=a.timeout_keep_alive)
     return 0
