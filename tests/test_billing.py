@@ -31,7 +31,7 @@ from glmkit.server.maas import KeyStore, Ledger, MaaS, Pricing, usage_main
 from glmkit.server.metering import FLUSH_S, MeterMiddleware
 from glmkit.tokenizer import train_bpe
 from tests.test_maas import poll
-from tests.test_server import TEXTS, make_model
+from tests.serving import TEXTS, make_model
 
 
 @pytest.fixture(scope="module")

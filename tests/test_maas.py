@@ -320,7 +320,7 @@ def test_since_parsing():
 @pytest.fixture(scope="module")
 def served():
     from glmkit.tokenizer import train_bpe
-    from tests.test_server import TEXTS, make_model
+    from tests.serving import TEXTS, make_model
 
     tok = train_bpe(texts=TEXTS, vocab_size=300)
     return tok, make_model(tok)
@@ -350,7 +350,7 @@ def poll(what, fn, timeout: float = 20.0):
 def test_32_concurrent_streams_are_each_metered_once(tmp_path, served, monkeypatch):
     import openai
 
-    from tests.test_server import serve
+    from tests.serving import serve
 
     tok, _ = served
     # nothing ends a stream but max_tokens, so every request's completion_tokens is known in advance
@@ -427,7 +427,7 @@ def test_client_that_hangs_up_mid_stream_is_metered_and_frees_its_slot(tmp_path,
     row says 499. The key allows one request at a time, so the next one is admitted only if the slot came back."""
     import httpx
 
-    from tests.test_server import CHAT, serve
+    from tests.serving import CHAT, serve
 
     tok, _ = served
     monkeypatch.setattr(tok, "chat_stop_ids", lambda: [])  # only max_tokens or the client ends this stream

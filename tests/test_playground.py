@@ -24,7 +24,7 @@ from glmkit.model import GLM
 from glmkit.server.app import create_app
 from glmkit.server.maas import KeyStore, Ledger, MaaS, UsageRow
 from glmkit.tokenizer import train_bpe
-from tests.test_server import TEXTS, serve
+from tests.serving import TEXTS, serve
 
 TEXT = "The quick [MASK] fox jumps over the [MASK] dog."
 MAX_TOKENS = 5

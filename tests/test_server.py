@@ -8,53 +8,18 @@ with itself, rather than with fixed strings.
 """
 
 import asyncio
-import contextlib
 import json
-import socket
-import threading
 
 import httpx
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
-from glmkit.config import ModelConfig, get_preset
 from glmkit.engine import Request
 from glmkit.finetune import ClozeTask, cloze_predict
 from glmkit.generate import SamplingParams, fill, infill
-from glmkit.model import GLM
 from glmkit.server.app import create_app
 from glmkit.server.maas import KeyStore, Ledger, MaaS, Pricing
-from glmkit.tokenizer import train_bpe
-
-TEXTS = ["The quick brown fox jumps over the lazy dog. " * 3, "床前明月光，疑是地上霜。举头望明月，低头思故乡。" * 2,
-         "def add(a, b):\n    return a + b\n", "Hello there, how are you today? I am fine, thank you."] * 10
-CHAT = [{"role": "user", "content": "Hello there"}]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return train_bpe(texts=TEXTS, vocab_size=300)
-
-
-def make_model(tok, position="rope_2d", tie=True, seed=0):
-    torch.manual_seed(0)
-    cfg = get_preset("debug", vocab_size=tok.vocab_size, tie_embeddings=tie) if position == "rope_2d" else ModelConfig(
-        vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, position="rope_partial", max_seq_len=256)
-    m = GLM(cfg).eval()
-    m.init_weights(seed=seed)
-    return m
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return make_model(tok)
-
-
-@pytest.fixture()
-def client(model, tok):
-    with TestClient(create_app(model, tok, "tiny")) as c:
-        yield c
+from tests.serving import CHAT, assert_error, make_model, rows, serve, sse, tok_text
 
 
 @pytest.fixture(scope="module")
@@ -68,34 +33,6 @@ def filler(tok):
 def fill_client(filler, tok):
     with TestClient(create_app(filler, tok, "tiny")) as c:
         yield c
-
-
-def rows(app):
-    return app.state.server.maas.ledger.rows()
-
-
-def sse(text: str) -> list:
-    data = [line[len("data: "):] for line in text.split("\n") if line.startswith("data: ")]
-    assert data and data[-1] == "[DONE]", f"stream does not end with [DONE]: {data[-3:]}"
-    return [json.loads(d) for d in data[:-1]]
-
-
-def tok_text(content) -> str:
-    return "".join(e["token"] for e in content)
-
-
-def assert_error(r, status: int, type_=None, code=None, param=None):
-    __tracebackhide__ = True
-    assert r.status_code == status, (r.status_code, r.text)
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"], err
-    if type_ is not None:
-        assert err["type"] == type_, err
-    if code is not None:
-        assert err["code"] == code, err
-    if param is not None:
-        assert err["param"] == param, err
-    return err
 
 
 # ---- OpenAI endpoints ------------------------------------------------------------------------------
@@ -492,24 +429,6 @@ def test_health_is_503_without_the_engine_thread(model, tok):
 
 
 # ---- the official client over a real socket ----------------------------------------------------------------------
-@contextlib.contextmanager
-def serve(app):
-    """uvicorn in a thread on a socket bound to port 0 before it starts: connections queue in the
-    backlog until the server (and its lifespan) is up, so nothing polls or sleeps."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    t.start()
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        t.join()
-        sock.close()
 
 
 def test_openai_client_chat_and_stream(keyed):
@@ -536,7 +455,6 @@ def test_openai_client_chat_and_stream(keyed):
     assert [(x.endpoint, x.status) for x in ledger] == [
         ("/v1/chat/completions", 200), ("/v1/chat/completions", 200), ("/v1/chat/completions", 404)]
     assert ledger[0].completion_tokens == ledger[1].completion_tokens == r.usage.completion_tokens
-
 
 
 def test_playground_and_usage_view(client):

@@ -16,7 +16,7 @@ import pytest
 
 from glmkit.server.app import create_app
 from glmkit.server.maas import KeyStore, Ledger, MaaS
-from tests.test_server import TEXTS, make_model, serve
+from tests.serving import TEXTS, make_model, serve
 
 pytest.importorskip("schemathesis")
 

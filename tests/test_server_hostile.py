@@ -16,26 +16,7 @@ from fastapi.testclient import TestClient
 import glmkit.engine
 from glmkit.server.app import create_app
 from glmkit.server.maas import KeyStore, Ledger, MaaS
-from tests.test_server import CHAT, assert_error, make_model, rows, serve, sse
-
-from glmkit.tokenizer import train_bpe
-from tests.test_server import TEXTS
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return train_bpe(texts=TEXTS, vocab_size=300)
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return make_model(tok)
-
-
-@pytest.fixture()
-def client(model, tok):
-    with TestClient(create_app(model, tok, "tiny")) as c:
-        yield c
+from tests.serving import CHAT, assert_error, rows, serve, sse
 
 
 def keyed_app(tmp_path, model, tok, **kw):

@@ -1,0 +1,73 @@
+"""What the server tests share: a tiny tokenizer's texts, a tiny random model, a live uvicorn on port 0,
+and checks of OpenAI-shaped responses (the fixtures over them are in conftest.py)."""
+
+import contextlib
+import json
+import socket
+import threading
+
+import torch
+
+from glmkit.config import ModelConfig, get_preset
+from glmkit.model import GLM
+
+TEXTS = ["The quick brown fox jumps over the lazy dog. " * 3, "床前明月光，疑是地上霜。举头望明月，低头思故乡。" * 2,
+         "def add(a, b):\n    return a + b\n", "Hello there, how are you today? I am fine, thank you."] * 10
+CHAT = [{"role": "user", "content": "Hello there"}]
+
+
+def make_model(tok, position="rope_2d", tie=True, seed=0):
+    torch.manual_seed(0)
+    cfg = get_preset("debug", vocab_size=tok.vocab_size, tie_embeddings=tie) if position == "rope_2d" else ModelConfig(
+        vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, position="rope_partial", max_seq_len=256)
+    m = GLM(cfg).eval()
+    m.init_weights(seed=seed)
+    return m
+
+
+def rows(app):
+    return app.state.server.maas.ledger.rows()
+
+
+def sse(text: str) -> list:
+    data = [line[len("data: "):] for line in text.split("\n") if line.startswith("data: ")]
+    assert data and data[-1] == "[DONE]", f"stream does not end with [DONE]: {data[-3:]}"
+    return [json.loads(d) for d in data[:-1]]
+
+
+def tok_text(content) -> str:
+    return "".join(e["token"] for e in content)
+
+
+def assert_error(r, status: int, type_=None, code=None, param=None):
+    __tracebackhide__ = True
+    assert r.status_code == status, (r.status_code, r.text)
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"], err
+    if type_ is not None:
+        assert err["type"] == type_, err
+    if code is not None:
+        assert err["code"] == code, err
+    if param is not None:
+        assert err["param"] == param, err
+    return err
+
+
+@contextlib.contextmanager
+def serve(app):
+    """uvicorn in a thread on a socket bound to port 0 before it starts: connections queue in the
+    backlog until the server (and its lifespan) is up, so nothing polls or sleeps."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        t.join()
+        sock.close()
