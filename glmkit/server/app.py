@@ -652,6 +652,14 @@ class Server:
                             for t, lp, top, _ in entries]}
 
 
+# what a failed regex of the schema means, in words (pydantic's message quotes the regex)
+_PATTERN_ERRORS = {
+    "pattern": "the cloze pattern must contain a plain {text} field and no other fields, format specs or conversions "
+               "(write literal braces as {{ and }})",
+    "text": "no [MASK], [sMASK] or [gMASK] in text: mark each blank to fill",
+}
+
+
 def _check_pattern(pattern: str):
     """A cloze pattern may hold plain {text} fields only: `str.format` would otherwise run a format spec
     chosen by the client ("{text:a>10000000}" made 10 MB per text) or look up attributes."""
@@ -723,7 +731,10 @@ def create_app(model, tokenizer, model_name: str, maas: MaaS | None = None, max_
         first = (specific or errs or [{"loc": (), "msg": "invalid request"}])[0]
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         param = ".".join(loc) or None
-        msg = f"{param}: {first['msg']}" if param else first["msg"]
+        what = first["msg"]
+        if first.get("type") == "string_pattern_mismatch":
+            what = _PATTERN_ERRORS.get(param, what)
+        msg = f"{param}: {what}" if param else what
         if len(errs) > 1:
             msg += f" (and {len(errs) - 1} more problems)"
         _note(request, msg)
