@@ -39,7 +39,8 @@ from .maas import AuthError, KeyRecord, LimitError, MaaS, UsageRow
 
 if TYPE_CHECKING:
     from ..engine import Request
-    from .app import Server, _Choice
+
+# `server` below is app.Server and a choice app._Choice: named, not imported (imports point down, from app to here)
 
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/fill", "/infill", "/v1/classify")
 MAX_BODY_BYTES = 8 << 20  # a 128k-token prompt is about 0.5 MiB of text, 1 MiB as JSON token ids
@@ -100,14 +101,14 @@ async def read_body(scope, receive, limit: int, timeout: float) -> bytes | None:
 class Call:
     """State of one metered HTTP request, created by the middleware and used by the handler."""
 
-    def __init__(self, server: "Server", key: KeyRecord | None, endpoint: str):
+    def __init__(self, server, key: KeyRecord | None, endpoint: str):
         self.server, self.key, self.endpoint = server, key, endpoint
         self.loop = asyncio.get_running_loop()
         self.id = uuid.uuid4().hex[:24]
         self.t0, self.p0 = time.time(), time.perf_counter()
         self.model: str | None = None
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.choices: list[_Choice] = []  # the engine requests, as the client sees them
+        self.choices: list = []  # the engine requests, as the client sees them
         self.jobs: list[tuple[int, Request]] = []  # (prompt group, engine request) of those submitted
         self.unfinished = 0
         self.done = asyncio.Event()
@@ -143,7 +144,7 @@ class Call:
         """The handler's own work (fill, classify) begins: from now on the call is billed."""
         self.started = True
 
-    def submit(self, choice: _Choice):
+    def submit(self, choice):
         """Hand the choice's request to the engine; its tokens arrive on self.queue as (choice index,
         (tok, logprob, top)), then (index, None) when it is finished. Raises EngineFull / ValueError."""
         i, group, req = choice.index, choice.group, choice.req
@@ -281,7 +282,7 @@ class MeterMiddleware:
     Pure ASGI (not BaseHTTPMiddleware): it sees the raw `receive`, so a client's disconnect cancels
     the engine requests at once, and its `finally` writes the row whatever the handler did."""
 
-    def __init__(self, app, server: "Server", max_body_bytes: int = MAX_BODY_BYTES, body_timeout: float = BODY_TIMEOUT_S,
+    def __init__(self, app, server, max_body_bytes: int = MAX_BODY_BYTES, body_timeout: float = BODY_TIMEOUT_S,
                  flush_s: float = FLUSH_S):
         if max_body_bytes < 1 or not body_timeout > 0 or not flush_s > 0:
             raise ValueError(f"max_body_bytes={max_body_bytes}, body_timeout={body_timeout}, flush_s={flush_s}: "
