@@ -496,6 +496,9 @@ def config_of(path: str | Path) -> tuple[Format, ModelConfig]:
 # ---- reading weight files --------------------------------------------------------------------------
 _ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
              "F8_E4M3": 1, "F8_E5M2": 1}
+_ST_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+             "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+             "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 REDOWNLOAD = "re-download it or convert the checkpoint again"
 
 
@@ -613,6 +616,18 @@ class WeightFiles:
         with safe_open(f, framework="pt") as st:
             return st.get_tensor(name)
 
+    def meta(self, name: str) -> torch.Tensor:
+        """A meta tensor of the stored tensor's shape and dtype: its header, none of its data."""
+        f = self.where[name]
+        if f in self._bin:
+            return torch.empty_like(self._bin[f][name], device="meta")
+        from safetensors import safe_open
+
+        with safe_open(f, framework="pt") as st:
+            sl = st.get_slice(name)
+            dtype = _ST_TORCH.get(sl.get_dtype(), torch.float32)
+            return torch.empty(sl.get_shape(), dtype=dtype, device="meta")
+
 
 def _strip_prefix(names, fmt: Format, expected: set[str]) -> str:
     """The prefix under which this checkpoint stores the format's names ('' or e.g. 'glm.')."""
@@ -627,6 +642,9 @@ def _strip_prefix(names, fmt: Format, expected: set[str]) -> str:
 def _match_names(names: dict[str, Path], fmt: Format, cfg: ModelConfig, path: Path) -> dict[str, str]:
     """{format name: stored name} for every tensor the format's rules need; a CheckpointError when one
     is missing or a stored one is unexpected. `names` maps stored names to the file holding them."""
+    if cfg.n_layers > len(names):  # every layer has tensors: refused before a name is made for each layer
+        raise CheckpointError(f"{path}: config.json says n_layers={cfg.n_layers}, but the weights hold only {len(names)} "
+                              "tensors; config.json does not describe these weights")
     expected = {n for r in fmt.rules(cfg) for n in r.theirs}
     prefix = _strip_prefix(names, fmt, expected)
     present = {n[len(prefix):]: n for n in names if n.startswith(prefix)}
@@ -650,6 +668,24 @@ def _match_names(names: dict[str, Path], fmt: Format, cfg: ModelConfig, path: Pa
     return present
 
 
+def _joined(r: Rule, ts: list[torch.Tensor], want: dict, files: WeightFiles, present: dict) -> torch.Tensor:
+    """The rule's layout change applied to its stored tensors, of the shape the model wants, or a
+    CheckpointError naming the file, the tensor and both shapes."""
+    t, why = None, ""
+    try:
+        t = r.join(ts)
+    except RuntimeError as e:  # a reshape in the layout change failed: wrong shape
+        why = f" ({e})"
+    if t is None or t.shape != want[r.ours].shape:
+        got = [tuple(x.shape) for x in ts]
+        raise CheckpointError(
+            f"{files.shown[files.where[present[r.theirs[0]]]]}: tensor {r.theirs[0] if len(ts) == 1 else list(r.theirs)} has "
+            f"shape {got[0] if len(got) == 1 else got}, but config.json implies {tuple(want[r.ours].shape)} for "
+            f"{r.ours}{why}; the weights and config.json disagree"
+        )
+    return t
+
+
 def verify_checkpoint(path: str | Path) -> tuple[list[str], str]:
     """(problems, summary) of a checkpoint directory, checked without reading tensor data: config.json,
     every weight file's size against its header (each file on its own, so all damage is listed), and
@@ -668,11 +704,14 @@ def verify_checkpoint(path: str | Path) -> tuple[list[str], str]:
         names.update(dict.fromkeys(found, path / name))
     if not problems:
         try:
-            _match_names(names, fmt, cfg, path)
+            present = _match_names(names, fmt, cfg, path)
+            weights, want = WeightFiles(path), _meta_model(cfg).state_dict()
+            for r in fmt.rules(cfg):  # the layout change on meta tensors: shapes checked, no data read
+                _joined(r, [weights.meta(present[n]) for n in r.theirs], want, weights, present)
         except CheckpointError as e:
             problems.append(str(e))
     summary = (f"{len(files)} weight file(s), {len(names)} tensors, {total / 2**20:.1f} MiB: sizes match their "
-               f"headers, tensor names match config.json ({fmt.name})")
+               f"headers, tensor names and shapes match config.json ({fmt.name})")
     return problems, summary
 
 
@@ -689,30 +728,17 @@ def read_checkpoint(path: str | Path, device=None, dtype=None) -> GLM:
     cfg_file = path / "config.json"
     fmt, cfg = config_of(path)
     files = WeightFiles(path)
-    rules = fmt.rules(cfg)
     present = _match_names(files.where, fmt, cfg, path)
     if cfg.quant and fmt is not GLMKIT:
         raise CheckpointError(f"{cfg_file}: quantized checkpoints exist only in the glmkit layout")
     model = _meta_model(cfg)
     want = model.state_dict()
     sd = {}
-    for r in rules:
+    for r in fmt.rules(cfg):
         ts = [files.get(present[n]) for n in r.theirs]
         if dtype is None and ts[0].is_floating_point():
             dtype = _default_dtype(ts[0], device)
-        t, why = None, ""
-        try:
-            t = r.join([x.to(dtype) if x.is_floating_point() else x for x in ts])  # quantized ints stay ints
-        except RuntimeError as e:  # a reshape in the layout change failed: wrong shape
-            why = f" ({e})"
-        if t is None or t.shape != want[r.ours].shape:
-            got = [tuple(x.shape) for x in ts]
-            raise CheckpointError(
-                f"{files.shown[files.where[present[r.theirs[0]]]]}: tensor {r.theirs[0] if len(ts) == 1 else list(r.theirs)} has "
-                f"shape {got[0] if len(got) == 1 else got}, but config.json implies {tuple(want[r.ours].shape)} for "
-                f"{r.ours}{why}; the weights and config.json disagree"
-            )
-        sd[r.ours] = t
+        sd[r.ours] = _joined(r, [x.to(dtype) if x.is_floating_point() else x for x in ts], want, files, present)  # ints stay ints
     model.load_state_dict(sd, strict=True, assign=True)
     return model.to(device) if device is not None else model
 

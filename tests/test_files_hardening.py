@@ -231,3 +231,33 @@ def test_info_verify_reports_missing_tensors(ck, capsys):
     save_file(sd, ck / "model.safetensors")
     code, err = cli(capsys, "info", "--verify", str(ck))
     assert code == 1 and "missing 1 tensor(s), e.g. ['layers.1.mlp.down.weight']" in err, err
+
+
+def edit_config(path: Path, **changes):
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(changes)
+    (path / "config.json").write_text(json.dumps(cfg))
+    return cfg
+
+
+@pytest.mark.parametrize("fmt", ["glmkit", "glm_hf"])
+def test_info_verify_checks_shapes_without_reading_data(tmp_path, capsys, fmt):
+    """A config.json whose sizes the weights do not have: every loader refuses it, so --verify must too
+    (it checked names only and said the checkpoint was fine). HF layout: its q/k/v are joined on meta tensors."""
+    path = write_checkpoint(glmkit.load("debug"), tmp_path / "ck") if fmt == "glmkit" else hf_native(tmp_path)
+    edit_config(path, vocab_size=json.loads((path / "config.json").read_text())["vocab_size"] + 1)
+    code, err = cli(capsys, "info", "--verify", str(path))
+    assert code == 1 and "config.json implies" in err and "513" in err, err
+    with pytest.raises(CheckpointError, match="config.json implies"):
+        read_checkpoint(path)
+
+
+def test_an_absurd_layer_count_is_refused_before_building_its_layers(ck, capsys):
+    """n_layers = 1,000,000 on a 2-layer file: the loaders built a meta model layer by layer first
+    (minutes and tens of GB); now the tensor count refuses it at once."""
+    edit_config(ck, n_layers=1_000_000)
+    for argv in (("info", "--verify", str(ck)), ("convert", str(ck), str(ck.parent / "out"))):
+        code, err = cli(capsys, *argv)
+        assert code == 1 and "n_layers=1000000, but the weights hold only 14 tensors" in err, (argv, err)
+    with pytest.raises(CheckpointError, match="n_layers=1000000"):
+        read_checkpoint(ck)
