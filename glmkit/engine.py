@@ -158,6 +158,11 @@ class Engine:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
+    def waiting_in(self, scope: str | None) -> int:
+        """Requests of one cache scope (an API key) in the waiting queue."""
+        with self.lock:
+            return sum(1 for r in self.waiting if r.cache_scope == scope)
+
     # ---- the loop -------------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self):

@@ -208,3 +208,49 @@ def test_a_kv_cache_that_cannot_fit_is_refused_at_start(model, tok, capsys):
     assert main(["--no-auth", "--max-len", str(1 << 40), "--port", "0"]) == 1
     err = capsys.readouterr().err
     assert "KV cache" in err and "Traceback" not in err, err
+
+
+# ---- the shared queue ----------------------------------------------------------------------------------------
+def test_one_key_cannot_fill_the_queue_and_a_503_bills_nothing(tmp_path, model, tok, monkeypatch):
+    """A key gets a share of the waiting queue (here 2 of 8): more is 429 for that key alone, and the other
+    keys still queue. A request refused for a full queue (503) is billed nothing, prompt tokens included."""
+    store, app = keyed_app(tmp_path, model, tok, max_waiting=8, max_batch=1)
+    flood, _ = store.create("flood")
+    other, other_rec = store.create("other", budget_tokens=10_000)
+    engine = app.state.server.engine
+    gate, step = threading.Event(), engine.step
+    monkeypatch.setattr(engine, "step", lambda: (gate.wait(60), step())[1])  # nothing leaves the queue until the gate opens
+    results = {}
+
+    def post(name, key, body):
+        with httpx.Client(base_url=url, timeout=60, headers={"authorization": f"Bearer {key}"}) as c:
+            results[name] = c.post("/v1/completions", json=body)
+
+    with serve(app) as url:
+        held = threading.Thread(target=post, args=("held", flood, {"prompt": ["a", "b"], "max_tokens": 2}))
+        held.start()
+        for _ in range(6000):
+            if engine.num_waiting == 2:
+                break
+            threading.Event().wait(0.01)
+        post("more", flood, {"prompt": "c", "max_tokens": 2})
+        post("too_many", flood, {"prompt": ["a", "b", "c"], "max_tokens": 2})
+        ok = threading.Thread(target=post, args=("other", other, {"prompt": "d", "max_tokens": 2}))
+        ok.start()
+        for _ in range(6000):
+            if engine.num_waiting == 3:
+                break
+            threading.Event().wait(0.01)
+        engine.max_waiting = 3  # the queue is now full: the next request, of any key, is a 503
+        post("overloaded", other, {"prompt": "e e e e e e", "max_tokens": 2})
+        gate.set()
+        held.join(60), ok.join(60)
+    assert_error(results["more"], 429, "requests", code="rate_limit_exceeded")
+    assert "share of the waiting queue" in results["more"].json()["error"]["message"]
+    assert_error(results["too_many"], 400, param="n")
+    assert results["held"].status_code == 200 and results["other"].status_code == 200, (results["held"].text, results["other"].text)
+    assert_error(results["overloaded"], 503, code="overloaded")
+    refused = [r for r in rows(app) if r.status in (429, 400, 503)]
+    assert len(refused) == 3 and all(r.prompt_tokens == r.completion_tokens == 0 and r.revenue == 0 for r in refused), refused
+    used = app.state.server.maas.limiter.used.get(other_rec.id, 0)
+    assert used == sum(r.prompt_tokens + r.completion_tokens for r in rows(app) if r.key_id == other_rec.id and r.status == 200)

@@ -450,7 +450,8 @@ class Server:
     """The model, tokenizer, engine and MaaS behind one app; handlers call its methods."""
 
     def __init__(self, model, tokenizer, model_name: str, maas: MaaS, max_batch: int, max_waiting: int,
-                 max_len: int | None, default_max_tokens: int = 1024, admin_token: str | None = None):
+                 max_len: int | None, default_max_tokens: int = 1024, admin_token: str | None = None,
+                 waiting_per_key: int | None = None):
         self.model, self.tok, self.name, self.maas = model, tokenizer, model_name, maas
         self.engine = Engine(model, max_batch=max_batch, max_len=max_len, max_waiting=max_waiting)
         self.runner = EngineRunner(self.engine)
@@ -462,6 +463,10 @@ class Server:
             raise ValueError(f"default_max_tokens={default_max_tokens}: must be >= 1")
         self.default_max_tokens = default_max_tokens
         self.admin_token = admin_token
+        # one key's share of the waiting queue: a tenant's n x prompts cannot fill it and 503 the others
+        self.waiting_per_key = waiting_per_key or max(1, max_waiting // 4)
+        if self.waiting_per_key < 1:
+            raise ValueError(f"waiting_per_key={waiting_per_key}: must be >= 1")
         # a text longer than this can never fit the context (no token stands for more characters):
         # refused before it is tokenized, so an oversized text costs a length check, not seconds of CPU
         self.max_text_chars = self.engine.max_len * tokenizer.max_token_chars
@@ -533,6 +538,11 @@ class Server:
         except ValueError as e:
             raise APIError(400, f"{param}: {e}", param=param) from None
 
+    def max_sequences(self, call: Call) -> int:
+        """The most engine requests (prompts x n) one HTTP request may queue: its key's share of the
+        queue, or the whole queue with auth off (one tenant)."""
+        return self.engine.max_waiting if call.key is None else min(self.engine.max_waiting, self.waiting_per_key)
+
     def rest_of_context(self, prompt_len: int) -> int:
         """max_tokens when a request gives none: the server's default, within the context."""
         return max(1, min(self.default_max_tokens, self.engine.max_len - prompt_len))
@@ -576,6 +586,10 @@ class Server:
             code = "context_length_exceeded" if "exceeds the context" in str(e) else "invalid_value"
             raise APIError(400, str(e), param="messages" if call.endpoint.endswith("chat/completions") else "prompt",
                            code=code) from None
+        if call.key is not None and self.engine.waiting_in(call.scope) + len(choices) > self.waiting_per_key:
+            # checked and submitted on the event loop with no await between: no other request of the key interleaves
+            raise LimitError(f"this key's requests already fill its share of the waiting queue ({self.waiting_per_key} "
+                             "sequences); retry when they start", "requests", "rate_limit_exceeded", 1)
         call.reserve(call.prompt_tokens + max_tokens * len(choices))
         try:
             for c in choices:
@@ -683,15 +697,17 @@ def _common_checks(body: _Sampling):
 # ---- the app ------------------------------------------------------------------------------------------------
 def create_app(model, tokenizer, model_name: str, maas: MaaS | None = None, max_batch: int = 8, max_waiting: int = 64,
                max_len: int | None = None, default_max_tokens: int = 1024, admin_token: str | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES, body_timeout: float = BODY_TIMEOUT_S) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, body_timeout: float = BODY_TIMEOUT_S,
+               waiting_per_key: int | None = None) -> FastAPI:
     """The FastAPI app serving `model`. maas=None: no authentication, an in-memory ledger (local use).
     default_max_tokens: what chat and /infill generate when a request names no limit (within the context).
     admin_token: the credential /metrics needs when auth is on. max_body_bytes / body_timeout: a request body
-    larger (413) or slower (408) than these is refused before it takes a slot.
+    larger (413) or slower (408) than these is refused before it takes a slot. waiting_per_key: the
+    sequences one key may have waiting (default a quarter of max_waiting), so no tenant fills the queue.
     The engine thread starts with the app's lifespan (uvicorn, or `TestClient` used as a context manager)."""
     maas = maas or MaaS.local()
     server = Server(model.eval(), tokenizer, model_name, maas, max_batch, max_waiting, max_len, default_max_tokens,
-                    admin_token)
+                    admin_token, waiting_per_key)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -827,9 +843,9 @@ def create_app(model, tokenizer, model_name: str, maas: MaaS | None = None, max_
         prompts = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
         if not prompts:
             raise APIError(400, "prompt is empty", param="prompt")
-        if len(prompts) * body.n > server.engine.max_waiting:
+        if len(prompts) * body.n > server.max_sequences(call):
             raise APIError(400, f"{len(prompts)} prompts x n={body.n} sequences; this server takes at most "
-                           f"{server.engine.max_waiting} in one request", param="n")
+                           f"{server.max_sequences(call)} in one request", param="n")
         lp = body.logprobs is not None
 
         def build() -> list[_Choice]:  # in a worker thread
@@ -894,8 +910,8 @@ def create_app(model, tokenizer, model_name: str, maas: MaaS | None = None, max_
         _common_checks(body)
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        if body.n > server.engine.max_waiting:
-            raise APIError(400, f"n={body.n}: this server takes at most {server.engine.max_waiting} in one request", param="n")
+        if body.n > server.max_sequences(call):
+            raise APIError(400, f"n={body.n}: this server takes at most {server.max_sequences(call)} in one request", param="n")
         messages = []
         for m in body.messages:
             content = m.content if m.content is not None else ""
@@ -1097,6 +1113,8 @@ def main(argv=None) -> int:
     p.add_argument("--ledger", default=None, help="usage ledger database (default: the keys database)")
     p.add_argument("--max-batch", type=int, default=8, help="rows decoded together")
     p.add_argument("--max-waiting", type=int, default=64, help="queued requests before answering 503")
+    p.add_argument("--max-waiting-per-key", type=int, default=None,
+                   help="queued requests one key may have (default: a quarter of --max-waiting); over it, 429")
     p.add_argument("--max-len", type=int, default=None, help="context per row (default: the model's)")
     p.add_argument("--default-max-tokens", type=int, default=1024,
                    help="tokens a chat or /infill request may generate when it names no limit (within the context)")
@@ -1140,7 +1158,7 @@ def main(argv=None) -> int:
     model, tok = load_for_cli(a, "serve")
     try:
         app = create_app(model, tok, name, maas, a.max_batch, a.max_waiting, a.max_len, a.default_max_tokens, admin_token,
-                         int(a.max_body_mb * (1 << 20)), a.body_timeout)
+                         int(a.max_body_mb * (1 << 20)), a.body_timeout, a.max_waiting_per_key)
     except MemoryError as e:  # the KV cache cannot fit: refused before allocating, with the flags that fit
         print(f"glmkit serve: {e}", file=sys.stderr)
         return 1

@@ -176,8 +176,7 @@ class Call:
                 pass
 
         req.on_token, req.on_finish, req.cache_scope = on_token, on_finish, self.scope
-        self.started = True
-        self.server.engine.submit(req)
+        self.server.engine.submit(req)  # EngineFull: not started, not billed (`worked` reads the jobs)
         self.server.runner.track(req)
         self.jobs.append((group, req))
         self.choices.append(choice)
