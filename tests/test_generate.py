@@ -14,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 import io
 import itertools
+import os
 import random
+import tempfile
 
 import pytest
 import torch
@@ -603,7 +605,14 @@ def test_compiled_decode_graph_equals_eager(monkeypatch):
 
 @pytest.mark.slow
 def test_compiled_decode_equals_eager_inductor(monkeypatch):
-    """Inductor on CPU: ~40 s of compilation on a busy 2-core machine."""
+    """Inductor on CPU: ~40 s of compilation on a busy 2-core machine.
+
+    Pitfall (torch 2.13): inductor's on-disk cache does not key on ATEN_CPU_CAPABILITY. Kernels cached
+    by a run with the machine's own dispatch (AVX-512 here), reused by a run forced to avx2, gave NaN
+    logits; a fresh cache gave the right ones. So a forced dispatch gets a cache of its own."""
+    cap = os.environ.get("ATEN_CPU_CAPABILITY")
+    if cap:
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"glmkit-inductor-{cap}"))
     monkeypatch.setattr(kernels, "MAX_ROWS", 0)
     model = tiny()
     fn = torch.compile(G._decode_tensors, fullgraph=True, dynamic=False)
