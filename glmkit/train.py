@@ -318,7 +318,10 @@ def plot(argv=None) -> int:
     p.add_argument("run_dir")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("glmkit plot needs matplotlib: pip install 'glmkit[plot]'") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

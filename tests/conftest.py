@@ -1,9 +1,9 @@
-"""Fixtures shared across test modules. A module that defines a fixture of the same name uses its own."""
+"""Fixtures shared across test modules. A module that defines a fixture of the same name uses its own.
+The server's packages (fastapi, the `serve` extra) are imported only by the fixtures that need them,
+so the rest of the suite runs without them."""
 
 import pytest
-from fastapi.testclient import TestClient
 
-from glmkit.server.app import create_app
 from glmkit.tokenizer import train_bpe
 from tests.serving import TEXTS, make_model
 
@@ -21,5 +21,10 @@ def model(tok):
 
 @pytest.fixture()
 def client(model, tok):
+    """The app on `model` through FastAPI's TestClient, lifespan (the engine thread) included."""
+    from fastapi.testclient import TestClient
+
+    from glmkit.server.app import create_app
+
     with TestClient(create_app(model, tok, "tiny")) as c:
         yield c

@@ -76,6 +76,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .. import __version__
 from ..engine import Engine, EngineFull, Request
 from ..generate import GREEDY_BELOW, MASK_STRINGS, REPETITION_PENALTY_RANGE, SamplingParams, StopText, causal_infill_stops
 from .maas import KeyRecord, LimitError, MaaS
@@ -717,7 +718,7 @@ def create_app(model, tokenizer, model_name: str, maas: MaaS | None = None, max_
         finally:
             server.runner.stop()
 
-    app = FastAPI(title="glmkit", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="glmkit", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible and GLM-native endpoints for a GLM model (see glmkit/server/app.py).")
     app.state.server = server
     app.openapi = lambda: _openapi(app)
