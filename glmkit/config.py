@@ -135,6 +135,12 @@ class ModelConfig:
     def uses_block_positions(self) -> bool:
         return self.position in ("learned_2d", "rope_2d")
 
+    @property
+    def prefix_lm(self) -> bool:
+        """Trained with GLM's blank infilling: a prompt (Part A) is read bidirectionally and generation
+        starts at a mask's position (learned_2d, rope_2d). False: a causal LM (GLM-4, rope_partial)."""
+        return self.position != "rope_partial"
+
     # ---- serialization -------------------------------------------------------------------------
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -100,7 +100,7 @@ class Engine:
                  prompt_cache_entries: int = 8, prompt_cache_scopes: int = 64):
         self.model = model.eval()
         cfg = model.cfg
-        self.causal = cfg.position == "rope_partial"  # GLM-4: no bidirectional prefix, any prefix reusable
+        self.causal = not cfg.prefix_lm  # GLM-4: no bidirectional prefix, any prefix reusable
         self.max_len = max_len or cfg.max_seq_len
         p = model.embed.weight
         check_kv_fits(cfg, max_batch, self.max_len, p.dtype, p.device)

@@ -724,7 +724,7 @@ class FillResult:
 
 
 def _require_prefix_lm(model, what: str):
-    if model.cfg.position == "rope_partial":
+    if not model.cfg.prefix_lm:
         raise ValueError(f"{what} needs a model trained with GLM's blank-infilling objective; this one is causal "
                          "(rope_partial, GLM-4 family, which ignores block positions). Use generate() / chat(), or "
                          "infill(), which falls back to continuing the prefix")
@@ -817,7 +817,7 @@ def infill(model, tokenizer, prefix: str, suffix: str, params: SamplingParams | 
     params = params or SamplingParams()
     if mask not in MASK_STRINGS:
         raise ValueError(f"mask={mask!r}: choose one of {list(MASK_STRINGS)}")
-    if model.cfg.position != "rope_partial":
+    if model.cfg.prefix_lm:
         pieces = [tokenizer.encode(prefix), tokenizer.encode(suffix)]
         spans = _fill_ids(model, tokenizer, pieces, [mask], params, compile)
         return _assemble_text([prefix, suffix], spans)

@@ -457,7 +457,7 @@ class Server:
         self.engine = Engine(model, max_batch=max_batch, max_len=max_len, max_waiting=max_waiting)
         self.runner = EngineRunner(self.engine)
         self.metrics = Metrics(self.engine)
-        self.causal = model.cfg.position == "rope_partial"
+        self.causal = not model.cfg.prefix_lm
         self.work_lock = threading.Lock()  # fill / classify: one at a time, beside the engine
         self.created = int(time.time())
         if default_max_tokens < 1:
