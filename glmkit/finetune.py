@@ -46,8 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .evaluate import special_ids
-from .infill import Example, SpecialIds, assemble, collate
+from .infill import Example, SpecialIds, assemble, collate, special_ids
 
 MASK = "[MASK]"
 
@@ -244,7 +243,7 @@ def sft_example(tok, messages: list[dict], max_len: int, bidirectional_prompt: b
 
 def sft_loss(model, examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed NLL over reply tokens, their count), through train.py's GLMObjective."""
-    from .train import GLMObjective
+    from .scoring import GLMObjective
 
     b = {k: v.to(model_device(model)) for k, v in collate(examples, pad_id).items()}
     return GLMObjective(model)(**b), b["loss_mask"].sum()

@@ -396,3 +396,10 @@ def collate(examples: list[Example], pad_id: int, seq_len: int | None = None) ->
     sep = np.array([ex.sep for ex in examples], np.int64)
     out = dict(input_ids=input_ids, position_ids=position_ids, sep=sep, targets=targets, loss_mask=loss_mask)
     return {k: torch.from_numpy(v) for k, v in out.items()}
+
+
+def special_ids(tokenizer) -> SpecialIds:
+    """The GLM special ids of a tokenizer, by role (padding uses eos: it is never a target)."""
+    eos = tokenizer.special("eos")
+    return SpecialIds(mask=tokenizer.special("mask"), smask=tokenizer.special("smask"), gmask=tokenizer.special("gmask"),
+                      sop=tokenizer.special("sop"), eop=tokenizer.special("eop"), eos=eos, pad=eos)

@@ -32,7 +32,7 @@ except ImportError as e:  # an optional dependency: say how to get it
 
 import torch
 
-from .evaluate import special_ids
+from .infill import special_ids
 from .finetune import blank_example, causal_example, prefix_lm, sequence_logprobs
 
 

@@ -34,7 +34,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import distributed as D
 from . import kernels
@@ -73,23 +72,6 @@ class TrainConfig:
     mixture: tuple = (0.5, 0.3, 0.2)
     progress: bool = True
     extra: dict = field(default_factory=dict)
-
-
-class GLMObjective(nn.Module):
-    """Summed cross-entropy over the predicted (Part B) tokens of a batch.
-
-    A module of its own so DDP/FSDP wrap the whole computation, head included: the head is applied
-    only to the selected positions (Part B is 15-100% of a sequence), saving its FLOPs elsewhere.
-    """
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, position_ids, sep, targets, loss_mask):
-        h = self.model(input_ids, position_ids, sep=sep, hidden_only=True)  # (B, T, C)
-        logits = self.model.logits(h[loss_mask])  # (N, V)
-        return F.cross_entropy(logits.float(), targets[loss_mask], reduction="sum")
 
 
 def _amp_note(device) -> str:
@@ -169,7 +151,8 @@ def truncate_metrics(path: Path, step: int) -> int:
 def train(c: TrainConfig) -> dict:
     from .data.loader import InfillLoader
     from .data.shards import TokenShards
-    from .evaluate import bits_per_char, objective_losses, special_ids
+    from .infill import special_ids
+    from .scoring import GLMObjective, bits_per_char, objective_losses
 
     d = D.init(c.device)
     torch.manual_seed(c.seed)

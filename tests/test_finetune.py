@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import glmkit
-from glmkit.evaluate import special_ids
+from glmkit.infill import special_ids
 from glmkit.finetune import (ClozeTask, FinetuneConfig, candidate_scores, epoch_batches, finetune, main, sft_example,
                              sft_messages)
 from glmkit.lora import load_adapters

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from glmkit.data.loader import InfillLoader
-from glmkit.evaluate import special_ids
+from glmkit.infill import special_ids
 from tests.test_train import make_shards
 
 

@@ -1044,7 +1044,7 @@ def create_app(model, tokenizer, model_name: str, maas: MaaS | None = None, max_
 
     @app.post("/v1/classify")
     async def classify(body: ClassifyRequest, request: HTTPRequest):
-        from ..evaluate import special_ids
+        from ..infill import special_ids
         from ..finetune import ClozeTask, candidate_scores
 
         call = server.check_model(request, body.model)
