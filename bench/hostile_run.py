@@ -120,6 +120,18 @@ class Row:
         if why and n:
             self.note(attr, why)
 
+    def streams(self, label: str, ss: list["Streamed"]):
+        """Count streams that must each run to the end: a hang, a 5xx, or an incomplete stream is lost."""
+        for v in ss:
+            self.add("tried")
+            if v.hung:
+                self.add("hangs", why=f"{label}: {v.exc} after {v.elapsed:.1f} s")
+            elif v.status is not None and v.status >= 500:
+                self.add("errors", why=f"{label}: {v.status} {v.text[:160]!r}")
+            if not v.complete:
+                self.add("lost", why=f"{label}: status {v.status}, finish {v.finish}, done {v.done}, "
+                                     f"error {v.error_event}, {v.exc}")
+
     def check(self, label: str, r: "Answer", ok=None):
         """Count one HTTP exchange: a hang, a 5xx, or a status outside `ok` (default: any 2xx-4xx)."""
         self.add("tried")
@@ -658,15 +670,7 @@ def isolation(srv: Server, model: str, a: tuple[str, str], b: tuple[str, str], f
     stop.set()
     for t in threads:
         t.join()
-    for v in victims:
-        row.add("tried")
-        if v.hung:
-            row.add("hangs", why=f"victim stream: {v.exc} after {v.elapsed:.1f} s")
-        elif v.status is not None and v.status >= 500:
-            row.add("errors", why=f"victim stream: {v.status} {v.text[:160]!r}")
-        if not v.complete:
-            row.add("lost", why=f"victim stream: status {v.status}, finish {v.finish}, done {v.done}, "
-                               f"error {v.error_event}, {v.exc}")
+    row.streams("victim stream", victims)
     failures1 = httpx.get(srv.url + "/health", timeout=10).json().get("engine_failures")
     # B's usage shows B only; A's ledger has a row per victim
     r = call("GET", srv.url + "/v1/usage", key=b[0])
@@ -784,14 +788,7 @@ def load(srv: Server, model: str, key: str, quick: bool) -> Row:
     t0 = time.perf_counter()
     ss = parallel(lambda i: stream(srv.url + "/v1/chat/completions", {**body, "seed": i}, tenants[i % 4]), range(n), n)
     wall = time.perf_counter() - t0
-    for s in ss:
-        row.add("tried")
-        if s.hung:
-            row.add("hangs", why=f"stream: {s.exc} after {s.elapsed:.1f} s")
-        elif s.status is not None and s.status >= 500:
-            row.add("errors", why=f"stream: {s.status} {s.text[:160]!r}")
-        if not s.complete:
-            row.add("lost", why=f"stream: status {s.status}, finish {s.finish}, done {s.done}, {s.error_event or s.exc}")
+    row.streams("stream", ss)
     complete = sum(s.complete for s in ss)
 
     # /health while a huge request is being handled
