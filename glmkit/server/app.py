@@ -59,7 +59,6 @@ import hmac
 import json
 import os
 import re
-import string
 import sys
 import threading
 import time
@@ -196,7 +195,8 @@ class _Body(BaseModel):
 
 NonEmpty = Annotated[str, Field(min_length=1)]
 MAX_SEED = 2**53 - 1  # every seed a JSON number holds exactly (larger ones round in clients that parse doubles)
-# a cloze pattern: literal text, {{ and }} for braces, and at least one plain {text} (what _check_pattern enforces)
+# a cloze pattern: literal text, {{ and }} for braces, and at least one plain {text}, nothing else: str.format
+# would otherwise run a client's format spec ("{text:a>10000000}" made 10 MB per text) or look up attributes
 CLOZE_PATTERN = r"^([^{}]|\{\{|\}\}|\{text\})*\{text\}([^{}]|\{\{|\}\}|\{text\})*$"
 Stops = NonEmpty | Annotated[list[NonEmpty], Field(max_length=16)] | None
 REPETITION_PENALTY = Field(1.0, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1],
@@ -528,12 +528,16 @@ class Server:
             raise APIError(400, "stop strings must not be empty", param="stop")
         return stops
 
+    def check_chars(self, chars: int, param: str):
+        """400 for text of `chars` characters: it can never fit the context, whatever it encodes to."""
+        if chars > self.max_text_chars:
+            raise APIError(400, f"{param}: {chars} characters can never fit the context of {self.engine.max_len} "
+                           f"tokens (at most {self.max_text_chars} characters)", param=param, code="context_length_exceeded")
+
     def encode(self, text: str, param: str) -> list[int]:
         """Token ids of a request's text (call it off the event loop: see `prepare`); 400 for a text that
         cannot fit the context whatever it encodes to, or that the tokenizer refuses."""
-        if len(text) > self.max_text_chars:
-            raise APIError(400, f"{param}: {len(text)} characters can never fit the context of {self.engine.max_len} "
-                           f"tokens (at most {self.max_text_chars} characters)", param=param, code="context_length_exceeded")
+        self.check_chars(len(text), param)
         try:
             return self.tok.encode(text)
         except ValueError as e:
@@ -673,21 +677,6 @@ _PATTERN_ERRORS = {
                "(write literal braces as {{ and }})",
     "text": "no [MASK], [sMASK] or [gMASK] in text: mark each blank to fill",
 }
-
-
-def _check_pattern(pattern: str):
-    """A cloze pattern may hold plain {text} fields only: `str.format` would otherwise run a format spec
-    chosen by the client ("{text:a>10000000}" made 10 MB per text) or look up attributes."""
-    try:
-        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(pattern) if name is not None]
-    except ValueError as e:  # a lone "{" or "}"
-        raise APIError(400, f"pattern: {e}; write literal braces as {{{{ and }}}}", param="pattern") from None
-    if not fields:
-        raise APIError(400, "pattern must contain {text}, where the text goes", param="pattern")
-    for name, spec, conv in fields:
-        if name != "text" or spec or conv:
-            field_ = "{" + name + ("!" + conv if conv else "") + (":" + spec if spec else "") + "}"
-            raise APIError(400, f"pattern: {field_} is not allowed; the only field is a plain {{text}}", param="pattern")
 
 
 def _common_checks(body: _Sampling):
@@ -920,11 +909,7 @@ def create_app(model, tokenizer, model_name: str, maas: MaaS | None = None, max_
                 content = "".join(part.text for part in content)
             role = {"developer": "system", "tool": "observation"}.get(m.role, m.role)
             messages.append({"role": role, "content": content})
-        chars = sum(len(m["content"]) for m in messages)
-        if chars > server.max_text_chars:
-            raise APIError(400, f"messages: {chars} characters can never fit the context of {server.engine.max_len} "
-                           f"tokens (at most {server.max_text_chars} characters)", param="messages",
-                           code="context_length_exceeded")
+        server.check_chars(sum(len(m["content"]) for m in messages), "messages")
         lp, top = body.logprobs, body.top_logprobs or 0
 
         def build() -> list[_Choice]:  # in a worker thread
@@ -1052,13 +1037,8 @@ def create_app(model, tokenizer, model_name: str, maas: MaaS | None = None, max_
             raise APIError(400, "/v1/classify scores blanks with GLM's infilling objective; this model is causal "
                            "(GLM-4 family)", param="model", code="unsupported_model")
         texts = [body.text] if isinstance(body.text, str) else body.text
-        _check_pattern(body.pattern)
-        copies = body.pattern.count("{text}")  # each placeholder repeats the text
-        longest = max(len(t) for t in texts) * copies + len(body.pattern)
-        if longest > server.max_text_chars:
-            raise APIError(400, f"text: a text in the pattern makes {longest} characters, which can never fit the context "
-                           f"of {server.engine.max_len} tokens (at most {server.max_text_chars} characters)", param="text",
-                           code="context_length_exceeded")
+        # the schema's CLOZE_PATTERN admits plain {text} fields only; each repeats the text
+        server.check_chars(max(len(t) for t in texts) * body.pattern.count("{text}") + len(body.pattern), "text")
 
         def build():  # in a worker thread
             try:
