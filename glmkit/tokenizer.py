@@ -21,6 +21,15 @@ import json
 import threading
 from pathlib import Path
 
+def check_unicode(text: str, where: str = "") -> None:
+    """ValueError for a string that is not text: a lone surrogate ("\\ud800" is valid JSON, and Python
+    keeps it) fails later in the tokenizer or in UTF-8 output."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"a lone surrogate {text[e.start]!r} at character {e.start}{where}: not valid Unicode") from None
+
+
 # GLM special tokens, in the order a freshly trained tokenizer gives them ids 0..9.
 SPECIAL_TOKENS = ("<|endoftext|>", "[MASK]", "[sMASK]", "[gMASK]", "<sop>", "<eop>",
                   "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
@@ -117,10 +126,7 @@ class Tokenizer:
         user text through as special tokens. A panic in the Rust code (`PanicException`, a
         BaseException) becomes a ValueError, as the caller's bad input it is."""
         for t in texts:
-            try:
-                t.encode("utf-8")
-            except UnicodeEncodeError as e:  # valid JSON ("\ud800") but not text
-                raise ValueError(f"the text has a lone surrogate {t[e.start]!r} at character {e.start}: not valid Unicode") from None
+            check_unicode(t)
         with self._lock:
             self.tok.encode_special_tokens = not allow_special
             try:

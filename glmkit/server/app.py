@@ -78,6 +78,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..engine import Engine, EngineFull, Request
 from ..generate import GREEDY_BELOW, MASK_STRINGS, REPETITION_PENALTY_RANGE, SamplingParams, StopText, causal_infill_stops
+from ..tokenizer import check_unicode
 from .maas import KeyRecord, LimitError, MaaS
 from .http import HEADER_TIMEOUT_S, serve
 from .metering import BODY_TIMEOUT_S, MAX_BODY_BYTES, Call, MeterMiddleware, error_response, limit_response
@@ -151,10 +152,7 @@ def _no_surrogates(v, where: str = ""):
     """Every string of a request, however nested: a lone surrogate ("\\ud800") is valid JSON but not
     text; left in, it fails later (tokenizer, UTF-8 output) as a 500 instead of this 400."""
     if isinstance(v, str):
-        try:
-            v.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise ValueError(f"a lone surrogate {v[e.start]!r} at character {e.start}{where}: not valid Unicode") from None
+        check_unicode(v, where)
     elif isinstance(v, (list, tuple)):
         for x in v:
             _no_surrogates(x, where)
