@@ -5,7 +5,14 @@ so the rest of the suite runs without them."""
 import pytest
 
 from glmkit.tokenizer import train_bpe
+from tests.helpers import make_shards
 from tests.serving import TEXTS, make_model
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory):
+    """The toy pretraining corpus as token shards (tests.helpers.make_shards), built once per session."""
+    return make_shards(tmp_path_factory.mktemp("pretrain"))
 
 
 @pytest.fixture(scope="module")

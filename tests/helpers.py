@@ -1,4 +1,8 @@
-"""Shared test helpers: comparisons that print the numbers when they fail."""
+"""Shared test helpers: comparisons that print the numbers when they fail, and the toy data and
+checkpoints several modules build (their fixtures are in conftest.py)."""
+
+import json
+from pathlib import Path
 
 import torch
 
@@ -71,3 +75,30 @@ def int4_act_bound(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, group
     step = x.double().reshape(M, -1, group).abs().amax(-1) / 127  # (M, G)
     qs = (q.double().reshape(N, -1, group) * scales.double()[..., None]).abs().sum(-1)  # (N, G)
     return (step / 2 @ qs.T).max().item()
+
+
+ZH = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。", "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。",
+      "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。"]
+EN = ["The quick brown fox jumps over the lazy dog. The dog sleeps.", "A stitch in time saves nine. Better late than never."]
+CODE = ["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i)\n"]
+
+
+def make_shards(root: Path) -> Path:
+    """A deterministic toy pretraining corpus (zh, en, code) -> its own BPE -> token shards under `root`.
+    tests/data/debug_losses.json was recorded on these shards."""
+    from glmkit.data.shards import write_shards
+    from glmkit.tokenizer import train_bpe
+
+    corpus = root / "corpus"
+    corpus.mkdir(parents=True)
+    pools = [("zh", ZH), ("en", EN), ("code", CODE)]
+    for split, n in (("train", 300), ("heldout", 40)):
+        with open(corpus / f"{split}.jsonl", "w", encoding="utf-8") as f:
+            for i in range(n):
+                dom, pool = pools[i % 3]
+                text = " ".join(pool[(i * 7 + j) % len(pool)] for j in range(3))
+                f.write(json.dumps({"text": text, "domain": dom}, ensure_ascii=False) + "\n")
+    texts = [json.loads(line)["text"] for line in (corpus / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    tok = train_bpe(texts=texts, vocab_size=400)
+    write_shards(corpus, tok, root / "shards", progress=False)
+    return root / "shards"

@@ -6,14 +6,13 @@ import torch
 
 from glmkit.data.loader import InfillLoader
 from glmkit.infill import special_ids
-from tests.test_train import make_shards
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
+def data(shards):
     from glmkit.data.shards import TokenShards
 
-    return TokenShards(make_shards(tmp_path_factory.mktemp("data")))
+    return TokenShards(shards)
 
 
 def loader(shards, batch=4, rank=0, world=1, seed=0):
@@ -26,30 +25,30 @@ def same(a: dict, b: dict) -> bool:
     return all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_deterministic_for_a_seed(shards):
-    a, b, c = loader(shards), loader(shards), loader(shards, seed=1)
+def test_deterministic_for_a_seed(data):
+    a, b, c = loader(data), loader(data), loader(data, seed=1)
     xa, xb, xc = next(a), next(b), next(c)
     assert same(xa, xb) and not same(xa, xc)
 
 
-def test_resume_gives_identical_next_batches(shards):
-    run = loader(shards)
+def test_resume_gives_identical_next_batches(data):
+    run = loader(data)
     n = run.steps_per_epoch + 3  # cross an epoch boundary on the way
     for _ in range(n):
         next(run)
     state = run.state_dict()
     assert state == {"seed": 0, "epoch": 1, "step": 3, "global_batch": 4}
     expected = [next(run) for _ in range(3)]
-    resumed = loader(shards)
+    resumed = loader(data)
     resumed.load_state_dict(state)
     assert all(same(a, next(resumed)) for a in expected)
     with pytest.raises(ValueError, match="global batch 4; this loader has seed 0 and global batch 8"):
-        loader(shards, batch=8).load_state_dict(state)
+        loader(data, batch=8).load_state_dict(state)
 
 
-def test_ranks_are_disjoint_and_their_union_is_the_single_rank_batch(shards):
-    single = loader(shards, batch=4)
-    ranks = [loader(shards, batch=2, rank=r, world=2) for r in range(2)]
+def test_ranks_are_disjoint_and_their_union_is_the_single_rank_batch(data):
+    single = loader(data, batch=4)
+    ranks = [loader(data, batch=2, rank=r, world=2) for r in range(2)]
     for _ in range(single.steps_per_epoch + 2):  # through an epoch boundary
         whole = next(single)
         parts = [next(r) for r in ranks]
@@ -62,16 +61,16 @@ def test_ranks_are_disjoint_and_their_union_is_the_single_rank_batch(shards):
     assert len(seen) == len(set(seen))
 
 
-def test_epochs_shift_window_edges(shards):
-    run = loader(shards)
+def test_epochs_shift_window_edges(data):
+    run = loader(data)
     first_offset = run.offset
     for _ in range(run.steps_per_epoch + 1):
         next(run)
     assert run.epoch == 1 and (run.offset != first_offset or run.seq_len == 1)
 
 
-def test_bad_rank_and_tiny_split(shards):
+def test_bad_rank_and_tiny_split(data):
     with pytest.raises(ValueError, match="rank 2 outside world size 2"):
-        loader(shards, rank=2, world=2)
+        loader(data, rank=2, world=2)
     with pytest.raises(ValueError, match="fewer than one global batch"):
-        loader(shards, batch=100000)
+        loader(data, batch=100000)

@@ -1,14 +1,14 @@
-"""Pretraining: the loss falls, resume is exact, DDP/FSDP2 match one process, checkpoints survive kill -9,
-and 10 steps on the debug preset reproduce recorded losses."""
+"""Pretraining: the loss falls, resume is exact, gradient accumulation and DDP/FSDP2 give one process's
+gradients, checkpoints survive kill -9 mid-write, and 10 steps on the debug preset equal a plain
+reference loop and the recorded losses. The toy shards are conftest's session fixture `shards`."""
 
 import json
+import math
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,39 +16,10 @@ import torch
 
 from glmkit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from glmkit.config import get_preset
-from glmkit.data.shards import write_shards
-from glmkit.tokenizer import train_bpe
 from glmkit.train import TrainConfig, train
+from tests.helpers import assert_close
 
 RECORDED = Path(__file__).parent / "data" / "debug_losses.json"
-ZH = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。", "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。",
-      "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。"]
-EN = ["The quick brown fox jumps over the lazy dog. The dog sleeps.", "A stitch in time saves nine. Better late than never."]
-CODE = ["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i)\n"]
-
-
-def make_shards(root: Path) -> Path:
-    """A deterministic toy corpus -> tokenizer -> shards (no randomness outside fixed indices)."""
-    corpus = root / "corpus"
-    corpus.mkdir(parents=True)
-    pools = [("zh", ZH), ("en", EN), ("code", CODE)]
-    for split, n in (("train", 300), ("heldout", 40)):
-        with open(corpus / f"{split}.jsonl", "w", encoding="utf-8") as f:
-            for i in range(n):
-                dom, pool = pools[i % 3]
-                text = " ".join(pool[(i * 7 + j) % len(pool)] for j in range(3))
-                f.write(json.dumps({"text": text, "domain": dom}, ensure_ascii=False) + "\n")
-    texts = [json.loads(line)["text"] for line in (corpus / "train.jsonl").read_text(encoding="utf-8").splitlines()]
-    tok = train_bpe(texts=texts, vocab_size=400)
-    write_shards(corpus, tok, root / "shards", progress=False)
-    return root / "shards"
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return make_shards(tmp_path_factory.mktemp("data"))
-
-
 def cfg(shards, out, **kw):
     base = dict(model="debug", data=str(shards), out=str(out), seq_len=64, batch_size=4, steps=10, lr=3e-3,
                 min_lr=3e-4, warmup=3, eval_every=0, save_every=0, log_every=1, progress=False)
@@ -139,11 +110,30 @@ def test_save_never_prunes_the_checkpoint_it_wrote(tmp_path):
     assert "step-0000006" in [p.name for p in (tmp_path / "checkpoints").iterdir()]
 
 
-def test_grad_accumulation_equals_big_batch(shards, tmp_path):
-    big = train(cfg(shards, tmp_path / "big", steps=4, batch_size=4))["losses"]
-    acc = train(cfg(shards, tmp_path / "acc", steps=4, batch_size=2, grad_accum=2))["losses"]
+def spy_gradients(monkeypatch) -> list:
+    """Each step's gradients as the loop hands them to clipping, flattened into one tensor per step.
+    Gradients, not losses: clipping (norms here 1.3-2.4 against clip 1.0) and AdamW's invariance to
+    the gradient's scale make a step, and so the losses, blind to a gradient off by a constant factor."""
+    steps, clip = [], torch.nn.utils.clip_grad_norm_
+
+    def spy(params, *args, **kw):
+        params = list(params)
+        steps.append(torch.cat([p.grad.detach().flatten().clone() for p in params]))
+        return clip(params, *args, **kw)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    return steps
+
+
+def test_grad_accumulation_equals_big_batch(shards, tmp_path, monkeypatch):
+    grads = spy_gradients(monkeypatch)
+    big = train(cfg(shards, tmp_path / "big", steps=3, batch_size=4))
+    acc = train(cfg(shards, tmp_path / "acc", steps=3, batch_size=2, grad_accum=2))
+    g_big, g_acc = grads[:3], grads[3:]
     # same global batch of windows in the same order: only float summation order differs
-    assert max(abs(a - b) for a, b in zip(big, acc)) < 1e-5, (big, acc)
+    for step, (a, b) in enumerate(zip(g_acc, g_big)):
+        assert_close(a, b, 1e-6 * b.abs().max().item(), f"step {step + 1} gradients, 2 micro-batches vs 1 batch")
+    assert max(abs(a - b) for a, b in zip(big["losses"], acc["losses"])) < 1e-5, (big["losses"], acc["losses"])
 
 
 @pytest.mark.parametrize("bf16_products", ["fp32", "native"])
@@ -178,25 +168,54 @@ def _free_port():
         return s.getsockname()[1]
 
 
+GRAD_SPY = """
+import os, sys, torch
+from glmkit.train import main
+
+steps, clip = [], torch.nn.utils.clip_grad_norm_
+
+def spy(params, *args, **kw):  # the gradients each step clips; FSDP2's are DTensor shards: gather them
+    params = list(params)
+    full = [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for p in params]
+    steps.append(torch.cat([g.detach().flatten().clone() for g in full]))
+    return clip(params, *args, **kw)
+
+torch.nn.utils.clip_grad_norm_ = spy
+main(sys.argv[2:])
+torch.save(torch.stack(steps), f"{sys.argv[1]}.rank{os.environ['RANK']}")
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_process_matches_one_process(shards, tmp_path, parallel):
-    one = train(cfg(shards, tmp_path / "one", steps=5, batch_size=4))["losses"]
+def test_two_process_matches_one_process(shards, tmp_path, monkeypatch, parallel):
+    grads = spy_gradients(monkeypatch)
+    one = train(cfg(shards, tmp_path / "one", steps=3, batch_size=4))
     args = ["--model", "debug", "--data", str(shards), "--out", str(tmp_path / parallel), "--seq-len", "64",
-            "--batch-size", "2", "--steps", "5", "--lr", "3e-3", "--min-lr", "3e-4", "--warmup", "3",
-            "--eval-every", "0", "--save-every", "5", "--log-every", "1", "--no-progress", "--parallel", parallel]
+            "--batch-size", "2", "--steps", "3", "--lr", "3e-3", "--min-lr", "3e-4", "--warmup", "3",
+            "--eval-every", "0", "--save-every", "3", "--log-every", "1", "--no-progress", "--parallel", parallel]
+    (tmp_path / "spy.py").write_text(GRAD_SPY)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-           "-m", "glmkit", "pretrain", *args]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+           str(tmp_path / "spy.py"), str(tmp_path / "grads"), *args]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}  # the glmkit under test, not an installed one
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    two = [json.loads(line)["loss"] for line in (tmp_path / parallel / "metrics.jsonl").read_text().splitlines()]
-    diffs = [abs(a - b) for a, b in zip(one, two)]
-    assert len(two) == 5 and max(diffs) <= 1e-5, f"{parallel}: 1 process {one} vs 2 processes {two}"
-    # the 2-process (possibly sharded) checkpoint holds full tensors: it loads as a plain model
+    # both ranks hold the global batch's mean gradient, equal to one process's up to summation order
+    for rank in (0, 1):
+        two = torch.load(tmp_path / f"grads.rank{rank}")
+        assert two.shape == (3, grads[0].numel()), two.shape
+        for step, (a, b) in enumerate(zip(two, grads)):
+            assert_close(a, b, 1e-6 * b.abs().max().item(), f"{parallel} rank {rank} step {step + 1} gradients vs 1 process")
+    losses = [json.loads(line)["loss"] for line in (tmp_path / parallel / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and max(abs(a - b) for a, b in zip(one["losses"], losses)) <= 1e-5, (one["losses"], losses)
+    # the 2-process (possibly sharded) checkpoint holds full tensors: it loads as a plain model, with
+    # the weights one process reached
     import glmkit
 
     m = glmkit.load(str(latest_checkpoint(tmp_path / parallel)))
-    assert m.cfg.n_layers == get_preset("debug").n_layers
+    want = one["model"].state_dict()
+    for k, v in m.state_dict().items():
+        assert_close(v, want[k], 1e-5, f"{parallel} weights {k} after 3 steps vs 1 process")
 
 
 WRITER = """

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from tests.test_train import cfg, make_shards
+from tests.helpers import make_shards
+from tests.test_train import cfg
 from glmkit.train import train
 
 if __name__ == "__main__":
