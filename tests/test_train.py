@@ -219,29 +219,63 @@ def test_two_process_matches_one_process(shards, tmp_path, monkeypatch, parallel
 
 
 WRITER = """
-import sys, torch
+import os, sys, torch
+import safetensors.torch
 from glmkit.checkpoint import save_checkpoint
 from glmkit.config import get_preset
-big = {"w": torch.randn(4096, 4096)}  # 64 MB: the write takes long enough to be interrupted
-for step in range(2, 1000):
-    save_checkpoint(sys.argv[1], step, big, get_preset("debug"), {"state": {}, "param_groups": []}, {"loader": {}}, keep=2)
+
+run_dir, stage = sys.argv[1], sys.argv[2]
+# where the write stops to be killed: after the weights are written (config, optimizer and trainer
+# state not yet), at the first fsync (every file written, none durable), before the final rename
+owner, name, after = {"weights": (safetensors.torch, "save_file", True), "fsync": (os, "fsync", False),
+                      "rename": (os, "rename", False)}[stage]
+real = getattr(owner, name)
+
+def stop(*args, **kw):
+    out = real(*args, **kw) if after else None
+    print(stage, flush=True)  # the parent kills this process on reading it
+    sys.stdin.readline()
+    return out if after else real(*args, **kw)
+
+setattr(owner, name, stop)
+save_checkpoint(run_dir, 2, {"w": torch.full((1 << 16,), 2.0)}, get_preset("debug"), {"state": {}, "param_groups": []},
+                {"loader": {}})
+print("saved", flush=True)
 """
 
 
-def test_kill_during_checkpoint_write_leaves_previous_loadable(tmp_path):
+@pytest.mark.parametrize("stage", ["weights", "fsync", "rename"])
+def test_kill_during_checkpoint_write_leaves_previous_loadable(tmp_path, stage):
     save_checkpoint(tmp_path, 1, {"w": torch.ones(3)}, get_preset("debug"), None, {"loader": {}})
-    for delay in (0.3, 0.8, 1.5):
-        p = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)])
-        time.sleep(delay)
-        p.send_signal(signal.SIGKILL)
+    p = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), stage], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+    try:
+        said = p.stdout.readline().strip()  # blocks until the child is inside save_checkpoint
+    finally:
+        p.kill()
         p.wait()
-        ck = latest_checkpoint(tmp_path)
-        model_state, _, state = load_checkpoint(ck)  # whatever is latest is complete
-        assert state["step"] == int(ck.name.split("-")[1])
-        assert model_state["w"].shape in ((3,), (4096, 4096))
+    assert said == stage, f"the writer said {said!r}, not {stage!r}: it never reached the point to be killed"
+    ckpts = tmp_path / "checkpoints"
+    ck = latest_checkpoint(tmp_path)
+    assert ck.name == "step-0000001", f"latest checkpoint {ck.name} after a kill inside step 2's write: {sorted(os.listdir(ckpts))}"
+    model_state, _, state = load_checkpoint(ck)
+    assert state["step"] == 1 and torch.equal(model_state["w"], torch.ones(3)), (state, model_state)
+    # the kill landed mid-write: step 2 exists only as its temporary directory, with the weights in it
+    tmps = list(ckpts.glob(".tmp-step-0000002-*"))
+    assert len(tmps) == 1 and (tmps[0] / "model.safetensors").exists() and not (ckpts / "step-0000002").exists(), \
+        sorted(os.listdir(ckpts))
     # the next save cleans up what the killed writer left behind
-    save_checkpoint(tmp_path, 5000, {"w": torch.ones(3)}, get_preset("debug"), None, {"loader": {}}, keep=10)
-    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    save_checkpoint(tmp_path, 3, {"w": torch.ones(3)}, get_preset("debug"), None, {"loader": {}})
+    assert not list(ckpts.glob(".tmp-*"))
+
+
+def test_checkpoint_writer_runs_to_the_end_unkilled(tmp_path):
+    """The writer above, not stopped: step 2 appears whole (so what the kills leave is the kill's doing)."""
+    r = subprocess.run([sys.executable, "-c", WRITER.replace("setattr(owner, name, stop)", ""), str(tmp_path), "fsync"],
+                       capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
+    assert r.stdout.split() == ["saved"], r.stderr[-2000:]
+    model_state, _, state = load_checkpoint(latest_checkpoint(tmp_path))
+    assert state["step"] == 2 and torch.equal(model_state["w"], torch.full((1 << 16,), 2.0))
 
 
 def test_bits_per_char_of_a_uniform_model(shards):
