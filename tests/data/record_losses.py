@@ -1,4 +1,4 @@
-"""Re-record the debug-preset loss trajectory that tests/test_train.py::test_recorded_debug_losses checks.
+"""Re-record the debug-preset loss trajectory that tests/test_train.py::test_debug_losses_equal_a_plain_loop_and_the_record checks.
 
     .venv/bin/python tests/data/record_losses.py
 
