@@ -102,3 +102,36 @@ def make_shards(root: Path) -> Path:
     tok = train_bpe(texts=texts, vocab_size=400)
     write_shards(corpus, tok, root / "shards", progress=False)
     return root / "shards"
+
+
+# GLM blank filling written out by hand (Part A = context [gMASK], Part B = <sop> ...): references
+# for the library's own example builders, scorers and generators
+def blank_logprob(model, sp, context: list[int], continuation: list[int]) -> tuple[float, bool]:
+    """log p(continuation | context) of a GLM, one forward per example with the layout written out by
+    hand: Part A = context [gMASK], Part B = <sop> continuation, every Part B token at the mask's
+    position with block positions 1, 2, ...; the log-softmax of the logits predicting each
+    continuation token, summed; and whether every one of them is the argmax."""
+    a = context + [sp.gmask]
+    ids = a + [sp.sop] + continuation
+    pos = list(range(len(a))) + [len(context)] * (len(continuation) + 1)
+    block = [0] * len(a) + list(range(1, len(continuation) + 2))
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]), torch.tensor([[pos, block]]), sep=len(a))[0].double()  # (T, V)
+    pred, want = logits[len(a) : len(a) + len(continuation)], torch.tensor(continuation)  # input sep + i predicts token i
+    return pred.log_softmax(-1)[torch.arange(len(want)), want].sum().item(), bool((pred.argmax(-1) == want).all())
+
+
+def greedy_blank(model, sp, context: list[int], max_new: int) -> list[int]:
+    """The [gMASK] blank after `context` filled greedily, a full forward per token (no cache), up to
+    <eop> or <|endoftext|>."""
+    a, out = context + [sp.gmask], []
+    for _ in range(max_new):
+        ids = a + [sp.sop] + out
+        pos = list(range(len(a))) + [len(context)] * (len(out) + 1)
+        block = [0] * len(a) + list(range(1, len(out) + 2))
+        with torch.no_grad():
+            nxt = int(model(torch.tensor([ids]), torch.tensor([[pos, block]]), sep=len(a))[0, -1].argmax())
+        if nxt in (sp.eop, sp.eos):
+            break
+        out.append(nxt)
+    return out

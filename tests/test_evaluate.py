@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.helpers import debug_checkpoint
+from tests.helpers import blank_logprob, debug_checkpoint, greedy_blank
 
 from glmkit.evaluate import (DEFAULT_SUITES, chengyu_tasks, eval_main, humaneval_line_tasks, run_program, run_programs,
                              special_ids, tang300_tasks)
@@ -140,36 +140,6 @@ def test_memory_bomb_is_stopped_by_the_limit():
 def request(*args):
     """What the adapter reads of lm_eval's Instance: .args."""
     return SimpleNamespace(args=args)
-
-
-def blank_logprob(model, sp, context: list[int], continuation: list[int]) -> tuple[float, bool]:
-    """log p(continuation | context) of a GLM, one forward per example with the layout written out by
-    hand: Part A = context [gMASK], Part B = <sop> continuation, every Part B token at the mask's
-    position with block positions 1, 2, ...; the log-softmax of the logits predicting each
-    continuation token, summed; and whether every one of them is the argmax."""
-    a = context + [sp.gmask]
-    ids = a + [sp.sop] + continuation
-    pos = list(range(len(a))) + [len(context)] * (len(continuation) + 1)
-    block = [0] * len(a) + list(range(1, len(continuation) + 2))
-    with torch.no_grad():
-        logits = model(torch.tensor([ids]), torch.tensor([[pos, block]]), sep=len(a))[0].double()  # (T, V)
-    pred, want = logits[len(a) : len(a) + len(continuation)], torch.tensor(continuation)  # input sep + i predicts token i
-    return pred.log_softmax(-1)[torch.arange(len(want)), want].sum().item(), bool((pred.argmax(-1) == want).all())
-
-
-def greedy_blank(model, sp, context: list[int], max_new: int) -> list[int]:
-    """The [gMASK] blank after `context` filled greedily, a full forward per token (no cache), up to <eop>."""
-    a, out = context + [sp.gmask], []
-    for _ in range(max_new):
-        ids = a + [sp.sop] + out
-        pos = list(range(len(a))) + [len(context)] * (len(out) + 1)
-        block = [0] * len(a) + list(range(1, len(out) + 2))
-        with torch.no_grad():
-            nxt = int(model(torch.tensor([ids]), torch.tensor([[pos, block]]), sep=len(a))[0, -1].argmax())
-        if nxt == sp.eop:
-            break
-        out.append(nxt)
-    return out
 
 
 def test_lm_eval_adapter_methods(ckpt):
