@@ -1,12 +1,28 @@
 """Fixtures shared across test modules. A module that defines a fixture of the same name uses its own.
 The server's packages (fastapi, the `serve` extra) are imported only by the fixtures that need them,
-so the rest of the suite runs without them."""
+so the rest of the suite runs without them.
+
+Tests marked `slow` (several processes, a served subprocess) are skipped unless pytest runs with
+`--slow`, as the README's test command and .ci/run do."""
 
 import pytest
 
 from glmkit.tokenizer import train_bpe
 from tests.helpers import make_shards
 from tests.serving import TEXTS, make_model
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the tests marked slow (the README's test command does)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="marked slow: run with --slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -25,10 +25,20 @@ from tests.helpers import greedy_blank
 ROOT = Path(__file__).parents[1]
 
 
+def readme_commands() -> list[str]:
+    """The README's first code block: the install-and-serve line, then the test command."""
+    return (ROOT / "README.md").read_text(encoding="utf-8").split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
+
+
 def readme_first_command() -> list[str]:
     """The command after the last `&&` of the README's first line of code: the one that serves."""
-    block = (ROOT / "README.md").read_text(encoding="utf-8").split("```bash\n", 1)[1]
-    return shlex.split(block.splitlines()[0].split("&&")[-1])
+    return shlex.split(readme_commands()[0].split("&&")[-1])
+
+
+def test_ci_runs_the_readme_test_command():
+    """.ci/run ends with the README's test command, which runs the slow tests too."""
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert ci[-1] == readme_commands()[1] == ".venv/bin/python -m pytest --slow", (ci[-1], readme_commands())
 
 
 def lines_of(stream, q: queue.Queue):
