@@ -8,7 +8,7 @@ Tests marked `slow` (several processes, a served subprocess) are skipped unless 
 import pytest
 
 from glmkit.tokenizer import train_bpe
-from tests.helpers import make_shards
+from tests.helpers import eval_texts, make_shards
 from tests.serving import TEXTS, make_model
 
 
@@ -31,10 +31,17 @@ def shards(tmp_path_factory):
     return make_shards(tmp_path_factory.mktemp("pretrain"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tok():
-    """The server tests' byte-level BPE, trained in-process on TEXTS."""
+    """A byte-level BPE trained once per session on tests.serving.TEXTS. Shared: never modify it
+    (monkeypatch, which undoes itself, is fine)."""
     return train_bpe(texts=TEXTS, vocab_size=300)
+
+
+@pytest.fixture(scope="session")
+def eval_tok():
+    """A byte-level BPE trained once per session on the evaluation fixtures (tests.helpers.eval_texts)."""
+    return train_bpe(texts=eval_texts(), vocab_size=400)
 
 
 @pytest.fixture(scope="module")

@@ -77,6 +77,22 @@ def int4_act_bound(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, group
     return (step / 2 @ qs.T).max().item()
 
 
+EVAL_FIXTURES = Path(__file__).parent / "fixtures" / "eval"
+WORDS = ["red", "blue", "green", "small", "large", "cat", "dog", "tree", "house", "river", "stone", "cloud"]
+
+
+def eval_texts() -> list[str]:
+    """Every string of the evaluation fixtures, and the words and verbalizers the fine-tuning tests use:
+    what conftest's `eval_tok` is trained on."""
+    texts = []
+    for f in sorted(EVAL_FIXTURES.glob("*.jsonl")):
+        for line in f.read_text(encoding="utf-8").splitlines():
+            r = json.loads(line)
+            texts += [v for v in r.values() if isinstance(v, str)] + r.get("lines", [])
+    texts += (EVAL_FIXTURES / "chengyu.txt").read_text(encoding="utf-8").splitlines()
+    return texts + [" ".join(WORDS), "alpha omega " * 3, "总之很好。总之很差。非常好", "This message is fine. This message is junk."]
+
+
 ZH = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。", "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。",
       "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。"]
 EN = ["The quick brown fox jumps over the lazy dog. The dog sleeps.", "A stitch in time saves nine. Better late than never."]

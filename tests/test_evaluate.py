@@ -11,29 +11,19 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
-
-from tests.helpers import blank_logprob, debug_checkpoint, greedy_blank
 
 from glmkit.evaluate import (DEFAULT_SUITES, chengyu_tasks, eval_main, humaneval_line_tasks, run_program, run_programs,
                              special_ids, tang300_tasks)
 from glmkit.finetune import blank_example, read_jsonl, sequence_logprobs
-from glmkit.tokenizer import train_bpe
+from tests.helpers import blank_logprob, debug_checkpoint, greedy_blank
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """A tiny BPE trained on the fixtures, next to a random-init debug model (write_checkpoint)."""
-    texts = []
-    for f in sorted(FIXTURES.glob("*.jsonl")):
-        for line in f.read_text(encoding="utf-8").splitlines():
-            r = json.loads(line)
-            texts += [v for v in r.values() if isinstance(v, str)] + r.get("lines", [])
-    texts += (FIXTURES / "chengyu.txt").read_text(encoding="utf-8").splitlines()
-    tok = train_bpe(texts=texts, vocab_size=400)
-    return debug_checkpoint(tok, tmp_path_factory.mktemp("eval"))
+def ckpt(eval_tok, tmp_path_factory):
+    """conftest's fixture tokenizer next to a random-init debug model (write_checkpoint)."""
+    return debug_checkpoint(eval_tok, tmp_path_factory.mktemp("eval"))
 
 
 def test_all_suites_end_to_end(ckpt, tmp_path):
@@ -144,9 +134,8 @@ def request(*args):
 
 def test_lm_eval_adapter_methods(ckpt):
     pytest.importorskip("lm_eval")
-    from glmkit.lm_eval_adapter import GLMkitLM
-
     from glmkit.config import get_preset
+    from glmkit.lm_eval_adapter import GLMkitLM
     from glmkit.model import GLM
     from glmkit.tokenizer import load_tokenizer
 

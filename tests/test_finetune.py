@@ -9,30 +9,19 @@ import pytest
 import torch
 
 import glmkit
-from glmkit.infill import special_ids
 from glmkit.finetune import (ClozeTask, FinetuneConfig, candidate_scores, epoch_batches, finetune, main, sft_example,
                              sft_messages)
+from glmkit.infill import special_ids
 from glmkit.lora import load_adapters
-from glmkit.tokenizer import train_bpe
-from tests.helpers import assert_close, debug_checkpoint
+from tests.helpers import WORDS, assert_close, debug_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
-WORDS = ["red", "blue", "green", "small", "large", "cat", "dog", "tree", "house", "river", "stone", "cloud"]
-
-
-def fixture_texts() -> list[str]:
-    texts = []
-    for f in sorted(FIXTURES.glob("*.jsonl")):
-        for line in f.read_text(encoding="utf-8").splitlines():
-            r = json.loads(line)
-            texts += [v for v in r.values() if isinstance(v, str)] + r.get("lines", [])
-    return texts + (FIXTURES / "chengyu.txt").read_text(encoding="utf-8").splitlines()
 
 
 @pytest.fixture(scope="module")
-def tok():
-    extra = [" ".join(WORDS), "alpha omega " * 3, "总之很好。总之很差。非常好", "This message is fine. This message is junk."]
-    return train_bpe(texts=fixture_texts() + extra, vocab_size=400)
+def tok(eval_tok):
+    """conftest's tokenizer of the evaluation fixtures and the words used here (tests.helpers.eval_texts)."""
+    return eval_tok
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ runs. Without a `chromium` binary the test skips and says so; a browser without 
 
 The page is checked against the API it calls: the text it shows for a greedy fill must be the text
 POST /v1/fill returns for the same request, and the usage view must count exactly the requests this
-key made (read from the ledger, which is written once each exchange is over).
+key made (read from the ledger, whose row of a request is complete before its response ends).
 """
 
 import json
@@ -23,8 +23,7 @@ from glmkit.config import get_preset
 from glmkit.model import GLM
 from glmkit.server.app import create_app
 from glmkit.server.maas import KeyStore, Ledger, MaaS, UsageRow
-from glmkit.tokenizer import train_bpe
-from tests.serving import TEXTS, serve
+from tests.serving import serve
 
 TEXT = "The quick [MASK] fox jumps over the [MASK] dog."
 MAX_TOKENS = 5
@@ -61,21 +60,32 @@ def chrome():
     return webdriver.Chrome(service=Service(driver), options=opts)
 
 
-def wait_for(what: str, fn, timeout: float = 20.0):
-    """Poll `fn` until it returns something truthy; fail with `what` and the last value after `timeout`."""
-    deadline, last = time.monotonic() + timeout, None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}; last value: {last!r}")
+# Resolves once element `id` satisfies `test` (a JS expression over `el`), checked now and on every DOM
+# change under it: the page's own event, no polling.
+WAIT_JS = """
+const [id, test, done] = arguments, el = document.getElementById(id);
+const ok = () => { try { return Function("el", "return " + test)(el); } catch (e) { return false; } };
+if (ok()) { done(el.textContent); return; }
+const obs = new MutationObserver(() => { if (ok()) { obs.disconnect(); done(el.textContent); } });
+obs.observe(el, {childList: true, subtree: true, characterData: true, attributes: true});
+"""
 
 
-def test_playground_fill_and_usage_in_chromium(tmp_path):
+def wait_for(driver, what: str, id_: str, test: str) -> str:
+    """Element `id_`'s text once the JS expression `test` over `el` holds; fails naming `what` after 20 s."""
+    from selenium.common.exceptions import TimeoutException
+
+    driver.set_script_timeout(20)
+    try:
+        return driver.execute_async_script(WAIT_JS, id_, test)
+    except TimeoutException:
+        text = driver.find_element("id", id_).get_property("textContent")
+        raise AssertionError(f"timed out after 20 s waiting for {what}; #{id_} shows {text!r}") from None
+
+
+def test_playground_fill_and_usage_in_chromium(tmp_path, tok):
     from selenium.webdriver.common.by import By
 
-    tok = train_bpe(texts=TEXTS, vocab_size=300)
     db = tmp_path / "maas.sqlite"
     store = KeyStore(db)
     raw, key = store.create("browser")
@@ -100,8 +110,7 @@ def test_playground_fill_and_usage_in_chromium(tmp_path):
             el("fill-max").clear()
             el("fill-max").send_keys(str(MAX_TOKENS))
             el("fill-go").click()
-            shown = wait_for("the fill result on the page",
-                             lambda: (t := el("fill-out").get_property("textContent")) not in ("", "…") and t)
+            shown = wait_for(driver, "the fill result on the page", "fill-out", "!['', '…'].includes(el.textContent)")
             assert el("fill-out").get_attribute("class") != "err", f"the page shows an error: {shown!r}"
 
             # the same request, as the page sends it, straight to the API
@@ -114,10 +123,10 @@ def test_playground_fill_and_usage_in_chromium(tmp_path):
             assert shown == ref["text"] + "\n\n" + spans, (
                 f"page and API differ for the same greedy fill\n  page: {shown!r}\n  API:  {ref['text']!r}\n  spans: {spans!r}")
 
-            # both fills are in the ledger (rows land once each exchange is over): then the page must count both
-            wait_for("2 ledger rows of the key", lambda: len(maas.ledger.rows(key.id)) == 2)
+            # both fills are in the ledger (a row is complete before its response's last byte): the page must count both
+            assert len(maas.ledger.rows(key.id)) == 2, maas.ledger.rows(key.id)
             el("usage-go").click()
-            usage = wait_for("the usage view", lambda: el("usage-out").get_property("textContent"))
+            usage = wait_for(driver, "the usage view", "usage-out", "el.textContent !== ''")
             assert el("usage-out").get_attribute("class") != "err", f"the usage view shows an error: {usage!r}"
             data = json.loads(usage)["data"]
             rows = maas.ledger.rows(key.id)
@@ -128,7 +137,7 @@ def test_playground_fill_and_usage_in_chromium(tmp_path):
             # without the key the page shows the server's 401 message, not a stale result
             el("key").clear()
             el("usage-go").click()
-            wait_for("the 401 in the usage view", lambda: el("usage-out").get_attribute("class") == "err")
+            wait_for(driver, "the 401 in the usage view", "usage-out", "el.className === 'err'")
             assert "no API key" in el("usage-out").text, el("usage-out").text
 
             # script errors (uncaught exceptions); failed HTTP loads ("network": the 401 above, /favicon.ico) are not

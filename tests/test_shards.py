@@ -1,4 +1,4 @@
-"""Token shards: what goes in comes out, per-domain statistics, atomic creation, corruption caught."""
+"""Token shards: what goes in comes out, per-domain statistics, atomic creation, corruption caught.\nThe tokenizer is conftest's `tok` (byte-level: it encodes any text)."""
 
 import json
 
@@ -6,15 +6,9 @@ import numpy as np
 import pytest
 
 from glmkit.data.shards import TokenShards, write_shards
-from glmkit.tokenizer import train_bpe
 
 DOCS = [("床前明月光，疑是地上霜。", "zh_classical"), ("The cat sat on the mat.", "en"),
         ("def f(x):\n    return x\n", "code"), ("今天天气很好。我们去公园吧！", "zh_modern")]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return train_bpe(texts=[d for d, _ in DOCS] * 20, vocab_size=300)
 
 
 def make_corpus(path, n=40):

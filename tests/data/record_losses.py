@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
+from glmkit.train import train
 from tests.helpers import make_shards
 from tests.test_train import cfg
-from glmkit.train import train
 
 if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as d:
