@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
+from .errors import ContextLengthError
 from .plan import check_kv_fits
 from .generate import SamplingParams, process_logits
 
@@ -125,8 +126,8 @@ class Engine:
         if T == 0:
             raise ValueError("the prompt is empty")
         if T + req.params.max_new_tokens > self.max_len:
-            raise ValueError(f"prompt of {T} tokens + max_tokens {req.params.max_new_tokens} exceeds the context "
-                             f"of {self.max_len} tokens")
+            raise ContextLengthError(f"prompt of {T} tokens + max_tokens {req.params.max_new_tokens} exceeds the context "
+                                     f"of {self.max_len} tokens")
         if req.params.num_beams > 1:
             raise ValueError("beam search is not served by the batching engine")
         if not 0 <= req.sep <= T:

@@ -42,6 +42,8 @@ from typing import Iterator
 import torch
 
 from . import kernels
+from .errors import ContextLengthError, ParameterError
+from .infill import SPAN_STEP, blank_prompt
 
 MASK_STRINGS = {"[MASK]": "mask", "[sMASK]": "smask", "[gMASK]": "gmask"}  # literal text -> tokenizer role
 
@@ -101,7 +103,7 @@ class SamplingParams:
         self.stop, self.stop_ids = tuple(self.stop or ()), tuple(self.stop_ids or ())
 
         def bad(name, want):
-            raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r}: {want}")
+            raise ParameterError(name, f"SamplingParams.{name}={getattr(self, name)!r}: {want}")
 
         for name in ("max_new_tokens", "top_k", "top_logprobs", "num_beams", "no_repeat_ngram_size"):
             v = getattr(self, name)
@@ -367,8 +369,8 @@ def _check_prompts(model, prompts, extra: int):
         out.append(p)
     T = max(map(len, out))
     if model.cfg.position == "learned_2d" and T + extra > model.cfg.max_seq_len:
-        raise ValueError(f"{T} prompt + {extra} new tokens exceed this model's {model.cfg.max_seq_len} learned positions; "
-                         "shorten the prompt or lower max_new_tokens")
+        raise ContextLengthError(f"{T} prompt + {extra} new tokens exceed this model's {model.cfg.max_seq_len} learned positions; "
+                                 "shorten the prompt or lower max_new_tokens")
     return out
 
 
@@ -733,36 +735,29 @@ def _require_prefix_lm(model, what: str):
 @torch.inference_mode()
 def _fill_ids(model, tokenizer, pieces: list[list[int]], marks: list[str], params: SamplingParams, compile: bool) -> list[Span]:
     """Part A = pieces[0] marks[0] pieces[1] marks[1] ... pieces[-1] (marks: "[MASK]" etc., taken
-    from the tokenizer by name); fill each blank left to right."""
-    masks = [tokenizer.special(MASK_STRINGS[m]) for m in marks]
-    part_a, mask_pos = [], []
-    for i, m in enumerate(masks):
-        part_a += pieces[i]
-        mask_pos.append(len(part_a))
-        part_a.append(m)
-    part_a += pieces[-1]
-    k, N = len(masks), params.max_new_tokens
-    if model.cfg.position == "learned_2d" and max(len(part_a), N + 2) > model.cfg.max_seq_len:
-        raise ValueError(f"the text ({len(part_a)} tokens) or max_new_tokens={N} exceeds the model's {model.cfg.max_seq_len} positions")
-    dev = _device(model)
+    from the tokenizer by name; `infill.blank_prompt` lays it out); fill each blank left to right."""
     sop, eop = tokenizer.special("sop"), tokenizer.special("eop")
+    prompt = blank_prompt(pieces, [tokenizer.special(MASK_STRINGS[m]) for m in marks], sop)
+    A, k, N = prompt.sep, len(marks), params.max_new_tokens
+    if model.cfg.position == "learned_2d" and max(A, N + 2) > model.cfg.max_seq_len:
+        raise ContextLengthError(f"the text ({A} tokens) or max_new_tokens={N} exceeds the model's {model.cfg.max_seq_len} positions")
+    dev = _device(model)
     stop_ids = (eop, *params.stop_ids)
     try:
         stop_ids += (tokenizer.special("eos"),)  # spans never contain a document end
     except KeyError:
         pass
-    cache = model.new_cache(1, len(part_a) + k * (N + 1))
-    A = len(part_a)
-    ids = torch.tensor([part_a], device=dev)
-    pos = torch.stack((torch.arange(A, device=dev), torch.zeros(A, dtype=torch.long, device=dev)))[None]  # (1, 2, A)
+    cache = model.new_cache(1, A + k * (N + 1))
+    ids = torch.tensor([prompt.ids[:A]], device=dev)
+    pos = torch.tensor(prompt.position_ids, device=dev)[None, :, :A]  # (1, 2, A)
     model.prefill(ids, cache, position_ids=pos, sep=A, last_only=True)  # Part A, read bidirectionally (logits unused)
     sampler = Sampler(params, 1, model.cfg.vocab_size, dev, ids, torch.ones_like(ids))
     spans = []
-    for mark, p in zip(marks, mask_pos):
-        start = torch.tensor([[[p], [1]]], device=dev)  # <sop> at the mask's position, block position 1
+    delta = torch.tensor(SPAN_STEP, device=dev).view(1, 2, 1)
+    for j, mark in enumerate(marks):
+        start = torch.tensor(prompt.span_position(j, 0), device=dev).view(1, 2, 1)  # <sop>
         logits = model.prefill(torch.tensor([[sop]], device=dev), cache, position_ids=start)[:, -1]  # (1, V)
-        position = torch.tensor([[[p], [2]]], device=dev)
-        delta = torch.tensor([[[0], [1]]], device=dev)
+        position = start + delta
         rows = _drain(_decode_loop(model, cache, logits, position, delta, params, sampler, [_Row(tokenizer, params)],
                                    stop_ids, compile=compile, stream=False, feed_last=True))
         c = _completion(rows[0], tokenizer, params)

@@ -166,6 +166,41 @@ def assemble(tokens, spans, mask_ids, order, special: SpecialIds, *, mode: str |
     )
 
 
+# ---- prompts to fill -------------------------------------------------------------------------------
+SPAN_STEP = (0, 1)  # from one token of a span to the next: same position, next block position
+
+
+@dataclass
+class BlankPrompt:
+    """What generation reads to fill blanks: `assemble`'s layout with Part B still to come.
+
+    Part A = ids[:sep], positions 0..sep-1, block positions 0, read bidirectionally; ids[sep] is the
+    first blank's `<sop>`. Blank j's span sits at its mask's position mask_pos[j], token k of it
+    (k = 0 the `<sop>`) at block position k + 1 (`span_position`).
+    """
+
+    ids: list[int]
+    position_ids: list[list[int]]  # (2, len(ids)): position, block position
+    sep: int
+    mask_pos: list[int]
+
+    def span_position(self, j: int, k: int) -> tuple[int, int]:
+        """(position, block position) of token k of blank j's span (k = 0: its `<sop>`)."""
+        return self.mask_pos[j], k + 1
+
+
+def blank_prompt(pieces: list[list[int]], mask_ids: list[int], sop: int) -> BlankPrompt:
+    """Part A = pieces[0] mask_ids[0] pieces[1] ... mask_ids[-1] pieces[-1], then the first blank's `<sop>`."""
+    if len(pieces) != len(mask_ids) + 1 or not mask_ids:
+        raise ValueError(f"{len(pieces)} pieces around {len(mask_ids)} masks: want at least one mask, one piece more than masks")
+    part_a, mask_pos = list(pieces[0]), []
+    for m, piece in zip(mask_ids, pieces[1:]):
+        mask_pos.append(len(part_a))
+        part_a += [m, *piece]
+    A = len(part_a)
+    return BlankPrompt(part_a + [sop], [list(range(A)) + [mask_pos[0]], [0] * A + [1]], A, mask_pos)
+
+
 # ---- choosing the blanks ---------------------------------------------------------------------------
 # Length budget. The output is n + 2k tokens (n consumed source tokens, k spans: each span's tokens
 # move to Part B and cost one mask in Part A plus one <sop>), so for a fixed seq_len every span
