@@ -10,15 +10,19 @@ with itself, rather than with fixed strings.
 import asyncio
 import json
 
-import httpx
 import pytest
-from fastapi.testclient import TestClient
 
-from glmkit.engine import Request
-from glmkit.finetune import ClozeTask, cloze_predict
-from glmkit.generate import SamplingParams, fill, infill
-from glmkit.server.app import create_app
-from glmkit.server.maas import KeyStore, Ledger, MaaS, Pricing
+pytest.importorskip("fastapi")  # the `serve` extra and the test client: skipped, not failed, without them
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from glmkit.engine import Request  # noqa: E402
+from glmkit.finetune import ClozeTask, cloze_predict  # noqa: E402
+from glmkit.generate import SamplingParams, fill, infill  # noqa: E402
+from glmkit.server.app import create_app  # noqa: E402
+from glmkit.server.maas import KeyStore, Ledger, MaaS, Pricing  # noqa: E402
 from tests.serving import CHAT, assert_error, make_model, rows, serve, sse, tok_text
 
 
