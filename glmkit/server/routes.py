@@ -14,7 +14,9 @@ import re
 import time
 from pathlib import Path
 
-from fastapi import APIRouter, Request as HTTPRequest
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request as HTTPRequest
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from ..engine import Request
@@ -25,8 +27,11 @@ from .state import Server, _Choice
 router = APIRouter()
 
 
-def _server(request: HTTPRequest) -> Server:
+async def _server(request: HTTPRequest) -> Server:  # async: a plain def would run in a worker thread
     return request.app.state.server
+
+
+ServerDep = Annotated[Server, Depends(_server)]  # a handler's `server: ServerDep` is the app's Server
 
 
 def _sse(obj) -> str:
@@ -52,16 +57,15 @@ async def playground():
 
 
 @router.get("/v1/usage")
-async def usage(request: HTTPRequest):
+async def usage(request: HTTPRequest, server: ServerDep):
     """The calling key's totals from the ledger (all keys' when auth is off, for local use)."""
     key = request.scope.get("glmkit.key")
-    rows = _server(request).maas.ledger.totals(key_id=key.id if key is not None else None)
+    rows = server.maas.ledger.totals(key_id=key.id if key is not None else None)
     return {"object": "usage", "data": rows}
 
 
 @router.get("/health")
-async def health(request: HTTPRequest):
-    server = _server(request)
+async def health(server: ServerDep):
     ok = server.runner.alive
     body = {"status": "ok" if ok else "unavailable", "model": server.name, "running": server.engine.num_running,
             "waiting": server.engine.num_waiting, "engine_failures": server.runner.failures}
@@ -76,12 +80,11 @@ error_json = {"application/json": {"schema": {"$ref": "#/components/schemas/Erro
           "content": {"text/plain; version=0.0.4; charset=utf-8": {"schema": {"type": "string"}}}},
     401: {"description": "missing or wrong admin token", "content": error_json},
     403: {"description": "auth is on and no admin token is configured", "content": error_json}})
-async def metrics(request: HTTPRequest):
+async def metrics(request: HTTPRequest, server: ServerDep):
     """Prometheus metrics over all tenants. With auth on they need the admin token
     (`Authorization: Bearer ...`, from `glmkit serve --admin-token-file`); with --no-auth they are open."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    server = _server(request)
     if server.maas.auth:
         if server.admin_token is None:
             raise APIError(403, "/metrics covers every tenant: start the server with --admin-token-file FILE (or "
@@ -100,15 +103,15 @@ def model_card(server: Server) -> dict:
 
 
 @router.get("/v1/models")
-async def list_models(request: HTTPRequest):
-    key, server = request.scope.get("glmkit.key"), _server(request)
+async def list_models(request: HTTPRequest, server: ServerDep):
+    key = request.scope.get("glmkit.key")
     data = [model_card(server)] if key is None or key.allows(server.name) else []
     return {"object": "list", "data": data}
 
 
 @router.get("/v1/models/{name}")
-async def get_model(name: str, request: HTTPRequest):
-    key, server = request.scope.get("glmkit.key"), _server(request)
+async def get_model(name: str, request: HTTPRequest, server: ServerDep):
+    key = request.scope.get("glmkit.key")
     if name != server.name or (key is not None and not key.allows(name)):
         raise APIError(404, f"the model {name!r} does not exist or you do not have access to it", param="model",
                        code="model_not_found")
@@ -117,8 +120,7 @@ async def get_model(name: str, request: HTTPRequest):
 
 # ---- OpenAI completions ----
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, request: HTTPRequest):
-    server = _server(request)
+async def completions(body: CompletionRequest, request: HTTPRequest, server: ServerDep):
     call = server.check_model(request, body.model)
     if body.echo and body.logprobs is not None:
         raise APIError(400, "echo with logprobs (prompt scoring) is not served: the engine does not score prompts; "
@@ -183,8 +185,7 @@ async def completions(body: CompletionRequest, request: HTTPRequest):
 
 # ---- OpenAI chat ----
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatRequest, request: HTTPRequest):
-    server = _server(request)
+async def chat_completions(body: ChatRequest, request: HTTPRequest, server: ServerDep):
     call = server.check_model(request, body.model)
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
@@ -257,10 +258,9 @@ async def chat_completions(body: ChatRequest, request: HTTPRequest):
 
 # ---- GLM-native ----
 @router.post("/v1/fill")
-async def fill_blanks(body: FillRequest, request: HTTPRequest):
+async def fill_blanks(body: FillRequest, request: HTTPRequest, server: ServerDep):
     from ..generate import fill
 
-    server = _server(request)
     call = server.check_model(request, body.model)
     if server.causal:
         raise APIError(400, "/v1/fill needs a model trained with GLM's blank-infilling objective; this one is causal "
@@ -293,8 +293,7 @@ async def fill_blanks(body: FillRequest, request: HTTPRequest):
 
 
 @router.post("/infill")
-async def infill(body: InfillRequest, request: HTTPRequest):
-    server = _server(request)
+async def infill(body: InfillRequest, request: HTTPRequest, server: ServerDep):
     call = server.check_model(request, body.model)
     pre, suf = await server.prepare(lambda: (server.encode(body.input_prefix, "input_prefix"),
                                              server.encode(body.input_suffix, "input_suffix")))
@@ -319,11 +318,10 @@ async def infill(body: InfillRequest, request: HTTPRequest):
 
 
 @router.post("/v1/classify")
-async def classify(body: ClassifyRequest, request: HTTPRequest):
+async def classify(body: ClassifyRequest, request: HTTPRequest, server: ServerDep):
     from ..infill import special_ids
     from ..finetune import ClozeTask, candidate_scores
 
-    server = _server(request)
     call = server.check_model(request, body.model)
     if server.causal:
         raise APIError(400, "/v1/classify scores blanks with GLM's infilling objective; this model is causal "
