@@ -24,7 +24,7 @@ by `Tokenizer.render_chat`; the loss is on assistant replies (and the token that
 By default the prompt is read causally, positions 0..T-1, block positions 0: the layout in which
 `generate.chat` / `glmkit chat` run a rendered conversation, so a fine-tuned model is used as it
 was trained. `--prompt-attention bidirectional` reads everything before the first reply as Part A
-(GLM's prefix-LM, ARCHITECTURE §7); inference must then prefill the prompt with sep = its length.
+(GLM's prefix-LM); inference must then prefill the prompt with sep = its length.
 
 LoRA (`--lora`, lora.py) freezes the base and trains adapters; the output is the merged model
 (loadable by glmkit.load) with the adapters saved beside it. The optimizer and learning-rate
@@ -211,12 +211,6 @@ def cloze_accuracy(model, tok, task: ClozeTask, records: list[dict], **kw) -> di
 
 
 # ---- SFT -------------------------------------------------------------------------------------------
-def prefix_lm(cfg) -> bool:
-    """Does this model family read a prompt bidirectionally? GLM-objective models (2D positions) do;
-    causal checkpoints (GLM-4's rope_partial) do not (ARCHITECTURE §7)."""
-    return cfg.uses_block_positions
-
-
 def sft_messages(record: dict) -> list[dict]:
     if "messages" in record:
         return record["messages"]

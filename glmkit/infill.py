@@ -4,12 +4,13 @@
     ex, used = build_example(window, seq_len, rng, special, sentence_end, InfillConfig())
     batch = collate([ex, ...], pad_id=special.pad)        # torch tensors for GLM.forward
     logits = model(batch["input_ids"], batch["position_ids"], sep=batch["sep"])
+    prompt = blank_prompt([before, after], [special.mask], special.sop)   # what generation fills
 
 Pure functions over numpy arrays: no I/O, no global state, all randomness from the caller's
 `np.random.Generator` (same seed, same examples). torch is imported only inside `collate`.
 
-The objective is GLM's autoregressive blank infilling (Du et al., ACL 2022, §2.1-2.3; ARCHITECTURE
-§4). Three ways of choosing the blanks, drawn per example from `InfillConfig.mixture`:
+The objective is GLM's autoregressive blank infilling (Du et al., ACL 2022, §2.1-2.3).
+Three ways of choosing the blanks, drawn per example from `InfillConfig.mixture`:
   MASK   short spans, lengths ~ Poisson(span_lambda) truncated to 1..max_span, until `coverage`
          of the consumed tokens is masked; placed as in THUDM/GLM `blocklm_utils.sample_spans`.
   sMASK  whole sentences (pieces ending in a `sentence_end` token or at a document end) until
@@ -18,7 +19,7 @@ The objective is GLM's autoregressive blank infilling (Du et al., ACL 2022, §2.
 Unlike the original code (one document per sample), the input here is a window of a packed token
 stream, so every mode also keeps spans inside one document: no span covers or crosses an eos.
 
-Layout of one example (the worked example of ARCHITECTURE §4; x3 and x5 x6 masked, span 2 first):
+Layout of one example (x3 and x5 x6 masked, span 2 first):
 
     input   x1 x2 [M] x4 [M] sop x5 x6  sop x3
     target   -  -   -  -   -  x5 x6 eop  x3 eop        - = special.pad, no loss

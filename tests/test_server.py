@@ -198,6 +198,20 @@ def test_fill_infill_classify(fill_client, filler, tok):
 
 
 # ---- errors ---------------------------------------------------------------------------------------------
+def test_a_bad_sampling_parameter_is_named_by_its_type_not_its_message():
+    """SamplingParams raises errors.ParameterError naming the field; the server answers with the API's name of it."""
+    from glmkit.errors import ParameterError
+    from glmkit.server.schemas import APIError
+    from glmkit.server.state import Server
+
+    with pytest.raises(ParameterError) as e:
+        SamplingParams(max_new_tokens=0)
+    assert e.value.param == "max_new_tokens"
+    with pytest.raises(APIError) as e:
+        Server.params(max_new_tokens=0)
+    assert (e.value.status, e.value.param, e.value.code) == (400, "max_tokens", "invalid_value"), vars(e.value)
+
+
 def test_error_statuses_and_shapes(client):
     assert_error(client.post("/v1/completions", json={"prompt": "x", "temperature": 5}), 400, "invalid_request_error", param="temperature")
     assert_error(client.post("/v1/completions", json={"max_tokens": 3}), 400, param="prompt")

@@ -42,13 +42,11 @@ takes plain {text} fields only (no format specs: "{text:a>10000000}" made 10 MB 
 that names no max_tokens (chat, /infill) gets --default-max-tokens, not the rest of the context.
 /metrics (all tenants' counts) needs the admin token when auth is on.
 
-Threads: the engine runs `step()` in its own thread, started and stopped with the app (lifespan).
-Its callbacks hand tokens to the event loop with `loop.call_soon_threadsafe` onto one asyncio queue
-per HTTP request. Stop strings are matched on the decoded text here (`generate.StopText`); a match,
-a client disconnect, or the end of the HTTP exchange cancels the engine request.
-
-Metering (metering.py over maas.py): a pure ASGI middleware wraps every /v1/* and /infill request:
-authentication, the key's limits, and its ledger row.
+The modules, top down: app.py composes (the Server as app state, the engine thread as lifespan,
+one handler per exception type, the router, the metering middleware) and runs `glmkit serve`;
+routes.py the handlers; schemas.py the requests and the spec; state.py the Server the handlers share
+(engine thread, prompt layouts, stop strings); metering.py the middleware, ledger rows and metrics;
+maas.py keys, limits and the ledger; http.py the listener.
 """
 
 from __future__ import annotations

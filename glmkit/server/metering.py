@@ -16,10 +16,8 @@ The middleware wraps /v1/* and /infill. It authenticates (401), then, for the ge
    NULL). The handler reserves the most it may use (`Call.reserve`, LimitError: the app answers
    it with `limit_response`), settled to the tokens used when the row is completed (maas.py).
 3. while it runs, a flusher writes the usage so far of every open row that changed, every FLUSH_S
-   = 1 s, in one transaction in a worker thread: 0.5 ms for 64 rows, 2 ms for 256 (8 us a row + 30
-   us; opening a row at admission 30 us, completing it 40-80 us; measured on a 100,000-row ledger
-   on local disk). After a kill -9 a row has the tokens of its last flush, at most a second of
-   generation behind what was sent (0.2-0.3 s in tests/test_billing.py's kill -9 run).
+   = 1 s, in one transaction in a worker thread. After a kill -9 a row has the tokens of its last
+   flush, at most a second of generation behind what was sent.
 4. completes the row when the exchange is over, and commits it before the last byte of the response
    goes out: a client that saw a complete response always has a complete row. After an error, or a
    client that went away (status 499), it is completed once the engine has released the request, so
@@ -41,7 +39,7 @@ from .maas import AuthError, KeyRecord, LimitError, MaaS, UsageRow
 if TYPE_CHECKING:
     from ..engine import Request
 
-# `server` below is state.Server and a choice state._Choice: named, not imported (imports point down, to here)
+# `server` below is state.Server and a choice state.Choice: named, not imported (imports point down, to here)
 
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/fill", "/infill", "/v1/classify")
 MAX_BODY_BYTES = 8 << 20  # a 128k-token prompt is about 0.5 MiB of text, 1 MiB as JSON token ids

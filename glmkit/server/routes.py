@@ -22,7 +22,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from ..engine import Request
 from ..generate import MASK_STRINGS, StopText, causal_infill_stops
 from .schemas import APIError, ChatRequest, ClassifyRequest, CompletionRequest, FillRequest, InfillRequest
-from .state import Server, _Choice
+from .state import Server, Choice
 
 router = APIRouter()
 
@@ -132,7 +132,7 @@ async def completions(body: CompletionRequest, request: HTTPRequest, server: Ser
                        f"{server.max_sequences(call)} in one request", param="n")
     lp = body.logprobs is not None
 
-    def build() -> list[_Choice]:  # in a worker thread
+    def build() -> list[Choice]:  # in a worker thread
         stops = server.stops(body.stop)
         stop_ids = server.completion_stop_ids()
         suffix_ids = server.encode(body.suffix, "suffix") if body.suffix is not None else None
@@ -145,7 +145,7 @@ async def completions(body: CompletionRequest, request: HTTPRequest, server: Ser
             for k in range(body.n):
                 params = server.sampling(body, body.max_tokens, stop_ids, k, lp, body.logprobs or 0, stops)
                 req = server.completion_request(ids, suffix_ids, params)
-                choices.append(_Choice(len(choices), g, req, StopText(server.tok, stops), prefix=echo))
+                choices.append(Choice(len(choices), g, req, StopText(server.tok, stops), prefix=echo))
         return choices
 
     choices = await server.prepare(build)
@@ -201,7 +201,7 @@ async def chat_completions(body: ChatRequest, request: HTTPRequest, server: Serv
     server.check_chars(sum(len(m["content"]) for m in messages), "messages")
     lp, top = body.logprobs, body.top_logprobs or 0
 
-    def build() -> list[_Choice]:  # in a worker thread
+    def build() -> list[Choice]:  # in a worker thread
         try:
             ids, _ = server.tok.render_chat(messages, add_generation_prompt=True)
             stop_ids = tuple(server.tok.chat_stop_ids())
@@ -211,7 +211,7 @@ async def chat_completions(body: ChatRequest, request: HTTPRequest, server: Serv
             raise APIError(400, f"messages: {e}", param="messages") from None
         stops = server.stops(body.stop)
         max_tokens = body.max_completion_tokens or body.max_tokens or server.rest_of_context(len(ids))
-        return [_Choice(k, 0, Request(ids, server.sampling(body, max_tokens, stop_ids, k, lp, top, stops)),
+        return [Choice(k, 0, Request(ids, server.sampling(body, max_tokens, stop_ids, k, lp, top, stops)),
                         StopText(server.tok, stops), strip_newline=True) for k in range(body.n)]
 
     choices = await server.prepare(build)
@@ -307,7 +307,7 @@ async def infill(body: InfillRequest, request: HTTPRequest, server: ServerDep):
                            seed=None if body.seed < 0 else body.seed, stop=stops,
                            stop_ids=server.completion_stop_ids())
     req = server.completion_request(pre, suf, params)
-    ch = _Choice(0, 0, req, StopText(server.tok, stops))
+    ch = Choice(0, 0, req, StopText(server.tok, stops))
     call.prompt_tokens = len(req.prompt_ids)
     server.submit_all(call, [ch], n)
     await server.collect(request, call, [ch])

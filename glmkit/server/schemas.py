@@ -1,14 +1,10 @@
 """What the HTTP API accepts and answers: the request schemas (they make the OpenAPI spec), the error
-shape and the spec as the server behaves.
-
-    body = CompletionRequest.model_validate(json)          # what FastAPI does for each route
-    raise APIError(400, "why", param="prompt")             # answered as ErrorResponse by the app
+shape, and the spec as the server behaves (`openapi`).
 
 Every schema is strict (1.0 is not an integer, 0 is not a boolean; an integral float counts as an
-integer, as in JSON Schema) and refuses a string with a lone surrogate. Bounds are SamplingParams'
-own, so a body that validates makes valid parameters.
+integer, as in JSON Schema) and refuses a lone surrogate in any string. Bounds lie within
+SamplingParams' own: a body that validates makes valid parameters.
 """
-
 from __future__ import annotations
 
 from typing import Annotated, Literal, Union

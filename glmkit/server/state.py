@@ -95,7 +95,7 @@ class EngineRunner:
 
 # ---- one HTTP request's choices ------------------------------------------------------------------
 @dataclass
-class _Choice:
+class Choice:
     """One generated sequence as the HTTP side sees it: text cut at stop strings, logprob entries."""
 
     index: int
@@ -116,8 +116,7 @@ class _Choice:
         return piece
 
 
-
-
+# ---- the server ---------------------------------------------------------------------------------------
 class Server:
     """The model, tokenizer, engine and MaaS behind one app; handlers call its methods."""
 
@@ -241,7 +240,7 @@ class Server:
     def completion_stop_ids(self) -> tuple[int, ...]:
         return (self.special("eos"),) if self.causal else (self.special("eop"), self.special("eos"))
 
-    def submit_all(self, call: Call, choices: list[_Choice], max_tokens: int):
+    def submit_all(self, call: Call, choices: list[Choice], max_tokens: int):
         """Submit every choice's request; all or nothing: each is checked (400) before any is queued, then
         the call reserves its prompt tokens + max_tokens per choice against the key's limits (429)."""
         try:
@@ -264,7 +263,7 @@ class Server:
             raise APIError(503, f"the server is overloaded ({e}); retry shortly", "server_error", None, "overloaded",
                            {"retry-after": "1"}) from None
 
-    async def events(self, call: Call, choices: list[_Choice]):
+    async def events(self, call: Call, choices: list[Choice]):
         """(choice, new text, new logprob entries, finished) as tokens arrive, for all choices."""
         left = len(choices)
         while left:
@@ -289,7 +288,7 @@ class Server:
             ch.entries.append(entry)
             yield ch, piece, [entry], False
 
-    async def collect(self, request, call: Call, choices: list[_Choice]):
+    async def collect(self, request, call: Call, choices: list[Choice]):
         """Run every choice to its end (non-streaming); a client that leaves cancels them."""
         async def watch():
             while (await request.receive())["type"] != "http.disconnect":
