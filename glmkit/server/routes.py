@@ -34,6 +34,22 @@ async def _server(request: HTTPRequest) -> Server:  # async: a plain def would r
 ServerDep = Annotated[Server, Depends(_server)]  # a handler's `server: ServerDep` is the app's Server
 
 
+def _completion_logprobs(tok, entries) -> dict:
+    """OpenAI's completion logprobs of (token id, logprob, top {id: logprob}, text offset) entries."""
+    return {"tokens": [tok.decode([t]) for t, *_ in entries], "token_logprobs": [lp for _, lp, _, _ in entries],
+            "top_logprobs": [{tok.decode([i]): v for i, v in top.items()} if top else None for _, _, top, _ in entries],
+            "text_offset": [o for *_, o in entries]}
+
+
+def _chat_logprobs(tok, entries) -> dict:
+    """OpenAI's chat logprobs of the same entries."""
+    def one(t, lp):
+        s = tok.decode([t])
+        return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+    return {"content": [{**one(t, lp), "top_logprobs": [one(i, v) for i, v in (top or {}).items()]}
+                        for t, lp, top, _ in entries]}
+
+
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -154,7 +170,7 @@ async def completions(body: CompletionRequest, request: HTTPRequest, server: Ser
     cid, created = "cmpl-" + call.id, int(time.time())
 
     def choice_obj(ch, text, entries, finish):
-        return {"index": ch.index, "text": text, "logprobs": server.completion_logprobs(entries) if lp else None,
+        return {"index": ch.index, "text": text, "logprobs": _completion_logprobs(server.tok, entries) if lp else None,
                 "finish_reason": finish}
 
     if not body.stream:
@@ -223,7 +239,7 @@ async def chat_completions(body: ChatRequest, request: HTTPRequest, server: Serv
         await server.collect(request, call, choices)
         return {"id": cid, "object": "chat.completion", "created": created, "model": server.name,
                 "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                             "logprobs": server.chat_logprobs(c.entries) if lp else None,
+                             "logprobs": _chat_logprobs(server.tok, c.entries) if lp else None,
                              "finish_reason": c.finish_reason} for c in choices],
                 "usage": call.usage()}
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -234,7 +250,7 @@ async def chat_completions(body: ChatRequest, request: HTTPRequest, server: Serv
             base["usage"] = None
 
         def chunk(i, delta, entries=None, finish=None):
-            logprobs = server.chat_logprobs(entries) if lp and entries else None
+            logprobs = _chat_logprobs(server.tok, entries) if lp and entries else None
             return _sse({**base, "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
 
         for ch in choices:

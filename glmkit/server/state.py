@@ -312,21 +312,3 @@ class Server:
                 t0 = time.perf_counter()
                 return fn(*args, **kw), time.perf_counter() - t0
         return await asyncio.to_thread(run)
-
-    # ---- formatting ----
-    def token_str(self, t: int) -> str:
-        return self.tok.decode([t])
-
-    def completion_logprobs(self, entries) -> dict:
-        return {"tokens": [self.token_str(t) for t, *_ in entries], "token_logprobs": [lp for _, lp, _, _ in entries],
-                "top_logprobs": [{self.token_str(i): v for i, v in top.items()} if top else None for _, _, top, _ in entries],
-                "text_offset": [o for *_, o in entries]}
-
-    def chat_logprobs(self, entries) -> dict:
-        def one(t, lp):
-            s = self.token_str(t)
-            return {"token": s, "logprob": lp, "bytes": list(s.encode())}
-        return {"content": [{**one(t, lp), "top_logprobs": [one(i, v) for i, v in (top or {}).items()]}
-                            for t, lp, top, _ in entries]}
-
-
