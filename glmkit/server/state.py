@@ -227,14 +227,11 @@ class Server:
         return Request(p.ids, params, position_ids=p.position_ids, sep=p.sep, gen_start=p.span_position(0, 1),
                        gen_step=SPAN_STEP)
 
-    def causal_request(self, ids: list[int], params: SamplingParams) -> Request:
-        return Request([self.special("gmask"), self.special("sop")] + ids, params)
-
     def completion_request(self, ids: list[int], suffix: list[int] | None, params: SamplingParams) -> Request:
         """A completion's layout: a causal model reads [gMASK] <sop> prompt (and cannot see a suffix); a GLM
         model fills prompt [gMASK], or prompt [MASK] suffix when there is a suffix."""
         if self.causal:
-            return self.causal_request(ids, params)
+            return Request([self.special("gmask"), self.special("sop")] + ids, params)
         return self.blank_request(ids, "gmask", [], params) if suffix is None else self.blank_request(ids, "mask", suffix, params)
 
     def completion_stop_ids(self) -> tuple[int, ...]:
