@@ -1,7 +1,7 @@
-"""The routes: module-level handlers on one APIRouter, each reading the app's `state.Server`
-(`request.app.state.server`). A handler translates: it validates what the schema cannot, lays the
-prompt out for the engine through the server's helpers, and shapes the answer (JSON, or server-sent
-events for "stream": true).
+"""The routes: module-level handlers on one APIRouter, each given the app's `state.Server`
+(`request.app.state.server`) as the dependency `server: ServerDep`. A handler translates: it checks
+what the schema cannot, lays the prompt out for the engine through the server's helpers, and shapes
+the answer (JSON, or server-sent events for "stream": true).
 
     app.include_router(router)                             # app.create_app does this
 """

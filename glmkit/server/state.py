@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import ContextLengthError
 from ..engine import Engine, EngineFull, Request
+from ..errors import ContextLengthError
 from ..generate import SamplingParams, StopText
 from ..infill import SPAN_STEP, blank_prompt
 from .maas import KeyRecord, LimitError, MaaS
