@@ -77,7 +77,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..engine import Engine, EngineFull, Request
-from ..generate import GREEDY_BELOW, MASK_STRINGS, REPETITION_PENALTY_RANGE, SamplingParams, StopText, causal_infill_stops
+from ..generate import MASK_STRINGS, causal_infill_stops
+from ..sampling import GREEDY_BELOW, REPETITION_PENALTY_RANGE, SamplingParams, StopText
 from ..tokenizer import check_unicode
 from .maas import KeyRecord, LimitError, MaaS
 from .http import HEADER_TIMEOUT_S, serve
@@ -1075,7 +1076,7 @@ def main(argv=None) -> int:
     """`glmkit serve`."""
     from pathlib import Path
 
-    from ..generate import load_for_cli
+    from ..cli import load_for_cli
     from .maas import KeyStore, Ledger, Pricing, default_db_path
 
     p = argparse.ArgumentParser(prog="glmkit serve", description="Serve a model over HTTP: OpenAI-compatible "
