@@ -191,7 +191,8 @@ def _decode_loop(model, cache, logits, position, delta, params, sampler, rows, s
     steps = 0
     plan = None if compile else kernels.decode_plan(model)  # the model does not change during the loop
     for step in range(N):
-        banned = ngram_bans([r.ids for r in rows], [params.no_repeat_ngram_size] * B) if params.no_repeat_ngram_size else None
+        n_gram = params.no_repeat_ngram_size
+        banned = ngram_bans([r.ids for r in rows], [n_gram] * B) if n_gram else None
         tok, lp, top, _ = sampler(logits, banned)  # (B,)
         out[:, step] = tok
         if lp is not None:
@@ -473,7 +474,7 @@ def _fill_ids(model, tokenizer, pieces: list[list[int]], marks: list[str], param
     ids = torch.tensor([part_a], device=dev)
     pos = torch.stack((torch.arange(A, device=dev), torch.zeros(A, dtype=torch.long, device=dev)))[None]  # (1, 2, A)
     model.prefill(ids, cache, position_ids=pos, sep=A, last_only=True)  # Part A, read bidirectionally (logits unused)
-    sampler = Sampler.batch(params, [part_a], model.cfg.vocab_size, dev)
+    sampler = Sampler.batch(params, [part_a + [sop]], model.cfg.vocab_size, dev)  # seen: the input, as in the engine
     spans = []
     for mark, p in zip(marks, mask_pos):
         start = torch.tensor([[[p], [1]]], device=dev)  # <sop> at the mask's position, block position 1
