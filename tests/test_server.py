@@ -16,7 +16,8 @@ from fastapi.testclient import TestClient
 
 from glmkit.engine import Request
 from glmkit.finetune import ClozeTask, cloze_predict
-from glmkit.generate import SamplingParams, fill, infill
+from glmkit.generate import fill, infill
+from glmkit.sampling import SamplingParams
 from glmkit.server.app import create_app
 from glmkit.server.maas import KeyStore, Ledger, MaaS, Pricing
 from tests.serving import CHAT, assert_error, make_model, rows, serve, sse, tok_text
