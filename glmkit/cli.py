@@ -20,7 +20,9 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
+import time
 from pathlib import Path
 
 # command -> ("module:function", one-line help); modules are imported only when their command runs
@@ -77,8 +79,6 @@ def describe(cfg, source: str) -> str:
 
 
 def info(argv=None):
-    import argparse
-
     from .config import PRESETS, get_preset
     from .convert import config_of, verify_checkpoint
 
@@ -112,41 +112,33 @@ def info(argv=None):
 
 
 # ---- generation commands: fill, generate, chat (and the loader `glmkit serve` shares) ----------------------
+# the sampling flags: SamplingParams field -> help; each flag's type and default are the field's
+SAMPLING_FLAGS = dict(max_new_tokens="", temperature="0 = greedy (default %(default)s)", top_k="0 = off", top_p="1 = off",
+                      min_p="0 = off", repetition_penalty="", presence_penalty="", frequency_penalty="", seed="",
+                      num_beams="", length_penalty="", no_repeat_ngram_size="")
+
+
 def add_sampling_args(p, temperature: float = 1.0, max_new_tokens: int = 128):
     from .sampling import SamplingParams
 
-    d = SamplingParams()
+    d = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
     p.add_argument("--model", default=None, help="checkpoint directory (with tokenizer.json) or preset; "
                    "default: the embedded default model")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory or file (default: the model's directory)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps|xpu|npu|mlu|musa (default auto)")
     p.add_argument("--dtype", default="auto", help="auto|fp32|bf16|fp16 (default auto: bf16 on GPUs, fp32 on CPU)")
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    g.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default {temperature})")
-    g.add_argument("--top-k", type=int, default=d.top_k, help="0 = off")
-    g.add_argument("--top-p", type=float, default=d.top_p, help="1 = off")
-    g.add_argument("--min-p", type=float, default=d.min_p, help="0 = off")
-    g.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty)
-    g.add_argument("--presence-penalty", type=float, default=d.presence_penalty)
-    g.add_argument("--frequency-penalty", type=float, default=d.frequency_penalty)
-    g.add_argument("--seed", type=int, default=None)
+    for name, note in SAMPLING_FLAGS.items():
+        kind = float if isinstance(getattr(d, name), float) else int  # seed's default is None
+        g.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(d, name), help=note or None)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("--num-beams", type=int, default=1)
-    g.add_argument("--length-penalty", type=float, default=d.length_penalty)
-    g.add_argument("--no-repeat-ngram-size", type=int, default=0)
     g.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile")
 
 
 def params_from_args(a, stop_ids=()):
     from .sampling import SamplingParams
 
-    return SamplingParams(
-        max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
-        repetition_penalty=a.repetition_penalty, presence_penalty=a.presence_penalty,
-        frequency_penalty=a.frequency_penalty, seed=a.seed, stop=tuple(a.stop), stop_ids=tuple(stop_ids),
-        num_beams=a.num_beams, length_penalty=a.length_penalty, no_repeat_ngram_size=a.no_repeat_ngram_size,
-    )
+    return SamplingParams(**{k: getattr(a, k) for k in SAMPLING_FLAGS}, stop=tuple(a.stop), stop_ids=tuple(stop_ids))
 
 
 def load_for_cli(a, command: str):
@@ -175,17 +167,8 @@ def load_for_cli(a, command: str):
     return model, tokenizer
 
 
-def _eos_ids(tokenizer) -> tuple[int, ...]:
-    try:
-        return (tokenizer.special("eos"),)
-    except KeyError:
-        return ()
-
-
 def fill_main(argv=None) -> int:
     """`glmkit fill TEXT`: fill the [MASK] / [sMASK] / [gMASK] blanks of TEXT."""
-    import argparse
-
     from .generate import fill
 
     p = argparse.ArgumentParser(prog="glmkit fill", description="Fill the [MASK], [sMASK] and [gMASK] blanks of a text, left to right.")
@@ -203,10 +186,8 @@ def fill_main(argv=None) -> int:
 
 def generate_main(argv=None) -> int:
     """`glmkit generate --prompt TEXT`: continue a prompt, streaming the text."""
-    import argparse
-    import time
-
     from .generate import generate, stream
+    from .sampling import eos_ids
 
     p = argparse.ArgumentParser(prog="glmkit generate", description="Continue a prompt (causal generation), streaming the text.")
     p.add_argument("--prompt", required=True)
@@ -215,7 +196,7 @@ def generate_main(argv=None) -> int:
     a = p.parse_args(argv)
     params_from_args(a)
     model, tok = load_for_cli(a, "generate")
-    params = params_from_args(a, _eos_ids(tok))
+    params = params_from_args(a, eos_ids(tok))
     ids = tok.encode(a.prompt, allow_special=a.special)
     t0, n, reason = time.perf_counter(), 0, None
     if params.num_beams > 1:
@@ -235,8 +216,6 @@ def generate_main(argv=None) -> int:
 
 def chat_main(argv=None, stdin=None, stdout=None) -> int:
     """`glmkit chat`: interactive chat over stdin, streaming replies; /reset clears, /exit quits."""
-    import argparse
-
     from .generate import chat_stream
 
     p = argparse.ArgumentParser(prog="glmkit chat", description="Chat on stdin; /reset clears the history, /exit (or end of input) quits.")

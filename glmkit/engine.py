@@ -24,10 +24,9 @@ scope has its own LRU of `prompt_cache_entries`, so one customer's new prompts n
 too (`prompt_cache_scopes`, least recently used scope dropped whole): that bounds memory, and what
 it can reveal is only that many other keys were active, not when or what they sent.
 
-Sampling. One `sampling.Sampler` holds every running row's parameters, penalty state and random
-stream, in the rows' batch order: one call draws the step's tokens for all rows, each row as it
-would draw alone (its stream is keyed by its seed), so a request gives the same tokens as
-`generate` with the same seed, whatever runs beside it.
+Sampling. One `sampling.Sampler` holds the running rows' parameters, penalty state and random
+streams, in the rows' order; one call draws every row's token as the row would draw alone, so a
+request gives the tokens `generate` gives with the same seed, whatever runs beside it.
 
 Faults stay in their row. A request that cannot be admitted, or whose logits are not finite (after
 its sampling parameters), ends alone with finish_reason "error" and `req.error` saying why; the

@@ -40,7 +40,7 @@ from typing import Iterator
 import torch
 
 from . import kernels
-from .sampling import Sampler, SamplingParams, StopText, ngram_bans
+from .sampling import Sampler, SamplingParams, StopText, eos_ids, ngram_bans
 
 MASK_STRINGS = {"[MASK]": "mask", "[sMASK]": "smask", "[gMASK]": "gmask"}  # literal text -> tokenizer role
 
@@ -191,8 +191,7 @@ def _decode_loop(model, cache, logits, position, delta, params, sampler, rows, s
     steps = 0
     plan = None if compile else kernels.decode_plan(model)  # the model does not change during the loop
     for step in range(N):
-        n_gram = params.no_repeat_ngram_size
-        banned = ngram_bans([r.ids for r in rows], [n_gram] * B) if n_gram else None
+        banned = ngram_bans([r.ids for r in rows], [params.no_repeat_ngram_size] * B)  # None when off
         tok, lp, top, _ = sampler(logits, banned)  # (B,)
         out[:, step] = tok
         if lp is not None:
@@ -369,7 +368,7 @@ def beam_search(model, prompt_ids, params: SamplingParams, tokenizer=None, *, n_
     token = torch.empty(W, 1, dtype=torch.long, device=dev)
     cur = 0
     for step in range(N):
-        banned = ngram_bans(hist, [params.no_repeat_ngram_size] * W) if params.no_repeat_ngram_size else None
+        banned = ngram_bans(hist, [params.no_repeat_ngram_size] * W)
         logp = torch.log_softmax(sampler.penalized(logits, banned), dim=-1)  # (W, V)
         cand = torch.tensor(scores, device=dev)[:, None] + logp  # (W, V)
         top_s, top_i = cand.flatten().topk(min(2 * W, W * V))
@@ -464,11 +463,7 @@ def _fill_ids(model, tokenizer, pieces: list[list[int]], marks: list[str], param
         raise ValueError(f"the text ({len(part_a)} tokens) or max_new_tokens={N} exceeds the model's {model.cfg.max_seq_len} positions")
     dev = _device(model)
     sop, eop = tokenizer.special("sop"), tokenizer.special("eop")
-    stop_ids = (eop, *params.stop_ids)
-    try:
-        stop_ids += (tokenizer.special("eos"),)  # spans never contain a document end
-    except KeyError:
-        pass
+    stop_ids = (eop, *params.stop_ids, *eos_ids(tokenizer))  # spans never contain a document end
     cache = model.new_cache(1, len(part_a) + k * (N + 1))
     A = len(part_a)
     ids = torch.tensor([part_a], device=dev)
@@ -539,11 +534,7 @@ def infill(model, tokenizer, prefix: str, suffix: str, params: SamplingParams | 
         pieces = [tokenizer.encode(prefix), tokenizer.encode(suffix)]
         spans = _fill_ids(model, tokenizer, pieces, [mask], params, compile)
         return _assemble_text([prefix, suffix], spans)
-    p = dataclasses.replace(params, stop=tuple(params.stop) + causal_infill_stops(suffix))
-    try:
-        p = dataclasses.replace(p, stop_ids=p.stop_ids + (tokenizer.special("eos"),))
-    except KeyError:
-        pass
+    p = dataclasses.replace(params, stop=params.stop + causal_infill_stops(suffix), stop_ids=params.stop_ids + eos_ids(tokenizer))
     (c,) = generate(model, [tokenizer.encode(prefix)], p, tokenizer, compile=compile)
     return _assemble_text([prefix, suffix], [Span(mask, c.text, c.token_ids, c.finish_reason)])
 

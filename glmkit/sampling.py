@@ -1,29 +1,24 @@
-"""Sampling: request parameters, the batched sampler, stop text. Used by `generate`, the engine and
-(through the engine) the server, so one request with one seed gives the same tokens on every path.
+"""Sampling: request parameters, one batched sampler, stop text; used by `generate` and the engine (so
+the server), so a request with a seed gives the same tokens on every path.
 
     sampler = Sampler(capacity=8, vocab=V, device=dev)
-    sampler.join(SamplingParams(temperature=0.8, top_p=0.95, seed=0), prompt_ids)   # row 0
-    draw = sampler(logits[:sampler.n])       # logits (B, V) -> draw.tokens (B,), on the device
-    sampler.update(draw.tokens)              # penalty counts, each row's random stream moves on
-    sampler.keep([2, 0])                     # rows 2 and 0 become rows 0 and 1 (retire, beam reorder)
+    sampler.join(SamplingParams(temperature=0.8, top_p=0.95), prompt_ids, seed=0)   # row 0
+    tokens, logprobs, top, finite = sampler(logits)   # logits (B, V) of rows 0..B-1 -> (B,), on the device
+    sampler.update(tokens)                            # penalty counts; each row's stream moves on
+    sampler.keep([2, 0])                              # rows 2, 0 become rows 0, 1 (rows leave, beams reorder)
 
-Each row's parameters are one row of a (B, 7) tensor, so one pass over the (B, V) logits serves a
-batch of rows with different temperatures, filters and penalties, without a host sync.
-
-Randomness per row. A token is drawn by the exponential race, argmax(probs / E) with E ~ Exp(1)
-i.i.d. (a draw from probs; gpt-fast): no `torch.multinomial`, no host sync. E comes from a
-counter-based generator: u = hash(row key, row step, token id), computed for the whole batch at
-once. A row's key is made from its seed, its step counts the tokens it drew, so its draws do not
-depend on the batch it is in: alone, in a `generate` batch, or among other rows of the engine, a
-seeded row draws the same noise. A row without a seed takes its key from torch's global RNG when it
-joins (`torch.manual_seed` reproduces a run). The hash is murmur3's 32-bit finaliser, computed
-exactly in int64 (each product split in 16-bit halves, so nothing overflows).
-
-Letters in shape comments: B rows, V vocabulary.
+Each row's parameters are a row of a (B, 7) tensor: one pass over the (B, V) logits serves rows with
+different temperatures, filters and penalties. A token is drawn by the exponential race,
+argmax(probs / E), E ~ Exp(1) (gpt-fast): no `torch.multinomial`, no host sync. E is counter-based,
+a hash of (row key, row step, token id) for the whole batch at once: the key comes from the row's
+seed, the step counts its draws, so a seeded row draws the same noise alone, in a batch, or among
+the engine's rows. A row without a seed takes its key from torch's global RNG when it joins
+(`torch.manual_seed` reproduces a run). The hash is murmur3's 32-bit finaliser, exact in int64.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -87,45 +82,36 @@ class SamplingParams:
         def bad(name, want):
             raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r}: {want}")
 
+        def whole(v):  # an int, not a bool
+            return isinstance(v, int) and not isinstance(v, bool)
+
         for name in ("max_new_tokens", "top_k", "top_logprobs", "num_beams", "no_repeat_ngram_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
+            if not whole(getattr(self, name)):
                 bad(name, "must be an integer")
-        if self.max_new_tokens < 1:
-            bad("max_new_tokens", "must be >= 1")
-        if not self.temperature >= 0 or self.temperature == float("inf"):  # also rejects NaN
-            bad("temperature", "must be a finite number >= 0 (0 = greedy)")
+        lo, hi = REPETITION_PENALTY_RANGE
+        for name, ok, want in (
+            ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
+            ("temperature", 0 <= self.temperature < float("inf"), "must be a finite number >= 0 (0 = greedy)"),  # not NaN
+            ("top_k", self.top_k >= 0, "must be >= 0 (0 = no top-k filter)"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1] (1 = no nucleus filter)"),
+            ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1] (0 = no min-p filter)"),
+            ("repetition_penalty", lo <= self.repetition_penalty <= hi, f"must be in [{lo}, {hi}] (1 = none; > 1 discourages repeats)"),
+            ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2], as OpenAI's API allows"),
+            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2], as OpenAI's API allows"),
+            ("seed", self.seed is None or whole(self.seed) and self.seed >= 0, "must be None or a non-negative integer"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
+            ("stop_ids", all(whole(i) and i >= 0 for i in self.stop_ids), "must be non-negative token ids"),
+            ("top_logprobs", self.top_logprobs >= 0, "must be >= 0"),
+            ("num_beams", self.num_beams >= 1, "must be >= 1 (1 = sampling / greedy)"),
+            ("stop", self.num_beams == 1 or not self.stop, "stop strings are not supported with beam search; use stop_ids"),
+            ("no_repeat_ngram_size", self.no_repeat_ngram_size >= 0, "must be >= 0 (0 = off)"),
+            ("length_penalty", -10 <= self.length_penalty <= 10, "must be in [-10, 10] (1 = average log-probability per token)"),
+        ):
+            if not ok:
+                bad(name, want)
         if self.temperature < GREEDY_BELOW:  # logits / 1e-300 overflow to inf: a vanishing temperature is greedy
             self.temperature = 0.0
-        if self.top_k < 0:
-            bad("top_k", "must be >= 0 (0 = no top-k filter)")
-        if not 0 < self.top_p <= 1:
-            bad("top_p", "must be in (0, 1] (1 = no nucleus filter)")
-        if not 0 <= self.min_p <= 1:
-            bad("min_p", "must be in [0, 1] (0 = no min-p filter)")
-        if not REPETITION_PENALTY_RANGE[0] <= self.repetition_penalty <= REPETITION_PENALTY_RANGE[1]:
-            bad("repetition_penalty", f"must be in {list(REPETITION_PENALTY_RANGE)} (1 = none; > 1 discourages repeats)")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2 <= getattr(self, name) <= 2:
-                bad(name, "must be in [-2, 2], as OpenAI's API allows")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
-            bad("seed", "must be None or a non-negative integer")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            bad("stop", "must be non-empty strings")
-        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.stop_ids):
-            bad("stop_ids", "must be non-negative token ids")
-        if self.top_logprobs < 0:
-            bad("top_logprobs", "must be >= 0")
-        if self.top_logprobs:
-            self.logprobs = True
-        if self.num_beams < 1:
-            bad("num_beams", "must be >= 1 (1 = sampling / greedy)")
-        if self.num_beams > 1 and self.stop:
-            bad("stop", "stop strings are not supported with beam search; use stop_ids")
-        if self.no_repeat_ngram_size < 0:
-            bad("no_repeat_ngram_size", "must be >= 0 (0 = off)")
-        if not -10 <= self.length_penalty <= 10:
-            bad("length_penalty", "must be in [-10, 10] (1 = average log-probability per token)")
+        self.logprobs = self.logprobs or self.top_logprobs > 0
 
 
 # ---- logits processors: (B, V) float32 in place, one parameter row per logits row -----------------------
@@ -165,30 +151,20 @@ def top_k_top_p_filter(logits, k, p):
     return logits.scatter_(-1, order, ordered.masked_fill_(drop, float("-inf")))
 
 
-def min_p_filter(logits, min_p):
-    """Drop tokens whose probability is below min_p (B, 1) times the row's most likely token's."""
-    probs = logits.softmax(-1)
-    return logits.masked_fill_(probs < min_p * probs.amax(-1, keepdim=True), float("-inf"))
-
-
-def filter_logits(logits, rows, filters=(True, True)):
-    """Temperature, top-k, top-p, min-p on logits (B, V) in place, each row with its own parameters
-    rows (B, 7). A greedy row (temperature 0) is divided by 1; the filters keep its most likely token,
-    so its argmax stays that of the penalized logits. `filters`: (any row uses top-k or top-p, any row
-    uses min-p); False skips that work."""
+def process_logits(logits, rows, counts=None, seen=None, filters=(True, True)):
+    """Raw logits (B, V) float32 -> the logits to sample from, in place: penalties, temperature, top-k,
+    top-p, min-p (the order HF and vLLM use), each row with its own parameters rows (B, 7). A greedy
+    row (temperature 0) is divided by 1; the filters keep its most likely token, so its argmax is
+    that of the penalized logits. `filters`: (any row uses top-k or top-p, any uses min-p); False skips."""
+    apply_penalties(logits, rows, counts, seen)
     temperature, k, p, min_p = rows.T[:4, :, None]  # each (B, 1)
     logits.div_(torch.where(temperature > 0, temperature, 1.0))
     if filters[0]:
         top_k_top_p_filter(logits, k, p)
-    if filters[1]:
-        min_p_filter(logits, min_p)
+    if filters[1]:  # drop tokens less likely than min_p times the row's most likely token
+        probs = logits.softmax(-1)
+        logits.masked_fill_(probs < min_p * probs.amax(-1, keepdim=True), float("-inf"))
     return logits
-
-
-def process_logits(logits, rows, counts=None, seen=None):
-    """Raw logits (B, V) float32 -> the logits to sample from, in place: penalties, temperature, top-k,
-    top-p, min-p (the order HF and vLLM use), each row with its own parameters rows (B, 7)."""
-    return filter_logits(apply_penalties(logits, rows, counts, seen), rows)
 
 
 # ---- random streams: counter-based, one per row ----------------------------------------------------------
@@ -210,12 +186,9 @@ def _mix32(x):
 
 
 def stream_key(seed: int) -> tuple[int, int]:
-    """Two 32-bit words from any seed (splitmix64's mixing), so nearby seeds give unrelated streams."""
-    z = (seed + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    z ^= z >> 31
-    return z >> 32, z & _M32
+    """Two 32-bit words from any seed, so nearby seeds give unrelated streams."""
+    k = random.Random(seed).getrandbits(64)
+    return k >> 32, k & _M32
 
 
 def exponential_noise(key, step, vocab: int):
@@ -236,17 +209,18 @@ class Draw(NamedTuple):
 
 class Sampler:
     """Rows of sampling state on the device: parameters (B, 7), random-stream keys and steps, penalty
-    counts / seen tokens (allocated when a row first needs them). Rows join at the end (`join`), and
-    are selected and moved to the front (`keep`) when rows leave or beams reorder. `__call__` draws a
-    token for each of the first n rows; `update` records the tokens drawn."""
+    counts and seen tokens (B, V). Rows join at the end (`join`); `keep` moves the rows that stay to
+    the front (rows leave, beams reorder). `__call__` draws a token for each of the first B rows,
+    `update` records them."""
 
     def __init__(self, capacity: int, vocab: int, device):
-        self.capacity, self.vocab, self.device = capacity, vocab, device
+        self.device = device
         self.params: list[SamplingParams] = []  # host copy of each row's parameters: which work a step needs
         self.rows = torch.zeros(capacity, len(COLUMNS), device=device)
         self.key = torch.zeros(capacity, 2, dtype=torch.long, device=device)
         self.step = torch.zeros(capacity, dtype=torch.long, device=device)
-        self.counts = self.seen = None  # (capacity, V)
+        self.counts = torch.zeros(capacity, vocab, device=device)  # generated tokens
+        self.seen = torch.zeros(capacity, vocab, dtype=torch.bool, device=device)  # prompt or generated tokens
 
     @classmethod
     def batch(cls, params: SamplingParams, prompts: list[list[int]], vocab: int, device) -> Sampler:
@@ -256,27 +230,13 @@ class Sampler:
             s.join(params, p, None if params.seed is None else params.seed + b)
         return s
 
-    @property
-    def n(self) -> int:
-        return len(self.params)
-
     def join(self, params: SamplingParams, prompt_ids, seed: int | None):
         """A row joins at index n; `seed` keys its random stream (None: a key from torch's global RNG)."""
-        b = self.n
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, ()))
-        self.rows[b] = param_rows([params])[0]
-        self.key[b] = torch.tensor(stream_key(seed))
-        self.step[b] = 0
-        if params.presence_penalty or params.frequency_penalty:
-            if self.counts is None:
-                self.counts = torch.zeros(self.capacity, self.vocab, device=self.device)
-            self.counts[b] = 0
-        if params.repetition_penalty != 1.0:
-            if self.seen is None:
-                self.seen = torch.zeros(self.capacity, self.vocab, dtype=torch.bool, device=self.device)
-            self.seen[b] = False
-            self.seen[b, torch.as_tensor(prompt_ids, dtype=torch.long, device=self.device)] = True
+        b = len(self.params)
+        seed = int(torch.randint(0, 2**62, ())) if seed is None else seed
+        self.rows[b], self.key[b], self.step[b] = param_rows([params])[0], torch.tensor(stream_key(seed)), 0
+        self.counts[b], self.seen[b] = 0, False
+        self.seen[b, torch.as_tensor(prompt_ids, dtype=torch.long, device=self.device)] = True
         self.params.append(params)
 
     def keep(self, idx: list[int]):
@@ -284,13 +244,12 @@ class Sampler:
         self.params = [self.params[i] for i in idx]
         m, i = len(idx), torch.tensor(idx, dtype=torch.long, device=self.device)
         for t in (self.rows, self.key, self.step, self.counts, self.seen):
-            if t is not None:
-                t[:m] = t[i]
+            t[:m] = t[i]
 
     def penalized(self, logits, banned=None):
         """logits (B, V) of the first B rows, any float dtype -> a float32 copy with n-gram bans
         ((rows, ids) or None) and penalties applied. Beam search ranks these."""
-        x = logits.float().clone() if logits.dtype == torch.float32 else logits.float()
+        x = logits.to(torch.float32, copy=True)
         if banned is not None:
             x[banned] = float("-inf")
         B = x.shape[0]
@@ -307,7 +266,7 @@ class Sampler:
             n_top = max(p.top_logprobs for p in self.params)
             top = logp.topk(n_top, dim=-1) if n_top else None
         filters = (self._any("top_k") or any(p.top_p < 1 for p in self.params), self._any("min_p"))
-        x = filter_logits(self.penalized(logits, banned), self.rows[:B], filters)
+        x = process_logits(self.penalized(logits, banned), self.rows[:B], None, None, filters)
         tok = x.argmax(-1)
         if self._any("temperature"):
             race = x.softmax(-1).div_(exponential_noise(self.key[:B], self.step[:B], x.shape[-1])).argmax(-1)
@@ -320,10 +279,8 @@ class Sampler:
         """Record the tokens (B,) just drawn by rows 0..B-1."""
         B = tok.shape[0]
         self.step[:B] += 1
-        if self.counts is not None:
-            self.counts[:B].scatter_add_(1, tok[:, None], torch.ones_like(tok[:, None], dtype=self.counts.dtype))
-        if self.seen is not None:
-            self.seen[:B].scatter_(1, tok[:, None], True)
+        self.counts[:B].scatter_add_(1, tok[:, None], torch.ones_like(tok[:, None], dtype=self.counts.dtype))
+        self.seen[:B].scatter_(1, tok[:, None], True)
 
     def _any(self, *names) -> bool:
         return any(getattr(p, name) for p in self.params for name in names)
@@ -346,7 +303,15 @@ def ngram_bans(histories, sizes):
     return (torch.tensor(rows), torch.tensor(ids)) if rows else None
 
 
-# ---- text with stop strings ---------------------------------------------------------------------------
+# ---- stop ids and stop strings ---------------------------------------------------------------------------
+def eos_ids(tokenizer) -> tuple[int, ...]:
+    """The tokenizer's end-of-text id, as stop ids (none when it has no "eos")."""
+    try:
+        return (tokenizer.special("eos"),)
+    except KeyError:
+        return ()
+
+
 class StopText:
     """The text of one sequence, grown token by token, cut exactly at the first stop string.
 
