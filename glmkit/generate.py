@@ -304,7 +304,8 @@ def generate(model, prompt_ids_list, params: SamplingParams | None = None, token
 
     Returns one Completion per prompt: token ids (without a final stop id), finish reason, stop
     reason, text (with `tokenizer`; cut at stop strings), logprobs. Output of a batch equals that of
-    each prompt alone: greedy, or sampled with prompt b seeded params.seed + b. `num_beams` > 1 runs `beam_search` on each prompt instead.
+    each prompt alone: greedy, or sampled with prompt b seeded params.seed + b. `num_beams` > 1 runs
+    `beam_search` on each prompt instead.
     Prompts are read causally (sep = 0); to generate the GLM way after a bidirectional prompt, put a
     [gMASK] at its end and use `fill`. `compile`: run the decode step through torch.compile.
     """
@@ -534,7 +535,8 @@ def infill(model, tokenizer, prefix: str, suffix: str, params: SamplingParams | 
         pieces = [tokenizer.encode(prefix), tokenizer.encode(suffix)]
         spans = _fill_ids(model, tokenizer, pieces, [mask], params, compile)
         return _assemble_text([prefix, suffix], spans)
-    p = dataclasses.replace(params, stop=params.stop + causal_infill_stops(suffix), stop_ids=params.stop_ids + eos_ids(tokenizer))
+    p = dataclasses.replace(params, stop=params.stop + causal_infill_stops(suffix),
+                            stop_ids=params.stop_ids + eos_ids(tokenizer))
     (c,) = generate(model, [tokenizer.encode(prefix)], p, tokenizer, compile=compile)
     return _assemble_text([prefix, suffix], [Span(mask, c.text, c.token_ids, c.finish_reason)])
 

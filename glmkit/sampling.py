@@ -178,10 +178,8 @@ def _mul32(x, c: int):
 
 def _mix32(x):
     """murmur3's finaliser: a bijection of [0, 2**32) whose every output bit depends on every input bit."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x85EBCA6B)
-    x = x ^ (x >> 13)
-    x = _mul32(x, 0xC2B2AE35)
+    x = _mul32(x ^ (x >> 16), 0x85EBCA6B)
+    x = _mul32(x ^ (x >> 13), 0xC2B2AE35)
     return x ^ (x >> 16)
 
 

@@ -91,6 +91,8 @@ def test_same_seed_same_tokens_through_generate_engine_and_http(tok, causal, nam
         other = generate(causal, [prompt], dataclasses.replace(p, seed=p.seed + 100))[0].token_ids
         assert other != want[0].token_ids and want[1].token_ids != want[0].token_ids, "sampling is degenerate"
     assert len(set(want[0].token_ids)) > 3, f"degenerate output {want[0].token_ids}"
+    behind = generate(causal, [prompt[:3], prompt], dataclasses.replace(p, seed=p.seed and p.seed - 1))[1]
+    assert behind.token_ids == want[0].token_ids, "row 1 of a left-padded batch seeded s - 1 vs row 0 seeded s"
 
     alone, joined = engine_paths(causal, Request(prompt, p))
     assert alone.output_ids == want[0].token_ids, (alone.output_ids, want[0].token_ids)
