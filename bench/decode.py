@@ -45,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import glmkit  # noqa: E402
 from glmkit import kernels  # noqa: E402
-from glmkit.generate import SamplingParams, generate  # noqa: E402
+from glmkit.generate import generate  # noqa: E402
+from glmkit.sampling import SamplingParams  # noqa: E402
 from glmkit.quantize import quantize_model  # noqa: E402
 
 # GLM-4 shape (glm-4-9b: 32 heads / 2 KV heads, head_dim 128, partial rotary 0.5, q/k/v bias),

@@ -117,7 +117,8 @@ class GLMkitLM(LM):
     def generate_until(self, requests) -> list[str]:
         """Greedy, through generate.py: `infill` of a [gMASK] after the context (blank), or
         `generate` continuing `[gMASK] <sop> context` (causal)."""
-        from .generate import SamplingParams, generate, infill
+        from .generate import generate, infill
+        from .sampling import SamplingParams
 
         out = []
         for r in requests:

@@ -20,7 +20,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from glmkit.engine import Request  # noqa: E402
 from glmkit.finetune import ClozeTask, cloze_predict  # noqa: E402
-from glmkit.generate import SamplingParams, fill, infill  # noqa: E402
+from glmkit.generate import fill, infill  # noqa: E402
+from glmkit.sampling import SamplingParams  # noqa: E402
 from glmkit.server.app import create_app  # noqa: E402
 from glmkit.server.maas import KeyStore, Ledger, MaaS, Pricing  # noqa: E402
 from tests.serving import CHAT, assert_error, make_model, rows, serve, sse, tok_text  # noqa: E402

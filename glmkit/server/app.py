@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     """`glmkit serve`."""
     from pathlib import Path
 
-    from ..generate import load_for_cli
+    from ..cli import load_for_cli
     from .maas import KeyStore, Ledger, Pricing, default_db_path
 
     p = argparse.ArgumentParser(prog="glmkit serve", description="Serve a model over HTTP: OpenAI-compatible "

@@ -20,7 +20,8 @@ from fastapi import APIRouter, Depends, Request as HTTPRequest
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from ..engine import Request
-from ..generate import MASK_STRINGS, StopText, causal_infill_stops
+from ..generate import MASK_STRINGS, causal_infill_stops
+from ..sampling import StopText
 from .schemas import APIError, ChatRequest, ClassifyRequest, CompletionRequest, FillRequest, InfillRequest
 from .state import Server, Choice
 

@@ -11,7 +11,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..generate import GREEDY_BELOW, REPETITION_PENALTY_RANGE
+from ..sampling import GREEDY_BELOW, REPETITION_PENALTY_RANGE
 from ..tokenizer import check_unicode
 
 

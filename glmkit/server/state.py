@@ -8,7 +8,7 @@ the steps every route shares: checks, prompt layouts, submitting to the engine a
 
 The engine runs `step()` in its own thread. Its callbacks hand tokens to the event loop with
 `loop.call_soon_threadsafe` onto one asyncio queue per HTTP request (metering.Call). Stop strings
-are matched on the decoded text here (`generate.StopText`); a match, a client disconnect, or the end
+are matched on the decoded text here (`sampling.StopText`); a match, a client disconnect, or the end
 of the HTTP exchange cancels the engine request.
 """
 
@@ -24,7 +24,7 @@ import torch
 
 from ..engine import Engine, EngineFull, Request
 from ..errors import ContextLengthError
-from ..generate import SamplingParams, StopText
+from ..sampling import SamplingParams, StopText
 from ..infill import SPAN_STEP, blank_prompt
 from .maas import KeyRecord, LimitError, MaaS
 from .metering import Call, Metrics
