@@ -148,7 +148,7 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         if not isinstance(d, dict):
             raise ValueError(f"a ModelConfig is a JSON object of fields, got {_show(d)}")
         known = {f.name for f in fields(cls)} - {"residual_alpha"}
@@ -165,7 +165,7 @@ class ModelConfig:
         Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2, ensure_ascii=False) + "\n")
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "ModelConfig":
+    def from_json(cls, path: str | Path) -> ModelConfig:
         try:
             d = json.loads(Path(path).read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:

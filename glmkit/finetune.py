@@ -141,7 +141,7 @@ class ClozeTask:
         return list(self.verbalizer)
 
     @classmethod
-    def preset(cls, name: str) -> "ClozeTask":
+    def preset(cls, name: str) -> ClozeTask:
         if name not in CLOZE_PRESETS:
             raise ValueError(f"unknown cloze preset {name!r}; known: {list(CLOZE_PRESETS)}")
         return cls(**CLOZE_PRESETS[name])
@@ -431,7 +431,7 @@ def finetune(c: FinetuneConfig) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     print(f"glmkit finetune: task {c.task}, {len(train_items)} training examples, {steps} steps of {c.batch_size}, "
-          f"device {device}, {c.precision}, {'LoRA r=%d' % c.lora_rank if c.lora else 'full'}: "
+          f"device {device}, {c.precision}, {f'LoRA r={c.lora_rank}' if c.lora else 'full'}: "
           f"{trainable / 1e6:.3f}M of {total / 1e6:.2f}M parameters train")
     amp = c.precision == "bf16"
     rng = np.random.default_rng(c.seed)

@@ -155,7 +155,7 @@ def until_closed(s: socket.socket, bound: float = 30.0) -> tuple[bytes, float]:
     try:
         while chunk := s.recv(65536):
             out += chunk
-    except socket.timeout:
+    except TimeoutError:
         raise AssertionError(f"the server kept the connection open for {bound} s; it sent {out[:200]!r}") from None
     except ConnectionResetError:
         pass

@@ -13,8 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from glmkit.server.maas import (AuthError, KeyStore, Ledger, Limiter, LimitError, MaaS, Pricing, UsageRow, _when,
-                                keys_main, usage_main)
+from glmkit.server.maas import AuthError, KeyStore, Ledger, Limiter, LimitError, MaaS, Pricing, UsageRow, _when, keys_main, usage_main
 
 
 def test_keys_are_stored_hashed_and_shown_by_prefix(tmp_path):
@@ -131,7 +130,7 @@ def test_reservations_hold_budget_and_tpm_when_everyone_is_admitted_at_once():
     lim = Limiter(ledger, clock)
 
     def burst(key, need=56, n=20):
-        for i in range(n):  # every one admitted before any reserves: the race of the issue, in order
+        for _ in range(n):  # every one admitted before any reserves: the race of the issue, in order
             lim.admit(key)
         ran, refused = [], []
         for i in range(n):

@@ -17,8 +17,7 @@ from glmkit.config import ModelConfig
 from glmkit.engine import Engine, Request
 from glmkit.generate import fill, generate
 from glmkit.model import GLM
-from glmkit.sampling import (COLUMNS, Sampler, SamplingParams, apply_penalties, exponential_noise, param_rows,
-                             process_logits, stream_key)
+from glmkit.sampling import COLUMNS, Sampler, SamplingParams, apply_penalties, exponential_noise, param_rows, process_logits, stream_key
 from tests.helpers import assert_close
 
 N = 12
@@ -62,7 +61,7 @@ def run(engine, arrivals):
 def engine_paths(model, request):
     """The request's tokens alone, and joined: a short row ahead of it retires (it moves to row 0),
     two others (one unseeded, one seeded) join mid-generation."""
-    fresh = lambda: dataclasses.replace(request, output_ids=[], logprobs=[])  # noqa: E731
+    fresh = lambda: dataclasses.replace(request, output_ids=[], logprobs=[])
     e = Engine(model, max_batch=4, max_len=128)
     alone = fresh()
     run(e, {0: [alone]})

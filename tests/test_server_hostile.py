@@ -15,9 +15,8 @@ pytest.importorskip("fastapi")  # the `serve` extra and the test client: skipped
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from fastapi.testclient import TestClient  # noqa: E402
-
 import torch  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
 
 from glmkit.sampling import Sampler  # noqa: E402
 from glmkit.server.app import create_app  # noqa: E402

@@ -458,7 +458,7 @@ class MaaS:
                   "are marked 'interrupted' and carry the tokens of their last flush (see `glmkit usage`)", file=sys.stderr)
 
     @classmethod
-    def local(cls, ledger_path=":memory:", pricing: Pricing | None = None) -> "MaaS":
+    def local(cls, ledger_path=":memory:", pricing: Pricing | None = None) -> MaaS:
         """No authentication, metering only: for local use and tests."""
         return cls(None, Ledger(ledger_path), pricing, auth=False)
 

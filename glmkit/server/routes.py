@@ -13,17 +13,17 @@ import json
 import re
 import time
 from pathlib import Path
-
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request as HTTPRequest
+from fastapi import APIRouter, Depends
+from fastapi import Request as HTTPRequest
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from ..engine import Request
 from ..generate import MASK_STRINGS, causal_infill_stops
 from ..sampling import StopText
 from .schemas import APIError, ChatRequest, ClassifyRequest, CompletionRequest, FillRequest, InfillRequest
-from .state import Server, Choice
+from .state import Choice, Server
 
 router = APIRouter()
 
@@ -336,8 +336,8 @@ async def infill(body: InfillRequest, request: HTTPRequest, server: ServerDep):
 
 @router.post("/v1/classify")
 async def classify(body: ClassifyRequest, request: HTTPRequest, server: ServerDep):
-    from ..infill import special_ids
     from ..finetune import ClozeTask, candidate_scores
+    from ..infill import special_ids
 
     call = server.check_model(request, body.model)
     if server.causal:

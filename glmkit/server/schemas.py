@@ -7,7 +7,7 @@ SamplingParams' own: a body that validates makes valid parameters.
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -159,8 +159,7 @@ class _Sampling(_Body):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, Annotated[list[str], Field(min_length=1)], Annotated[list[int], Field(min_length=1)],
-                  Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)]] = Field(
+    prompt: str | Annotated[list[str], Field(min_length=1)] | Annotated[list[int], Field(min_length=1)] | Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)] = Field(
         ..., description="text(s) or token ids; a text of more than context x the longest token's "
         "characters is refused before tokenizing")
     suffix: str | None = Field(None, description="fill-in-the-middle: the text after the completion")

@@ -24,8 +24,8 @@ import torch
 
 from ..engine import Engine, EngineFull, Request
 from ..errors import ContextLengthError
-from ..sampling import SamplingParams, StopText
 from ..infill import SPAN_STEP, blank_prompt
+from ..sampling import SamplingParams, StopText
 from .maas import KeyRecord, LimitError, MaaS
 from .metering import Call, Metrics
 from .schemas import APIError
