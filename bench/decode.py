@@ -43,10 +43,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import glmkit  # noqa: E402
-from glmkit import kernels  # noqa: E402
-from glmkit.generate import SamplingParams, generate  # noqa: E402
-from glmkit.quantize import quantize_model  # noqa: E402
+import glmkit
+from glmkit import kernels
+from glmkit.generate import generate
+from glmkit.quantize import quantize_model
+from glmkit.sampling import SamplingParams
 
 # GLM-4 shape (glm-4-9b: 32 heads / 2 KV heads, head_dim 128, partial rotary 0.5, q/k/v bias),
 # scaled down; the vocabulary is glmkit's native 16384 so the embeddings do not dominate.

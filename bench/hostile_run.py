@@ -120,7 +120,7 @@ class Row:
         if why and n:
             self.note(attr, why)
 
-    def streams(self, label: str, ss: list["Streamed"]):
+    def streams(self, label: str, ss: list[Streamed]):
         """Count streams that must each run to the end: a hang, a 5xx, or an incomplete stream is lost."""
         for v in ss:
             self.add("tried")
@@ -132,7 +132,7 @@ class Row:
                 self.add("lost", why=f"{label}: status {v.status}, finish {v.finish}, done {v.done}, "
                                      f"error {v.error_event}, {v.exc}")
 
-    def check(self, label: str, r: "Answer", ok=None):
+    def check(self, label: str, r: Answer, ok=None):
         """Count one HTTP exchange: a hang, a 5xx, or a status outside `ok` (default: any 2xx-4xx)."""
         self.add("tried")
         if r.hung:
@@ -834,7 +834,7 @@ def hold(port: int, first: bytes, trickle: bytes = b"", every: float = 0.25, bou
                 if not data:
                     return time.perf_counter() - t0, got
                 got += data
-            except socket.timeout:
+            except TimeoutError:
                 if rest:
                     try:
                         s.sendall(bytes([rest.pop(0)]))
@@ -1180,7 +1180,7 @@ def main():
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (databases, server logs)")
     ap.add_argument("--only", nargs="*", help="categories to run (default: all), e.g. --only auth files")
     args = ap.parse_args()
-    want = lambda name: not args.only or any(name.startswith(o) for o in args.only)  # noqa: E731
+    want = lambda name: not args.only or any(name.startswith(o) for o in args.only)
 
     workdir = Path(tempfile.mkdtemp(prefix="glmkit-hostile-"))
     t_start = time.perf_counter()

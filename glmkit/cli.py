@@ -20,7 +20,9 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
+import time
 from pathlib import Path
 
 # command -> ("module:function", one-line help); modules are imported only when their command runs
@@ -36,9 +38,9 @@ COMMANDS = {
     "serve": ("glmkit.server.app:main", "serve a model over HTTP: OpenAI-compatible API, /v1/fill, /infill, /v1/classify, /metrics"),
     "keys": ("glmkit.server.maas:keys_main", "API keys for `glmkit serve`: create | list | revoke (stored hashed)"),
     "usage": ("glmkit.server.maas:usage_main", "per-key usage: requests, tokens, compute seconds, cost, revenue, margin"),
-    "fill": ("glmkit.generate:fill_main", "fill the [MASK]/[sMASK]/[gMASK] blanks of a text, left to right"),
-    "generate": ("glmkit.generate:generate_main", "continue a prompt, streaming the text"),
-    "chat": ("glmkit.generate:chat_main", "chat on stdin, streaming; /reset clears, /exit quits"),
+    "fill": ("glmkit.cli:fill_main", "fill the [MASK]/[sMASK]/[gMASK] blanks of a text, left to right"),
+    "generate": ("glmkit.cli:generate_main", "continue a prompt, streaming the text"),
+    "chat": ("glmkit.cli:chat_main", "chat on stdin, streaming; /reset clears, /exit quits"),
     "finetune": ("glmkit.finetune:main", "fine-tune for cloze classification or SFT, fully or with LoRA"),
     "eval": ("glmkit.evaluate:eval_main", "evaluate: bits/char, infilling, cloze, Tang-300, idioms, HumanEval line infilling"),
     "lm-eval": ("glmkit.lm_eval_adapter:main", "lm-evaluation-harness with the glmkit model registered"),
@@ -77,8 +79,6 @@ def describe(cfg, source: str) -> str:
 
 
 def info(argv=None):
-    import argparse
-
     from .config import PRESETS, get_preset
     from .convert import config_of, verify_checkpoint
 
@@ -108,6 +108,152 @@ def info(argv=None):
     if problems:
         return 1
     print(f"  verified:   {summary}")
+    return 0
+
+
+# ---- generation commands: fill, generate, chat (and the loader `glmkit serve` shares) ----------------------
+# the sampling flags: SamplingParams field -> help; each flag's type and default are the field's
+SAMPLING_FLAGS = dict(max_new_tokens="", temperature="0 = greedy (default %(default)s)", top_k="0 = off", top_p="1 = off",
+                      min_p="0 = off", repetition_penalty="", presence_penalty="", frequency_penalty="", seed="",
+                      num_beams="", length_penalty="", no_repeat_ngram_size="")
+
+
+def add_sampling_args(p, temperature: float = 1.0, max_new_tokens: int = 128):
+    from .sampling import SamplingParams
+
+    d = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
+    p.add_argument("--model", default=None, help="checkpoint directory (with tokenizer.json) or preset; "
+                   "default: the embedded default model")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory or file (default: the model's directory)")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps|xpu|npu|mlu|musa (default auto)")
+    p.add_argument("--dtype", default="auto", help="auto|fp32|bf16|fp16 (default auto: bf16 on GPUs, fp32 on CPU)")
+    g = p.add_argument_group("sampling")
+    for name, note in SAMPLING_FLAGS.items():
+        kind = float if isinstance(getattr(d, name), float) else int  # seed's default is None
+        g.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(d, name), help=note or None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile")
+
+
+def params_from_args(a, stop_ids=()):
+    from .sampling import SamplingParams
+
+    return SamplingParams(**{k: getattr(a, k) for k in SAMPLING_FLAGS}, stop=tuple(a.stop), stop_ids=tuple(stop_ids))
+
+
+def load_for_cli(a, command: str):
+    """(model, tokenizer) from --model / --device / --dtype; prints the resolved device and dtype once."""
+    from .config import PRESETS
+    from .convert import load
+    from .devices import resolve_device, resolve_dtype
+    from .tokenizer import load_tokenizer
+
+    if a.model is None:  # the embedded default model (a clear error if this install has none)
+        from .convert import default_model_path
+
+        a.model = str(default_model_path())
+    preset = a.model in PRESETS and not Path(a.model).exists()
+    if preset and a.tokenizer is None:
+        raise ValueError(f"--model {a.model} is a preset (random weights) and ships no tokenizer; pass --tokenizer PATH, "
+                         "or a checkpoint directory (config.json, weights, tokenizer.json) as --model")
+    device = resolve_device(a.device)
+    dtype = resolve_dtype(a.dtype, device)
+    tokenizer = load_tokenizer(a.tokenizer or a.model)
+    print(f"glmkit {command}: device {device}, dtype {str(dtype).removeprefix('torch.')}", file=sys.stderr)
+    model = load(a.model, device=device, dtype=dtype).eval()
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.cfg.vocab_size} "
+                         "embeddings; they do not belong together")
+    return model, tokenizer
+
+
+def fill_main(argv=None) -> int:
+    """`glmkit fill TEXT`: fill the [MASK] / [sMASK] / [gMASK] blanks of TEXT."""
+    from .generate import fill
+
+    p = argparse.ArgumentParser(prog="glmkit fill", description="Fill the [MASK], [sMASK] and [gMASK] blanks of a text, left to right.")
+    p.add_argument("text", help='e.g. "床前明月光，[MASK]。"')
+    add_sampling_args(p, temperature=0.0, max_new_tokens=64)
+    a = p.parse_args(argv)
+    params = params_from_args(a)  # validate flags before loading anything
+    model, tok = load_for_cli(a, "fill")
+    res = fill(model, tok, a.text, params, compile=a.compile)
+    print(res.text)
+    for s in res.spans:
+        print(f"  {s.mask} -> {s.text!r} ({s.finish_reason})", file=sys.stderr)
+    return 0
+
+
+def generate_main(argv=None) -> int:
+    """`glmkit generate --prompt TEXT`: continue a prompt, streaming the text."""
+    from .generate import generate, stream
+    from .sampling import eos_ids
+
+    p = argparse.ArgumentParser(prog="glmkit generate", description="Continue a prompt (causal generation), streaming the text.")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--special", action="store_true", help="read special-token strings in the prompt (e.g. [gMASK]<sop>) as tokens")
+    add_sampling_args(p)
+    a = p.parse_args(argv)
+    params_from_args(a)
+    model, tok = load_for_cli(a, "generate")
+    params = params_from_args(a, eos_ids(tok))
+    ids = tok.encode(a.prompt, allow_special=a.special)
+    t0, n, reason = time.perf_counter(), 0, None
+    if params.num_beams > 1:
+        (c,) = generate(model, [ids], params, tok, compile=a.compile)
+        print(c.text)
+        n, reason = len(c.token_ids), c.finish_reason
+    else:
+        for chunk in stream(model, [ids], params, tok, compile=a.compile):
+            print(chunk.text, end="", flush=True)
+            n += len(chunk.token_ids)
+            reason = chunk.finish_reason or reason
+        print()
+    dt = time.perf_counter() - t0
+    print(f"[{reason}: {n} tokens in {dt:.2f} s, {n / dt:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def chat_main(argv=None, stdin=None, stdout=None) -> int:
+    """`glmkit chat`: interactive chat over stdin, streaming replies; /reset clears, /exit quits."""
+    from .generate import chat_stream
+
+    p = argparse.ArgumentParser(prog="glmkit chat", description="Chat on stdin; /reset clears the history, /exit (or end of input) quits.")
+    p.add_argument("--system", default=None, help="system prompt")
+    add_sampling_args(p, max_new_tokens=512)
+    a = p.parse_args(argv)
+    params = params_from_args(a)
+    if params.num_beams > 1:
+        raise ValueError("glmkit chat streams its replies; beam search cannot stream (drop --num-beams)")
+    model, tok = load_for_cli(a, "chat")
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    start = [{"role": "system", "content": a.system}] if a.system else []
+    history = list(start)
+    interactive = stdin.isatty()
+    while True:
+        if interactive:
+            stdout.write("> ")
+            stdout.flush()
+        line = stdin.readline()
+        if not line:
+            break
+        line = line.rstrip("\n")
+        if line.strip() == "/exit":
+            break
+        if line.strip() == "/reset":
+            history = list(start)
+            stdout.write("(history cleared)\n")
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        reply = ""
+        for piece in chat_stream(model, tok, history, params, compile=a.compile):
+            stdout.write(piece)
+            stdout.flush()
+            reply += piece
+        stdout.write("\n")
+        history.append({"role": "assistant", "content": reply})
     return 0
 
 

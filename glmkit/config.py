@@ -4,7 +4,7 @@
     cfg = get_preset("glm-4-9b")          # exact name; the error lists the known ones
     cfg = ModelConfig.from_json("ckpt/config.json")
 
-The switches are those of ARCHITECTURE.md §3. Upstream checkpoints (HF GLM, GLM-4, the original
+Each switch is documented where it is declared below. Upstream checkpoints (HF GLM, GLM-4, the original
 THUDM GLM, ChatGLM-6B) are translated to and from this config in `convert.py`; the `config.json`
 written here is glmkit's own, HF-style (`architectures`, `model_type`, flat fields), so tools that
 peek at a checkpoint directory find what they expect.
@@ -36,7 +36,7 @@ class ModelConfig:
     ffn_dim: int | None = None  # MLP inner width F; None = 4*dim (gelu) or 8/3*dim rounded (swiglu)
     max_seq_len: int = 1024  # learned tables' size; cache size default; RoPE has no hard limit
 
-    # position scheme (ARCHITECTURE §3):
+    # position scheme:
     #   learned_2d   original GLM: word + position table + block-position table, summed
     #   rope_2d      ChatGLM-6B: head split in halves, first rotated by position, second by block
     #                position, each half rotated as (x[:d/2], x[d/2:]) pairs
@@ -148,7 +148,7 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         if not isinstance(d, dict):
             raise ValueError(f"a ModelConfig is a JSON object of fields, got {_show(d)}")
         known = {f.name for f in fields(cls)} - {"residual_alpha"}
@@ -165,7 +165,7 @@ class ModelConfig:
         Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2, ensure_ascii=False) + "\n")
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "ModelConfig":
+    def from_json(cls, path: str | Path) -> ModelConfig:
         try:
             d = json.loads(Path(path).read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -221,7 +221,7 @@ def _show(value: Any) -> str:
 PRESETS: dict[str, dict] = {
     # tests: tiny, every code path of the native architecture (GQA, rope_2d, SwiGLU, RMSNorm)
     "debug": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=256),
-    # native glmkit models: modern backbone trained with the GLM objective (ARCHITECTURE §3)
+    # native glmkit models: modern backbone trained with the GLM objective
     "glm-tiny": dict(vocab_size=16384, dim=256, n_layers=6, n_heads=8, n_kv_heads=2, max_seq_len=1024),
     "glm-small": dict(vocab_size=16384, dim=512, n_layers=8, n_heads=8, n_kv_heads=2, max_seq_len=1024),
     # THUDM/glm-large-chinese config.json (GLM paper Table: GLM-Large, 335M): 24 layers, 1024 hidden,

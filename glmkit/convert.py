@@ -37,9 +37,9 @@ import os
 import shutil
 import struct
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -716,7 +716,7 @@ def verify_checkpoint(path: str | Path) -> tuple[list[str], str]:
 
 
 def _default_dtype(t: torch.Tensor, device) -> torch.dtype:
-    # fp16 matmuls run ~75x slower than fp32 on CPUs without fp16 units (PERF_NOTES)
+    # a CPU without fp16 arithmetic units runs fp16 matmuls far slower than fp32
     if t.dtype == torch.float16 and torch.device(device or "cpu").type == "cpu":
         return torch.float32
     return t.dtype if t.is_floating_point() else torch.float32

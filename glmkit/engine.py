@@ -24,10 +24,14 @@ scope has its own LRU of `prompt_cache_entries`, so one customer's new prompts n
 too (`prompt_cache_scopes`, least recently used scope dropped whole): that bounds memory, and what
 it can reveal is only that many other keys were active, not when or what they sent.
 
-Faults stay in their row. A request that cannot be admitted, or whose logits are not finite, or
-whose sampling raises, ends alone with finish_reason "error" and `req.error` saying why; the other
-rows go on. Only a failure of the batched decode step itself (the model, not a request) fails
-every running row.
+Sampling. One `sampling.Sampler` holds the running rows' parameters, penalty state and random
+streams, in the rows' order; one call draws every row's token as the row would draw alone, so a
+request gives the tokens `generate` gives with the same seed, whatever runs beside it.
+
+Faults stay in their row. A request that cannot be admitted, or whose logits are not finite (after
+its sampling parameters), ends alone with finish_reason "error" and `req.error` saying why; the
+other rows go on. Only a failure of a batched step itself (the model or the sampler, not a
+request's numbers) fails every running row.
 
 Memory. The KV cache is allocated once, at construction, for max_batch rows of max_len positions;
 a size that cannot fit the memory this process may use is refused before allocating
@@ -47,11 +51,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from . import kernels
+from .errors import ContextLengthError
 from .plan import check_kv_fits
-from .generate import SamplingParams, process_logits
+from .sampling import Sampler, SamplingParams, ngram_bans
 
 
 class EngineFull(RuntimeError):
@@ -89,9 +93,6 @@ class Request:
 class _Row:
     req: Request
     length: int  # positions written in the cache
-    generator: torch.Generator | None
-    counts: torch.Tensor | None  # (1, V) generated-token counts for penalties
-    seen: torch.Tensor | None  # (1, V) prompt-or-generated for repetition penalty
     next_logits: torch.Tensor | None = None  # (V,) after prefill, before the first sample
 
 
@@ -109,6 +110,7 @@ class Engine:
         self.v = torch.zeros(shape, dtype=p.dtype, device=p.device)
         self.valid = torch.zeros(max_batch, self.max_len, dtype=torch.bool, device=p.device)
         self.sep = torch.zeros(max_batch, dtype=torch.long, device=p.device)
+        self.sampler = Sampler(max_batch, cfg.vocab_size, p.device)  # row i: the state of self.rows[i]
         self.rows: list[_Row] = []
         self.waiting: deque[Request] = deque()
         self.max_batch, self.max_waiting = max_batch, max_waiting
@@ -125,8 +127,8 @@ class Engine:
         if T == 0:
             raise ValueError("the prompt is empty")
         if T + req.params.max_new_tokens > self.max_len:
-            raise ValueError(f"prompt of {T} tokens + max_tokens {req.params.max_new_tokens} exceeds the context "
-                             f"of {self.max_len} tokens")
+            raise ContextLengthError(f"prompt of {T} tokens + max_tokens {req.params.max_new_tokens} exceeds the context "
+                                     f"of {self.max_len} tokens")
         if req.params.num_beams > 1:
             raise ValueError("beam search is not served by the batching engine")
         if not 0 <= req.sep <= T:
@@ -277,15 +279,8 @@ class Engine:
         self.valid[b] = False
         self.valid[b, :T] = True
         self.sep[b] = req.sep
-        p = req.params
-        gen = torch.Generator(device=dev).manual_seed(p.seed) if p.seed is not None else None
-        V = logits.shape[-1]
-        counts = torch.zeros(1, V, device=dev) if (p.presence_penalty or p.frequency_penalty) else None
-        seen = None
-        if p.repetition_penalty != 1.0:
-            seen = torch.zeros(1, V, dtype=torch.bool, device=dev)
-            seen[0, ids] = True
-        self.rows.append(_Row(req, T, gen, counts, seen, logits))
+        self.sampler.join(req.params, ids, req.params.seed)
+        self.rows.append(_Row(req, T, logits))
         req.compute_s += time.perf_counter() - t0
 
     # ---- run: one decode step for all running rows ------------------------------------------------------
@@ -318,53 +313,38 @@ class Engine:
         return [start[0] + k * req.gen_step[0], start[1] + k * req.gen_step[1]]
 
     # ---- update: sample, emit, retire ---------------------------------------------------------------------
-    @staticmethod
-    def _sample(r: _Row) -> tuple[int, float | None, dict | None]:
-        """(token, its logprob, top logprobs) for one row; raises ValueError when the row's numbers are
-        not usable (NaN or +inf logits, no token left to choose), whatever produced them."""
-        p = r.req.params
-        raw = r.next_logits[None]  # (1, V)
-        logits = process_logits(raw.clone(), p, r.counts, r.seen)
-        if not torch.isfinite(logits.max()):  # one reduction: a NaN or +inf anywhere, or no finite logit left
-            raise ValueError("the row's logits are not finite after its sampling parameters were applied")
-        if p.temperature == 0:
-            tok = int(logits.argmax(-1))
-        else:
-            tok = int(torch.multinomial(F.softmax(logits, -1), 1, generator=r.generator))
-        lp = F.log_softmax(raw, -1)
-        top = None
-        if p.top_logprobs:
-            v, i = lp[0].topk(p.top_logprobs)
-            top = dict(zip(i.tolist(), v.tolist()))
-        return tok, float(lp[0, tok]) if p.logprobs else None, top
-
     def _sample_and_emit(self):
-        for r in self.rows:
+        """Draw every row's token in one sampler call, then emit row by row (one host read of the tokens)."""
+        rows = self.rows
+        banned = ngram_bans([r.req.output_ids for r in rows], [r.req.params.no_repeat_ngram_size for r in rows])
+        tok, logprob, top, finite = self.sampler(torch.stack([r.next_logits for r in rows]), banned)
+        self.sampler.update(tok)
+        tok, finite = tok.tolist(), finite.tolist()
+        logprob = logprob.tolist() if logprob is not None else None
+        top = (top[0].tolist(), top[1].tolist()) if top is not None else None
+        for b, r in enumerate(rows):
             req, p = r.req, r.req.params
-            if req._cancel or r.next_logits is None:
-                continue
-            try:
-                tok, logprob, top = self._sample(r)
-            except Exception as e:  # this row's fault: it ends alone (retired below), the batch goes on
-                req.finish_reason, req.error = "error", f"sampling failed: {type(e).__name__}: {e}"
-                r.next_logits = None
-                continue
-            if r.counts is not None:
-                r.counts[0, tok] += 1
-            if r.seen is not None:
-                r.seen[0, tok] = True
             r.next_logits = None
+            if req._cancel:
+                continue
+            if not finite[b]:  # this row's numbers: it ends alone (retired below), the batch goes on
+                req.finish_reason = "error"
+                req.error = "sampling failed: the row's logits are not finite after its sampling parameters were applied"
+                continue
+            t = tok[b]
             if req.t_first is None:
                 req.t_first = time.perf_counter()
-            if tok in p.stop_ids:
+            if t in p.stop_ids:
                 req.finish_reason = "stop"
                 continue
-            req.output_ids.append(tok)
-            if logprob is not None:
-                req.logprobs.append(logprob)
+            req.output_ids.append(t)
+            lp = logprob[b] if p.logprobs else None
+            if lp is not None:
+                req.logprobs.append(lp)
             self.stats["generated_tokens"] += 1
             if req.on_token:
-                req.on_token(req, tok, logprob, top)
+                n = p.top_logprobs  # the sampler's top lists are as long as the most any row asks for
+                req.on_token(req, t, lp, dict(zip(top[1][b][:n], top[0][b][:n])) if n else None)
             if len(req.output_ids) >= p.max_new_tokens:
                 req.finish_reason = "length"
 
@@ -385,6 +365,7 @@ class Engine:
                     self.valid[b] = self.valid[src]
                     self.sep[b] = self.sep[src]
             self.rows = keep
+            self.sampler.keep([old[id(r)] for r in keep])
         for r in done:  # after the rows are gone, so callbacks see the engine's new state
             self._finish(r.req, r.req.finish_reason)
 

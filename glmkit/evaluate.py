@@ -375,7 +375,8 @@ def suite_chengyu(ctx: EvalContext) -> dict:
 
 def suite_humaneval(ctx: EvalContext) -> dict:
     from .finetune import read_jsonl
-    from .generate import SamplingParams, infill
+    from .generate import infill
+    from .sampling import SamplingParams
 
     tok = ctx.tok
     problems = read_jsonl(ctx.file("humaneval.jsonl"))

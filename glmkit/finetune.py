@@ -24,7 +24,7 @@ by `Tokenizer.render_chat`; the loss is on assistant replies (and the token that
 By default the prompt is read causally, positions 0..T-1, block positions 0: the layout in which
 `generate.chat` / `glmkit chat` run a rendered conversation, so a fine-tuned model is used as it
 was trained. `--prompt-attention bidirectional` reads everything before the first reply as Part A
-(GLM's prefix-LM, ARCHITECTURE §7); inference must then prefill the prompt with sep = its length.
+(GLM's prefix-LM); inference must then prefill the prompt with sep = its length.
 
 LoRA (`--lora`, lora.py) freezes the base and trains adapters; the output is the merged model
 (loadable by glmkit.load) with the adapters saved beside it. The optimizer and learning-rate
@@ -141,7 +141,7 @@ class ClozeTask:
         return list(self.verbalizer)
 
     @classmethod
-    def preset(cls, name: str) -> "ClozeTask":
+    def preset(cls, name: str) -> ClozeTask:
         if name not in CLOZE_PRESETS:
             raise ValueError(f"unknown cloze preset {name!r}; known: {list(CLOZE_PRESETS)}")
         return cls(**CLOZE_PRESETS[name])
@@ -211,12 +211,6 @@ def cloze_accuracy(model, tok, task: ClozeTask, records: list[dict], **kw) -> di
 
 
 # ---- SFT -------------------------------------------------------------------------------------------
-def prefix_lm(cfg) -> bool:
-    """Does this model family read a prompt bidirectionally? GLM-objective models (2D positions) do;
-    causal checkpoints (GLM-4's rope_partial) do not (ARCHITECTURE §7)."""
-    return cfg.uses_block_positions
-
-
 def sft_messages(record: dict) -> list[dict]:
     if "messages" in record:
         return record["messages"]
@@ -437,7 +431,7 @@ def finetune(c: FinetuneConfig) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     print(f"glmkit finetune: task {c.task}, {len(train_items)} training examples, {steps} steps of {c.batch_size}, "
-          f"device {device}, {c.precision}, {'LoRA r=%d' % c.lora_rank if c.lora else 'full'}: "
+          f"device {device}, {c.precision}, {f'LoRA r={c.lora_rank}' if c.lora else 'full'}: "
           f"{trainable / 1e6:.3f}M of {total / 1e6:.2f}M parameters train")
     amp = c.precision == "bf16"
     rng = np.random.default_rng(c.seed)

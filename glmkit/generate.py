@@ -1,6 +1,7 @@
-"""Generation over the static KV cache: sampling, stop conditions, beam search, GLM blank filling, chat.
+"""Generation over the static KV cache: the decode loop, stop conditions, beam search, GLM blank filling, chat.
 
-    from glmkit.generate import SamplingParams, generate, stream, fill, infill, chat
+    from glmkit.generate import generate, stream, fill, infill, chat
+    from glmkit.sampling import SamplingParams
     params = SamplingParams(max_new_tokens=64, temperature=0.8, top_p=0.95, seed=0, stop=["\\n\\n"])
     outs = generate(model, [ids_a, ids_b], params, tokenizer=tok)   # left-padded batch, one prefill
     outs[0].token_ids, outs[0].text, outs[0].finish_reason          # "stop" | "length"
@@ -13,11 +14,11 @@
 
 Everything below the public functions works on token ids and tensors; text appears only where a
 tokenizer is passed (stop strings, `text`, `fill`, `chat`). Based on gpt-fast's `generate.py`
-(preallocated cache, one small decode step that compiles on its own, sampling by an exponential
-race so no host sync is needed to draw a token) and nanochat's engine (token ids in, token ids out).
+(preallocated cache, one small decode step that compiles on its own) and nanochat's engine (token
+ids in, token ids out).
 
-One step of the loop: `Sampler` turns logits (B, V) into tokens (B,) on the device (penalties,
-temperature, top-k, top-p, min-p; the order HF and vLLM use), `decode_one` runs the model on them
+One step of the loop: `sampling.Sampler` turns logits (B, V) into tokens (B,) on the device (the
+sampler the engine uses too), `decode_one` runs the model on them
 with static shapes (attention over the whole cache, masked), and once per step, for the whole
 batch, the tokens come to the host, only when a stop id, a stop string, a no-repeat n-gram or a
 stream needs them. Without any of those the loop never syncs and reads the tokens back at the end.
@@ -31,119 +32,22 @@ Letters in shape comments: B batch, T prompt length, S cache length, V vocabular
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import re
-import sys
-import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 
 from . import kernels
+from .errors import ContextLengthError
+from .infill import SPAN_STEP, blank_prompt
+from .sampling import Sampler, SamplingParams, StopText, eos_ids, ngram_bans
 
 MASK_STRINGS = {"[MASK]": "mask", "[sMASK]": "smask", "[gMASK]": "gmask"}  # literal text -> tokenizer role
 
 
-# ---- parameters and results ------------------------------------------------------------------------
-GREEDY_BELOW = 1e-5  # temperatures below this sample greedily
-# a seen token's logit is divided or multiplied by the penalty: bounded so that no logit overflows
-REPETITION_PENALTY_RANGE = (0.01, 100.0)
-
-
-@dataclass
-class SamplingParams:
-    """How to pick tokens and when to stop. Checked on construction: a bad value is a ValueError.
-
-    temperature 0 is greedy (argmax of the penalized logits), and so is any temperature below
-    GREEDY_BELOW (1e-5, as vLLM): dividing logits by 1e-300 makes them infinite. Filters apply in
-    this order, each on the output of the previous: penalties, temperature, top_k (0 = off), top_p (1 = off; keeps the
-    smallest set of most likely tokens whose mass is >= top_p), min_p (0 = off; drops tokens with
-    probability < min_p * the top probability).
-    Penalties: `repetition_penalty` as HF / CTRL (over prompt and generated tokens, a seen token's
-    logit is divided by it when positive and multiplied when negative); `presence_penalty` and
-    `frequency_penalty` as OpenAI (over generated tokens only: logit -= frequency * count +
-    presence * [count > 0]).
-    `stop` strings are cut exactly from the text (not included, as OpenAI), also when one spans
-    tokens; they need a tokenizer. A `stop_ids` token ends the sequence and is not part of the output.
-    `logprobs`: the log-probability of each chosen token under the model (log-softmax of the raw
-    logits, before penalties and filters, as vLLM reports by default); `top_logprobs` > 0 also
-    returns the n most likely tokens at each step (and implies `logprobs`).
-    Beam search (`num_beams` > 1) is deterministic: temperature, top-k/p, min-p and seed do not
-    apply; penalties do. Hypotheses are ranked by sum of log-probabilities / length**length_penalty,
-    length counting generated tokens including the stop token. `no_repeat_ngram_size` n forbids
-    any n-gram of generated tokens from occurring twice (the prompt is not counted: it plays the
-    part of a seq2seq source); it works with sampling too.
-    """
-
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_ids: tuple[int, ...] = ()
-    logprobs: bool = False
-    top_logprobs: int = 0
-    num_beams: int = 1
-    length_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
-    skip_special_tokens: bool = True  # in returned / streamed text
-
-    def __post_init__(self):
-        if isinstance(self.stop, str):
-            self.stop = (self.stop,)
-        self.stop, self.stop_ids = tuple(self.stop or ()), tuple(self.stop_ids or ())
-
-        def bad(name, want):
-            raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r}: {want}")
-
-        for name in ("max_new_tokens", "top_k", "top_logprobs", "num_beams", "no_repeat_ngram_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                bad(name, "must be an integer")
-        if self.max_new_tokens < 1:
-            bad("max_new_tokens", "must be >= 1")
-        if not self.temperature >= 0 or self.temperature == float("inf"):  # also rejects NaN
-            bad("temperature", "must be a finite number >= 0 (0 = greedy)")
-        if self.temperature < GREEDY_BELOW:  # logits / 1e-300 overflow to inf: a vanishing temperature is greedy
-            self.temperature = 0.0
-        if self.top_k < 0:
-            bad("top_k", "must be >= 0 (0 = no top-k filter)")
-        if not 0 < self.top_p <= 1:
-            bad("top_p", "must be in (0, 1] (1 = no nucleus filter)")
-        if not 0 <= self.min_p <= 1:
-            bad("min_p", "must be in [0, 1] (0 = no min-p filter)")
-        if not REPETITION_PENALTY_RANGE[0] <= self.repetition_penalty <= REPETITION_PENALTY_RANGE[1]:
-            bad("repetition_penalty", f"must be in {list(REPETITION_PENALTY_RANGE)} (1 = none; > 1 discourages repeats)")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2 <= getattr(self, name) <= 2:
-                bad(name, "must be in [-2, 2], as OpenAI's API allows")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
-            bad("seed", "must be None or a non-negative integer")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            bad("stop", "must be non-empty strings")
-        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.stop_ids):
-            bad("stop_ids", "must be non-negative token ids")
-        if self.top_logprobs < 0:
-            bad("top_logprobs", "must be >= 0")
-        if self.top_logprobs:
-            self.logprobs = True
-        if self.num_beams < 1:
-            bad("num_beams", "must be >= 1 (1 = sampling / greedy)")
-        if self.num_beams > 1 and self.stop:
-            bad("stop", "stop strings are not supported with beam search; use stop_ids")
-        if self.no_repeat_ngram_size < 0:
-            bad("no_repeat_ngram_size", "must be >= 0 (0 = off)")
-        if not -10 <= self.length_penalty <= 10:
-            bad("length_penalty", "must be in [-10, 10] (1 = average log-probability per token)")
-
-
+# ---- results ------------------------------------------------------------------------------------------
 @dataclass
 class Completion:
     """One generated sequence. `text` only when a tokenizer was given (cut at a stop string)."""
@@ -172,124 +76,6 @@ class Chunk:
     logprobs: list[float] | None = None
     top_logprobs: list[dict[int, float]] | None = None
     finish_reason: str | None = None
-
-
-# ---- sampling: pure tensor functions, no host syncs ---------------------------------------------------
-def apply_penalties(logits, params: SamplingParams, counts=None, seen=None):
-    """Penalties on logits (B, V) in place. counts (B, V): times each token was generated (OpenAI's
-    presence / frequency penalties); seen (B, V) bool: tokens in prompt or output (HF's repetition
-    penalty)."""
-    if seen is not None and params.repetition_penalty != 1.0:
-        r = params.repetition_penalty
-        penalized = torch.where(logits > 0, logits / r, logits * r)
-        logits.copy_(torch.where(seen, penalized, logits))
-    if counts is not None and (params.frequency_penalty or params.presence_penalty):
-        logits.sub_(counts * params.frequency_penalty + (counts > 0) * params.presence_penalty)
-    return logits
-
-
-def top_k_filter(logits, k: int):
-    """Keep the k largest logits of each row (ties at the k-th value are kept too); -inf elsewhere."""
-    if 0 < k < logits.shape[-1]:
-        kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
-        logits.masked_fill_(logits < kth, float("-inf"))
-    return logits
-
-
-def top_p_filter(logits, p: float):
-    """Keep the smallest set of most likely tokens whose probability mass is >= p."""
-    if p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        before = probs.cumsum(-1) - probs  # mass of the tokens ranked above each one
-        drop = before >= p  # the set above already reaches p
-        drop[..., 0] = False  # the most likely token always stays (p = 5e-324 is 0 in float32: 0 >= 0 dropped it)
-        logits.scatter_(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return logits
-
-
-def min_p_filter(logits, min_p: float):
-    """Drop tokens whose probability is below min_p times the most likely token's."""
-    if min_p > 0.0:
-        probs = logits.softmax(-1)
-        logits.masked_fill_(probs < min_p * probs.amax(-1, keepdim=True), float("-inf"))
-    return logits
-
-
-def process_logits(logits, params: SamplingParams, counts=None, seen=None):
-    """Raw logits (B, V) -> the logits to sample from: penalties, temperature, top-k, top-p, min-p.
-    Works in place on `logits` (float32) and returns it. With temperature 0 only penalties apply."""
-    apply_penalties(logits, params, counts, seen)
-    if params.temperature == 0:
-        return logits
-    logits.div_(params.temperature)
-    top_k_filter(logits, params.top_k)
-    top_p_filter(logits, params.top_p)
-    return min_p_filter(logits, params.min_p)
-
-
-class Sampler:
-    """Logits (B, V) -> tokens (B,) on the device, with the state penalties need.
-
-    A token is drawn as argmax(probs / E), E ~ Exp(1) i.i.d. (the exponential race, equivalent to
-    sampling from probs; gpt-fast): no `torch.multinomial`, no host sync. The noise comes from one
-    `torch.Generator` seeded by `params.seed` (or, without a seed, from torch's global RNG, so
-    `torch.manual_seed` reproduces a run). The same seed gives the same tokens for the same batch;
-    a different batch composition draws different noise for each row.
-    """
-
-    def __init__(self, params: SamplingParams, batch: int, vocab: int, device, prompt_ids=None, prompt_mask=None):
-        self.params, self.device = params, device
-        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
-        self.gen = torch.Generator(device=device).manual_seed(seed)
-        sampling = params.temperature > 0 and params.num_beams == 1
-        self.noise = torch.empty(batch, vocab, device=device) if sampling else None
-        self.counts = self.seen = None
-        if params.presence_penalty or params.frequency_penalty:
-            self.counts = torch.zeros(batch, vocab, device=device)
-        if params.repetition_penalty != 1.0:
-            self.seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
-            if prompt_ids is not None:  # padding positions must not mark token 0 (or whatever pads) as seen
-                n = torch.zeros(batch, vocab, device=device)
-                n.scatter_add_(1, prompt_ids, prompt_mask.to(n.dtype))
-                self.seen |= n > 0
-
-    def __call__(self, logits, banned=None):
-        """logits (B, V), any float dtype. banned: (rows, token ids) to forbid, or None.
-        Returns tokens (B,), and the chosen tokens' log-probabilities (B,) and top (values, ids)
-        (B, n) when asked for (else None)."""
-        p = self.params
-        logits = logits.float()  # (B, V), a fresh copy unless the model already runs in fp32
-        lp = top = None
-        if p.logprobs:
-            logp = torch.log_softmax(logits, dim=-1)  # before penalties and filters: the model's own
-            if p.top_logprobs:
-                top = logp.topk(p.top_logprobs, dim=-1)
-        if banned is not None:
-            logits[banned] = float("-inf")
-        logits = process_logits(logits, p, self.counts, self.seen)
-        if self.noise is None:
-            tok = logits.argmax(-1)
-        else:
-            probs = logits.softmax(-1)
-            tok = probs.div_(self.noise.exponential_(generator=self.gen)).argmax(-1)
-        if p.logprobs:
-            lp = logp.gather(-1, tok[:, None])[:, 0]
-        return tok, lp, top
-
-    def update(self, tok):
-        """Count the tokens just chosen (B,)."""
-        if self.counts is not None:
-            self.counts.scatter_add_(1, tok[:, None], torch.ones_like(tok[:, None], dtype=self.counts.dtype))
-        if self.seen is not None:
-            self.seen.scatter_(1, tok[:, None], True)
-
-    def reorder(self, idx):
-        """Beam search: rows follow their parent beams."""
-        if self.counts is not None:
-            self.counts.copy_(self.counts[idx])
-        if self.seen is not None:
-            self.seen.copy_(self.seen[idx])
 
 
 # ---- model steps -----------------------------------------------------------------------------------------
@@ -367,70 +153,9 @@ def _check_prompts(model, prompts, extra: int):
         out.append(p)
     T = max(map(len, out))
     if model.cfg.position == "learned_2d" and T + extra > model.cfg.max_seq_len:
-        raise ValueError(f"{T} prompt + {extra} new tokens exceed this model's {model.cfg.max_seq_len} learned positions; "
-                         "shorten the prompt or lower max_new_tokens")
+        raise ContextLengthError(f"{T} prompt + {extra} new tokens exceed this model's {model.cfg.max_seq_len} learned positions; "
+                                 "shorten the prompt or lower max_new_tokens")
     return out
-
-
-# ---- text with stop strings ---------------------------------------------------------------------------
-class StopText:
-    """The text of one sequence, grown token by token, cut exactly at the first stop string.
-
-    `add` returns the new text that is safe to show: the incremental decoder holds back half UTF-8
-    characters, and we hold back a tail that could still become a stop string. `close` flushes.
-    A stop string can span tokens, or start inside one token's text: the cut is at its first
-    character either way.
-    """
-
-    def __init__(self, tokenizer, stops=(), skip_special_tokens: bool = True):
-        self.dec = tokenizer.incremental_decoder(skip_special_tokens)
-        self.stops = tuple(stops)
-        self.longest = max(map(len, self.stops), default=0)
-        self.text, self.sent, self.matched = "", 0, None
-
-    def add(self, token_id: int) -> str:
-        return self._push(self.dec.add(token_id), final=False)
-
-    def close(self) -> str:
-        return self._push(self.dec.flush(), final=True)
-
-    def _push(self, piece: str, final: bool) -> str:
-        if self.matched is not None:
-            return ""
-        start = max(0, len(self.text) - self.longest + 1)  # a match must end inside the new piece
-        self.text += piece
-        if self.stops and piece:
-            hits = [(i, s) for s in self.stops if (i := self.text.find(s, start)) >= 0]
-            if hits:
-                i, self.matched = min(hits)
-                self.text, final = self.text[:i], True
-        end = max(self.sent, len(self.text) - (0 if final else self._held()))
-        out, self.sent = self.text[self.sent : end], end
-        return out
-
-    def _held(self) -> int:
-        """Length of the longest tail of the text that is a proper prefix of some stop string."""
-        for k in range(min(self.longest - 1, len(self.text)), 0, -1):
-            tail = self.text[-k:]
-            if any(s.startswith(tail) for s in self.stops):
-                return k
-        return 0
-
-
-def _ngram_bans(histories, n: int):
-    """(rows, ids) of tokens that would repeat an n-gram of each row's history, or None."""
-    rows, ids = [], []
-    for b, h in enumerate(histories):
-        if n == 1:
-            banned = set(h)
-        elif len(h) >= n:
-            prefix = tuple(h[len(h) - n + 1 :])
-            banned = {h[i + n - 1] for i in range(len(h) - n + 1) if tuple(h[i : i + n - 1]) == prefix}
-        else:
-            continue
-        rows += [b] * len(banned)
-        ids += sorted(banned)
-    return (torch.tensor(rows), torch.tensor(ids)) if rows else None
 
 
 # ---- the decode loop ------------------------------------------------------------------------------------
@@ -468,8 +193,8 @@ def _decode_loop(model, cache, logits, position, delta, params, sampler, rows, s
     steps = 0
     plan = None if compile else kernels.decode_plan(model)  # the model does not change during the loop
     for step in range(N):
-        banned = _ngram_bans([r.ids for r in rows], params.no_repeat_ngram_size) if params.no_repeat_ngram_size else None
-        tok, lp, top = sampler(logits, banned)  # (B,)
+        banned = ngram_bans([r.ids for r in rows], [params.no_repeat_ngram_size] * B)  # None when off
+        tok, lp, top, _ = sampler(logits, banned)  # (B,)
         out[:, step] = tok
         if lp is not None:
             out_lp[:, step] = lp
@@ -560,7 +285,7 @@ def _run_batch(model, prompts, params: SamplingParams, tokenizer, compile, strea
     position = torch.zeros(B, 2, 1, dtype=torch.long, device=dev)
     position[:, 0, 0] = mask.sum(-1)  # the next token's position: each row's own length
     delta = torch.tensor([[[1], [0]]], device=dev)
-    sampler = Sampler(params, B, logits.shape[-1], dev, ids, mask)
+    sampler = Sampler.batch(params, prompts, logits.shape[-1], dev)
     rows = [_Row(tokenizer, params) for _ in prompts]
     rows = yield from _decode_loop(model, cache, logits, position, delta, params, sampler, rows, params.stop_ids,
                                    compile=compile, stream=stream)
@@ -580,8 +305,9 @@ def generate(model, prompt_ids_list, params: SamplingParams | None = None, token
     """Continue each prompt (a list of token ids) causally; one left-padded batch, one prefill.
 
     Returns one Completion per prompt: token ids (without a final stop id), finish reason, stop
-    reason, text (with `tokenizer`; cut at stop strings), logprobs. Greedy output of a batch equals
-    that of each prompt alone. `num_beams` > 1 runs `beam_search` on each prompt instead.
+    reason, text (with `tokenizer`; cut at stop strings), logprobs. Output of a batch equals that of
+    each prompt alone: greedy, or sampled with prompt b seeded params.seed + b. `num_beams` > 1 runs
+    `beam_search` on each prompt instead.
     Prompts are read causally (sep = 0); to generate the GLM way after a bidirectional prompt, put a
     [gMASK] at its end and use `fill`. `compile`: run the decode step through torch.compile.
     """
@@ -633,8 +359,7 @@ def beam_search(model, prompt_ids, params: SamplingParams, tokenizer=None, *, n_
     del one
     V = logits.shape[-1]
     logits = logits.expand(W, V)
-    prompt_t = torch.tensor([prompt], device=dev).expand(W, T)
-    sampler = Sampler(dataclasses.replace(params, temperature=0.0), W, V, dev, prompt_t, torch.ones_like(prompt_t))
+    sampler = Sampler.batch(params, [prompt] * W, V, dev)  # penalties only: beams rank penalized log-probabilities
     scores = [0.0] + [float("-inf")] * (W - 1)  # all beams start equal: keep only the first alive
     hist: list[list[int]] = [[] for _ in range(W)]
     plan = None if compile else kernels.decode_plan(model)
@@ -646,13 +371,8 @@ def beam_search(model, prompt_ids, params: SamplingParams, tokenizer=None, *, n_
     token = torch.empty(W, 1, dtype=torch.long, device=dev)
     cur = 0
     for step in range(N):
-        x = logits.float().clone()  # (W, V)
-        if params.no_repeat_ngram_size:
-            banned = _ngram_bans(hist, params.no_repeat_ngram_size)
-            if banned is not None:
-                x[banned] = float("-inf")
-        apply_penalties(x, params, sampler.counts, sampler.seen)
-        logp = torch.log_softmax(x, dim=-1)
+        banned = ngram_bans(hist, [params.no_repeat_ngram_size] * W)
+        logp = torch.log_softmax(sampler.penalized(logits, banned), dim=-1)  # (W, V)
         cand = torch.tensor(scores, device=dev)[:, None] + logp  # (W, V)
         top_s, top_i = cand.flatten().topk(min(2 * W, W * V))
         top_s, top_i = top_s.tolist(), top_i.tolist()  # one host sync per step
@@ -688,7 +408,7 @@ def beam_search(model, prompt_ids, params: SamplingParams, tokenizer=None, *, n_
         L = cache.length
         cache.k[:, :, :, :L] = cache.k[:, idx, :, :L]  # reorder the beams' histories
         cache.v[:, :, :, :L] = cache.v[:, idx, :, :L]
-        sampler.reorder(idx)
+        sampler.keep(parents)
         token.copy_(torch.tensor([[t] for _, t, _ in keep], device=dev))
         sampler.update(token[:, 0])
         logits = decode_one(model, cache, token, position, index, compile, plan)
@@ -733,36 +453,25 @@ def _require_prefix_lm(model, what: str):
 @torch.inference_mode()
 def _fill_ids(model, tokenizer, pieces: list[list[int]], marks: list[str], params: SamplingParams, compile: bool) -> list[Span]:
     """Part A = pieces[0] marks[0] pieces[1] marks[1] ... pieces[-1] (marks: "[MASK]" etc., taken
-    from the tokenizer by name); fill each blank left to right."""
-    masks = [tokenizer.special(MASK_STRINGS[m]) for m in marks]
-    part_a, mask_pos = [], []
-    for i, m in enumerate(masks):
-        part_a += pieces[i]
-        mask_pos.append(len(part_a))
-        part_a.append(m)
-    part_a += pieces[-1]
-    k, N = len(masks), params.max_new_tokens
-    if model.cfg.position == "learned_2d" and max(len(part_a), N + 2) > model.cfg.max_seq_len:
-        raise ValueError(f"the text ({len(part_a)} tokens) or max_new_tokens={N} exceeds the model's {model.cfg.max_seq_len} positions")
-    dev = _device(model)
+    from the tokenizer by name; `infill.blank_prompt` lays it out); fill each blank left to right."""
     sop, eop = tokenizer.special("sop"), tokenizer.special("eop")
-    stop_ids = (eop, *params.stop_ids)
-    try:
-        stop_ids += (tokenizer.special("eos"),)  # spans never contain a document end
-    except KeyError:
-        pass
-    cache = model.new_cache(1, len(part_a) + k * (N + 1))
-    A = len(part_a)
-    ids = torch.tensor([part_a], device=dev)
-    pos = torch.stack((torch.arange(A, device=dev), torch.zeros(A, dtype=torch.long, device=dev)))[None]  # (1, 2, A)
+    prompt = blank_prompt(pieces, [tokenizer.special(MASK_STRINGS[m]) for m in marks], sop)
+    A, k, N = prompt.sep, len(marks), params.max_new_tokens
+    if model.cfg.position == "learned_2d" and max(A, N + 2) > model.cfg.max_seq_len:
+        raise ContextLengthError(f"the text ({A} tokens) or max_new_tokens={N} exceeds the model's {model.cfg.max_seq_len} positions")
+    dev = _device(model)
+    stop_ids = (eop, *params.stop_ids, *eos_ids(tokenizer))  # spans never contain a document end
+    cache = model.new_cache(1, A + k * (N + 1))
+    ids = torch.tensor([prompt.ids[:A]], device=dev)
+    pos = torch.tensor(prompt.position_ids, device=dev)[None, :, :A]  # (1, 2, A)
     model.prefill(ids, cache, position_ids=pos, sep=A, last_only=True)  # Part A, read bidirectionally (logits unused)
-    sampler = Sampler(params, 1, model.cfg.vocab_size, dev, ids, torch.ones_like(ids))
+    sampler = Sampler.batch(params, [prompt.ids[:A] + [sop]], model.cfg.vocab_size, dev)  # seen: the input, as in the engine
     spans = []
-    for mark, p in zip(marks, mask_pos):
-        start = torch.tensor([[[p], [1]]], device=dev)  # <sop> at the mask's position, block position 1
+    delta = torch.tensor(SPAN_STEP, device=dev).view(1, 2, 1)
+    for j, mark in enumerate(marks):
+        start = torch.tensor(prompt.span_position(j, 0), device=dev).view(1, 2, 1)  # <sop>
         logits = model.prefill(torch.tensor([[sop]], device=dev), cache, position_ids=start)[:, -1]  # (1, V)
-        position = torch.tensor([[[p], [2]]], device=dev)
-        delta = torch.tensor([[[0], [1]]], device=dev)
+        position = start + delta
         rows = _drain(_decode_loop(model, cache, logits, position, delta, params, sampler, [_Row(tokenizer, params)],
                                    stop_ids, compile=compile, stream=False, feed_last=True))
         c = _completion(rows[0], tokenizer, params)
@@ -821,11 +530,8 @@ def infill(model, tokenizer, prefix: str, suffix: str, params: SamplingParams | 
         pieces = [tokenizer.encode(prefix), tokenizer.encode(suffix)]
         spans = _fill_ids(model, tokenizer, pieces, [mask], params, compile)
         return _assemble_text([prefix, suffix], spans)
-    p = dataclasses.replace(params, stop=tuple(params.stop) + causal_infill_stops(suffix))
-    try:
-        p = dataclasses.replace(p, stop_ids=p.stop_ids + (tokenizer.special("eos"),))
-    except KeyError:
-        pass
+    p = dataclasses.replace(params, stop=params.stop + causal_infill_stops(suffix),
+                            stop_ids=params.stop_ids + eos_ids(tokenizer))
     (c,) = generate(model, [tokenizer.encode(prefix)], p, tokenizer, compile=compile)
     return _assemble_text([prefix, suffix], [Span(mask, c.text, c.token_ids, c.finish_reason)])
 
@@ -871,155 +577,3 @@ def chat_stream(model, tokenizer, messages: list[dict], params: SamplingParams |
             t, started = (t[1:] if t.startswith("\n") else t), True
         if t:
             yield t
-
-
-# ---- command line ------------------------------------------------------------------------------------
-def add_sampling_args(p: argparse.ArgumentParser, temperature: float = 1.0, max_new_tokens: int = 128):
-    d = SamplingParams()
-    p.add_argument("--model", default=None, help="checkpoint directory (with tokenizer.json) or preset; "
-                   "default: the embedded default model")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory or file (default: the model's directory)")
-    p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps|xpu|npu|mlu|musa (default auto)")
-    p.add_argument("--dtype", default="auto", help="auto|fp32|bf16|fp16 (default auto: bf16 on GPUs, fp32 on CPU)")
-    g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    g.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default {temperature})")
-    g.add_argument("--top-k", type=int, default=d.top_k, help="0 = off")
-    g.add_argument("--top-p", type=float, default=d.top_p, help="1 = off")
-    g.add_argument("--min-p", type=float, default=d.min_p, help="0 = off")
-    g.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty)
-    g.add_argument("--presence-penalty", type=float, default=d.presence_penalty)
-    g.add_argument("--frequency-penalty", type=float, default=d.frequency_penalty)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("--num-beams", type=int, default=1)
-    g.add_argument("--length-penalty", type=float, default=d.length_penalty)
-    g.add_argument("--no-repeat-ngram-size", type=int, default=0)
-    g.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile")
-
-
-def params_from_args(a, stop_ids=()) -> SamplingParams:
-    return SamplingParams(
-        max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
-        repetition_penalty=a.repetition_penalty, presence_penalty=a.presence_penalty,
-        frequency_penalty=a.frequency_penalty, seed=a.seed, stop=tuple(a.stop), stop_ids=tuple(stop_ids),
-        num_beams=a.num_beams, length_penalty=a.length_penalty, no_repeat_ngram_size=a.no_repeat_ngram_size,
-    )
-
-
-def load_for_cli(a, command: str):
-    """(model, tokenizer) from --model / --device / --dtype; prints the resolved device and dtype once."""
-    from pathlib import Path
-
-    from .config import PRESETS
-    from .convert import load
-    from .devices import resolve_device, resolve_dtype
-    from .tokenizer import load_tokenizer
-
-    if a.model is None:  # the embedded default model (a clear error if this install has none)
-        from .convert import default_model_path
-
-        a.model = str(default_model_path())
-    preset = a.model in PRESETS and not Path(a.model).exists()
-    if preset and a.tokenizer is None:
-        raise ValueError(f"--model {a.model} is a preset (random weights) and ships no tokenizer; pass --tokenizer PATH, "
-                         "or a checkpoint directory (config.json, weights, tokenizer.json) as --model")
-    device = resolve_device(a.device)
-    dtype = resolve_dtype(a.dtype, device)
-    tokenizer = load_tokenizer(a.tokenizer or a.model)
-    print(f"glmkit {command}: device {device}, dtype {str(dtype).removeprefix('torch.')}", file=sys.stderr)
-    model = load(a.model, device=device, dtype=dtype).eval()
-    if tokenizer.vocab_size > model.cfg.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.cfg.vocab_size} "
-                         "embeddings; they do not belong together")
-    return model, tokenizer
-
-
-def _eos_ids(tokenizer) -> tuple[int, ...]:
-    try:
-        return (tokenizer.special("eos"),)
-    except KeyError:
-        return ()
-
-
-def fill_main(argv=None) -> int:
-    """`glmkit fill TEXT`: fill the [MASK] / [sMASK] / [gMASK] blanks of TEXT."""
-    p = argparse.ArgumentParser(prog="glmkit fill", description="Fill the [MASK], [sMASK] and [gMASK] blanks of a text, left to right.")
-    p.add_argument("text", help='e.g. "床前明月光，[MASK]。"')
-    add_sampling_args(p, temperature=0.0, max_new_tokens=64)
-    a = p.parse_args(argv)
-    params = params_from_args(a)  # validate flags before loading anything
-    model, tok = load_for_cli(a, "fill")
-    res = fill(model, tok, a.text, params, compile=a.compile)
-    print(res.text)
-    for s in res.spans:
-        print(f"  {s.mask} -> {s.text!r} ({s.finish_reason})", file=sys.stderr)
-    return 0
-
-
-def generate_main(argv=None) -> int:
-    """`glmkit generate --prompt TEXT`: continue a prompt, streaming the text."""
-    p = argparse.ArgumentParser(prog="glmkit generate", description="Continue a prompt (causal generation), streaming the text.")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--special", action="store_true", help="read special-token strings in the prompt (e.g. [gMASK]<sop>) as tokens")
-    add_sampling_args(p)
-    a = p.parse_args(argv)
-    params_from_args(a)
-    model, tok = load_for_cli(a, "generate")
-    params = params_from_args(a, _eos_ids(tok))
-    ids = tok.encode(a.prompt, allow_special=a.special)
-    t0, n, reason = time.perf_counter(), 0, None
-    if params.num_beams > 1:
-        (c,) = generate(model, [ids], params, tok, compile=a.compile)
-        print(c.text)
-        n, reason = len(c.token_ids), c.finish_reason
-    else:
-        for chunk in stream(model, [ids], params, tok, compile=a.compile):
-            print(chunk.text, end="", flush=True)
-            n += len(chunk.token_ids)
-            reason = chunk.finish_reason or reason
-        print()
-    dt = time.perf_counter() - t0
-    print(f"[{reason}: {n} tokens in {dt:.2f} s, {n / dt:.1f} tok/s]", file=sys.stderr)
-    return 0
-
-
-def chat_main(argv=None, stdin=None, stdout=None) -> int:
-    """`glmkit chat`: interactive chat over stdin, streaming replies; /reset clears, /exit quits."""
-    p = argparse.ArgumentParser(prog="glmkit chat", description="Chat on stdin; /reset clears the history, /exit (or end of input) quits.")
-    p.add_argument("--system", default=None, help="system prompt")
-    add_sampling_args(p, max_new_tokens=512)
-    a = p.parse_args(argv)
-    params = params_from_args(a)
-    if params.num_beams > 1:
-        raise ValueError("glmkit chat streams its replies; beam search cannot stream (drop --num-beams)")
-    model, tok = load_for_cli(a, "chat")
-    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    start = [{"role": "system", "content": a.system}] if a.system else []
-    history = list(start)
-    interactive = stdin.isatty()
-    while True:
-        if interactive:
-            stdout.write("> ")
-            stdout.flush()
-        line = stdin.readline()
-        if not line:
-            break
-        line = line.rstrip("\n")
-        if line.strip() == "/exit":
-            break
-        if line.strip() == "/reset":
-            history = list(start)
-            stdout.write("(history cleared)\n")
-            continue
-        if not line.strip():
-            continue
-        history.append({"role": "user", "content": line})
-        reply = ""
-        for piece in chat_stream(model, tok, history, params, compile=a.compile):
-            stdout.write(piece)
-            stdout.flush()
-            reply += piece
-        stdout.write("\n")
-        history.append({"role": "assistant", "content": reply})
-    return 0

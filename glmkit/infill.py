@@ -4,12 +4,13 @@
     ex, used = build_example(window, seq_len, rng, special, sentence_end, InfillConfig())
     batch = collate([ex, ...], pad_id=special.pad)        # torch tensors for GLM.forward
     logits = model(batch["input_ids"], batch["position_ids"], sep=batch["sep"])
+    prompt = blank_prompt([before, after], [special.mask], special.sop)   # what generation fills
 
 Pure functions over numpy arrays: no I/O, no global state, all randomness from the caller's
 `np.random.Generator` (same seed, same examples). torch is imported only inside `collate`.
 
-The objective is GLM's autoregressive blank infilling (Du et al., ACL 2022, §2.1-2.3; ARCHITECTURE
-§4). Three ways of choosing the blanks, drawn per example from `InfillConfig.mixture`:
+The objective is GLM's autoregressive blank infilling (Du et al., ACL 2022, §2.1-2.3).
+Three ways of choosing the blanks, drawn per example from `InfillConfig.mixture`:
   MASK   short spans, lengths ~ Poisson(span_lambda) truncated to 1..max_span, until `coverage`
          of the consumed tokens is masked; placed as in THUDM/GLM `blocklm_utils.sample_spans`.
   sMASK  whole sentences (pieces ending in a `sentence_end` token or at a document end) until
@@ -18,7 +19,7 @@ The objective is GLM's autoregressive blank infilling (Du et al., ACL 2022, §2.
 Unlike the original code (one document per sample), the input here is a window of a packed token
 stream, so every mode also keeps spans inside one document: no span covers or crosses an eos.
 
-Layout of one example (the worked example of ARCHITECTURE §4; x3 and x5 x6 masked, span 2 first):
+Layout of one example (x3 and x5 x6 masked, span 2 first):
 
     input   x1 x2 [M] x4 [M] sop x5 x6  sop x3
     target   -  -   -  -   -  x5 x6 eop  x3 eop        - = special.pad, no loss
@@ -164,6 +165,41 @@ def assemble(tokens, spans, mask_ids, order, special: SpecialIds, *, mode: str |
         mode=mode,
         spans=spans,
     )
+
+
+# ---- prompts to fill -------------------------------------------------------------------------------
+SPAN_STEP = (0, 1)  # from one token of a span to the next: same position, next block position
+
+
+@dataclass
+class BlankPrompt:
+    """What generation reads to fill blanks: `assemble`'s layout with Part B still to come.
+
+    Part A = ids[:sep], positions 0..sep-1, block positions 0, read bidirectionally; ids[sep] is the
+    first blank's `<sop>`. Blank j's span sits at its mask's position mask_pos[j], token k of it
+    (k = 0 the `<sop>`) at block position k + 1 (`span_position`).
+    """
+
+    ids: list[int]
+    position_ids: list[list[int]]  # (2, len(ids)): position, block position
+    sep: int
+    mask_pos: list[int]
+
+    def span_position(self, j: int, k: int) -> tuple[int, int]:
+        """(position, block position) of token k of blank j's span (k = 0: its `<sop>`)."""
+        return self.mask_pos[j], k + 1
+
+
+def blank_prompt(pieces: list[list[int]], mask_ids: list[int], sop: int) -> BlankPrompt:
+    """Part A = pieces[0] mask_ids[0] pieces[1] ... mask_ids[-1] pieces[-1], then the first blank's `<sop>`."""
+    if len(pieces) != len(mask_ids) + 1 or not mask_ids:
+        raise ValueError(f"{len(pieces)} pieces around {len(mask_ids)} masks: want at least one mask, one piece more than masks")
+    part_a, mask_pos = list(pieces[0]), []
+    for m, piece in zip(mask_ids, pieces[1:]):
+        mask_pos.append(len(part_a))
+        part_a += [m, *piece]
+    A = len(part_a)
+    return BlankPrompt(part_a + [sop], [list(range(A)) + [mask_pos[0]], [0] * A + [1]], A, mask_pos)
 
 
 # ---- choosing the blanks ---------------------------------------------------------------------------

@@ -33,7 +33,7 @@ except ImportError as e:  # an optional dependency: say how to get it
 import torch
 
 from .infill import special_ids
-from .finetune import blank_example, causal_example, prefix_lm, sequence_logprobs
+from .finetune import blank_example, causal_example, sequence_logprobs
 
 
 @register_model("glmkit")
@@ -62,7 +62,7 @@ class GLMkitLM(LM):
         self._device = next(self.model.parameters()).device
         self.special = special_ids(self.tok)
         if mode == "auto":
-            mode = "blank" if prefix_lm(self.model.cfg) else "causal"
+            mode = "blank" if self.model.cfg.prefix_lm else "causal"
         if mode not in ("blank", "causal"):
             raise ValueError(f"mode={mode!r}: choose blank, causal or auto")
         self.mode = mode
@@ -117,7 +117,8 @@ class GLMkitLM(LM):
     def generate_until(self, requests) -> list[str]:
         """Greedy, through generate.py: `infill` of a [gMASK] after the context (blank), or
         `generate` continuing `[gMASK] <sop> context` (causal)."""
-        from .generate import SamplingParams, generate, infill
+        from .generate import generate, infill
+        from .sampling import SamplingParams
 
         out = []
         for r in requests:

@@ -21,6 +21,7 @@ import json
 import threading
 from pathlib import Path
 
+
 def check_unicode(text: str, where: str = "") -> None:
     """ValueError for a string that is not text: a lone surrogate ("\\ud800" is valid JSON, and Python
     keeps it) fails later in the tokenizer or in UTF-8 output."""
@@ -55,7 +56,7 @@ class Tokenizer:
         self._max_token_chars: int | None = None
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "Tokenizer":
+    def from_file(cls, path: str | Path) -> Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
         try:
@@ -64,7 +65,7 @@ class Tokenizer:
             raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from None
 
     @classmethod
-    def from_sentencepiece(cls, path: str | Path) -> "Tokenizer":
+    def from_sentencepiece(cls, path: str | Path) -> Tokenizer:
         """Convert a SentencePiece unigram model (original GLM, ChatGLM-6B) to a `tokenizers` one.
 
         Pieces and scores become a Unigram model; SentencePiece's normalizer (its precompiled NFKC
@@ -209,7 +210,7 @@ class Tokenizer:
     def chat_stop_ids(self) -> list[int]:
         return [self.special(r) for r in ("eos", "user", "observation")]
 
-    def incremental_decoder(self, skip_special_tokens: bool = False) -> "IncrementalDecoder":
+    def incremental_decoder(self, skip_special_tokens: bool = False) -> IncrementalDecoder:
         return IncrementalDecoder(self, skip_special_tokens)
 
 
@@ -246,9 +247,8 @@ class IncrementalDecoder:
 
 def train_bpe(files: list[str | Path] | None = None, vocab_size: int = 16000, texts=None, min_frequency: int = 2) -> Tokenizer:
     """Train a byte-level BPE with the GLM special tokens (ids 0..9) on files and/or an iterator."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
     from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-    from tokenizers import Regex
 
     tok = HFTokenizer(models.BPE(byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.Sequence([

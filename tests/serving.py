@@ -5,6 +5,7 @@ import contextlib
 import json
 import socket
 import threading
+import time
 
 import torch
 
@@ -23,6 +24,17 @@ def make_model(tok, position="rope_2d", tie=True, seed=0):
     m = GLM(cfg).eval()
     m.init_weights(seed=seed)
     return m
+
+
+def poll(what, fn, timeout: float = 20.0):
+    """`fn()` until it is truthy (a row lands once its exchange is over, which a client does not wait for).
+    `what` says what was awaited: a string, or a function whose text shows the state at the timeout."""
+    deadline = time.monotonic() + timeout
+    while not (value := fn()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what() if callable(what) else what}")
+        time.sleep(0.02)
+    return value
 
 
 def rows(app):

@@ -115,7 +115,7 @@ def test_export_refuses_what_hf_cannot_express(tmp_path):
 # ---- original GLM vs GPT-2 + block positions ------------------------------------------------------
 def random_glm_checkpoint(path, C=48, L=2, H=4, V=97, P=64, prefix="glm."):
     g = torch.Generator().manual_seed(0)
-    r = lambda *s: torch.randn(*s, generator=g) * 0.2  # noqa: E731
+    r = lambda *s: torch.randn(*s, generator=g) * 0.2
     sd = {"word_embeddings.weight": r(V, C), "transformer.position_embeddings.weight": r(P, C),
           "transformer.block_position_embeddings.weight": r(P, C),
           "transformer.final_layernorm.weight": 1 + r(C), "transformer.final_layernorm.bias": r(C)}
@@ -205,7 +205,7 @@ def chatglm_reference(sd, cfg, ids, pos, block, sep):
         allowed[b, :, : sep[b]] = True
     for i in range(L):
         t = f"transformer.layers.{i}."
-        ln = lambda z, n: F.layer_norm(z, (C,), sd[t + n + ".weight"], sd[t + n + ".bias"], eps)  # noqa: E731
+        ln = lambda z, n: F.layer_norm(z, (C,), sd[t + n + ".weight"], sd[t + n + ".bias"], eps)
         h = ln(x, "input_layernorm")
         mixed = F.linear(h, sd[t + "attention.query_key_value.weight"], sd[t + "attention.query_key_value.bias"])
         q, k, v = mixed.view(B, T, H, 3 * D).split(D, dim=-1)
@@ -226,7 +226,7 @@ def chatglm_reference(sd, cfg, ids, pos, block, sep):
 
 def random_chatglm_checkpoint(path, C=64, L=2, H=4, F_=160, V=103):
     g = torch.Generator().manual_seed(0)
-    r = lambda *s: torch.randn(*s, generator=g) * 0.2  # noqa: E731
+    r = lambda *s: torch.randn(*s, generator=g) * 0.2
     sd = {"transformer.word_embeddings.weight": r(V, C), "lm_head.weight": r(V, C),
           "transformer.final_layernorm.weight": 1 + r(C), "transformer.final_layernorm.bias": r(C)}
     for i in range(L):

@@ -14,8 +14,21 @@ from pathlib import Path
 import pytest
 
 from glmkit.data import corpus
-from glmkit.data.corpus import (BuildError, Fetched, SourceError, atomic_write, build, cached_fetch,
-                                clean_man_page, detokenize_en, html_to_text, is_heldout, main, normalize, untag)
+from glmkit.data.corpus import (
+    BuildError,
+    Fetched,
+    SourceError,
+    atomic_write,
+    build,
+    cached_fetch,
+    clean_man_page,
+    detokenize_en,
+    html_to_text,
+    is_heldout,
+    main,
+    normalize,
+    untag,
+)
 
 FIX = Path(__file__).parent / "fixtures" / "corpus"
 ROOTS = {  # package -> its unpacked fixture tree

@@ -6,7 +6,8 @@ import torch
 import glmkit
 from glmkit.cli import main
 from glmkit.convert import DEFAULT_MODEL
-from glmkit.generate import SamplingParams, fill
+from glmkit.generate import fill
+from glmkit.sampling import SamplingParams
 
 pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL / "config.json").exists(), reason="this checkout ships no default model")
 

@@ -5,7 +5,8 @@ import torch
 
 from glmkit.config import ModelConfig, get_preset
 from glmkit.engine import Engine, EngineFull, Request
-from glmkit.generate import SamplingParams, generate
+from glmkit.generate import generate
+from glmkit.sampling import SamplingParams
 from glmkit.model import GLM
 
 
@@ -208,8 +209,8 @@ def test_a_kv_cache_that_cannot_fit_is_refused_before_allocating():
 
 
 def test_a_vanishing_top_p_keeps_the_most_likely_token():
-    from glmkit.generate import process_logits
+    from glmkit.sampling import param_rows, process_logits
 
     logits = torch.tensor([[0.5, 3.0, -1.0, 2.0]])
-    out = process_logits(logits.clone(), SamplingParams(top_p=5e-324))  # 0 once in float32
+    out = process_logits(logits.clone(), param_rows([SamplingParams(top_p=5e-324)]))  # 0 once in float32
     assert torch.isfinite(out).tolist() == [[False, True, False, False]], out

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from glmkit.infill import Example, InfillConfig, SpecialIds, assemble, build_example, collate
+from glmkit.infill import Example, InfillConfig, SpecialIds, assemble, blank_prompt, build_example, collate
 
 SPECIAL = SpecialIds(mask=90, smask=91, gmask=92, sop=93, eop=94, eos=95, pad=96)
 ONLY = {"MASK": (1, 0, 0), "sMASK": (0, 1, 0), "gMASK": (0, 0, 1), "mix": (0.5, 0.3, 0.2)}
@@ -92,6 +92,48 @@ def test_assemble_without_spans_is_part_a_only():
 def test_assemble_rejects_malformed_blanks(spans, mask_ids, order):
     with pytest.raises(ValueError):
         assemble(np.arange(6), spans, mask_ids, order, SPECIAL)
+
+
+# ---- the prompt generation fills (blank_prompt) is the layout training built ----------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_blank_prompt_is_the_layout_assemble_trains_on(data):
+    """For any text with k blanks and any Part B order: blank_prompt's Part A (ids, positions, sep) is
+    assemble's, its last token is the first blank's <sop> where assemble puts it, and span_position(j, k)
+    is where assemble puts token k of blank j's Part B block (k = 0: its <sop>)."""
+    k = data.draw(st.integers(1, 4), "blanks")
+    pieces = [data.draw(st.lists(st.integers(0, 89), max_size=4), f"piece {i}") for i in range(k + 1)]
+    fillers = [data.draw(st.lists(st.integers(0, 89), min_size=1, max_size=4), f"span {j}") for j in range(k)]
+    masks = [data.draw(st.sampled_from([SPECIAL.mask, SPECIAL.smask, SPECIAL.gmask])) for _ in range(k)]
+    order = data.draw(st.permutations(range(k)), "Part B order")
+    tokens, spans = list(pieces[0]), []
+    for filler, piece in zip(fillers, pieces[1:]):
+        spans.append((len(tokens), len(tokens) + len(filler)))
+        tokens += filler + piece
+    ex = assemble(tokens, spans, masks, order, SPECIAL)
+    p = blank_prompt(pieces, masks, SPECIAL.sop)
+    A = ex.sep
+    assert p.sep == A and len(p.ids) == len(p.position_ids[0]) == len(p.position_ids[1]) == A + 1
+    assert_array(p.ids[:A], ex.input_ids[:A], "Part A ids")
+    assert_array(np.array(p.position_ids)[:, :A], ex.position_ids[:, :A], "Part A positions")
+    at, first = A, None
+    for j in order:  # assemble's Part B: blank j's block is <sop> and its span
+        for t in range(len(fillers[j]) + 1):
+            assert tuple(ex.position_ids[:, at]) == p.span_position(j, t), (j, t)
+            if j == 0 and t == 0:
+                first = at
+            at += 1
+    assert p.ids[A] == ex.input_ids[first] == SPECIAL.sop
+    assert (p.position_ids[0][A], p.position_ids[1][A]) == tuple(ex.position_ids[:, first])
+
+
+def test_blank_prompt_needs_a_piece_around_each_mask():
+    with pytest.raises(ValueError, match="pieces around"):
+        blank_prompt([[1], [2]], [SPECIAL.mask, SPECIAL.mask], SPECIAL.sop)
+    with pytest.raises(ValueError, match="pieces around"):
+        blank_prompt([[1]], [], SPECIAL.sop)
 
 
 # ---- invariants of build_example -----------------------------------------------------------------

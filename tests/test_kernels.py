@@ -20,9 +20,10 @@ import torch.nn.functional as F
 
 from glmkit import kernels
 from glmkit.config import get_preset
-from glmkit.generate import SamplingParams, generate
+from glmkit.generate import generate
 from glmkit.model import GLM
 from glmkit.quantize import Int4Linear, quantize_int4, quantize_int8, quantize_model, unpack_int4
+from glmkit.sampling import SamplingParams
 
 from .helpers import assert_close, int16_act_bound, int4_act_bound
 

@@ -13,8 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from glmkit.server.maas import (AuthError, KeyStore, Ledger, Limiter, LimitError, MaaS, Pricing, UsageRow, _when,
-                                keys_main, usage_main)
+from glmkit.server.maas import AuthError, KeyStore, Ledger, Limiter, LimitError, MaaS, Pricing, UsageRow, _when, keys_main, usage_main
 
 
 def test_keys_are_stored_hashed_and_shown_by_prefix(tmp_path):
@@ -131,7 +130,7 @@ def test_reservations_hold_budget_and_tpm_when_everyone_is_admitted_at_once():
     lim = Limiter(ledger, clock)
 
     def burst(key, need=56, n=20):
-        for i in range(n):  # every one admitted before any reserves: the race of the issue, in order
+        for _ in range(n):  # every one admitted before any reserves: the race of the issue, in order
             lim.admit(key)
         ran, refused = [], []
         for i in range(n):
@@ -319,6 +318,8 @@ def test_since_parsing():
 # uvicorn on a port-0 socket and the official `openai` client, as in test_server.py; the model is its tiny random one.
 @pytest.fixture(scope="module")
 def served():
+    for extra in ("fastapi", "uvicorn", "httpx", "openai"):  # the live server and its client: skipped without them
+        pytest.importorskip(extra)
     from glmkit.tokenizer import train_bpe
     from tests.serving import TEXTS, make_model
 
@@ -334,17 +335,6 @@ def live_app(tmp_path, served, n_keys: int, max_batch: int = 8, max_waiting: int
     maas = MaaS(store, Ledger(tmp_path / "maas.sqlite"))
     keys = [store.create(f"key{i}", **limits) for i in range(n_keys)]
     return maas, keys, create_app(model, tok, "tiny", maas=maas, max_batch=max_batch, max_waiting=max_waiting)
-
-
-def poll(what, fn, timeout: float = 20.0):
-    """`fn()` until it is truthy (a row lands once its exchange is over, which a client does not wait for).
-    `what` says what was awaited: a string, or a function whose text shows the state at the timeout."""
-    deadline = time.monotonic() + timeout
-    while not (value := fn()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what() if callable(what) else what}")
-        time.sleep(0.02)
-    return value
 
 
 def test_32_concurrent_streams_are_each_metered_once(tmp_path, served, monkeypatch):
@@ -427,7 +417,7 @@ def test_client_that_hangs_up_mid_stream_is_metered_and_frees_its_slot(tmp_path,
     row says 499. The key allows one request at a time, so the next one is admitted only if the slot came back."""
     import httpx
 
-    from tests.serving import CHAT, serve
+    from tests.serving import CHAT, poll, serve
 
     tok, _ = served
     monkeypatch.setattr(tok, "chat_stop_ids", lambda: [])  # only max_tokens or the client ends this stream

@@ -10,16 +10,21 @@ with itself, rather than with fixed strings.
 import asyncio
 import json
 
-import httpx
 import pytest
-from fastapi.testclient import TestClient
 
-from glmkit.engine import Request
-from glmkit.finetune import ClozeTask, cloze_predict
-from glmkit.generate import SamplingParams, fill, infill
-from glmkit.server.app import create_app
-from glmkit.server.maas import KeyStore, Ledger, MaaS, Pricing
-from tests.serving import CHAT, assert_error, make_model, rows, serve, sse, tok_text
+pytest.importorskip("fastapi")  # the `serve` extra and the test client: skipped, not failed, without them
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from glmkit.engine import Request  # noqa: E402
+from glmkit.finetune import ClozeTask, cloze_predict  # noqa: E402
+from glmkit.generate import fill, infill  # noqa: E402
+from glmkit.sampling import SamplingParams  # noqa: E402
+from glmkit.server.app import create_app  # noqa: E402
+from glmkit.server.maas import KeyStore, Ledger, MaaS, Pricing  # noqa: E402
+from tests.serving import CHAT, assert_error, make_model, rows, serve, sse, tok_text  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +199,20 @@ def test_fill_infill_classify(fill_client, filler, tok):
 
 
 # ---- errors ---------------------------------------------------------------------------------------------
+def test_a_bad_sampling_parameter_is_named_by_its_type_not_its_message():
+    """SamplingParams raises errors.ParameterError naming the field; the server answers with the API's name of it."""
+    from glmkit.errors import ParameterError
+    from glmkit.server.schemas import APIError
+    from glmkit.server.state import Server
+
+    with pytest.raises(ParameterError) as e:
+        SamplingParams(max_new_tokens=0)
+    assert e.value.param == "max_new_tokens"
+    with pytest.raises(APIError) as e:
+        Server.params(max_new_tokens=0)
+    assert (e.value.status, e.value.param, e.value.code) == (400, "max_tokens", "invalid_value"), vars(e.value)
+
+
 def test_error_statuses_and_shapes(client):
     assert_error(client.post("/v1/completions", json={"prompt": "x", "temperature": 5}), 400, "invalid_request_error", param="temperature")
     assert_error(client.post("/v1/completions", json={"max_tokens": 3}), 400, param="prompt")

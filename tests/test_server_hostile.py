@@ -9,14 +9,19 @@ events; timeouts only bound how long a failure takes to show.
 import json
 import threading
 
-import httpx
 import pytest
-from fastapi.testclient import TestClient
 
-import glmkit.engine
-from glmkit.server.app import create_app
-from glmkit.server.maas import KeyStore, Ledger, MaaS
-from tests.serving import CHAT, assert_error, rows, serve, sse
+pytest.importorskip("fastapi")  # the `serve` extra and the test client: skipped, not failed, without them
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+import torch  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+
+from glmkit.sampling import Sampler  # noqa: E402
+from glmkit.server.app import create_app  # noqa: E402
+from glmkit.server.maas import KeyStore, Ledger, MaaS  # noqa: E402
+from tests.serving import CHAT, assert_error, rows, serve, sse  # noqa: E402
 
 
 def keyed_app(tmp_path, model, tok, **kw):
@@ -33,13 +38,13 @@ def test_a_poisoned_request_fails_alone_amid_another_keys_streams(tmp_path, mode
     engine = app.state.server.engine
     # whatever makes a row's numbers go bad (a value past validation, a kernel fault): here, NaN logits
     # for the attacker's rows, which carry seed 666
-    real = glmkit.engine.process_logits
+    real = Sampler.__call__
 
-    def poisoned(logits, params, counts=None, seen=None):
-        out = real(logits, params, counts, seen)
-        return out * float("nan") if params.seed == 666 else out
+    def poisoned(self, logits, banned=None):
+        bad = torch.tensor([p.seed == 666 for p in self.params], device=logits.device)[:, None]
+        return real(self, logits.masked_fill(bad, float("nan")), banned)
 
-    monkeypatch.setattr(glmkit.engine, "process_logits", poisoned)
+    monkeypatch.setattr(Sampler, "__call__", poisoned)
     # hold the engine until every request is queued, so all of them share the first batch
     gate, step = threading.Event(), engine.step
     monkeypatch.setattr(engine, "step", lambda: (gate.wait(60), step())[1])

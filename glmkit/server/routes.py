@@ -1,0 +1,377 @@
+"""The routes: module-level handlers on one APIRouter, each given the app's `state.Server`
+(`request.app.state.server`) as the dependency `server: ServerDep`. A handler translates: it checks
+what the schema cannot, lays the prompt out for the engine through the server's helpers, and shapes
+the answer (JSON, or server-sent events for "stream": true).
+
+    app.include_router(router)                             # app.create_app does this
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+import time
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+from fastapi import Request as HTTPRequest
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+
+from ..engine import Request
+from ..generate import MASK_STRINGS, causal_infill_stops
+from ..sampling import StopText
+from .schemas import APIError, ChatRequest, ClassifyRequest, CompletionRequest, FillRequest, InfillRequest
+from .state import Choice, Server
+
+router = APIRouter()
+
+
+async def _server(request: HTTPRequest) -> Server:  # async: a plain def would run in a worker thread
+    return request.app.state.server
+
+
+ServerDep = Annotated[Server, Depends(_server)]  # a handler's `server: ServerDep` is the app's Server
+
+
+def _completion_logprobs(tok, entries) -> dict:
+    """OpenAI's completion logprobs of (token id, logprob, top {id: logprob}, text offset) entries."""
+    return {"tokens": [tok.decode([t]) for t, *_ in entries], "token_logprobs": [lp for _, lp, _, _ in entries],
+            "top_logprobs": [{tok.decode([i]): v for i, v in top.items()} if top else None for _, _, top, _ in entries],
+            "text_offset": [o for *_, o in entries]}
+
+
+def _chat_logprobs(tok, entries) -> dict:
+    """OpenAI's chat logprobs of the same entries."""
+    def one(t, lp):
+        s = tok.decode([t])
+        return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+    return {"content": [{**one(t, lp), "top_logprobs": [one(i, v) for i, v in (top or {}).items()]}
+                        for t, lp, top, _ in entries]}
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+# a stream that fails mid-way ends with an error event (the status line is already sent)
+def _sse_engine_error(req: Request) -> str:
+    return _sse({"error": {"message": f"the engine failed on this request ({req.error or 'see the server log'})",
+                           "type": "server_error", "param": None, "code": "engine_error"}})
+
+
+def _sse_end(base: dict, call, include_usage: bool) -> list[str]:
+    """The end of an OpenAI stream: the usage chunk when asked for (no choices), then [DONE]."""
+    return ([_sse({**base, "choices": [], "usage": call.usage()})] if include_usage else []) + ["data: [DONE]\n\n"]
+
+
+# ---- service ----
+@router.get("/", include_in_schema=False)
+async def playground():
+    """The playground: fill the blanks, chat, and this key's usage (plain HTML and JS)."""
+    return HTMLResponse((Path(__file__).parent / "static" / "index.html").read_text(encoding="utf-8"))
+
+
+@router.get("/v1/usage")
+async def usage(request: HTTPRequest, server: ServerDep):
+    """The calling key's totals from the ledger (all keys' when auth is off, for local use)."""
+    key = request.scope.get("glmkit.key")
+    rows = server.maas.ledger.totals(key_id=key.id if key is not None else None)
+    return {"object": "usage", "data": rows}
+
+
+@router.get("/health")
+async def health(server: ServerDep):
+    ok = server.runner.alive
+    body = {"status": "ok" if ok else "unavailable", "model": server.name, "running": server.engine.num_running,
+            "waiting": server.engine.num_waiting, "engine_failures": server.runner.failures}
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
+error_json = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+
+
+@router.get("/metrics", response_class=Response, responses={
+    200: {"description": "Prometheus text exposition format 0.0.4",
+          "content": {"text/plain; version=0.0.4; charset=utf-8": {"schema": {"type": "string"}}}},
+    401: {"description": "missing or wrong admin token", "content": error_json},
+    403: {"description": "auth is on and no admin token is configured", "content": error_json}})
+async def metrics(request: HTTPRequest, server: ServerDep):
+    """Prometheus metrics over all tenants. With auth on they need the admin token
+    (`Authorization: Bearer ...`, from `glmkit serve --admin-token-file`); with --no-auth they are open."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    if server.maas.auth:
+        if server.admin_token is None:
+            raise APIError(403, "/metrics covers every tenant: start the server with --admin-token-file FILE (or "
+                           "GLMKIT_ADMIN_TOKEN) and send that token as 'Authorization: Bearer ...'",
+                           "permission_error", code="admin_token_not_configured")
+        scheme, _, given = (request.headers.get("authorization") or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), server.admin_token.encode()):
+            raise APIError(401, "/metrics needs the admin token: 'Authorization: Bearer ADMIN_TOKEN'",
+                           code="invalid_admin_token")
+    return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def model_card(server: Server) -> dict:
+    return {"id": server.name, "object": "model", "created": server.created, "owned_by": "glmkit",
+            "max_model_len": server.engine.max_len}
+
+
+@router.get("/v1/models")
+async def list_models(request: HTTPRequest, server: ServerDep):
+    key = request.scope.get("glmkit.key")
+    data = [model_card(server)] if key is None or key.allows(server.name) else []
+    return {"object": "list", "data": data}
+
+
+@router.get("/v1/models/{name}")
+async def get_model(name: str, request: HTTPRequest, server: ServerDep):
+    key = request.scope.get("glmkit.key")
+    if name != server.name or (key is not None and not key.allows(name)):
+        raise APIError(404, f"the model {name!r} does not exist or you do not have access to it", param="model",
+                       code="model_not_found")
+    return model_card(server)
+
+
+# ---- OpenAI completions ----
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: HTTPRequest, server: ServerDep):
+    call = server.check_model(request, body.model)
+    if body.echo and body.logprobs is not None:
+        raise APIError(400, "echo with logprobs (prompt scoring) is not served: the engine does not score prompts; "
+                       "use /v1/classify or `glmkit lm-eval`", param="echo", code="unsupported_parameter")
+    p = body.prompt
+    prompts = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+    if len(prompts) * body.n > server.max_sequences(call):
+        raise APIError(400, f"{len(prompts)} prompts x n={body.n} sequences; this server takes at most "
+                       f"{server.max_sequences(call)} in one request", param="n")
+    lp = body.logprobs is not None
+
+    def build() -> list[Choice]:  # in a worker thread
+        stops = server.stops(body.stop)
+        stop_ids = server.completion_stop_ids()
+        suffix_ids = server.encode(body.suffix, "suffix") if body.suffix is not None else None
+        if body.suffix is not None and server.causal:
+            stops += causal_infill_stops(body.suffix)
+        choices = []
+        for g, prompt in enumerate(prompts):
+            ids = server.encode_prompt(prompt, "prompt")
+            echo = (prompt if isinstance(prompt, str) else server.tok.decode(ids)) if body.echo else ""
+            for k in range(body.n):
+                params = server.sampling(body, body.max_tokens, stop_ids, k, lp, body.logprobs or 0, stops)
+                req = server.completion_request(ids, suffix_ids, params)
+                choices.append(Choice(len(choices), g, req, StopText(server.tok, stops), prefix=echo))
+        return choices
+
+    choices = await server.prepare(build)
+    call.prompt_tokens = sum(len(c.req.prompt_ids) for c in choices if c.index % body.n == 0)
+    server.submit_all(call, choices, body.max_tokens)
+    cid, created = "cmpl-" + call.id, int(time.time())
+
+    def choice_obj(ch, text, entries, finish):
+        return {"index": ch.index, "text": text, "logprobs": _completion_logprobs(server.tok, entries) if lp else None,
+                "finish_reason": finish}
+
+    if not body.stream:
+        await server.collect(request, call, choices)
+        return {"id": cid, "object": "text_completion", "created": created, "model": server.name,
+                "choices": [choice_obj(c, c.prefix + c.text, c.entries, c.finish_reason) for c in choices],
+                "usage": call.usage()}
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    async def stream():
+        base = {"id": cid, "object": "text_completion", "created": created, "model": server.name}
+        if include_usage:
+            base["usage"] = None
+        for ch in choices:
+            if ch.prefix:
+                yield _sse({**base, "choices": [choice_obj(ch, ch.prefix, [], None)]})
+        async for ch, piece, entries, done in server.events(call, choices):
+            if done and ch.finish_reason == "error":
+                yield _sse_engine_error(ch.req)
+                return
+            if piece or entries or done:
+                yield _sse({**base, "choices": [choice_obj(ch, piece, entries, ch.finish_reason if done else None)]})
+        for event in _sse_end(base, call, include_usage):
+            yield event
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
+
+
+# ---- OpenAI chat ----
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatRequest, request: HTTPRequest, server: ServerDep):
+    call = server.check_model(request, body.model)
+    if body.top_logprobs and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    if body.n > server.max_sequences(call):
+        raise APIError(400, f"n={body.n}: this server takes at most {server.max_sequences(call)} in one request", param="n")
+    messages = []
+    for m in body.messages:
+        content = m.content if m.content is not None else ""
+        if not isinstance(content, str):
+            content = "".join(part.text for part in content)
+        role = {"developer": "system", "tool": "observation"}.get(m.role, m.role)
+        messages.append({"role": role, "content": content})
+    server.check_chars(sum(len(m["content"]) for m in messages), "messages")
+    lp, top = body.logprobs, body.top_logprobs or 0
+
+    def build() -> list[Choice]:  # in a worker thread
+        try:
+            ids, _ = server.tok.render_chat(messages, add_generation_prompt=True)
+            stop_ids = tuple(server.tok.chat_stop_ids())
+        except KeyError as e:
+            raise APIError(400, f"this model's tokenizer has no chat template tokens ({e}); use /v1/completions") from None
+        except ValueError as e:
+            raise APIError(400, f"messages: {e}", param="messages") from None
+        stops = server.stops(body.stop)
+        max_tokens = body.max_completion_tokens or body.max_tokens or server.rest_of_context(len(ids))
+        return [Choice(k, 0, Request(ids, server.sampling(body, max_tokens, stop_ids, k, lp, top, stops)),
+                        StopText(server.tok, stops), strip_newline=True) for k in range(body.n)]
+
+    choices = await server.prepare(build)
+    call.prompt_tokens = len(choices[0].req.prompt_ids)
+    server.submit_all(call, choices, choices[0].req.params.max_new_tokens)
+    cid, created = "chatcmpl-" + call.id, int(time.time())
+
+    if not body.stream:
+        await server.collect(request, call, choices)
+        return {"id": cid, "object": "chat.completion", "created": created, "model": server.name,
+                "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                             "logprobs": _chat_logprobs(server.tok, c.entries) if lp else None,
+                             "finish_reason": c.finish_reason} for c in choices],
+                "usage": call.usage()}
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    async def stream():
+        base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": server.name}
+        if include_usage:
+            base["usage"] = None
+
+        def chunk(i, delta, entries=None, finish=None):
+            logprobs = _chat_logprobs(server.tok, entries) if lp and entries else None
+            return _sse({**base, "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
+
+        for ch in choices:
+            yield chunk(ch.index, {"role": "assistant", "content": ""})
+        held: dict[int, list] = {c.index: [] for c in choices}  # logprob entries of tokens whose text is held back
+        async for ch, piece, entries, done in server.events(call, choices):
+            if done and ch.finish_reason == "error":
+                yield _sse_engine_error(ch.req)
+                return
+            held[ch.index] += entries
+            if piece:
+                yield chunk(ch.index, {"content": piece}, held[ch.index])
+                held[ch.index] = []
+            if done:
+                yield chunk(ch.index, {}, held[ch.index], ch.finish_reason)
+        for event in _sse_end(base, call, include_usage):
+            yield event
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
+
+
+# ---- GLM-native ----
+@router.post("/v1/fill")
+async def fill_blanks(body: FillRequest, request: HTTPRequest, server: ServerDep):
+    from ..generate import fill
+
+    call = server.check_model(request, body.model)
+    if server.causal:
+        raise APIError(400, "/v1/fill needs a model trained with GLM's blank-infilling objective; this one is causal "
+                       "(GLM-4 family): use /v1/completions", param="model", code="unsupported_model")
+    parts = re.split(r"(\[MASK\]|\[sMASK\]|\[gMASK\])", body.text)
+    marks = parts[1::2]  # at least one: the schema's pattern
+    for m in set(marks):
+        server.special(MASK_STRINGS[m])
+    part_a = await server.prepare(lambda: sum(len(server.encode(t, "text")) for t in parts[0::2] if t) + len(marks))
+    need = part_a + len(marks) * (body.max_tokens + 1)
+    if need > server.engine.max_len:
+        raise APIError(400, f"the text ({part_a} tokens) plus {len(marks)} blanks of up to max_tokens={body.max_tokens} "
+                       f"need {need} positions; the context is {server.engine.max_len}", param="text",
+                       code="context_length_exceeded")
+    params = server.sampling(body, body.max_tokens, (), 0, stops=server.stops(body.stop))
+    call.prompt_tokens = part_a
+    call.reserve(part_a + len(marks) * body.max_tokens)
+    call.start()
+    try:
+        res, dt = await server.locked(fill, server.model, server.tok, body.text, params)
+    except ValueError as e:
+        raise APIError(400, str(e), param="text") from None
+    call.compute_s, call.completion_tokens = dt, sum(len(s.token_ids) for s in res.spans)
+    call.finish_reason = ",".join(sorted({s.finish_reason for s in res.spans}))
+    return {"id": "fill-" + call.id, "object": "fill", "created": int(time.time()), "model": server.name,
+            "text": res.text,
+            "spans": [{"mask": s.mask, "text": s.text, "start": s.start, "tokens": len(s.token_ids),
+                       "finish_reason": s.finish_reason} for s in res.spans],
+            "usage": call.usage()}
+
+
+@router.post("/infill")
+async def infill(body: InfillRequest, request: HTTPRequest, server: ServerDep):
+    call = server.check_model(request, body.model)
+    pre, suf = await server.prepare(lambda: (server.encode(body.input_prefix, "input_prefix"),
+                                             server.encode(body.input_suffix, "input_suffix")))
+    stops = server.stops(body.stop)
+    if server.causal:
+        stops += causal_infill_stops(body.input_suffix)
+    T = len(pre) + 2 + (0 if server.causal else len(suf))  # [gMASK] <sop> prefix, or prefix [MASK] suffix <sop>
+    n = body.n_predict if body.n_predict > 0 else server.rest_of_context(T)
+    params = server.params(max_new_tokens=n, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
+                           min_p=body.min_p, repetition_penalty=body.repeat_penalty,
+                           seed=None if body.seed < 0 else body.seed, stop=stops,
+                           stop_ids=server.completion_stop_ids())
+    req = server.completion_request(pre, suf, params)
+    ch = Choice(0, 0, req, StopText(server.tok, stops))
+    call.prompt_tokens = len(req.prompt_ids)
+    server.submit_all(call, [ch], n)
+    await server.collect(request, call, [ch])
+    stop_type = "word" if ch.matched else {"stop": "eos", "length": "limit"}.get(ch.finish_reason, ch.finish_reason)
+    return {"content": ch.text, "model": server.name, "stop": True, "stop_type": stop_type,
+            "stopping_word": ch.stop.matched or "", "tokens_predicted": len(req.output_ids),
+            "tokens_evaluated": len(req.prompt_ids), "truncated": False}
+
+
+@router.post("/v1/classify")
+async def classify(body: ClassifyRequest, request: HTTPRequest, server: ServerDep):
+    from ..finetune import ClozeTask, candidate_scores
+    from ..infill import special_ids
+
+    call = server.check_model(request, body.model)
+    if server.causal:
+        raise APIError(400, "/v1/classify scores blanks with GLM's infilling objective; this model is causal "
+                       "(GLM-4 family)", param="model", code="unsupported_model")
+    texts = [body.text] if isinstance(body.text, str) else body.text
+    # the schema's CLOZE_PATTERN admits plain {text} fields only; each repeats the text
+    server.check_chars(max(len(t) for t in texts) * body.pattern.count("{text}") + len(body.pattern), "text")
+
+    def build():  # in a worker thread
+        try:
+            task = ClozeTask(body.pattern, dict(body.labels))
+            return task, [task.encode(server.tok, {"text": t}, max_len=1 << 30) for t in texts]  # never truncated here
+        except (KeyError, ValueError, IndexError) as e:
+            raise APIError(400, str(e).strip('"'), param="pattern") from None
+
+    task, items = await server.prepare(build)
+    if any(not c for c in items[0][2]):
+        raise APIError(400, "a verbalizer encodes to no tokens; give each label a non-empty text", param="labels")
+    longest = max(len(c) for c in items[0][2])
+    sizes = [len(pre) + len(suf) + 2 + longest for pre, suf, _ in items]
+    if max(sizes) > server.engine.max_len:
+        i = sizes.index(max(sizes))
+        raise APIError(400, f"text {i} with the pattern needs {sizes[i]} tokens; the context is {server.engine.max_len}",
+                       param="text", code="context_length_exceeded")
+    call.prompt_tokens = sum(len(pre) + len(suf) + 2 + len(c) for pre, suf, cands in items for c in cands)
+    call.reserve(call.prompt_tokens)
+    call.start()
+    scores, dt = await server.locked(candidate_scores, server.model, items, special_ids(server.tok), body.score)
+    call.compute_s, call.finish_reason = dt, "scored"
+    probs = scores.float().softmax(-1)
+    labels = task.labels
+    data = [{"index": i, "label": labels[int(s.argmax())],
+             "probs": {lab: float(p) for lab, p in zip(labels, pr)},
+             "scores": {lab: float(v) for lab, v in zip(labels, s)}} for i, (s, pr) in enumerate(zip(scores, probs))]
+    return {"id": "cls-" + call.id, "object": "classification", "created": int(time.time()), "model": server.name,
+            "data": data, "usage": call.usage()}
