@@ -32,8 +32,8 @@ except ImportError as e:  # an optional dependency: say how to get it
 
 import torch
 
-from .infill import special_ids
 from .finetune import blank_example, causal_example, sequence_logprobs
+from .infill import special_ids
 
 
 @register_model("glmkit")

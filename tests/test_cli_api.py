@@ -47,7 +47,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 def test_convert_cli_subprocess(tmp_path):
     """The console entry point end to end: glmkit -> GlmForCausalLM layout -> glmkit, bf16."""
     write_checkpoint(glmkit.load("debug"), tmp_path / "a")
-    run = lambda *a: subprocess.run([sys.executable, "-m", "glmkit.cli", *a], capture_output=True, text=True)  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", "glmkit.cli", *a], capture_output=True, text=True)
     r = run("convert", str(tmp_path / "a"), str(tmp_path / "b"), "--to", "glm_hf", "--dtype", "bf16")
     assert r.returncode == 0, r.stderr
     assert "-> " in r.stdout and "torch.bfloat16" in r.stdout
@@ -57,7 +57,7 @@ def test_convert_cli_subprocess(tmp_path):
 
 
 def test_load_tokenizer(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

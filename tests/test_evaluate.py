@@ -12,8 +12,16 @@ from types import SimpleNamespace
 
 import pytest
 
-from glmkit.evaluate import (DEFAULT_SUITES, chengyu_tasks, eval_main, humaneval_line_tasks, run_program, run_programs,
-                             special_ids, tang300_tasks)
+from glmkit.evaluate import (
+    DEFAULT_SUITES,
+    chengyu_tasks,
+    eval_main,
+    humaneval_line_tasks,
+    run_program,
+    run_programs,
+    special_ids,
+    tang300_tasks,
+)
 from glmkit.finetune import blank_example, read_jsonl, sequence_logprobs
 from tests.helpers import blank_logprob, debug_checkpoint, greedy_blank
 
@@ -221,7 +229,7 @@ def test_multiple_choice_reports_plain_and_calibrated_accuracy(ckpt):
     words = ["春眠不觉晓", "处处闻啼鸟", "夜来风雨声", "花落知多少", "床前明月光"]
     items = [(tok.encode(w[:2]), tok.encode(w[3:]), [tok.encode(c) for c in words[i : i + 3]]) for i, w in enumerate(words[:3])]
     gold = [0, 1, 2]
-    score = lambda p, c, s: float(sequence_logprobs(model, [blank_example(p, c, s, sp)], sp.pad)[0][0].detach())  # noqa: E731
+    score = lambda p, c, s: float(sequence_logprobs(model, [blank_example(p, c, s, sp)], sp.pad)[0][0].detach())
     plain = [[score(p, c, s) for c in cands] for p, s, cands in items]
     cal = [[score(p, c, s) - score([], c, []) for c in cands] for p, s, cands in items]
     want = {"accuracy": sum(max(range(3), key=r.__getitem__) == g for r, g in zip(plain, gold)) / 3,

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import glmkit
-from glmkit.finetune import (ClozeTask, FinetuneConfig, candidate_scores, epoch_batches, finetune, main, sft_example,
-                             sft_messages)
+from glmkit.finetune import ClozeTask, FinetuneConfig, candidate_scores, epoch_batches, finetune, main, sft_example, sft_messages
 from glmkit.infill import special_ids
 from glmkit.lora import load_adapters
 from tests.helpers import WORDS, assert_close, debug_checkpoint

@@ -100,7 +100,7 @@ def test_playground_fill_and_usage_in_chromium(tmp_path, tok):
         with serve(app) as url:
             driver.get(url + "/")
             assert driver.title == "glmkit playground", driver.title
-            el = lambda id_: driver.find_element(By.ID, id_)  # noqa: E731
+            el = lambda id_: driver.find_element(By.ID, id_)
             assert raw.startswith(el("key").get_attribute("placeholder").rstrip(".")), "the key field shows another key format"
             el("key").send_keys(raw)
             el("fill-text").clear()
