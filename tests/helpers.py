@@ -99,6 +99,15 @@ EN = ["The quick brown fox jumps over the lazy dog. The dog sleeps.", "A stitch 
 CODE = ["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i)\n"]
 
 
+def debug_train_config(shards, out, **kw):
+    """10 steps of the debug preset on `shards` (what tests/data/debug_losses.json records), overridden by `kw`."""
+    from glmkit.train import TrainConfig
+
+    base = dict(model="debug", data=str(shards), out=str(out), seq_len=64, batch_size=4, steps=10, lr=3e-3,
+                min_lr=3e-4, warmup=3, eval_every=0, save_every=0, log_every=1, progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
 def make_shards(root: Path) -> Path:
     """A deterministic toy pretraining corpus (zh, en, code) -> its own BPE -> token shards under `root`.
     tests/data/debug_losses.json was recorded on these shards."""

@@ -18,12 +18,9 @@ from glmkit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoin
 from glmkit.config import get_preset
 from glmkit.train import TrainConfig, train
 from tests.helpers import assert_close
+from tests.helpers import debug_train_config as cfg
 
 RECORDED = Path(__file__).parent / "data" / "debug_losses.json"
-def cfg(shards, out, **kw):
-    base = dict(model="debug", data=str(shards), out=str(out), seq_len=64, batch_size=4, steps=10, lr=3e-3,
-                min_lr=3e-4, warmup=3, eval_every=0, save_every=0, log_every=1, progress=False)
-    return TrainConfig(**{**base, **kw})
 
 
 def test_loss_falls_and_eval_runs(shards, tmp_path):

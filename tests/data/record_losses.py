@@ -1,6 +1,6 @@
 """Re-record the debug-preset loss trajectory that tests/test_train.py::test_debug_losses_equal_a_plain_loop_and_the_record checks.
 
-    .venv/bin/python tests/data/record_losses.py
+    .venv/bin/python -m tests.data.record_losses
 
 Run it only when the model or the data pipeline changes on purpose, and say why in the commit.
 """
@@ -11,13 +11,12 @@ from pathlib import Path
 import torch
 
 from glmkit.train import train
-from tests.helpers import make_shards
-from tests.test_train import cfg
+from tests.helpers import debug_train_config, make_shards
 
 if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as d:
         shards = make_shards(Path(d))
-        losses = train(cfg(shards, Path(d) / "run"))["losses"]
+        losses = train(debug_train_config(shards, Path(d) / "run"))["losses"]
     out = Path(__file__).parent / "debug_losses.json"
     out.write_text(json.dumps({"torch": torch.__version__, "losses": losses}, indent=1) + "\n")
     print(out, losses)
