@@ -11,12 +11,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from glmkit.evaluate import (
     DEFAULT_SUITES,
     chengyu_tasks,
     eval_main,
     humaneval_line_tasks,
+    infill_accuracy,
     run_program,
     run_programs,
     special_ids,
@@ -59,6 +61,32 @@ def test_all_suites_end_to_end(ckpt, tmp_path):
     table = out.with_suffix(".md").read_text()
     for row in ("| bpc/zh_modern | bits/char", "| tang300 | accuracy", "| chengyu | accuracy", "| humaneval | pass@1"):
         assert row in table, table
+
+
+class NextToken(torch.nn.Module):
+    """A model that always predicts its input token + 1: right exactly where a target follows its input."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.cfg, self.anchor = SimpleNamespace(vocab_size=vocab_size), torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, position_ids, sep=None, hidden_only=False):
+        return torch.nn.functional.one_hot((input_ids + 1) % self.cfg.vocab_size, self.cfg.vocab_size).float()
+
+    def logits(self, h):
+        return h
+
+
+def test_infill_accuracy_counts_argmax_hits():
+    # documents of consecutive ids: in Part B (<sop> t0 .. t(k-1) -> t0 .. t(k-1) <eop>) an input + 1
+    # model hits t1 .. t(k-1) and misses t0 (after <sop>) and <eop>: k - 1 of k + 1 targets per span
+    from glmkit.infill import SpecialIds
+
+    sp = SpecialIds(mask=1, smask=2, gmask=3, sop=4, eop=5, eos=6, pad=0)
+    r = infill_accuracy(NextToken(64), [list(range(10, 40)), list(range(12, 50))], sp, seq_len=24, n_examples=6, batch_size=4)
+    spans = r["n"] - r["span_tokens"]  # one <eop> target per span
+    assert r["examples"] >= 3 and spans > r["examples"], r  # several examples, some with several spans
+    assert r["accuracy"] == (r["span_tokens"] - spans) / r["n"] and r["span_accuracy"] == (r["span_tokens"] - spans) / r["span_tokens"], r
 
 
 def test_explicit_suite_with_missing_data_is_an_error(ckpt, tmp_path):
