@@ -33,7 +33,7 @@ COMMANDS = {
     "data": ("glmkit.cli:data", "build the corpus (`data build`) and tokenize it into shards (`data tokenize`)"),
     "pretrain": ("glmkit.train:main", "pretrain or continue pretraining with the blank-infilling objective"),
     "plot": ("glmkit.train:plot", "draw a run's loss and bits-per-character curves as PNG"),
-    "quantize": ("glmkit.quantize:main", "weight-only int8 / int4 quantization of a checkpoint"),
+    "quantize": ("glmkit.cli:quantize", "weight-only int8 / int4 quantization of a checkpoint"),
     "export": ("glmkit.export:main", "export a checkpoint as an HF directory or ONNX graphs (prefill, decode)"),
     "serve": ("glmkit.server.app:main", "serve a model over HTTP: OpenAI-compatible API, /v1/fill, /infill, /v1/classify, /metrics"),
     "keys": ("glmkit.server.maas:keys_main", "API keys for `glmkit serve`: create | list | revoke (stored hashed)"),
@@ -59,6 +59,36 @@ def data(argv):
         return tokenize(argv[1:])
     print("usage: glmkit data build [...] | glmkit data tokenize [...]  (add -h for options)")
     return 2
+
+
+def quantize(argv=None) -> int:
+    """`glmkit quantize SRC DST --bits 8|4`: a weight-only quantized copy of a checkpoint."""
+    import argparse
+
+    import torch
+
+    from .convert import read_checkpoint, tokenizer_files, write_checkpoint
+    from .quantize import quantize_model
+
+    p = argparse.ArgumentParser(prog="glmkit quantize", description="Weight-only int8/int4 quantization of a checkpoint.")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--bits", type=int, choices=[8, 4], required=True)
+    p.add_argument("--group-size", type=int, default=64, help="int4 group size (32, 64, 128)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16", help="dtype of the non-quantized tensors")
+    a = p.parse_args(argv)
+    model = read_checkpoint(a.src, dtype=torch.float32)
+    before = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    quantize_model(model, a.bits, a.group_size)
+    if a.dtype == "bf16":
+        for t in list(model.parameters()) + [b for n, b in model.named_buffers() if b.is_floating_point()]:
+            t.data = t.data.to(torch.bfloat16)
+    write_checkpoint(model, a.dst, "glmkit", tokenizer_files(a.src))
+    after = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    print(f"{a.src} -> {a.dst}: int{a.bits}{f' (group {a.group_size})' if a.bits == 4 else ''}, "
+          f"{before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB")
+    return 0
+
 
 BYTES = {"fp32": 4, "bf16": 2, "int8": 1, "int4": 0.5}
 

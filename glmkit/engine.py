@@ -52,7 +52,6 @@ from typing import Callable
 
 import torch
 
-from . import kernels
 from .errors import ContextLengthError
 from .plan import check_kv_fits
 from .sampling import Sampler, SamplingParams, ngram_bans
@@ -105,11 +104,7 @@ class Engine:
         self.max_len = max_len or cfg.max_seq_len
         p = model.embed.weight
         check_kv_fits(cfg, max_batch, self.max_len, p.dtype, p.device)
-        shape = (cfg.n_layers, max_batch, cfg.n_kv_heads, self.max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=p.dtype, device=p.device)
-        self.v = torch.zeros(shape, dtype=p.dtype, device=p.device)
-        self.valid = torch.zeros(max_batch, self.max_len, dtype=torch.bool, device=p.device)
-        self.sep = torch.zeros(max_batch, dtype=torch.long, device=p.device)
+        self.cache = model.new_cache(max_batch, self.max_len)  # row b: the b-th running request
         self.sampler = Sampler(max_batch, cfg.vocab_size, p.device)  # row i: the state of self.rows[i]
         self.rows: list[_Row] = []
         self.waiting: deque[Request] = deque()
@@ -222,7 +217,7 @@ class Engine:
         return (tuple(req.prompt_ids[:n]), req.sep, tuple(map(tuple, req.position_ids or ())))
 
     def _lookup(self, req: Request):
-        """(cached length, k, v, logits) of the longest reusable prompt entry of the request's scope, or None."""
+        """(cached length, its one-row KVCache, logits) of the longest reusable prompt entry of the request's scope, or None."""
         entries = self.prompt_cache.get(req.cache_scope) if req.cache_scope is not None else None
         if not entries:
             return None
@@ -252,33 +247,26 @@ class Engine:
 
     def _admit(self, req: Request):
         t0 = time.perf_counter()
-        model, dev = self.model, self.k.device
+        model, dev = self.model, self.cache.k.device
         T = len(req.prompt_ids)
         ids = torch.tensor(req.prompt_ids, dtype=torch.long, device=dev)
         pos = self._positions(req).to(dev)
         hit = self._lookup(req)
-        tmp = model.new_cache(1, T)
         if hit is not None and hit[0] == T:
-            n_cached, logits = T, hit[3]
-            tmp.k[:, 0, :, :T], tmp.v[:, 0, :, :T] = hit[1], hit[2]
+            n_cached, prompt, logits = hit
         else:
-            n_cached = hit[0] if hit is not None else 0
+            n_cached, prompt = hit[0] if hit is not None else 0, model.new_cache(1, T)
             if n_cached:
-                tmp.k[:, 0, :, :n_cached], tmp.v[:, 0, :, :n_cached] = hit[1], hit[2]
-                tmp.valid[:, :n_cached] = True
-                tmp.length = n_cached
-            logits = model.prefill(ids[None, n_cached:], tmp, position_ids=pos[None, :, n_cached:],
+                prompt.copy_rows(0, hit[1], 0, n_cached)
+                prompt.length = n_cached
+            logits = model.prefill(ids[None, n_cached:], prompt, position_ids=pos[None, :, n_cached:],
                                    sep=None if n_cached else torch.tensor([req.sep], device=dev), last_only=True)[0, -1].float()
             self.stats["prefill_tokens"] += T - n_cached
             if req.cache_scope is not None and self.prompt_cache_entries > 0:
-                self._remember(req, (T, tmp.k[:, 0, :, :T].clone(), tmp.v[:, 0, :, :T].clone(), logits))
+                self._remember(req, (T, prompt, logits))  # never written again: kept as it is
         req.cached_tokens = n_cached
         self.stats["cached_tokens"] += n_cached
-        b = len(self.rows)
-        self.k[:, b, :, :T], self.v[:, b, :, :T] = tmp.k[:, 0, :, :T], tmp.v[:, 0, :, :T]
-        self.valid[b] = False
-        self.valid[b, :T] = True
-        self.sep[b] = req.sep
+        self.cache.copy_rows(len(self.rows), prompt, 0, T)
         self.sampler.join(req.params, ids, req.params.seed)
         self.rows.append(_Row(req, T, logits))
         req.compute_s += time.perf_counter() - t0
@@ -286,19 +274,13 @@ class Engine:
     # ---- run: one decode step for all running rows ------------------------------------------------------
     def _decode(self):
         t0 = time.perf_counter()
-        n, dev = len(self.rows), self.k.device
+        n, dev = len(self.rows), self.cache.k.device
         tokens = torch.tensor([[r.req.output_ids[-1]] for r in self.rows], device=dev)
-        idx = torch.tensor([r.length for r in self.rows], device=dev)  # (n,) write position per row
+        lengths = [r.length for r in self.rows]
+        slots = torch.tensor(lengths, device=dev)[:, None]  # (n, 1): each row writes at its own length
         pos = torch.tensor([self._gen_position(r.req, len(r.req.output_ids) - 1) for r in self.rows], device=dev)
-        # one native call for the whole step where it applies (kernels.decode_step), else eager
-        logits = kernels.decode_step(self.model, tokens[:, 0], pos[:, 0], pos[:, 1], self.k, self.v, self.valid, idx)
-        if logits is None:
-            S = int(idx.max()) + 1
-            self.valid[torch.arange(n, device=dev), idx] = True
-            kpos = torch.arange(S, device=dev)
-            allowed = self.valid[:n, :S] & ((kpos < self.sep[:n, None]) | (kpos <= idx[:, None]))  # (n, S)
-            cache = _RowCache(self.k, self.v, idx, n, S)
-            logits = self.model._run(tokens, pos[:, 0, None], pos[:, 1, None], allowed[:, None, None, :], cache, 0)[:, -1]
+        # rows [:n] of the cache, attending up to the longest row
+        logits = self.model.step(tokens, pos[:, :, None], self.cache, slots, extent=max(lengths) + 1)[:, -1]
         for r, lg in zip(self.rows, logits.float()):
             r.length += 1
             r.next_logits = lg
@@ -358,12 +340,8 @@ class Engine:
         if done:  # compact: survivors move to the front rows
             old = {id(r): i for i, r in enumerate(self.rows)}
             for b, r in enumerate(keep):
-                src = old[id(r)]
-                if src != b:
-                    self.k[:, b, :, : r.length] = self.k[:, src, :, : r.length]
-                    self.v[:, b, :, : r.length] = self.v[:, src, :, : r.length]
-                    self.valid[b] = self.valid[src]
-                    self.sep[b] = self.sep[src]
+                if old[id(r)] != b:
+                    self.cache.copy_rows(b, self.cache, old[id(r)], r.length)
             self.rows = keep
             self.sampler.keep([old[id(r)] for r in keep])
         for r in done:  # after the rows are gone, so callbacks see the engine's new state
@@ -375,15 +353,3 @@ class Engine:
         if req.on_finish:
             req.on_finish(req)
 
-
-class _RowCache:
-    """Cache view for one decode step: row i writes its new key/value at position idx[i]."""
-
-    def __init__(self, k, v, idx, n, S):
-        self.k, self.v, self.idx, self.n, self.S = k, v, idx, n, S
-        self.rows = torch.arange(n, device=k.device)
-
-    def update(self, layer, offset, k, v):  # k, v: (n, K, 1, D)
-        self.k[layer, self.rows, :, self.idx] = k[:, :, 0]
-        self.v[layer, self.rows, :, self.idx] = v[:, :, 0]
-        return self.k[layer, : self.n, :, : self.S], self.v[layer, : self.n, :, : self.S]

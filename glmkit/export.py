@@ -8,8 +8,8 @@ ONNX graphs (opset 18, dynamic batch and lengths):
                   -> logits (B,T,V), present_keys / present_values (L,B,K,T,D)
     decode.onnx   input_ids (B,1), position_ids (B,2,1), sep (B,), past_keys / past_values (L,B,K,P,D)
                   -> logits (B,1,V), present_keys / present_values (L,B,K,P+1,D)
-Same semantics as GLM.prefill / GLM.decode: keys before `sep` are read bidirectionally (GLM's
-Part A), later keys causally; the KV cache travels as graph inputs and outputs, so any ONNX
+Each graph is one `GLM.step`: keys before `sep` are read bidirectionally (GLM's Part A), later
+keys causally; the KV cache travels as graph inputs and outputs, so any ONNX
 runtime can drive generation. Weights are exported in the model's dtype (fp32 recommended).
 """
 
@@ -22,25 +22,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .model import GLM, prefix_mask
-
-
-class _PastCache:
-    """Quacks like KVCache for one forward: prepends past keys/values, records the result."""
-
-    def __init__(self, past_k=None, past_v=None):
-        self.past_k, self.past_v, self.k, self.v = past_k, past_v, [], []
-
-    def update(self, layer, offset, k, v):
-        if self.past_k is not None:
-            k, v = torch.cat((self.past_k[layer], k), 2), torch.cat((self.past_v[layer], v), 2)
-        self.k.append(k)
-        self.v.append(v)
-        return k, v
+from .model import GLM, KVCache
 
 
 class OnnxStep(nn.Module):
-    """One forward over new tokens after an optional past, with explicit cache tensors."""
+    """One `GLM.step` over new tokens after an optional past, the cache travelling as graph tensors:
+    past keys and values extended by T free slots, written at P..P+T-1 and returned whole."""
 
     def __init__(self, model: GLM, with_past: bool):
         super().__init__()
@@ -48,12 +35,13 @@ class OnnxStep(nn.Module):
 
     def forward(self, input_ids, position_ids, sep, past_keys=None, past_values=None):
         B, T = input_ids.shape
-        P = past_keys.shape[3] if self.with_past else 0
-        valid = torch.ones(B, P + T, dtype=torch.bool, device=input_ids.device)
-        mask = prefix_mask(sep, valid, P, T)
-        cache = _PastCache(past_keys, past_values)
-        logits = self.model._run(input_ids, position_ids[:, 0], position_ids[:, 1], mask, cache, P)
-        return logits, torch.stack(cache.k), torch.stack(cache.v)
+        cfg, dev = self.model.cfg, input_ids.device
+        new = torch.zeros(cfg.n_layers, B, cfg.n_kv_heads, T, cfg.head_dim, dtype=self.model.embed.weight.dtype, device=dev)
+        k, v = (torch.cat((past_keys, new), 3), torch.cat((past_values, new), 3)) if self.with_past else (new, new.clone())
+        P = k.shape[3] - T
+        cache = KVCache(k, v, torch.ones(B, P + T, dtype=torch.bool, device=dev), sep)
+        logits = self.model.step(input_ids, position_ids, cache, torch.arange(P, P + T, device=dev).expand(B, T))
+        return logits, cache.k, cache.v
 
 
 def export_onnx(model: GLM, dst: str | Path) -> tuple[Path, Path]:

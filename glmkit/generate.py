@@ -39,7 +39,7 @@ from typing import Iterator
 
 import torch
 
-from . import kernels
+from . import fused
 from .errors import ContextLengthError
 from .infill import SPAN_STEP, blank_prompt
 from .sampling import Sampler, SamplingParams, StopText, eos_ids, ngram_bans
@@ -79,56 +79,29 @@ class Chunk:
 
 
 # ---- model steps -----------------------------------------------------------------------------------------
-class _SlotCache:
-    """The one method Attention needs from a cache, writing a slot given as a tensor (1,) so that the
-    decode step keeps static shapes: every step attends over the whole cache (S = max_len), masked
-    (gpt-fast's `index_copy_` into a preallocated cache). KVCache.update slices by a Python int,
-    which changes the shapes at every step and would recompile a compiled step each time."""
-
-    def __init__(self, k, v, index):
-        self.k, self.v, self.index = k, v, index
-
-    def update(self, layer, offset, k, v):
-        self.k[layer].index_copy_(2, self.index, k)  # (B, K, S, D) <- (B, K, 1, D)
-        self.v[layer].index_copy_(2, self.index, v)
-        return self.k[layer], self.v[layer]
+def _static_step(model, cache, token, position_ids, index):
+    """A decode step with static shapes (every row at slot `index` (1,), attention over the whole cache,
+    masked), the function `torch.compile` sees: the model and cache as arguments, so a new cache of
+    the same shape reuses the compiled code."""
+    return model.step(token, position_ids, cache, index.expand(token.shape[0], 1))[:, -1]  # (B, V)
 
 
-def _decode_tensors(model, k, v, valid, sep, token, position_ids, index):
-    """One decode step on the cache's tensors; the function `torch.compile` sees (tensors and the
-    model as arguments, so a new cache of the same shape reuses the compiled code)."""
-    S = valid.shape[1]
-    valid.index_fill_(1, index, True)
-    kpos = torch.arange(S, device=valid.device)
-    # GLM's mask for a query at `index`: Part A (k < sep) and earlier keys, never padding
-    allowed = valid & ((kpos < sep[:, None]) | (kpos <= index))  # (B, S)
-    # model._run is the body of GLM.forward / prefill: embeddings, layers, norm, head
-    logits = model._run(token, position_ids[:, 0], position_ids[:, 1], allowed[:, None, None, :], _SlotCache(k, v, index), index)
-    return logits[:, -1]  # (B, V)
-
-
-_compiled_decode = None
+_compiled_step = None
 
 
 def decode_one(model, cache, token, position_ids, index, compile: bool = False, plan=None):
     """Feed token (B, 1) at position_ids (B, 2, 1) into cache slot `index` (a (1,) long tensor equal
     to cache.length) and return the next logits (B, V). `compile`: through `torch.compile` (the first
-    call per model and cache shape compiles). Otherwise a CPU step of a few rows is one native call
-    (kernels.decode_step) when it applies; `plan`: kernels.decode_plan(model), got once per loop."""
-    global _compiled_decode
-    if not compile:
-        B = token.shape[0]
-        logits = kernels.decode_step(model, token[:, 0], position_ids[:, 0, 0], position_ids[:, 1, 0], cache.k, cache.v,
-                                     cache.valid, index.expand(B), plan)
-        if logits is not None:
-            cache.length += 1
-            return logits
-    fn = _decode_tensors
+    call per model and cache shape compiles). Otherwise `GLM.step` over the slots written so far (one
+    native call for a few CPU rows where it applies; `plan`: fused.decode_plan(model), got once per loop)."""
+    global _compiled_step
     if compile:
-        if _compiled_decode is None:
-            _compiled_decode = torch.compile(_decode_tensors, fullgraph=True, dynamic=False)
-        fn = _compiled_decode
-    logits = fn(model, cache.k, cache.v, cache.valid, cache.sep, token, position_ids, index)
+        if _compiled_step is None:
+            _compiled_step = torch.compile(_static_step, fullgraph=True, dynamic=False)
+        logits = _compiled_step(model, cache, token, position_ids, index)
+    else:
+        slots = index.expand(token.shape[0], 1)
+        logits = model.step(token, position_ids, cache, slots, extent=cache.length + 1, plan=plan)[:, -1]
     cache.length += 1
     return logits
 
@@ -191,7 +164,7 @@ def _decode_loop(model, cache, logits, position, delta, params, sampler, rows, s
     # tokens come to the host each step only when something there needs them
     host = bool(stream or stop_set or params.stop or params.no_repeat_ngram_size)
     steps = 0
-    plan = None if compile else kernels.decode_plan(model)  # the model does not change during the loop
+    plan = None if compile else fused.decode_plan(model)  # the model does not change during the loop
     for step in range(N):
         banned = ngram_bans([r.ids for r in rows], [params.no_repeat_ngram_size] * B)  # None when off
         tok, lp, top, _ = sampler(logits, banned)  # (B,)
@@ -350,19 +323,15 @@ def beam_search(model, prompt_ids, params: SamplingParams, tokenizer=None, *, n_
     W, N, lp_pow = params.num_beams, params.max_new_tokens, params.length_penalty
     dev = _device(model)
     T = len(prompt)
-    one = model.new_cache(1, T + N)
-    logits = model.prefill(torch.tensor([prompt], device=dev), one, last_only=True)[:, -1]  # (1, V)
     cache = model.new_cache(W, T + N)
-    for name in ("k", "v", "valid", "sep"):
-        getattr(cache, name).copy_(getattr(one, name).expand_as(getattr(cache, name)))
-    cache.length = one.length
-    del one
+    logits = model.prefill(torch.tensor([prompt], device=dev), cache, last_only=True)[:, -1]  # (1, V): row 0
+    cache.copy_rows(slice(1, None), cache, slice(0, 1), T)  # the prompt's keys to the other beams
     V = logits.shape[-1]
     logits = logits.expand(W, V)
     sampler = Sampler.batch(params, [prompt] * W, V, dev)  # penalties only: beams rank penalized log-probabilities
     scores = [0.0] + [float("-inf")] * (W - 1)  # all beams start equal: keep only the first alive
     hist: list[list[int]] = [[] for _ in range(W)]
-    plan = None if compile else kernels.decode_plan(model)
+    plan = None if compile else fused.decode_plan(model)
     lps: list[list[float]] = [[] for _ in range(W)]
     finished: list[tuple[float, list[int], list[float], str, int | None]] = []
     stop_set = set(params.stop_ids)
@@ -405,9 +374,7 @@ def beam_search(model, prompt_ids, params: SamplingParams, tokenizer=None, *, n_
         lps = [lps[w] + [s - scores[w]] for w, _, s in keep]
         scores = [s for _, _, s in keep]
         idx = torch.tensor(parents, device=dev)
-        L = cache.length
-        cache.k[:, :, :, :L] = cache.k[:, idx, :, :L]  # reorder the beams' histories
-        cache.v[:, :, :, :L] = cache.v[:, idx, :, :L]
+        cache.copy_rows(slice(None), cache, idx, cache.length)  # reorder the beams' histories
         sampler.keep(parents)
         token.copy_(torch.tensor([[t] for _, t, _ in keep], device=dev))
         sampler.update(token[:, 0])

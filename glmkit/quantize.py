@@ -5,7 +5,7 @@
     model = glmkit.load(DST)                    # every command loads quantized checkpoints
 
 Activations stay in the model's float dtype; only weights are stored as integers. Decode steps
-(at most kernels.MAX_ROWS rows) on x86 CPUs run in glmkit's native kernels (kernels.py), which read
+(at most kernels.MAX_ROWS rows) on x86 CPUs run in glmkit's native kernels (`kernels`), which read
 this layout as stored. Other CPU matmuls run in PyTorch's weight-only kernels
 (`torch._weight_int8pack_mm`, `torch._weight_int4pack_mm_for_cpu`). Both read 1 or 0.5 bytes per
 weight instead of 2 or 4: decoding is bound by memory bandwidth, so fewer bytes is faster. Elsewhere (or when a kernel
@@ -24,7 +24,6 @@ third to a half of a small model's decode bandwidth, the embedding lookup stays 
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import replace
 
 import torch
@@ -183,26 +182,3 @@ def quantize_model(model: nn.Module, bits: int, group_size: int = 64, head: bool
     model.cfg = replace(model.cfg, quant=quant)
     return model
 
-
-def main(argv=None) -> int:
-    from .convert import read_checkpoint, tokenizer_files, write_checkpoint
-
-    p = argparse.ArgumentParser(prog="glmkit quantize", description="Weight-only int8/int4 quantization of a checkpoint.")
-    p.add_argument("src")
-    p.add_argument("dst")
-    p.add_argument("--bits", type=int, choices=[8, 4], required=True)
-    p.add_argument("--group-size", type=int, default=64, help="int4 group size (32, 64, 128)")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16", help="dtype of the non-quantized tensors")
-    a = p.parse_args(argv)
-    model = read_checkpoint(a.src, dtype=torch.float32)
-    before = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    quantize_model(model, a.bits, a.group_size)
-    if a.dtype == "bf16":
-        for t in list(model.parameters()) + [b for n, b in model.named_buffers() if b.is_floating_point()]:
-            t.data = t.data.to(torch.bfloat16)
-    extra = tokenizer_files(a.src)
-    write_checkpoint(model, a.dst, "glmkit", extra)
-    after = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    print(f"{a.src} -> {a.dst}: int{a.bits}{f' (group {a.group_size})' if a.bits == 4 else ''}, "
-          f"{before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB")
-    return 0

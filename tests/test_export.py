@@ -46,7 +46,7 @@ def test_onnx_prefill_and_decode_match_pytorch(tmp_path):
         logits, k, v = sd.run(None, {"input_ids": tok.numpy(), "position_ids": p.numpy(), "sep": sep.numpy(),
                                      "past_keys": k, "past_values": v})
         with torch.no_grad():
-            ref = model.decode(tok, cache, p)
+            ref = model.prefill(tok, cache, p)
         assert_close(torch.from_numpy(logits), ref, 1e-4, f"ONNX decode step {s}")
         tok = ref[:, -1].argmax(-1, keepdim=True)
 

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 import glmkit
 from glmkit import generate as G
-from glmkit import kernels
+from glmkit import fused, kernels
 from glmkit.config import ModelConfig
 from glmkit import cli
 from glmkit.generate import beam_search, chat, chat_stream, decode_one, fill, generate, infill, stream
@@ -446,9 +446,9 @@ class ScriptedGLM(GLM):
     script: list[int] = []
     start = 0
 
-    def _run(self, input_ids, pos, block, mask, cache, offset, hidden_only=False, last_only=False):
-        logits = super()._run(input_ids, pos, block, mask, cache, offset, hidden_only, last_only)
-        j = (pos - self.start).clamp(0, len(self.script) - 1)[:, -logits.shape[1]:]  # (B, T) or (B, 1)
+    def step(self, input_ids, position_ids, cache, slots, **kw):
+        logits = super().step(input_ids, position_ids, cache, slots, **kw)
+        j = (self._positions(input_ids, position_ids)[0] - self.start).clamp(0, len(self.script) - 1)[:, -logits.shape[1]:]  # (B, T) or (B, 1)
         return torch.full_like(logits, -10.0).scatter_(-1, torch.tensor(self.script)[j][..., None], 10.0)
 
 
@@ -573,23 +573,26 @@ def _steps(model, step_fn, n=6):
     return torch.stack(out)
 
 
-def _static(compile_fn=None):
+def _static(fn=None):
     def step(model, cache, tok, pos):
         index = torch.tensor([cache.length])
         position = torch.stack((pos, torch.zeros_like(pos)), 1)[:, :, None]  # (B, 2, 1)
-        if compile_fn is None:
+        if fn is None:
             return decode_one(model, cache, tok, position, index)
-        logits = compile_fn(model, cache.k, cache.v, cache.valid, cache.sep, tok, position, index)
+        logits = fn(model, cache, tok, position, index)
         cache.length += 1
         return logits
     return step
 
 
-def test_static_decode_step_equals_model_decode():
+def test_static_decode_step_equals_prefill(monkeypatch):
+    """The step torch.compile sees (every slot of the cache, masked) and decode_one's eager step (the
+    slots written so far) give GLM.prefill's logits (the fused step is compared in test_kernels.py)."""
+    monkeypatch.setattr(fused, "decode_step", lambda *a, **k: None)
     model = tiny()
-    want = _steps(model, lambda m, c, t, p: m.decode(t, c, p[:, None])[:, -1])
-    got = _steps(model, _static())
-    assert_close(got, want, 1e-5, "decode_one (whole cache, masked) vs GLM.decode")
+    want = _steps(model, lambda m, c, t, p: m.prefill(t, c, p[:, None])[:, -1])
+    assert_close(_steps(model, _static(G._static_step)), want, 1e-5, "static step (whole cache, masked) vs prefill")
+    assert_close(_steps(model, _static()), want, 1e-5, "decode_one vs prefill")
 
 
 def test_compiled_decode_graph_equals_eager(monkeypatch):
@@ -598,8 +601,8 @@ def test_compiled_decode_graph_equals_eager(monkeypatch):
     F.linear, so eager does too here (native kernels off; they are compared in test_kernels.py)."""
     monkeypatch.setattr(kernels, "MAX_ROWS", 0)
     model = tiny()
-    fn = torch.compile(G._decode_tensors, fullgraph=True, dynamic=False, backend="aot_eager")
-    assert_close(_steps(model, _static(fn)), _steps(model, _static()), 1e-6, "aot_eager-compiled vs eager decode")
+    fn = torch.compile(G._static_step, fullgraph=True, dynamic=False, backend="aot_eager")
+    assert_close(_steps(model, _static(fn)), _steps(model, _static(G._static_step)), 1e-6, "aot_eager-compiled vs eager decode")
 
 
 @pytest.mark.slow
@@ -614,8 +617,8 @@ def test_compiled_decode_equals_eager_inductor(monkeypatch):
         monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"glmkit-inductor-{cap}"))
     monkeypatch.setattr(kernels, "MAX_ROWS", 0)
     model = tiny()
-    fn = torch.compile(G._decode_tensors, fullgraph=True, dynamic=False)
-    assert_close(_steps(model, _static(fn)), _steps(model, _static()), 1e-5, "inductor-compiled vs eager decode")
+    fn = torch.compile(G._static_step, fullgraph=True, dynamic=False)
+    assert_close(_steps(model, _static(fn)), _steps(model, _static(G._static_step)), 1e-5, "inductor-compiled vs eager decode")
     want = [c.token_ids for c in generate(model, PROMPTS, GREEDY)]
     got = [c.token_ids for c in generate(model, PROMPTS, GREEDY, compile=True)]
     assert got == want, side_by_side(got, want, "generate(compile=True) vs eager")

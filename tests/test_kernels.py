@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from glmkit import kernels
+from glmkit import fused, kernels
 from glmkit.config import get_preset
 from glmkit.generate import generate
 from glmkit.model import GLM
@@ -338,24 +338,30 @@ def prefilled(model, prompts, sep):
     return cache, pos[:, -1]
 
 
+def eager_step(model, *args, **kw):
+    """GLM.step with the fused step out of the way: the eager layers."""
+    real, fused.decode_step = fused.decode_step, lambda *a, **k: None
+    try:
+        return model.step(*args, **kw)
+    finally:
+        fused.decode_step = real
+
+
 @needs_native
 @pytest.mark.parametrize("variant", list(FUSED_VARIANTS))
 @pytest.mark.parametrize("kind", ["fp32", "bf16", "int8", "int4"])
 def test_fused_step_equals_eager_step(variant, kind):
-    """Five decode steps through kernels.decode_step and through the eager step (generate's
-    _decode_tensors), each on its own copy of the same prefilled cache: same logits, same cache
-    writes. Batch 3, left-padded, GLM positions (block positions counting up) after a Part A."""
-    from glmkit.generate import _decode_tensors
-
+    """Five decode steps through fused.decode_step and through GLM.step's eager layers (static shapes,
+    as compiled), each on its own copy of the same prefilled cache: same logits, same cache writes.
+    Batch 3, left-padded, GLM positions (block positions counting up) after a Part A."""
     dtype = torch.bfloat16 if kind == "bf16" else torch.float32
     model = fused_model(variant, dtype, {"int8": 8, "int4": 4}.get(kind))
     with torch.inference_mode():
         cache, last = prefilled(model, [[5, 9, 13, 21, 7], [3, 4], [8, 8, 30, 31, 32, 33]], sep=2)
         ref = model.new_cache(3, cache.max_len)
-        for name in ("k", "v", "valid", "sep"):
-            getattr(ref, name).copy_(getattr(cache, name))
-        plan = kernels.decode_plan(model)
-        assert plan is not None, kernels._plans.get(model)
+        ref.copy_rows(slice(None), cache, slice(None), cache.max_len)
+        plan = fused.decode_plan(model)
+        assert plan is not None, fused._plans.get(model)
         token = torch.tensor([[11], [12], [13]])
         # fp32: summation order only (measured ~2e-7); bf16: the fused step keeps fp32 where the eager one
         # rounds to bf16 (~5e-3 on logits below 1.1); int8: 14-bit activations (~5e-5); int4: activations
@@ -365,9 +371,8 @@ def test_fused_step_equals_eager_step(variant, kind):
         for step in range(5):
             index = torch.tensor([cache.max_len - 8 + step])
             position = torch.stack((last + 1, torch.full_like(last, step + 1)), 1)[:, :, None]  # (3, 2, 1)
-            got = kernels.decode_step(model, token[:, 0], position[:, 0, 0], position[:, 1, 0], cache.k, cache.v,
-                                      cache.valid, index.expand(3), plan)
-            want = _decode_tensors(model, ref.k, ref.v, ref.valid, ref.sep, token, position, index).float()
+            got = fused.decode_step(model, cache, token[:, 0], position[:, 0, 0], position[:, 1, 0], index.expand(3), plan)
+            want = eager_step(model, token, position, ref, index.expand(3, 1))[:, -1].float()
             assert got is not None and got.shape == want.shape == (3, model.cfg.vocab_size)
             what = f"{variant} {kind} step {step}"
             assert_close(got, want, atol=scaled(tol, want), what=f"{what} logits")
@@ -378,58 +383,62 @@ def test_fused_step_equals_eager_step(variant, kind):
 
 
 @needs_native
-def test_fused_step_rows_at_different_lengths():
-    """The serving engine's step: each row writes its own slot (rows of different lengths), as the
-    eager step with the engine's per-row cache view computes it."""
-    from glmkit.engine import _RowCache
-
-    model = fused_model("glm4")
+@pytest.mark.parametrize("variant", ["glm4", "chatglm"])
+def test_fused_step_rows_at_different_lengths(variant):
+    """The serving engine's step: each row writes its own slot (rows of different lengths, one whose
+    Part A is its whole prompt), as the eager step attending up to the longest row computes it."""
+    model = fused_model(variant)
     with torch.inference_mode():
         cache = model.new_cache(4, 16)
-        for b, n in enumerate([3, 7, 5]):  # row 3 of the cache is unused
+        for b, (n, sep) in enumerate([(3, 0), (7, 2), (5, 5)]):  # row 3 of the cache is unused
             one = model.new_cache(1, 16)
-            model.prefill(torch.arange(2, 2 + n)[None] + b, one)
-            cache.k[:, b], cache.v[:, b], cache.valid[b] = one.k[:, 0], one.v[:, 0], one.valid[0]
-        k, v, valid = cache.k.clone(), cache.v.clone(), cache.valid.clone()
+            model.prefill(torch.arange(2, 2 + n)[None] + b, one, sep=sep)
+            cache.copy_rows(b, one, 0, 16)
+        ref = model.new_cache(4, 16)
+        ref.copy_rows(slice(None), cache, slice(None), 16)
         idx, tokens = torch.tensor([3, 7, 5]), torch.tensor([[9], [10], [11]])
         pos = torch.stack((idx, torch.zeros_like(idx)), 1)
-        got = kernels.decode_step(model, tokens[:, 0], pos[:, 0], pos[:, 1], cache.k, cache.v, cache.valid, idx)
-        valid[torch.arange(3), idx] = True
-        allowed = valid[:3, :8] & (torch.arange(8) <= idx[:, None])
-        want = model._run(tokens, pos[:, 0, None], pos[:, 1, None], allowed[:, None, None, :], _RowCache(k, v, idx, 3, 8), 0)[:, -1]
+        got = fused.decode_step(model, cache, tokens[:, 0], pos[:, 0], pos[:, 1], idx)
+        want = eager_step(model, tokens, pos[:, :, None], ref, idx[:, None], extent=8)[:, -1]
     assert_close(got, want, atol=scaled(1e-4, want), what="per-row slots: logits")
-    assert_close(cache.k, k, atol=scaled(1e-5, k), what="per-row slots: cached keys")
-    assert torch.equal(cache.valid, valid)
+    assert_close(cache.k, ref.k, atol=scaled(1e-5, ref.k), what="per-row slots: cached keys")
+    assert torch.equal(cache.valid, ref.valid)
 
 
 @needs_native
-def test_fused_step_follows_the_model():
+def test_fused_step_follows_the_model(monkeypatch):
     """The plan is rebuilt when the model changes (in-place weight update, dtype change), and the
     fused step steps aside for models it does not describe (LoRA wrappers, subclasses, training)."""
     from glmkit.lora import LoRAConfig, apply_lora
 
     model = fused_model("glm4")
-    p1 = kernels.decode_plan(model)
-    assert p1 is not None and kernels.decode_plan(model) is p1  # cached while the model is unchanged
+    p1 = fused.decode_plan(model)
+    assert p1 is not None and fused.decode_plan(model) is p1  # cached while the model is unchanged
     with torch.no_grad():
         model.layers[0].norm1.weight.mul_(2.0)  # read through an fp32 copy: must not go stale
-    p2 = kernels.decode_plan(model)
+    p2 = fused.decode_plan(model)
     assert p2 is not p1
     model.to(torch.bfloat16)
-    assert kernels.decode_plan(model) is not p2 and kernels.decode_plan(model).model.head.kind == 1  # bf16
+    assert fused.decode_plan(model) is not p2 and fused.decode_plan(model).model.head.kind == 1  # bf16
     apply_lora(model.float(), LoRAConfig(rank=2))
-    assert kernels.decode_plan(model) is None and "LoRALinear" in kernels._plans[model]
+    assert fused.decode_plan(model) is None and "LoRALinear" in fused._plans[model]
     cache = model.new_cache(1, 4)
     one = torch.tensor([1])
-    assert kernels.decode_step(model, one, one, one, cache.k, cache.v, cache.valid, one) is None
-
-    class Sub(GLM):
-        pass
-
-    assert kernels.decode_plan(Sub(get_preset("debug"))) is None
+    assert fused.decode_step(model, cache, one, one, one, one) is None
     trained = fused_model("glm4").train()  # parameters need grad and grad mode is on: autograd's job
     c = trained.new_cache(1, 4)
-    assert kernels.decode_step(trained, one, one, one, c.k, c.v, c.valid, one) is None
+    assert fused.decode_step(trained, c, one, one, one, one) is None
+
+    class Sub(GLM):  # may change what a step computes: GLM.step keeps it on the eager layers
+        pass
+
+    calls = []
+    monkeypatch.setattr(fused, "decode_step", lambda *a, **k: calls.append(a))
+    with torch.inference_mode():
+        sub = Sub(get_preset("debug")).eval()
+        sub.step(one[None], one[None], sub.new_cache(1, 4), one[None])
+        model.step(one[None], one[None], model.new_cache(1, 4), one[None])
+    assert len(calls) == 1 and calls[0][0] is model
 
 
 @needs_native
@@ -438,8 +447,8 @@ def test_fused_step_rejects_bad_slots_without_writing():
     cache = model.new_cache(2, 8)
     before = cache.valid.clone()
     with torch.inference_mode(), pytest.raises(RuntimeError, match="decode step rejected"):
-        kernels.decode_step(model, torch.tensor([1, 2]), torch.tensor([0, 0]), torch.tensor([0, 0]), cache.k, cache.v,
-                            cache.valid, torch.tensor([0, 8]))  # slot 8 of an 8-slot cache
+        fused.decode_step(model, cache, torch.tensor([1, 2]), torch.tensor([0, 0]), torch.tensor([0, 0]),
+                          torch.tensor([0, 8]))  # slot 8 of an 8-slot cache
     assert torch.equal(cache.valid, before)
 
 

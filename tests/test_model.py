@@ -16,8 +16,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from glmkit import fused, kernels
 from glmkit.config import ModelConfig
-from glmkit.model import GLM, Rotary, rope_cos_sin, rotate_halves, rotate_interleaved
+from glmkit.layers import Rotary, rope_cos_sin, rotate_halves, rotate_interleaved
+from glmkit.model import GLM
 
 from tests.helpers import assert_close, assert_differs, assert_equal
 
@@ -85,6 +87,17 @@ def rand_ids(model: GLM, *shape: int, seed: int = 1) -> torch.Tensor:
 
 # ---- 1. KV cache == full forward -------------------------------------------------------------------
 
+
+@pytest.fixture(params=["eager", "fused"])
+def step_path(request, monkeypatch):
+    """GLM.step's two ways through a decode step: the eager layers, and the native fused step."""
+    if request.param == "eager":
+        monkeypatch.setattr(fused, "decode_step", lambda *a, **k: None)
+    elif not kernels.available():
+        pytest.skip(f"native kernels unavailable: {kernels.why_unavailable()}")
+    return request.param
+
+
 PROMPT, N_NEW = 8, 6
 SEPS = {"causal": [0, 0], "prefix": [6, 3]}  # prefix: a different Part A length per sample
 
@@ -92,7 +105,7 @@ SEPS = {"causal": [0, 0], "prefix": [6, 3]}  # prefix: a different Part A length
 @pytest.mark.parametrize("mode", ["causal", "prefix"])
 @pytest.mark.parametrize("variant", VARIANTS)
 @torch.no_grad()
-def test_kv_cache_decode_matches_full_forward(variant, mode):
+def test_kv_cache_decode_matches_full_forward(variant, mode, step_path):
     model = make_model(variant)
     seps = SEPS[mode]
     B, T = len(seps), PROMPT + N_NEW
@@ -107,7 +120,7 @@ def test_kv_cache_decode_matches_full_forward(variant, mode):
     for t in range(N_NEW):
         nxt = logits[-1][:, -1].argmax(-1, keepdim=True)  # (B, 1)
         seq = torch.cat([seq, nxt], dim=1)
-        logits.append(model.decode(nxt, cache, position_ids=pos[..., PROMPT + t : PROMPT + t + 1]))
+        logits.append(model.prefill(nxt, cache, position_ids=pos[..., PROMPT + t : PROMPT + t + 1]))
     cached = torch.cat(logits, dim=1)  # (B, T, V)
     assert cache.length == T
 
@@ -152,16 +165,29 @@ def test_prefill_chunk_shorter_than_sep_is_rejected():
         model.prefill(ids[:, :first], cache, position_ids=pos[..., :first], sep=torch.tensor(seps))
 
 
+@pytest.mark.parametrize("variant", ["chatglm_rope2d_deepnorm", "glm4_partial_gqa"])
 @torch.no_grad()
-def test_cache_reset_reuses_cleanly():
-    model = make_model("glm4_partial_gqa")
-    ids, T = rand_ids(model, 2, 7), 7
-    cache = model.new_cache(2, max_len=16)
-    model.prefill(rand_ids(model, 2, 9, seed=5), cache, sep=4)  # leave other keys and a sep behind
-    cache.reset()
-    got = model.prefill(ids, cache, sep=torch.tensor([2, 5]))
-    want = model(ids, torch.arange(T).expand(2, T), torch.tensor([2, 5]))
-    assert_close(got, want, 1e-5, "prefill after cache.reset() vs full forward")
+def test_step_rows_at_their_own_slots(variant, step_path):
+    """The serving engine's use: prompts prefilled alone and copied into rows of one cache (over a
+    longer row's leftovers), then steps where each row writes at its own length, attending up to the
+    longest: each row's logits are its full forward's."""
+    model = make_model(variant)
+    lengths, seps, steps = [3, 7, 5], [2, 0, 5], 3
+    cache = model.new_cache(4, max_len=16)
+    model.prefill(rand_ids(model, 4, 12, seed=5), cache, sep=4)  # leftovers: keys, valid flags, sep
+    seqs = [rand_ids(model, 1, n + steps, seed=20 + b) for b, n in enumerate(lengths)]
+    for b, (seq, n) in enumerate(zip(seqs, lengths)):
+        one = model.new_cache(1, n)
+        model.prefill(seq[:, :n], one, sep=seps[b])
+        cache.copy_rows(b, one, 0, n)
+    got = []
+    for t in range(steps):
+        slots = torch.tensor(lengths)[:, None] + t
+        got.append(model.step(torch.cat([s[:, n + t : n + t + 1] for s, n in zip(seqs, lengths)]), slots, cache, slots,
+                              extent=max(lengths) + t + 1)[:, -1])
+    for b, (seq, n) in enumerate(zip(seqs, lengths)):
+        want = model(seq, sep=seps[b])[0, n:]
+        assert_close(torch.stack([g[b] for g in got]), want, 1e-5, f"{variant}: row {b} (length {n}, sep {seps[b]})")
 
 
 # ---- 2. prefix mask ----------------------------------------------------------------------------------
@@ -258,7 +284,7 @@ def test_left_padded_cache_matches_unpadded(variant):
     cache = model.new_cache(B, max_len=T + steps)
     outs = [model.prefill(ids, cache, attention_mask=mask)]
     for t in range(steps):
-        outs.append(model.decode(new[:, t : t + 1], cache, position_ids=(lengths + t)[:, None]))
+        outs.append(model.prefill(new[:, t : t + 1], cache, position_ids=(lengths + t)[:, None]))
     got = torch.cat(outs, 1)  # (B, T + steps, V)
     for b, (s, n) in enumerate(zip(samples, LENGTHS)):
         alone = model(torch.cat([s, new[b]])[None])
@@ -465,9 +491,9 @@ def test_prefill_beyond_cache_raises():
         model.prefill(rand_ids(model, 1, 3), cache, position_ids=torch.arange(6, 9)[None])
     assert cache.length == 6
     for t in (6, 7):
-        model.decode(rand_ids(model, 1, 1), cache, position_ids=torch.tensor([[t]]))
+        model.prefill(rand_ids(model, 1, 1), cache, position_ids=torch.tensor([[t]]))
     with pytest.raises(ValueError, match=r"\b8 positions"):
-        model.decode(rand_ids(model, 1, 1), cache, position_ids=torch.tensor([[8]]))
+        model.prefill(rand_ids(model, 1, 1), cache, position_ids=torch.tensor([[8]]))
     assert cache.length == 8
 
 

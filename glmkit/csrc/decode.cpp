@@ -11,7 +11,7 @@
 // Scope: the switches of glmkit's ModelConfig (RMSNorm / LayerNorm; rope_partial, rope_2d, or no
 // rotary, learned positions being added by the caller with the embeddings; pre-LN / deepnorm
 // residuals; sandwich norms; SwiGLU / tanh GELU; biases), weights fp32, bf16, int8 (per row) or int4
-// (glmkit's group-wise layout), caches fp32 or bf16. kernels.py builds the structs below from a model
+// (glmkit's group-wise layout), caches fp32 or bf16. fused.py builds the structs below from a model
 // and checks everything else (shapes, dtypes, contiguity, row counts); plain C ABI, called through
 // ctypes with the GIL released.
 #include <immintrin.h>
@@ -33,7 +33,7 @@ extern "C" int glmkit_gemv_q8(const float* x, int64_t M, int64_t K, const int8_t
 extern "C" int glmkit_gemv_int4(const float* x, int64_t M, int64_t K, const uint8_t* w, const void* sm, int sm_type,
                                 int64_t gs, int64_t N, float* y, int threads);
 
-// Field order and types must match kernels.py (_CLinear, _CNorm, _CLayer, _CModel, _CCache).
+// Field order and types must match fused.py (_CLinear, _CNorm, _CLayer, _CModel, _CCache).
 struct GlmkitLinear {
   const void* w;       // (N, K) fp32 / bf16 / int8, or (N, K/2) uint8 for int4
   const void* scale;   // int8: (N,) fp32; int4: (N, K/group, 2) [scale, min] pairs, fp32 or bf16; else null
@@ -64,8 +64,8 @@ struct GlmkitModel {
 struct GlmkitCache {
   void* k;              // (L, B, K, S, D)
   void* v;              // (L, B, K, S, D)
-  uint8_t* valid;       // (B, S): real (non-padding) keys. Row b's visible keys are the valid ones up to
-                        // its slot idx[b]: GLM's Part A (keys < sep) always ends before the first decode slot
+  uint8_t* valid;       // (B, S): real (non-padding) keys
+  const int64_t* sep;   // (B,): Part A lengths. Row b sees its valid keys s < sep[b] or s <= idx[b] (model.visible)
   int64_t batch, max_len;
   int32_t bf16;  // cache dtype: 1 bf16, 0 fp32
 };
@@ -178,13 +178,13 @@ void attend(const GlmkitModel& m, const GlmkitCache& c, int64_t layer, int64_t M
   const T* vc = static_cast<const T*>(c.v);
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t bh = 0; bh < M * H; ++bh) {
-    const int64_t b = bh / H, h = bh % H, kh = h / group, n = idx[b] + 1;
+    const int64_t b = bh / H, h = bh % H, kh = h / group, n = std::max(idx[b] + 1, c.sep[b]);
     const float* q = qkv + b * QKV + h * D;
     const int64_t base = ((layer * B + b) * KH + kh) * S * D;
     const uint8_t* valid = c.valid + b * S;
     float* sc = scores + bh * smax;
     float mx = -std::numeric_limits<float>::infinity();
-    for (int64_t s = 0; s < n; ++s) {  // keys after idx[b] are never visible (Part A ends before it)
+    for (int64_t s = 0; s < n; ++s) {  // keys after idx[b] are visible only in Part A
       if (valid[s]) {
         sc[s] = dot(q, kc + base + s * D, D) * scale;
         mx = std::max(mx, sc[s]);
@@ -232,8 +232,8 @@ inline float gelu_tanh(float x) {
 }  // namespace
 
 // x (M, C) fp32: the step's input embeddings (learned positions already added), overwritten.
-// pos, block (M,): positions and block positions; idx (M,): the cache slot each row writes, which
-// is also its last visible key. Row b uses cache row b. logits (M, V) fp32.
+// pos, block (M,): positions and block positions; idx (M,): the cache slot each row writes (its
+// query's slot). Row b uses cache row b. logits (M, V) fp32.
 // Returns 0, or non-zero if an argument is out of range (nothing useful is written then).
 extern "C" int glmkit_decode_step(const GlmkitModel* mp, const GlmkitCache* cp, int64_t M, float* x, const int64_t* pos,
                                   const int64_t* block, const int64_t* idx, float* logits, int threads) {
@@ -243,8 +243,8 @@ extern "C" int glmkit_decode_step(const GlmkitModel* mp, const GlmkitCache* cp, 
   if (M < 1 || M > c.batch || KH < 1 || H % KH) return 1;
   int64_t smax = 0;
   for (int64_t b = 0; b < M; ++b) {
-    if (idx[b] < 0 || idx[b] >= c.max_len) return 2;  // before anything is written
-    smax = std::max(smax, idx[b] + 1);
+    if (idx[b] < 0 || idx[b] >= c.max_len || c.sep[b] < 0 || c.sep[b] > c.max_len) return 2;  // before any write
+    smax = std::max(smax, std::max(idx[b] + 1, c.sep[b]));
   }
   for (int64_t b = 0; b < M; ++b) c.valid[b * c.max_len + idx[b]] = 1;  // the new key is real
   const int64_t QKV = (H + 2 * KH) * D, F = m.layers[0].down.k;

@@ -1,0 +1,199 @@
+"""The fused decode step: one decode step of a GLM, every layer, as one native call (csrc/decode.cpp).
+
+An eager decode step spends as long outside the matrix products as in them (norms, rotary, cache
+writes, attention, residuals: ~25 operator calls per layer, each mostly dispatch), so `GLM.step` runs
+a few-row CPU decode step of a supported model through `decode_step` here. The plan is the C view of
+a model's weights, built from its blocks (`layers`) and linears (`kernels`, `quantize`); this module
+does not know the model class: `GLM.step` calls it only for a GLM itself and its own KVCache. The
+library is built and loaded by `kernels`; the structs mirror decode.cpp's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import weakref
+
+import torch
+import torch.nn as nn
+
+from . import kernels
+from .kernels import _WTYPE, Linear, int4_pairs, int4_supported
+from .layers import MLP, Attention, Block, Norm
+from .quantize import Int4Linear, Int8Linear
+
+
+class _CLinear(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("group", ctypes.c_int64), ("kind", ctypes.c_int32)]
+
+
+class _CNorm(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p), ("b", ctypes.c_void_p)]
+
+
+class _CLayer(ctypes.Structure):
+    _fields_ = [("norm1", _CNorm), ("norm2", _CNorm), ("post_attn", _CNorm), ("post_mlp", _CNorm),
+                ("qkv", _CLinear), ("out", _CLinear), ("up", _CLinear), ("down", _CLinear)]
+
+
+class _CModel(ctypes.Structure):
+    _fields_ = [("layers", ctypes.POINTER(_CLayer)), ("norm", _CNorm), ("head", _CLinear)]
+    _fields_ += [(n, ctypes.c_int64) for n in ("n_layers", "dim", "n_heads", "n_kv_heads", "head_dim", "rotary_dim")]
+    _fields_ += [(n, ctypes.c_int32) for n in ("layernorm", "position", "swiglu", "sandwich", "deepnorm")]
+    _fields_ += [(n, ctypes.c_float) for n in ("eps", "alpha", "theta")]
+
+
+class _CCache(ctypes.Structure):
+    _fields_ = [("k", ctypes.c_void_p), ("v", ctypes.c_void_p), ("valid", ctypes.c_void_p), ("sep", ctypes.c_void_p),
+                ("batch", ctypes.c_int64), ("max_len", ctypes.c_int64), ("bf16", ctypes.c_int32)]
+
+
+class _Unsupported(Exception):
+    pass
+
+
+class _Plan:
+    """The C view of one model: pointers to its weights (read in place) and fp32 copies of the small
+    tensors the kernel wants in fp32 (norms, biases, quantization scales). `fresh()` says whether the
+    model still is what the plan describes: every module and tensor it read is still in place, with
+    the same storage and version (a LoRA wrapper, `.to(dtype)` or an in-place update rebuilds it)."""
+
+    def __init__(self, model):
+        self.refs, self.keep = [], []
+        cfg = model.cfg
+
+        def tensor(owner, name, fp32=False):
+            t = getattr(owner, name)
+            if t is None:
+                return None
+            if t.device.type != "cpu" or not t.is_contiguous():
+                raise _Unsupported(f"{name} is not a contiguous CPU tensor")
+            store = owner._parameters if name in owner._parameters else owner._buffers
+            self.refs.append((store, name, t, t._version, t.data_ptr()))
+            if fp32:
+                t = t.detach().to(torch.float32).contiguous()
+                self.keep.append(t)
+            return t.data_ptr()
+
+        def module(owner, name, types):
+            m = owner._modules.get(name)
+            if type(m) not in types:
+                raise _Unsupported(f"{name} is a {type(m).__name__}")
+            self.refs.append((owner._modules, name, m, None, None))
+            return m
+
+        def lin(owner, name):
+            m = module(owner, name, (Linear, nn.Linear, Int8Linear, Int4Linear))
+            w = m.weight
+            c = _CLinear(n=w.shape[0], k=m.in_features, group=0, bias=tensor(m, "bias", fp32=True))
+            if type(m) is Int4Linear:
+                if not int4_supported(m.in_features, m.group_size):
+                    raise _Unsupported(f"int4 group size {m.group_size} with {m.in_features} inputs")
+                tensor(m, "scales"), tensor(m, "mins")  # watched for changes; the kernel reads a pairs copy
+                sm, sm_type = int4_pairs(m.scales, m.mins)
+                self.keep.append(sm)
+                c.kind, c.group, c.scale = 3 + sm_type, m.group_size, sm.data_ptr()
+            elif type(m) is Int8Linear:
+                c.kind, c.scale = 2, tensor(m, "scales", fp32=True)
+            elif w.dtype in (torch.float32, torch.bfloat16):
+                c.kind = _WTYPE[w.dtype]
+            else:
+                raise _Unsupported(f"{name} weight dtype {w.dtype}")
+            c.w = tensor(m, "weight")
+            return c
+
+        def norm(owner, name):
+            m = module(owner, name, (Norm,))
+            return _CNorm(tensor(m, "weight", fp32=True), tensor(m, "bias", fp32=True))
+
+        blocks = []
+        for i in range(cfg.n_layers):
+            blk = module(model.layers, str(i), (Block,))
+            attn, mlp = module(blk, "attn", (Attention,)), module(blk, "mlp", (MLP,))
+            layer = _CLayer(norm1=norm(blk, "norm1"), norm2=norm(blk, "norm2"), qkv=lin(attn, "qkv"), out=lin(attn, "out"),
+                            up=lin(mlp, "up"), down=lin(mlp, "down"))
+            if cfg.sandwich_norm:
+                layer.post_attn, layer.post_mlp = norm(blk, "post_attn_norm"), norm(blk, "post_mlp_norm")
+            blocks.append(layer)
+        self.layers = (_CLayer * len(blocks))(*blocks)
+        if "head" in model._modules:
+            head = lin(model, "head")
+        else:  # tied: the embedding table is the head
+            emb = module(model, "embed", (nn.Embedding,))
+            if emb.weight.dtype not in (torch.float32, torch.bfloat16):
+                raise _Unsupported(f"embedding dtype {emb.weight.dtype}")
+            head = _CLinear(w=tensor(emb, "weight"), n=emb.weight.shape[0], k=emb.weight.shape[1],
+                            kind=_WTYPE[emb.weight.dtype])
+        self.model = _CModel(
+            layers=self.layers, norm=norm(model, "norm"), head=head, n_layers=cfg.n_layers, dim=cfg.dim,
+            n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+            rotary_dim=cfg.rotary_dim if cfg.position in ("rope_2d", "rope_partial") else 0,
+            layernorm=cfg.norm == "layernorm", position={"rope_2d": 1, "rope_partial": 2}.get(cfg.position, 0),
+            swiglu=cfg.mlp == "swiglu", sandwich=cfg.sandwich_norm, deepnorm=cfg.residual == "deepnorm",
+            eps=cfg.norm_eps, alpha=cfg.residual_alpha, theta=cfg.rope_theta,
+        )
+        self.vocab = head.n
+
+    def fresh(self) -> bool:
+        for store, name, obj, version, ptr in self.refs:
+            if store.get(name) is not obj or (ptr is not None and (obj._version != version or obj.data_ptr() != ptr)):
+                return False
+        return True
+
+
+_plans: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> _Plan, or the reason it has none
+
+
+def decode_plan(model) -> _Plan | None:
+    """The native view of `model` for decode_step, rebuilt if the model changed since it was made, or
+    None if the fused step does not support the model (e.g. a LoRA wrapper, a CUDA model). Checking
+    costs a few microseconds per layer: a generation loop gets it once and passes it to each step."""
+    p = _plans.get(model)
+    if p is None or (isinstance(p, _Plan) and not p.fresh()):
+        try:
+            p = _Plan(model)
+        except _Unsupported as e:
+            p = str(e)
+        _plans[model] = p
+    return p if isinstance(p, _Plan) else None
+
+
+def decode_step(model, cache, token: torch.Tensor, pos: torch.Tensor, block: torch.Tensor, idx: torch.Tensor,
+                plan: _Plan | None = None) -> torch.Tensor | None:
+    """One decode step of `model` (a glmkit GLM) for rows 0..M-1 of `cache` (a KVCache), as one native call.
+
+    token, pos, block, idx: (M,) long: the token each row feeds, its position and block position,
+    and the cache slot it writes. k, v (L, B, K, S, D) are written at [:, b, :, idx[b]], valid (B, S)
+    set there; row b attends to its valid keys s with s < sep[b] or s <= idx[b], the model's mask.
+    Returns the next-token logits (M, V) in fp32, or None when the fused step does not apply (the
+    caller then runs the eager step, which gives the same results within rounding: this one keeps
+    the residual stream, rotary and attention in fp32 even for a bf16 model). `plan`:
+    decode_plan(model), if the caller already has it (it must be current: the model not changed since).
+    """
+    M, k, v, valid, sep = token.shape[0], cache.k, cache.v, cache.valid, cache.sep
+    if not (0 < M <= kernels.MAX_ROWS and token.device.type == "cpu" and k.dtype in (torch.float32, torch.bfloat16)):
+        return None
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or kernels._load() is None:
+        return None
+    if torch.is_grad_enabled() and model.embed.weight.requires_grad:
+        return None
+    plan = plan or decode_plan(model)
+    L, B, K, S, D = k.shape
+    cfg = model.cfg
+    if plan is None or (L, K, D) != (cfg.n_layers, cfg.n_kv_heads, cfg.head_dim) or v.shape != k.shape or v.dtype != k.dtype:
+        return None
+    if not (k.is_contiguous() and v.is_contiguous() and valid.is_contiguous() and valid.dtype == torch.bool
+            and valid.shape == (B, S) and sep.shape == (B,) and sep.dtype == torch.long and sep.is_contiguous() and M <= B):
+        return None
+    x = model.embed(token)  # (M, C)
+    if cfg.position == "learned_2d":
+        x = x + model.pos_embed(pos) + model.block_pos_embed(block)
+    x = x.to(torch.float32).contiguous()  # a fresh tensor (the lookup copies): the kernel overwrites it
+    pos, block, idx = (t.to(torch.long).contiguous() for t in (pos, block, idx))
+    logits = torch.empty(M, plan.vocab)
+    c = _CCache(k.data_ptr(), v.data_ptr(), valid.data_ptr(), sep.data_ptr(), B, S, int(k.dtype == torch.bfloat16))
+    rc = kernels._lib.glmkit_decode_step(ctypes.addressof(plan.model), ctypes.addressof(c), M, x.data_ptr(),
+                                         pos.data_ptr(), block.data_ptr(), idx.data_ptr(), logits.data_ptr(),
+                                         torch.get_num_threads())
+    kernels._check(rc, "decode step")
+    return logits
