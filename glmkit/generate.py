@@ -18,7 +18,7 @@ race so no host sync is needed to draw a token) and nanochat's engine (token ids
 
 One step of the loop: `Sampler` turns logits (B, V) into tokens (B,) on the device (penalties,
 temperature, top-k, top-p, min-p; the order HF and vLLM use), `decode_one` runs the model on them
-(`GLM.step`; with static shapes when compiled: attention over the whole cache, masked), and once per step, for the whole
+with static shapes (attention over the whole cache, masked), and once per step, for the whole
 batch, the tokens come to the host, only when a stop id, a stop string, a no-repeat n-gram or a
 stream needs them. Without any of those the loop never syncs and reads the tokens back at the end.
 
