@@ -217,7 +217,7 @@ class Engine:
         return (tuple(req.prompt_ids[:n]), req.sep, tuple(map(tuple, req.position_ids or ())))
 
     def _lookup(self, req: Request):
-        """(cached length, its one-row KVCache, logits) of the longest reusable prompt entry of the request's scope, or None."""
+        """(cached length, its one-row KVCache, logits) of the longest reusable prompt entry of its scope, or None."""
         entries = self.prompt_cache.get(req.cache_scope) if req.cache_scope is not None else None
         if not entries:
             return None

@@ -58,3 +58,42 @@ def client(model, tok):
 
     with TestClient(create_app(model, tok, "tiny")) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def repeat3_model():
+    """A builder of a hand-set GLM (the `debug` shape with 32 tokens, an untied head and q/k biases)
+    that continues any prompt by repeating its last three tokens: [5, 9, 13, 2, 7] -> 13, 2, 7, 13, ...
+    One attention head of layer 0 per key/value head reads the token two positions back (a rotary
+    pattern sharp at that distance) and writes it where the head reads; everything else adds nothing.
+    So its greedy tokens are known without running it, are decided by margins no rounding or
+    quantization of these tests reaches, and change when a position, a cache slot, a padding flag or
+    the attention is wrong (the untrained `debug` preset repeats the last token whatever they are).
+    Each call builds a fresh fp32 model."""
+    import torch
+
+    from glmkit.config import get_preset
+    from glmkit.model import GLM
+
+    def build():
+        cfg = get_preset("debug", vocab_size=32, tie_embeddings=False, qkv_bias=True)
+        model = GLM(cfg).eval()
+        H, K, D, r = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rotary_dim
+        codes = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(0)))[0]  # orthonormal
+        theta = cfg.rope_theta ** (-torch.arange(0, r, 2) / r)  # the rotary frequencies of the position half
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.fill_(1.0) if "norm" in name else p.zero_()
+            model.embed.weight[:, :32] = codes  # token codes in dims 0..31; the copy goes to 32..63
+            qkv, out = model.layers[0].attn.qkv, model.layers[0].attn.out
+            for kh in range(K):  # query head kh * H/K reads kv head kh: score ~ sum_i cos(theta_i (q - k - 2))
+                h = kh * H // K
+                qkv.bias[h * D : h * D + r] = 17 * torch.cat(((2 * theta).cos(), -(2 * theta).sin()))
+                qkv.bias[H * D + kh * D : H * D + kh * D + r // 2] = 17
+                v = (H + K) * D + kh * D
+                qkv.weight[v : v + D, kh * D : kh * D + D] = torch.eye(D)  # values: the code, 16 dims per kv head
+                out.weight[32 + kh * D : 32 + kh * D + D, h * D : h * D + D] = torch.eye(D)
+            model.head.weight[:, 32:] = codes * 0.8
+        return model
+
+    return build

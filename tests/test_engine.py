@@ -1,4 +1,8 @@
-"""The continuous-batching engine: same tokens as one-by-one generation, whatever joins or leaves."""
+"""The continuous-batching engine: same tokens as one-by-one generation, whatever joins or leaves.
+
+The token tests run untied random models: their greedy tokens depend on every key, position and mask
+entry (the tied `debug` preset repeats the last input token whatever those are), and are checked
+against plain full forwards without a cache."""
 
 import pytest
 import torch
@@ -12,11 +16,31 @@ from glmkit.model import GLM
 
 def model_of(position="rope_2d", seed=0):
     torch.manual_seed(seed)
-    cfg = get_preset("debug") if position == "rope_2d" else ModelConfig(
-        vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, position="rope_partial", max_seq_len=256)
+    cfg = get_preset("debug", tie_embeddings=False, init_std=0.2) if position == "rope_2d" else ModelConfig(
+        vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, position="rope_partial", max_seq_len=256,
+        tie_embeddings=False, init_std=0.2)
     m = GLM(cfg).eval()
     m.init_weights(seed=seed)
     return m
+
+
+@torch.no_grad()
+def full_greedy(model, prompt, n, positions=None, sep=0):
+    """n greedy tokens by full forwards over the whole sequence, no cache. positions(T) -> (2, T)
+    gives the positions of a T-token sequence (default 0..T-1: the model's own causal path)."""
+    ids = list(prompt)
+    for _ in range(n):
+        pos = None if positions is None else positions(len(ids))[None]
+        ids.append(int(model(torch.tensor([ids]), pos, sep=sep)[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def glm_greedy(model, prompt, mask_id, sop_id, n, bidirectional=True):
+    """The reference for glm_request: Part A = prompt + [gMASK] read bidirectionally, <sop> and the
+    span at the mask's position with block positions 1, 2, ..."""
+    A = len(prompt) + 1
+    span = lambda T: torch.tensor([list(range(A)) + [A - 1] * (T - A), [0] * A + list(range(1, T - A + 1))])  # noqa: E731
+    return full_greedy(model, prompt + [mask_id, sop_id], n, span, sep=A if bidirectional else 0)
 
 
 def run_all(engine, arrivals):
@@ -33,8 +57,8 @@ def test_staggered_requests_match_one_by_one():
     model = model_of()
     greedy = SamplingParams(max_new_tokens=12, temperature=0)
     prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16, 17], [20, 21, 22]]
-    want = [c.token_ids for c in generate(model, [[p] for p in prompts][0], greedy)] + \
-        [generate(model, [p], greedy)[0].token_ids for p in prompts[1:]]
+    want = [full_greedy(model, p, 12) for p in prompts]
+    assert [generate(model, [p], greedy)[0].token_ids for p in prompts] == want
     engine = Engine(model, max_batch=3, max_len=64)  # 4 requests, 3 rows: one waits for a free row
     reqs = [Request(p, SamplingParams(max_new_tokens=12 - 4 * (i == 1), temperature=0)) for i, p in enumerate(prompts)]
     run_all(engine, {0: [reqs[0]], 2: [reqs[1], reqs[2]], 5: [reqs[3]]})
@@ -63,15 +87,9 @@ def test_glm_prefix_requests_batched_equal_alone_and_reference():
         while e.has_work():
             e.step()
         alone.append(r.output_ids)
-    # reference: the same computation with plain full forwards
-    a = [30, 31, 32, 3, 4]
-    ids = list(a)
-    for k in range(6):
-        T = len(ids)
-        pos = torch.tensor([[0, 1, 2, 3] + [3] * (T - 4), [0, 0, 0, 0] + list(range(1, T - 3))])[None]
-        with torch.no_grad():
-            ids.append(int(model(torch.tensor([ids]), pos, sep=4)[0, -1].argmax()))
-    assert alone[0] == ids[5:], (alone[0], ids[5:])
+    # reference: the same computation with plain full forwards; reading Part A causally gives other tokens
+    assert alone == [glm_greedy(model, pr, 3, 4, 6) for pr in ([30, 31, 32], [40, 41, 42, 43, 44])], alone
+    assert alone[1] != glm_greedy(model, [40, 41, 42, 43, 44], 3, 4, 6, bidirectional=False)
     e = Engine(model, max_batch=2, max_len=64)
     rs = [e.submit(glm_request(pr, 3, 4, params=p)) for pr in ([30, 31, 32], [40, 41, 42, 43, 44])]
     while e.has_work():
@@ -90,7 +108,8 @@ def test_prompt_cache_is_scoped_and_exact():
             e.step()
         runs.append(r)
     assert [r.cached_tokens for r in runs] == [0, 5, 0]  # the whole prompt (3 + [gMASK] + <sop>); never across keys
-    assert runs[0].output_ids == runs[1].output_ids == runs[2].output_ids
+    assert runs[0].output_ids == runs[1].output_ids == runs[2].output_ids == glm_greedy(model, [50, 51, 52], 3, 4, 5)
+    assert runs[0].output_ids != glm_greedy(model, [50, 51, 52], 3, 4, 5, bidirectional=False)  # Part A counts
 
 
 def test_causal_models_reuse_a_shared_prefix():
@@ -104,7 +123,8 @@ def test_causal_models_reuse_a_shared_prefix():
     while e.has_work():
         e.step()
     assert second.cached_tokens == 4
-    assert second.output_ids == generate(model, [[7, 8, 9, 10, 11, 12]], p)[0].token_ids
+    assert first.output_ids == full_greedy(model, [7, 8, 9, 10], 4)
+    assert second.output_ids == full_greedy(model, [7, 8, 9, 10, 11, 12], 4)
 
 
 def test_cancel_stop_ids_and_limits():
