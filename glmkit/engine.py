@@ -44,11 +44,11 @@ which calls `cancel` when a stop string appears or the client disconnects.
 from __future__ import annotations
 
 import threading
-import traceback
 import time
+import traceback
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 

@@ -45,6 +45,7 @@ import torch
 from .infill import InfillConfig, SpecialIds, build_example, collate, special_ids
 from .scoring import _gmask_bits, bits_per_char, model_objective
 
+
 def read_heldout(path: str | Path, per_domain: int = 0, source: str = "") -> dict[str, list[str]]:
     """Texts of a corpus heldout.jsonl grouped by domain (the first `per_domain` of each; 0: all)."""
     out: dict[str, list[str]] = {}

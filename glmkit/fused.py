@@ -141,7 +141,7 @@ class _Plan:
         return True
 
 
-_plans: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> _Plan, or the reason it has none
+_plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> _Plan, or the reason it has none
 
 
 def decode_plan(model) -> _Plan | None:

@@ -67,7 +67,7 @@ class KVCache:
         self.v[layer].transpose(1, 2)[rows, slots] = v.transpose(1, 2).to(self.v.dtype)
         return self.k[layer, :n, :, :extent], self.v[layer, :n, :, :extent]
 
-    def copy_rows(self, rows, src: "KVCache", src_rows, n: int):
+    def copy_rows(self, rows, src: KVCache, src_rows, n: int):
         """Rows `rows` take slots [:n] of `src`'s rows `src_rows` (keys, values, valid flags, sep); their
         later slots become free. Rows are an int, a slice or a long tensor, as many on both sides
         (or one source row as slice(i, i + 1), copied to all)."""

@@ -10,8 +10,8 @@ import torch
 from glmkit.config import ModelConfig, get_preset
 from glmkit.engine import Engine, EngineFull, Request
 from glmkit.generate import generate
-from glmkit.sampling import SamplingParams
 from glmkit.model import GLM
+from glmkit.sampling import SamplingParams
 
 
 def model_of(position="rope_2d", seed=0):
@@ -39,7 +39,7 @@ def glm_greedy(model, prompt, mask_id, sop_id, n, bidirectional=True):
     """The reference for glm_request: Part A = prompt + [gMASK] read bidirectionally, <sop> and the
     span at the mask's position with block positions 1, 2, ..."""
     A = len(prompt) + 1
-    span = lambda T: torch.tensor([list(range(A)) + [A - 1] * (T - A), [0] * A + list(range(1, T - A + 1))])  # noqa: E731
+    span = lambda T: torch.tensor([list(range(A)) + [A - 1] * (T - A), [0] * A + list(range(1, T - A + 1))])
     return full_greedy(model, prompt + [mask_id, sop_id], n, span, sep=A if bidirectional else 0)
 
 

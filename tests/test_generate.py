@@ -25,14 +25,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import glmkit
+from glmkit import cli, fused, kernels
 from glmkit import generate as G
-from glmkit import fused, kernels
 from glmkit.config import ModelConfig
-from glmkit import cli
 from glmkit.generate import beam_search, chat, chat_stream, decode_one, fill, generate, infill, stream
-from glmkit.sampling import SamplingParams, StopText, apply_penalties, param_rows, process_logits
 from glmkit.model import GLM
-
+from glmkit.sampling import SamplingParams, StopText, apply_penalties, param_rows, process_logits
 from tests.helpers import assert_close
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=12)
@@ -353,7 +351,7 @@ def trained(tok):
     model = GLM(ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=64))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
-    for step in range(200):
+    for _ in range(200):
         ix = torch.randint(0, len(data["sep"]), (32,), generator=g)
         b = {k: v[ix] for k, v in data.items()}
         logits = model(b["input_ids"], b["position_ids"], sep=b["sep"])

@@ -25,7 +25,7 @@ from glmkit.model import GLM
 from glmkit.quantize import Int4Linear, quantize_int4, quantize_int8, quantize_model, unpack_int4
 from glmkit.sampling import SamplingParams
 
-from .helpers import assert_close, int16_act_bound, int4_act_bound
+from .helpers import assert_close, int4_act_bound, int16_act_bound
 
 X86_AVX2 = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 needs_native = pytest.mark.skipif(not (X86_AVX2 and (shutil.which("c++") or shutil.which("g++"))),
@@ -192,7 +192,7 @@ def test_unsafe_cache_is_refused_and_never_loaded(case, monkeypatch, tmp_path):
     lib.write_bytes(PLANTED)
     lib.chmod(0o755)
     if case == "foreign-dir":  # seen by a process of another uid (chown would need root, and tests may not have it)
-        monkeypatch.setattr(kernels.os, "geteuid", lambda real=os.geteuid(): real + 1)
+        monkeypatch.setattr(kernels.os, "geteuid", lambda real=os.geteuid(): real + 1)  # noqa: B008 (the real uid, read once)
         why = "owned by uid"
     elif case.endswith("writable-dir"):
         cache.chmod(0o770 if case.startswith("group") else 0o1777)  # world-writable even with /tmp's sticky bit

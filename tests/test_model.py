@@ -20,10 +20,7 @@ from glmkit import fused, kernels
 from glmkit.config import ModelConfig
 from glmkit.layers import Rotary, rope_cos_sin, rotate_halves, rotate_interleaved
 from glmkit.model import GLM
-
 from tests.helpers import assert_close, assert_differs, assert_equal
-
-
 
 TINY = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, ffn_dim=64, max_seq_len=64, init_std=0.2)
 
@@ -129,7 +126,7 @@ def test_kv_cache_decode_matches_full_forward(variant, mode, step_path):
 
     # greedy without the cache: re-run the whole sequence each step
     ref = ids
-    for t in range(N_NEW):
+    for _ in range(N_NEW):
         step = model(ref, pos[..., : ref.shape[1]], sep)
         ref = torch.cat([ref, step[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(seq, ref), (
