@@ -18,8 +18,8 @@ tokenizer is passed (stop strings, `text`, `fill`, `chat`). Based on gpt-fast's 
 ids in, token ids out).
 
 One step of the loop: `sampling.Sampler` turns logits (B, V) into tokens (B,) on the device (the
-sampler the engine uses too), `decode_one` runs the model on them
-with static shapes (attention over the whole cache, masked), and once per step, for the whole
+sampler the engine uses too), `decode_one` runs `GLM.step` on them (over the slots written so far;
+compiled: with static shapes, over the whole cache, masked), and once per step, for the whole
 batch, the tokens come to the host, only when a stop id, a stop string, a no-repeat n-gram or a
 stream needs them. Without any of those the loop never syncs and reads the tokens back at the end.
 
