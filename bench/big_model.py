@@ -1,0 +1,226 @@
+"""A real-size GLM on this machine: a random GLM-4-9B-shaped checkpoint, loaded, quantized and served.
+
+    .venv/bin/python bench/big_model.py --out /tmp/glm4-9b                  # writes it (17.5 GiB bf16), then measures
+    .venv/bin/python bench/big_model.py --out /tmp/glm4-2l --layers 2       # a 2-layer slice: minutes, not hours
+    .venv/bin/python bench/big_model.py --model DIR                         # a real checkpoint, as it is
+    .venv/bin/python bench/big_model.py --out D --llama-cpp ~/llama.cpp --gguf bf16=D.bf16.gguf --gguf int4=D.q4_0.gguf
+
+The checkpoint is written tensor by tensor in transformers' `GlmForCausalLM` layout (the `-hf` release's
+names, shards of at most 2 GiB and an index), N(0, 0.02) weights in bf16, so nothing holds the model in
+memory. Each variant (bf16, and int8 / int4 made by `glmkit quantize` from it) is measured in its own
+process, so peak resident memory is that variant's alone:
+  load       seconds and peak RSS of `glmkit.load(dir, dtype=bf16)` (the checkpoint is memory-mapped)
+  quantize   seconds and peak RSS of `glmkit quantize DIR OUT --bits 8|4` (/usr/bin/time)
+  prefill    prompt tokens / seconds for a --prefill-token prompt (one new token)
+  decode     B * (N - 1) / (time for N new tokens - time for 1), greedy, B = each of --batches
+  ttft       an --ttft-token prompt submitted to the serving engine while 3 streams decode: its time to first
+             token, and the streams' time per output token meanwhile beside their time per token before it
+Decode beside its bandwidth bound (B x measured bandwidth / bytes of weights read per token). With --llama-cpp
+and --gguf VARIANT=FILE, llama.cpp's own llama-bench runs on the same weights (GGUF files made by its converter)
+in the same run: prompt processing at --prefill tokens and generation at batch 1. Report the CPU beside any figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SHARD_BYTES = 2 << 30
+
+
+def write_checkpoint(out: Path, preset: str, layers: int | None) -> None:
+    """A random checkpoint of `preset`'s shapes (optionally its first `layers` layers) in the preset's
+    source layout, one tensor at a time."""
+    from dataclasses import replace
+
+    from safetensors.torch import save_file
+
+    from glmkit.config import get_preset
+    from glmkit.convert import FORMATS
+    from glmkit.model import GLM
+
+    cfg = get_preset(preset)
+    if layers:
+        cfg = replace(cfg, n_layers=layers)
+    fmt = FORMATS[cfg.source]
+    with torch.device("meta"):
+        shapes = GLM(cfg).state_dict()
+    out.mkdir(parents=True, exist_ok=False)
+    (out / "config.json").write_text(json.dumps(fmt.config_to_hf(cfg), indent=2) + "\n")
+    gen = torch.Generator().manual_seed(0)
+    index, shard, size, n = {}, {}, 0, 0
+
+    def flush():
+        nonlocal shard, size, n
+        if shard:
+            n += 1
+            name = f"model-{n:05d}.safetensors"
+            save_file(shard, out / name, metadata={"format": "pt"})
+            index.update({k: name for k in shard})
+            shard, size = {}, 0
+
+    for rule in fmt.rules(cfg):
+        for name, meta in zip(rule.theirs, rule.split(shapes[rule.ours])):
+            if name.endswith(("norm.weight", "layernorm.weight")):
+                t = torch.ones(meta.shape, dtype=torch.bfloat16)
+            else:
+                t = (torch.randn(meta.shape, generator=gen) * 0.02).to(torch.bfloat16)
+            if size + t.numel() * 2 > SHARD_BYTES:
+                flush()
+            shard[name], size = t, size + t.numel() * 2
+    flush()
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}, indent=1))
+
+
+def bandwidth_gbs() -> float:
+    x = torch.ones(1 << 28)  # 1 GiB of fp32
+    x.sum()
+    t = time.perf_counter()
+    for _ in range(3):
+        x.sum()
+    return 3 * x.numel() * 4 / (time.perf_counter() - t) / 1e9
+
+
+def timed(cmd: list[str]) -> tuple[float, float, str]:
+    """(seconds, peak RSS GiB, stdout) of a command, by /usr/bin/time."""
+    r = subprocess.run(["/usr/bin/time", "-f", "TIME %e %M", *cmd], capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
+    sec, kib = r.stderr.strip().splitlines()[-1].split()[1:]
+    return float(sec), int(kib) / 2**20, r.stdout
+
+
+# ---- one variant, in its own process ----------------------------------------------------------------------
+def child(a) -> None:
+    import glmkit
+    from glmkit.engine import Engine, Request
+    from glmkit.generate import generate
+    from glmkit.sampling import SamplingParams
+
+    torch.manual_seed(0)
+    t = time.perf_counter()
+    model = glmkit.load(a.child, dtype=torch.bfloat16).eval()
+    res = {"load_s": time.perf_counter() - t}
+    V = model.cfg.vocab_size
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.state_dict().items() if n != "embed.weight")
+    res["weight_gib"] = weight_bytes / 2**30
+
+    def run(prompts, n):
+        t = time.perf_counter()
+        generate(model, prompts, SamplingParams(max_new_tokens=n, temperature=0))
+        return time.perf_counter() - t
+
+    ids = torch.randint(0, V, (a.prefill,)).tolist()
+    run([ids[:16]], 1)  # warm-up
+    res["prefill_tok_s"] = a.prefill / min(run([ids], 1) for _ in range(2))
+    for B in a.batches:
+        prompts = [torch.randint(0, V, (32,)).tolist() for _ in range(B)]
+        t1, tn = run(prompts, 1), run(prompts, a.new_tokens)
+        res[f"decode_b{B}_tok_s"] = B * (a.new_tokens - 1) / (tn - t1)
+    if a.ttft:
+        engine = Engine(model, max_batch=4, max_len=max(a.ttft, 64) + 64)
+        stamps: dict[int, list[float]] = {}
+        params = SamplingParams(max_new_tokens=64, temperature=0)
+        streams = [engine.submit(Request(torch.randint(0, V, (32,)).tolist(), params,
+                                         on_token=lambda r, *_: stamps.setdefault(r.id, []).append(time.perf_counter())))
+                   for _ in range(3)]
+        while min(len(stamps.get(r.id, ())) for r in streams) < 4:
+            engine.step()
+        t_submit = time.perf_counter()
+        long = engine.submit(Request(torch.randint(0, V, (a.ttft,)).tolist(), SamplingParams(max_new_tokens=2, temperature=0)))
+        while long.t_first is None:
+            engine.step()
+        engine.step()  # the streams' next tokens, after the long prompt's first
+        res["ttft_s"] = long.t_first - long.t_submit
+        gaps = [(b - a_, b) for r in streams for a_, b in zip(stamps[r.id], stamps[r.id][1:])]
+        idle = [g for g, end in gaps if end < t_submit]
+        res["tpot_idle_s"] = sum(idle) / len(idle)
+        res["tpot_worst_during_ttft_s"] = max(g for g, end in gaps if end >= t_submit)
+        for r in streams:
+            engine.cancel(r)
+        while engine.has_work():
+            engine.step()
+    import resource
+
+    res["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print("RESULT " + json.dumps(res))
+
+
+def llama_bench(llama: Path, gguf: str, prompt: int) -> dict:
+    exe = next((p for p in (llama / "build" / "bin" / "llama-bench", llama / "llama-bench") if p.exists()), None)
+    if exe is None:
+        raise FileNotFoundError(f"no llama-bench under {llama} (build it with cmake first)")
+    r = subprocess.run([str(exe), "-m", gguf, "-p", str(prompt), "-n", "16", "-t", str(torch.get_num_threads()), "-o", "json"],
+                       capture_output=True, text=True, check=True)
+    rows = json.loads(r.stdout)
+    return {("prefill_tok_s" if row["n_prompt"] else "decode_b1_tok_s"): row["avg_ts"] for row in rows}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, help="where the random checkpoint is (written if missing)")
+    p.add_argument("--model", type=Path, help="a real checkpoint directory instead")
+    p.add_argument("--preset", default="glm-4-9b")
+    p.add_argument("--layers", type=int, default=None, help="only the first N layers (a slice of the real shapes)")
+    p.add_argument("--variants", default="bf16,int8,int4")
+    p.add_argument("--prefill", type=int, default=2048)
+    p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4])
+    p.add_argument("--new-tokens", type=int, default=8)
+    p.add_argument("--ttft", type=int, default=8192, help="prompt tokens of the late request (0: skip)")
+    p.add_argument("--llama-cpp", type=Path, default=None)
+    p.add_argument("--gguf", action="append", default=[], help="VARIANT=FILE, made by llama.cpp's converter")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        return child(a)
+    src = a.model or a.out
+    if src is None:
+        p.error("give --out DIR (random weights, written if missing) or --model DIR")
+    if a.model is None and not (a.out / "config.json").exists():
+        t = time.perf_counter()
+        write_checkpoint(a.out, a.preset, a.layers)
+        print(f"wrote {a.out} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")),
+               platform.processor())
+    bw = bandwidth_gbs()
+    print(f"# {src}  CPU: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, bandwidth {bw:.1f} GB/s")
+    rows = {}
+    for v in a.variants.split(","):
+        d = src
+        if v != "bf16":
+            d = Path(f"{src}.{v}")
+            if not d.exists():
+                sec, gib, _ = timed([sys.executable, "-m", "glmkit", "quantize", str(src), str(d), "--bits", v.removeprefix("int")])
+                rows.setdefault(v, {}).update(quantize_s=sec, quantize_peak_gib=gib)
+        args = [sys.executable, __file__, "--child", str(d), "--prefill", str(a.prefill), "--new-tokens", str(a.new_tokens),
+                "--batches", ",".join(map(str, a.batches)), "--ttft", str(a.ttft)]
+        r = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            print(f"{v}: failed (rc {r.returncode})\n{r.stderr[-3000:]}", file=sys.stderr)
+            continue
+        res = rows.setdefault(v, {})
+        res.update(json.loads(line[7:]))
+        for B in a.batches:
+            res[f"decode_b{B}_bound"] = res[f"decode_b{B}_tok_s"] / (B * bw * 1e9 / (res["weight_gib"] * 2**30))
+    for spec in a.gguf:
+        v, _, f = spec.partition("=")
+        rows[f"llama.cpp {v}"] = llama_bench(a.llama_cpp, f, a.prefill) if a.llama_cpp else {}
+    keys = sorted({k for r in rows.values() for k in r})
+    print("| metric | " + " | ".join(rows) + " |\n|---|" + "---:|" * len(rows))
+    for k in keys:
+        print(f"| {k} | " + " | ".join(f"{r[k]:.3g}" if k in r else "" for r in rows.values()) + " |")
+
+
+if __name__ == "__main__":
+    main()
