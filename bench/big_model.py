@@ -3,7 +3,7 @@
     .venv/bin/python bench/big_model.py --out /tmp/glm4-9b                  # writes it (17.5 GiB bf16), then measures
     .venv/bin/python bench/big_model.py --out /tmp/glm4-2l --layers 2       # a 2-layer slice: minutes, not hours
     .venv/bin/python bench/big_model.py --model DIR                         # a real checkpoint, as it is
-    .venv/bin/python bench/big_model.py --out D --llama-cpp ~/llama.cpp --gguf bf16=D.bf16.gguf --gguf int4=D.q4_0.gguf
+    .venv/bin/python bench/big_model.py --out D --llama-cpp ~/llama.cpp   # + llama.cpp bf16 / Q8_0 / Q4_0, same weights
 
 The checkpoint is written tensor by tensor in transformers' `GlmForCausalLM` layout (the `-hf` release's
 names, shards of at most 2 GiB and an index), N(0, 0.02) weights in bf16, so nothing holds the model in
@@ -15,9 +15,11 @@ process, so peak resident memory is that variant's alone:
   decode     B * (N - 1) / (time for N new tokens - time for 1), greedy, B = each of --batches
   ttft       an --ttft-token prompt submitted to the serving engine while 3 streams decode: its time to first
              token, and the streams' time per output token meanwhile beside their time per token before it
-Decode beside its bandwidth bound (B x measured bandwidth / bytes of weights read per token). With --llama-cpp
-and --gguf VARIANT=FILE, llama.cpp's own llama-bench runs on the same weights (GGUF files made by its converter)
-in the same run: prompt processing at --prefill tokens and generation at batch 1. Report the CPU beside any figure.
+Decode beside its bandwidth bound (B x measured bandwidth / bytes of weights read per token). With --llama-cpp DIR
+(a source tree, e.g. the one inside llama-cpp-python's source distribution, built with cmake: a benchmark
+reference only), the same weights go through llama.cpp's converter (bf16) and llama-quantize (Q8_0, Q4_0), and
+its llama-bench runs in the same run: prompt processing at --prefill tokens, generation at batch 1.
+Report the CPU beside any figure.
 """
 
 from __future__ import annotations
@@ -156,14 +158,51 @@ def child(a) -> None:
     print("RESULT " + json.dumps(res))
 
 
-def llama_bench(llama: Path, gguf: str, prompt: int) -> dict:
-    exe = next((p for p in (llama / "build" / "bin" / "llama-bench", llama / "llama-bench") if p.exists()), None)
+# ---- llama.cpp on the same weights ------------------------------------------------------------------------------
+LLAMA_QUANT = {"int8": "Q8_0", "int4": "Q4_0"}
+
+
+def _llama_exe(llama: Path, name: str) -> Path:
+    exe = next((p for p in (llama / "build" / "bin" / name, llama / name) if p.exists()), None)
     if exe is None:
-        raise FileNotFoundError(f"no llama-bench under {llama} (build it with cmake first)")
-    r = subprocess.run([str(exe), "-m", gguf, "-p", str(prompt), "-n", "16", "-t", str(torch.get_num_threads()), "-o", "json"],
-                       capture_output=True, text=True, check=True)
-    rows = json.loads(r.stdout)
-    return {("prefill_tok_s" if row["n_prompt"] else "decode_b1_tok_s"): row["avg_ts"] for row in rows}
+        raise FileNotFoundError(f"no {name} under {llama}: build it first (cmake -B build && cmake --build build --target {name})")
+    return exe
+
+
+def gguf_files(llama: Path, src: Path, variants: list[str]) -> dict[str, Path]:
+    """GGUF files of `src` per variant, made by llama.cpp's own converter (bf16) and llama-quantize (Q8_0, Q4_0).
+    A random checkpoint has no tokenizer, and llama-bench never tokenizes: a byte-level one with GLM's special
+    tokens is written beside the weights, and the converter is told its pre-tokenizer instead of hashing it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    if not (src / "tokenizer.json").exists():
+        tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}, merges=[]))
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+        tok.add_special_tokens(["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
+                                "<|assistant|>", "<|observation|>"])
+        tok.save(str(src / "tokenizer.json"))
+        (src / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    out = {"bf16": Path(f"{src}.bf16.gguf")}
+    if not out["bf16"].exists():
+        convert = ("import runpy, sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/gguf-py']; import conversion.base as b; "
+                   "b.TextModel.get_vocab_base_pre = lambda self, tok: 'chatglm-bpe'; sys.argv = sys.argv[1:]; "
+                   "runpy.run_path(sys.argv[0] + '/convert_hf_to_gguf.py', run_name='__main__')")
+        subprocess.run([sys.executable, "-c", convert, str(llama), str(src), "--outfile", str(out["bf16"]), "--outtype", "bf16"],
+                       check=True, capture_output=True)
+    for v in variants:
+        if v in LLAMA_QUANT:
+            out[v] = Path(f"{src}.{LLAMA_QUANT[v].lower()}.gguf")
+            if not out[v].exists():
+                subprocess.run([str(_llama_exe(llama, "llama-quantize")), str(out["bf16"]), str(out[v]), LLAMA_QUANT[v]],
+                               check=True, capture_output=True)
+    return {v: f for v, f in out.items() if v in variants}
+
+
+def llama_bench(llama: Path, gguf: Path, prompt: int) -> dict:
+    """llama-bench's prompt processing at `prompt` tokens and generation at batch 1 (its tg test is one sequence)."""
+    r = subprocess.run([str(_llama_exe(llama, "llama-bench")), "-m", str(gguf), "-p", str(prompt), "-n", "16",
+                        "-t", str(torch.get_num_threads()), "-o", "json"], capture_output=True, text=True, check=True)
+    return {("prefill_tok_s" if row["n_prompt"] else "decode_b1_tok_s"): row["avg_ts"] for row in json.loads(r.stdout)}
 
 
 def main() -> None:
@@ -177,8 +216,7 @@ def main() -> None:
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4])
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--ttft", type=int, default=8192, help="prompt tokens of the late request (0: skip)")
-    p.add_argument("--llama-cpp", type=Path, default=None)
-    p.add_argument("--gguf", action="append", default=[], help="VARIANT=FILE, made by llama.cpp's converter")
+    p.add_argument("--llama-cpp", type=Path, default=None, help="a llama.cpp source tree with llama-bench and llama-quantize built")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
@@ -213,9 +251,9 @@ def main() -> None:
         res.update(json.loads(line[7:]))
         for B in a.batches:
             res[f"decode_b{B}_bound"] = res[f"decode_b{B}_tok_s"] / (B * bw * 1e9 / (res["weight_gib"] * 2**30))
-    for spec in a.gguf:
-        v, _, f = spec.partition("=")
-        rows[f"llama.cpp {v}"] = llama_bench(a.llama_cpp, f, a.prefill) if a.llama_cpp else {}
+    if a.llama_cpp:
+        for v, f in gguf_files(a.llama_cpp, src, a.variants.split(",")).items():
+            rows[f"llama.cpp {v}"] = llama_bench(a.llama_cpp, f, a.prefill)
     keys = sorted({k for r in rows.values() for k in r})
     print("| metric | " + " | ".join(rows) + " |\n|---|" + "---:|" * len(rows))
     for k in keys:
