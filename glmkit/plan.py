@@ -173,21 +173,24 @@ def kernel_copies_bytes(cfg, dtype: torch.dtype, quant: dict | None = None, pref
     a, C, V, L = _size(dtype), cfg.dim, cfg.vocab_size, cfg.n_layers
     fp32 = dtype != torch.float32
     head_quant = quant if quant and quant.get("head") else None
-    lins = [(N, K, bias, quant) for N, K, bias in _linears(cfg)] * L
+    lins = [(N, K, bias, quant, False) for N, K, bias in _linears(cfg)] * L
     if not cfg.tie_embeddings or head_quant:
-        lins.append((V, C, False, head_quant))
+        lins.append((V, C, False, head_quant, True))
     norms = (L * (4 if cfg.sandwich_norm else 2) + 1) * C * (2 if cfg.norm == "layernorm" else 1)
     decode = norms * 4 if fp32 else 0
     many_rows = 0
-    for N, K, bias, q in lins:
+    for N, K, bias, q, head in lins:
         decode += N * 4 if bias and fp32 else 0
         if q and q["bits"] == 8 and fp32:
             decode += N * 4
         elif q and q["bits"] == 4:
             G = K // q["group_size"]
             decode += N * G * 2 * (a if dtype == torch.bfloat16 else 4)
-            if prefill and N % 16 == 0 and (N, K) != (V, C):  # the head runs on few rows (last-token logits)
+            if prefill and N % 16 == 0 and not head:  # the head runs on few rows (last-token logits)
                 many_rows += N * (K // 2) + G * N * 2 * 4
+    if quant and quant["bits"] == 4 and any(K % 64 or K % quant["group_size"] or quant["group_size"] % 32
+                                            for _, K, _, q, _ in lins if q):
+        decode = 0  # the native step does not take this int4 shape: no decode plan, no copies
     return {"decode copies": decode, "int4 prefill layout": many_rows}
 
 
@@ -295,6 +298,10 @@ class Plan:
         self.lines.append((f"prefill workspace ({rows} x {T} tokens over {self.max_len})",
                            prefill_bytes(cfg, dt, rows, T, self.max_len, self.device, q, self.full_logits), "estimate"))
 
+    def __repr__(self) -> str:
+        return (f"Plan({_dtype_name(self.dtype)}{', ' + quant_name(self.quant) if self.quant else ''}, {self.rows} x "
+                f"{self.max_len}, total {show(self.total)}, {'fits' if self.fits else 'does not fit'})")
+
     @property
     def total(self) -> int:
         return sum(n for _, n, _ in self.lines)
@@ -353,27 +360,26 @@ class Plan:
                 weights.append(({"quant": quant_spec(q)}, f"--quantize {q}"))
                 if self.dtype == torch.float32:
                     weights.append(({"quant": quant_spec(q), "dtype": torch.bfloat16}, f"--dtype bf16 --quantize {q}"))
-        found = []
+        found, best_len, best_rows = [], 0, 0  # a weights change is named with --max-len / --max-batch only if it buys more
         for change, text in weights:
             p = self.with_(**change)
             if p.fits:
                 found.append((text, p))
                 continue
-            if "max_len" in flags:
-                n = p.largest_max_len()
-                if n >= min(MIN_LEN, self.max_len):
+            n = p.largest_max_len() if {"max_len", "kv_memory"} & set(flags) else 0
+            if n >= min(MIN_LEN, self.max_len) and n > best_len:
+                best_len = n
+                if "max_len" in flags:
                     found.append(((text + f" --max-len {n}").strip(), p.with_(max_len=n)))
-            if "max_batch" in flags and self.rows > 1:
-                b = p.largest_rows()
-                if b >= 1:
-                    found.append(((text + f" --max-batch {b}").strip(), p.with_(rows=b)))
-            if "kv_memory" in flags:
-                n = p.largest_max_len()
-                if n >= min(MIN_LEN, self.max_len):
+                if "kv_memory" in flags:
                     size = size_flag(kv_cache_bytes(self.cfg, p.rows, n, p.dtype))
                     q = p.with_(max_len=kv_fit(self.cfg, p.dtype, parse_size(size), batch=p.rows), kv_memory=parse_size(size))
-                    if q.max_len >= 1 and q.fits:
+                    if q.max_len >= 1:
                         found.append(((text + f" --kv-memory {size}").strip(), q))
+            b = p.largest_rows() if "max_batch" in flags and self.rows > 1 else 0
+            if b > best_rows:
+                best_rows = b
+                found.append(((text + f" --max-batch {b}").strip(), p.with_(rows=b)))
         return [(t, p) for t, p in found if t and p.fits][:limit]
 
     def check(self, who: str = "glmkit", flags=SERVE_FLAGS) -> None:
