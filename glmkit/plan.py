@@ -36,7 +36,6 @@ its total is at most HEADROOM of that: the rest is for the Python process, the t
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -232,7 +231,7 @@ def prefill_bytes(cfg, dtype: torch.dtype, rows: int, T: int, S: int, device, qu
     n = rows * T
     resid = n * C * (2 * a + 2 * 4)  # x, its normed copy, the fp32 norm temporaries
     qkv = n * (H + 2 * K) * D * (c + 2 * a)  # the projection and the rotated q, k and v
-    mask = rows * T * S * (3 + 2 * 4)  # GLM's bool mask and its temporaries; SDPA's float mask (and a temporary)
+    mask = rows * T * S * (3 + 2 * c)  # GLM's bool mask and its temporaries; SDPA's float mask (and a temporary)
     scores = 0 if device.type in ("cpu", "cuda") else 2 * rows * H * T * S * 4  # the math path's scores, probs
     attn = qkv + mask + scores + n * H * D * (2 * c + a)  # the output, its transposed copy, the projection's input
     up = F * (2 if cfg.mlp == "swiglu" else 1)

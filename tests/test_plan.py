@@ -235,3 +235,18 @@ def test_dtype_auto_for_the_9b_shape_and_the_embedded_model(monkeypatch):
     assert p.fits, p.table()  # and serve's default context shrank to what fits
     p, why = memory_plan(argparse.Namespace(dtype="auto"), "serve", get_preset("glm-tiny"), torch.bfloat16, cpu)
     assert p.dtype == torch.float32 and why.startswith("dtype auto: fp32"), why
+
+
+@pytest.mark.parametrize("preset", ["glm-4-9b", "glm-4-9b-0414", "chatglm-6b", "glm-10b-chinese"])
+@pytest.mark.parametrize("quant", QUANTS)
+def test_real_shapes_plan_the_bytes_of_their_meta_models(preset, quant):
+    """At real size, on the meta device (no memory): the model `load` fills, quantized linears swapped in as
+    loading a quantized checkpoint does, float tensors counted in bf16, integer ones as they are."""
+    from glmkit.convert import _meta_model
+
+    cfg = get_preset(preset)
+    if quant:
+        cfg.quant = quant_spec(quant)
+    real = sum(t.numel() * (2 if t.is_floating_point() else t.element_size()) for t in _meta_model(cfg).state_dict().values())
+    planned = sum(weight_bytes(cfg, torch.bfloat16).values())
+    assert planned == real, f"{preset} {quant}: planned {planned}, meta model {real}"
