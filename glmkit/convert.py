@@ -633,7 +633,8 @@ def stored_dtype(path: str | Path) -> torch.dtype | None:
     """The float dtype holding most of a checkpoint directory's weight bytes, from the safetensors headers
     (a .bin is memory-mapped, not read); None when it stores no float tensor. Loads nothing."""
     counts: dict[torch.dtype, int] = {}
-    for name, f in weight_file_paths(checkpoint_dir(path)):
+    path = checkpoint_dir(path)
+    for name, f in weight_file_paths(path):
         if name.endswith(".safetensors"):
             with open(f, "rb") as fh:
                 (n,) = struct.unpack("<Q", fh.read(8))

@@ -209,6 +209,12 @@ def test_kv_memory_sizes_the_contiguous_cache(monkeypatch):
 def test_dtype_auto_keeps_bf16_when_fp32_would_not_fit_comfortably(tok, tmp_path, monkeypatch, capsys):
     ck = _checkpoint(tok, tmp_path / "bf16", torch.bfloat16)
     assert stored_dtype(ck) == torch.bfloat16
+    from safetensors.torch import load_file
+
+    (tmp_path / "bin").mkdir()  # the same weights as a pytorch_model.bin
+    (tmp_path / "bin" / "config.json").write_bytes((ck / "config.json").read_bytes())
+    torch.save(load_file(ck / "model.safetensors"), tmp_path / "bin" / "pytorch_model.bin")
+    assert stored_dtype(str(tmp_path / "bin")) == torch.bfloat16
     cfg = get_preset("debug", vocab_size=tok.vocab_size)
     fp32 = Plan(cfg, torch.float32, rows=1, max_len=cfg.max_seq_len, available=1 << 50).need
     for avail, want in ((int(fp32 / 0.8), torch.bfloat16), (int(fp32 / 0.6), torch.float32)):
