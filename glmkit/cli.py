@@ -212,7 +212,7 @@ def memory_plan(a, command: str, cfg, stored, device):
         n = plan.largest_max_len()
         if n >= MIN_LEN:
             why = (why + "; " if why else "") + (f"--max-len auto: {n} ({plan.rows} x {plan.max_len} positions would "
-                                                 f"need {show(plan.need)}, {show(plan.budget)} usable)")
+                                                 f"need {show(plan.total)}, {show(plan.budget)} usable)")
             plan = plan.with_(max_len=n)
     return plan, why
 

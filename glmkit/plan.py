@@ -4,7 +4,7 @@ what this process may really use; refusals name the settings that would fit.
     p = Plan(cfg, torch.bfloat16, rows=8, max_len=4096)      # weights, KV cache, prefill workspace
     print(p.table())                                         # the lines, the total, what is available
     p.check("glmkit serve", SERVE_FLAGS)                     # MemoryError naming flags that fit, or nothing
-    dtype, why = auto_dtype(cfg, stored=torch.bfloat16, device=torch.device("cpu"))
+    dtype, why = auto_dtype(p, stored=torch.bfloat16)          # dtype auto, decided on the plan
     check_kv_fits(cfg, 8, 4096, torch.bfloat16, dev)         # the engine's check of the cache it allocates
 
 What a plan counts, each from the config alone (`ModelConfig` fields; no tensor is made):
@@ -253,8 +253,7 @@ def prefill_bytes(cfg, dtype: torch.dtype, rows: int, T: int, S: int, device, qu
 class Plan:
     """What loading `cfg` in `dtype` (quantized with `quant`) and serving `rows` x `max_len` positions will
     take on `device`. `prefill`: tokens per prefill call (default: a whole `max_len` prompt at once);
-    `admission`: the serving engine's 1-row prompt cache; `loaded`: the weights are in memory already
-    (counted in the lines, not against `available`); `available`: None measures it now."""
+    `admission`: the serving engine's 1-row prompt cache; `available`: None measures it now."""
 
     cfg: object
     dtype: torch.dtype
@@ -265,7 +264,6 @@ class Plan:
     prefill: int | None = None
     full_logits: bool = False
     admission: bool = False
-    loaded: bool = False
     available: int | None = None
     kv_memory: int | None = None  # the --kv-memory budget the contiguous cache was sized from
     lines: list[tuple[str, int, str]] = field(init=False)
@@ -289,7 +287,8 @@ class Plan:
                     self.lines.append((name, n, "made by the CPU kernels"))
         self.lines.append((f"KV cache ({self.rows} x {self.max_len} positions, {_dtype_name(dt)})",
                            kv_cache_bytes(cfg, self.rows, self.max_len, dt),
-                           f"{show(kv_cache_bytes(cfg, 1, 1024, dt))} per 1K tokens"))
+                           f"{show(kv_cache_bytes(cfg, 1, 1024, dt))} per 1K tokens"
+                           + (f", from --kv-memory {show(self.kv_memory)}" if self.kv_memory else "")))
         if self.admission:
             self.lines.append(("prompt KV (a prefill's own row)", kv_cache_bytes(cfg, 1, self.max_len, dt), ""))
         T = min(self.prefill or self.max_len, self.max_len)
@@ -306,17 +305,12 @@ class Plan:
         return sum(n for _, n, _ in self.lines)
 
     @property
-    def need(self) -> int:
-        """What must still be allocated: the total, less the weights when they are loaded already."""
-        return self.total - (self.lines[0][1] if self.loaded else 0)
-
-    @property
     def budget(self) -> float | None:
         return None if self.available is None else self.available * HEADROOM
 
     @property
     def fits(self) -> bool:
-        return self.budget is None or self.need <= self.budget
+        return self.budget is None or self.total <= self.budget
 
     def with_(self, **changes) -> Plan:
         return replace(self, **changes)
@@ -387,7 +381,7 @@ class Plan:
             return
         tips = self.suggestions(flags)
         fix = "; or ".join(t for t, _ in tips) if tips else "a machine with more memory"
-        raise MemoryError(f"{who}: this needs {show(self.need)}, and this process can use {show(self.budget)} "
+        raise MemoryError(f"{who}: this needs {show(self.total)}, and this process can use {show(self.budget)} "
                           f"({int(HEADROOM * 100)}% of the {show(self.available)} available on {self.device}):\n"
                           f"{self.table()}\nTry {fix}.")
 
@@ -408,9 +402,9 @@ def auto_dtype(plan: Plan, stored: torch.dtype | None) -> tuple[torch.dtype, str
     if plan.device.type != "cpu":
         return resolve_dtype("auto", plan.device), ""
     fp32 = plan.with_(dtype=torch.float32)
-    if plan.available is None or stored == torch.float32 or fp32.need <= COMFORT * plan.available:
-        return torch.float32, f"dtype auto: fp32 (needs {show(fp32.need)} of {show(plan.available or 0)} available)"
-    return torch.bfloat16, (f"dtype auto: bf16, because fp32 needs {show(fp32.need)} of {show(plan.available)} available"
+    if plan.available is None or stored == torch.float32 or fp32.total <= COMFORT * plan.available:
+        return torch.float32, f"dtype auto: fp32 (needs {show(fp32.total)} of {show(plan.available or 0)} available)"
+    return torch.bfloat16, (f"dtype auto: bf16, because fp32 needs {show(fp32.total)} of {show(plan.available)} available"
                             + (" (the checkpoint's fp16 rounded to bf16)" if stored == torch.float16 else ""))
 
 

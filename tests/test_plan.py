@@ -216,7 +216,7 @@ def test_dtype_auto_keeps_bf16_when_fp32_would_not_fit_comfortably(tok, tmp_path
     torch.save(load_file(ck / "model.safetensors"), tmp_path / "bin" / "pytorch_model.bin")
     assert stored_dtype(str(tmp_path / "bin")) == torch.bfloat16
     cfg = get_preset("debug", vocab_size=tok.vocab_size)
-    fp32 = Plan(cfg, torch.float32, rows=1, max_len=cfg.max_seq_len, available=1 << 50).need
+    fp32 = Plan(cfg, torch.float32, rows=1, max_len=cfg.max_seq_len, available=1 << 50).total
     for avail, want in ((int(fp32 / 0.8), torch.bfloat16), (int(fp32 / 0.6), torch.float32)):
         monkeypatch.setattr(plan_mod, "available_bytes", lambda device: avail)
         a = argparse.Namespace(model=str(ck), tokenizer=None, device="cpu", dtype="auto", num_beams=1)
