@@ -256,3 +256,18 @@ def test_real_shapes_plan_the_bytes_of_their_meta_models(preset, quant):
     real = sum(t.numel() * (2 if t.is_floating_point() else t.element_size()) for t in _meta_model(cfg).state_dict().values())
     planned = sum(weight_bytes(cfg, torch.bfloat16).values())
     assert planned == real, f"{preset} {quant}: planned {planned}, meta model {real}"
+
+
+def test_kv_memory_reaches_the_engine(tok, tmp_path, monkeypatch):
+    """serve's flags through load_for_cli into the engine: the cache it allocates is within --kv-memory."""
+    from glmkit.engine import Engine
+
+    ck = _checkpoint(tok, tmp_path, torch.float32, max_seq_len=2048)
+    monkeypatch.setattr(plan_mod, "available_bytes", lambda device: 1 << 40)
+    a = argparse.Namespace(model=str(ck), tokenizer=None, device="cpu", dtype="fp32", max_batch=None, max_len=None,
+                           kv_memory="1MiB")
+    model, _ = load_for_cli(a, "serve")
+    engine = Engine(model, max_batch=a.max_batch, max_len=a.max_len)
+    c = engine.cache
+    real = c.k.untyped_storage().nbytes() + c.valid.nbytes + c.sep.nbytes
+    assert (a.max_batch, a.max_len) == (8, 255) and real <= 1 << 20, (a, real)  # 8 rows x 513 bytes per position
