@@ -21,9 +21,10 @@ What a plan counts, each from the config alone (`ModelConfig` fields; no tensor 
   peak): the residual stream and its normed copy, the fp32 norm temporaries, then the larger of the
   attention phase (q/k/v and their rotated copies; the mask, as GLM's bool mask (T x S) and the float mask
   SDPA makes of it; the output) and the MLP phase (the up projection's 2F columns, the gate product),
-  and the logits (1 or T rows x V, in the model's dtype and an fp32 copy). Attention itself is the fused
-  kernel on CPU and CUDA (blocks of a few hundred keys per thread: never the T x S scores); elsewhere
-  SDPA's math path holds the scores and probabilities, H x T x S fp32 each, and they are counted. Per-call
+  and the logits (1 or T rows x V, in the model's dtype and an fp32 copy). On CPU attention itself is
+  SDPA's fused kernel, with GLM's mask and GQA too (blocks of keys per thread: never the T x S scores;
+  checked with the profiler). Off CPU the kernel SDPA picks for a masked GQA call is not measured here, so
+  the math path's scores and probabilities (H x T x S fp32 each) are counted: an upper bound. Per-call
   weight copies of the many-row matrix products are added: bf16 on a CPU without bf16 instructions
   multiplies in fp32 (an fp32 copy of the largest weight), int4 builds its kernel layout through an int32
   copy of the largest weight once. Measured peaks of a prefill stay under this estimate (tests).
@@ -232,7 +233,7 @@ def prefill_bytes(cfg, dtype: torch.dtype, rows: int, T: int, S: int, device, qu
     resid = n * C * (2 * a + 2 * 4)  # x, its normed copy, the fp32 norm temporaries
     qkv = n * (H + 2 * K) * D * (c + 2 * a)  # the projection and the rotated q, k and v
     mask = rows * T * S * (3 + 2 * c)  # GLM's bool mask and its temporaries; SDPA's float mask (and a temporary)
-    scores = 0 if device.type in ("cpu", "cuda") else 2 * rows * H * T * S * 4  # the math path's scores, probs
+    scores = 0 if cpu else 2 * rows * H * T * S * 4  # the math path's scores and probabilities (see the module)
     attn = qkv + mask + scores + n * H * D * (2 * c + a)  # the output, its transposed copy, the projection's input
     up = F * (2 if cfg.mlp == "swiglu" else 1)
     mlp = n * (up * c + 2 * F * a + C * c)
