@@ -174,7 +174,7 @@ def memory_plan(a, command: str, cfg, stored, device):
     serve: --max-batch (default 8) rows of --max-len (default the model's context) and a prompt's own row;
     --kv-memory sizes what the flags leave open (or refuses a pair that exceeds it); with neither --max-len
     nor --kv-memory the context shrinks to what fits (a multiple of 256). generate / chat / fill: --num-beams
-    rows of the model's context, at most 8K tokens. dtype auto is decided on this plan (`plan.auto_dtype`)."""
+    rows of the model's context, at most CLI_CONTEXT (4K) tokens. dtype auto is decided on this plan (`plan.auto_dtype`)."""
     import torch
 
     from .devices import resolve_dtype

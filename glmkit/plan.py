@@ -46,7 +46,8 @@ import torch
 GiB, MiB = 1 << 30, 1 << 20
 HEADROOM = 0.9  # of the available memory, the most a plan may take
 COMFORT = 0.7  # dtype auto on CPU: fp32 only when its plan takes at most this share of the available memory
-CLI_CONTEXT = 8192  # generate / chat / fill plan for this many positions (or the model's context, if less)
+CLI_CONTEXT = 4096  # generate / chat / fill plan for this many positions (or the model's context, if less);
+# a longer prompt or conversation may take more than planned (the prefill workspace grows with its square)
 SERVE_ROWS = 8  # glmkit serve's default --max-batch
 MIN_LEN = 256  # the shortest context a suggestion or an automatic --max-len offers
 SERVE_FLAGS = ("dtype", "quantize", "max_len", "max_batch", "kv_memory")  # flags a refusal may name
