@@ -90,19 +90,39 @@ def quantize(argv=None) -> int:
     return 0
 
 
-BYTES = {"fp32": 4, "bf16": 2, "int8": 1, "int4": 0.5}
+def describe(cfg, source: str, plan=None, why: str = "") -> str:
+    """A config's sizes and fields; with `plan` (and dtype auto's `why`), what it takes on this machine."""
+    import torch
 
+    from .plan import CLI_CONTEXT, CLI_FLAGS, SERVE_FLAGS, Plan, kv_cache_bytes, quant_spec, show, weight_bytes
 
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-
-def describe(cfg, source: str) -> str:
     n, n_body = cfg.num_params(), cfg.num_params(embeddings=False)
     lines = [f"{source}", f"  parameters: {n:,} ({n / 1e6:.1f}M; {n_body / 1e6:.1f}M without embeddings)"]
-    lines.append("  weights:    " + ", ".join(f"{k} {_gib(n * b)}" for k, b in BYTES.items()))
-    kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim  # values per token, keys and values
-    lines.append(f"  KV cache:   {_gib(kv * 2 * 1024)} per 1K tokens in bf16 ({_gib(kv * 2 * cfg.max_seq_len)} at {cfg.max_seq_len} tokens)")
+    if cfg.quant:
+        lines.append(f"  weights:    int{cfg.quant['bits']} {show(sum(weight_bytes(cfg, torch.bfloat16).values()))} "
+                     f"(bf16 float parts), {show(sum(weight_bytes(cfg, torch.float32).values()))} (fp32)")
+    else:
+        sizes = [(k, sum(weight_bytes(cfg, dt, quant_spec(q)).values())) for k, dt, q in
+                 (("fp32", torch.float32, None), ("bf16", torch.bfloat16, None), ("int8", torch.bfloat16, "int8"),
+                  ("int4", torch.bfloat16, "int4"))]
+        lines.append("  weights:    " + ", ".join(f"{k} {show(b)}" for k, b in sizes)
+                     + " (int8 / int4: bf16 scales, embeddings and norms; int4 in groups of 64)")
+    kv1k = kv_cache_bytes(cfg, 1, 1024, torch.bfloat16)
+    lines.append(f"  KV cache:   {show(kv1k)} per 1K tokens in bf16, {show(2 * kv1k)} in fp32 "
+                 f"({show(kv_cache_bytes(cfg, 1, cfg.max_seq_len, torch.bfloat16))} per row at {cfg.max_seq_len} tokens in bf16)")
+    if plan is not None:
+        lines.append(f"  memory plan for `glmkit serve` here (--max-batch {plan.rows} --max-len {plan.max_len}):")
+        lines += [f"    {w}" for w in why.split("; ") if w]
+        lines.append(plan.table().replace("\n  ", "\n    ").replace("  ", "    ", 1))
+        if plan.available is not None:
+            tips = plan.suggestions(SERVE_FLAGS) if not plan.fits else []
+            lines.append("    fits with: " + "; ".join(t for t, _ in tips) if tips else
+                         "    fits as it is" if plan.fits else "    nothing fits: a machine with more memory")
+            cli = Plan(cfg, plan.dtype, rows=1, max_len=min(cfg.max_seq_len, CLI_CONTEXT), quant=plan.quant, device=plan.device,
+                       available=plan.available)
+            tips = cli.suggestions(CLI_FLAGS) if not cli.fits else []
+            lines.append(f"    glmkit generate / chat ({cli.max_len} tokens of context): "
+                         + ("fits" if cli.fits else "needs " + ("; or ".join(t for t, _ in tips) or "more memory")))
     lines.append("  config:")
     lines += [f"    {k}: {v}" for k, v in cfg.to_dict().items()]
     return "\n".join(lines)
@@ -110,11 +130,13 @@ def describe(cfg, source: str) -> str:
 
 def info(argv=None):
     from .config import PRESETS, get_preset
-    from .convert import config_of, verify_checkpoint
+    from .convert import config_of, stored_dtype, verify_checkpoint
+    from .devices import resolve_device
 
     p = argparse.ArgumentParser(prog="glmkit info", description=COMMANDS["info"][1])
     p.add_argument("model", nargs="?", default=None,
                    help=f"checkpoint directory or preset ({', '.join(PRESETS)}); default: the embedded model")
+    p.add_argument("--device", default="auto", help="the device to plan for (default auto)")
     p.add_argument("--verify", action="store_true",
                    help="also check every weight file's size against its header and the tensor names against "
                         "config.json (reads headers only; exit code 1 when anything is damaged)")
@@ -124,11 +146,16 @@ def info(argv=None):
 
         a.model = str(default_model_path())
     path = Path(a.model)
+    device = resolve_device(a.device)
     if a.model in PRESETS and not path.exists():
-        print(describe(get_preset(a.model), f"preset {a.model}"))
+        cfg = get_preset(a.model)
+        plan, why = memory_plan(argparse.Namespace(dtype="auto"), "serve", cfg, None, device)
+        print(describe(cfg, f"preset {a.model}", plan, why))
         return 0
     fmt, cfg = config_of(path)  # CheckpointError / ConfigError name the file and field; main prints them
-    print(describe(cfg, f"{path} (format {fmt.name})"))
+    stored = stored_dtype(path)
+    plan, why = memory_plan(argparse.Namespace(dtype="auto"), "serve", cfg, stored, device)
+    print(describe(cfg, f"{path} (format {fmt.name}, stored {str(stored).removeprefix('torch.')})", plan, why))
     if not a.verify:
         print("  files:      not checked; `glmkit info --verify PATH` checks them against their headers")
         return 0
@@ -139,6 +166,55 @@ def info(argv=None):
         return 1
     print(f"  verified:   {summary}")
     return 0
+
+
+def memory_plan(a, command: str, cfg, stored, device):
+    """(the memory Plan for `command` with the flags in `a`, dtype auto's reason or ""), before loading.
+
+    serve: --max-batch (default 8) rows of --max-len (default the model's context) and a prompt's own row;
+    --kv-memory sizes what the flags leave open (or refuses a pair that exceeds it); with neither --max-len
+    nor --kv-memory the context shrinks to what fits (a multiple of 256). generate / chat / fill: --num-beams
+    rows of the model's context, at most CLI_CONTEXT (4K) tokens. dtype auto is decided on this plan (`plan.auto_dtype`)."""
+    import torch
+
+    from .devices import resolve_dtype
+    from .plan import CLI_CONTEXT, MIN_LEN, SERVE_ROWS, Plan, auto_dtype, kv_cache_bytes, kv_fit, parse_size, quant_spec, show
+
+    quant = quant_spec(getattr(a, "quantize", None))
+    serve = command == "serve"
+    rows, max_len = getattr(a, "max_batch", None), getattr(a, "max_len", None)
+    kv_memory = parse_size(a.kv_memory) if getattr(a, "kv_memory", None) else None
+    if serve:
+        plan = Plan(cfg, torch.float32, rows or SERVE_ROWS, max_len or cfg.max_seq_len, quant, device, admission=True)
+    else:
+        plan = Plan(cfg, torch.float32, max(1, getattr(a, "num_beams", 1)), min(cfg.max_seq_len, CLI_CONTEXT), quant, device)
+    why = ""
+    if (a.dtype or "auto") == "auto":
+        dtype, why = auto_dtype(plan, stored)
+    else:
+        dtype = resolve_dtype(a.dtype, device)
+    plan = plan.with_(dtype=dtype)
+    if not serve:
+        return plan, why
+    if kv_memory is not None:
+        if max_len is None:
+            max_len = min(cfg.max_seq_len, kv_fit(cfg, dtype, kv_memory, batch=plan.rows))
+        elif rows is None:
+            rows = min(SERVE_ROWS, kv_fit(cfg, dtype, kv_memory, max_len=max_len))
+        rows = rows or plan.rows
+        if max_len < 1 or rows < 1 or kv_cache_bytes(cfg, rows, max_len, dtype) > kv_memory:
+            fit_len, fit_rows = kv_fit(cfg, dtype, kv_memory, batch=rows), kv_fit(cfg, dtype, kv_memory, max_len=max_len)
+            raise ValueError(f"--kv-memory {a.kv_memory} holds {fit_len} positions per row at --max-batch {rows}, "
+                             f"or {fit_rows} rows at --max-len {max_len}; it cannot hold {rows} x {max_len} "
+                             f"({show(kv_cache_bytes(cfg, rows, max_len, dtype))})")
+        plan = plan.with_(rows=rows, max_len=max_len, kv_memory=kv_memory)
+    elif max_len is None and not plan.fits:
+        n = plan.largest_max_len()
+        if n >= MIN_LEN:
+            why = (why + "; " if why else "") + (f"--max-len auto: {n} ({plan.rows} x {plan.max_len} positions would "
+                                                 f"need {show(plan.total)}, {show(plan.budget)} usable)")
+            plan = plan.with_(max_len=n)
+    return plan, why
 
 
 # ---- generation commands: fill, generate, chat (and the loader `glmkit serve` shares) ----------------------
@@ -172,10 +248,14 @@ def params_from_args(a, stop_ids=()):
 
 
 def load_for_cli(a, command: str):
-    """(model, tokenizer) from --model / --device / --dtype; prints the resolved device and dtype once."""
-    from .config import PRESETS
-    from .convert import load
-    from .devices import resolve_device, resolve_dtype
+    """(model, tokenizer) from --model / --device / --dtype (and --quantize, --max-batch, --max-len, --kv-memory
+    where the command has them). The memory plan is checked before anything is loaded: what cannot fit is a
+    MemoryError naming flags that would. Prints the resolved device and dtype once. For serve, a.max_len and
+    a.max_batch are set to what the plan settled."""
+    from .config import PRESETS, get_preset
+    from .convert import config_of, load, stored_dtype
+    from .devices import resolve_device
+    from .plan import CLI_FLAGS, SERVE_FLAGS
     from .tokenizer import load_tokenizer
 
     if a.model is None:  # the embedded default model (a clear error if this install has none)
@@ -187,10 +267,15 @@ def load_for_cli(a, command: str):
         raise ValueError(f"--model {a.model} is a preset (random weights) and ships no tokenizer; pass --tokenizer PATH, "
                          "or a checkpoint directory (config.json, weights, tokenizer.json) as --model")
     device = resolve_device(a.device)
-    dtype = resolve_dtype(a.dtype, device)
+    cfg, stored = (get_preset(a.model), None) if preset else (config_of(a.model)[1], stored_dtype(a.model))
+    plan, why = memory_plan(a, command, cfg, stored, device)
     tokenizer = load_tokenizer(a.tokenizer or a.model)
-    print(f"glmkit {command}: device {device}, dtype {str(dtype).removeprefix('torch.')}", file=sys.stderr)
-    model = load(a.model, device=device, dtype=dtype).eval()
+    print(f"glmkit {command}: device {device}, dtype {str(plan.dtype).removeprefix('torch.')}"
+          + (f" ({why})" if why else ""), file=sys.stderr)
+    plan.check(f"glmkit {command}", SERVE_FLAGS if command == "serve" else CLI_FLAGS)
+    if command == "serve":
+        a.max_len, a.max_batch = plan.max_len, plan.rows
+    model = load(a.model, device=device, dtype=plan.dtype).eval()
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.cfg.vocab_size} "
                          "embeddings; they do not belong together")
@@ -305,7 +390,7 @@ def main(argv=None):
     try:
         return entry(argv[1:]) or 0
     except (CheckpointError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-            PermissionError, NotImplementedError, KeyError, ValueError) as e:
+            PermissionError, NotImplementedError, KeyError, ValueError, MemoryError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e  # str(KeyError) would add quotes
         print(f"glmkit {argv[0]}: error: {msg}", file=sys.stderr)
         return 1

@@ -629,6 +629,26 @@ class WeightFiles:
             return torch.empty(sl.get_shape(), dtype=dtype, device="meta")
 
 
+def stored_dtype(path: str | Path) -> torch.dtype | None:
+    """The float dtype holding most of a checkpoint directory's weight bytes, from the safetensors headers
+    (a .bin is memory-mapped, not read); None when it stores no float tensor. Loads nothing."""
+    counts: dict[torch.dtype, int] = {}
+    path = checkpoint_dir(path)
+    for name, f in weight_file_paths(path):
+        if name.endswith(".safetensors"):
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(n))
+            items = [(_ST_TORCH.get(v["dtype"]), v["data_offsets"][1] - v["data_offsets"][0])
+                     for k, v in header.items() if k != "__metadata__"]
+        else:
+            items = [(t.dtype, t.nbytes) for t in _read_bin(f, path / name).values() if isinstance(t, torch.Tensor)]
+        for dt, nbytes in items:
+            if dt is not None and dt.is_floating_point:
+                counts[dt] = counts.get(dt, 0) + nbytes
+    return max(counts, key=counts.get) if counts else None
+
+
 def _strip_prefix(names, fmt: Format, expected: set[str]) -> str:
     """The prefix under which this checkpoint stores the format's names ('' or e.g. 'glm.')."""
     best, hits = fmt.prefixes[0], -1

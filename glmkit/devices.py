@@ -3,6 +3,9 @@
     dev = resolve_device("auto")      # cuda > mps > xpu > cpu; or cpu|cuda|mps|xpu|npu|mlu|musa
     dt = resolve_dtype("auto", dev)   # bf16 on accelerators that support it, fp32 on CPU
 
+The commands refine "auto" on CPU with the memory plan (`plan.auto_dtype`): a checkpoint stored in 16 bits
+stays bf16 when an fp32 copy would take more than 70% of the memory this process may use.
+
 Vendor backends (Ascend npu, Cambricon mlu, Moore Threads musa) arrive as PyTorch plugins that
 register their device type on import; asking for one whose plugin is missing is a clear error.
 """

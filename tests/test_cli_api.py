@@ -38,6 +38,24 @@ def test_info_preset_and_checkpoint(tmp_path, capsys):
     assert "format glm_hf" in out and f"{glmkit.load('debug').cfg.num_params():,}" in out
 
 
+def test_info_prints_the_memory_plan_for_this_machine(monkeypatch, capsys):
+    import glmkit.plan
+
+    monkeypatch.setattr(glmkit.plan, "available_bytes", lambda device: 22 << 30)
+    assert main(["info", "glm-4-9b", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "fp32 35.02 GiB, bf16 17.51 GiB, int8 9.34 GiB, int4 5.76 GiB" in out, out
+    assert "40.0 MiB per 1K tokens in bf16" in out, out
+    assert "dtype auto: bf16, because fp32 needs" in out and "--max-len auto: " in out and "fits as it is" in out, out
+    assert "22.00 GiB available here, 90% of it usable: fits" in out, out
+    monkeypatch.setattr(glmkit.plan, "available_bytes", lambda device: 12 << 30)
+    assert main(["info", "glm-4-9b", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "does not fit" in out and "fits with: --quantize int8 --max-len " in out, out
+    assert main(["info", "--device", "cpu"]) == 0  # the embedded model: fp32
+    assert "dtype auto: fp32 (needs" in capsys.readouterr().out
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["info", str(tmp_path)]) == 1
     assert "error: " in capsys.readouterr().err

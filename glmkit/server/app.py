@@ -1,7 +1,7 @@
 """The HTTP server: OpenAI-compatible and GLM-native endpoints over the continuous-batching engine.
 
     glmkit serve --model DIR [--host 127.0.0.1 --port 8000] [--keys-db PATH | --no-auth] \\
-        [--max-batch 8 --max-waiting 64] [--price-per-hour 2.0 --price-input 0.5 --price-output 1.5]
+        [--max-batch 8 --max-waiting 64 --max-len N | --kv-memory 2GiB] [--price-per-hour 2.0 --price-input 0.5 --price-output 1.5]
     app = create_app(model, tokenizer, "glm-tiny")          # auth off, in-memory ledger
     app = create_app(model, tokenizer, "glm-tiny", maas=MaaS(KeyStore(p), Ledger(p), Pricing(...)))
 
@@ -172,11 +172,14 @@ def main(argv=None) -> int:
     p.add_argument("--no-auth", action="store_true", help="no API keys (local use only); requests are still metered")
     p.add_argument("--keys-db", default=None, help=f"keys database, also the ledger by default (default: {default_db_path()})")
     p.add_argument("--ledger", default=None, help="usage ledger database (default: the keys database)")
-    p.add_argument("--max-batch", type=int, default=8, help="rows decoded together")
+    p.add_argument("--max-batch", type=int, default=None, help="rows decoded together (default 8, or what --kv-memory holds)")
     p.add_argument("--max-waiting", type=int, default=64, help="queued requests before answering 503")
     p.add_argument("--max-waiting-per-key", type=int, default=None,
                    help="queued requests one key may have (default: a quarter of --max-waiting); over it, 429")
-    p.add_argument("--max-len", type=int, default=None, help="context per row (default: the model's)")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="context per row (default: the model's, or what --kv-memory or this machine's memory holds)")
+    p.add_argument("--kv-memory", default=None, help="KV cache budget, e.g. 2GiB or 512MiB: sets --max-len (or "
+                   "--max-batch) to what it holds; refuses a --max-len x --max-batch it cannot hold")
     p.add_argument("--default-max-tokens", type=int, default=1024,
                    help="tokens a chat or /infill request may generate when it names no limit (within the context)")
     p.add_argument("--max-body-mb", type=float, default=MAX_BODY_BYTES / (1 << 20), help="largest request body (413 above)")
@@ -192,8 +195,8 @@ def main(argv=None) -> int:
     g.add_argument("--price-cached-input", type=float, default=None, help="per million cached prompt tokens (default: input)")
     g.add_argument("--price-output", type=float, default=0.0, help="per million completion tokens")
     a = p.parse_args(argv)
-    for name in ("max_batch", "max_waiting"):
-        if getattr(a, name) < 1:
+    for name in ("max_batch", "max_waiting", "max_len"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     pricing = Pricing(a.price_per_hour, a.price_input, a.price_cached_input, a.price_output)
     db = a.keys_db or default_db_path()
@@ -216,12 +219,12 @@ def main(argv=None) -> int:
         raise ValueError("the admin token must be at least 16 characters (e.g. `python -c 'import secrets; "
                          "print(secrets.token_urlsafe(32))'`)")
     name = a.model_name or (Path(a.model).name if a.model else "glmkit-default")
-    model, tok = load_for_cli(a, "serve")
-    try:
+    try:  # the memory plan (weights, KV cache, workspace) is checked before loading; the engine checks its cache
+        model, tok = load_for_cli(a, "serve")  # sets a.max_len, a.max_batch to what the plan settled
         app = create_app(model, tok, name, maas, a.max_batch, a.max_waiting, a.max_len, a.default_max_tokens, admin_token,
                          int(a.max_body_mb * (1 << 20)), a.body_timeout, a.max_waiting_per_key)
-    except MemoryError as e:  # the KV cache cannot fit: refused before allocating, with the flags that fit
-        print(f"glmkit serve: {e}", file=sys.stderr)
+    except MemoryError as e:  # refused before allocating, with the flags that fit
+        print(f"glmkit serve: {e}" if not str(e).startswith("glmkit serve") else e, file=sys.stderr)
         return 1
     print(f"glmkit serve: {name} on http://{a.host}:{a.port} (auth {'off' if a.no_auth else 'on'}, ledger {ledger.path})",
           file=sys.stderr)
