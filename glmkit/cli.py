@@ -66,7 +66,8 @@ def quantize(argv=None) -> int:
     (one tensor in memory at a time, output shards written as they fill)."""
     import torch
 
-    from .quantize import quant_spec, quantize_checkpoint
+    from .convert import quantize_checkpoint
+    from .quantize import quant_spec
 
     p = argparse.ArgumentParser(prog="glmkit quantize", description="Weight-only int8/int4 quantization of a checkpoint "
                                 "(any layout glmkit reads), one tensor at a time: memory stays near one output shard.")

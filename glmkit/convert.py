@@ -4,6 +4,11 @@
     glmkit info PATH|PRESET
 
     model = glmkit.load("path/to/glm-4-9b-chat-hf", dtype=torch.bfloat16)
+    model = glmkit.load("path/to/glm-4-9b-chat-hf", quantize="int4")  # quantized as it is read
+
+Reading is a stream (`state_stream`): one tensor at a time from the memory-mapped files, so a
+checkpoint can be quantized while it loads, or into a new sharded checkpoint (`write_stream`,
+`quantize_checkpoint`: `glmkit quantize`), without the float model in memory.
 
 A checkpoint is a directory with `config.json` and weights (`model.safetensors`,
 `pytorch_model.bin`, or either sharded with an `*.index.json`). Formats:
@@ -889,6 +894,19 @@ def write_stream(cfg: ModelConfig, tensors, dst: str | Path, extra_files=(), sha
             shutil.copy2(f, tmp / Path(f).name)
     return Path(dst), total
 
+
+
+def quantize_checkpoint(src: str | Path, dst: str | Path, bits: int, group_size: int = 64,
+                        dtype: torch.dtype = torch.bfloat16, shard_bytes: int = SHARD_BYTES) -> tuple[int, int]:
+    """Quantize checkpoint directory `src` (any layout glmkit reads) into a new glmkit checkpoint
+    `dst`, streaming: one tensor read, quantized and written at a time (state_stream into
+    write_stream); float tensors and scales in `dtype`; tokenizer files copied along. Returns
+    (bytes of the source's weight files, bytes of tensors written)."""
+    from .quantize import quant_spec
+
+    cfg, tensors = state_stream(src, dtype=dtype, quant=quant_spec(bits, group_size))
+    _, written = write_stream(cfg, tensors, dst, tokenizer_files(src), shard_bytes)
+    return sum(f.stat().st_size for _, f in weight_file_paths(checkpoint_dir(src))), written
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "ice_text.model", "generation_config.json")

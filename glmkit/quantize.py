@@ -7,7 +7,7 @@
 
 `glmkit quantize` streams: one tensor at a time is read from the memory-mapped checkpoint (any
 layout glmkit reads), quantized in fp32 a block of rows at a time, and written into the output's
-shards as they fill (`quantize_checkpoint`), so a model far larger than memory quantizes. Loading
+shards as they fill (`convert.quantize_checkpoint`), so a model far larger than memory quantizes. Loading
 with `quantize=` does the same into a model built on the meta device. Both give bit for bit what
 `quantize_model` gives on the model loaded in fp32.
 
@@ -193,20 +193,6 @@ def cast_floats(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     for t in list(model.parameters()) + [b for _, b in model.named_buffers() if b.is_floating_point()]:
         t.data = t.data.to(dtype)
     return model
-
-
-def quantize_checkpoint(src, dst, bits: int, group_size: int = 64, dtype: torch.dtype = torch.bfloat16,
-                        shard_bytes: int | None = None) -> tuple[int, int]:
-    """Quantize checkpoint directory `src` (any layout glmkit reads) into a new glmkit checkpoint
-    `dst`, streaming: one tensor read, quantized and written at a time (see convert.state_stream
-    and convert.write_stream); float tensors and scales in `dtype`; tokenizer files copied along.
-    Returns (bytes of the source's weight files, bytes of tensors written)."""
-    from .convert import SHARD_BYTES, checkpoint_dir, state_stream, tokenizer_files, weight_file_paths, write_stream
-
-    quant = quant_spec(bits, group_size)
-    cfg, tensors = state_stream(src, dtype=dtype, quant=quant)
-    _, written = write_stream(cfg, tensors, dst, tokenizer_files(src), shard_bytes or SHARD_BYTES)
-    return sum(f.stat().st_size for _, f in weight_file_paths(checkpoint_dir(src))), written
 
 
 @torch.no_grad()

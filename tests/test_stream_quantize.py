@@ -10,9 +10,9 @@ import glmkit
 from glmkit import quantize
 from glmkit.cli import main
 from glmkit.config import get_preset
-from glmkit.convert import CheckpointError, WeightFiles, read_checkpoint, write_checkpoint
+from glmkit.convert import CheckpointError, WeightFiles, quantize_checkpoint, read_checkpoint, write_checkpoint
 from glmkit.model import GLM
-from glmkit.quantize import cast_floats, quantize_checkpoint, quantize_model
+from glmkit.quantize import cast_floats, quantize_model
 from tests.helpers import assert_equal, debug_checkpoint
 
 TINY = dict(vocab_size=96, dim=64, n_layers=2, n_heads=4, max_seq_len=64)
