@@ -847,16 +847,35 @@ def _atomic_dir(dst: str | Path):
 
 
 SHARD_BYTES = 1 << 30
+_TORCH_ST = {v: k for k, v in _ST_TORCH.items()}
+
+
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]):
+    """A safetensors file written straight from the tensors' memory (safetensors' save_file first copies
+    them all into one bytes object: twice the shard in memory). Widest dtypes first, so with the header
+    padded to 8 bytes every tensor starts aligned to its element size."""
+    names = sorted(tensors, key=lambda n: -tensors[n].element_size())  # stable: arrival order within a width
+    header, offset = {"__metadata__": metadata}, 0
+    for n in names:
+        t = tensors[n]
+        size = t.numel() * t.element_size()
+        header[n] = {"dtype": _TORCH_ST[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        for n in names:
+            if tensors[n].numel():
+                f.write(tensors[n].reshape(-1).view(torch.uint8).numpy())  # a view of the tensor's bytes, no copy
 
 
 def write_stream(cfg: ModelConfig, tensors, dst: str | Path, extra_files=(), shard_bytes: int = SHARD_BYTES) -> tuple[Path, int]:
     """Write a glmkit-layout checkpoint from (name, tensor) pairs as they arrive (e.g. state_stream):
     safetensors shards of at most `shard_bytes` (a larger tensor gets a shard of its own) plus
     `model.safetensors.index.json`, or one `model.safetensors` when one shard holds everything.
-    Memory holds one shard being filled, never the model. Atomic like write_checkpoint. Every name
+    Memory holds the shard being filled, never the model. Atomic like write_checkpoint. Every name
     and shape is checked against the model `cfg` describes. Returns (dst, bytes of tensors written)."""
-    from safetensors.torch import save_file
-
     want = _meta_model(cfg).state_dict()
     meta = {"format": "pt", "written_by": "glmkit"}
     with _atomic_dir(dst) as tmp:
@@ -869,12 +888,12 @@ def write_stream(cfg: ModelConfig, tensors, dst: str | Path, extra_files=(), sha
                                       f"(expected {tuple(want[name].shape) if name in want else 'no such name'})")
             n = t.numel() * t.element_size()
             if buf and size + n > shard_bytes:
-                save_file(buf, tmp / f"part{len(shards)}", metadata=meta)
+                _write_safetensors(tmp / f"part{len(shards)}", buf, meta)
                 shards.append(list(buf))
                 buf, size = {}, 0
             buf[name] = t.detach().contiguous().cpu()
             size, total = size + n, total + n
-        save_file(buf, tmp / f"part{len(shards)}", metadata=meta)
+        _write_safetensors(tmp / f"part{len(shards)}", buf, meta)
         shards.append(list(buf))
         buf = None
         written = {n for names in shards for n in names}

@@ -2,6 +2,7 @@
 model loaded in fp32), bit for bit, from the glmkit layout and from layouts with joined tensors."""
 
 import json
+import struct
 
 import pytest
 import torch
@@ -137,3 +138,27 @@ def test_generate_quantize_flag_equals_quantized_checkpoint(tmp_path, tok, capsy
     on_load = capsys.readouterr().out
     assert generate_main(["--model", str(tmp_path / "q"), *flags]) == 0
     assert capsys.readouterr().out == on_load and on_load.strip()
+
+
+def test_shard_writer_reads_back_with_safetensors(tmp_path):
+    from safetensors import safe_open
+
+    from glmkit.convert import _write_safetensors, check_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {  # odd byte counts before wider dtypes: the writer must still align them
+        "a.u8": torch.randint(0, 255, (3, 5), dtype=torch.uint8, generator=g), "b.bf16": torch.randn(7, generator=g).bfloat16(),
+        "c.f32": torch.randn(2, 3, generator=g), "d.i8": torch.randint(-127, 127, (9,), dtype=torch.int8, generator=g),
+        "e.scalar": torch.tensor(2.5), "f.empty": torch.empty(0, 4), "g.i64": torch.arange(3),
+    }
+    _write_safetensors(tmp_path / "x.safetensors", tensors, {"written_by": "glmkit"})
+    assert sorted(check_safetensors(tmp_path / "x.safetensors")) == sorted(tensors)
+    with safe_open(tmp_path / "x.safetensors", framework="pt") as f:
+        assert f.metadata() == {"written_by": "glmkit"}
+        for n, t in tensors.items():
+            assert f.get_tensor(n).dtype == t.dtype
+            assert_equal(f.get_tensor(n), t, n)
+    (n,) = struct.unpack("<Q", (tmp_path / "x.safetensors").read_bytes()[:8])
+    header = json.loads((tmp_path / "x.safetensors").read_bytes()[8:8 + n])
+    for name, t in tensors.items():
+        assert (8 + n + header[name]["data_offsets"][0]) % t.element_size() == 0, f"{name} misaligned: {header[name]}"
