@@ -63,7 +63,7 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     return packed, scales, lo
 
 
-ROW_BLOCK_BYTES = 64 << 20  # fp32 bytes of weight rows quantized at once by quantize_weight
+ROW_BLOCK_BYTES = 16 << 20  # fp32 bytes of weight rows quantized at once by quantize_weight
 
 
 def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None) -> dict[str, torch.Tensor]:
