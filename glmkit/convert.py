@@ -747,12 +747,13 @@ def state_stream(path: str | Path, device=None, dtype=None, quant: dict | None =
     if cfg.quant and quant:
         raise ValueError(f"{path} is already quantized (int{cfg.quant['bits']}); quantize the float checkpoint, "
                          "or load this one as it is")
-    want = _meta_model(cfg).state_dict()
+    meta = _meta_model(cfg)
+    want = meta.state_dict()
     targets, tied_head = set(), False
     if quant:
         from .quantize import _targets
 
-        targets = {name for name, _ in _targets(_meta_model(cfg), quant)}
+        targets = {name for name, _ in _targets(meta, quant)}
         tied_head = bool(quant["head"]) and cfg.tie_embeddings  # a quantized copy of the embedding as the head
 
     def quantized(module: str, w: torch.Tensor):

@@ -162,3 +162,17 @@ def test_shard_writer_reads_back_with_safetensors(tmp_path):
     header = json.loads((tmp_path / "x.safetensors").read_bytes()[8:8 + n])
     for name, t in tensors.items():
         assert (8 + n + header[name]["data_offsets"][0]) % t.element_size() == 0, f"{name} misaligned: {header[name]}"
+
+
+def test_preset_quantize_on_load_and_serve_flag(capsys):
+    from glmkit.quantize import Int4Linear
+
+    m = glmkit.load("debug", dtype=torch.bfloat16, quantize="int4", group_size=32)
+    assert m.cfg.quant == {"bits": 4, "group_size": 32, "head": True} and isinstance(m.head, Int4Linear)
+    assert m.embed.weight.dtype == m.head.scales.dtype == torch.bfloat16 and m.head.weight.dtype == torch.uint8
+    pytest.importorskip("fastapi")
+    from glmkit.server.app import main as serve_main
+
+    with pytest.raises(SystemExit) as e:
+        serve_main(["--help"])
+    assert e.value.code == 0 and "--quantize {int8,int4}" in capsys.readouterr().out
