@@ -62,31 +62,30 @@ def data(argv):
 
 
 def quantize(argv=None) -> int:
-    """`glmkit quantize SRC DST --bits 8|4`: a weight-only quantized copy of a checkpoint."""
-    import argparse
-
+    """`glmkit quantize SRC DST --bits 8|4`: a weight-only quantized copy of a checkpoint, streamed
+    (one tensor in memory at a time, output shards written as they fill)."""
     import torch
 
-    from .convert import read_checkpoint, tokenizer_files, write_checkpoint
-    from .quantize import quantize_model
+    from .convert import quantize_checkpoint
+    from .quantize import quant_spec
 
-    p = argparse.ArgumentParser(prog="glmkit quantize", description="Weight-only int8/int4 quantization of a checkpoint.")
+    p = argparse.ArgumentParser(prog="glmkit quantize", description="Weight-only int8/int4 quantization of a checkpoint "
+                                "(any layout glmkit reads), one tensor at a time: memory stays near one output shard.")
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--bits", type=int, choices=[8, 4], required=True)
-    p.add_argument("--group-size", type=int, default=64, help="int4 group size (32, 64, 128)")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16", help="dtype of the non-quantized tensors")
+    p.add_argument("--group-size", type=int, default=64, help="int4 group size: 32, 64, 128 or 256 (default 64)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16", help="dtype of the non-quantized tensors and scales")
+    p.add_argument("--shard-mib", type=int, default=1024, help="largest output shard in MiB (default 1024)")
     a = p.parse_args(argv)
-    model = read_checkpoint(a.src, dtype=torch.float32)
-    before = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    quantize_model(model, a.bits, a.group_size)
-    if a.dtype == "bf16":
-        for t in list(model.parameters()) + [b for n, b in model.named_buffers() if b.is_floating_point()]:
-            t.data = t.data.to(torch.bfloat16)
-    write_checkpoint(model, a.dst, "glmkit", tokenizer_files(a.src))
-    after = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    quant_spec(a.bits, a.group_size)  # bad values refused before anything is read
+    if a.shard_mib < 1:
+        raise ValueError(f"--shard-mib {a.shard_mib}: must be >= 1")
+    t0 = time.perf_counter()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
+    before, after = quantize_checkpoint(a.src, a.dst, a.bits, a.group_size, dtype, a.shard_mib << 20)
     print(f"{a.src} -> {a.dst}: int{a.bits}{f' (group {a.group_size})' if a.bits == 4 else ''}, "
-          f"{before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB")
+          f"{before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
@@ -233,12 +232,19 @@ def add_sampling_args(p, temperature: float = 1.0, max_new_tokens: int = 128):
     p.add_argument("--tokenizer", default=None, help="tokenizer directory or file (default: the model's directory)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps|xpu|npu|mlu|musa (default auto)")
     p.add_argument("--dtype", default="auto", help="auto|fp32|bf16|fp16 (default auto: bf16 on GPUs, fp32 on CPU)")
+    add_quantize_arg(p)
     g = p.add_argument_group("sampling")
     for name, note in SAMPLING_FLAGS.items():
         kind = float if isinstance(getattr(d, name), float) else int  # seed's default is None
         g.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(d, name), help=note or None)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile")
+
+
+def add_quantize_arg(p):
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="quantize the weights as they are read (int4: groups of 64); memory stays near the quantized "
+                        "model's size; the same model as `glmkit quantize` would write")
 
 
 def params_from_args(a, stop_ids=()):
@@ -275,7 +281,7 @@ def load_for_cli(a, command: str):
     plan.check(f"glmkit {command}", SERVE_FLAGS if command == "serve" else CLI_FLAGS)
     if command == "serve":
         a.max_len, a.max_batch = plan.max_len, plan.rows
-    model = load(a.model, device=device, dtype=plan.dtype).eval()
+    model = load(a.model, device=device, dtype=plan.dtype, quantize=getattr(a, "quantize", None)).eval()
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.cfg.vocab_size} "
                          "embeddings; they do not belong together")

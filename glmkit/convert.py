@@ -4,6 +4,11 @@
     glmkit info PATH|PRESET
 
     model = glmkit.load("path/to/glm-4-9b-chat-hf", dtype=torch.bfloat16)
+    model = glmkit.load("path/to/glm-4-9b-chat-hf", quantize="int4")  # quantized as it is read
+
+Reading is a stream (`state_stream`): one tensor at a time from the memory-mapped files, so a
+checkpoint can be quantized while it loads, or into a new sharded checkpoint (`write_stream`,
+`quantize_checkpoint`: `glmkit quantize`), without the float model in memory.
 
 A checkpoint is a directory with `config.json` and weights (`model.safetensors`,
 `pytorch_model.bin`, or either sharded with an `*.index.json`). Formats:
@@ -38,7 +43,8 @@ import shutil
 import struct
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -742,24 +748,75 @@ def _default_dtype(t: torch.Tensor, device) -> torch.dtype:
     return t.dtype if t.is_floating_point() else torch.float32
 
 
-def read_checkpoint(path: str | Path, device=None, dtype=None) -> GLM:
-    """Load any supported checkpoint directory as a glmkit GLM, checking every tensor."""
+def state_stream(path: str | Path, device=None, dtype=None, quant: dict | None = None):
+    """(config, iterator of (name, tensor)): checkpoint directory `path`'s glmkit state dict, one
+    tensor at a time, each read from the memory-mapped files and checked against config.json. Names,
+    the format and every file are checked here, before the first tensor is read.
+
+    Floating tensors come out in `dtype` (default: the stored one; fp16 becomes fp32 on a CPU).
+    With `quant` ({"bits", "group_size", "head"}, see quantize.quant_spec) each target linear's
+    weight is quantized as it is read, from its stored values in fp32, and the config carries
+    `quant`: exactly `quantize_model` applied to the model loaded in fp32, then cast to `dtype`,
+    while memory holds one tensor at a time, never the float model."""
     path = checkpoint_dir(path)
-    cfg_file = path / "config.json"
     fmt, cfg = config_of(path)
     files = WeightFiles(path)
     present = _match_names(files.where, fmt, cfg, path)
     if cfg.quant and fmt is not GLMKIT:
-        raise CheckpointError(f"{cfg_file}: quantized checkpoints exist only in the glmkit layout")
+        raise CheckpointError(f"{path / 'config.json'}: quantized checkpoints exist only in the glmkit layout")
+    if cfg.quant and quant:
+        raise ValueError(f"{path} is already quantized (int{cfg.quant['bits']}); quantize the float checkpoint, "
+                         "or load this one as it is")
+    meta = _meta_model(cfg)
+    want = meta.state_dict()
+    targets, tied_head = set(), False
+    if quant:
+        from .quantize import _targets
+
+        targets = {name for name, _ in _targets(meta, quant)}
+        tied_head = bool(quant["head"]) and cfg.tie_embeddings  # a quantized copy of the embedding as the head
+
+    def quantized(module: str, w: torch.Tensor):
+        from .quantize import quantize_weight
+
+        try:
+            parts = quantize_weight(w, quant["bits"], quant["group_size"])
+        except ValueError as e:
+            raise ValueError(f"{module}: {e}") from None
+        for k, v in parts.items():
+            yield f"{module}.{k}", v.to(dtype) if v.is_floating_point() else v
+
+    def tensors():
+        nonlocal dtype
+        for r in fmt.rules(cfg):  # the source's rules: names as stored
+            ts = [files.get(present[n]) for n in r.theirs]
+            if dtype is None and ts[0].is_floating_point():
+                dtype = _default_dtype(ts[0], device)
+            module, _, leaf = r.ours.rpartition(".")
+            if (module in targets and leaf == "weight") or (tied_head and r.ours == "embed.weight"):
+                # joined as stored (layout changes only move values), quantized in fp32 a block of rows at a
+                # time: no fp32 copy of a whole weight
+                common = ts[0].dtype
+                for x in ts[1:]:
+                    common = torch.promote_types(common, x.dtype)
+                w = _joined(r, [x.to(common) for x in ts], want, files, present)
+                if module in targets:
+                    yield from quantized(module, w)
+                    continue
+                yield r.ours, w.to(dtype)
+                yield from quantized("head", w)
+                continue
+            yield r.ours, _joined(r, [x.to(dtype) if x.is_floating_point() else x for x in ts], want, files, present)  # ints stay ints
+
+    return (replace(cfg, quant=quant) if quant else cfg), tensors()
+
+
+def read_checkpoint(path: str | Path, device=None, dtype=None, quant: dict | None = None) -> GLM:
+    """Load any supported checkpoint directory as a glmkit GLM, checking every tensor; with `quant`,
+    quantized as it is read (see state_stream): memory peaks near the quantized model's size."""
+    cfg, tensors = state_stream(path, device, dtype, quant)
     model = _meta_model(cfg)
-    want = model.state_dict()
-    sd = {}
-    for r in fmt.rules(cfg):
-        ts = [files.get(present[n]) for n in r.theirs]
-        if dtype is None and ts[0].is_floating_point():
-            dtype = _default_dtype(ts[0], device)
-        sd[r.ours] = _joined(r, [x.to(dtype) if x.is_floating_point() else x for x in ts], want, files, present)  # ints stay ints
-    model.load_state_dict(sd, strict=True, assign=True)
+    model.load_state_dict(dict(tensors), strict=True, assign=True)
     return model.to(device) if device is not None else model
 
 
@@ -779,16 +836,25 @@ def write_checkpoint(model: GLM, dst: str | Path, fmt: str | None = None, extra_
     for r in fmt_obj.rules(cfg):
         for name, t in zip(r.theirs, r.split(ours[r.ours].detach())):
             out[name] = t.contiguous().cpu()
+    with _atomic_dir(dst) as tmp:
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, ensure_ascii=False) + "\n")
+        save_file(out, tmp / "model.safetensors", metadata={"format": "pt", "written_by": "glmkit"})
+        for f in extra_files:
+            shutil.copy2(f, tmp / Path(f).name)
+    return Path(dst)
+
+
+@contextmanager
+def _atomic_dir(dst: str | Path):
+    """A temporary directory beside `dst`, renamed to `dst` once the block has filled it (files
+    synced first); on any error or interrupt it is removed, so `dst` is whole or absent."""
     dst = Path(dst)
     if dst.exists() and any(dst.iterdir()):
         raise CheckpointError(f"{dst} exists and is not empty; choose a new directory")
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, ensure_ascii=False) + "\n")
-        save_file(out, tmp / "model.safetensors", metadata={"format": "pt", "written_by": "glmkit"})
-        for f in extra_files:
-            shutil.copy2(f, tmp / Path(f).name)
+        yield tmp
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -799,8 +865,88 @@ def write_checkpoint(model: GLM, dst: str | Path, fmt: str | None = None, extra_
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return dst
 
+
+SHARD_BYTES = 1 << 30
+_TORCH_ST = {v: k for k, v in _ST_TORCH.items()}
+
+
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]):
+    """A safetensors file written straight from the tensors' memory (safetensors' save_file first copies
+    them all into one bytes object: twice the shard in memory). Widest dtypes first, so with the header
+    padded to 8 bytes every tensor starts aligned to its element size."""
+    names = sorted(tensors, key=lambda n: -tensors[n].element_size())  # stable: arrival order within a width
+    header, offset = {"__metadata__": metadata}, 0
+    for n in names:
+        t = tensors[n]
+        size = t.numel() * t.element_size()
+        header[n] = {"dtype": _TORCH_ST[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        for n in names:
+            if tensors[n].numel():
+                f.write(tensors[n].reshape(-1).view(torch.uint8).numpy())  # a view of the tensor's bytes, no copy
+
+
+def write_stream(cfg: ModelConfig, tensors, dst: str | Path, extra_files=(), shard_bytes: int = SHARD_BYTES) -> tuple[Path, int]:
+    """Write a glmkit-layout checkpoint from (name, tensor) pairs as they arrive (e.g. state_stream):
+    safetensors shards of at most `shard_bytes` (a larger tensor gets a shard of its own) plus
+    `model.safetensors.index.json`, or one `model.safetensors` when one shard holds everything.
+    Memory holds the shard being filled, never the model. Atomic like write_checkpoint. Every name
+    and shape is checked against the model `cfg` describes. Returns (dst, bytes of tensors written)."""
+    want = _meta_model(cfg).state_dict()
+    meta = {"format": "pt", "written_by": "glmkit"}
+    with _atomic_dir(dst) as tmp:
+        (tmp / "config.json").write_text(json.dumps(GLMKIT.config_to_hf(cfg), indent=2, ensure_ascii=False) + "\n")
+        shards: list[list[str]] = []  # tensor names per shard, in order
+        buf, size, total = {}, 0, 0
+        for name, t in tensors:
+            if name not in want or name in buf or t.shape != want[name].shape:
+                raise CheckpointError(f"glmkit bug: tensor {name} {tuple(t.shape)} does not belong in this model "
+                                      f"(expected {tuple(want[name].shape) if name in want else 'no such name'})")
+            n = t.numel() * t.element_size()
+            if buf and size + n > shard_bytes:
+                _write_safetensors(tmp / f"part{len(shards)}", buf, meta)
+                shards.append(list(buf))
+                buf, size = {}, 0
+            buf[name] = t.detach().contiguous().cpu()
+            size, total = size + n, total + n
+        _write_safetensors(tmp / f"part{len(shards)}", buf, meta)
+        shards.append(list(buf))
+        buf = None
+        written = {n for names in shards for n in names}
+        if written != set(want) or sum(map(len, shards)) != len(written):
+            raise CheckpointError(f"glmkit bug: the stream missed {sorted(set(want) - written)[:3]} or repeated a tensor")
+        if len(shards) == 1:
+            os.rename(tmp / "part0", tmp / "model.safetensors")
+        else:
+            weight_map = {}
+            for i, names in enumerate(shards):
+                shard = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                os.rename(tmp / f"part{i}", tmp / shard)
+                weight_map.update(dict.fromkeys(names, shard))
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        for f in extra_files:
+            shutil.copy2(f, tmp / Path(f).name)
+    return Path(dst), total
+
+
+
+def quantize_checkpoint(src: str | Path, dst: str | Path, bits: int, group_size: int = 64,
+                        dtype: torch.dtype = torch.bfloat16, shard_bytes: int = SHARD_BYTES) -> tuple[int, int]:
+    """Quantize checkpoint directory `src` (any layout glmkit reads) into a new glmkit checkpoint
+    `dst`, streaming: one tensor read, quantized and written at a time (state_stream into
+    write_stream); float tensors and scales in `dtype`; tokenizer files copied along. Returns
+    (bytes of the source's weight files, bytes of tensors written)."""
+    from .quantize import quant_spec
+
+    cfg, tensors = state_stream(src, dtype=dtype, quant=quant_spec(bits, group_size))
+    _, written = write_stream(cfg, tensors, dst, tokenizer_files(src), shard_bytes)
+    return sum(f.stat().st_size for _, f in weight_file_paths(checkpoint_dir(src))), written
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "ice_text.model", "generation_config.json")
@@ -825,15 +971,29 @@ def default_model_path() -> Path:
     return DEFAULT_MODEL
 
 
-def load(path_or_preset: str | Path | None = None, device=None, dtype=None) -> GLM:
+def load(path_or_preset: str | Path | None = None, device=None, dtype=None, quantize: str | None = None,
+         group_size: int = 64) -> GLM:
     """A GLM from a checkpoint directory, a preset name (random init, fp32 unless `dtype`), or, with
-    no argument, the embedded default model."""
+    no argument, the embedded default model. `quantize="int8"|"int4"` quantizes the weights as they
+    are read (int4 in groups of `group_size`): the same tensors as `glmkit quantize --dtype D` then
+    `load(dtype=D)`, without the float model ever being in memory."""
+    quant = None
+    if quantize is not None:
+        from .quantize import quant_spec
+
+        if quantize not in ("int8", "int4"):
+            raise ValueError(f"quantize={quantize!r}: choose int8 or int4")
+        quant = quant_spec(int(quantize[3:]), group_size)
     if path_or_preset is None:
         path_or_preset = default_model_path()
     if isinstance(path_or_preset, str) and path_or_preset in PRESETS and not Path(path_or_preset).exists():
         model = GLM(get_preset(path_or_preset))
-        return model.to(device=device, dtype=dtype or torch.float32)
-    return read_checkpoint(path_or_preset, device=device, dtype=dtype)
+        if not quant:
+            return model.to(device=device, dtype=dtype or torch.float32)
+        from .quantize import cast_floats, quantize_model
+
+        return cast_floats(quantize_model(model, quant["bits"], group_size), dtype or torch.float32).to(device)
+    return read_checkpoint(path_or_preset, device=device, dtype=dtype, quant=quant)
 
 
 def main(argv=None):

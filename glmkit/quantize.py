@@ -3,6 +3,13 @@
     glmkit quantize SRC DST --bits 8            # per-output-channel int8
     glmkit quantize SRC DST --bits 4 --group-size 64
     model = glmkit.load(DST)                    # every command loads quantized checkpoints
+    model = glmkit.load(SRC, quantize="int4")   # or quantize as it loads (--quantize int4 on serve, ...)
+
+`glmkit quantize` streams: one tensor at a time is read from the memory-mapped checkpoint (any
+layout glmkit reads), quantized in fp32 a block of rows at a time, and written into the output's
+shards as they fill (`convert.quantize_checkpoint`), so a model far larger than memory quantizes. Loading
+with `quantize=` does the same into a model built on the meta device. Both give bit for bit what
+`quantize_model` gives on the model loaded in fp32.
 
 Activations stay in the model's float dtype; only weights are stored as integers. Decode steps
 (at most kernels.MAX_ROWS rows) on x86 CPUs run in glmkit's native kernels (`kernels`), which read
@@ -54,6 +61,27 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     q = torch.round((wg - lo[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8).reshape(N, K)
     packed = q[:, 0::2] | (q[:, 1::2] << 4)
     return packed, scales, lo
+
+
+ROW_BLOCK_BYTES = 16 << 20  # fp32 bytes of weight rows quantized at once by quantize_weight
+
+
+def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None) -> dict[str, torch.Tensor]:
+    """{"weight", "scales"[, "mins"]} of quantize_int8 / quantize_int4 on `w`, computed ROW_BLOCK_BYTES
+    of fp32 rows at a time. Every quantity is per row (int8) or per row group (int4), so this is bit
+    for bit the whole-tensor result, and a large weight (a 150K-row head) never has an fp32 copy."""
+    N, K = w.shape
+    if bits == 4 and K % group_size:
+        raise ValueError(f"int4 group size {group_size} does not divide the input width {K}")
+    step = max(1, ROW_BLOCK_BYTES // (4 * K))
+    out = None
+    for i in range(0, N, step):
+        parts = quantize_int8(w[i:i + step]) if bits == 8 else quantize_int4(w[i:i + step], group_size)
+        if out is None:
+            out = [torch.empty(N, *p.shape[1:], dtype=p.dtype) for p in parts]
+        for o, p in zip(out, parts):
+            o[i:i + step] = p
+    return dict(zip(("weight", "scales", "mins"), out))
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
@@ -151,16 +179,28 @@ def swap_for_loading(model: nn.Module, quant: dict) -> nn.Module:
     return model
 
 
-@torch.no_grad()
-def quantize_model(model: nn.Module, bits: int, group_size: int = 64, head: bool = True) -> nn.Module:
-    """Quantize a float GLM in place; sets model.cfg.quant so it saves and reloads as quantized."""
+def quant_spec(bits: int, group_size: int = 64, head: bool = True) -> dict:
+    """The `quant` entry of a config ({"bits", "group_size", "head"}), its values checked."""
     if bits not in (4, 8):
         raise ValueError(f"--bits {bits}: choose 8 or 4")
     if bits == 4 and group_size not in (32, 64, 128, 256):
         raise ValueError(f"--group-size {group_size}: choose 32, 64, 128 or 256")
+    return {"bits": bits, "group_size": group_size if bits == 4 else None, "head": head}
+
+
+def cast_floats(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Floating parameters and buffers (scales, mins) to `dtype`; integer weights stay as they are."""
+    for t in list(model.parameters()) + [b for _, b in model.named_buffers() if b.is_floating_point()]:
+        t.data = t.data.to(dtype)
+    return model
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, bits: int, group_size: int = 64, head: bool = True) -> nn.Module:
+    """Quantize a float GLM in place; sets model.cfg.quant so it saves and reloads as quantized."""
+    quant = quant_spec(bits, group_size, head)
     if getattr(model.cfg, "quant", None):
         raise ValueError("this model is already quantized; quantize the float checkpoint")
-    quant = {"bits": bits, "group_size": group_size if bits == 4 else None, "head": head}
     dtype = model.embed.weight.dtype
     if head and model.cfg.tie_embeddings:  # a quantized copy of the tied embedding as the head
         model.head = nn.Linear(model.cfg.dim, model.cfg.vocab_size, bias=False).to(model.embed.weight)

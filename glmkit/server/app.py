@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     """`glmkit serve`."""
     from pathlib import Path
 
-    from ..cli import load_for_cli
+    from ..cli import add_quantize_arg, load_for_cli
     from .maas import KeyStore, Ledger, Pricing, default_db_path
 
     p = argparse.ArgumentParser(prog="glmkit serve", description="Serve a model over HTTP: OpenAI-compatible "
@@ -167,6 +167,7 @@ def main(argv=None) -> int:
     p.add_argument("--model-name", default=None, help="the name clients ask for (default: the model directory's name)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps|xpu|npu|mlu|musa")
     p.add_argument("--dtype", default="auto", help="auto|fp32|bf16|fp16")
+    add_quantize_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--no-auth", action="store_true", help="no API keys (local use only); requests are still metered")
