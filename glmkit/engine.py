@@ -246,10 +246,13 @@ class Engine:
     def _room(self, req: Request) -> bool:
         """Whether the prompt's blocks are free (counted without sharing), dropping prompt-cache entries
         while they are not: the request's own scope's, oldest first, then whole scopes, least recently used first."""
-        need = self._blocks(len(req.prompt_ids)) + 1  # + the copy of a shared last block
-        own = self.prompt_cache.get(req.cache_scope)
-        while self.pool.num_free < need and own:
-            own.popitem(last=False)[1][1].release(0)
+        hit = self._lookup(req)  # its blocks are shared, not taken; + 1: the copy of a shared last block
+        need = self._blocks(len(req.prompt_ids)) - (hit[0] // self.pool.block if hit else 0) + 1
+        own = self.prompt_cache.get(req.cache_scope) or {}
+        for key in [k for k, e in own.items() if e is not hit]:
+            if self.pool.num_free >= need:
+                break
+            own.pop(key)[1].release(0)
         while self.pool.num_free < need and self.prompt_cache:
             for entry in self.prompt_cache.popitem(last=False)[1].values():
                 entry[1].release(0)
