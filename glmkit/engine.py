@@ -339,7 +339,8 @@ class Engine:
         for b, r in enumerate(self.rows):
             try:
                 self.cache.reserve(b, r.length, r.length + 1)
-            except PoolExhausted as e:
+            except PoolExhausted as e:  # its blocks go back at once: the rows after it may need them
+                self.cache.release(b)
                 r.req.finish_reason, r.req.error, failed = "error", f"{e}: the request was stopped after "\
                     f"{len(r.req.output_ids)} tokens (a larger --kv-memory, or fewer concurrent requests)", True
         return failed
