@@ -208,3 +208,22 @@ def test_kv_memory_sizes_the_pool():
         Engine(model, kv_memory=per_block - 1)
     with pytest.raises(MemoryError, match="needs .* GiB"):
         Engine(model, kv_blocks=1 << 40)
+
+
+def test_copying_a_prefix_hides_the_source_keys_after_it():
+    """Rows take the first 9 of a 10-token prompt (a prefix ending mid-block): slot 9 of the shared
+    block must not be seen by them, so that block is copied and its later slot cleared at once."""
+    model = model_of("rope_partial")
+    ids = torch.randint(0, 500, (1, 10), generator=torch.Generator().manual_seed(6))
+    pool = BlockPool.for_model(model, 8, 4)
+    prompt, paged, ref_prompt, ref = PagedKVCache(pool, 1, 10), PagedKVCache(pool, 1, 16), model.new_cache(1, 10), model.new_cache(1, 16)
+    with torch.no_grad():
+        model.prefill(ids, prompt), model.prefill(ids, ref_prompt)
+        paged.copy_rows(0, prompt, 0, 9)
+        ref.copy_rows(0, ref_prompt, 0, 9)
+        assert paged.blocks[0][:2] == prompt.blocks[0][:2] and paged.blocks[0][2] != prompt.blocks[0][2]
+        # a step that attends over slot 9 without writing it (slot 10): the hidden key must stay hidden
+        tok, at = torch.tensor([[3]]), torch.tensor([[10]])
+        close(model.step(tok, at, paged, at, extent=11), model.step(tok, at, ref, at, extent=11), "step after a prefix copy")
+    paged.release(0), prompt.release(0)
+    pool_is_clean(pool)
