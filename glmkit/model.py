@@ -362,11 +362,14 @@ class GLM(nn.Module):
 
         A decode step (T = 1) of a few rows on CPU runs as one native call (`fused.decode_step`) when
         it applies; `plan`: fused.decode_plan(model), got once by a loop whose model does not change.
-        Only for a GLM itself and a KVCache: a subclass may change what a step computes, another
-        cache keeps its keys elsewhere.
+        Only for a GLM itself and its own caches (KVCache, PagedKVCache): a subclass may change what a
+        step computes, another cache keeps its keys elsewhere.
         """
         pos, block = self._positions(input_ids, position_ids)
-        if input_ids.shape[1] == 1 and valid is None and type(self) is GLM and type(cache) is KVCache:
+        if input_ids.shape[1] == 1 and valid is None and type(self) is GLM and type(cache) in (KVCache, PagedKVCache):
+            if type(cache) is PagedKVCache:  # the kernel writes through the table: blocks first
+                for row, s in enumerate(slots[:, 0].tolist()):
+                    cache.reserve(row, s, s + 1)
             logits = fused.decode_step(self, cache, input_ids[:, 0], pos[:, 0], block[:, 0], slots[:, 0], plan)
             if logits is not None:
                 return logits[:, None]

@@ -7,8 +7,11 @@ whose outputs depend on every key, position and mask entry (see test_engine)."""
 
 import pytest
 import torch
+from tests.helpers import assert_close
 from tests.test_engine import full_greedy, glm_greedy, glm_request, model_of, run_all
+from tests.test_kernels import eager_step, fused_model, scaled
 
+from glmkit import fused, kernels
 from glmkit.engine import Engine, Request
 from glmkit.model import BlockPool, PagedKVCache, PoolExhausted
 from glmkit.sampling import SamplingParams
@@ -226,4 +229,36 @@ def test_copying_a_prefix_hides_the_source_keys_after_it():
         tok, at = torch.tensor([[3]]), torch.tensor([[10]])
         close(model.step(tok, at, paged, at, extent=11), model.step(tok, at, ref, at, extent=11), "step after a prefix copy")
     paged.release(0), prompt.release(0)
+    pool_is_clean(pool)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="native kernels unavailable")
+@pytest.mark.parametrize("variant", ["glm4", "chatglm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_step_reads_the_paged_cache(variant, dtype):
+    """The native decode step through the block table equals the eager step on a copy of the same
+    paged cache (logits and cached keys), rows at their own lengths, one with a Part A, blocks of 4."""
+    model = fused_model(variant, dtype)
+    pool = BlockPool.for_model(model, 32, 4)
+    with torch.inference_mode():
+        cache, ref = PagedKVCache(pool, 3, 24), PagedKVCache(pool, 3, 24)
+        for b, (n, sep) in enumerate([(3, 0), (7, 2), (5, 5)]):
+            one = PagedKVCache(pool, 1, n)
+            model.prefill(torch.arange(2, 2 + n)[None] + b, one, sep=sep)
+            cache.copy_rows(b, one, 0, n), ref.copy_rows(b, one, 0, n)  # shared: both copy on write
+            one.release(0)
+        idx, tokens = torch.tensor([3, 7, 5]), torch.tensor([[9], [10], [11]])
+        for step in range(6):  # row 1 crosses into its third block
+            pos = torch.stack((idx, torch.zeros_like(idx)), 1)
+            assert model.step(tokens, pos[:, :, None], cache, idx[:, None], extent=int(idx.max()) + 1) is not None
+            got = fused.decode_step(model, cache, tokens[:, 0], pos[:, 0], pos[:, 1], idx)  # slot written again: same
+            want = eager_step(model, tokens, pos[:, :, None], ref, idx[:, None], extent=int(idx.max()) + 1)[:, -1].float()
+            tol = 1e-4 if dtype == torch.float32 else 2e-2
+            assert_close(got, want, atol=scaled(tol, want), what=f"{variant} {dtype} step {step}: logits")
+            for c in (cache, ref):
+                assert all(pool.refs[row[-1]] == 1 for row in c.blocks)  # the written blocks: copied on write
+            k, kr = (pool.k[:, torch.tensor(c.blocks[1])].float() for c in (cache, ref))
+            assert_close(k, kr, atol=scaled(tol, kr), what=f"{variant} {dtype} step {step}: cached keys")
+            tokens, idx = want.argmax(-1, keepdim=True), idx + 1
+        cache.release(range(3)), ref.release(range(3))
     pool_is_clean(pool)
