@@ -103,6 +103,14 @@ class Request:
 
 
 @dataclass
+class _Prefill:
+    req: Request
+    prompt: PagedKVCache  # one row: the prompt's keys so far
+    done: int  # prompt tokens in it
+    keep: bool  # becomes a prompt-cache entry
+
+
+@dataclass
 class _Row:
     req: Request
     length: int  # positions written in the cache
@@ -112,7 +120,7 @@ class _Row:
 class Engine:
     def __init__(self, model, max_batch: int = 8, max_len: int | None = None, max_waiting: int = 64,
                  prompt_cache_entries: int = 8, prompt_cache_scopes: int = 64, kv_memory: int | None = None,
-                 kv_blocks: int | None = None, block_size: int = 16):
+                 kv_blocks: int | None = None, block_size: int = 16, prefill_chunk: int | None = None):
         self.model = model.eval()
         cfg = model.cfg
         self.causal = not cfg.prefix_lm  # GLM-4: no bidirectional prefix, any prefix reusable
@@ -131,6 +139,8 @@ class Engine:
         self.cache = PagedKVCache(self.pool, max_batch, self.max_len)  # row b: the b-th running request
         self.sampler = Sampler(max_batch, cfg.vocab_size, p.device)  # row i: the state of self.rows[i]
         self.rows: list[_Row] = []
+        self.prefilling: list[_Prefill] = []  # admitted, prompt not yet prefilled (chunked prefill)
+        self.prefill_chunk = prefill_chunk
         self.waiting: deque[Request] = deque()
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self.prompt_cache: OrderedDict[str, OrderedDict] = OrderedDict()  # scope -> its own LRU of entries
@@ -175,7 +185,7 @@ class Engine:
         self.wake.set()
 
     def has_work(self) -> bool:
-        return bool(self.rows or self.waiting)
+        return bool(self.rows or self.waiting or self.prefilling)
 
     @property
     def num_running(self) -> int:
@@ -194,6 +204,7 @@ class Engine:
     @torch.inference_mode()
     def step(self):
         self._schedule()
+        self._prefill()
         if not self.rows:
             return
         self._sample_and_emit()
@@ -216,6 +227,10 @@ class Engine:
                     self._finish(row.req, "error")
                 self.cache.release(range(len(self.rows)))
                 self.rows.clear()
+                for p in self.prefilling:
+                    p.prompt.release(0)
+                    self._finish(p.req, "error")
+                self.prefilling.clear()
                 raise
 
     # ---- schedule: admit waiting requests (prefill or copy cached prompt KV) -----------------------------
@@ -227,7 +242,7 @@ class Engine:
                 for req in [r for r in self.waiting if r._cancel]:
                     self.waiting.remove(req)
                     dropped.append(req)
-                req = self.waiting[0] if self.waiting and len(self.rows) < self.max_batch else None
+                req = self.waiting[0] if self.waiting and len(self.rows) + len(self.prefilling) < self.max_batch else None
                 if req is not None and not self._room(req):
                     req = None  # it waits for running rows to give blocks back
                 if req is not None:
@@ -248,6 +263,7 @@ class Engine:
         while they are not: the request's own scope's, oldest first, then whole scopes, least recently used first."""
         hit = self._lookup(req)  # its blocks are shared, not taken; + 1: the copy of a shared last block
         need = self._blocks(len(req.prompt_ids)) - (hit[0] // self.pool.block if hit else 0) + 1
+        need += sum(self._blocks(len(p.req.prompt_ids)) - len(p.prompt.blocks[0]) for p in self.prefilling)  # promised
         own = self.prompt_cache.get(req.cache_scope) or {}
         for key in [k for k, e in own.items() if e is not hit]:
             if self.pool.num_free >= need:
@@ -256,7 +272,7 @@ class Engine:
         while self.pool.num_free < need and self.prompt_cache:
             for entry in self.prompt_cache.popitem(last=False)[1].values():
                 entry[1].release(0)
-        return self.pool.num_free >= need or not self.rows  # alone: it fits or fails at prefill
+        return self.pool.num_free >= need or not (self.rows or self.prefilling)  # alone: it fits or fails at prefill
 
     def _positions(self, req: Request) -> torch.Tensor:
         T = len(req.prompt_ids)
@@ -299,38 +315,66 @@ class Engine:
                 entry[1].release(0)
 
     def _admit(self, req: Request):
-        t0 = time.perf_counter()
-        model, dev = self.model, self.cache.table.device
+        """Start a request: its row at once when its whole prompt is cached, else a prefill (run by `_prefill`)."""
         T = len(req.prompt_ids)
-        ids = torch.tensor(req.prompt_ids, dtype=torch.long, device=dev)
-        pos = self._positions(req).to(dev)
         hit = self._lookup(req)
-        keep = req.cache_scope is not None and self.prompt_cache_entries > 0
-        if hit is not None and hit[0] == T:
-            n_cached, prompt, logits = hit
-            keep = True  # already an entry
-        else:
-            n_cached, prompt = hit[0] if hit is not None else 0, PagedKVCache(self.pool, 1, T)
+        req.cached_tokens = n = hit[0] if hit is not None else 0
+        self.stats["cached_tokens"] += n
+        if n == T:
+            self._join(req, hit[1], hit[2], keep=True)  # the entry keeps its blocks; the row shares them
+            return
+        prompt = PagedKVCache(self.pool, 1, T)
+        if n:  # causal: the cached prefix's blocks are shared, the rest is prefilled
+            prompt.copy_rows(0, hit[1], 0, n)
+            prompt.length = n
+        self.prefilling.append(_Prefill(req, prompt, n, req.cache_scope is not None and self.prompt_cache_entries > 0))
+
+    def _prefill(self):
+        """Prefill the admitted prompts, oldest first: all of them at once, or with `prefill_chunk` at
+        most that many tokens in all this step, the rest in later steps (a GLM Part A is prefilled whole
+        in its prompt's first chunk: every query reads it). A finished prompt's request joins the rows."""
+        budget = self.prefill_chunk or float("inf")
+        for p in list(self.prefilling):
+            req, T = p.req, len(p.req.prompt_ids)
+            if budget <= 0:
+                break
+            if req._cancel:
+                self.prefilling.remove(p)
+                p.prompt.release(0)
+                self._finish(req, "cancelled")
+                continue
+            t0, dev = time.perf_counter(), self.cache.table.device
+            n = min(T - p.done, max(budget, req.sep - p.done))
+            a, b = p.done, p.done + n
             try:
-                if n_cached:
-                    prompt.copy_rows(0, hit[1], 0, n_cached)  # shares the cached prompt's blocks
-                    prompt.length = n_cached
-                logits = model.prefill(ids[None, n_cached:], prompt, position_ids=pos[None, :, n_cached:],
-                                       sep=None if n_cached else torch.tensor([req.sep], device=dev), last_only=True)[0, -1].float()
-            except BaseException:
-                prompt.release(0)
-                raise
-            self.stats["prefill_tokens"] += T - n_cached
-            if keep:
-                self._remember(req, (T, prompt, logits))  # never written again: its blocks stay shared
-        req.cached_tokens = n_cached
-        self.stats["cached_tokens"] += n_cached
+                logits = self.model.prefill(torch.tensor([req.prompt_ids[a:b]], device=dev), p.prompt,
+                                            position_ids=self._positions(req)[None, :, a:b].to(dev),
+                                            sep=torch.tensor([req.sep], device=dev) if a == 0 else None, last_only=True)
+            except Exception as e:  # fails alone, as at admission
+                traceback.print_exc()
+                self.prefilling.remove(p)
+                p.prompt.release(0)
+                req.error = f"could not start: {type(e).__name__}: {e}"
+                self._finish(req, "error")
+                continue
+            p.done, budget = b, budget - n
+            self.stats["prefill_tokens"] += n
+            req.compute_s += time.perf_counter() - t0
+            if b == T:
+                self.prefilling.remove(p)
+                logits = logits[0, -1].float()
+                if p.keep:
+                    self._remember(req, (T, p.prompt, logits))  # never written again: its blocks stay shared
+                self._join(req, p.prompt, logits, p.keep)
+
+    def _join(self, req: Request, prompt: PagedKVCache, logits: torch.Tensor, keep: bool):
+        """The request's row takes the prompt's blocks (shared with its entry when kept) and its sampler state."""
+        T = len(req.prompt_ids)
         self.cache.copy_rows(len(self.rows), prompt, 0, T)
         if not keep:
             prompt.release(0)  # the row holds the blocks now
-        self.sampler.join(req.params, ids, req.params.seed)
+        self.sampler.join(req.params, torch.tensor(req.prompt_ids, dtype=torch.long, device=logits.device), req.params.seed)
         self.rows.append(_Row(req, T, logits))
-        req.compute_s += time.perf_counter() - t0
 
     def _reserve(self) -> bool:
         """Give every running row the block its next slot needs; a row that cannot get one ends alone.
