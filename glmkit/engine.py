@@ -6,10 +6,19 @@
         engine.step()                    # schedule -> run -> update
     req.output_ids, req.finish_reason
 
-`step()` reads like nano-vllm's: admit waiting requests into free batch rows (prefilling each
-prompt, or copying its KV from the prompt cache), run one decode step for every running row
-together, then sample each row with its own parameters, emit the token and retire finished rows.
-Requests join and leave between steps, so a long generation never holds a short one back.
+`step()` reads like nano-vllm's: admit waiting requests into free batch rows (taking a cached
+prompt's KV from the prompt cache), prefill the admitted prompts, run one decode step for every
+running row together, then sample each row with its own parameters, emit the token and retire
+finished rows. Requests join and leave between steps, so a long generation never holds a short one back.
+
+Chunked prefill. With `prefill_chunk` set, a step prefills at most that many prompt tokens in all
+(oldest admitted prompt first), and the rest in later steps, between the running rows' decode steps:
+a long prompt no longer stalls every stream for its whole prefill, and its attention scores are
+bounded by chunk x prompt. Each chunk attends to the prompt's keys so far through the cache, so the
+logits equal a one-shot prefill's (within summation order). A GLM prefix-LM prompt's Part A (its
+first `sep` tokens, read bidirectionally) must be complete before any query reads it, so the first
+chunk holds all of Part A, however long; what follows is chunked. A prompt being prefilled holds a
+batch seat; it joins the running rows when its last chunk is done.
 
 Rows live in one paged KV cache (`model.PagedKVCache`): keys and values in blocks of `block_size`
 slots from one pool, a block table per row, blocks taken as a row grows and given back when it

@@ -262,3 +262,58 @@ def test_native_step_reads_the_paged_cache(variant, dtype):
             tokens, idx = want.argmax(-1, keepdim=True), idx + 1
         cache.release(range(3)), ref.release(range(3))
     pool_is_clean(pool)
+
+
+# ---- chunked prefill ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("position", ["rope_partial", "rope_2d"])
+def test_chunked_prefill_logits_equal_one_shot(position):
+    """A prompt prefilled in chunks of 3 (Part A whole in the first) gives every position's logits of
+    a one-shot prefill, and the same keys in the cache."""
+    model = model_of(position)
+    T, sep = 14, (5 if position == "rope_2d" else 0)
+    ids = torch.randint(0, 500, (1, T), generator=torch.Generator().manual_seed(8))
+    pos = torch.arange(T)[None]
+    pool = BlockPool.for_model(model, 16, 4)
+    whole, chunked = PagedKVCache(pool, 1, T), PagedKVCache(pool, 1, T)
+    with torch.no_grad():
+        want = model.prefill(ids, whole, sep=sep)
+        got, a = [], 0
+        for b in [max(3, sep)] + list(range(max(3, sep) + 3, T, 3)) + [T]:
+            got.append(model.prefill(ids[:, a:b], chunked, position_ids=pos[:, a:b], sep=sep if a == 0 else None))
+            a = b
+    close(torch.cat(got, 1), want, "chunked prefill logits")
+    for t in (pool.k, pool.v):
+        close(t[:, chunked.blocks[0]], t[:, whole.blocks[0]], "cached keys and values")
+
+
+def test_engine_chunked_prefill_interleaves_and_equals_one_shot():
+    """A long prompt prefilled 4 tokens a step while two rows decode: the rows gain a token every
+    step meanwhile, and every request's tokens and logprobs equal an engine prefilling at once."""
+    model = model_of()
+    p = lambda n: SamplingParams(max_new_tokens=n, temperature=0, logprobs=True)
+    long_prompt = list(range(100, 127))  # 27 tokens: 7 steps of 4
+    make = lambda: [Request([5, 6, 7], p(14)), glm_request([40, 41, 42, 43, 44, 45, 46], 3, 4, params=p(14)),
+                    Request(long_prompt, p(5)), glm_request(list(range(60, 80)), 3, 4, params=p(5))]
+    runs = {}
+    for chunk in (None, 4):
+        e = Engine(model, max_batch=4, max_len=64, block_size=4, prefill_chunk=chunk)
+        reqs = make()
+        e.submit(reqs[0]), e.submit(reqs[1])
+        e.step(), e.step()
+        e.submit(reqs[2])
+        before, steps = [len(r.output_ids) for r in reqs[:2]], 0
+        while not reqs[2].output_ids:
+            e.step()
+            steps += 1
+        assert [len(r.output_ids) for r in reqs[:2]] == [n + steps for n in before]  # they never waited
+        assert steps == (7 if chunk else 1), steps
+        e.submit(reqs[3])  # Part A of 21 tokens: one chunk however small the chunk
+        run_all(e, {})
+        runs[chunk] = reqs
+        assert e.stats["prefill_tokens"] == 3 + 9 + 27 + 22
+        pool_is_clean(e.pool)
+    for one, chunked in zip(runs[None], runs[4]):
+        assert chunked.output_ids == one.output_ids, (chunked.output_ids, one.output_ids)
+        close(torch.tensor(chunked.logprobs), torch.tensor(one.logprobs), "logprobs")
+    assert runs[4][2].output_ids == full_greedy(model, long_prompt, 5)
+    assert runs[4][3].output_ids == glm_greedy(model, list(range(60, 80)), 3, 4, 5)
