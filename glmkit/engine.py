@@ -6,14 +6,27 @@
         engine.step()                    # schedule -> run -> update
     req.output_ids, req.finish_reason
 
-`step()` reads like nano-vllm's: admit waiting requests into free batch rows (prefilling each
-prompt, or copying its KV from the prompt cache), run one decode step for every running row
-together, then sample each row with its own parameters, emit the token and retire finished rows.
-Requests join and leave between steps, so a long generation never holds a short one back.
+`step()` reads like nano-vllm's: admit waiting requests into free batch rows (taking a cached
+prompt's KV from the prompt cache), prefill the admitted prompts, run one decode step for every
+running row together, then sample each row with its own parameters, emit the token and retire
+finished rows. Requests join and leave between steps, so a long generation never holds a short one back.
 
-Rows live in one static KV cache (L, B_max, K, S_max, D). Running rows are kept contiguous at the
-front of the batch dimension (a leaving row is replaced by the last one), so a step runs on views
-`[:n]` without copying the cache; each row writes its key/value at its own position.
+Chunked prefill. With `prefill_chunk` set, a step prefills at most that many prompt tokens in all
+(oldest admitted prompt first), and the rest in later steps, between the running rows' decode steps:
+a long prompt no longer stalls every stream for its whole prefill, and its attention scores are
+bounded by chunk x prompt. Each chunk attends to the prompt's keys so far through the cache, so the
+logits equal a one-shot prefill's (within summation order). A GLM prefix-LM prompt's Part A (its
+first `sep` tokens, read bidirectionally) must be complete before any query reads it, so the first
+chunk holds all of Part A, however long; what follows is chunked. A prompt being prefilled holds a
+batch seat; it joins the running rows when its last chunk is done.
+
+Rows live in one paged KV cache (`model.PagedKVCache`): keys and values in blocks of `block_size`
+slots from one pool, a block table per row, blocks taken as a row grows and given back when it
+leaves, so memory follows the tokens in flight, not max_batch x max_len. Running rows are kept at the
+front of the batch (a leaving row's place goes to a later one by moving its block table, not its
+keys), so a step runs on rows `[:n]`; each row writes its key/value at its own position. Attention
+gathers each row's keys through its table (one copy of the keys read per layer and step: the eager
+step's cost of paging).
 
 Prompt KV reuse. A GLM-objective model reads its prompt bidirectionally (Part A), so a prompt's KV
 depends on the whole prompt: it is reused only for an identical prompt. Causal models (GLM-4) can
@@ -22,7 +35,11 @@ key): one customer's prompt never warms another's cache, so timing cannot leak p
 scope has its own LRU of `prompt_cache_entries`, so one customer's new prompts never evict another's
 (eviction would tell a tenant that someone else is active). The number of scopes kept is bounded
 too (`prompt_cache_scopes`, least recently used scope dropped whole): that bounds memory, and what
-it can reveal is only that many other keys were active, not when or what they sent.
+it can reveal is only that many other keys were active, not when or what they sent. A cached
+prompt holds its blocks in the pool, and a request built on it shares them (reference-counted; the
+partly filled last block is copied when the request first writes into it). When the pool runs short,
+admission drops the request's own scope's entries, then whole least recently used scopes, before it
+waits: the pool's size is the one bound that every tenant shares.
 
 Sampling. One `sampling.Sampler` holds the running rows' parameters, penalty state and random
 streams, in the rows' order; one call draws every row's token as the row would draw alone, so a
@@ -33,9 +50,14 @@ its sampling parameters), ends alone with finish_reason "error" and `req.error` 
 other rows go on. Only a failure of a batched step itself (the model or the sampler, not a
 request's numbers) fails every running row.
 
-Memory. The KV cache is allocated once, at construction, for max_batch rows of max_len positions;
-a size that cannot fit the memory this process may use is refused before allocating
-(`MemoryError`, naming the --max-len / --max-batch that would fit).
+Memory. The block pool is sized at construction: `kv_memory` bytes (or `kv_blocks` blocks), by
+default max_batch x max_len positions; a pool that cannot fit the memory this process may use is
+refused before allocating (`MemoryError`). Its pages are touched only as blocks are handed out.
+`max_len` and `max_batch` stay limits per row and on rows. A waiting request is admitted only when
+its prompt's blocks are free (it waits otherwise, in order; one that could never fit is refused at
+`submit`). A running row that needs a block when none is free ends alone with finish_reason "error"
+(its tokens so far kept, `req.error` saying the KV pool is full); the other rows go on. No
+preemption: a row's blocks are held until it leaves.
 
 The engine knows nothing of text or HTTP: stop strings and detokenization live in the server,
 which calls `cancel` when a stop string appears or the client disconnects.
@@ -53,6 +75,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import ContextLengthError
+from .model import BlockPool, PagedKVCache, PoolExhausted
 from .plan import check_kv_fits
 from .sampling import Sampler, SamplingParams, ngram_bans
 
@@ -89,6 +112,14 @@ class Request:
 
 
 @dataclass
+class _Prefill:
+    req: Request
+    prompt: PagedKVCache  # one row: the prompt's keys so far
+    done: int  # prompt tokens in it
+    keep: bool  # becomes a prompt-cache entry
+
+
+@dataclass
 class _Row:
     req: Request
     length: int  # positions written in the cache
@@ -97,16 +128,28 @@ class _Row:
 
 class Engine:
     def __init__(self, model, max_batch: int = 8, max_len: int | None = None, max_waiting: int = 64,
-                 prompt_cache_entries: int = 8, prompt_cache_scopes: int = 64):
+                 prompt_cache_entries: int = 8, prompt_cache_scopes: int = 64, kv_memory: int | None = None,
+                 kv_blocks: int | None = None, block_size: int = 16, prefill_chunk: int | None = None):
         self.model = model.eval()
         cfg = model.cfg
         self.causal = not cfg.prefix_lm  # GLM-4: no bidirectional prefix, any prefix reusable
         self.max_len = max_len or cfg.max_seq_len
         p = model.embed.weight
-        check_kv_fits(cfg, max_batch, self.max_len, p.dtype, p.device)
-        self.cache = model.new_cache(max_batch, self.max_len)  # row b: the b-th running request
+        if kv_memory is None and kv_blocks is None:  # room for every row at full length, as a static cache
+            check_kv_fits(cfg, max_batch, self.max_len, p.dtype, p.device)
+            kv_blocks = max_batch * -(-self.max_len // block_size)
+        else:
+            if kv_blocks is None:
+                kv_blocks = kv_memory // BlockPool.block_bytes(cfg, block_size, p.dtype)
+            if kv_blocks < 1:
+                raise ValueError(f"a KV pool of {kv_memory} bytes holds no block of {block_size} positions")
+            check_kv_fits(cfg, 1, kv_blocks * block_size, p.dtype, p.device)
+        self.pool = BlockPool.for_model(model, kv_blocks, block_size)
+        self.cache = PagedKVCache(self.pool, max_batch, self.max_len)  # row b: the b-th running request
         self.sampler = Sampler(max_batch, cfg.vocab_size, p.device)  # row i: the state of self.rows[i]
         self.rows: list[_Row] = []
+        self.prefilling: list[_Prefill] = []  # admitted, prompt not yet prefilled (chunked prefill)
+        self.prefill_chunk = prefill_chunk
         self.waiting: deque[Request] = deque()
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self.prompt_cache: OrderedDict[str, OrderedDict] = OrderedDict()  # scope -> its own LRU of entries
@@ -128,6 +171,12 @@ class Engine:
             raise ValueError("beam search is not served by the batching engine")
         if not 0 <= req.sep <= T:
             raise ValueError(f"sep={req.sep} outside the prompt of {T} tokens")
+        if self._blocks(T) > self.pool.n_blocks:
+            raise ContextLengthError(f"prompt of {T} tokens needs {self._blocks(T)} KV blocks; the pool holds "
+                                     f"{self.pool.n_blocks} of {self.pool.block} positions")
+
+    def _blocks(self, n: int) -> int:
+        return -(-n // self.pool.block)
 
     def submit(self, req: Request) -> Request:
         self.check(req)
@@ -145,7 +194,7 @@ class Engine:
         self.wake.set()
 
     def has_work(self) -> bool:
-        return bool(self.rows or self.waiting)
+        return bool(self.rows or self.waiting or self.prefilling)
 
     @property
     def num_running(self) -> int:
@@ -164,10 +213,13 @@ class Engine:
     @torch.inference_mode()
     def step(self):
         self._schedule()
+        self._prefill()
         if not self.rows:
             return
         self._sample_and_emit()
         self._retire()
+        if self._reserve():
+            self._retire()
         if self.rows:
             self._decode()
 
@@ -182,7 +234,12 @@ class Engine:
             except Exception:  # never leave clients hanging: fail what is in flight, keep serving
                 for row in self.rows:
                     self._finish(row.req, "error")
+                self.cache.release(range(len(self.rows)))
                 self.rows.clear()
+                for p in self.prefilling:
+                    p.prompt.release(0)
+                    self._finish(p.req, "error")
+                self.prefilling.clear()
                 raise
 
     # ---- schedule: admit waiting requests (prefill or copy cached prompt KV) -----------------------------
@@ -194,7 +251,11 @@ class Engine:
                 for req in [r for r in self.waiting if r._cancel]:
                     self.waiting.remove(req)
                     dropped.append(req)
-                req = self.waiting.popleft() if self.waiting and len(self.rows) < self.max_batch else None
+                req = self.waiting[0] if self.waiting and len(self.rows) + len(self.prefilling) < self.max_batch else None
+                if req is not None and not self._room(req):
+                    req = None  # it waits for running rows to give blocks back
+                if req is not None:
+                    self.waiting.popleft()
             for d in dropped:  # callbacks run outside the lock: they may submit
                 self._finish(d, "cancelled")
             if req is None:
@@ -205,6 +266,22 @@ class Engine:
                 traceback.print_exc()
                 req.error = f"could not start: {type(e).__name__}: {e}"
                 self._finish(req, "error")
+
+    def _room(self, req: Request) -> bool:
+        """Whether the prompt's blocks are free (counted without sharing), dropping prompt-cache entries
+        while they are not: the request's own scope's, oldest first, then whole scopes, least recently used first."""
+        hit = self._lookup(req)  # its blocks are shared, not taken; + 1: the copy of a shared last block
+        need = self._blocks(len(req.prompt_ids)) - (hit[0] // self.pool.block if hit else 0) + 1
+        need += sum(self._blocks(len(p.req.prompt_ids)) - len(p.prompt.blocks[0]) for p in self.prefilling)  # promised
+        own = self.prompt_cache.get(req.cache_scope) or {}
+        for key in [k for k, e in own.items() if e is not hit]:
+            if self.pool.num_free >= need:
+                break
+            own.pop(key)[1].release(0)
+        while self.pool.num_free < need and self.prompt_cache:
+            for entry in self.prompt_cache.popitem(last=False)[1].values():
+                entry[1].release(0)
+        return self.pool.num_free >= need or not (self.rows or self.prefilling)  # alone: it fits or fails at prefill
 
     def _positions(self, req: Request) -> torch.Tensor:
         T = len(req.prompt_ids)
@@ -241,40 +318,90 @@ class Engine:
         self.prompt_cache.move_to_end(req.cache_scope)
         entries[self._cache_key(req, len(req.prompt_ids))] = entry
         while len(entries) > self.prompt_cache_entries:
-            entries.popitem(last=False)
+            entries.popitem(last=False)[1][1].release(0)
         while len(self.prompt_cache) > self.prompt_cache_scopes:
-            self.prompt_cache.popitem(last=False)
+            for entry in self.prompt_cache.popitem(last=False)[1].values():
+                entry[1].release(0)
 
     def _admit(self, req: Request):
-        t0 = time.perf_counter()
-        model, dev = self.model, self.cache.k.device
+        """Start a request: its row at once when its whole prompt is cached, else a prefill (run by `_prefill`)."""
         T = len(req.prompt_ids)
-        ids = torch.tensor(req.prompt_ids, dtype=torch.long, device=dev)
-        pos = self._positions(req).to(dev)
         hit = self._lookup(req)
-        if hit is not None and hit[0] == T:
-            n_cached, prompt, logits = hit
-        else:
-            n_cached, prompt = hit[0] if hit is not None else 0, model.new_cache(1, T)
-            if n_cached:
-                prompt.copy_rows(0, hit[1], 0, n_cached)
-                prompt.length = n_cached
-            logits = model.prefill(ids[None, n_cached:], prompt, position_ids=pos[None, :, n_cached:],
-                                   sep=None if n_cached else torch.tensor([req.sep], device=dev), last_only=True)[0, -1].float()
-            self.stats["prefill_tokens"] += T - n_cached
-            if req.cache_scope is not None and self.prompt_cache_entries > 0:
-                self._remember(req, (T, prompt, logits))  # never written again: kept as it is
-        req.cached_tokens = n_cached
-        self.stats["cached_tokens"] += n_cached
+        req.cached_tokens = n = hit[0] if hit is not None else 0
+        self.stats["cached_tokens"] += n
+        if n == T:
+            self._join(req, hit[1], hit[2], keep=True)  # the entry keeps its blocks; the row shares them
+            return
+        prompt = PagedKVCache(self.pool, 1, T)
+        if n:  # causal: the cached prefix's blocks are shared, the rest is prefilled
+            prompt.copy_rows(0, hit[1], 0, n)
+            prompt.length = n
+        self.prefilling.append(_Prefill(req, prompt, n, req.cache_scope is not None and self.prompt_cache_entries > 0))
+
+    def _prefill(self):
+        """Prefill the admitted prompts, oldest first: all of them at once, or with `prefill_chunk` at
+        most that many tokens in all this step, the rest in later steps (a GLM Part A is prefilled whole
+        in its prompt's first chunk: every query reads it). A finished prompt's request joins the rows."""
+        budget = self.prefill_chunk or float("inf")
+        for p in list(self.prefilling):
+            req, T = p.req, len(p.req.prompt_ids)
+            if budget <= 0:
+                break
+            if req._cancel:
+                self.prefilling.remove(p)
+                p.prompt.release(0)
+                self._finish(req, "cancelled")
+                continue
+            t0, dev = time.perf_counter(), self.cache.table.device
+            n = min(T - p.done, max(budget, req.sep - p.done))
+            a, b = p.done, p.done + n
+            try:
+                logits = self.model.prefill(torch.tensor([req.prompt_ids[a:b]], device=dev), p.prompt,
+                                            position_ids=self._positions(req)[None, :, a:b].to(dev),
+                                            sep=torch.tensor([req.sep], device=dev) if a == 0 else None, last_only=True)
+            except Exception as e:  # fails alone, as at admission
+                traceback.print_exc()
+                self.prefilling.remove(p)
+                p.prompt.release(0)
+                req.error = f"could not start: {type(e).__name__}: {e}"
+                self._finish(req, "error")
+                continue
+            p.done, budget = b, budget - n
+            self.stats["prefill_tokens"] += n
+            req.compute_s += time.perf_counter() - t0
+            if b == T:
+                self.prefilling.remove(p)
+                logits = logits[0, -1].float()
+                if p.keep:
+                    self._remember(req, (T, p.prompt, logits))  # never written again: its blocks stay shared
+                self._join(req, p.prompt, logits, p.keep)
+
+    def _join(self, req: Request, prompt: PagedKVCache, logits: torch.Tensor, keep: bool):
+        """The request's row takes the prompt's blocks (shared with its entry when kept) and its sampler state."""
+        T = len(req.prompt_ids)
         self.cache.copy_rows(len(self.rows), prompt, 0, T)
-        self.sampler.join(req.params, ids, req.params.seed)
+        if not keep:
+            prompt.release(0)  # the row holds the blocks now
+        self.sampler.join(req.params, torch.tensor(req.prompt_ids, dtype=torch.long, device=logits.device), req.params.seed)
         self.rows.append(_Row(req, T, logits))
-        req.compute_s += time.perf_counter() - t0
+
+    def _reserve(self) -> bool:
+        """Give every running row the block its next slot needs; a row that cannot get one ends alone.
+        Returns whether any did."""
+        failed = False
+        for b, r in enumerate(self.rows):
+            try:
+                self.cache.reserve(b, r.length, r.length + 1)
+            except PoolExhausted as e:  # its blocks go back at once: the rows after it may need them
+                self.cache.release(b)
+                r.req.finish_reason, r.req.error, failed = "error", f"{e}: the request was stopped after "\
+                    f"{len(r.req.output_ids)} tokens (a larger --kv-memory, or fewer concurrent requests)", True
+        return failed
 
     # ---- run: one decode step for all running rows ------------------------------------------------------
     def _decode(self):
         t0 = time.perf_counter()
-        n, dev = len(self.rows), self.cache.k.device
+        n, dev = len(self.rows), self.cache.table.device
         tokens = torch.tensor([[r.req.output_ids[-1]] for r in self.rows], device=dev)
         lengths = [r.length for r in self.rows]
         slots = torch.tensor(lengths, device=dev)[:, None]  # (n, 1): each row writes at its own length
@@ -337,11 +464,12 @@ class Engine:
             if req._cancel and req.finish_reason is None:
                 req.finish_reason = "cancelled"
             (keep if req.finish_reason is None else done).append(r)
-        if done:  # compact: survivors move to the front rows
+        if done:  # compact: survivors move to the front rows (block tables move; the keys stay)
             old = {id(r): i for i, r in enumerate(self.rows)}
             for b, r in enumerate(keep):
                 if old[id(r)] != b:
                     self.cache.copy_rows(b, self.cache, old[id(r)], r.length)
+            self.cache.release(range(len(keep), len(self.rows)))  # done rows' blocks back to the pool
             self.rows = keep
             self.sampler.keep([old[id(r)] for r in keep])
         for r in done:  # after the rows are gone, so callbacks see the engine's new state

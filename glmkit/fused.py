@@ -4,8 +4,9 @@ An eager decode step spends as long outside the matrix products as in them (norm
 writes, attention, residuals: ~25 operator calls per layer, each mostly dispatch), so `GLM.step` runs
 a few-row CPU decode step of a supported model through `decode_step` here. The plan is the C view of
 a model's weights, built from its blocks (`layers`) and linears (`kernels`, `quantize`); this module
-does not know the model class: `GLM.step` calls it only for a GLM itself and its own KVCache. The
-library is built and loaded by `kernels`; the structs mirror decode.cpp's.
+does not know the model class: `GLM.step` calls it only for a GLM itself and its own caches (KVCache,
+or PagedKVCache, whose block table the kernel reads). The library is built and loaded by `kernels`;
+the structs mirror decode.cpp's.
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ class _CModel(ctypes.Structure):
 
 class _CCache(ctypes.Structure):
     _fields_ = [("k", ctypes.c_void_p), ("v", ctypes.c_void_p), ("valid", ctypes.c_void_p), ("sep", ctypes.c_void_p),
-                ("batch", ctypes.c_int64), ("max_len", ctypes.c_int64), ("bf16", ctypes.c_int32)]
+                ("table", ctypes.c_void_p)]
+    _fields_ += [(n, ctypes.c_int64) for n in ("batch", "max_len", "block", "row_blocks", "n_blocks")]
+    _fields_ += [("bf16", ctypes.c_int32)]
 
 
 class _Unsupported(Exception):
@@ -160,17 +163,20 @@ def decode_plan(model) -> _Plan | None:
 
 def decode_step(model, cache, token: torch.Tensor, pos: torch.Tensor, block: torch.Tensor, idx: torch.Tensor,
                 plan: _Plan | None = None) -> torch.Tensor | None:
-    """One decode step of `model` (a glmkit GLM) for rows 0..M-1 of `cache` (a KVCache), as one native call.
+    """One decode step of `model` (a glmkit GLM) for rows 0..M-1 of `cache` (a KVCache or a
+    PagedKVCache whose rows already hold a block for slot idx), as one native call.
 
     token, pos, block, idx: (M,) long: the token each row feeds, its position and block position,
-    and the cache slot it writes. k, v (L, B, K, S, D) are written at [:, b, :, idx[b]], valid (B, S)
-    set there; row b attends to its valid keys s with s < sep[b] or s <= idx[b], the model's mask.
+    and the cache slot it writes. KVCache: k, v (L, B, K, S, D) are written at [:, b, :, idx[b]], valid
+    (B, S) set there; paged: at the block table's block and offset, the pool's valid flags. Row b attends to its valid keys s with s < sep[b] or s <= idx[b], the model's mask.
     Returns the next-token logits (M, V) in fp32, or None when the fused step does not apply (the
     caller then runs the eager step, which gives the same results within rounding: this one keeps
     the residual stream, rotary and attention in fp32 even for a bf16 model). `plan`:
     decode_plan(model), if the caller already has it (it must be current: the model not changed since).
     """
-    M, k, v, valid, sep = token.shape[0], cache.k, cache.v, cache.valid, cache.sep
+    M, sep = token.shape[0], cache.sep
+    paged = hasattr(cache, "table")
+    k, v, valid = (cache.pool.k, cache.pool.v, cache.pool.valid) if paged else (cache.k, cache.v, cache.valid)
     if not (0 < M <= kernels.MAX_ROWS and token.device.type == "cpu" and k.dtype in (torch.float32, torch.bfloat16)):
         return None
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or kernels._load() is None:
@@ -178,12 +184,15 @@ def decode_step(model, cache, token: torch.Tensor, pos: torch.Tensor, block: tor
     if torch.is_grad_enabled() and model.embed.weight.requires_grad:
         return None
     plan = plan or decode_plan(model)
-    L, B, K, S, D = k.shape
+    L, N, K, BS, D = k.shape  # N blocks of BS slots; a KVCache: B rows of one block of S slots
+    B, S = (cache.table.shape[0], cache.max_len) if paged else (N, BS)
     cfg = model.cfg
     if plan is None or (L, K, D) != (cfg.n_layers, cfg.n_kv_heads, cfg.head_dim) or v.shape != k.shape or v.dtype != k.dtype:
         return None
     if not (k.is_contiguous() and v.is_contiguous() and valid.is_contiguous() and valid.dtype == torch.bool
-            and valid.shape == (B, S) and sep.shape == (B,) and sep.dtype == torch.long and sep.is_contiguous() and M <= B):
+            and valid.shape == (N, BS) and sep.shape == (B,) and sep.dtype == torch.long and sep.is_contiguous() and M <= B):
+        return None
+    if paged and not (cache.table.is_contiguous() and cache.table.dtype == torch.long):
         return None
     x = model.embed(token)  # (M, C)
     if cfg.position == "learned_2d":
@@ -191,7 +200,9 @@ def decode_step(model, cache, token: torch.Tensor, pos: torch.Tensor, block: tor
     x = x.to(torch.float32).contiguous()  # a fresh tensor (the lookup copies): the kernel overwrites it
     pos, block, idx = (t.to(torch.long).contiguous() for t in (pos, block, idx))
     logits = torch.empty(M, plan.vocab)
-    c = _CCache(k.data_ptr(), v.data_ptr(), valid.data_ptr(), sep.data_ptr(), B, S, int(k.dtype == torch.bfloat16))
+    table, row_blocks = (cache.table.data_ptr(), cache.table.shape[1]) if paged else (None, 1)
+    c = _CCache(k.data_ptr(), v.data_ptr(), valid.data_ptr(), sep.data_ptr(), table, B, S, BS, row_blocks, N,
+                int(k.dtype == torch.bfloat16))
     rc = kernels._lib.glmkit_decode_step(ctypes.addressof(plan.model), ctypes.addressof(c), M, x.data_ptr(),
                                          pos.data_ptr(), block.data_ptr(), idx.data_ptr(), logits.data_ptr(),
                                          torch.get_num_threads())

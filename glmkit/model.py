@@ -25,9 +25,11 @@ by slot tensors (n, T) for rows [:n]: `begin(slots, valid, extent)`, once per st
 keys are real and returns what the mask reads, the valid flags of slots [0, extent) and each row's
 Part A length `sep`; `update(layer, slots, k, v, extent)` writes a layer's new keys and values at
 `slots` and returns those of slots [0, extent) for attention (extent None: every slot, static shapes
-for torch.compile). `KVCache` holds them in preallocated tensors; a paged cache would map slots through
-each row's block table in both (allocating blocks on demand in `begin`) and gather in `update`, and
-implement `copy_rows` (beams, prompt reuse, compaction) by sharing blocks.
+for torch.compile). `KVCache` holds them in preallocated tensors. `PagedKVCache` holds them in
+fixed-size blocks of a `BlockPool`: each row has a block table, `begin` allocates blocks as a row's
+slots grow (copying a shared block before it is written), `update` writes through the table and
+gathers slots [0, extent) into (n, K, extent, D) for attention, and `copy_rows` (prompt reuse,
+compaction) shares blocks by reference count instead of copying keys.
 
 Letters in shape comments: B batch, T query length, S key length, C model dim, H query heads,
 K key/value heads, D head dim, F MLP width, V vocabulary.
@@ -76,6 +78,173 @@ class KVCache:
         self.valid[rows, :n] = src.valid[src_rows, :n]
         self.valid[rows, n:] = False
         self.sep[rows] = src.sep[src_rows]
+
+
+class PoolExhausted(MemoryError):
+    """The block pool has no free block: a row could not grow."""
+
+
+class BlockPool:
+    """Keys and values of every layer in fixed-size blocks, k and v (L, N + 1, K, block, D), with valid
+    flags (N + 1, block) per slot and a reference count per block, shared by the `PagedKVCache`s made
+    on it. Block 0 is the null block: zero, never valid, never handed out; unused table entries point
+    to it, so a gather reads zeros there. The tensors are allocated empty (untouched pages cost no
+    memory on CPU) and a block is zeroed when handed out: resident memory follows the blocks in use."""
+
+    def __init__(self, n_layers, n_blocks, n_kv_heads, block, head_dim, dtype=torch.float32, device=None):
+        shape = (n_layers, n_blocks + 1, n_kv_heads, block, head_dim)
+        self.k, self.v = torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device)
+        self.k[:, 0].zero_(), self.v[:, 0].zero_()
+        self.valid = torch.zeros(n_blocks + 1, block, dtype=torch.bool, device=device)
+        self.block, self.n_blocks = block, n_blocks
+        self.refs = [0] * (n_blocks + 1)
+        self.free = list(range(n_blocks, 0, -1))  # pop() hands out low block numbers first
+
+    @classmethod
+    def for_model(cls, model, n_blocks: int, block: int = 16) -> BlockPool:
+        p, cfg = model.embed.weight, model.cfg
+        return cls(cfg.n_layers, n_blocks, cfg.n_kv_heads, block, cfg.head_dim, p.dtype, p.device)
+
+    @staticmethod
+    def block_bytes(cfg: ModelConfig, block: int, dtype: torch.dtype) -> int:
+        """Bytes of one block: keys and values of every layer."""
+        return 2 * cfg.n_layers * cfg.n_kv_heads * block * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def alloc(self) -> int:
+        if not self.free:
+            raise PoolExhausted(f"the KV block pool is full ({self.n_blocks} blocks of {self.block} slots in use)")
+        b = self.free.pop()
+        self.refs[b] = 1
+        self.k[:, b].zero_(), self.v[:, b].zero_()  # masked slots must hold finite numbers (0 x NaN is NaN)
+        self.valid[b] = False
+        return b
+
+    def share(self, b: int):
+        self.refs[b] += 1
+
+    def release(self, b: int):
+        self.refs[b] -= 1
+        if self.refs[b] == 0:
+            self.free.append(b)
+
+
+class PagedKVCache:
+    """The cache interface over a `BlockPool`: rows of up to `max_len` slots, slot s of row b in block
+    `blocks[b][s // block]` at offset s % block. `table` (B, max_len / block) is the same on the
+    device, 0 (the null block) past a row's blocks. Blocks are allocated in `begin` (or `reserve`) as a
+    row's slots grow; a block shared with another row or cache (refs > 1) is copied before a write
+    touches it. `release` gives a row's blocks back. `sep` (B,) and `length` as in KVCache."""
+
+    def __init__(self, pool: BlockPool, batch: int, max_len: int):
+        self.pool, self.max_len, self.length = pool, max_len, 0
+        dev = pool.valid.device
+        self.table = torch.zeros(batch, -(-max_len // pool.block), dtype=torch.long, device=dev)
+        self.blocks: list[list[int]] = [[] for _ in range(batch)]
+        self.sep = torch.zeros(batch, dtype=torch.long, device=dev)
+        self._rows = torch.arange(batch, device=dev)[:, None]
+        self._at = None  # (block, offset) of the slots of the current step, set by begin
+
+    def reserve(self, row: int, lo: int, hi: int):
+        """Make slots [lo, hi) of `row` writable: blocks allocated up to slot hi, any shared block among
+        those holding [lo, hi) copied (copy-on-write). Raises PoolExhausted when no block is free."""
+        bs, pool, blocks = self.pool.block, self.pool, self.blocks[row]
+        if hi > self.max_len:
+            raise ValueError(f"slot {hi - 1} outside the cache's {self.max_len} slots")
+        for j in range(lo // bs, min(len(blocks), -(-hi // bs))):
+            if pool.refs[blocks[j]] > 1:  # shared: this row gets its own copy before writing
+                b = pool.alloc()
+                pool.k[:, b], pool.v[:, b], pool.valid[b] = pool.k[:, blocks[j]], pool.v[:, blocks[j]], pool.valid[blocks[j]]
+                pool.release(blocks[j])
+                blocks[j] = b
+                self.table[row, j] = b
+        while len(blocks) * bs < hi:
+            blocks.append(pool.alloc())
+            self.table[row, len(blocks) - 1] = blocks[-1]
+
+    def release(self, rows):
+        """Give the blocks of `rows` (an int or an iterable) back to the pool; the rows become empty."""
+        for r in [rows] if isinstance(rows, int) else rows:
+            for b in self.blocks[r]:
+                self.pool.release(b)
+            self.blocks[r] = []
+            self.table[r] = 0
+            self.sep[r] = 0
+
+    def _gather(self, t: torch.Tensor, n: int, extent: int | None) -> torch.Tensor:
+        """Slots [0, extent) of rows [:n] of a per-block tensor t (N + 1, *shape, block, ...) through the table."""
+        E = self.max_len if extent is None else extent
+        return t[self.table[:n, : -(-E // self.pool.block)]]  # (n, nb, ..., block, ...)
+
+    def begin(self, slots: torch.Tensor, valid: torch.Tensor | None = None, extent: int | None = None):
+        n, bs = slots.shape[0], self.pool.block
+        for row, (lo, hi) in enumerate(torch.stack((slots.amin(1), slots.amax(1) + 1), 1).tolist()):
+            self.reserve(row, lo, hi)
+        blk, off = self.table[self._rows[:n], slots // bs], slots % bs  # (n, T) each
+        self._at = (slots, blk, off)
+        self.pool.valid[blk, off] = True if valid is None else valid.bool()
+        E = self.max_len if extent is None else extent
+        return self._gather(self.pool.valid, n, extent).flatten(1)[:, :E], self.sep[:n]
+
+    def update(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extent: int | None = None):
+        n, (at, blk, off) = slots.shape[0], self._at
+        if at is not slots:
+            raise RuntimeError("PagedKVCache.update: slots differ from the step's begin")
+        kl, vl = self.pool.k[layer], self.pool.v[layer]  # (N + 1, K, block, D)
+        kl[blk, :, off] = k.transpose(1, 2).to(kl.dtype)  # (n, T, K, D)
+        vl[blk, :, off] = v.transpose(1, 2).to(vl.dtype)
+        E = self.max_len if extent is None else extent
+
+        def gather(t):  # (n, nb, K, block, D) -> (n, K, nb * block, D): a copy of every key read
+            g = self._gather(t, n, extent)
+            return g.transpose(1, 2).flatten(2, 3)[:, :, :E]
+        return gather(kl), gather(vl)
+
+    def copy_rows(self, rows, src, src_rows, n: int):
+        """Rows `rows` take slots [:n] of `src`'s rows `src_rows` (as KVCache.copy_rows). From a
+        PagedKVCache on the same pool the blocks are shared (a partly filled last block is copied on
+        its first write; one holding the source's valid keys past n is copied at once); from any other
+        cache the keys are copied into new blocks."""
+        def ids(r, size):
+            if isinstance(r, int):
+                return [r]
+            if isinstance(r, slice):
+                return list(range(*r.indices(size)))
+            return [int(i) for i in r]
+        dst = ids(rows, len(self.blocks))
+        srcs = ids(src_rows, len(src.blocks) if isinstance(src, PagedKVCache) else src.k.shape[1])
+        if len(srcs) == 1:
+            srcs = srcs * len(dst)
+        bs, pool = self.pool.block, self.pool
+        nb = -(-n // bs)
+        if isinstance(src, PagedKVCache) and src.pool is pool:
+            new = [src.blocks[s][:nb] for s in srcs]
+            if any(len(b) < nb for b in new):
+                raise ValueError(f"copy_rows: a source row holds fewer than {n} slots")
+            for b in (b for bl in new for b in bl):  # share first: a row copied onto itself keeps its blocks
+                pool.share(b)
+            seps = [int(src.sep[s]) for s in srcs]
+            for d, bl, sep in zip(dst, new, seps):
+                self.release(d)
+                self.blocks[d] = list(bl)
+                self.table[d, :nb] = torch.tensor(bl, dtype=torch.long)
+                self.sep[d] = sep
+                if n % bs and bool(pool.valid[bl[-1], n % bs:].any()):  # keys past n must not show here
+                    self.reserve(d, n - 1, n)
+                    pool.valid[self.blocks[d][-1], n % bs:] = False
+            return
+        for d, s in zip(dst, srcs):  # another kind of cache: copy the keys block by block
+            self.release(d)
+            self.reserve(d, 0, n)
+            for j, b in enumerate(self.blocks[d]):
+                lo, hi = j * bs, min(n, (j + 1) * bs)
+                pool.k[:, b, :, : hi - lo] = src.k[:, s, :, lo:hi]
+                pool.v[:, b, :, : hi - lo] = src.v[:, s, :, lo:hi]
+                pool.valid[b, : hi - lo] = src.valid[s, lo:hi]
+            self.sep[d] = src.sep[s]
 
 
 def visible(valid: torch.Tensor, sep: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -193,11 +362,14 @@ class GLM(nn.Module):
 
         A decode step (T = 1) of a few rows on CPU runs as one native call (`fused.decode_step`) when
         it applies; `plan`: fused.decode_plan(model), got once by a loop whose model does not change.
-        Only for a GLM itself and a KVCache: a subclass may change what a step computes, another
-        cache keeps its keys elsewhere.
+        Only for a GLM itself and its own caches (KVCache, PagedKVCache): a subclass may change what a
+        step computes, another cache keeps its keys elsewhere.
         """
         pos, block = self._positions(input_ids, position_ids)
-        if input_ids.shape[1] == 1 and valid is None and type(self) is GLM and type(cache) is KVCache:
+        if input_ids.shape[1] == 1 and valid is None and type(self) is GLM and type(cache) in (KVCache, PagedKVCache):
+            if type(cache) is PagedKVCache:  # the kernel writes through the table: blocks first
+                for row, s in enumerate(slots[:, 0].tolist()):
+                    cache.reserve(row, s, s + 1)
             logits = fused.decode_step(self, cache, input_ids[:, 0], pos[:, 0], block[:, 0], slots[:, 0], plan)
             if logits is not None:
                 return logits[:, None]

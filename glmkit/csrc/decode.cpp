@@ -5,8 +5,9 @@
 // operator calls per layer (norms, rotary, cache writes, attention, residuals, dtype conversions),
 // each a few microseconds of dispatch and allocation for a few hundred numbers of work, plus the
 // Python between them. Here the whole step runs in C++: the residual stream stays in fp32, the
-// matrix products go through gemv.cpp's kernels, attention reads the static cache only up to each
-// row's write position, and nothing is allocated per operator.
+// matrix products go through gemv.cpp's kernels, attention reads the cache only up to each row's
+// write position, and nothing is allocated per operator. The cache is contiguous (a row is one block
+// of max_len slots) or paged (blocks of a pool, found through each row's block table).
 //
 // Scope: the switches of glmkit's ModelConfig (RMSNorm / LayerNorm; rope_partial, rope_2d, or no
 // rotary, learned positions being added by the caller with the embeddings; pre-LN / deepnorm
@@ -62,17 +63,21 @@ struct GlmkitModel {
 };
 
 struct GlmkitCache {
-  void* k;              // (L, B, K, S, D)
-  void* v;              // (L, B, K, S, D)
-  uint8_t* valid;       // (B, S): real (non-padding) keys
-  const int64_t* sep;   // (B,): Part A lengths. Row b sees its valid keys s < sep[b] or s <= idx[b] (model.visible)
-  int64_t batch, max_len;
+  void* k;               // (L, N, K, block, D): N blocks of `block` slots
+  void* v;               // (L, N, K, block, D)
+  uint8_t* valid;        // (N, block): real (non-padding) keys
+  const int64_t* sep;    // (B,): Part A lengths. Row b sees its valid keys s < sep[b] or s <= idx[b] (model.visible)
+  const int64_t* table;  // (B, row_blocks): slot s of row b is in block table[b, s / block]; null: block b (contiguous)
+  int64_t batch, max_len, block, row_blocks, n_blocks;
   int32_t bf16;  // cache dtype: 1 bf16, 0 fp32
 };
 
 namespace {
 
 using namespace glmkit_simd;
+
+// The block holding slots [j * block, (j + 1) * block) of row b.
+inline int64_t block_of(const GlmkitCache& c, int64_t b, int64_t j) { return c.table ? c.table[b * c.row_blocks + j] : b; }
 
 inline uint16_t float_to_bf16(float f) {  // round to nearest even, as PyTorch's conversion (NaN kept NaN)
   uint32_t u;
@@ -171,7 +176,7 @@ inline void rotate(float* x, int64_t r, const float* cs, const float* sn, bool i
 template <typename T>
 void attend(const GlmkitModel& m, const GlmkitCache& c, int64_t layer, int64_t M, const float* qkv, const int64_t* idx,
             float* att, float* scores, int64_t smax, int threads) {
-  const int64_t H = m.n_heads, KH = m.n_kv_heads, D = m.head_dim, S = c.max_len, B = c.batch;
+  const int64_t H = m.n_heads, KH = m.n_kv_heads, D = m.head_dim, BS = c.block;
   const int64_t QKV = (H + 2 * KH) * D, group = H / KH;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const T* kc = static_cast<const T*>(c.k);
@@ -180,31 +185,38 @@ void attend(const GlmkitModel& m, const GlmkitCache& c, int64_t layer, int64_t M
   for (int64_t bh = 0; bh < M * H; ++bh) {
     const int64_t b = bh / H, h = bh % H, kh = h / group, n = std::max(idx[b] + 1, c.sep[b]);
     const float* q = qkv + b * QKV + h * D;
-    const int64_t base = ((layer * B + b) * KH + kh) * S * D;
-    const uint8_t* valid = c.valid + b * S;
     float* sc = scores + bh * smax;
-    float mx = -std::numeric_limits<float>::infinity();
-    for (int64_t s = 0; s < n; ++s) {  // keys after idx[b] are visible only in Part A
-      if (valid[s]) {
-        sc[s] = dot(q, kc + base + s * D, D) * scale;
-        mx = std::max(mx, sc[s]);
+    float* o = att + b * H * D + h * D;
+    float mx = -std::numeric_limits<float>::infinity(), sum = 0.0f;
+    // three passes over the row's blocks: scores, exp and sum, weighted values
+    for (int pass = 0; pass < 3; ++pass) {
+      if (pass == 2) std::fill(o, o + D, 0.0f);
+      for (int64_t s0 = 0; s0 < n; s0 += BS) {  // keys after idx[b] are visible only in Part A
+        const int64_t p = block_of(c, b, s0 / BS), e = std::min(n, s0 + BS) - s0;
+        const int64_t base = ((layer * c.n_blocks + p) * KH + kh) * BS * D;
+        const uint8_t* valid = c.valid + p * BS;
+        float* sb = sc + s0;
+        for (int64_t i = 0; i < e; ++i) {
+          if (pass == 0) {
+            if (valid[i]) {
+              sb[i] = dot(q, kc + base + i * D, D) * scale;
+              mx = std::max(mx, sb[i]);
+            }
+          } else if (pass == 1) {
+            sb[i] = valid[i] ? std::exp(sb[i] - mx) : 0.0f;
+            sum += sb[i];
+          } else if (sb[i] > 0.0f) {
+            axpy(o, sb[i] / sum, vc + base + i * D, D);
+          }
+        }
       }
     }
-    float sum = 0.0f;
-    for (int64_t s = 0; s < n; ++s) {
-      sc[s] = valid[s] ? std::exp(sc[s] - mx) : 0.0f;
-      sum += sc[s];
-    }
-    float* o = att + b * H * D + h * D;
-    std::fill(o, o + D, 0.0f);
-    for (int64_t s = 0; s < n; ++s)
-      if (sc[s] > 0.0f) axpy(o, sc[s] / sum, vc + base + s * D, D);
   }
 }
 
 template <typename T>
 void store_kv(const GlmkitModel& m, const GlmkitCache& c, int64_t layer, int64_t M, const float* qkv, const int64_t* idx) {
-  const int64_t H = m.n_heads, KH = m.n_kv_heads, D = m.head_dim, S = c.max_len, B = c.batch;
+  const int64_t H = m.n_heads, KH = m.n_kv_heads, D = m.head_dim, BS = c.block;
   const int64_t QKV = (H + 2 * KH) * D;
   T* kc = static_cast<T*>(c.k);
   T* vc = static_cast<T*>(c.v);
@@ -212,7 +224,7 @@ void store_kv(const GlmkitModel& m, const GlmkitCache& c, int64_t layer, int64_t
     for (int64_t kh = 0; kh < KH; ++kh) {
       const float* kp = qkv + b * QKV + H * D + kh * D;
       const float* vp = qkv + b * QKV + (H + KH) * D + kh * D;
-      const int64_t off = (((layer * B + b) * KH + kh) * S + idx[b]) * D;
+      const int64_t off = (((layer * c.n_blocks + block_of(c, b, idx[b] / BS)) * KH + kh) * BS + idx[b] % BS) * D;
       for (int64_t d = 0; d < D; ++d) {
         if constexpr (sizeof(T) == 2) {
           kc[off + d] = float_to_bf16(kp[d]);
@@ -240,13 +252,17 @@ extern "C" int glmkit_decode_step(const GlmkitModel* mp, const GlmkitCache* cp, 
   const GlmkitModel& m = *mp;
   const GlmkitCache& c = *cp;
   const int64_t C = m.dim, H = m.n_heads, KH = m.n_kv_heads, D = m.head_dim, r = m.rotary_dim;
-  if (M < 1 || M > c.batch || KH < 1 || H % KH) return 1;
+  if (M < 1 || M > c.batch || KH < 1 || H % KH || c.block < 1 || c.max_len > c.block * c.row_blocks) return 1;
   int64_t smax = 0;
   for (int64_t b = 0; b < M; ++b) {
     if (idx[b] < 0 || idx[b] >= c.max_len || c.sep[b] < 0 || c.sep[b] > c.max_len) return 2;  // before any write
-    smax = std::max(smax, std::max(idx[b] + 1, c.sep[b]));
+    const int64_t n = std::max(idx[b] + 1, c.sep[b]);
+    for (int64_t j = 0; j * c.block < n; ++j)
+      if (block_of(c, b, j) < 0 || block_of(c, b, j) >= c.n_blocks) return 2;
+    smax = std::max(smax, n);
   }
-  for (int64_t b = 0; b < M; ++b) c.valid[b * c.max_len + idx[b]] = 1;  // the new key is real
+  for (int64_t b = 0; b < M; ++b)  // the new key is real
+    c.valid[block_of(c, b, idx[b] / c.block) * c.block + idx[b] % c.block] = 1;
   const int64_t QKV = (H + 2 * KH) * D, F = m.layers[0].down.k;
   std::vector<float> h(M * C), a(M * C), qkv(M * QKV), att(M * H * D), up(M * m.layers[0].up.n), act(M * F);
   std::vector<float> scores(M * H * smax), cs_p(M * (r / 2)), sn_p(M * (r / 2)), cs_b(M * (r / 2)), sn_b(M * (r / 2));
