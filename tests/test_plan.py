@@ -267,7 +267,7 @@ def test_kv_memory_reaches_the_engine(tok, tmp_path, monkeypatch):
     a = argparse.Namespace(model=str(ck), tokenizer=None, device="cpu", dtype="fp32", max_batch=None, max_len=None,
                            kv_memory="1MiB")
     model, _ = load_for_cli(a, "serve")
-    engine = Engine(model, max_batch=a.max_batch, max_len=a.max_len)
-    c = engine.cache
-    real = c.k.untyped_storage().nbytes() + c.valid.nbytes + c.sep.nbytes
+    engine = Engine(model, max_batch=a.max_batch, max_len=a.max_len, kv_memory=parse_size(a.kv_memory))
+    pool = engine.pool  # the paged cache's blocks: keys, values, valid flags
+    real = pool.k.untyped_storage().nbytes() + pool.v.untyped_storage().nbytes() + pool.valid.nbytes
     assert (a.max_batch, a.max_len) == (8, 255) and real <= 1 << 20, (a, real)  # 8 rows x 513 bytes per position
