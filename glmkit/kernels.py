@@ -297,7 +297,7 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, min
 # for the activations (gemm_dtype), and multiplies each tile into its columns of the output. The buffer stays
 # near TILE_BYTES (a few MiB, in cache) whatever the matrix; the dequantization is one pass over the weight,
 # against 2 * rows FLOPs per weight in the GEMM.
-TILE_BYTES = 2 << 20
+TILE_BYTES = 4 << 20
 
 
 def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
