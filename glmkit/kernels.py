@@ -358,10 +358,11 @@ def linear_int4_tiled(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tenso
             or packed.dtype != torch.uint8 or not packed.is_contiguous()):
         raise ValueError(f"linear_int4_tiled: x (..., {x.shape[-1]}), packed {tuple(packed.shape)} {packed.dtype}, group "
                          f"size {group_size}, scales {tuple(scales.shape)}, mins {tuple(mins.shape)} do not fit together")
-    sm, sm_type = int4_pairs(scales, mins)  # (N, G, 2)
+    scales, mins = scales.reshape(N, G), mins.reshape(N, G)
 
     def dequant(n0, n1, out):
-        _check(_lib.glmkit_dequant_int4(packed[n0].data_ptr(), sm[n0].data_ptr(), sm_type, group_size, n1 - n0, K,
+        sm, sm_type = int4_pairs(scales[n0:n1], mins[n0:n1])  # (n1 - n0, G, 2): per tile, as small as the tile
+        _check(_lib.glmkit_dequant_int4(packed[n0].data_ptr(), sm.data_ptr(), sm_type, group_size, n1 - n0, K,
                                         out.data_ptr(), int(out.dtype == torch.bfloat16), torch.get_num_threads()),
                "dequant_int4")
     return _tiled(x, N, dequant, bias)
