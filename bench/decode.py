@@ -21,7 +21,7 @@ transformers' generate computes it for the last one only, about 10% of the 120m 
 Compare the ratios, not absolute numbers across runs: the machine is shared (PERF_NOTES.md).
 
 --quant adds weight-only int8 (per channel) and int4 (group 64) rows, quantized from the bf16
-model (activations bf16): decode tokens/s and model bytes beside bf16, and held-out perplexity of
+model (activations bf16): prefill and decode tokens/s and model bytes beside bf16, and held-out perplexity of
 a trained model (the embedded default, or --quality-model) in bf16, int8 and int4 on the same
 held-out documents (--corpus heldout.jsonl, --docs per domain): random weights say nothing about
 quality. --no-native runs glmkit's decode through PyTorch's linear instead of its native kernels.
@@ -229,16 +229,16 @@ def main(argv=None):
 
 
 def quant_tables(rows, sizes_mib, quants, a):
-    """Quantized variants beside bf16: decode speed and bytes (the random weights above), held-out
+    """Quantized variants beside bf16: prefill and decode speed and bytes (the random weights above), held-out
     perplexity of a trained model (same documents for every variant)."""
-    print("\n| model | model MiB | " + " | ".join(f"{ph} tok/s (vs bf16)" for ph in dict.fromkeys(r[1] for r in rows if r[1].startswith("decode"))) + " |")
-    print("|---|---|" + "---|" * len({r[1] for r in rows if r[1].startswith("decode")}))
+    print("\n| model | model MiB | " + " | ".join(f"{ph} tok/s (vs bf16)" for ph in dict.fromkeys(r[1] for r in rows if r[1].startswith(("prefill", "decode")))) + " |")
+    print("|---|---|" + "---|" * len({r[1] for r in rows if r[1].startswith(("prefill", "decode"))}))
     by = {(r[0], r[1]): r[2] for r in rows}
     for label in sizes_mib:
         base = next((lb for lb in sizes_mib if lb.split(" ")[0] == label.split(" ")[0] and lb.endswith(" bf16")), None)
         cells = []
         for (lb, ph), v in by.items():
-            if lb == label and ph.startswith("decode"):
+            if lb == label and ph.startswith(("prefill", "decode")):
                 ref = by.get((base, ph)) if base else None
                 cells.append(f"{v:.1f}" + (f" ({v / ref:.2f}x)" if ref else ""))
         print(f"| {label} | {sizes_mib[label]:.0f} | " + " | ".join(cells) + " |")

@@ -21,6 +21,7 @@ built or loaded (no compiler, no AVX2, not x86, an unsafe cache) every call fall
 with a warning, and `why_unavailable()` says why. `GLMKIT_NATIVE=0` turns it off.
 It is used only for inference on CPU (no autograd, not inside torch.compile or export tracing) and
 for at most MAX_ROWS rows; larger inputs (prefill, training) go to PyTorch's GEMM, which is faster there.
+Quantized weights reach that GEMM through dequantized tiles (`linear_int8_tiled`, `linear_int4_tiled`).
 """
 
 from __future__ import annotations
@@ -176,7 +177,10 @@ def _load():
             lib.glmkit_gemv_q8.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, c_int]
             lib.glmkit_gemv_int4.argtypes = [ptr, i64, i64, ptr, ptr, c_int, i64, i64, ptr, c_int]
             lib.glmkit_decode_step.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, c_int]
-            for f in (lib.glmkit_gemv_dense, lib.glmkit_gemv_q8, lib.glmkit_gemv_int4, lib.glmkit_decode_step):
+            lib.glmkit_dequant_q8.argtypes = [ptr, ptr, i64, i64, ptr, c_int, c_int]
+            lib.glmkit_dequant_int4.argtypes = [ptr, ptr, c_int, i64, i64, i64, ptr, c_int, c_int]
+            for f in (lib.glmkit_gemv_dense, lib.glmkit_gemv_q8, lib.glmkit_gemv_int4, lib.glmkit_decode_step,
+                      lib.glmkit_dequant_q8, lib.glmkit_dequant_int4):
                 f.restype = c_int
             _lib = lib
         except _UnsafeCache as e:  # never load it; PyTorch's kernels still work
@@ -283,6 +287,85 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, min
                                N, y.data_ptr(), torch.get_num_threads())
     _check(rc, "linear_int4")
     return _out(y, x, bias)
+
+
+# ---- many-row products with quantized weights ----------------------------------------------------------------
+# Past a few rows the weight-only kernels lose to the GEMM: PyTorch's int8 / int4 weight-only CPU kernels run
+# at a fraction of its bf16 GEMM (they are built for decode), and glmkit's own decode kernels read the weight
+# once per 4 rows. A product with many rows (prefill, large batches) instead dequantizes the weight a tile of
+# output rows at a time (csrc/gemv.cpp) into a buffer reused across tiles, in the dtype of the fastest GEMM
+# for the activations (gemm_dtype), and multiplies each tile into its columns of the output. The buffer stays
+# near TILE_BYTES (a few MiB, in cache) whatever the matrix; the dequantization is one pass over the weight,
+# against 2 * rows FLOPs per weight in the GEMM.
+TILE_BYTES = 4 << 20
+
+
+def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a CPU product of `dtype` activations runs in: fp32 for bf16 where bf16 is emulated."""
+    return torch.float32 if dtype == torch.bfloat16 and cpu_bf16_emulated() else dtype
+
+
+def dequant_usable(x: torch.Tensor) -> bool:
+    """Whether x (..., K) times a quantized weight can go through dequantized tiles: CPU inference with
+    fp32 / bf16 activations (the tiles are written in place, so no autograd, compile or export)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if torch.is_grad_enabled() and x.requires_grad:
+        return False
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return False
+    return _load() is not None
+
+
+def _tiled(x: torch.Tensor, N: int, dequant, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W.T + bias for a weight W (N, K) that dequant(n0, n1, out) writes rows n0..n1 of into out."""
+    K = x.shape[-1]
+    dtype = gemm_dtype(x.dtype)
+    xr = x.reshape(-1, K).to(dtype).contiguous()  # (M, K)
+    y = torch.empty(xr.shape[0], N, dtype=dtype)  # (M, N)
+    rows = min(N, max(16, TILE_BYTES // (K * xr.element_size()) // 16 * 16))
+    buf = torch.empty(rows, K, dtype=dtype)
+    for n0 in range(0, N, rows):
+        n1 = min(N, n0 + rows)
+        w = buf[: n1 - n0]
+        dequant(n0, n1, w)
+        torch.mm(xr, w.t(), out=y[:, n0:n1])  # the GEMM writes the column block in place (ldc = N)
+    return _out(y, x, bias)
+
+
+def linear_int8_tiled(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ (weight * scale[:, None]).T + bias for int8 weight (N, K), scale (N,), through dequantized
+    tiles and the GEMM. The caller checks `dequant_usable` first."""
+    N, K = weight.shape
+    if x.shape[-1] != K or scale.numel() != N or weight.dtype != torch.int8 or not weight.is_contiguous():
+        raise ValueError(f"linear_int8_tiled: x (..., {x.shape[-1]}), weight {tuple(weight.shape)} {weight.dtype}, "
+                         f"scale {tuple(scale.shape)} do not fit together (contiguous int8 weight expected)")
+    s = scale.detach().to(torch.float32).contiguous()
+
+    def dequant(n0, n1, out):
+        _check(_lib.glmkit_dequant_q8(weight[n0].data_ptr(), s[n0].data_ptr(), n1 - n0, K, out.data_ptr(),
+                                      int(out.dtype == torch.bfloat16), torch.get_num_threads()), "dequant_q8")
+    return _tiled(x, N, dequant, bias)
+
+
+def linear_int4_tiled(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ dequant(packed).T + bias for glmkit's int4 layout (as linear_int4), through dequantized tiles
+    and the GEMM. The caller checks `dequant_usable` and that group_size is a multiple of 32 first."""
+    N, K = packed.shape[0], packed.shape[1] * 2
+    G = K // group_size
+    if (x.shape[-1] != K or group_size % 32 or K % group_size or scales.numel() != N * G or mins.numel() != N * G
+            or packed.dtype != torch.uint8 or not packed.is_contiguous()):
+        raise ValueError(f"linear_int4_tiled: x (..., {x.shape[-1]}), packed {tuple(packed.shape)} {packed.dtype}, group "
+                         f"size {group_size}, scales {tuple(scales.shape)}, mins {tuple(mins.shape)} do not fit together")
+    scales, mins = scales.reshape(N, G), mins.reshape(N, G)
+
+    def dequant(n0, n1, out):
+        sm, sm_type = int4_pairs(scales[n0:n1], mins[n0:n1])  # (n1 - n0, G, 2): per tile, as small as the tile
+        _check(_lib.glmkit_dequant_int4(packed[n0].data_ptr(), sm.data_ptr(), sm_type, group_size, n1 - n0, K,
+                                        out.data_ptr(), int(out.dtype == torch.bfloat16), torch.get_num_threads()),
+               "dequant_int4")
+    return _tiled(x, N, dequant, bias)
 
 
 # ---- bf16 matrix products on CPUs without bf16 instructions -------------------------------------------------

@@ -13,10 +13,13 @@ with `quantize=` does the same into a model built on the meta device. Both give 
 
 Activations stay in the model's float dtype; only weights are stored as integers. Decode steps
 (at most kernels.MAX_ROWS rows) on x86 CPUs run in glmkit's native kernels (`kernels`), which read
-this layout as stored. Other CPU matmuls run in PyTorch's weight-only kernels
-(`torch._weight_int8pack_mm`, `torch._weight_int4pack_mm_for_cpu`). Both read 1 or 0.5 bytes per
-weight instead of 2 or 4: decoding is bound by memory bandwidth, so fewer bytes is faster. Elsewhere (or when a kernel
-rejects a shape) the weight is dequantized on the fly: correct everywhere, fast on CPU.
+this layout as stored: 1 or 0.5 bytes per weight instead of 2 or 4, and decoding is bound by memory
+bandwidth, so fewer bytes is faster. Larger CPU inputs (prefill, large batches) are compute-bound:
+there the weight is dequantized a tile of output rows at a time into the dtype of the machine's
+fastest GEMM (bf16 where the CPU has bf16 instructions, else fp32) and multiplied tile by tile.
+Without the native library, CPU matmuls run in PyTorch's weight-only kernels
+(`torch._weight_int8pack_mm`, `torch._weight_int4pack_mm_for_cpu`). Elsewhere (or when a kernel
+rejects a shape) the weight is dequantized whole on the fly: correct everywhere.
 
 Checkpoint layout (device independent): for each quantized linear `X`,
     int8: X.weight int8 (N, K), X.scales (N,) float      w = q * scale
@@ -100,8 +103,10 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if kernels.usable(x):  # decode: glmkit's native kernel (csrc/gemv.cpp)
             return kernels.linear(x, self.weight, self.bias, self.scales)
+        if kernels.dequant_usable(x):  # prefill, large batches: dequantized tiles through the GEMM
+            return kernels.linear_int8_tiled(x, self.weight.contiguous(), self.scales, self.bias)
         shape = x.shape
-        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+        if _weight_only_kernel(x):
             y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).contiguous(), self.weight, self.scales.to(x.dtype))
             y = y.reshape(*shape[:-1], self.out_features)
         else:
@@ -138,15 +143,24 @@ class Int4Linear(nn.Module):
         if kernels.usable(x) and kernels.int4_supported(self.in_features, self.group_size):
             # decode: glmkit's native kernel reads this layout as stored
             return kernels.linear_int4(x, self.weight, self.scales, self.mins, self.group_size, self.bias)
+        if kernels.dequant_usable(x) and self.group_size % 32 == 0:  # prefill, large batches: tiles through the GEMM
+            return kernels.linear_int4_tiled(x, self.weight.contiguous(), self.scales, self.mins, self.group_size, self.bias)
         shape = x.shape
         # the CPU kernel packs output rows in blocks of 16
-        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and self.out_features % 16 == 0:
+        if _weight_only_kernel(x) and self.out_features % 16 == 0:
             packed, sz = self._kernel_args(x.dtype)
             y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).contiguous(), packed, self.group_size, sz)
             y = y.reshape(*shape[:-1], self.out_features)
         else:
             y = F.linear(x, self.dequantize(x.dtype))
         return y + self.bias.to(y.dtype) if self.bias is not None else y
+
+
+def _weight_only_kernel(x: torch.Tensor) -> bool:
+    """Whether PyTorch's CPU weight-only kernels take x: they have no derivative, so activations that
+    need a gradient (adapters trained on a quantized model) go through the dequantized weight."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and not (
+        torch.is_grad_enabled() and x.requires_grad)
 
 
 def _targets(model: nn.Module, quant: dict):

@@ -8,16 +8,20 @@ from glmkit import kernels
 from glmkit.convert import write_checkpoint
 from glmkit.generate import SamplingParams, generate
 from glmkit.quantize import Int4Linear, Int8Linear, quantize_int4, quantize_int8, quantize_model, unpack_int4
-from tests.helpers import assert_close, int4_act_bound, int16_act_bound
+from tests.helpers import assert_close, assert_equal, int4_act_bound, int16_act_bound
 
 
-@pytest.fixture(params=["native", "pytorch"])
+@pytest.fixture(params=["native", "tiled", "pytorch"])
 def path(request, monkeypatch):
-    """Each quantized linear through glmkit's native decode kernel and through PyTorch's kernels."""
-    if request.param == "native" and not kernels.available():
+    """Each quantized linear through glmkit's native decode kernel, through dequantized tiles and the
+    GEMM (every row count, as prefill), and through PyTorch's kernels (as without the native library)."""
+    if request.param in ("native", "tiled") and not kernels.available():
         pytest.skip(f"native kernels unavailable: {kernels.why_unavailable()}")
-    if request.param == "pytorch":
+    if request.param != "native":
         monkeypatch.setattr(kernels, "MAX_ROWS", 0)
+    if request.param == "pytorch":
+        monkeypatch.setattr(kernels, "_lib", None)
+        monkeypatch.setattr(kernels, "_why", "switched off by the test")
     return request.param
 
 
@@ -99,3 +103,122 @@ def test_quantize_cli_and_errors(tmp_path):
         quantize_model(m, 8)
     with pytest.raises(ValueError, match="group size 48 does not divide|choose 32, 64, 128"):
         quantize_model(glmkit.load("debug"), 4, group_size=48)
+
+
+# ---- many rows: dequantized tiles through the GEMM --------------------------------------------------------
+needs_native = pytest.mark.skipif(not kernels.available(), reason=f"native kernels unavailable: {kernels.why_unavailable()}")
+
+
+@pytest.fixture(params=["bf16-gemm", "fp32-gemm"])
+def gemm(request, monkeypatch):
+    """bf16 activations multiplied in a bf16 GEMM (CPUs with bf16 instructions) and in an fp32 one (others)."""
+    monkeypatch.setattr(kernels, "_BF16_EMULATED", request.param == "fp32-gemm")
+    return request.param
+
+
+def int8_layer(N, K, bias, dtype):
+    torch.manual_seed(N * K)
+    lin = Int8Linear(K, N, bias)
+    q, s = quantize_int8(torch.randn(N, K))
+    lin.weight.copy_(q), lin.scales.copy_(s)
+    if bias:
+        lin.bias.data.normal_()
+    return lin.to(dtype)
+
+
+def int4_layer(N, K, group, bias, dtype):
+    torch.manual_seed(N * K + group)
+    lin = Int4Linear(K, N, bias, group)
+    packed, s, m = quantize_int4(torch.randn(N, K), group)
+    lin.weight.copy_(packed), lin.scales.copy_(s), lin.mins.copy_(m)
+    if bias:
+        lin.bias.data.normal_()
+    return lin.to(dtype)
+
+
+def deq_reference(lin) -> torch.Tensor:
+    """The layer's weight in fp64 from its stored codes and (possibly bf16) scales."""
+    if isinstance(lin, Int8Linear):
+        return lin.weight.double() * lin.scales.double()[:, None]
+    q = unpack_int4(lin.weight).double().reshape(lin.out_features, -1, lin.group_size)
+    return (q * lin.scales.double()[..., None] + lin.mins.double()[..., None]).reshape(lin.out_features, -1)
+
+
+def tiled(lin, x):
+    if isinstance(lin, Int8Linear):
+        return kernels.linear_int8_tiled(x, lin.weight, lin.scales, lin.bias)
+    return kernels.linear_int4_tiled(x, lin.weight, lin.scales, lin.mins, lin.group_size, lin.bias)
+
+
+LAYERS = {  # odd shapes: N not a multiple of the tile or of 16, K not a multiple of 8 (int8) or 64 (int4)
+    "int8 75x37": lambda bias, dtype: int8_layer(37, 75, bias, dtype),
+    "int8 256x300": lambda bias, dtype: int8_layer(300, 256, bias, dtype),
+    "int4 g32 96x37": lambda bias, dtype: int4_layer(37, 96, 32, bias, dtype),
+    "int4 g64 256x300": lambda bias, dtype: int4_layer(300, 256, 64, bias, dtype),
+    "int4 g128 384x48": lambda bias, dtype: int4_layer(48, 384, 128, bias, dtype),
+}
+
+
+@needs_native
+@pytest.mark.parametrize("layer", list(LAYERS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantized_tiles_equal_reference_weights(layer, dtype, gemm, monkeypatch):
+    """x = I gives the weight itself: every tile (several, the last one short) holds the dequantized
+    weight, exact in fp32 up to the one rounding of q * scale + min, and that rounded once in bf16."""
+    monkeypatch.setattr(kernels, "TILE_BYTES", 1)  # the smallest tiles: 16 rows
+    lin = LAYERS[layer](False, dtype)
+    K = lin.in_features
+    want = deq_reference(lin).T  # (K, N)
+    got = tiled(lin, torch.eye(K, dtype=dtype)).double()
+    eps = 2.0**-24 if dtype == torch.float32 else 2.0**-8  # half an ulp, relative
+    assert_close(got, want, want.abs().max().item() * 2 * eps, f"{layer} tiles vs fp64 dequantization, {dtype} {gemm}")
+    if dtype == torch.float32:  # the model's own fallback dequantization agrees too
+        ref = lin.dequantize() if isinstance(lin, Int4Linear) else lin.weight.float() * lin.scales[:, None]
+        assert_close(got.float(), ref.T, want.abs().max().item() * 4 * eps, f"{layer} tiles vs dequantize()")
+
+
+@needs_native
+@pytest.mark.parametrize("layer", list(LAYERS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 17, 300])
+def test_tiled_linear_equals_dequantized_reference(layer, dtype, bias, rows, gemm, monkeypatch):
+    """Many-row products (and a single row, called directly) equal x @ dequant.T + b within the rounding
+    of the weight, the products' sum and the output to `dtype`: per output, a few ulps of sum |x| |w|."""
+    monkeypatch.setattr(kernels, "TILE_BYTES", 4096)  # several tiles even at these sizes
+    lin = LAYERS[layer](bias, dtype)
+    torch.manual_seed(rows)
+    x = torch.randn(rows, lin.in_features).to(dtype)
+    w = deq_reference(lin)
+    want = x.double() @ w.T + (lin.bias.double() if bias else 0)
+    eps = 2.0**-24 if dtype == torch.float32 else 2.0**-8
+    tol = 4 * eps * ((x.double().abs() @ w.abs().T).max().item() + (lin.bias.abs().max().item() if bias else 0))
+    got = tiled(lin, x)
+    assert got.dtype == dtype and got.shape == want.shape
+    assert_close(got.double(), want, tol, f"{layer} tiled, {rows} rows, {dtype} {gemm}, bias {bias}")
+    if rows > kernels.MAX_ROWS:  # the module takes this path for prefill-sized inputs, any leading shape
+        with torch.no_grad():
+            y = lin(x.reshape(1, rows, -1))
+        assert_equal(y.reshape(rows, -1), got, f"{layer} module forward vs linear_*_tiled")
+
+
+@needs_native
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_prefill_tiled_equals_pytorch_kernels_and_keeps_gradients(bits, monkeypatch):
+    """A quantized model's prefill through tiles matches it through PyTorch's weight-only kernels (the
+    path without the native library); activations that need a gradient take the differentiable path."""
+    torch.manual_seed(0)
+    model = quantize_model(glmkit.load("debug").eval(), bits, group_size=32)
+    ids = torch.randint(0, 512, (2, 40))
+    with torch.no_grad():
+        got = model(ids)
+        monkeypatch.setattr(kernels, "_lib", None)
+        monkeypatch.setattr(kernels, "_why", "switched off by the test")
+        ref = model(ids)
+    monkeypatch.undo()
+    assert_close(got, ref, 1e-3 * ref.abs().max().item(), f"int{bits} prefill: tiles vs PyTorch's kernels")
+    lin = model.layers[0].mlp.down
+    x = torch.randn(kernels.MAX_ROWS + 4, lin.in_features, requires_grad=True)
+    lin(x).sum().backward()
+    want = deq_reference(lin).sum(0).float().expand_as(x)  # d(sum x @ W.T)/dx = column sums of W
+    assert_close(x.grad, want, 1e-4 * want.abs().max().item(), f"int{bits} gradient through the quantized linear")

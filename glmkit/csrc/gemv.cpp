@@ -362,3 +362,88 @@ extern "C" int glmkit_gemv_int4(const float* x, int64_t M, int64_t K, const uint
   else int4(xd.data(), sx.data(), xsum.data(), M, K, w, static_cast<const uint16_t*>(sm), gs, N, y, threads);
   return 0;
 }
+
+// ---- dequantization for many-row products ------------------------------------------------------------
+// Prefill multiplies hundreds of activation rows by each weight; there the machine's GEMM (bf16 or fp32)
+// is several times faster than any weight-only kernel, so kernels.py dequantizes the weight a tile of
+// output rows at a time with these and hands each tile to PyTorch's GEMM. The weights are computed in
+// fp32 (w = q * scale + min, one rounding) and stored as fp32 or as bf16 rounded to nearest even.
+namespace {
+
+inline void store8(float* out, __m256 v) { _mm256_storeu_ps(out, v); }
+inline void store8(uint16_t* out, __m256 v) {  // fp32 -> bf16, round to nearest even (finite values)
+  __m256i u = _mm256_castps_si256(v);
+  __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  u = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd)), 16);
+  __m128i p = _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));  // all <= 0xFFFF
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), p);
+}
+inline void store1(float* out, float v) { *out = v; }
+inline void store1(uint16_t* out, float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  *out = static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+template <typename O>
+void dequant_q8(const int8_t* w, const float* scale, int64_t R, int64_t K, O* out, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t r = 0; r < R; ++r) {
+    const int8_t* wr = w + r * K;
+    O* o = out + r * K;
+    const __m256 s = _mm256_set1_ps(scale[r]);
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) store8(o + k, _mm256_mul_ps(load8(wr + k), s));
+    for (; k < K; ++k) store1(o + k, wr[k] * scale[r]);
+  }
+}
+
+// 32 columns (16 bytes) of one int4 row: the low nibbles are the even columns, the high ones the odd.
+template <typename O>
+inline void dequant32_int4(const uint8_t* w, __m256 s, __m256 mn, O* out) {
+  __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  __m128i lo = _mm_and_si128(b, mask), hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+  __m128i c0 = _mm_unpacklo_epi8(lo, hi), c1 = _mm_unpackhi_epi8(lo, hi);  // columns 0-15, 16-31
+  const __m128i parts[4] = {c0, _mm_srli_si128(c0, 8), c1, _mm_srli_si128(c1, 8)};
+  for (int i = 0; i < 4; ++i)
+    store8(out + 8 * i, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i])), s, mn));
+}
+
+template <typename O, typename S>
+void dequant_int4(const uint8_t* w, const S* sm, int64_t gs, int64_t R, int64_t K, O* out, int threads) {
+  const int64_t G = K / gs;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t r = 0; r < R; ++r) {
+    const uint8_t* wr = w + r * (K / 2);
+    const S* p = sm + 2 * r * G;
+    O* o = out + r * K;
+    for (int64_t g = 0; g < G; ++g) {
+      const __m256 s = _mm256_set1_ps(to_float(p[2 * g])), mn = _mm256_set1_ps(to_float(p[2 * g + 1]));
+      for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) dequant32_int4(wr + k / 2, s, mn, o + k);
+    }
+  }
+}
+
+}  // namespace
+
+// Rows [0, R) of an int8 weight (R, K) with per-row fp32 scales into out (R, K): fp32 (out_type 0) or bf16 (1).
+extern "C" int glmkit_dequant_q8(const int8_t* w, const float* scale, int64_t R, int64_t K, void* out, int out_type,
+                                 int threads) {
+  if (out_type == 0) dequant_q8(w, scale, R, K, static_cast<float*>(out), threads);
+  else if (out_type == 1) dequant_q8(w, scale, R, K, static_cast<uint16_t*>(out), threads);
+  else return 1;
+  return 0;
+}
+
+// Rows [0, R) of glmkit's int4 layout (w (R, K/2), sm (R, K/gs, 2) pairs as in glmkit_gemv_int4) into out
+// (R, K): fp32 (out_type 0) or bf16 (1). gs: a multiple of 32 that divides K.
+extern "C" int glmkit_dequant_int4(const uint8_t* w, const void* sm, int sm_type, int64_t gs, int64_t R, int64_t K,
+                                   void* out, int out_type, int threads) {
+  if (gs <= 0 || gs % 32 || K % gs || sm_type < 0 || sm_type > 1 || out_type < 0 || out_type > 1) return 1;
+  if (sm_type == 0 && out_type == 0) dequant_int4(w, static_cast<const float*>(sm), gs, R, K, static_cast<float*>(out), threads);
+  if (sm_type == 0 && out_type == 1) dequant_int4(w, static_cast<const float*>(sm), gs, R, K, static_cast<uint16_t*>(out), threads);
+  if (sm_type == 1 && out_type == 0) dequant_int4(w, static_cast<const uint16_t*>(sm), gs, R, K, static_cast<float*>(out), threads);
+  if (sm_type == 1 && out_type == 1) dequant_int4(w, static_cast<const uint16_t*>(sm), gs, R, K, static_cast<uint16_t*>(out), threads);
+  return 0;
+}
