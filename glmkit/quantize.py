@@ -106,7 +106,9 @@ class Int8Linear(nn.Module):
         if kernels.dequant_usable(x):  # prefill, large batches: dequantized tiles through the GEMM
             return kernels.linear_int8_tiled(x, self.weight.contiguous(), self.scales, self.bias)
         shape = x.shape
-        if _weight_only_kernel(x):
+        # PyTorch's int8 kernel reads the weight with aligned vector loads: a memory-mapped weight (safetensors
+        # aligns to 8 bytes) would crash it
+        if _weight_only_kernel(x) and self.weight.data_ptr() % 64 == 0:
             y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).contiguous(), self.weight, self.scales.to(x.dtype))
             y = y.reshape(*shape[:-1], self.out_features)
         else:

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import glmkit
 from glmkit import kernels
@@ -222,3 +223,23 @@ def test_quantized_prefill_tiled_equals_pytorch_kernels_and_keeps_gradients(bits
     lin(x).sum().backward()
     want = deq_reference(lin).sum(0).float().expand_as(x)  # d(sum x @ W.T)/dx = column sums of W
     assert_close(x.grad, want, 1e-4 * want.abs().max().item(), f"int{bits} gradient through the quantized linear")
+
+
+def test_int8_weights_at_any_alignment(path):
+    """A memory-mapped checkpoint puts each int8 weight at whatever offset the file gives it (safetensors aligns
+    to 8 bytes only): every path of Int8Linear must take such a weight, for one row and for many."""
+    N, K = 512, 4096
+    w = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    lin = Int8Linear(K, N, bias=True).requires_grad_(False)
+    lin.scales.uniform_(0.001, 0.01)
+    lin.bias.normal_()
+    buf = torch.empty(w.numel() + 64, dtype=torch.int8)
+    for off in (0, 8, 24):
+        lin.weight = buf[off : off + w.numel()].view(N, K)
+        lin.weight.copy_(w)
+        for M in (1, 16, 64):
+            x = torch.randn(M, K, dtype=torch.bfloat16)
+            ref = F.linear(x.float(), w.float() * lin.scales[:, None], lin.bias)
+            got = lin(x).float()
+            err = float((got - ref).abs().max() / ref.abs().max())
+            assert err < 2e-2, (off, M, err)
