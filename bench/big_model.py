@@ -14,7 +14,8 @@ process, so peak resident memory is that variant's alone:
   prefill    prompt tokens / seconds for a --prefill-token prompt (one new token)
   decode     B * (N - 1) / (time for N new tokens - time for 1), greedy, B = each of --batches
   ttft       an --ttft-token prompt submitted to the serving engine while 3 streams decode: its time to first
-             token, and the streams' time per output token meanwhile beside their time per token before it
+             token, and the streams' time per output token meanwhile beside their time per token before it,
+             with one-shot prefill and with --prefill-chunk chunks
 Decode beside its bandwidth bound (B x measured bandwidth / bytes of weights read per token). With --llama-cpp DIR
 (a source tree, e.g. the one inside llama-cpp-python's source distribution, built with cmake: a benchmark
 reference only), the same weights go through llama.cpp's converter (bf16) and llama-quantize (Q8_0, Q4_0), and
@@ -129,8 +130,9 @@ def child(a) -> None:
         prompts = [torch.randint(0, V, (32,)).tolist() for _ in range(B)]
         t1, tn = run(prompts, 1), run(prompts, a.new_tokens)
         res[f"decode_b{B}_tok_s"] = B * (a.new_tokens - 1) / (tn - t1)
-    if a.ttft:
-        engine = Engine(model, max_batch=4, max_len=max(a.ttft, 64) + 64)
+    for chunk in (None, a.prefill_chunk) if a.ttft else ():
+        tag = f"_chunk{chunk}" if chunk else ""
+        engine = Engine(model, max_batch=4, max_len=max(a.ttft, 64) + 64, prefill_chunk=chunk)
         stamps: dict[int, list[float]] = {}
         params = SamplingParams(max_new_tokens=64, temperature=0)
         streams = [engine.submit(Request(torch.randint(0, V, (32,)).tolist(), params,
@@ -143,15 +145,18 @@ def child(a) -> None:
         while long.t_first is None:
             engine.step()
         engine.step()  # the streams' next tokens, after the long prompt's first
-        res["ttft_s"] = long.t_first - long.t_submit
+        res["ttft_s" + tag] = long.t_first - long.t_submit
         gaps = [(b - a_, b) for r in streams for a_, b in zip(stamps[r.id], stamps[r.id][1:])]
         idle = [g for g, end in gaps if end < t_submit]
-        res["tpot_idle_s"] = sum(idle) / len(idle)
-        res["tpot_worst_during_ttft_s"] = max(g for g, end in gaps if end >= t_submit)
+        busy = [g for g, end in gaps if t_submit <= end]
+        res["tpot_idle_s" + tag] = sum(idle) / len(idle)
+        res["tpot_during_ttft_s" + tag] = sum(busy) / len(busy)  # mean over the long prompt's prefill
+        res["tpot_worst_during_ttft_s" + tag] = max(busy)
         for r in streams:
             engine.cancel(r)
         while engine.has_work():
             engine.step()
+        del engine
     import resource
 
     res["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -216,6 +221,7 @@ def main() -> None:
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4])
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--ttft", type=int, default=8192, help="prompt tokens of the late request (0: skip)")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="the engine's chunk for the TTFT run beside one-shot")
     p.add_argument("--llama-cpp", type=Path, default=None, help="a llama.cpp source tree with llama-bench and llama-quantize built")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -241,7 +247,8 @@ def main() -> None:
                 sec, gib, _ = timed([sys.executable, "-m", "glmkit", "quantize", str(src), str(d), "--bits", v.removeprefix("int")])
                 rows.setdefault(v, {}).update(quantize_s=sec, quantize_peak_gib=gib)
         args = [sys.executable, __file__, "--child", str(d), "--prefill", str(a.prefill), "--new-tokens", str(a.new_tokens),
-                "--batches", ",".join(map(str, a.batches)), "--ttft", str(a.ttft)]
+                "--batches", ",".join(map(str, a.batches)), "--ttft", str(a.ttft),
+                "--prefill-chunk", str(a.prefill_chunk)]
         r = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
