@@ -7,14 +7,14 @@ whose outputs depend on every key, position and mask entry (see test_engine)."""
 
 import pytest
 import torch
-from tests.helpers import assert_close
-from tests.test_engine import full_greedy, glm_greedy, glm_request, model_of, run_all
-from tests.test_kernels import eager_step, fused_model, scaled
 
 from glmkit import fused, kernels
 from glmkit.engine import Engine, Request
 from glmkit.model import BlockPool, PagedKVCache, PoolExhausted
 from glmkit.sampling import SamplingParams
+from tests.helpers import assert_close
+from tests.test_engine import full_greedy, glm_greedy, glm_request, model_of, run_all
+from tests.test_kernels import eager_step, fused_model, scaled
 
 
 def close(a, b, what):
