@@ -140,7 +140,7 @@ class Engine:
             kv_blocks = max_batch * -(-self.max_len // block_size)
         else:
             if kv_blocks is None:
-                kv_blocks = kv_memory // BlockPool.block_bytes(cfg, block_size, p.dtype)
+                kv_blocks = kv_memory // BlockPool.block_bytes(cfg, block_size, p.dtype) - 1  # and the null block
             if kv_blocks < 1:
                 raise ValueError(f"a KV pool of {kv_memory} bytes holds no block of {block_size} positions")
             check_kv_fits(cfg, 1, kv_blocks * block_size, p.dtype, p.device)

@@ -107,8 +107,8 @@ class BlockPool:
 
     @staticmethod
     def block_bytes(cfg: ModelConfig, block: int, dtype: torch.dtype) -> int:
-        """Bytes of one block: keys and values of every layer."""
-        return 2 * cfg.n_layers * cfg.n_kv_heads * block * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+        """Bytes of one block: keys and values of every layer, and its valid flags."""
+        return 2 * cfg.n_layers * cfg.n_kv_heads * block * cfg.head_dim * torch.empty((), dtype=dtype).element_size() + block
 
     @property
     def num_free(self) -> int:

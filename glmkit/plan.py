@@ -166,10 +166,18 @@ def weight_bytes(cfg, dtype: torch.dtype, quant: dict | None = None) -> dict[str
     return {"embeddings": emb, "layers": cfg.n_layers * layer, "norm": norm, "head": head}
 
 
+def _tiled(quant: dict | None) -> bool:
+    """Whether many-row products of these quantized weights take the dequantized tiles (kernels), which keep
+    no copy of the weights (else int4 takes PyTorch's kernel, which keeps its own layout)."""
+    from . import kernels
+
+    return bool(quant) and kernels.available() and (quant["bits"] == 8 or quant["group_size"] % 32 == 0)
+
+
 def kernel_copies_bytes(cfg, dtype: torch.dtype, quant: dict | None = None, prefill: bool = True) -> dict[str, int]:
     """CPU only: the native decode step's copies (fp32 norms, biases and int8 scales of a non-fp32 model;
-    int4's [scale, min] pairs) and, for int4 after a prefill, the many-row kernel's layout of every layer's
-    linears (packed weight (N, K/2) uint8 and fp32 [scale, zero] pairs)."""
+    int4's [scale, min] pairs) and, for int4 after a prefill without the dequantized tiles, PyTorch's
+    many-row kernel's layout of every layer's linears (packed weight (N, K/2) uint8 and fp32 [scale, zero] pairs)."""
     quant = quant or getattr(cfg, "quant", None)
     a, C, V, L = _size(dtype), cfg.dim, cfg.vocab_size, cfg.n_layers
     fp32 = dtype != torch.float32
@@ -187,7 +195,7 @@ def kernel_copies_bytes(cfg, dtype: torch.dtype, quant: dict | None = None, pref
         elif q and q["bits"] == 4:
             G = K // q["group_size"]
             decode += N * G * 2 * (a if dtype == torch.bfloat16 else 4)
-            if prefill and N % 16 == 0 and not head:  # the head runs on few rows (last-token logits)
+            if prefill and N % 16 == 0 and not head and not _tiled(q):  # the head runs on few rows (last-token logits)
                 many_rows += N * (K // 2) + G * N * 2 * 4
     if quant and quant["bits"] == 4 and any(K % 64 or K % quant["group_size"] or quant["group_size"] % 32
                                             for _, K, _, q, _ in lins if q):
@@ -245,6 +253,8 @@ def prefill_bytes(cfg, dtype: torch.dtype, rows: int, T: int, S: int, device, qu
     largest = max(N * Kin for N, Kin in shapes)
     if emulated:
         peak += largest * 4 + n * max(Kin for _, Kin in shapes) * 4  # fp32 weight and input
+    elif cpu and _tiled(quant):
+        peak += 4 << 20  # one dequantized tile (kernels.TILE_BYTES)
     elif cpu and quant and quant["bits"] == 4:
         peak += largest * 5  # the one-time unpack: uint8 (N, K), then int32 (N, K)
     return peak

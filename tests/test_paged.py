@@ -203,8 +203,8 @@ def test_kv_memory_sizes_the_pool():
     model = model_of("rope_partial")
     cfg = model.cfg
     per_block = BlockPool.block_bytes(cfg, 16, torch.float32)
-    assert per_block == 2 * cfg.n_layers * cfg.n_kv_heads * 16 * cfg.head_dim * 4
-    e = Engine(model, max_batch=8, max_len=256, kv_memory=10 * per_block + per_block // 2)
+    assert per_block == 2 * cfg.n_layers * cfg.n_kv_heads * 16 * cfg.head_dim * 4 + 16  # keys, values, valid flags
+    e = Engine(model, max_batch=8, max_len=256, kv_memory=11 * per_block + per_block // 2)  # 10 and the null block
     assert e.pool.n_blocks == 10 and e.pool.k.shape == (cfg.n_layers, 11, cfg.n_kv_heads, 16, cfg.head_dim)
     assert Engine(model, max_batch=2, max_len=40).pool.n_blocks == 2 * 3  # default: every row at full length
     with pytest.raises(ValueError, match="holds no block"):

@@ -79,7 +79,7 @@ def test_planned_kernel_copies_are_what_the_cpu_kernels_keep(quant):
     assert planned["decode copies"] == _bytes(dp.keep), (planned, _bytes(dp.keep))
     packed = [t for m in model.modules() if isinstance(m, Int4Linear) and m._packed is not None for t in m._packed]
     assert planned["int4 prefill layout"] == _bytes(packed), (planned, _bytes(packed))
-    assert (planned["int4 prefill layout"] > 0) == (quant == "int4")
+    assert planned["int4 prefill layout"] == 0  # with the native library, many rows take the dequantized tiles: no copy
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

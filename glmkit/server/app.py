@@ -125,16 +125,17 @@ EXCEPTION_HANDLERS = {APIError: _api_error, LimitError: _limit, RequestValidatio
 def create_app(model, tokenizer, model_name: str, maas: MaaS | None = None, max_batch: int = 8, max_waiting: int = 64,
                max_len: int | None = None, default_max_tokens: int = 1024, admin_token: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, body_timeout: float = BODY_TIMEOUT_S,
-               waiting_per_key: int | None = None, kv_memory: int | None = None) -> FastAPI:
+               waiting_per_key: int | None = None, kv_memory: int | None = None, prefill_chunk: int | None = None) -> FastAPI:
     """The FastAPI app serving `model`. maas=None: no authentication, an in-memory ledger (local use).
     default_max_tokens: what chat and /infill generate when a request names no limit (within the context).
     admin_token: the credential /metrics needs when auth is on. max_body_bytes / body_timeout: a request body
     larger (413) or slower (408) than these is refused before it takes a slot. waiting_per_key: the
     sequences one key may have waiting (default a quarter of max_waiting), so no tenant fills the queue.
-    kv_memory: bytes of the engine's paged KV pool (default: every row at max_len).
+    kv_memory: bytes of the engine's paged KV pool (default: every row at max_len). prefill_chunk: prompt tokens
+    prefilled per engine step, between the running rows' decode steps (None: whole prompts).
     The engine thread starts with the app's lifespan (uvicorn, or `TestClient` used as a context manager)."""
     server = Server(model.eval(), tokenizer, model_name, maas or MaaS.local(), max_batch, max_waiting, max_len,
-                    default_max_tokens, admin_token, waiting_per_key, kv_memory)
+                    default_max_tokens, admin_token, waiting_per_key, kv_memory, prefill_chunk)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -179,6 +180,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-waiting", type=int, default=64, help="queued requests before answering 503")
     p.add_argument("--max-waiting-per-key", type=int, default=None,
                    help="queued requests one key may have (default: a quarter of --max-waiting); over it, 429")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="prompt tokens prefilled per step between the other streams' tokens (0: whole prompts)")
     p.add_argument("--max-len", type=int, default=None,
                    help="context per row (default: the model's, or what --kv-memory or this machine's memory holds)")
     p.add_argument("--kv-memory", default=None, help="KV cache budget, e.g. 2GiB or 512MiB: sets --max-len (or "
@@ -226,7 +229,7 @@ def main(argv=None) -> int:
         model, tok = load_for_cli(a, "serve")  # sets a.max_len, a.max_batch to what the plan settled
         app = create_app(model, tok, name, maas, a.max_batch, a.max_waiting, a.max_len, a.default_max_tokens, admin_token,
                          int(a.max_body_mb * (1 << 20)), a.body_timeout, a.max_waiting_per_key,
-                         parse_size(a.kv_memory) if a.kv_memory else None)
+                         parse_size(a.kv_memory) if a.kv_memory else None, a.prefill_chunk or None)
     except MemoryError as e:  # refused before allocating, with the flags that fit
         print(f"glmkit serve: {e}" if not str(e).startswith("glmkit serve") else e, file=sys.stderr)
         return 1
