@@ -181,7 +181,9 @@ def gguf_files(llama: Path, src: Path, variants: list[str]) -> dict[str, Path]:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     if not (src / "tokenizer.json").exists():
-        tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}, merges=[]))
+        vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+        vocab["Ġt"] = len(vocab)  # llama.cpp refuses a BPE vocabulary without merges
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=[("Ġ", "t")]))
         tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
         tok.add_special_tokens(["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
                                 "<|assistant|>", "<|observation|>"])
@@ -258,6 +260,7 @@ def main() -> None:
         res.update(json.loads(line[7:]))
         for B in a.batches:
             res[f"decode_b{B}_bound"] = res[f"decode_b{B}_tok_s"] / (B * bw * 1e9 / (res["weight_gib"] * 2**30))
+        print(f"# {v}: {json.dumps(res)}", flush=True)  # each variant as it ends, should a later one fail
     if a.llama_cpp:
         for v, f in gguf_files(a.llama_cpp, src, a.variants.split(",")).items():
             rows[f"llama.cpp {v}"] = llama_bench(a.llama_cpp, f, a.prefill)
