@@ -160,3 +160,13 @@ def greedy_blank(model, sp, context: list[int], max_new: int) -> list[int]:
             break
         out.append(nxt)
     return out
+
+
+def run_all(engine, arrivals):
+    """arrivals: {step_number: [Request, ...]}; steps the engine until everything finished."""
+    step = 0
+    while engine.has_work() or any(k >= step for k in arrivals):
+        for r in arrivals.pop(step, []):
+            engine.submit(r)
+        engine.step()
+        step += 1

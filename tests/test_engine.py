@@ -12,6 +12,7 @@ from glmkit.engine import Engine, EngineFull, Request
 from glmkit.generate import generate
 from glmkit.model import GLM
 from glmkit.sampling import SamplingParams
+from tests.helpers import run_all
 
 
 def model_of(position="rope_2d", seed=0):
@@ -41,16 +42,6 @@ def glm_greedy(model, prompt, mask_id, sop_id, n, bidirectional=True):
     A = len(prompt) + 1
     span = lambda T: torch.tensor([list(range(A)) + [A - 1] * (T - A), [0] * A + list(range(1, T - A + 1))])
     return full_greedy(model, prompt + [mask_id, sop_id], n, span, sep=A if bidirectional else 0)
-
-
-def run_all(engine, arrivals):
-    """arrivals: {step_number: [Request, ...]}; steps the engine until everything finished."""
-    step = 0
-    while engine.has_work() or any(k >= step for k in arrivals):
-        for r in arrivals.pop(step, []):
-            engine.submit(r)
-        engine.step()
-        step += 1
 
 
 def test_staggered_requests_match_one_by_one():

@@ -18,7 +18,7 @@ from glmkit.engine import Engine, Request
 from glmkit.generate import fill, generate
 from glmkit.model import GLM
 from glmkit.sampling import COLUMNS, Sampler, SamplingParams, apply_penalties, exponential_noise, param_rows, process_logits, stream_key
-from tests.helpers import assert_close
+from tests.helpers import assert_close, run_all
 
 N = 12
 PARAMS = {  # every knob at once, min-p, and greedy with a penalty
@@ -48,29 +48,19 @@ def prefix_lm(tok):
     return spread_model(tok, "rope_2d")
 
 
-def run(engine, arrivals):
-    """arrivals {step: [Request]}: step the engine until every request is done."""
-    step = 0
-    while engine.has_work() or any(k >= step for k in arrivals):
-        for r in arrivals.pop(step, []):
-            engine.submit(r)
-        engine.step()
-        step += 1
-
-
 def engine_paths(model, request):
     """The request's tokens alone, and joined: a short row ahead of it retires (it moves to row 0),
     two others (one unseeded, one seeded) join mid-generation."""
     fresh = lambda: dataclasses.replace(request, output_ids=[], logprobs=[])
     e = Engine(model, max_batch=4, max_len=128)
     alone = fresh()
-    run(e, {0: [alone]})
+    run_all(e, {0: [alone]})
     e = Engine(model, max_batch=4, max_len=128)
     joined = fresh()
     short = Request([7, 8, 9], SamplingParams(max_new_tokens=2, temperature=1.0, seed=3))
     later = [Request([9, 8], SamplingParams(max_new_tokens=N, temperature=1.0)),
              Request(request.prompt_ids[:3], SamplingParams(max_new_tokens=N, temperature=0.7, top_p=0.8, seed=11))]
-    run(e, {0: [short, joined], 4: later})
+    run_all(e, {0: [short, joined], 4: later})
     assert short.finish_reason is not None and all(r.output_ids for r in later)
     return alone, joined
 
