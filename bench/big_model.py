@@ -206,8 +206,9 @@ def gguf_files(llama: Path, src: Path, variants: list[str]) -> dict[str, Path]:
 
 
 def llama_bench(llama: Path, gguf: Path, prompt: int) -> dict:
-    """llama-bench's prompt processing at `prompt` tokens and generation at batch 1 (its tg test is one sequence)."""
-    r = subprocess.run([str(_llama_exe(llama, "llama-bench")), "-m", str(gguf), "-p", str(prompt), "-n", "16",
+    """llama-bench's prompt processing at `prompt` tokens and generation at batch 1 (its tg test is one sequence),
+    two repetitions each (its default of five costs minutes per variant at 9B)."""
+    r = subprocess.run([str(_llama_exe(llama, "llama-bench")), "-m", str(gguf), "-p", str(prompt), "-n", "16", "-r", "2",
                         "-t", str(torch.get_num_threads()), "-o", "json"], capture_output=True, text=True, check=True)
     return {("prefill_tok_s" if row["n_prompt"] else "decode_b1_tok_s"): row["avg_ts"] for row in json.loads(r.stdout)}
 
