@@ -12,7 +12,8 @@ process, so peak resident memory is that variant's alone:
   load       seconds and peak RSS of `glmkit.load(dir, dtype=bf16)` (the checkpoint is memory-mapped)
   quantize   seconds and peak RSS of `glmkit quantize DIR OUT --bits 8|4` (/usr/bin/time)
   prefill    prompt tokens / seconds for a --prefill-token prompt (one new token)
-  decode     B * (N - 1) / (time for N new tokens - time for 1), greedy, B = each of --batches
+  decode     B * (N - 1) / (time for N new tokens - best of two times for 1), greedy, B = each of --batches,
+             after a warm-up run at that batch size (its first run pays one-time costs)
   ttft       an --ttft-token prompt submitted to the serving engine while 3 streams decode: its time to first
              token, and the streams' time per output token meanwhile beside their time per token before it,
              with one-shot prefill and with --prefill-chunk chunks
@@ -123,12 +124,14 @@ def child(a) -> None:
         generate(model, prompts, SamplingParams(max_new_tokens=n, temperature=0))
         return time.perf_counter() - t
 
-    ids = torch.randint(0, V, (a.prefill,)).tolist()
+    ids = torch.randint(0, V, (max(a.prefill, 16),)).tolist()
     run([ids[:16]], 1)  # warm-up
-    res["prefill_tok_s"] = a.prefill / min(run([ids], 1) for _ in range(2))
+    if a.prefill:
+        res["prefill_tok_s"] = a.prefill / min(run([ids], 1) for _ in range(2))
     for B in a.batches:
         prompts = [torch.randint(0, V, (32,)).tolist() for _ in range(B)]
-        t1, tn = run(prompts, 1), run(prompts, a.new_tokens)
+        run(prompts, 2)  # warm-up at this batch size: its first prefill and step pay one-time costs
+        t1, tn = min(run(prompts, 1) for _ in range(2)), run(prompts, a.new_tokens)
         res[f"decode_b{B}_tok_s"] = B * (a.new_tokens - 1) / (tn - t1)
     for chunk in (None, a.prefill_chunk) if a.ttft else ():
         tag = f"_chunk{chunk}" if chunk else ""
@@ -220,7 +223,7 @@ def main() -> None:
     p.add_argument("--preset", default="glm-4-9b")
     p.add_argument("--layers", type=int, default=None, help="only the first N layers (a slice of the real shapes)")
     p.add_argument("--variants", default="bf16,int8,int4")
-    p.add_argument("--prefill", type=int, default=2048)
+    p.add_argument("--prefill", type=int, default=2048, help="prompt tokens of the prefill measurement (0: skip)")
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4])
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--ttft", type=int, default=8192, help="prompt tokens of the late request (0: skip)")
