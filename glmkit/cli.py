@@ -110,7 +110,9 @@ def describe(cfg, source: str, plan=None, why: str = "") -> str:
     lines.append(f"  KV cache:   {show(kv1k)} per 1K tokens in bf16, {show(2 * kv1k)} in fp32 "
                  f"({show(kv_cache_bytes(cfg, 1, cfg.max_seq_len, torch.bfloat16))} per row at {cfg.max_seq_len} tokens in bf16)")
     if plan is not None:
-        chunk = f"prefill chunks of {plan.prefill:,} tokens" if plan.prefill < plan.max_len else "whole prompts prefilled"
+        T = plan.prefill or plan.max_len
+        chunk = (f"prefill chunks of {T:,} tokens" if T < plan.max_len else
+                 "a prompt's Part A prefilled whole" if cfg.prefix_lm else "whole prompts prefilled")
         lines.append(f"  memory plan for `glmkit serve` here (--max-batch {plan.rows}, --max-len {plan.max_len:,}, {chunk}):")
         lines += [f"    {w}" for w in why.split("; ") if w]
         lines.append(_indent(plan.table()))
