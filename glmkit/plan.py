@@ -395,7 +395,7 @@ class Plan:
             self.kv_blocks = min(full, kv_pool_blocks(cfg, self.budget - self.total, dt))
         n = self.kv_tokens
         self.lines.append((f"KV pool ({_dtype_name(dt)}): {n:,} tokens in flight", self.kv_bytes,
-                           f"= {self.rows} streams x {n // self.rows:,} (or {n // S} at the full {S:,}); "
+                           f"= {self.rows} streams x {n // self.rows:,}" + (f" (or {n // S} at the full {S:,})" if n >= S else "") + "; "
                            f"context per request {self.context:,}; {per_1k}"
                            + (f"; --kv-memory {show(self.kv_memory)}" if self.kv_memory is not None else "")))
 

@@ -129,7 +129,7 @@ def _pool_bytes(pool: BlockPool) -> int:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_planned_pool_is_what_the_engine_allocates(dtype, monkeypatch):
-    """Serve's KV figure is the engine's pool: the pool sized from what is left (20 blocks here) or capped
+    """Serve's KV figure is the engine's pool: the pool sized from what is left (half the cap here) or capped
     at every row at full length, passed as kv_memory as serve does; and the engine's own default (every
     row at full length) where memory is not measured."""
     assert KV_BLOCK == inspect.signature(Engine).parameters["block_size"].default
@@ -138,8 +138,9 @@ def test_planned_pool_is_what_the_engine_allocates(dtype, monkeypatch):
         model = GLM(cfg).to(dtype).eval()
         big = Plan(cfg, dtype, rows=3, pool=True, available=1 << 50)
         rest = big.total - big.kv_bytes
-        tight = int((rest + kv_pool_bytes(cfg, 20, dtype) + 100) / plan_mod.HEADROOM)
-        for avail, blocks in ((1 << 50, 3 * -(-cfg.max_seq_len // KV_BLOCK)), (tight, 20)):
+        full = 3 * -(-cfg.max_seq_len // KV_BLOCK)
+        tight = int((rest + kv_pool_bytes(cfg, full // 2, dtype) + 100) / plan_mod.HEADROOM)
+        for avail, blocks in ((1 << 50, full), (tight, full // 2)):  # half: still one request at full length
             p = Plan(cfg, dtype, rows=3, pool=True, available=avail)
             engine = Engine(model, max_batch=p.rows, max_len=p.context, kv_memory=p.kv_bytes)
             real = _pool_bytes(engine.pool)
@@ -325,7 +326,7 @@ def test_glm4_9b_serves_its_context_from_a_pool_of_what_is_left(monkeypatch):
     with pytest.raises(MemoryError, match="Try --quantize int8; or --quantize int4") as err:
         p.check("glmkit serve")
     print(err.value)
-    q = _replanned("--quantize int4", cfg, 16 * GiB)
+    q = _replanned("--dtype bf16 --quantize int4", cfg, 16 * GiB)  # as dtype auto would load this checkpoint
     assert q.fits and q.context == 131072 and q.kv_tokens > 1.4 * 131072, q.table()
 
 
@@ -354,7 +355,7 @@ def test_serve_keeps_its_context_and_refuses_only_when_one_request_cannot_fit(to
         load_for_cli(serve(), "serve")
     n = int(re.search(r"Try --max-len (\d+)", str(err.value)).group(1))  # a shorter context: less workspace too
     q = _replanned(f"--max-len {n}", cfg, avail)
-    assert 0 < n < 2048 and q.fits and q.context == n and not q.with_(max_len=n + MIN_LEN).fits, q.table()
+    assert 0 < n < 2048 and q.fits and q.context == n and not _replanned(f"--max-len {n + MIN_LEN}", cfg, avail).fits, q.table()
 
 
 def test_kv_memory_sizes_the_pool(monkeypatch):
