@@ -319,10 +319,12 @@ def prefill_bytes(cfg, dtype: torch.dtype, rows: int, T: int, S: int, device, qu
 
 def decode_bytes(cfg, dtype: torch.dtype, rows: int, S: int, device, quant: dict | None = None) -> int:
     """The estimated peak of one serving decode step of `rows` rows over up to S positions of the pool: the
-    logits (in the model's dtype and fp32), and unless the native step applies (it reads the pool in place),
-    the eager step's gathered keys and values of one layer, the valid flags and the masks."""
+    logits (in the model's dtype and fp32), the activations, and unless the native step applies (it reads the
+    pool in place) the eager step's gathered keys and values of one layer (k indexed, then copied to
+    (n, K, S, D), then v: three copies at once), the valid flags and the masks."""
     a, K, D = _size(dtype), cfg.n_kv_heads, cfg.head_dim
     peak = rows * cfg.vocab_size * (a + 4)
+    peak += rows * (4 * cfg.dim + (cfg.n_heads + 2 * K) * D + 3 * cfg.ffn_dim) * 4  # the step's activations, at fp32
     if _native_decode(cfg, dtype, quant, device, rows):
         return peak
     f32 = torch.device(device).type == "cpu" and dtype == torch.bfloat16 and _bf16_emulated()
