@@ -110,21 +110,32 @@ def describe(cfg, source: str, plan=None, why: str = "") -> str:
     lines.append(f"  KV cache:   {show(kv1k)} per 1K tokens in bf16, {show(2 * kv1k)} in fp32 "
                  f"({show(kv_cache_bytes(cfg, 1, cfg.max_seq_len, torch.bfloat16))} per row at {cfg.max_seq_len} tokens in bf16)")
     if plan is not None:
-        lines.append(f"  memory plan for `glmkit serve` here (--max-batch {plan.rows} --max-len {plan.max_len}):")
+        T = plan.prefill or plan.max_len
+        chunk = (f"prefill chunks of {T:,} tokens" if T < plan.max_len else
+                 "a prompt's Part A prefilled whole" if cfg.prefix_lm else "whole prompts prefilled")
+        lines.append(f"  memory plan for `glmkit serve` here (--max-batch {plan.rows}, --max-len {plan.max_len:,}, {chunk}):")
         lines += [f"    {w}" for w in why.split("; ") if w]
-        lines.append(plan.table().replace("\n  ", "\n    ").replace("  ", "    ", 1))
+        lines.append(_indent(plan.table()))
         if plan.available is not None:
             tips = plan.suggestions(SERVE_FLAGS) if not plan.fits else []
-            lines.append("    fits with: " + "; ".join(t for t, _ in tips) if tips else
-                         "    fits as it is" if plan.fits else "    nothing fits: a machine with more memory")
-            cli = Plan(cfg, plan.dtype, rows=1, max_len=min(cfg.max_seq_len, CLI_CONTEXT), quant=plan.quant, device=plan.device,
-                       available=plan.available)
+            lines.append(f"    fits: context per request {plan.context:,} tokens, {plan.kv_tokens:,} tokens in flight"
+                         if plan.fits else f"    does not fit: {plan.shortfall()}")
+            if not plan.fits:
+                lines.append("    fits with: " + "; ".join(t for t, _ in tips) if tips else "    nothing fits: a machine with more memory")
+        cli = Plan(cfg, plan.dtype, rows=1, max_len=min(cfg.max_seq_len, CLI_CONTEXT), quant=plan.quant, device=plan.device,
+                   available=plan.available)
+        lines.append(f"  memory plan for `glmkit generate / chat` ({cli.max_len:,} tokens of context):")
+        lines.append(_indent(cli.table()))
+        if plan.available is not None:
             tips = cli.suggestions(CLI_FLAGS) if not cli.fits else []
-            lines.append(f"    glmkit generate / chat ({cli.max_len} tokens of context): "
-                         + ("fits" if cli.fits else "needs " + ("; or ".join(t for t, _ in tips) or "more memory")))
+            lines.append("    fits" if cli.fits else "    needs " + ("; or ".join(t for t, _ in tips) or "more memory"))
     lines.append("  config:")
     lines += [f"    {k}: {v}" for k, v in cfg.to_dict().items()]
     return "\n".join(lines)
+
+
+def _indent(table: str) -> str:
+    return "\n".join("  " + line for line in table.split("\n"))
 
 
 def info(argv=None):
@@ -139,7 +150,16 @@ def info(argv=None):
     p.add_argument("--verify", action="store_true",
                    help="also check every weight file's size against its header and the tensor names against "
                         "config.json (reads headers only; exit code 1 when anything is damaged)")
+    g = p.add_argument_group("the serve plan for these `glmkit serve` flags")
+    g.add_argument("--dtype", default="auto", help="auto|fp32|bf16|fp16 (default auto)")
+    add_quantize_arg(g)
+    g.add_argument("--max-batch", type=int, default=None, help="streams decoded together (default 8)")
+    g.add_argument("--max-len", type=int, default=None, help="context per request (default: the model's)")
+    g.add_argument("--kv-memory", default=None, help="KV pool size, e.g. 4GiB (default: what the memory left holds)")
     a = p.parse_args(argv)
+    for name in ("max_batch", "max_len"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if a.model is None:
         from .convert import default_model_path
 
@@ -148,12 +168,12 @@ def info(argv=None):
     device = resolve_device(a.device)
     if a.model in PRESETS and not path.exists():
         cfg = get_preset(a.model)
-        plan, why = memory_plan(argparse.Namespace(dtype="auto"), "serve", cfg, None, device)
+        plan, why = memory_plan(a, "serve", cfg, None, device)
         print(describe(cfg, f"preset {a.model}", plan, why))
         return 0
     fmt, cfg = config_of(path)  # CheckpointError / ConfigError name the file and field; main prints them
     stored = stored_dtype(path)
-    plan, why = memory_plan(argparse.Namespace(dtype="auto"), "serve", cfg, stored, device)
+    plan, why = memory_plan(a, "serve", cfg, stored, device)
     print(describe(cfg, f"{path} (format {fmt.name}, stored {str(stored).removeprefix('torch.')})", plan, why))
     if not a.verify:
         print("  files:      not checked; `glmkit info --verify PATH` checks them against their headers")
@@ -170,21 +190,26 @@ def info(argv=None):
 def memory_plan(a, command: str, cfg, stored, device):
     """(the memory Plan for `command` with the flags in `a`, dtype auto's reason or ""), before loading.
 
-    serve: --max-batch (default 8) rows of --max-len (default the model's context) and a prompt's own row;
-    --kv-memory sizes what the flags leave open (or refuses a pair that exceeds it); with neither --max-len
-    nor --kv-memory the context shrinks to what fits (a multiple of 256). generate / chat / fill: --num-beams
-    rows of the model's context, at most CLI_CONTEXT (4K) tokens. dtype auto is decided on this plan (`plan.auto_dtype`)."""
+    serve: --max-batch (default 8) streams of up to --max-len (default the model's context) tokens each, in
+    the engine's paged KV pool: --kv-memory bytes, or what the budget leaves after the weights, the CPU
+    kernels' copies and the workspace of one prefill chunk (--prefill-chunk; auto: its upper bound). A
+    request's context is --max-len, or the pool's size when that holds less (the reason says so); the plan
+    does not fit when the pool cannot hold one request of min(4096, --max-len). generate / chat / fill:
+    --num-beams rows of the model's context, at most CLI_CONTEXT (4K) tokens, in a contiguous cache.
+    dtype auto is decided on this plan (`plan.auto_dtype`)."""
     import torch
 
     from .devices import resolve_dtype
-    from .plan import CLI_CONTEXT, MIN_LEN, SERVE_ROWS, Plan, auto_dtype, kv_cache_bytes, kv_fit, parse_size, quant_spec, show
+    from .plan import CLI_CONTEXT, KV_BLOCK, SERVE_ROWS, Plan, auto_dtype, kv_pool_bytes, parse_size, quant_spec, serve_prefill, show
 
     quant = quant_spec(getattr(a, "quantize", None))
     serve = command == "serve"
-    rows, max_len = getattr(a, "max_batch", None), getattr(a, "max_len", None)
-    kv_memory = parse_size(a.kv_memory) if getattr(a, "kv_memory", None) else None
     if serve:
-        plan = Plan(cfg, torch.float32, rows or SERVE_ROWS, max_len or cfg.max_seq_len, quant, device, admission=True)
+        max_len = getattr(a, "max_len", None) or cfg.max_seq_len
+        kv_memory = parse_size(a.kv_memory) if getattr(a, "kv_memory", None) else None
+        chunk = serve_prefill(cfg, max_len, getattr(a, "prefill_chunk", None))  # None: as auto, the default's bound
+        plan = Plan(cfg, torch.float32, getattr(a, "max_batch", None) or SERVE_ROWS, max_len, quant, device,
+                    prefill=chunk, pool=True, kv_memory=kv_memory)
     else:
         plan = Plan(cfg, torch.float32, max(1, getattr(a, "num_beams", 1)), min(cfg.max_seq_len, CLI_CONTEXT), quant, device)
     why = ""
@@ -193,26 +218,10 @@ def memory_plan(a, command: str, cfg, stored, device):
     else:
         dtype = resolve_dtype(a.dtype, device)
     plan = plan.with_(dtype=dtype)
-    if not serve:
-        return plan, why
-    if kv_memory is not None:
-        if max_len is None:
-            max_len = min(cfg.max_seq_len, kv_fit(cfg, dtype, kv_memory, batch=plan.rows))
-        elif rows is None:
-            rows = min(SERVE_ROWS, kv_fit(cfg, dtype, kv_memory, max_len=max_len))
-        rows = rows or plan.rows
-        if max_len < 1 or rows < 1 or kv_cache_bytes(cfg, rows, max_len, dtype) > kv_memory:
-            fit_len, fit_rows = kv_fit(cfg, dtype, kv_memory, batch=rows), kv_fit(cfg, dtype, kv_memory, max_len=max_len)
-            raise ValueError(f"--kv-memory {a.kv_memory} holds {fit_len} positions per row at --max-batch {rows}, "
-                             f"or {fit_rows} rows at --max-len {max_len}; it cannot hold {rows} x {max_len} "
-                             f"({show(kv_cache_bytes(cfg, rows, max_len, dtype))})")
-        plan = plan.with_(rows=rows, max_len=max_len, kv_memory=kv_memory)
-    elif max_len is None and not plan.fits:
-        n = plan.largest_max_len()
-        if n >= MIN_LEN:
-            why = (why + "; " if why else "") + (f"--max-len auto: {n} ({plan.rows} x {plan.max_len} positions would "
-                                                 f"need {show(plan.total)}, {show(plan.budget)} usable)")
-            plan = plan.with_(max_len=n)
+    if serve and plan.fits and plan.context < plan.max_len:
+        full = kv_pool_bytes(cfg, -(-plan.max_len // KV_BLOCK), dtype)
+        why = (why + "; " if why else "") + (f"context per request: {plan.context:,} tokens, what the KV pool holds "
+                                             f"({plan.max_len:,} would take {show(full)} of KV)")
     return plan, why
 
 
@@ -254,10 +263,11 @@ def params_from_args(a, stop_ids=()):
 
 
 def load_for_cli(a, command: str):
-    """(model, tokenizer) from --model / --device / --dtype (and --quantize, --max-batch, --max-len, --kv-memory
-    where the command has them). The memory plan is checked before anything is loaded: what cannot fit is a
-    MemoryError naming flags that would. Prints the resolved device and dtype once. For serve, a.max_len and
-    a.max_batch are set to what the plan settled."""
+    """(model, tokenizer) from --model / --device / --dtype (and --quantize, --max-batch, --max-len, --kv-memory,
+    --prefill-chunk where the command has them). The memory plan is checked before anything is loaded: what
+    cannot fit is a MemoryError naming flags that would. Prints the resolved device and dtype once. For serve,
+    a.max_len (the context per request), a.max_batch and a.kv_memory (the KV pool's bytes, for the engine)
+    are set to what the plan settled."""
     from .config import PRESETS, get_preset
     from .convert import config_of, load, stored_dtype
     from .devices import resolve_device
@@ -279,8 +289,8 @@ def load_for_cli(a, command: str):
     print(f"glmkit {command}: device {device}, dtype {str(plan.dtype).removeprefix('torch.')}"
           + (f" ({why})" if why else ""), file=sys.stderr)
     plan.check(f"glmkit {command}", SERVE_FLAGS if command == "serve" else CLI_FLAGS)
-    if command == "serve":
-        a.max_len, a.max_batch = plan.max_len, plan.rows
+    if command == "serve":  # the engine's limits and its pool, as planned
+        a.max_len, a.max_batch, a.kv_memory = plan.context, plan.rows, plan.kv_bytes
     model = load(a.model, device=device, dtype=plan.dtype, quantize=getattr(a, "quantize", None)).eval()
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.cfg.vocab_size} "

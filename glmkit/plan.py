@@ -1,7 +1,8 @@
 """Memory planning: what a model will take, computed from its config before anything is loaded, against
 what this process may really use; refusals name the settings that would fit.
 
-    p = Plan(cfg, torch.bfloat16, rows=8, max_len=4096)      # weights, KV cache, prefill workspace
+    p = Plan(cfg, torch.bfloat16, rows=1, max_len=4096)      # generate / chat: weights, KV cache, prefill workspace
+    p = Plan(cfg, torch.bfloat16, rows=8, prefill=512, pool=True)   # serve: the KV pool gets what is left
     print(p.table())                                         # the lines, the total, what is available
     p.check("glmkit serve", SERVE_FLAGS)                     # MemoryError naming flags that fit, or nothing
     dtype, why = auto_dtype(p, stored=torch.bfloat16)          # dtype auto, decided on the plan
@@ -14,25 +15,35 @@ What a plan counts, each from the config alone (`ModelConfig` fields; no tensor 
   norms and biases stay float. On CPU, two copies the kernels make are counted with them: the native
   decode step's fp32 / paired copies of the small tensors (`fused.decode_plan`), and for int4 the layout
   PyTorch's many-row int4 kernel wants (`Int4Linear._kernel_args`), built at the first prefill.
-- the KV cache, exactly as `GLM.new_cache` allocates it: keys and values of every layer for rows x
-  positions, plus the valid flags and `sep`. The serving engine also prefills each prompt into a 1-row
-  cache of the prompt's length (`prompt KV`), kept for reuse.
-- prefill workspace, an estimate (what one prefill of T tokens over S cached positions holds at its
-  peak): the residual stream and its normed copy, the fp32 norm temporaries, then the larger of the
-  attention phase (q/k/v and their rotated copies; the mask, as GLM's bool mask (T x S) and the float mask
-  SDPA makes of it; the output) and the MLP phase (the up projection's 2F columns, the gate product),
-  and the logits (1 or T rows x V, in the model's dtype and an fp32 copy). On CPU attention itself is
-  SDPA's fused kernel, with GLM's mask and GQA too (blocks of keys per thread: never the T x S scores;
-  checked with the profiler). Off CPU the kernel SDPA picks for a masked GQA call is not measured here, so
-  the math path's scores and probabilities (H x T x S fp32 each) are counted: an upper bound. Per-call
-  weight copies of the many-row matrix products are added: bf16 on a CPU without bf16 instructions
-  multiplies in fp32 (an fp32 copy of the largest weight), int4 builds its kernel layout through an int32
-  copy of the largest weight once. Measured peaks of a prefill stay under this estimate (tests).
+- the KV cache. generate / chat / fill: exactly what `GLM.new_cache` allocates, keys and values of every
+  layer for rows x positions, plus the valid flags and `sep`. serve (`pool=True`): the serving engine's
+  paged pool (`model.BlockPool`, blocks of KV_BLOCK positions and one null block), sized from what the
+  budget leaves after everything else, at most every row at full context (or `kv_memory`, --kv-memory):
+  memory follows the tokens in flight, not rows x max_len. Prompts being prefilled and cached prompts take
+  their blocks from the same pool. A request's context is its --max-len, or the pool's size when less.
+  Serve refuses to start only when the pool cannot hold one request of min(SERVE_MIN_LEN, --max-len).
+- prefill workspace, an estimate (what one prefill of T tokens over S cached positions holds at its peak):
+  the residual stream and its normed copy, the fp32 norm temporaries, then the larger of the attention phase
+  (q/k/v and their rotated copies; the mask, as GLM's bool mask (T x S) and the float mask SDPA makes of it;
+  from a paged pool, one layer's keys and values gathered through the block table: the gather indexes k (n,
+  blocks, K, block, D) and copies it to (n, K, S, D), then v, three copies live at once; the output) and the
+  MLP phase (the up projection's 2F columns, the gate product), and the logits (1 or T rows x V, in the
+  model's dtype and an fp32 copy). On CPU attention itself is SDPA's fused kernel, with GLM's mask and GQA
+  too (blocks of keys per thread: never the T x S scores; checked with the profiler). Off CPU the kernel
+  SDPA picks for a masked GQA call is not measured here, so the math path's scores and probabilities (H x T
+  x S fp32 each) are counted: an upper bound. Per-call weight copies of the many-row matrix products are
+  added: bf16 on a CPU without bf16 instructions multiplies in fp32 (an fp32 copy of the largest weight),
+  int4 builds its kernel layout through an int32 copy of the largest weight once.
+  Measured peaks of a prefill stay under this estimate (tests). The serving engine prefills a long prompt
+  in chunks (`--prefill-chunk`), so T is the chunk there, not the context; S is the context. A decode
+  step of every row is counted instead when it takes more (off CPU, or more rows than the native step
+  takes: the eager step gathers each row's keys through its table).
 
 "Available" on CPU is the smaller of the kernel's MemAvailable and the room left under the cgroup memory
 limit (cgroup v2 `memory.max` - `memory.current`, or v1's `limit_in_bytes` - `usage_in_bytes`); on CUDA
 `torch.cuda.mem_get_info`'s free memory; other devices are not measured (no check). A plan fits when
-its total is at most HEADROOM of that: the rest is for the Python process, the tokenizer, the allocator.
+its total is at most HEADROOM of that: the rest (10%, 2.4 GiB of 24) is the margin for the Python process,
+the tokenizer, the server and the allocator; serve's KV pool ends there too.
 """
 
 from __future__ import annotations
@@ -49,8 +60,13 @@ COMFORT = 0.7  # dtype auto on CPU: fp32 only when its plan takes at most this s
 CLI_CONTEXT = 4096  # generate / chat / fill plan for this many positions (or the model's context, if less);
 # a longer prompt or conversation may take more than planned (the prefill workspace grows with its square)
 SERVE_ROWS = 8  # glmkit serve's default --max-batch
-MIN_LEN = 256  # the shortest context a suggestion or an automatic --max-len offers
-SERVE_FLAGS = ("dtype", "quantize", "max_len", "max_batch", "kv_memory")  # flags a refusal may name
+MIN_LEN = 256  # the shortest context a suggested --max-len offers
+SERVE_MIN_LEN = 4096  # serve starts only when its KV pool holds one request this long (or --max-len, if less):
+# a chat turn with a system prompt and the default 1024-token reply takes a few thousand tokens, and a server
+# holding only a few hundred would refuse most requests at submit: better to refuse at start, naming flags
+KV_BLOCK = 16  # positions per block of the serving engine's KV pool (Engine's block_size)
+PREFILL_CHUNK = 512  # serve's --prefill-chunk default, and the most an automatic chunk takes
+SERVE_FLAGS = ("dtype", "quantize", "max_len", "max_batch", "kv_memory", "prefill_chunk")  # flags a refusal may name
 CLI_FLAGS = ("dtype", "quantize")
 
 
@@ -197,10 +213,27 @@ def kernel_copies_bytes(cfg, dtype: torch.dtype, quant: dict | None = None, pref
             decode += N * G * 2 * (a if dtype == torch.bfloat16 else 4)
             if prefill and N % 16 == 0 and not head and not _tiled(q):  # the head runs on few rows (last-token logits)
                 many_rows += N * (K // 2) + G * N * 2 * 4
-    if quant and quant["bits"] == 4 and any(K % 64 or K % quant["group_size"] or quant["group_size"] % 32
-                                            for _, K, _, q, _ in lins if q):
+    if not _native_shapes(cfg, quant):
         decode = 0  # the native step does not take this int4 shape: no decode plan, no copies
     return {"decode copies": decode, "int4 prefill layout": many_rows}
+
+
+def _native_shapes(cfg, quant: dict | None) -> bool:
+    """Whether the native decode step takes these weights (its int4 kernel wants K a multiple of 64 and
+    groups of a multiple of 32 that divide K)."""
+    if not quant or quant["bits"] != 4:
+        return True
+    g = quant["group_size"]
+    ks = [K for _, K, _ in _linears(cfg)] + ([cfg.dim] if quant.get("head") else [])
+    return not any(K % 64 or K % g or g % 32 for K in ks)
+
+
+def _native_decode(cfg, dtype: torch.dtype, quant: dict | None, device, rows: int) -> bool:
+    """Whether a decode step of `rows` rows runs natively (`fused.decode_step`), reading the pool in place."""
+    from . import kernels
+
+    return (torch.device(device).type == "cpu" and rows <= kernels.MAX_ROWS and dtype in (torch.float32, torch.bfloat16)
+            and _native_shapes(cfg, quant) and kernels.available())
 
 
 # ---- KV cache -------------------------------------------------------------------------------------------------
@@ -222,6 +255,26 @@ def kv_fit(cfg, dtype: torch.dtype, budget: float, batch: int | None = None, max
     return max(0, int(budget // (max_len * per + 8)))
 
 
+def kv_pool_bytes(cfg, blocks: int, dtype: torch.dtype, block: int = KV_BLOCK) -> int:
+    """What `BlockPool(n_blocks=blocks)` allocates: keys, values and valid flags of its blocks and of the null block."""
+    return (blocks + 1) * block * _kv_per_position(cfg, dtype)
+
+
+def kv_pool_blocks(cfg, budget: float, dtype: torch.dtype, block: int = KV_BLOCK) -> int:
+    """The blocks `Engine(kv_memory=budget)` makes its pool of (the null block is counted in the budget)."""
+    return max(0, int(budget) // (block * _kv_per_position(cfg, dtype)) - 1)
+
+
+def serve_prefill(cfg, max_len: int, chunk: int | str | None = PREFILL_CHUNK) -> int:
+    """The most tokens one prefill call of the serving engine takes: --prefill-chunk (None or "auto":
+    PREFILL_CHUNK, the most an automatic chunk takes; 0: whole prompts), at most max_len. A prefix-LM
+    model's Part A is prefilled whole in its first chunk (every query reads it): up to max_len there."""
+    if cfg.prefix_lm:
+        return max_len
+    chunk = PREFILL_CHUNK if chunk is None or chunk == "auto" else int(chunk)
+    return max_len if chunk <= 0 else min(chunk, max_len)
+
+
 # ---- prefill workspace ---------------------------------------------------------------------------------------
 def _bf16_emulated() -> bool:
     from .kernels import cpu_bf16_emulated
@@ -230,8 +283,9 @@ def _bf16_emulated() -> bool:
 
 
 def prefill_bytes(cfg, dtype: torch.dtype, rows: int, T: int, S: int, device, quant: dict | None = None,
-                  full_logits: bool = False) -> int:
-    """The estimated peak of one prefill of `rows` x T tokens attending over S positions (see the module)."""
+                  full_logits: bool = False, paged: bool = False) -> int:
+    """The estimated peak of one prefill of `rows` x T tokens attending over S positions (see the module);
+    `paged`: the cache is a block pool, whose keys and values attention reads as a gathered copy."""
     quant = quant or getattr(cfg, "quant", None)
     device = torch.device(device)
     a, C, H, K, D, F, V = _size(dtype), cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, cfg.vocab_size
@@ -244,6 +298,9 @@ def prefill_bytes(cfg, dtype: torch.dtype, rows: int, T: int, S: int, device, qu
     mask = rows * T * S * (3 + 2 * c)  # GLM's bool mask and its temporaries; SDPA's float mask (and a temporary)
     scores = 0 if cpu else 2 * rows * H * T * S * 4  # the math path's scores and probabilities (see the module)
     attn = qkv + mask + scores + n * H * D * (2 * c + a)  # the output, its transposed copy, the projection's input
+    attn += 3 * rows * K * S * D * a if paged else 0  # one layer's k and v gathered from the pool: three copies at once
+    if cpu and dtype == torch.bfloat16 and _bf16_emulated():  # kernels.attention runs in fp32 there: q, k, v copies
+        attn += (n * H * D + 2 * rows * K * S * D) * 4
     up = F * (2 if cfg.mlp == "swiglu" else 1)
     mlp = n * (up * c + 2 * F * a + C * c)
     logits = rows * (T if full_logits else 1) * V * (a + 4)
@@ -260,12 +317,29 @@ def prefill_bytes(cfg, dtype: torch.dtype, rows: int, T: int, S: int, device, qu
     return peak
 
 
+def decode_bytes(cfg, dtype: torch.dtype, rows: int, S: int, device, quant: dict | None = None) -> int:
+    """The estimated peak of one serving decode step of `rows` rows over up to S positions of the pool: the
+    logits (in the model's dtype and fp32), the activations, and unless the native step applies (it reads the
+    pool in place) the eager step's gathered keys and values of one layer (k indexed, then copied to
+    (n, K, S, D), then v: three copies at once), the valid flags and the masks."""
+    a, K, D = _size(dtype), cfg.n_kv_heads, cfg.head_dim
+    peak = rows * cfg.vocab_size * (a + 4)
+    peak += rows * (4 * cfg.dim + (cfg.n_heads + 2 * K) * D + 3 * cfg.ffn_dim) * 4  # the step's activations, at fp32
+    if _native_decode(cfg, dtype, quant, device, rows):
+        return peak
+    f32 = torch.device(device).type == "cpu" and dtype == torch.bfloat16 and _bf16_emulated()
+    return peak + rows * K * S * D * (3 * a + (8 if f32 else 0)) + rows * S * (4 + 2 * a)
+
+
 # ---- the plan ---------------------------------------------------------------------------------------------
 @dataclass
 class Plan:
-    """What loading `cfg` in `dtype` (quantized with `quant`) and serving `rows` x `max_len` positions will
-    take on `device`. `prefill`: tokens per prefill call (default: a whole `max_len` prompt at once);
-    `admission`: the serving engine's 1-row prompt cache; `available`: None measures it now."""
+    """What loading `cfg` in `dtype` (quantized with `quant`) and running it on `device` will take.
+    Default (generate / chat / fill): a contiguous KV cache of `rows` x `max_len` positions and prefills of
+    `prefill` tokens (default: a whole `max_len` prompt). `pool=True` (serve): `rows` streams of up to
+    `max_len` positions in the engine's paged KV pool, of `kv_memory` bytes (--kv-memory) or, by default,
+    what the budget leaves after everything else (at most every row at full context); `prefill`: the
+    most tokens one prefill call takes (the engine's chunk). `available`: None measures it now."""
 
     cfg: object
     dtype: torch.dtype
@@ -275,20 +349,21 @@ class Plan:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     prefill: int | None = None
     full_logits: bool = False
-    admission: bool = False
+    pool: bool = False
+    kv_memory: int | None = None  # serve: the pool's budget, --kv-memory; None: what is left
     available: int | None = None
-    kv_memory: int | None = None  # the --kv-memory budget the contiguous cache was sized from
     lines: list[tuple[str, int, str]] = field(init=False)
+    kv_blocks: int = field(init=False, default=0)  # serve: blocks of KV_BLOCK positions in the pool
 
     def __post_init__(self):
         self.device = torch.device(self.device)
         self.quant = quant_spec(self.quant) or getattr(self.cfg, "quant", None)
         self.max_len = self.max_len or self.cfg.max_seq_len
-        if self.rows < 1 or self.max_len < 1:
-            raise ValueError(f"max_batch={self.rows}, max_len={self.max_len}: both must be >= 1")
+        if self.rows < 1 or self.max_len < 1 or (self.prefill is not None and self.prefill < 1):
+            raise ValueError(f"max_batch={self.rows}, max_len={self.max_len}, prefill={self.prefill}: each must be >= 1")
         if self.available is None:
             self.available = available_bytes(self.device)
-        cfg, dt, q = self.cfg, self.dtype, self.quant
+        cfg, dt, q, S = self.cfg, self.dtype, self.quant, self.max_len
         what = f"{quant_name(q)}, {_dtype_name(dt)} float parts" if q else _dtype_name(dt)
         w = weight_bytes(cfg, dt, q)
         note = ", ".join(f"{k} {show(v)}" for k, v in w.items() if v)
@@ -297,20 +372,39 @@ class Plan:
             for name, n in kernel_copies_bytes(cfg, dt, q).items():
                 if n:
                     self.lines.append((name, n, "made by the CPU kernels"))
-        self.lines.append((f"KV cache ({self.rows} x {self.max_len} positions, {_dtype_name(dt)})",
-                           kv_cache_bytes(cfg, self.rows, self.max_len, dt),
-                           f"{show(kv_cache_bytes(cfg, 1, 1024, dt))} per 1K tokens"
-                           + (f", from --kv-memory {show(self.kv_memory)}" if self.kv_memory else "")))
-        if self.admission:
-            self.lines.append(("prompt KV (a prefill's own row)", kv_cache_bytes(cfg, 1, self.max_len, dt), ""))
-        T = min(self.prefill or self.max_len, self.max_len)
-        rows = 1 if self.admission else self.rows
-        self.lines.append((f"prefill workspace ({rows} x {T} tokens over {self.max_len})",
-                           prefill_bytes(cfg, dt, rows, T, self.max_len, self.device, q, self.full_logits), "estimate"))
+        T = min(self.prefill or S, S)
+        per_1k = f"{show(kv_cache_bytes(cfg, 1, 1024, dt))} per 1K tokens"
+        if not self.pool:
+            self.lines.append((f"KV cache ({self.rows} x {S} positions, {_dtype_name(dt)})",
+                               kv_cache_bytes(cfg, self.rows, S, dt), per_1k))
+            self.lines.append((f"prefill workspace ({self.rows} x {T} tokens over {S})",
+                               prefill_bytes(cfg, dt, self.rows, T, S, self.device, q, self.full_logits), "estimate"))
+            return
+        pre = prefill_bytes(cfg, dt, 1, T, S, self.device, q, self.full_logits, paged=True)
+        dec = decode_bytes(cfg, dt, self.rows, S, self.device, q)
+        if dec > pre:
+            self.lines.append((f"decode workspace ({self.rows} rows over {S:,})", dec,
+                               f"estimate; a prefill of {T:,} tokens: {show(pre)}"))
+        else:
+            self.lines.append((f"prefill workspace ({T:,} tokens over {S:,})", pre,
+                               f"estimate; a decode step of {self.rows} rows: {show(dec)}"))
+        full = self.rows * -(-S // KV_BLOCK)  # every row at full context: more would never be used
+        if self.kv_memory is not None:
+            self.kv_blocks = kv_pool_blocks(cfg, self.kv_memory, dt)
+        elif self.budget is None:
+            self.kv_blocks = full  # not measured here: the engine's own default
+        else:
+            self.kv_blocks = min(full, kv_pool_blocks(cfg, self.budget - self.total, dt))
+        n = self.kv_tokens
+        self.lines.append((f"KV pool ({_dtype_name(dt)}): {n:,} tokens in flight", self.kv_bytes,
+                           f"= {self.rows} streams x {n // self.rows:,}" + (f" (or {n // S} at the full {S:,})" if n >= S else "") + "; "
+                           f"context per request {self.context:,}; {per_1k}"
+                           + (f"; --kv-memory {show(self.kv_memory)}" if self.kv_memory is not None else "")))
 
     def __repr__(self) -> str:
+        kv = f", KV pool {self.kv_tokens} tokens" if self.pool else ""
         return (f"Plan({_dtype_name(self.dtype)}{', ' + quant_name(self.quant) if self.quant else ''}, {self.rows} x "
-                f"{self.max_len}, total {show(self.total)}, {'fits' if self.fits else 'does not fit'})")
+                f"{self.max_len}{kv}, total {show(self.total)}, {'fits' if self.fits else 'does not fit'})")
 
     @property
     def total(self) -> int:
@@ -320,9 +414,43 @@ class Plan:
     def budget(self) -> float | None:
         return None if self.available is None else self.available * HEADROOM
 
+    # ---- serve's pool ---------------------------------------------------------------------------------
+    @property
+    def kv_bytes(self) -> int:
+        """The KV pool's bytes, what the engine allocates for them: pass it as Engine(kv_memory=)."""
+        return kv_pool_bytes(self.cfg, self.kv_blocks, self.dtype) if self.pool else 0
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.kv_blocks * KV_BLOCK
+
+    @property
+    def context(self) -> int:
+        """The longest request (prompt and generated tokens): --max-len, or the whole pool when it holds less."""
+        return min(self.max_len, self.kv_tokens) if self.pool else self.max_len
+
+    @property
+    def min_len(self) -> int:
+        return min(SERVE_MIN_LEN, self.max_len)
+
+    @property
+    def need(self) -> int:
+        """The least this can start with: the total, with an automatic pool holding one request of `min_len`."""
+        if not self.pool or self.kv_memory is not None:
+            return self.total
+        return self.total - self.kv_bytes + kv_pool_bytes(self.cfg, -(-self.min_len // KV_BLOCK), self.dtype)
+
+    @property
+    def demand(self) -> int:
+        """The total with every row at full context (what dtype auto weighs: an automatic pool takes what is left)."""
+        if not self.pool:
+            return self.total
+        return self.total - self.kv_bytes + kv_pool_bytes(self.cfg, self.rows * -(-self.max_len // KV_BLOCK), self.dtype)
+
     @property
     def fits(self) -> bool:
-        return self.budget is None or self.total <= self.budget
+        room = self.budget is None or self.need <= self.budget
+        return room and (not self.pool or self.kv_tokens >= self.min_len)
 
     def with_(self, **changes) -> Plan:
         return replace(self, **changes)
@@ -337,9 +465,8 @@ class Plan:
 
     # ---- refusing with what would fit ------------------------------------------------------------------
     def largest_max_len(self) -> int:
-        """The largest max_len up to this one that fits at these rows (a multiple of MIN_LEN when at least
-        that), or 0 when none does."""
-        fits = lambda n: self.with_(max_len=n, kv_memory=None).fits
+        """The largest max_len up to this one that fits (a multiple of MIN_LEN when at least that), or 0."""
+        fits = lambda n: self.with_(max_len=n).fits
         if not fits(1):
             return 0
         lo, hi = 1, self.max_len + 1  # fits(lo), not fits(hi): the plan grows with max_len
@@ -352,7 +479,7 @@ class Plan:
         lo, hi = 0, self.rows
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if self.with_(rows=mid, kv_memory=None).fits else (lo, mid)
+            lo, hi = (mid, hi) if self.with_(rows=mid).fits else (lo, mid)
         return lo
 
     def suggestions(self, flags=SERVE_FLAGS, limit: int = 4) -> list[tuple[str, Plan]]:
@@ -371,21 +498,39 @@ class Plan:
             if p.fits:
                 found.append((text, p))
                 continue
-            n = p.largest_max_len() if {"max_len", "kv_memory"} & set(flags) else 0
+            if p.pool and p.kv_memory is not None and "kv_memory" in flags:  # the given pool, shrunk to what is left
+                left = p.with_(kv_memory=None)
+                if left.fits:
+                    size = size_flag(left.kv_bytes)
+                    found.append(((text + f" --kv-memory {size}").strip(), p.with_(kv_memory=parse_size(size))))
+                    continue
+            T = min(p.prefill or p.max_len, p.max_len)
+            if p.pool and "prefill_chunk" in flags and not p.cfg.prefix_lm and T > PREFILL_CHUNK:
+                q = p.with_(prefill=PREFILL_CHUNK)  # a causal prompt prefilled in chunks: the workspace of one
+                if q.fits:
+                    found.append(((text + f" --prefill-chunk {PREFILL_CHUNK}").strip(), q))
+                    continue
+            n = p.largest_max_len() if "max_len" in flags else 0
             if n >= min(MIN_LEN, self.max_len) and n > best_len:
                 best_len = n
-                if "max_len" in flags:
-                    found.append(((text + f" --max-len {n}").strip(), p.with_(max_len=n)))
-                if "kv_memory" in flags:
-                    size = size_flag(kv_cache_bytes(self.cfg, p.rows, n, p.dtype))
-                    q = p.with_(max_len=kv_fit(self.cfg, p.dtype, parse_size(size), batch=p.rows), kv_memory=parse_size(size))
-                    if q.max_len >= 1:
-                        found.append(((text + f" --kv-memory {size}").strip(), q))
+                found.append(((text + f" --max-len {n}").strip(), p.with_(max_len=n)))
             b = p.largest_rows() if "max_batch" in flags and self.rows > 1 else 0
             if b > best_rows:
                 best_rows = b
                 found.append(((text + f" --max-batch {b}").strip(), p.with_(rows=b)))
         return [(t, p) for t, p in found if t and p.fits][:limit]
+
+    def shortfall(self) -> str:
+        """Why this does not fit, in one sentence (empty when it does)."""
+        if self.fits:
+            return ""
+        if self.budget is not None and self.need > self.budget:
+            pool = (f" (with a KV pool for one request of {self.min_len:,} tokens)"
+                    if self.pool and self.kv_memory is None else "")
+            return (f"this needs {show(self.need)}{pool}, and this process can use {show(self.budget)} "
+                    f"({int(HEADROOM * 100)}% of the {show(self.available)} available on {self.device})")
+        return (f"--kv-memory {show(self.kv_memory)} holds {self.kv_tokens:,} tokens, fewer than one request of "
+                f"{self.min_len:,} (--max-len, or {SERVE_MIN_LEN} at most)")
 
     def check(self, who: str = "glmkit", flags=SERVE_FLAGS) -> None:
         """MemoryError, before anything is allocated, when the plan does not fit: the lines, and the flags that would."""
@@ -393,9 +538,7 @@ class Plan:
             return
         tips = self.suggestions(flags)
         fix = "; or ".join(t for t, _ in tips) if tips else "a machine with more memory"
-        raise MemoryError(f"{who}: this needs {show(self.total)}, and this process can use {show(self.budget)} "
-                          f"({int(HEADROOM * 100)}% of the {show(self.available)} available on {self.device}):\n"
-                          f"{self.table()}\nTry {fix}.")
+        raise MemoryError(f"{who}: {self.shortfall()}:\n{self.table()}\nTry {fix}.")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -408,15 +551,16 @@ def auto_dtype(plan: Plan, stored: torch.dtype | None) -> tuple[torch.dtype, str
     Off CPU: the device policy (`devices.resolve_dtype`). On CPU fp32 (the fastest on CPUs without bf16
     instructions, and exact), unless the weights are stored in 16 bits and the fp32 plan would take more
     than COMFORT of the available memory: then bf16, the checkpoint's own precision (fp16 is rounded to bf16:
-    fp16 matmuls on CPU are far slower)."""
+    fp16 matmuls on CPU are far slower). A serve plan is weighed with every row at full context
+    (`Plan.demand`): its pool would otherwise take whatever is left, in either dtype."""
     from .devices import resolve_dtype
 
     if plan.device.type != "cpu":
         return resolve_dtype("auto", plan.device), ""
-    fp32 = plan.with_(dtype=torch.float32)
-    if plan.available is None or stored == torch.float32 or fp32.total <= COMFORT * plan.available:
-        return torch.float32, f"dtype auto: fp32 (needs {show(fp32.total)} of {show(plan.available or 0)} available)"
-    return torch.bfloat16, (f"dtype auto: bf16, because fp32 needs {show(fp32.total)} of {show(plan.available)} available"
+    fp32 = plan.with_(dtype=torch.float32).demand
+    if plan.available is None or stored == torch.float32 or fp32 <= COMFORT * plan.available:
+        return torch.float32, f"dtype auto: fp32 (needs {show(fp32)} of {show(plan.available or 0)} available)"
+    return torch.bfloat16, (f"dtype auto: bf16, because fp32 needs {show(fp32)} of {show(plan.available)} available"
                             + (" (the checkpoint's fp16 rounded to bf16)" if stored == torch.float16 else ""))
 
 

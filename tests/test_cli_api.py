@@ -46,12 +46,20 @@ def test_info_prints_the_memory_plan_for_this_machine(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "fp32 35.02 GiB, bf16 17.51 GiB, int8 9.34 GiB, int4 5.76 GiB" in out, out
     assert "40.0 MiB per 1K tokens in bf16" in out, out
-    assert "dtype auto: bf16, because fp32 needs" in out and "--max-len auto: " in out and "fits as it is" in out, out
+    assert "dtype auto: bf16, because fp32 needs" in out and "fits: context per request 8,192 tokens, " in out, out
+    assert "prefill workspace (512 tokens over 8,192)" in out and "KV pool (bf16): " in out, out
     assert "22.00 GiB available here, 90% of it usable: fits" in out, out
+    assert "memory plan for `glmkit generate / chat` (4,096 tokens of context)" in out, out
     monkeypatch.setattr(glmkit.plan, "available_bytes", lambda device: 12 << 30)
     assert main(["info", "glm-4-9b", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "does not fit" in out and "fits with: --quantize int8 --max-len " in out, out
+    assert "does not fit: this needs" in out and "fits with: --quantize int8; --quantize int4" in out, out
+    assert main(["info", "glm-4-9b", "--device", "cpu", "--quantize", "int4", "--max-len", "131072"]) == 0
+    out = capsys.readouterr().out  # serve's flags: on 12 GiB int4 holds ~98K tokens, less than one 128K request
+    assert "--max-len 131,072" in out and "context per request: " in out and "what the KV pool holds" in out, out
+    monkeypatch.setattr(glmkit.plan, "available_bytes", lambda device: 24 << 30)
+    assert main(["info", "glm-4-9b", "--device", "cpu", "--quantize", "int4", "--max-len", "131072"]) == 0
+    assert "fits: context per request 131,072 tokens" in capsys.readouterr().out
     assert main(["info", "--device", "cpu"]) == 0  # the embedded model: fp32
     assert "dtype auto: fp32 (needs" in capsys.readouterr().out
 

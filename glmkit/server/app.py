@@ -176,16 +176,16 @@ def main(argv=None) -> int:
     p.add_argument("--no-auth", action="store_true", help="no API keys (local use only); requests are still metered")
     p.add_argument("--keys-db", default=None, help=f"keys database, also the ledger by default (default: {default_db_path()})")
     p.add_argument("--ledger", default=None, help="usage ledger database (default: the keys database)")
-    p.add_argument("--max-batch", type=int, default=None, help="rows decoded together (default 8, or what --kv-memory holds)")
+    p.add_argument("--max-batch", type=int, default=None, help="streams decoded together (default 8)")
     p.add_argument("--max-waiting", type=int, default=64, help="queued requests before answering 503")
     p.add_argument("--max-waiting-per-key", type=int, default=None,
                    help="queued requests one key may have (default: a quarter of --max-waiting); over it, 429")
     p.add_argument("--prefill-chunk", type=int, default=512,
                    help="prompt tokens prefilled per step between the other streams' tokens (0: whole prompts)")
     p.add_argument("--max-len", type=int, default=None,
-                   help="context per row (default: the model's, or what --kv-memory or this machine's memory holds)")
-    p.add_argument("--kv-memory", default=None, help="KV cache budget, e.g. 2GiB or 512MiB: sets --max-len (or "
-                   "--max-batch) to what it holds; refuses a --max-len x --max-batch it cannot hold")
+                   help="context per request (default: the model's; less only when the KV pool holds less)")
+    p.add_argument("--kv-memory", default=None, help="the paged KV pool's size, e.g. 2GiB or 512MiB (default: what this "
+                   "machine's memory holds after the weights and workspace, at most every stream at full context)")
     p.add_argument("--default-max-tokens", type=int, default=1024,
                    help="tokens a chat or /infill request may generate when it names no limit (within the context)")
     p.add_argument("--max-body-mb", type=float, default=MAX_BODY_BYTES / (1 << 20), help="largest request body (413 above)")
@@ -225,8 +225,8 @@ def main(argv=None) -> int:
         raise ValueError("the admin token must be at least 16 characters (e.g. `python -c 'import secrets; "
                          "print(secrets.token_urlsafe(32))'`)")
     name = a.model_name or (Path(a.model).name if a.model else "glmkit-default")
-    try:  # the memory plan (weights, KV cache, workspace) is checked before loading; the engine checks its cache
-        model, tok = load_for_cli(a, "serve")  # sets a.max_len, a.max_batch to what the plan settled
+    try:  # the memory plan (weights, workspace, KV pool) is checked before loading; the engine checks its pool
+        model, tok = load_for_cli(a, "serve")  # sets a.max_len, a.max_batch, a.kv_memory to what the plan settled
         app = create_app(model, tok, name, maas, a.max_batch, a.max_waiting, a.max_len, a.default_max_tokens, admin_token,
                          int(a.max_body_mb * (1 << 20)), a.body_timeout, a.max_waiting_per_key,
                          parse_size(a.kv_memory) if a.kv_memory else None, a.prefill_chunk or None)
