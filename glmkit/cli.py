@@ -107,7 +107,8 @@ def describe(cfg, source: str, plan=None, why: str = "") -> str:
         lines.append("  weights:    " + ", ".join(f"{k} {show(b)}" for k, b in sizes)
                      + " (int8 / int4: bf16 scales, embeddings and norms; int4 in groups of 64)")
     kv1k = kv_cache_bytes(cfg, 1, 1024, torch.bfloat16)
-    lines.append(f"  KV cache:   {show(kv1k)} per 1K tokens in bf16, {show(2 * kv1k)} in fp32 "
+    lines.append(f"  KV cache:   {show(kv1k)} per 1K tokens in bf16, {show(2 * kv1k)} in fp32, "
+                 f"{show(kv_cache_bytes(cfg, 1, 1024, torch.int8))} in int8 (serve --kv-dtype int8) "
                  f"({show(kv_cache_bytes(cfg, 1, cfg.max_seq_len, torch.bfloat16))} per row at {cfg.max_seq_len} tokens in bf16)")
     if plan is not None:
         lines.append(f"  memory plan for `glmkit serve` here (--max-batch {plan.rows} --max-len {plan.max_len}):")
@@ -183,8 +184,10 @@ def memory_plan(a, command: str, cfg, stored, device):
     serve = command == "serve"
     rows, max_len = getattr(a, "max_batch", None), getattr(a, "max_len", None)
     kv_memory = parse_size(a.kv_memory) if getattr(a, "kv_memory", None) else None
+    kv_dtype = kv_dtype_arg(getattr(a, "kv_dtype", None)) if serve else None
     if serve:
-        plan = Plan(cfg, torch.float32, rows or SERVE_ROWS, max_len or cfg.max_seq_len, quant, device, admission=True)
+        plan = Plan(cfg, torch.float32, rows or SERVE_ROWS, max_len or cfg.max_seq_len, quant, device, admission=True,
+                    kv_dtype=kv_dtype)
     else:
         plan = Plan(cfg, torch.float32, max(1, getattr(a, "num_beams", 1)), min(cfg.max_seq_len, CLI_CONTEXT), quant, device)
     why = ""
@@ -196,16 +199,17 @@ def memory_plan(a, command: str, cfg, stored, device):
     if not serve:
         return plan, why
     if kv_memory is not None:
+        kv = kv_dtype or dtype
         if max_len is None:
-            max_len = min(cfg.max_seq_len, kv_fit(cfg, dtype, kv_memory, batch=plan.rows))
+            max_len = min(cfg.max_seq_len, kv_fit(cfg, kv, kv_memory, batch=plan.rows))
         elif rows is None:
-            rows = min(SERVE_ROWS, kv_fit(cfg, dtype, kv_memory, max_len=max_len))
+            rows = min(SERVE_ROWS, kv_fit(cfg, kv, kv_memory, max_len=max_len))
         rows = rows or plan.rows
-        if max_len < 1 or rows < 1 or kv_cache_bytes(cfg, rows, max_len, dtype) > kv_memory:
-            fit_len, fit_rows = kv_fit(cfg, dtype, kv_memory, batch=rows), kv_fit(cfg, dtype, kv_memory, max_len=max_len)
+        if max_len < 1 or rows < 1 or kv_cache_bytes(cfg, rows, max_len, kv) > kv_memory:
+            fit_len, fit_rows = kv_fit(cfg, kv, kv_memory, batch=rows), kv_fit(cfg, kv, kv_memory, max_len=max_len)
             raise ValueError(f"--kv-memory {a.kv_memory} holds {fit_len} positions per row at --max-batch {rows}, "
                              f"or {fit_rows} rows at --max-len {max_len}; it cannot hold {rows} x {max_len} "
-                             f"({show(kv_cache_bytes(cfg, rows, max_len, dtype))})")
+                             f"({show(kv_cache_bytes(cfg, rows, max_len, kv))})")
         plan = plan.with_(rows=rows, max_len=max_len, kv_memory=kv_memory)
     elif max_len is None and not plan.fits:
         n = plan.largest_max_len()
@@ -239,6 +243,23 @@ def add_sampling_args(p, temperature: float = 1.0, max_new_tokens: int = 128):
         g.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(d, name), help=note or None)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile")
+
+
+def add_kv_dtype_arg(p):
+    p.add_argument("--kv-dtype", choices=["auto", "int8"], default="auto",
+                   help="the KV cache's dtype: auto (the model's) or int8 (half of bf16's memory per token, one fp32 scale "
+                        "per key and value vector; logits within int8 rounding of auto's)")
+
+
+def kv_dtype_arg(name: str | None):
+    """--kv-dtype auto | int8 -> the engine's kv_dtype: None (the model's) or torch.int8."""
+    import torch
+
+    if name in (None, "auto"):
+        return None
+    if name == "int8":
+        return torch.int8
+    raise ValueError(f"--kv-dtype {name}: choose auto or int8")
 
 
 def add_quantize_arg(p):

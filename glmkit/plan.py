@@ -205,17 +205,22 @@ def kernel_copies_bytes(cfg, dtype: torch.dtype, quant: dict | None = None, pref
 
 # ---- KV cache -------------------------------------------------------------------------------------------------
 def _kv_per_position(cfg, dtype: torch.dtype) -> int:
-    """Bytes one row adds per position: keys and values of every layer, and its valid flag."""
-    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * _size(dtype) + 1
+    """Bytes one row adds per position: keys and values of every layer, and its valid flag. `dtype` is the
+    KV cache's: the model's, or torch.int8 (serve --kv-dtype int8), which adds an fp32 scale per key and
+    value vector (model.BlockPool)."""
+    vectors = 2 * cfg.n_layers * cfg.n_kv_heads
+    return vectors * cfg.head_dim * _size(dtype) + (vectors * 4 if dtype == torch.int8 else 0) + 1
 
 
 def kv_cache_bytes(cfg, batch: int, max_len: int, dtype: torch.dtype) -> int:
-    """What `GLM.new_cache(batch, max_len)` allocates: k and v (L, B, K, S, D), valid (B, S) bool, sep (B,) long."""
+    """What `GLM.new_cache(batch, max_len)` allocates: k and v (L, B, K, S, D), valid (B, S) bool, sep (B,) long;
+    with `dtype` torch.int8, the int8 pool's keys, values and their scales for as many positions."""
     return batch * max_len * _kv_per_position(cfg, dtype) + 8 * batch
 
 
 def kv_fit(cfg, dtype: torch.dtype, budget: float, batch: int | None = None, max_len: int | None = None) -> int:
-    """The largest max_len (given `batch`) or batch (given `max_len`) whose KV cache fits `budget` bytes."""
+    """The largest max_len (given `batch`) or batch (given `max_len`) whose KV cache in `dtype` (the KV
+    cache's: the model's, or torch.int8) fits `budget` bytes."""
     per = _kv_per_position(cfg, dtype)
     if max_len is None:
         return max(0, int((budget - 8 * batch) // (batch * per)))
@@ -278,6 +283,7 @@ class Plan:
     admission: bool = False
     available: int | None = None
     kv_memory: int | None = None  # the --kv-memory budget the contiguous cache was sized from
+    kv_dtype: torch.dtype | None = None  # the KV cache's dtype when not the model's: torch.int8 (serve --kv-dtype int8)
     lines: list[tuple[str, int, str]] = field(init=False)
 
     def __post_init__(self):
@@ -297,12 +303,13 @@ class Plan:
             for name, n in kernel_copies_bytes(cfg, dt, q).items():
                 if n:
                     self.lines.append((name, n, "made by the CPU kernels"))
-        self.lines.append((f"KV cache ({self.rows} x {self.max_len} positions, {_dtype_name(dt)})",
-                           kv_cache_bytes(cfg, self.rows, self.max_len, dt),
-                           f"{show(kv_cache_bytes(cfg, 1, 1024, dt))} per 1K tokens"
+        kv = self.kv_dtype or dt
+        self.lines.append((f"KV cache ({self.rows} x {self.max_len} positions, {_dtype_name(kv)})",
+                           kv_cache_bytes(cfg, self.rows, self.max_len, kv),
+                           f"{show(kv_cache_bytes(cfg, 1, 1024, kv))} per 1K tokens"
                            + (f", from --kv-memory {show(self.kv_memory)}" if self.kv_memory else "")))
         if self.admission:
-            self.lines.append(("prompt KV (a prefill's own row)", kv_cache_bytes(cfg, 1, self.max_len, dt), ""))
+            self.lines.append(("prompt KV (a prefill's own row)", kv_cache_bytes(cfg, 1, self.max_len, kv), ""))
         T = min(self.prefill or self.max_len, self.max_len)
         rows = 1 if self.admission else self.rows
         self.lines.append((f"prefill workspace ({rows} x {T} tokens over {self.max_len})",
@@ -377,8 +384,9 @@ class Plan:
                 if "max_len" in flags:
                     found.append(((text + f" --max-len {n}").strip(), p.with_(max_len=n)))
                 if "kv_memory" in flags:
-                    size = size_flag(kv_cache_bytes(self.cfg, p.rows, n, p.dtype))
-                    q = p.with_(max_len=kv_fit(self.cfg, p.dtype, parse_size(size), batch=p.rows), kv_memory=parse_size(size))
+                    kv = p.kv_dtype or p.dtype
+                    size = size_flag(kv_cache_bytes(self.cfg, p.rows, n, kv))
+                    q = p.with_(max_len=kv_fit(self.cfg, kv, parse_size(size), batch=p.rows), kv_memory=parse_size(size))
                     if q.max_len >= 1:
                         found.append(((text + f" --kv-memory {size}").strip(), q))
             b = p.largest_rows() if "max_batch" in flags and self.rows > 1 else 0
@@ -399,7 +407,7 @@ class Plan:
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "int8"}.get(dtype, str(dtype))
 
 
 # ---- dtype auto ----------------------------------------------------------------------------------------------
