@@ -108,8 +108,8 @@ def describe(cfg, source: str, plan=None, why: str = "") -> str:
                      + " (int8 / int4: bf16 scales, embeddings and norms; int4 in groups of 64)")
     kv1k = kv_cache_bytes(cfg, 1, 1024, torch.bfloat16)
     lines.append(f"  KV cache:   {show(kv1k)} per 1K tokens in bf16, {show(2 * kv1k)} in fp32, "
-                 f"{show(kv_cache_bytes(cfg, 1, 1024, torch.int8))} in int8 (serve --kv-dtype int8) "
-                 f"({show(kv_cache_bytes(cfg, 1, cfg.max_seq_len, torch.bfloat16))} per row at {cfg.max_seq_len} tokens in bf16)")
+                 f"{show(kv_cache_bytes(cfg, 1, 1024, torch.int8))} in int8 (serve --kv-dtype int8); "
+                 f"{show(kv_cache_bytes(cfg, 1, cfg.max_seq_len, torch.bfloat16))} per row at {cfg.max_seq_len} tokens in bf16")
     if plan is not None:
         lines.append(f"  memory plan for `glmkit serve` here (--max-batch {plan.rows} --max-len {plan.max_len}):")
         lines += [f"    {w}" for w in why.split("; ") if w]

@@ -5,8 +5,8 @@ writes, attention, residuals: ~25 operator calls per layer, each mostly dispatch
 a few-row CPU decode step of a supported model through `decode_step` here. The plan is the C view of
 a model's weights, built from its blocks (`layers`) and linears (`kernels`, `quantize`); this module
 does not know the model class: `GLM.step` calls it only for a GLM itself and its own caches (KVCache,
-or PagedKVCache, whose block table the kernel reads, in fp32, bf16 or int8 with its scales). The library is built and loaded by `kernels`;
-the structs mirror decode.cpp's.
+or PagedKVCache, whose block table the kernel reads; fp32, bf16, or an int8 pool with its scales).
+The library is built and loaded by `kernels`; the structs mirror decode.cpp's.
 """
 
 from __future__ import annotations
