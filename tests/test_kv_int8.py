@@ -24,9 +24,7 @@ from tests.test_engine import glm_request, model_of
 from tests.test_kernels import eager_step, fused_model, scaled
 from tests.test_paged import pool_is_clean, steps
 
-# int8 rounding moves a key by at most 1/254 of its largest entry: these random models' logits (|x| up
-# to ~10) move by ~1e-2 after a dozen positions; 0.1 leaves room, a wrong scale or layout moves them by 1+
-INT8_LOGITS_TOL = 0.1
+INT8_LOGITS_REL = 0.05  # of the largest logit: what int8 keys may move the test models' logits by (see below)
 
 
 def test_quantize_kv_roundtrip():
@@ -41,32 +39,56 @@ def test_quantize_kv_roundtrip():
     assert (err <= s[..., None] / 2 * (1 + 1e-5)).all(), f"error {(err / s[..., None].clamp_min(1e-30)).max():.3f} steps"
 
 
-@pytest.mark.parametrize("position", ["rope_partial", "rope_2d"])  # causal GLM-4-style; GLM with a Part A
-@pytest.mark.parametrize("grad", [False, True])  # no_grad: decode steps take the native step; grad: eager
-def test_int8_cache_logits_close_to_the_model_dtype_cache(position, grad):
-    model = model_of(position)
+class FakeQuantPool(BlockPool):
+    """An fp32 pool that stores what an int8 pool reads back: each key and value rounded through
+    quantize_kv. The eager path on it computes exactly what it does on an int8 pool."""
+
+    def write(self, index, k, v):
+        super().write(index, *((q.float() * s[..., None]) for q, s in (quantize_kv(k), quantize_kv(v))))
+
+
+def run_rows(model, pool, position, grad):
+    """Prefill 3 left-padded rows (a Part A each for rope_2d), then 6 decode steps at their own lengths."""
     torch.manual_seed(1)
     B, T = 3, 11
     ids = torch.randint(0, 500, (B, T))
     mask = torch.ones(B, T, dtype=torch.long)
-    mask[0, :3] = mask[2, :6] = 0  # left padding
+    mask[0, :3] = mask[2, :6] = 0
     sep = torch.tensor([7, 3, 9]) if position == "rope_2d" else None
-    pools = {dt: BlockPool.for_model(model, 40, 4, dt) for dt in (None, torch.int8)}
-    assert pools[torch.int8].dtype == torch.int8 and pools[None].dtype == torch.float32
-    out = {}
+    cache = PagedKVCache(pool, B, 48)
     with torch.set_grad_enabled(grad):
-        for dt, pool in pools.items():
-            cache = PagedKVCache(pool, B, 48)
-            a = model.prefill(ids, cache, sep=sep, attention_mask=mask)
-            b = steps(model, cache, [T + 0, T + 3, T + 6], 6, torch.Generator().manual_seed(5))  # rows at own lengths
-            out[dt] = (a, b)
-            cache.release(range(B))
-            pool_is_clean(pool)
-    for i, what in enumerate(("prefill", "decode steps")):
-        got, want = out[torch.int8][i], out[None][i]
-        d = assert_close(got, want, INT8_LOGITS_TOL, f"{position} {what}: int8 KV vs fp32 KV")
-        print(f"{position} grad={grad} {what}: int8 vs fp32 KV max |logit diff| {d:.3g} (tolerance {INT8_LOGITS_TOL})")
-        assert_differs(got, want, 1e-5, f"{position} {what}: int8 KV must not equal fp32 KV")
+        a = model.prefill(ids, cache, sep=sep, attention_mask=mask)
+        b = steps(model, cache, [T, T + 3, T + 6], 6, torch.Generator().manual_seed(5))
+    cache.release(range(B))
+    pool_is_clean(pool)
+    return a.detach(), b.detach()
+
+
+@pytest.mark.parametrize("position", ["rope_partial", "rope_2d"])  # causal GLM-4-style; GLM with a Part A
+def test_int8_cache_is_exactly_the_dequantized_keys(position):
+    """The eager path (grad on) on an int8 pool equals it on an fp32 pool holding the dequantized keys."""
+    model = model_of(position)
+    pool = BlockPool.for_model(model, 40, 4, torch.int8)
+    assert pool.dtype == torch.int8 and pool.k_scale.shape == pool.k.shape[:-1]
+    got, want = run_rows(model, pool, position, True), run_rows(model, FakeQuantPool.for_model(model, 40, 4), position, True)
+    for g, w, what in zip(got, want, ("prefill", "decode steps")):
+        assert_close(g, w, 1e-5, f"{position} {what}: int8 pool vs fp32 pool of dequantized keys")
+
+
+@pytest.mark.parametrize("position", ["rope_partial", "rope_2d"])
+@pytest.mark.parametrize("grad", [False, True])  # no_grad: decode steps take the native step; grad: eager
+def test_int8_cache_logits_close_to_the_model_dtype_cache(position, grad):
+    """int8 keys move these random models' logits (|x| up to ~7, init_std 0.2: every error grows through
+    the layers) by up to ~2.7% of the largest (measured); a wrong scale, or int7-sized steps, would not
+    stay under INT8_LOGITS_REL, and the logits must move at all (the keys really are int8)."""
+    model = model_of(position)
+    got = run_rows(model, BlockPool.for_model(model, 40, 4, torch.int8), position, grad)
+    want = run_rows(model, BlockPool.for_model(model, 40, 4), position, grad)
+    for g, w, what in zip(got, want, ("prefill", "decode steps")):
+        tol = INT8_LOGITS_REL * w.abs().max().item()
+        d = assert_close(g, w, tol, f"{position} {what}: int8 KV vs fp32 KV")
+        print(f"{position} grad={grad} {what}: int8 vs fp32 KV max |logit diff| {d:.3g}, tolerance {tol:.3g}")
+        assert_differs(g, w, 1e-3, f"{position} {what}: int8 KV must not equal fp32 KV")
 
 
 @pytest.mark.skipif(not kernels.available(), reason="native kernels unavailable")
@@ -143,7 +165,7 @@ def test_shared_int8_blocks_copy_on_write_with_their_scales(position):
                 assert torch.equal(q[:, b, :, : hi - lo], want_q) and torch.equal(s[:, b, :, : hi - lo], want_s), j
         at, tok = torch.tensor([[T]]), torch.tensor([[7]])
         assert_close(model.step(tok, at, copied, at, extent=T + 1), model.step(tok, at, ref, at, extent=T + 1),
-                     INT8_LOGITS_TOL, "a step after copying a contiguous cache into the int8 pool vs on the contiguous cache")
+                     0.5, "a step after copying a contiguous cache into the int8 pool vs on the contiguous cache")
         copied.release(0)
     pool_is_clean(pool)
 
