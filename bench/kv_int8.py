@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/kv_int8.py                       # quality (embedded model) + speed (glm-4-9b, 2 layers)
     .venv/bin/python bench/kv_int8.py --model /tmp/bm2      # speed on a checkpoint instead of random weights
+    .venv/bin/python bench/kv_int8.py --attention-only      # glm-4-9b's attention, tiny weights: the step is attention
     .venv/bin/python bench/kv_int8.py --contexts 1024 --batches 1 --steps 2 --repeats 1   # smoke run
 
 Quality, on the embedded default model in bf16 (`glmkit.load()`; it is tiny, 6 layers of 256 with
@@ -19,7 +20,10 @@ are random (copied in from a contiguous cache, quantized on the way for int8): t
 depend on their values. Every step rewrites the same slot, so the context stays fixed. Timed
 alternately (bf16, int8, bf16, int8, ...): --repeats rounds of --steps steps each, the best round
 kept; tok/s = batch x steps / time. The growth of a step from the smallest context is what attention
-over the extra keys costs. On a shared machine compare the ratios, not the absolute figures.
+over the extra keys costs. --attention-only keeps glm-4-9b's attention (32 query heads on 2 KV heads of
+128) and shrinks everything else (dim 256, FFN 256, vocabulary 1024), so the step is its attention and
+the KV read shows through the noise of a shared machine. Compare the ratios, not the absolute figures.
+Run from the repository root with it on the path (PYTHONPATH=.) to measure this checkout's glmkit.
 """
 
 from __future__ import annotations
@@ -115,6 +119,8 @@ def speed_model(a) -> GLM:
     if a.model:
         return glmkit.load(a.model, dtype=torch.bfloat16).eval()
     cfg = dataclasses.replace(get_preset("glm-4-9b"), n_layers=a.layers)
+    if a.attention_only:
+        cfg = dataclasses.replace(cfg, dim=256, ffn_dim=256, vocab_size=1024)
     with torch.device("meta"):
         model = GLM(cfg)
     model = model.to_empty(device="cpu").to(torch.bfloat16)  # no fp32 copy of 2.5 GB of embeddings and head
@@ -129,7 +135,8 @@ def speed(a):
     if plan is None:
         raise SystemExit("the native decode step does not take this model: nothing to measure")
     top = max(a.contexts)
-    print(f"\nspeed: {a.model or f'glm-4-9b preset, {cfg.n_layers} layers, random bf16 weights'}; native decode step, "
+    what = a.model or f"glm-4-9b preset, {cfg.n_layers} layers{', attention only' if a.attention_only else ''}, random bf16 weights"
+    print(f"\nspeed: {what}; native decode step, "
           f"{torch.get_num_threads()} thread(s), best of {a.repeats} rounds of {a.steps} steps, bf16 and int8 KV alternately")
     print("| batch | context | bf16 KV tok/s | int8 KV tok/s | int8 / bf16 | step growth from "
           f"{min(a.contexts)} bf16 / int8 (ms) | KV bytes per position bf16 / int8 |")
@@ -171,6 +178,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="checkpoint for the speed part (default: the glm-4-9b preset, random)")
     p.add_argument("--layers", type=int, default=2, help="layers of the glm-4-9b preset (default 2)")
+    p.add_argument("--attention-only", action="store_true", help="glm-4-9b's attention with tiny weights (see above)")
     p.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 8192])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     p.add_argument("--steps", type=int, default=5)
