@@ -252,3 +252,13 @@ def test_kv_dtype_int8_doubles_what_kv_memory_holds(monkeypatch, capsys):
     assert "in int8 (serve --kv-dtype int8)" in describe(cfg, "preset glm-4-9b")
     with pytest.raises(ValueError, match="choose auto or int8"):
         kv_dtype_arg("int4")
+
+
+def test_serve_passes_kv_dtype_to_the_engine(tok):
+    """create_app (what `glmkit serve --kv-dtype int8` calls) builds its engine on an int8 pool."""
+    from glmkit.server.app import create_app
+
+    model = model_of("rope_partial")
+    app = create_app(model, tok, "tiny", max_batch=2, max_len=64, kv_dtype=kv_dtype_arg("int8"))
+    assert app.state.server.engine.pool.dtype == torch.int8
+    assert create_app(model, tok, "tiny", max_batch=2, max_len=64).state.server.engine.pool.dtype == torch.float32
