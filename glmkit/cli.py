@@ -107,8 +107,9 @@ def describe(cfg, source: str, plan=None, why: str = "") -> str:
         lines.append("  weights:    " + ", ".join(f"{k} {show(b)}" for k, b in sizes)
                      + " (int8 / int4: bf16 scales, embeddings and norms; int4 in groups of 64)")
     kv1k = kv_cache_bytes(cfg, 1, 1024, torch.bfloat16)
-    lines.append(f"  KV cache:   {show(kv1k)} per 1K tokens in bf16, {show(2 * kv1k)} in fp32 "
-                 f"({show(kv_cache_bytes(cfg, 1, cfg.max_seq_len, torch.bfloat16))} per row at {cfg.max_seq_len} tokens in bf16)")
+    lines.append(f"  KV cache:   {show(kv1k)} per 1K tokens in bf16, {show(2 * kv1k)} in fp32, "
+                 f"{show(kv_cache_bytes(cfg, 1, 1024, torch.int8))} in int8 (serve --kv-dtype int8); "
+                 f"{show(kv_cache_bytes(cfg, 1, cfg.max_seq_len, torch.bfloat16))} per row at {cfg.max_seq_len} tokens in bf16")
     if plan is not None:
         T = plan.prefill or plan.max_len
         chunk = (f"prefill chunks of {T:,} tokens" if T < plan.max_len else
@@ -209,7 +210,8 @@ def memory_plan(a, command: str, cfg, stored, device):
         kv_memory = parse_size(a.kv_memory) if getattr(a, "kv_memory", None) else None
         chunk = serve_prefill(cfg, max_len, getattr(a, "prefill_chunk", None))  # None: as auto, the default's bound
         plan = Plan(cfg, torch.float32, getattr(a, "max_batch", None) or SERVE_ROWS, max_len, quant, device,
-                    prefill=chunk, pool=True, kv_memory=kv_memory)
+                    prefill=chunk, pool=True, kv_memory=kv_memory,
+                    kv_dtype=kv_dtype_arg(getattr(a, "kv_dtype", None)))
     else:
         plan = Plan(cfg, torch.float32, max(1, getattr(a, "num_beams", 1)), min(cfg.max_seq_len, CLI_CONTEXT), quant, device)
     why = ""
@@ -248,6 +250,23 @@ def add_sampling_args(p, temperature: float = 1.0, max_new_tokens: int = 128):
         g.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(d, name), help=note or None)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile")
+
+
+def add_kv_dtype_arg(p):
+    p.add_argument("--kv-dtype", choices=["auto", "int8"], default="auto",
+                   help="the KV cache's dtype: auto (the model's) or int8 (half of bf16's memory per token, one fp32 scale "
+                        "per key and value vector; logits within int8 rounding of auto's)")
+
+
+def kv_dtype_arg(name: str | None):
+    """--kv-dtype auto | int8 -> the engine's kv_dtype: None (the model's) or torch.int8."""
+    import torch
+
+    if name in (None, "auto"):
+        return None
+    if name == "int8":
+        return torch.int8
+    raise ValueError(f"--kv-dtype {name}: choose auto or int8")
 
 
 def add_quantize_arg(p):

@@ -129,22 +129,26 @@ class _Row:
 class Engine:
     def __init__(self, model, max_batch: int = 8, max_len: int | None = None, max_waiting: int = 64,
                  prompt_cache_entries: int = 8, prompt_cache_scopes: int = 64, kv_memory: int | None = None,
-                 kv_blocks: int | None = None, block_size: int = 16, prefill_chunk: int | None = None):
+                 kv_blocks: int | None = None, block_size: int = 16, prefill_chunk: int | None = None,
+                 kv_dtype: torch.dtype | None = None):
         self.model = model.eval()
         cfg = model.cfg
         self.causal = not cfg.prefix_lm  # GLM-4: no bidirectional prefix, any prefix reusable
         self.max_len = max_len or cfg.max_seq_len
         p = model.embed.weight
+        kv = p.dtype if kv_dtype is None else kv_dtype  # the pool's dtype: the model's, or int8 (model.BlockPool)
+        if kv not in (p.dtype, torch.int8):
+            raise ValueError(f"kv_dtype={kv_dtype}: the KV cache is kept in the model's dtype ({p.dtype}) or torch.int8")
         if kv_memory is None and kv_blocks is None:  # room for every row at full length, as a static cache
-            check_kv_fits(cfg, max_batch, self.max_len, p.dtype, p.device)
+            check_kv_fits(cfg, max_batch, self.max_len, kv, p.device)
             kv_blocks = max_batch * -(-self.max_len // block_size)
         else:
             if kv_blocks is None:
-                kv_blocks = kv_memory // BlockPool.block_bytes(cfg, block_size, p.dtype) - 1  # and the null block
+                kv_blocks = kv_memory // BlockPool.block_bytes(cfg, block_size, kv) - 1  # and the null block
             if kv_blocks < 1:
                 raise ValueError(f"a KV pool of {kv_memory} bytes holds no block of {block_size} positions")
-            check_kv_fits(cfg, 1, kv_blocks * block_size, p.dtype, p.device)
-        self.pool = BlockPool.for_model(model, kv_blocks, block_size)
+            check_kv_fits(cfg, 1, kv_blocks * block_size, kv, p.device)
+        self.pool = BlockPool.for_model(model, kv_blocks, block_size, kv)
         self.cache = PagedKVCache(self.pool, max_batch, self.max_len)  # row b: the b-th running request
         self.sampler = Sampler(max_batch, cfg.vocab_size, p.device)  # row i: the state of self.rows[i]
         self.rows: list[_Row] = []

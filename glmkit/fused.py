@@ -5,8 +5,8 @@ writes, attention, residuals: ~25 operator calls per layer, each mostly dispatch
 a few-row CPU decode step of a supported model through `decode_step` here. The plan is the C view of
 a model's weights, built from its blocks (`layers`) and linears (`kernels`, `quantize`); this module
 does not know the model class: `GLM.step` calls it only for a GLM itself and its own caches (KVCache,
-or PagedKVCache, whose block table the kernel reads). The library is built and loaded by `kernels`;
-the structs mirror decode.cpp's.
+or PagedKVCache, whose block table the kernel reads; fp32, bf16, or an int8 pool with its scales).
+The library is built and loaded by `kernels`; the structs mirror decode.cpp's.
 """
 
 from __future__ import annotations
@@ -46,9 +46,12 @@ class _CModel(ctypes.Structure):
 
 class _CCache(ctypes.Structure):
     _fields_ = [("k", ctypes.c_void_p), ("v", ctypes.c_void_p), ("valid", ctypes.c_void_p), ("sep", ctypes.c_void_p),
-                ("table", ctypes.c_void_p)]
+                ("table", ctypes.c_void_p), ("k_scale", ctypes.c_void_p), ("v_scale", ctypes.c_void_p)]
     _fields_ += [(n, ctypes.c_int64) for n in ("batch", "max_len", "block", "row_blocks", "n_blocks")]
-    _fields_ += [("bf16", ctypes.c_int32)]
+    _fields_ += [("kind", ctypes.c_int32)]
+
+
+_KV_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # decode.cpp's GlmkitCache.kind
 
 
 class _Unsupported(Exception):
@@ -168,7 +171,9 @@ def decode_step(model, cache, token: torch.Tensor, pos: torch.Tensor, block: tor
 
     token, pos, block, idx: (M,) long: the token each row feeds, its position and block position,
     and the cache slot it writes. KVCache: k, v (L, B, K, S, D) are written at [:, b, :, idx[b]], valid
-    (B, S) set there; paged: at the block table's block and offset, the pool's valid flags. Row b attends to its valid keys s with s < sep[b] or s <= idx[b], the model's mask.
+    (B, S) set there; paged: at the block table's block and offset, the pool's valid flags (an int8
+    pool: quantized as `model.quantize_kv` does, with its scale). Row b attends to its valid keys s
+    with s < sep[b] or s <= idx[b], the model's mask.
     Returns the next-token logits (M, V) in fp32, or None when the fused step does not apply (the
     caller then runs the eager step, which gives the same results within rounding: this one keeps
     the residual stream, rotary and attention in fp32 even for a bf16 model). `plan`:
@@ -177,7 +182,11 @@ def decode_step(model, cache, token: torch.Tensor, pos: torch.Tensor, block: tor
     M, sep = token.shape[0], cache.sep
     paged = hasattr(cache, "table")
     k, v, valid = (cache.pool.k, cache.pool.v, cache.pool.valid) if paged else (cache.k, cache.v, cache.valid)
-    if not (0 < M <= kernels.MAX_ROWS and token.device.type == "cpu" and k.dtype in (torch.float32, torch.bfloat16)):
+    ks, vs = (cache.pool.k_scale, cache.pool.v_scale) if paged else (None, None)
+    if not (0 < M <= kernels.MAX_ROWS and token.device.type == "cpu" and k.dtype in _KV_KIND):
+        return None
+    if k.dtype == torch.int8 and not (ks is not None and vs is not None and ks.is_contiguous() and vs.is_contiguous()
+                                      and ks.dtype == vs.dtype == torch.float32 and ks.shape == vs.shape == k.shape[:-1]):
         return None
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or kernels._load() is None:
         return None
@@ -201,8 +210,9 @@ def decode_step(model, cache, token: torch.Tensor, pos: torch.Tensor, block: tor
     pos, block, idx = (t.to(torch.long).contiguous() for t in (pos, block, idx))
     logits = torch.empty(M, plan.vocab)
     table, row_blocks = (cache.table.data_ptr(), cache.table.shape[1]) if paged else (None, 1)
-    c = _CCache(k.data_ptr(), v.data_ptr(), valid.data_ptr(), sep.data_ptr(), table, B, S, BS, row_blocks, N,
-                int(k.dtype == torch.bfloat16))
+    scales = (ks.data_ptr(), vs.data_ptr()) if k.dtype == torch.int8 else (None, None)
+    c = _CCache(k.data_ptr(), v.data_ptr(), valid.data_ptr(), sep.data_ptr(), table, *scales, B, S, BS, row_blocks, N,
+                _KV_KIND[k.dtype])
     rc = kernels._lib.glmkit_decode_step(ctypes.addressof(plan.model), ctypes.addressof(c), M, x.data_ptr(),
                                          pos.data_ptr(), block.data_ptr(), idx.data_ptr(), logits.data_ptr(),
                                          torch.get_num_threads())

@@ -29,7 +29,11 @@ for torch.compile). `KVCache` holds them in preallocated tensors. `PagedKVCache`
 fixed-size blocks of a `BlockPool`: each row has a block table, `begin` allocates blocks as a row's
 slots grow (copying a shared block before it is written), `update` writes through the table and
 gathers slots [0, extent) into (n, K, extent, D) for attention, and `copy_rows` (prompt reuse,
-compaction) shares blocks by reference count instead of copying keys.
+compaction) shares blocks by reference count instead of copying keys. A pool may keep its keys and
+values in int8 (`BlockPool(..., dtype=torch.int8)`): half a bf16 cache's bytes, each key and value
+vector quantized as it is written with its own scale (`quantize_kv`) and dequantized as it is read,
+to the dtype of the keys written; the native decode step reads the int8 blocks directly. The
+contiguous `KVCache` (what `generate` uses) has no int8 form.
 
 Letters in shape comments: B batch, T query length, S key length, C model dim, H query heads,
 K key/value heads, D head dim, F MLP width, V vocabulary.
@@ -84,31 +88,87 @@ class PoolExhausted(MemoryError):
     """The block pool has no free block: a row could not grow."""
 
 
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per vector over the last dim (a head's D): x (..., D) -> q (..., D) int8 and its
+    scale s (...) fp32, x ~ q * s with s = max|x| / 127, q = round(x / s). A zero vector gets s = 0.
+    One scale per vector (not per block) keeps a key independent of the others in its block, so a
+    block fills slot by slot and a shared block needs no requantizing. The scales are fp32: 4 bytes per
+    head_dim int8 bytes (3% at 128); bf16 would save 1.5% and add a rounding of every key's scale. The
+    native step (csrc/decode.cpp `store_kv`) quantizes by the same rule."""
+    x = x.float()
+    s = x.abs().amax(-1) / 127
+    q = torch.round(x / s.clamp_min(torch.finfo(torch.float32).tiny)[..., None]).clamp_(-127, 127)
+    return q.to(torch.int8), s
+
+
 class BlockPool:
     """Keys and values of every layer in fixed-size blocks, k and v (L, N + 1, K, block, D), with valid
     flags (N + 1, block) per slot and a reference count per block, shared by the `PagedKVCache`s made
     on it. Block 0 is the null block: zero, never valid, never handed out; unused table entries point
     to it, so a gather reads zeros there. The tensors are allocated empty (untouched pages cost no
-    memory on CPU) and a block is zeroed when handed out: resident memory follows the blocks in use."""
+    memory on CPU) and a block is zeroed when handed out: resident memory follows the blocks in use.
+
+    `dtype` is what the keys are stored in: a float dtype (the model's), or torch.int8, which adds
+    k_scale and v_scale (L, N + 1, K, block) fp32, one per key and value vector (`quantize_kv`): keys
+    are quantized by `write` and dequantized by `read`, so a cache on the pool works as a float one."""
 
     def __init__(self, n_layers, n_blocks, n_kv_heads, block, head_dim, dtype=torch.float32, device=None):
+        if not (dtype.is_floating_point or dtype == torch.int8):
+            raise ValueError(f"a KV block pool holds a float dtype or torch.int8, not {dtype}")
         shape = (n_layers, n_blocks + 1, n_kv_heads, block, head_dim)
         self.k, self.v = torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device)
-        self.k[:, 0].zero_(), self.v[:, 0].zero_()
+        self.k_scale = self.v_scale = None
+        if dtype == torch.int8:
+            self.k_scale, self.v_scale = (torch.empty(shape[:-1], dtype=torch.float32, device=device) for _ in "kv")
+        for t in self._per_block():
+            t[:, 0].zero_()
         self.valid = torch.zeros(n_blocks + 1, block, dtype=torch.bool, device=device)
         self.block, self.n_blocks = block, n_blocks
         self.refs = [0] * (n_blocks + 1)
         self.free = list(range(n_blocks, 0, -1))  # pop() hands out low block numbers first
 
     @classmethod
-    def for_model(cls, model, n_blocks: int, block: int = 16) -> BlockPool:
+    def for_model(cls, model, n_blocks: int, block: int = 16, dtype: torch.dtype | None = None) -> BlockPool:
+        """A pool for `model`'s layers, in `dtype` (default the model's; torch.int8 for int8 KV)."""
         p, cfg = model.embed.weight, model.cfg
-        return cls(cfg.n_layers, n_blocks, cfg.n_kv_heads, block, cfg.head_dim, p.dtype, p.device)
+        return cls(cfg.n_layers, n_blocks, cfg.n_kv_heads, block, cfg.head_dim, dtype or p.dtype, p.device)
 
     @staticmethod
     def block_bytes(cfg: ModelConfig, block: int, dtype: torch.dtype) -> int:
-        """Bytes of one block: keys and values of every layer, and its valid flags."""
-        return 2 * cfg.n_layers * cfg.n_kv_heads * block * cfg.head_dim * torch.empty((), dtype=dtype).element_size() + block
+        """Bytes of one block: keys and values of every layer (int8: and their fp32 scales), and its valid flags."""
+        vectors = 2 * cfg.n_layers * cfg.n_kv_heads * block
+        scales = vectors * 4 if dtype == torch.int8 else 0
+        return vectors * cfg.head_dim * torch.empty((), dtype=dtype).element_size() + scales + block
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
+
+    def _per_block(self) -> list[torch.Tensor]:
+        """The tensors indexed [layer, block, ...]: keys, values and (int8) their scales."""
+        return [t for t in (self.k, self.v, self.k_scale, self.v_scale) if t is not None]
+
+    def write(self, index, k: torch.Tensor, v: torch.Tensor):
+        """Store keys and values at `index` into the (L, N + 1, K, block) dims (what it selects, times D,
+        is k's and v's shape): cast to the pool's dtype, or quantized with their scales."""
+        if self.k_scale is None:
+            self.k[index], self.v[index] = k.to(self.k.dtype), v.to(self.v.dtype)
+            return
+        (self.k[index], self.k_scale[index]), (self.v[index], self.v_scale[index]) = quantize_kv(k), quantize_kv(v)
+
+    def read(self, layer: int, blocks: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of `layer` in `blocks` (block ids of any shape (*)): (*, K, block, D) in `dtype`,
+        a copy (int8: dequantized, the product taken in fp32)."""
+        k, v = self.k[layer, blocks], self.v[layer, blocks]
+        if self.k_scale is None:
+            return k, v
+        return tuple((q.float() * s[layer, blocks][..., None]).to(dtype) for q, s in ((k, self.k_scale), (v, self.v_scale)))
+
+    def copy_block(self, dst: int, src: int):
+        """Block `dst` takes `src`'s keys, values, scales and valid flags (copy-on-write)."""
+        for t in self._per_block():
+            t[:, dst] = t[:, src]
+        self.valid[dst] = self.valid[src]
 
     @property
     def num_free(self) -> int:
@@ -119,7 +179,8 @@ class BlockPool:
             raise PoolExhausted(f"the KV block pool is full ({self.n_blocks} blocks of {self.block} slots in use)")
         b = self.free.pop()
         self.refs[b] = 1
-        self.k[:, b].zero_(), self.v[:, b].zero_()  # masked slots must hold finite numbers (0 x NaN is NaN)
+        for t in self._per_block():  # masked slots must hold finite numbers (0 x NaN is NaN)
+            t[:, b].zero_()
         self.valid[b] = False
         return b
 
@@ -157,7 +218,7 @@ class PagedKVCache:
         for j in range(lo // bs, min(len(blocks), -(-hi // bs))):
             if pool.refs[blocks[j]] > 1:  # shared: this row gets its own copy before writing
                 b = pool.alloc()
-                pool.k[:, b], pool.v[:, b], pool.valid[b] = pool.k[:, blocks[j]], pool.v[:, blocks[j]], pool.valid[blocks[j]]
+                pool.copy_block(b, blocks[j])
                 pool.release(blocks[j])
                 blocks[j] = b
                 self.table[row, j] = b
@@ -193,15 +254,10 @@ class PagedKVCache:
         n, (at, blk, off) = slots.shape[0], self._at
         if at is not slots:
             raise RuntimeError("PagedKVCache.update: slots differ from the step's begin")
-        kl, vl = self.pool.k[layer], self.pool.v[layer]  # (N + 1, K, block, D)
-        kl[blk, :, off] = k.transpose(1, 2).to(kl.dtype)  # (n, T, K, D)
-        vl[blk, :, off] = v.transpose(1, 2).to(vl.dtype)
+        self.pool.write((layer, blk, slice(None), off), k.transpose(1, 2), v.transpose(1, 2))  # (n, T, K, D)
         E = self.max_len if extent is None else extent
-
-        def gather(t):  # (n, nb, K, block, D) -> (n, K, nb * block, D): a copy of every key read
-            g = self._gather(t, n, extent)
-            return g.transpose(1, 2).flatten(2, 3)[:, :, :E]
-        return gather(kl), gather(vl)
+        ks, vs = self.pool.read(layer, self.table[:n, : -(-E // self.pool.block)], k.dtype)  # (n, nb, K, block, D): a copy
+        return ks.transpose(1, 2).flatten(2, 3)[:, :, :E], vs.transpose(1, 2).flatten(2, 3)[:, :, :E]  # (n, K, S, D)
 
     def copy_rows(self, rows, src, src_rows, n: int):
         """Rows `rows` take slots [:n] of `src`'s rows `src_rows` (as KVCache.copy_rows). From a
@@ -241,8 +297,7 @@ class PagedKVCache:
             self.reserve(d, 0, n)
             for j, b in enumerate(self.blocks[d]):
                 lo, hi = j * bs, min(n, (j + 1) * bs)
-                pool.k[:, b, :, : hi - lo] = src.k[:, s, :, lo:hi]
-                pool.v[:, b, :, : hi - lo] = src.v[:, s, :, lo:hi]
+                pool.write((slice(None), b, slice(None), slice(0, hi - lo)), src.k[:, s, :, lo:hi], src.v[:, s, :, lo:hi])
                 pool.valid[b, : hi - lo] = src.valid[s, lo:hi]
             self.sep[d] = src.sep[s]
 

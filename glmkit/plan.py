@@ -238,17 +238,22 @@ def _native_decode(cfg, dtype: torch.dtype, quant: dict | None, device, rows: in
 
 # ---- KV cache -------------------------------------------------------------------------------------------------
 def _kv_per_position(cfg, dtype: torch.dtype) -> int:
-    """Bytes one row adds per position: keys and values of every layer, and its valid flag."""
-    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * _size(dtype) + 1
+    """Bytes one row adds per position: keys and values of every layer, and its valid flag. `dtype` is the
+    KV cache's: the model's, or torch.int8 (serve --kv-dtype int8), which adds an fp32 scale per key and
+    value vector (model.BlockPool)."""
+    vectors = 2 * cfg.n_layers * cfg.n_kv_heads
+    return vectors * cfg.head_dim * _size(dtype) + (vectors * 4 if dtype == torch.int8 else 0) + 1
 
 
 def kv_cache_bytes(cfg, batch: int, max_len: int, dtype: torch.dtype) -> int:
-    """What `GLM.new_cache(batch, max_len)` allocates: k and v (L, B, K, S, D), valid (B, S) bool, sep (B,) long."""
+    """What `GLM.new_cache(batch, max_len)` allocates: k and v (L, B, K, S, D), valid (B, S) bool, sep (B,) long;
+    with `dtype` torch.int8, the int8 pool's keys, values and their scales for as many positions."""
     return batch * max_len * _kv_per_position(cfg, dtype) + 8 * batch
 
 
 def kv_fit(cfg, dtype: torch.dtype, budget: float, batch: int | None = None, max_len: int | None = None) -> int:
-    """The largest max_len (given `batch`) or batch (given `max_len`) whose KV cache fits `budget` bytes."""
+    """The largest max_len (given `batch`) or batch (given `max_len`) whose KV cache in `dtype` (the KV
+    cache's: the model's, or torch.int8) fits `budget` bytes."""
     per = _kv_per_position(cfg, dtype)
     if max_len is None:
         return max(0, int((budget - 8 * batch) // (batch * per)))
@@ -352,6 +357,7 @@ class Plan:
     pool: bool = False
     kv_memory: int | None = None  # serve: the pool's budget, --kv-memory; None: what is left
     available: int | None = None
+    kv_dtype: torch.dtype | None = None  # the KV pool's dtype when not the model's: torch.int8 (serve --kv-dtype int8)
     lines: list[tuple[str, int, str]] = field(init=False)
     kv_blocks: int = field(init=False, default=0)  # serve: blocks of KV_BLOCK positions in the pool
 
@@ -373,10 +379,11 @@ class Plan:
                 if n:
                     self.lines.append((name, n, "made by the CPU kernels"))
         T = min(self.prefill or S, S)
-        per_1k = f"{show(kv_cache_bytes(cfg, 1, 1024, dt))} per 1K tokens"
+        kv = self.kv_dtype or dt
+        per_1k = f"{show(kv_cache_bytes(cfg, 1, 1024, kv))} per 1K tokens"
         if not self.pool:
-            self.lines.append((f"KV cache ({self.rows} x {S} positions, {_dtype_name(dt)})",
-                               kv_cache_bytes(cfg, self.rows, S, dt), per_1k))
+            self.lines.append((f"KV cache ({self.rows} x {S} positions, {_dtype_name(kv)})",
+                               kv_cache_bytes(cfg, self.rows, S, kv), per_1k))
             self.lines.append((f"prefill workspace ({self.rows} x {T} tokens over {S})",
                                prefill_bytes(cfg, dt, self.rows, T, S, self.device, q, self.full_logits), "estimate"))
             return
@@ -390,13 +397,13 @@ class Plan:
                                f"estimate; a decode step of {self.rows} rows: {show(dec)}"))
         full = self.rows * -(-S // KV_BLOCK)  # every row at full context: more would never be used
         if self.kv_memory is not None:
-            self.kv_blocks = kv_pool_blocks(cfg, self.kv_memory, dt)
+            self.kv_blocks = kv_pool_blocks(cfg, self.kv_memory, kv)
         elif self.budget is None:
             self.kv_blocks = full  # not measured here: the engine's own default
         else:
-            self.kv_blocks = min(full, kv_pool_blocks(cfg, self.budget - self.total, dt))
+            self.kv_blocks = min(full, kv_pool_blocks(cfg, self.budget - self.total, kv))
         n = self.kv_tokens
-        self.lines.append((f"KV pool ({_dtype_name(dt)}): {n:,} tokens in flight", self.kv_bytes,
+        self.lines.append((f"KV pool ({_dtype_name(kv)}): {n:,} tokens in flight", self.kv_bytes,
                            f"= {self.rows} streams x {n // self.rows:,}" + (f" (or {n // S} at the full {S:,})" if n >= S else "") + "; "
                            f"context per request {self.context:,}; {per_1k}"
                            + (f"; --kv-memory {show(self.kv_memory)}" if self.kv_memory is not None else "")))
@@ -418,7 +425,7 @@ class Plan:
     @property
     def kv_bytes(self) -> int:
         """The KV pool's bytes, what the engine allocates for them: pass it as Engine(kv_memory=)."""
-        return kv_pool_bytes(self.cfg, self.kv_blocks, self.dtype) if self.pool else 0
+        return kv_pool_bytes(self.cfg, self.kv_blocks, self.kv_dtype or self.dtype) if self.pool else 0
 
     @property
     def kv_tokens(self) -> int:
@@ -438,14 +445,14 @@ class Plan:
         """The least this can start with: the total, with an automatic pool holding one request of `min_len`."""
         if not self.pool or self.kv_memory is not None:
             return self.total
-        return self.total - self.kv_bytes + kv_pool_bytes(self.cfg, -(-self.min_len // KV_BLOCK), self.dtype)
+        return self.total - self.kv_bytes + kv_pool_bytes(self.cfg, -(-self.min_len // KV_BLOCK), self.kv_dtype or self.dtype)
 
     @property
     def demand(self) -> int:
         """The total with every row at full context (what dtype auto weighs: an automatic pool takes what is left)."""
         if not self.pool:
             return self.total
-        return self.total - self.kv_bytes + kv_pool_bytes(self.cfg, self.rows * -(-self.max_len // KV_BLOCK), self.dtype)
+        return self.total - self.kv_bytes + kv_pool_bytes(self.cfg, self.rows * -(-self.max_len // KV_BLOCK), self.kv_dtype or self.dtype)
 
     @property
     def fits(self) -> bool:
@@ -542,7 +549,7 @@ class Plan:
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "int8"}.get(dtype, str(dtype))
 
 
 # ---- dtype auto ----------------------------------------------------------------------------------------------

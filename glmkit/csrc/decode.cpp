@@ -12,7 +12,9 @@
 // Scope: the switches of glmkit's ModelConfig (RMSNorm / LayerNorm; rope_partial, rope_2d, or no
 // rotary, learned positions being added by the caller with the embeddings; pre-LN / deepnorm
 // residuals; sandwich norms; SwiGLU / tanh GELU; biases), weights fp32, bf16, int8 (per row) or int4
-// (glmkit's group-wise layout), caches fp32 or bf16. fused.py builds the structs below from a model
+// (glmkit's group-wise layout), caches fp32, bf16 or int8 (one fp32 scale per key and value vector,
+// model.quantize_kv: keys written quantized, read as int8 times their scale, never dequantized to a
+// copy; half the bytes of bf16 to read per key). fused.py builds the structs below from a model
 // and checks everything else (shapes, dtypes, contiguity, row counts); plain C ABI, called through
 // ctypes with the GIL released.
 #include <immintrin.h>
@@ -23,6 +25,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "simd.h"
@@ -68,8 +71,10 @@ struct GlmkitCache {
   uint8_t* valid;        // (N, block): real (non-padding) keys
   const int64_t* sep;    // (B,): Part A lengths. Row b sees its valid keys s < sep[b] or s <= idx[b] (model.visible)
   const int64_t* table;  // (B, row_blocks): slot s of row b is in block table[b, s / block]; null: block b (contiguous)
+  float* k_scale;        // int8: (L, N, K, block), the scale of each key vector; else null
+  float* v_scale;        // int8: (L, N, K, block)
   int64_t batch, max_len, block, row_blocks, n_blocks;
-  int32_t bf16;  // cache dtype: 1 bf16, 0 fp32
+  int32_t kind;  // cache dtype: 0 fp32, 1 bf16, 2 int8 (with scales)
 };
 
 namespace {
@@ -173,6 +178,8 @@ inline void rotate(float* x, int64_t r, const float* cs, const float* sn, bool i
   }
 }
 
+// Keys and values are T: float, bf16 bits (uint16_t) or int8_t. An int8 key's score is its dot product
+// with the query times its scale; an int8 value is added with its probability times its scale.
 template <typename T>
 void attend(const GlmkitModel& m, const GlmkitCache& c, int64_t layer, int64_t M, const float* qkv, const int64_t* idx,
             float* att, float* scores, int64_t smax, int threads) {
@@ -181,6 +188,7 @@ void attend(const GlmkitModel& m, const GlmkitCache& c, int64_t layer, int64_t M
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const T* kc = static_cast<const T*>(c.k);
   const T* vc = static_cast<const T*>(c.v);
+  constexpr bool q8 = std::is_same_v<T, int8_t>;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t bh = 0; bh < M * H; ++bh) {
     const int64_t b = bh / H, h = bh % H, kh = h / group, n = std::max(idx[b] + 1, c.sep[b]);
@@ -195,23 +203,34 @@ void attend(const GlmkitModel& m, const GlmkitCache& c, int64_t layer, int64_t M
         const int64_t p = block_of(c, b, s0 / BS), e = std::min(n, s0 + BS) - s0;
         const int64_t base = ((layer * c.n_blocks + p) * KH + kh) * BS * D;
         const uint8_t* valid = c.valid + p * BS;
+        const float* ks = q8 ? c.k_scale + base / D : nullptr;  // (block,) scales of these keys and values
+        const float* vs = q8 ? c.v_scale + base / D : nullptr;
         float* sb = sc + s0;
         for (int64_t i = 0; i < e; ++i) {
           if (pass == 0) {
             if (valid[i]) {
-              sb[i] = dot(q, kc + base + i * D, D) * scale;
+              sb[i] = dot(q, kc + base + i * D, D) * (q8 ? ks[i] * scale : scale);
               mx = std::max(mx, sb[i]);
             }
           } else if (pass == 1) {
             sb[i] = valid[i] ? std::exp(sb[i] - mx) : 0.0f;
             sum += sb[i];
           } else if (sb[i] > 0.0f) {
-            axpy(o, sb[i] / sum, vc + base + i * D, D);
+            axpy(o, q8 ? sb[i] / sum * vs[i] : sb[i] / sum, vc + base + i * D, D);
           }
         }
       }
     }
   }
+}
+
+// Quantize one vector x (D,) as model.quantize_kv does: s = max|x| / 127, q = round half to even of x / s.
+inline void quantize(const float* x, int64_t D, int8_t* q, float* s) {
+  float amax = 0.0f;
+  for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(x[d]));
+  *s = amax / 127.0f;
+  const float div = std::max(*s, std::numeric_limits<float>::min());
+  for (int64_t d = 0; d < D; ++d) q[d] = static_cast<int8_t>(std::clamp(std::nearbyint(x[d] / div), -127.0f, 127.0f));
 }
 
 template <typename T>
@@ -225,13 +244,18 @@ void store_kv(const GlmkitModel& m, const GlmkitCache& c, int64_t layer, int64_t
       const float* kp = qkv + b * QKV + H * D + kh * D;
       const float* vp = qkv + b * QKV + (H + KH) * D + kh * D;
       const int64_t off = (((layer * c.n_blocks + block_of(c, b, idx[b] / BS)) * KH + kh) * BS + idx[b] % BS) * D;
-      for (int64_t d = 0; d < D; ++d) {
-        if constexpr (sizeof(T) == 2) {
-          kc[off + d] = float_to_bf16(kp[d]);
-          vc[off + d] = float_to_bf16(vp[d]);
-        } else {
-          kc[off + d] = kp[d];
-          vc[off + d] = vp[d];
+      if constexpr (std::is_same_v<T, int8_t>) {
+        quantize(kp, D, kc + off, c.k_scale + off / D);
+        quantize(vp, D, vc + off, c.v_scale + off / D);
+      } else {
+        for (int64_t d = 0; d < D; ++d) {
+          if constexpr (sizeof(T) == 2) {
+            kc[off + d] = float_to_bf16(kp[d]);
+            vc[off + d] = float_to_bf16(vp[d]);
+          } else {
+            kc[off + d] = kp[d];
+            vc[off + d] = vp[d];
+          }
         }
       }
     }
@@ -253,6 +277,7 @@ extern "C" int glmkit_decode_step(const GlmkitModel* mp, const GlmkitCache* cp, 
   const GlmkitCache& c = *cp;
   const int64_t C = m.dim, H = m.n_heads, KH = m.n_kv_heads, D = m.head_dim, r = m.rotary_dim;
   if (M < 1 || M > c.batch || KH < 1 || H % KH || c.block < 1 || c.max_len > c.block * c.row_blocks) return 1;
+  if (c.kind < 0 || c.kind > 2 || (c.kind == 2 && !(c.k_scale && c.v_scale))) return 1;
   int64_t smax = 0;
   for (int64_t b = 0; b < M; ++b) {
     if (idx[b] < 0 || idx[b] >= c.max_len || c.sep[b] < 0 || c.sep[b] > c.max_len) return 2;  // before any write
@@ -285,7 +310,10 @@ extern "C" int glmkit_decode_step(const GlmkitModel* mp, const GlmkitCache* cp, 
             rotate(v + r, r, cs_b.data() + b * (r / 2), sn_b.data() + b * (r / 2), false);
           }
         }
-    if (c.bf16) {
+    if (c.kind == 2) {
+      store_kv<int8_t>(m, c, l, M, qkv.data(), idx);
+      attend<int8_t>(m, c, l, M, qkv.data(), idx, att.data(), scores.data(), smax, threads);
+    } else if (c.kind == 1) {
       store_kv<uint16_t>(m, c, l, M, qkv.data(), idx);
       attend<uint16_t>(m, c, l, M, qkv.data(), idx, att.data(), scores.data(), smax, threads);
     } else {

@@ -125,17 +125,19 @@ EXCEPTION_HANDLERS = {APIError: _api_error, LimitError: _limit, RequestValidatio
 def create_app(model, tokenizer, model_name: str, maas: MaaS | None = None, max_batch: int = 8, max_waiting: int = 64,
                max_len: int | None = None, default_max_tokens: int = 1024, admin_token: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, body_timeout: float = BODY_TIMEOUT_S,
-               waiting_per_key: int | None = None, kv_memory: int | None = None, prefill_chunk: int | None = None) -> FastAPI:
+               waiting_per_key: int | None = None, kv_memory: int | None = None, prefill_chunk: int | None = None,
+               kv_dtype=None) -> FastAPI:
     """The FastAPI app serving `model`. maas=None: no authentication, an in-memory ledger (local use).
     default_max_tokens: what chat and /infill generate when a request names no limit (within the context).
     admin_token: the credential /metrics needs when auth is on. max_body_bytes / body_timeout: a request body
     larger (413) or slower (408) than these is refused before it takes a slot. waiting_per_key: the
     sequences one key may have waiting (default a quarter of max_waiting), so no tenant fills the queue.
     kv_memory: bytes of the engine's paged KV pool (default: every row at max_len). prefill_chunk: prompt tokens
-    prefilled per engine step, between the running rows' decode steps (None: whole prompts).
+    prefilled per engine step, between the running rows' decode steps (None: whole prompts). kv_dtype: None (the
+    model's) or torch.int8, the KV pool's dtype.
     The engine thread starts with the app's lifespan (uvicorn, or `TestClient` used as a context manager)."""
     server = Server(model.eval(), tokenizer, model_name, maas or MaaS.local(), max_batch, max_waiting, max_len,
-                    default_max_tokens, admin_token, waiting_per_key, kv_memory, prefill_chunk)
+                    default_max_tokens, admin_token, waiting_per_key, kv_memory, prefill_chunk, kv_dtype)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -159,7 +161,7 @@ def main(argv=None) -> int:
     """`glmkit serve`."""
     from pathlib import Path
 
-    from ..cli import add_quantize_arg, load_for_cli
+    from ..cli import add_kv_dtype_arg, add_quantize_arg, kv_dtype_arg, load_for_cli
     from ..plan import parse_size
     from .maas import KeyStore, Ledger, Pricing, default_db_path
 
@@ -186,6 +188,7 @@ def main(argv=None) -> int:
                    help="context per request (default: the model's; less only when the KV pool holds less)")
     p.add_argument("--kv-memory", default=None, help="the paged KV pool's size, e.g. 2GiB or 512MiB (default: what this "
                    "machine's memory holds after the weights and workspace, at most every stream at full context)")
+    add_kv_dtype_arg(p)
     p.add_argument("--default-max-tokens", type=int, default=1024,
                    help="tokens a chat or /infill request may generate when it names no limit (within the context)")
     p.add_argument("--max-body-mb", type=float, default=MAX_BODY_BYTES / (1 << 20), help="largest request body (413 above)")
@@ -229,7 +232,7 @@ def main(argv=None) -> int:
         model, tok = load_for_cli(a, "serve")  # sets a.max_len, a.max_batch, a.kv_memory to what the plan settled
         app = create_app(model, tok, name, maas, a.max_batch, a.max_waiting, a.max_len, a.default_max_tokens, admin_token,
                          int(a.max_body_mb * (1 << 20)), a.body_timeout, a.max_waiting_per_key,
-                         parse_size(a.kv_memory) if a.kv_memory else None, a.prefill_chunk or None)
+                         parse_size(a.kv_memory) if a.kv_memory else None, a.prefill_chunk or None, kv_dtype_arg(a.kv_dtype))
     except MemoryError as e:  # refused before allocating, with the flags that fit
         print(f"glmkit serve: {e}" if not str(e).startswith("glmkit serve") else e, file=sys.stderr)
         return 1
