@@ -156,13 +156,14 @@ class BlockPool:
             return
         (self.k[index], self.k_scale[index]), (self.v[index], self.v_scale[index]) = quantize_kv(k), quantize_kv(v)
 
-    def read(self, layer: int, blocks: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of `layer` in `blocks` (block ids of any shape (*)): (*, K, block, D) in `dtype`,
-        a copy (int8: dequantized, the product taken in fp32)."""
-        k, v = self.k[layer, blocks], self.v[layer, blocks]
-        if self.k_scale is None:
-            return k, v
-        return tuple((q.float() * s[layer, blocks][..., None]).to(dtype) for q, s in ((k, self.k_scale), (v, self.v_scale)))
+    def read(self, layer: int, blocks: torch.Tensor, dtype: torch.dtype, values: bool = False) -> torch.Tensor:
+        """Keys (or `values`) of `layer` in `blocks` (block ids of any shape (*)): (*, K, block, D) in `dtype`,
+        a copy (int8: dequantized, the product taken in fp32). One tensor at a time, so a caller that
+        reshapes the keys before reading the values never holds two copies of both."""
+        t, s = (self.v, self.v_scale) if values else (self.k, self.k_scale)
+        if s is None:
+            return t[layer, blocks]
+        return (t[layer, blocks].float() * s[layer, blocks][..., None]).to(dtype)
 
     def copy_block(self, dst: int, src: int):
         """Block `dst` takes `src`'s keys, values, scales and valid flags (copy-on-write)."""
@@ -256,8 +257,11 @@ class PagedKVCache:
             raise RuntimeError("PagedKVCache.update: slots differ from the step's begin")
         self.pool.write((layer, blk, slice(None), off), k.transpose(1, 2), v.transpose(1, 2))  # (n, T, K, D)
         E = self.max_len if extent is None else extent
-        ks, vs = self.pool.read(layer, self.table[:n, : -(-E // self.pool.block)], k.dtype)  # (n, nb, K, block, D): a copy
-        return ks.transpose(1, 2).flatten(2, 3)[:, :, :E], vs.transpose(1, 2).flatten(2, 3)[:, :, :E]  # (n, K, S, D)
+        ids = self.table[:n, : -(-E // self.pool.block)]
+
+        def gather(values: bool):  # (n, nb, K, block, D) -> (n, K, nb * block, D): a copy of every key read
+            return self.pool.read(layer, ids, k.dtype, values).transpose(1, 2).flatten(2, 3)[:, :, :E]
+        return gather(False), gather(True)
 
     def copy_rows(self, rows, src, src_rows, n: int):
         """Rows `rows` take slots [:n] of `src`'s rows `src_rows` (as KVCache.copy_rows). From a

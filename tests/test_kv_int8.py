@@ -120,7 +120,7 @@ def test_native_step_equals_eager_on_the_int8_cache(variant, dtype):
             rows = torch.arange(3)
             blk = lambda c: torch.tensor([c.blocks[r][int(idx[r]) // 4] for r in range(3)])
             for layer in range(model.cfg.n_layers):  # the keys each wrote: one int8 step apart at most, mostly equal
-                k, kr = (pool.read(layer, blk(c), torch.float32)[0][rows, :, idx % 4] for c in (cache, ref))  # (3, K, D)
+                k, kr = (pool.read(layer, blk(c), torch.float32)[rows, :, idx % 4] for c in (cache, ref))  # (3, K, D)
                 step_size = pool.k_scale[layer, blk(ref)][rows, :, idx % 4].amax()
                 assert_close(k, kr, atol=float(step_size) * 1.01 + scaled(tol, kr), what=f"{variant} {dtype} layer {layer} keys")
                 for t in (pool.k, pool.v):
@@ -237,18 +237,18 @@ def test_engine_with_int8_kv_equals_greedy_over_an_int8_cache():
 
 
 def test_kv_dtype_int8_doubles_what_kv_memory_holds(monkeypatch, capsys):
-    """serve --kv-memory 2GiB --kv-dtype int8 plans about twice the positions of bf16, the plan's KV line
-    counts int8, and `glmkit info`'s description names int8 KV per 1K tokens."""
+    """serve --kv-memory 2GiB --kv-dtype int8 plans a pool of about twice the tokens of bf16's, the
+    plan's pool line counts int8 bytes, and `glmkit info`'s description names int8 KV per 1K tokens."""
     monkeypatch.setattr(plan_mod, "available_bytes", lambda device: 1 << 40)
     cfg = get_preset("glm-4-9b")
-    lens = {}
+    tokens = {}
     for kv in ("auto", "int8"):
         a = argparse.Namespace(dtype="bf16", kv_memory="2GiB", kv_dtype=kv, max_batch=16, max_len=None)
         plan, _ = memory_plan(a, "serve", cfg, torch.bfloat16, torch.device("cpu"))
-        lens[kv] = plan.max_len
-        kv_line = next(n for name, n, _ in plan.lines if name.startswith("KV cache"))
-        assert kv_line <= 2 << 30 and kv_line == plan_mod.kv_cache_bytes(cfg, 16, plan.max_len, kv_dtype_arg(kv) or torch.bfloat16)
-    assert 1.9 < lens["int8"] / lens["auto"] < 2.0, lens
+        tokens[kv] = plan.kv_tokens
+        pool_line = next(n for name, n, _ in plan.lines if name.startswith("KV pool"))
+        assert pool_line <= 2 << 30 and pool_line == plan_mod.kv_pool_bytes(cfg, plan.kv_blocks, kv_dtype_arg(kv) or torch.bfloat16)
+    assert 1.9 < tokens["int8"] / tokens["auto"] < 2.0, tokens
     assert "in int8 (serve --kv-dtype int8)" in describe(cfg, "preset glm-4-9b")
     with pytest.raises(ValueError, match="choose auto or int8"):
         kv_dtype_arg("int4")
