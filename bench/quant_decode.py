@@ -11,8 +11,10 @@ when only the kernels changed). For each checkpoint and batch size B:
             the engine's whole step (the fused native step, the head, sampling, Python)
   linears   one pass of every quantized linear (the layers and the head) at B rows, the kernels alone
   bound     decode / (B * bandwidth / bytes of weights read per step), bandwidth of a torch sum over 1 GiB
-Each figure is the best of --repeats rounds. The machine may be shared: compare the ratios (after / before,
-bN / b1), measured in the same run, not absolute figures across runs.
+Each figure is the best of --repeats rounds, before and after back to back for each batch size. With one
+thread the clock is the process's CPU time (`--clock cpu`, the default there), so that time the scheduler
+gives other processes on a shared machine is not counted; memory stalls still are. The machine may be
+shared: compare the ratios (after / before, bN / b1), measured in the same run, not figures across runs.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from glmkit.quantize import Int4Linear, Int8Linear
 from glmkit.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
+CLOCK = time.perf_counter  # main() sets it from --clock
 
 
 def build_before(ref: str, out: Path) -> ctypes.CDLL:
@@ -63,12 +66,15 @@ def build_before(ref: str, out: Path) -> ctypes.CDLL:
 
 
 def bandwidth_gbs() -> float:
-    x = torch.ones(1 << 28)  # 1 GiB of fp32
+    """Read bandwidth of a torch sum over 1 GiB of fp32 (best of 3), on the same clock as the rest."""
+    x = torch.ones(1 << 28)
     x.sum()
-    t = time.perf_counter()
+    best = float("inf")
     for _ in range(3):
+        t = CLOCK()
         x.sum()
-    return 3 * x.numel() * 4 / (time.perf_counter() - t) / 1e9
+        best = min(best, CLOCK() - t)
+    return x.numel() * 4 / best / 1e9
 
 
 def linears_seconds(model, B: int) -> float:
@@ -79,18 +85,18 @@ def linears_seconds(model, B: int) -> float:
             N, K = mod.out_features, mod.in_features
             sm, sm_type = kernels.int4_pairs(mod.scales, mod.mins)
             x, y = torch.randn(B, K), torch.empty(B, N)
-            t = time.perf_counter()
+            t = CLOCK()
             lib.glmkit_gemv_int4(x.data_ptr(), B, K, mod.weight.data_ptr(), sm.data_ptr(), sm_type, mod.group_size, N,
                                  y.data_ptr(), threads)
         elif isinstance(mod, Int8Linear):
             N, K = mod.out_features, mod.in_features
             s = mod.scales.float().contiguous()
             x, y = torch.randn(B, K), torch.empty(B, N)
-            t = time.perf_counter()
+            t = CLOCK()
             lib.glmkit_gemv_q8(x.data_ptr(), B, K, mod.weight.data_ptr(), s.data_ptr(), N, y.data_ptr(), threads)
         else:
             continue
-        total += time.perf_counter() - t
+        total += CLOCK() - t
     return total
 
 
@@ -99,9 +105,9 @@ def decode_tok_s(model, B: int, new_tokens: int) -> float:
     prompts = [torch.randint(0, V, (32,)).tolist() for _ in range(B)]
 
     def run(n):
-        t = time.perf_counter()
+        t = CLOCK()
         generate(model, prompts, SamplingParams(max_new_tokens=n, temperature=0))
-        return time.perf_counter() - t
+        return CLOCK() - t
 
     return B * (new_tokens - 1) / (run(new_tokens) - run(1))
 
@@ -112,9 +118,12 @@ def main() -> None:
     ap.add_argument("--before", default=None, help="commit whose kernels are 'before' (default: merge-base with main)")
     ap.add_argument("--batches", default="1,2,4,8")
     ap.add_argument("--new-tokens", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--clock", choices=["cpu", "wall"], default=None, help="default: cpu with one thread, else wall")
     a = ap.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if (a.clock or ("cpu" if a.threads == 1 else "wall")) == "cpu" else time.perf_counter
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     batches = [int(b) for b in a.batches.split(",")]
@@ -124,7 +133,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         libs = {"before": build_before(ref, Path(tmp)), "after": kernels._lib}
         bw = bandwidth_gbs()
-        print(f"# before = {ref[:10]} (AVX2), after = this tree ({kernels.variant()}); {a.threads} thread(s); "
+        print(f"# before = {ref[:10]} (AVX2), after = this tree ({kernels.variant()}); {a.threads} thread(s), "
+              f"{'CPU' if CLOCK is time.process_time else 'wall'} time; "
               f"bandwidth {bw:.1f} GB/s; best of {a.repeats}; the machine may be shared: read the ratios")
         print("| model | B | decode before | decode after | after/before | linears ms before | linears ms after "
               "| step ms after | bound before | bound after |")
@@ -137,10 +147,10 @@ def main() -> None:
                 for lib in libs.values():  # warm-up: fused plan, caches, both libraries' first calls
                     kernels._lib = lib
                     decode_tok_s(model, 1, 3)
-                for _ in range(a.repeats):
-                    for name, lib in libs.items():
-                        kernels._lib = lib
-                        for B in batches:
+                for B in batches:
+                    for _ in range(a.repeats):
+                        for name, lib in libs.items():
+                            kernels._lib = lib
                             tok = decode_tok_s(model, B, a.new_tokens)
                             lin = linears_seconds(model, B)
                             best[name, B, "tok"] = max(best.get((name, B, "tok"), 0.0), tok)

@@ -316,6 +316,8 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, min
                          f"scales {tuple(scales.shape)}, mins {tuple(mins.shape)} do not fit together")
     if packed.dtype != torch.uint8 or not packed.is_contiguous():
         raise ValueError("linear_int4: packed must be contiguous uint8")
+    if _load() is None:
+        raise RuntimeError(f"linear_int4: the native kernels are unavailable ({_why})")
     xr = _rows(x)
     sm, sm_type = int4_pairs(scales, mins)
     y = torch.empty(xr.shape[0], N)
