@@ -13,12 +13,15 @@ rounded to int8 per group, as llama.cpp's 4-bit formats do; see gemv.cpp).
     kernels.available()                 # True on x86-64 with AVX2 once the extension has compiled
     y = kernels.linear(x, weight, bias) # F.linear's contract; falls back to F.linear when not usable
 
-The library is compiled on first use with the system C++ compiler (`$CXX`, else c++ / g++; about a
-second, cached under $GLMKIT_CACHE/kernels, default ~/.cache/glmkit/kernels, keyed by the source's
-hash) and called through ctypes, which releases the GIL. The cache directory is private (0700); a
-cache another user owns or can write to is refused, never loaded from. When the library cannot be
-built or loaded (no compiler, no AVX2, not x86, an unsafe cache) every call falls back to PyTorch
-with a warning, and `why_unavailable()` says why. `GLMKIT_NATIVE=0` turns it off.
+The library is compiled on first use with the system C++ compiler (`$CXX`, else c++ / g++; a few
+seconds, cached under $GLMKIT_CACHE/kernels, default ~/.cache/glmkit/kernels, keyed by the source's
+hash and the variant) and called through ctypes, which releases the GIL. There are two variants
+(`variant()`): "avx2", and "avx512vnni" on CPUs with AVX-512 F/BW/VL and VNNI, whose integer dot
+products take one instruction where AVX2 takes two or three (`GLMKIT_VNNI=0` keeps the AVX2 one);
+both give the same bits. The cache directory is private (0700); a cache another user owns or can
+write to is refused, never loaded from. When the library cannot be built or loaded (no compiler, no
+AVX2, not x86, an unsafe cache) every call falls back to PyTorch with a warning, and
+`why_unavailable()` says why. `GLMKIT_NATIVE=0` turns it off.
 It is used only for inference on CPU (no autograd, not inside torch.compile or export tracing) and
 for at most MAX_ROWS rows; larger inputs (prefill, training) go to PyTorch's GEMM, which is faster there.
 Quantized weights reach that GEMM through dequantized tiles (`linear_int8_tiled`, `linear_int4_tiled`).
@@ -47,10 +50,30 @@ _why: str | None = None  # why the library is unavailable (None: not tried yet, 
 _SRCS = [Path(__file__).parent / "csrc" / n for n in ("gemv.cpp", "decode.cpp")]
 _HEADERS = [Path(__file__).parent / "csrc" / "simd.h"]  # part of the source hash, not compiled alone
 _WTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+_FLAGS = {"avx2": ["-mavx2", "-mfma"],
+          "avx512vnni": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]}
 
 
 def _x86() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty elsewhere: the AVX2 variant is chosen there)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def variant() -> str:
+    """The library variant for this CPU: "avx512vnni" where it has AVX-512 F, BW, VL and VNNI (and
+    GLMKIT_VNNI is not 0), else "avx2" (see csrc/gemv.cpp)."""
+    if os.environ.get("GLMKIT_VNNI", "1") != "0" and {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= _cpu_flags():
+        return "avx512vnni"
+    return "avx2"
 
 
 # ---- the library cache ------------------------------------------------------------------------------------
@@ -68,9 +91,9 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("GLMKIT_CACHE") or Path.home() / ".cache" / "glmkit").expanduser() / "kernels"
 
 
-def _library_name() -> str:
+def _library_name(var: str | None = None) -> str:
     src = b"".join(p.read_bytes() for p in _SRCS + _HEADERS)
-    return f"glmkit-{hashlib.sha256(src).hexdigest()[:16]}.so"
+    return f"glmkit-{hashlib.sha256(src).hexdigest()[:16]}-{var or variant()}.so"
 
 
 def _check_private(st: os.stat_result, path: Path, what: str) -> None:
@@ -117,14 +140,14 @@ def _open_library(so: Path) -> int | None:
     return fd
 
 
-def _compile(cache: Path, so: Path) -> None:
+def _compile(cache: Path, so: Path, var: str) -> None:
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if not cxx:
         raise RuntimeError("no C++ compiler on PATH (set CXX)")
     fd, tmp = tempfile.mkstemp(prefix=so.stem + ".", suffix=".tmp", dir=cache)  # unique: concurrent builds
     os.close(fd)
     try:
-        cmd = [cxx, "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-o", tmp, *map(str, _SRCS)]
+        cmd = [cxx, "-O3", *_FLAGS[var], "-fopenmp", "-shared", "-fPIC", "-o", tmp, *map(str, _SRCS)]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr.strip()[-300:]}")
@@ -135,13 +158,15 @@ def _compile(cache: Path, so: Path) -> None:
             os.unlink(tmp)
 
 
-def _build() -> tuple[int, Path]:
-    """A checked descriptor of the library for this source and its path, compiling it first if it is not cached."""
+def _build(var: str | None = None) -> tuple[int, Path]:
+    """A checked descriptor of the library for this source and variant (default: this CPU's) and its path,
+    compiling it first if it is not cached."""
+    var = var or variant()
     cache = _private_dir()
-    so = cache / _library_name()
+    so = cache / _library_name(var)
     fd = _open_library(so)
     if fd is None:
-        _compile(cache, so)
+        _compile(cache, so, var)
         fd = _open_library(so)
         if fd is None:
             raise RuntimeError(f"{so} vanished right after it was built")
@@ -159,6 +184,26 @@ def _dlopen(fd: int, so: Path) -> ctypes.CDLL:
         raise
 
 
+def _open(var: str) -> ctypes.CDLL:
+    """The library variant `var`, built if needed, loaded and its functions typed. `_load` keeps the one
+    for this CPU; tests and benchmarks open the AVX2 one beside it to compare."""
+    lib = _dlopen(*_build(var))
+    i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.glmkit_gemv_dense.argtypes = [ptr, i64, i64, ptr, c_int, ptr, i64, ptr, c_int]
+    lib.glmkit_gemv_q8.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, c_int]
+    lib.glmkit_gemv_int4.argtypes = [ptr, i64, i64, ptr, ptr, c_int, i64, i64, ptr, c_int]
+    lib.glmkit_decode_step.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, c_int]
+    lib.glmkit_dequant_q8.argtypes = [ptr, ptr, i64, i64, ptr, c_int, c_int]
+    lib.glmkit_dequant_int4.argtypes = [ptr, ptr, c_int, i64, i64, i64, ptr, c_int, c_int]
+    lib.glmkit_gemv_vnni.argtypes = []
+    for f in (lib.glmkit_gemv_dense, lib.glmkit_gemv_q8, lib.glmkit_gemv_int4, lib.glmkit_decode_step,
+              lib.glmkit_dequant_q8, lib.glmkit_dequant_int4, lib.glmkit_gemv_vnni):
+        f.restype = c_int
+    if lib.glmkit_gemv_vnni() != (var == "avx512vnni"):
+        raise RuntimeError(f"the {var} build of the kernels reports the other variant; remove {_cache_dir()}")
+    return lib
+
+
 def _load():
     global _lib, _why
     if _lib is not None or _why is not None:
@@ -171,18 +216,7 @@ def _load():
         _why = f"the CPU lacks AVX2 ({torch.backends.cpu.get_cpu_capability()})"
     else:
         try:
-            lib = _dlopen(*_build())
-            i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-            lib.glmkit_gemv_dense.argtypes = [ptr, i64, i64, ptr, c_int, ptr, i64, ptr, c_int]
-            lib.glmkit_gemv_q8.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, c_int]
-            lib.glmkit_gemv_int4.argtypes = [ptr, i64, i64, ptr, ptr, c_int, i64, i64, ptr, c_int]
-            lib.glmkit_decode_step.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, c_int]
-            lib.glmkit_dequant_q8.argtypes = [ptr, ptr, i64, i64, ptr, c_int, c_int]
-            lib.glmkit_dequant_int4.argtypes = [ptr, ptr, c_int, i64, i64, i64, ptr, c_int, c_int]
-            for f in (lib.glmkit_gemv_dense, lib.glmkit_gemv_q8, lib.glmkit_gemv_int4, lib.glmkit_decode_step,
-                      lib.glmkit_dequant_q8, lib.glmkit_dequant_int4):
-                f.restype = c_int
-            _lib = lib
+            _lib = _open(variant())
         except _UnsafeCache as e:  # never load it; PyTorch's kernels still work
             _why = f"refused to load from the kernel cache: {e}"
         except Exception as e:  # no compiler, or it failed
@@ -254,9 +288,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def int4_supported(in_features: int, group_size: int) -> bool:
-    """Whether the native int4 kernel takes this shape: groups of a multiple of 32 columns that
-    divide the input width, which is a multiple of 64 (the kernel reads 64 columns at a time)."""
-    return group_size % 32 == 0 and in_features % group_size == 0 and in_features % 64 == 0
+    """Whether the native int4 kernel takes this shape: groups of 32 or of a multiple of 64 columns
+    that divide the input width, which is a multiple of 64 (the kernel reads 64 columns at a time: two
+    whole groups or part of one)."""
+    return (group_size == 32 or group_size > 0 and group_size % 64 == 0) and in_features % group_size == 0 \
+        and in_features % 64 == 0
 
 
 def int4_pairs(scales: torch.Tensor, mins: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -280,6 +316,8 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, min
                          f"scales {tuple(scales.shape)}, mins {tuple(mins.shape)} do not fit together")
     if packed.dtype != torch.uint8 or not packed.is_contiguous():
         raise ValueError("linear_int4: packed must be contiguous uint8")
+    if _load() is None:
+        raise RuntimeError(f"linear_int4: the native kernels are unavailable ({_why})")
     xr = _rows(x)
     sm, sm_type = int4_pairs(scales, mins)
     y = torch.empty(xr.shape[0], N)
@@ -317,6 +355,17 @@ def dequant_usable(x: torch.Tensor) -> bool:
     return _load() is not None
 
 
+def uses_tiles(bits: int, group_size: int | None, x: torch.Tensor | None = None) -> bool:
+    """Whether a many-row product with weights quantized to `bits` (int4: in groups of `group_size`) goes
+    through the dequantized tiles: the library is loaded and dequantizes that layout (int4: groups of a
+    multiple of 32), and, given `x`, that input can (`dequant_usable`). The one rule for the modules
+    (quantize.Int8Linear / Int4Linear, with x) and the memory plan (plan.py, without: there the tiles
+    mean no extra weight copy, PyTorch's int4 kernel keeps its own layout)."""
+    if x is not None and not dequant_usable(x):
+        return False
+    return available() and (bits == 8 or bits == 4 and group_size is not None and group_size % 32 == 0)
+
+
 def _tiled(x: torch.Tensor, N: int, dequant, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ W.T + bias for a weight W (N, K) that dequant(n0, n1, out) writes rows n0..n1 of into out."""
     K = x.shape[-1]
@@ -335,7 +384,7 @@ def _tiled(x: torch.Tensor, N: int, dequant, bias: torch.Tensor | None) -> torch
 
 def linear_int8_tiled(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ (weight * scale[:, None]).T + bias for int8 weight (N, K), scale (N,), through dequantized
-    tiles and the GEMM. The caller checks `dequant_usable` first."""
+    tiles and the GEMM. The caller checks `uses_tiles` first."""
     N, K = weight.shape
     if x.shape[-1] != K or scale.numel() != N or weight.dtype != torch.int8 or not weight.is_contiguous():
         raise ValueError(f"linear_int8_tiled: x (..., {x.shape[-1]}), weight {tuple(weight.shape)} {weight.dtype}, "
@@ -351,7 +400,7 @@ def linear_int8_tiled(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
 def linear_int4_tiled(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
                       bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ dequant(packed).T + bias for glmkit's int4 layout (as linear_int4), through dequantized tiles
-    and the GEMM. The caller checks `dequant_usable` and that group_size is a multiple of 32 first."""
+    and the GEMM. The caller checks `uses_tiles` first."""
     N, K = packed.shape[0], packed.shape[1] * 2
     G = K // group_size
     if (x.shape[-1] != K or group_size % 32 or K % group_size or scales.numel() != N * G or mins.numel() != N * G

@@ -184,10 +184,10 @@ def weight_bytes(cfg, dtype: torch.dtype, quant: dict | None = None) -> dict[str
 
 def _tiled(quant: dict | None) -> bool:
     """Whether many-row products of these quantized weights take the dequantized tiles (kernels), which keep
-    no copy of the weights (else int4 takes PyTorch's kernel, which keeps its own layout)."""
+    no copy of the weights (else int4 takes PyTorch's kernel, which keeps its own layout): the modules' rule."""
     from . import kernels
 
-    return bool(quant) and kernels.available() and (quant["bits"] == 8 or quant["group_size"] % 32 == 0)
+    return bool(quant) and kernels.uses_tiles(quant["bits"], quant.get("group_size"))
 
 
 def kernel_copies_bytes(cfg, dtype: torch.dtype, quant: dict | None = None, prefill: bool = True) -> dict[str, int]:

@@ -103,7 +103,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if kernels.usable(x):  # decode: glmkit's native kernel (csrc/gemv.cpp)
             return kernels.linear(x, self.weight, self.bias, self.scales)
-        if kernels.dequant_usable(x):  # prefill, large batches: dequantized tiles through the GEMM
+        if kernels.uses_tiles(8, None, x):  # prefill, large batches: dequantized tiles through the GEMM
             return kernels.linear_int8_tiled(x, self.weight.contiguous(), self.scales, self.bias)
         shape = x.shape
         # PyTorch's int8 kernel reads the weight with aligned vector loads: a memory-mapped weight (safetensors
@@ -145,7 +145,7 @@ class Int4Linear(nn.Module):
         if kernels.usable(x) and kernels.int4_supported(self.in_features, self.group_size):
             # decode: glmkit's native kernel reads this layout as stored
             return kernels.linear_int4(x, self.weight, self.scales, self.mins, self.group_size, self.bias)
-        if kernels.dequant_usable(x) and self.group_size % 32 == 0:  # prefill, large batches: tiles through the GEMM
+        if kernels.uses_tiles(4, self.group_size, x):  # prefill, large batches: tiles through the GEMM
             return kernels.linear_int4_tiled(x, self.weight.contiguous(), self.scales, self.mins, self.group_size, self.bias)
         shape = x.shape
         # the CPU kernel packs output rows in blocks of 16

@@ -25,7 +25,7 @@ from glmkit.model import GLM
 from glmkit.quantize import Int4Linear, quantize_int4, quantize_int8, quantize_model, unpack_int4
 from glmkit.sampling import SamplingParams
 
-from .helpers import assert_close, int4_act_bound, int16_act_bound
+from .helpers import assert_close, assert_equal, int4_act_bound, int16_act_bound
 
 X86_AVX2 = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 needs_native = pytest.mark.skipif(not (X86_AVX2 and (shutil.which("c++") or shutil.which("g++"))),
@@ -73,14 +73,15 @@ def test_dense_matches_reference(wtype, M, K):
 
 
 @needs_native
-@pytest.mark.parametrize("group", [32, 64, 128])
-@pytest.mark.parametrize("M", [1, 4, 7, 16])
+@pytest.mark.parametrize("group", [32, 64, 128, 256])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 7, 8, 9, 16])  # every block of activation rows, and blocks after a full one
 @pytest.mark.parametrize("sdtype", [torch.float32, torch.bfloat16])
 def test_int4_matches_reference(group, M, sdtype):
-    # N = 24: M = 1 takes the 4-weight-rows-at-once path (groups >= 64); N = 22 the one-row path
+    # N = 24: M = 1 takes the 4-weight-rows-at-once path (groups >= 64); N = 22 the one-row path.
+    # K = 9 groups of 64 or more: the mins' dot product over groups runs 8 at a time and then a tail
     for N in (24, 22):
         g = torch.Generator().manual_seed(group + M + N)
-        K = 256
+        K = 9 * max(group, 64)
         w, x = torch.randn(N, K, generator=g), torch.randn(M, K, generator=g)
         q, s, m = quantize_int4(w, group)
         s, m = s.to(sdtype), m.to(sdtype)  # bf16 scales / mins are read as stored, not widened
@@ -132,6 +133,53 @@ def test_used_only_for_few_row_inference():
     x = torch.randn(1, 16)
     lin(x).sum().backward()
     assert_close(lin.weight.grad, x.expand(8, 16), atol=1e-6, what="dL/dW of a sum")
+
+
+def test_int4_groups_that_split_a_64_column_chunk_unevenly_use_pytorch():
+    # groups of 96 end in the middle of the kernel's 64-column chunks: the native kernel refuses them
+    g = torch.Generator().manual_seed(1)
+    w, x = torch.randn(16, 192, generator=g), torch.randn(2, 192, generator=g)
+    q, s, m = quantize_int4(w, 96)
+    layer = Int4Linear(192, 16, bias=False, group_size=96)
+    layer.weight.copy_(q), layer.scales.copy_(s), layer.mins.copy_(m)
+    assert not kernels.int4_supported(192, 96) and kernels.int4_supported(192, 64) and kernels.int4_supported(192, 32)
+    with torch.no_grad():
+        want = x @ layer.dequantize().T
+        assert_close(layer(x), want, atol=scaled(2e-6, want), what="int4 g96: not the native kernel")
+        if kernels.available():
+            with pytest.raises(ValueError, match="do not fit"):
+                kernels.linear_int4(x, q, s, m, 96)
+
+
+@needs_native
+@pytest.mark.skipif(kernels.variant() != "avx512vnni", reason="no AVX-512 VNNI on this CPU: only the AVX2 build runs")
+def test_vnni_and_avx2_builds_give_the_same_bits(monkeypatch):
+    """Both builds' integer dot products are exact and the rest is the same code, so the AVX-512 VNNI build
+    (up to 8 activation rows per pass) and the AVX2 one (4) agree bit for bit: int8 and int4 (groups of 32
+    to 256, fp32 and bf16 scales), every row count, 4-row and 1-row weight blocks (N = 24, 22)."""
+    assert kernels.available(), kernels.why_unavailable()
+    libs = {"avx512vnni": kernels._lib, "avx2": kernels._open("avx2")}
+    assert [lib.glmkit_gemv_vnni() for lib in libs.values()] == [1, 0]
+    g = torch.Generator().manual_seed(0)
+    K = 2304  # 9 groups of 256, 72 of 32
+    products = {}
+    for N in (24, 22):
+        w = torch.randn(N, K, generator=g)
+        q8, s8 = quantize_int8(w)
+        int4 = {group: quantize_int4(w, group) for group in (32, 64, 128, 256)}
+        for M in (1, 2, 3, 4, 5, 8, 9, 16):
+            x = torch.randn(M, K, generator=g)
+            products[f"int8 N={N} M={M}"] = (kernels.linear, x, q8, None, s8)
+            for group, (q, s, m) in int4.items():
+                for sd in (torch.float32, torch.bfloat16):
+                    products[f"int4 g{group} N={N} M={M} {sd}"] = (kernels.linear_int4, x, q, s.to(sd), m.to(sd), group)
+    for what, (f, *args) in products.items():
+        out = {}
+        for name, lib in libs.items():
+            monkeypatch.setattr(kernels, "_lib", lib)
+            with torch.no_grad():
+                out[name] = f(*args)
+        assert_equal(out["avx512vnni"], out["avx2"], what)
 
 
 @needs_native

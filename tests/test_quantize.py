@@ -204,6 +204,29 @@ def test_tiled_linear_equals_dequantized_reference(layer, dtype, bias, rows, gem
 
 
 @needs_native
+def test_modules_and_plan_decide_tiles_by_one_rule(monkeypatch):
+    """kernels.uses_tiles decides both whether a quantized module's many-row product goes through the
+    dequantized tiles and whether the memory plan counts the layout PyTorch's int4 kernel keeps instead:
+    with the rule saying no, the modules take PyTorch's kernels (int4 builds its layout) and the plan counts it."""
+    from glmkit.config import get_preset
+    from glmkit.plan import kernel_copies_bytes
+
+    cfg, quant = get_preset("debug"), {"bits": 4, "group_size": 32, "head": True}
+    x = torch.randn(kernels.MAX_ROWS + 8, 128)
+    for tiles in (True, False):
+        if not tiles:
+            asked = []
+            monkeypatch.setattr(kernels, "uses_tiles", lambda bits, group, x=None: asked.append((bits, group)) or False)
+        lin4, lin8 = int4_layer(48, 128, 32, False, torch.float32), int8_layer(48, 128, False, torch.float32)
+        with torch.no_grad():
+            lin4(x), lin8(x)
+        assert (lin4._packed is None) == tiles, f"tiles {tiles}: int4 module built PyTorch's layout: {lin4._packed is not None}"
+        layout = kernel_copies_bytes(cfg, torch.bfloat16, quant)["int4 prefill layout"]
+        assert (layout == 0) == tiles, f"tiles {tiles}: the plan counts {layout} bytes of int4 layout"
+    assert {(4, 32), (8, None)} <= set(asked), asked
+
+
+@needs_native
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_prefill_tiled_equals_pytorch_kernels_and_keeps_gradients(bits, monkeypatch):
     """A quantized model's prefill through tiles matches it through PyTorch's weight-only kernels (the

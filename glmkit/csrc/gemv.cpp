@@ -7,6 +7,10 @@
 // OpenMP threads (the caller passes PyTorch's thread count). x is fp32 (the caller converts), y is
 // fp32. Plain C ABI, no PyTorch headers: glmkit/kernels.py compiles it in about a second with the
 // system compiler and calls it through ctypes with tensors' data pointers (shapes checked there).
+// kernels.py builds one of two variants, chosen by the CPU: AVX2 + FMA, or that plus AVX-512 (F, BW, VL)
+// and VNNI, where the integer dot products are vpdpbusd / vpdpwssd (one instruction for what AVX2 does in
+// three or two) and 32 vector registers hold up to 8 activation rows' sums. The integer sums are exact in
+// both, and everything else is the same code, so both variants give the same bits.
 #include <immintrin.h>
 #include <omp.h>
 
@@ -17,9 +21,19 @@
 
 #include "simd.h"
 
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
+#define GLMKIT_VNNI 1
+#else
+#define GLMKIT_VNNI 0
+#endif
+
 namespace {
 
 using namespace glmkit_simd;
+
+// Activation rows per pass over a weight row in the integer kernels: their int32 sums and fp32
+// accumulators must stay in registers (16 with AVX2, 32 with AVX-512).
+constexpr int kMaxRows = GLMKIT_VNNI ? 8 : 4;
 
 // MB activation rows against weight row w (K values): out[j] = dot(x[j], w). Two accumulators per
 // row hide the FMA latency; MB <= 4 keeps 2 * MB accumulators plus operands in the 16 registers.
@@ -119,8 +133,13 @@ inline void dot_rows_q8(const int16_t* x, int64_t ldx, const int8_t* w, int64_t 
     __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + 16)));
     for (int j = 0; j < MB; ++j) {
       const __m256i* xj = reinterpret_cast<const __m256i*>(x + j * ldx + k);
+#if GLMKIT_VNNI
+      a0[j] = _mm256_dpwssd_epi32(a0[j], w0, _mm256_loadu_si256(xj));
+      a1[j] = _mm256_dpwssd_epi32(a1[j], w1, _mm256_loadu_si256(xj + 1));
+#else
       a0[j] = _mm256_add_epi32(a0[j], _mm256_madd_epi16(w0, _mm256_loadu_si256(xj)));
       a1[j] = _mm256_add_epi32(a1[j], _mm256_madd_epi16(w1, _mm256_loadu_si256(xj + 1)));
+#endif
     }
   }
   for (int j = 0; j < MB; ++j) {
@@ -130,21 +149,23 @@ inline void dot_rows_q8(const int16_t* x, int64_t ldx, const int8_t* w, int64_t 
   }
 }
 
+// Up to MB activation rows: dot_rows_q8 for the largest block size that fits mb (MB >= mb >= 1).
+template <int MB>
+inline void rows_q8(int64_t mb, const int16_t* x, int64_t ldx, const int8_t* w, int64_t K, int32_t* out) {
+  if constexpr (MB > 1)
+    if (mb < MB) return rows_q8<MB - 1>(mb, x, ldx, w, K, out);
+  dot_rows_q8<MB>(x, ldx, w, K, out);
+}
+
 void q8(const int16_t* xq, const float* sx, int64_t M, int64_t K, const int8_t* w, const float* scale, int64_t N,
         float* y, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t n = 0; n < N; ++n) {
-    int32_t out[4];
+    int32_t out[kMaxRows];
     const int8_t* wr = w + n * K;
-    for (int64_t m = 0; m < M; m += 4) {
-      int64_t mb = std::min<int64_t>(4, M - m);
-      const int16_t* xm = xq + m * K;
-      switch (mb) {
-        case 4: dot_rows_q8<4>(xm, K, wr, K, out); break;
-        case 3: dot_rows_q8<3>(xm, K, wr, K, out); break;
-        case 2: dot_rows_q8<2>(xm, K, wr, K, out); break;
-        default: dot_rows_q8<1>(xm, K, wr, K, out); break;
-      }
+    for (int64_t m = 0; m < M; m += kMaxRows) {  // the weight row stays in L1 across the blocks
+      int64_t mb = std::min<int64_t>(kMaxRows, M - m);
+      rows_q8<kMaxRows>(mb, xq + m * K, K, wr, K, out);
       for (int64_t j = 0; j < mb; ++j) y[(m + j) * N + n] = static_cast<float>(out[j]) * sx[m + j] * scale[n];
     }
   }
@@ -152,19 +173,21 @@ void q8(const int16_t* xq, const float* sx, int64_t M, int64_t K, const int8_t* 
 
 // int4 weights come two per byte, low nibble = even column. Their products use int8 activations:
 // each (row, group) of x is rounded to int8 steps of its own absmax / 127 (as llama.cpp's Q8_0 does
-// for its 4-bit formats), so _mm256_maddubs_epi16 multiplies 32 unsigned nibbles by 32 signed
-// activations per instruction. The loop takes 64 columns (32 bytes, one load) at a time: masking the
-// low nibbles gives the even columns of both 32-column halves, shifting and masking the odd ones, so
-// the activations are stored in that order per 64 columns (see glmkit_gemv_int4) instead of the
-// nibbles being shuffled back into column order. maddubs sums pairs of products (|.| <= 2 * 15 * 127
-// = 3810); the even and odd results are added in int16 (<= 7620, no saturation) and widened to int32
-// by madd with ones: int32 lanes 0-3 then hold columns 0-31 of the chunk, lanes 4-7 columns 32-63.
-// With w = q * scale + min per group g:
-//   dot(x, w) = sum_g scale_g * sx_g * dot(q_g, xq_g) + sum_g min_g * xsum_g,
+// for its 4-bit formats), so one instruction multiplies 32 unsigned nibbles by 32 signed activations
+// and sums them in fours (vpdpbusd with VNNI; AVX2's maddubs sums pairs, then madd with ones the pairs
+// of pairs). The loop takes 64 columns (32 bytes, one load) at a time: masking the low nibbles gives
+// the even columns of both 32-column halves, shifting and masking the odd ones, so the activations are
+// stored in that order per 64 columns (see glmkit_gemv_int4) instead of the nibbles being shuffled back
+// into column order. Each product pair is at most 2 * 15 * 127 = 3810 in magnitude, so AVX2's int16
+// sums cannot saturate; the int32 lanes 0-3 then hold columns 0-31 of the chunk, lanes 4-7 columns
+// 32-63. With w = q * scale + min per group g:
+//   dot(x, w) = sum_g scale_g * (sx_g * dot(q_g, xq_g)) + sum_g min_g * xsum_g,
 // sx (M, G) the activation steps and xsum (M, G) the exact fp32 sums of x per group. The scales and
 // mins come interleaved, sm (N, G, 2) = [scale, min] in fp32 or bf16 (S), one stream next to the
-// weights; in bf16 they add 4 bytes per group to its 32 (group 64), in fp32 8. Groups of 64 or more
-// scale whole int32 vectors; groups of 32 scale lanes 0-3 and 4-7 by their own group's factor.
+// weights; in bf16 they add 4 bytes per group to its 32 (group 64), in fp32 8. The first sum scales
+// whole int32 vectors per group (groups of 64 or more; groups of 32 scale lanes 0-3 and 4-7 by their
+// own group's factor); the second, the mins' term, is a dot product over the groups of each row pair,
+// 8 groups per instruction (int4_tile), rather than a scalar per group inside the loop.
 
 // 32 bytes of packed weights (64 columns) split into their low (even columns) and high nibbles.
 inline void nibbles(const uint8_t* w, __m256i& lo, __m256i& hi) {
@@ -173,10 +196,14 @@ inline void nibbles(const uint8_t* w, __m256i& lo, __m256i& hi) {
   lo = _mm256_and_si256(b, mask), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
 }
 
-// The int32 lanes of one chunk: even / odd nibbles against the matching 32 activations each.
-inline __m256i dot64(__m256i lo, __m256i hi, __m256i x_even, __m256i x_odd) {
+// acc + the int32 lanes of one chunk: even / odd nibbles against the matching 32 activations each.
+inline __m256i dot64(__m256i acc, __m256i lo, __m256i hi, __m256i x_even, __m256i x_odd) {
+#if GLMKIT_VNNI
+  return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(acc, lo, x_even), hi, x_odd);
+#else
   __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x_even), _mm256_maddubs_epi16(hi, x_odd));
-  return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+#endif
 }
 
 // MB activation rows against one chunk of 64 columns at k: a[j] += its int32 lanes.
@@ -186,96 +213,141 @@ inline void chunk_int4(const int8_t* x, int64_t ldx, const uint8_t* w, int64_t k
   nibbles(w + k / 2, lo, hi);
   for (int j = 0; j < MB; ++j) {
     const __m256i* xj = reinterpret_cast<const __m256i*>(x + j * ldx + k);
-    a[j] = _mm256_add_epi32(a[j], dot64(lo, hi, _mm256_loadu_si256(xj), _mm256_loadu_si256(xj + 1)));
+    a[j] = dot64(a[j], lo, hi, _mm256_loadu_si256(xj), _mm256_loadu_si256(xj + 1));
   }
 }
 
-// MB activation rows against one weight row w (K / 2 bytes), CH = gs / 64 chunks per group (0: gs / 64
-// at run time). sm: this row's (G, 2) scale / min pairs.
-template <int MB, int CH, typename S>
-inline void dot_rows_int4(const int8_t* x, int64_t ldx, const float* sx, const float* xsum, int64_t G, const uint8_t* w,
-                          int64_t gs, const S* sm, float* out) {
+// Groups of 32: one chunk holds two groups. MB activation rows against one weight row w (K / 2 bytes);
+// sm: this row's (G, 2) scale / min pairs.
+template <int MB, typename S>
+inline void dot_rows_int4_g32(const int8_t* x, int64_t ldx, const float* sx, const float* xsum, int64_t G,
+                              const uint8_t* w, const S* sm, float* out) {
   __m256 acc[MB];
   __m256i a[MB];
   float lin[MB];
   for (int j = 0; j < MB; ++j) acc[j] = _mm256_setzero_ps(), lin[j] = 0.0f;
-  if (gs == 32) {  // one chunk holds two groups
-    const __m256i pick = _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0);
-    for (int64_t g = 0; g < G; g += 2) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + 16 * g) + 1024, _MM_HINT_T0);
-      for (int j = 0; j < MB; ++j) a[j] = _mm256_setzero_si256();
-      chunk_int4<MB>(x, ldx, w, 32 * g, a);
-      const float s0 = to_float(sm[2 * g]), m0 = to_float(sm[2 * g + 1]);
-      const float s1 = to_float(sm[2 * g + 2]), m1 = to_float(sm[2 * g + 3]);
-      for (int j = 0; j < MB; ++j) {
-        const float* sj = sx + j * G + g;
-        __m256 f = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_set_ps(0.0f, 0.0f, s1 * sj[1], s0 * sj[0])), pick);
-        acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[j]), f, acc[j]);
-        lin[j] += m0 * xsum[j * G + g] + m1 * xsum[j * G + g + 1];
-      }
-    }
-  } else {
-    const int64_t chunks = CH ? CH : gs / 64;
-    for (int64_t g = 0; g < G; ++g) {
-      for (int j = 0; j < MB; ++j) a[j] = _mm256_setzero_si256();
-      for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t k = g * gs + 64 * c;
-        _mm_prefetch(reinterpret_cast<const char*>(w + k / 2) + 1024, _MM_HINT_T0);
-        chunk_int4<MB>(x, ldx, w, k, a);
-      }
-      const float s = to_float(sm[2 * g]), mn = to_float(sm[2 * g + 1]);
-      for (int j = 0; j < MB; ++j) {
-        acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[j]), _mm256_set1_ps(s * sx[j * G + g]), acc[j]);
-        lin[j] += mn * xsum[j * G + g];
-      }
+  const __m256i pick = _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0);
+  for (int64_t g = 0; g < G; g += 2) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + 16 * g) + 1024, _MM_HINT_T0);
+    for (int j = 0; j < MB; ++j) a[j] = _mm256_setzero_si256();
+    chunk_int4<MB>(x, ldx, w, 32 * g, a);
+    const float s0 = to_float(sm[2 * g]), m0 = to_float(sm[2 * g + 1]);
+    const float s1 = to_float(sm[2 * g + 2]), m1 = to_float(sm[2 * g + 3]);
+    for (int j = 0; j < MB; ++j) {
+      const float* sj = sx + j * G + g;
+      __m256 f = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_set_ps(0.0f, 0.0f, s1 * sj[1], s0 * sj[0])), pick);
+      acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[j]), f, acc[j]);
+      lin[j] += m0 * xsum[j * G + g] + m1 * xsum[j * G + g + 1];
     }
   }
   for (int j = 0; j < MB; ++j) out[j] = hsum(acc[j]) + lin[j];
 }
 
-// One activation row against R weight rows (M = 1, the common decode case; groups of 64 or more):
-// the activations are loaded once per chunk for all R rows and the R accumulation chains run side by
-// side. The R rows are contiguous, so the next block is prefetched as one stream.
-template <int R, int CH, typename S>
-inline void wrows_int4(const int8_t* x, const float* sx, const float* xsum, int64_t G, const uint8_t* w, int64_t gs,
-                       const S* sm, float* out) {
-  const int64_t chunks = CH ? CH : gs / 64, ldw = G * gs / 2;
-  __m256 acc[R];
-  float lin[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), lin[r] = 0.0f;
+// One scale (fp32 or bf16) in all 8 lanes.
+inline __m256 bcast(const float* p) { return _mm256_broadcast_ss(p); }
+inline __m256 bcast(const uint16_t* p) { return _mm256_set1_ps(to_float(*p)); }
+
+// The mins' term of one weight row and one activation row: sum_g min_g * xs_g, sm the row's (G, 2) pairs.
+inline float mins_dot(const float* sm, const float* xs, int64_t G) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 8 <= G; g += 8) {
+    __m256 p0 = _mm256_loadu_ps(sm + 2 * g), p1 = _mm256_loadu_ps(sm + 2 * g + 8);
+    __m256 mn = _mm256_shuffle_ps(p0, p1, 0xDD);  // odd elements: m0 m1 m4 m5 | m2 m3 m6 m7
+    mn = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(mn), 0xD8));  // m0 .. m7
+    acc = _mm256_fmadd_ps(mn, _mm256_loadu_ps(xs + g), acc);
+  }
+  float s = hsum(acc);
+  for (; g < G; ++g) s += sm[2 * g + 1] * xs[g];
+  return s;
+}
+inline float mins_dot(const uint16_t* sm, const float* xs, int64_t G) {
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m256 acc = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 8 <= G; g += 8) {  // a [scale, min] pair of bf16 is one 32-bit lane whose high half is the min
+    __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sm + 2 * g));
+    acc = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(p, high)), _mm256_loadu_ps(xs + g), acc);
+  }
+  float s = hsum(acc);
+  for (; g < G; ++g) s += to_float(sm[2 * g + 1]) * xs[g];
+  return s;
+}
+
+// Groups of a multiple of 64 columns, CH = gs / 64 chunks per group (0: gs / 64 at run time). R weight
+// rows (ldw bytes apart, sm their (R, G, 2) pairs) times MB activation rows (ldx apart, in the chunk
+// order above; sx and xsum (MB, G)): y[j * ldy + r] = dot(x_j, w_r). Each chunk of a weight row is
+// unpacked once for all MB rows; R > 1 (one activation row) runs R accumulation chains side by side
+// and prefetches the next block of R contiguous rows as one stream.
+template <int R, int MB, int CH, typename S>
+inline void int4_tile(const int8_t* x, int64_t ldx, const float* sx, const float* xsum, int64_t G, const uint8_t* w,
+                      int64_t ldw, int64_t gs, const S* sm, float* y, int64_t ldy) {
+  const int64_t chunks = CH ? CH : gs / 64;
+  __m256 acc[R][MB];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < MB; ++j) acc[r][j] = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    __m256i a[R];
-    for (int r = 0; r < R; ++r) a[r] = _mm256_setzero_si256();
+    __m256i a[R][MB];
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < MB; ++j) a[r][j] = _mm256_setzero_si256();
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t k = g * gs + 64 * c;
-      const char* pf = reinterpret_cast<const char*>(w + R * ldw) + R * (k / 2);  // 32 bytes per row per chunk
-      for (int i = 0; i < R * 32; i += 64) _mm_prefetch(pf + i, _MM_HINT_T0);
-      __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k));
-      __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k + 32));
+      if (R == 1) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + k / 2) + 1024, _MM_HINT_T0);  // the hardware prefetcher alone falls behind
+      } else {
+        const char* pf = reinterpret_cast<const char*>(w + R * ldw) + R * (k / 2);  // 32 bytes per row per chunk
+        for (int i = 0; i < R * 32; i += 64) _mm_prefetch(pf + i, _MM_HINT_T0);
+      }
       for (int r = 0; r < R; ++r) {
         __m256i lo, hi;
         nibbles(w + r * ldw + k / 2, lo, hi);
-        a[r] = _mm256_add_epi32(a[r], dot64(lo, hi, x0, x1));
+        for (int j = 0; j < MB; ++j) {
+          const __m256i* xj = reinterpret_cast<const __m256i*>(x + j * ldx + k);
+          a[r][j] = dot64(a[r][j], lo, hi, _mm256_loadu_si256(xj), _mm256_loadu_si256(xj + 1));
+        }
       }
     }
     for (int r = 0; r < R; ++r) {
-      const S* p = sm + 2 * (r * G + g);
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r]), _mm256_set1_ps(to_float(p[0]) * sx[g]), acc[r]);
-      lin[r] += to_float(p[1]) * xsum[g];
+      const __m256 s = bcast(sm + 2 * (r * G + g));  // loaded once for the MB rows
+      for (int j = 0; j < MB; ++j) {
+        const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(a[r][j]), _mm256_set1_ps(sx[j * G + g]));
+        acc[r][j] = _mm256_fmadd_ps(f, s, acc[r][j]);
+      }
     }
   }
-  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) + lin[r];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < MB; ++j) y[j * ldy + r] = hsum(acc[r][j]) + mins_dot(sm + 2 * r * G, xsum + j * G, G);
+}
+
+// Up to MB activation rows against one weight row: int4_tile for the block size mb (MB >= mb >= 1).
+template <int MB, int CH, typename S>
+inline void rows_int4(int64_t mb, const int8_t* x, int64_t ldx, const float* sx, const float* xsum, int64_t G,
+                      const uint8_t* w, int64_t gs, const S* sm, float* y, int64_t ldy) {
+  if constexpr (MB > 1)
+    if (mb < MB) return rows_int4<MB - 1, CH>(mb, x, ldx, sx, xsum, G, w, gs, sm, y, ldy);
+  int4_tile<1, MB, CH>(x, ldx, sx, xsum, G, w, 0, gs, sm, y, ldy);
 }
 
 template <int CH, typename S>
 void int4_rows(const int8_t* xq, const float* sx, const float* xsum, int64_t M, int64_t K, const uint8_t* w,
                const S* sm, int64_t gs, int64_t N, float* y, int threads) {
-  const int64_t G = K / gs;
-  if (M == 1 && gs != 32 && N % 4 == 0) {
+  const int64_t G = K / gs, ldw = K / 2;
+  if (M == 1 && N % 4 == 0) {  // output rows split over the threads, never the activation rows
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < N; n += 4) wrows_int4<4, CH>(xq, sx, xsum, G, w + n * (K / 2), gs, sm + 2 * n * G, y + n);
+    for (int64_t n = 0; n < N; n += 4) int4_tile<4, 1, CH>(xq, K, sx, xsum, G, w + n * ldw, ldw, gs, sm + 2 * n * G, y + n, N);
     return;
   }
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t m = 0; m < M; m += kMaxRows)  // the weight row stays in L1 across the blocks
+      rows_int4<kMaxRows, CH>(std::min<int64_t>(kMaxRows, M - m), xq + m * K, K, sx + m * G, xsum + m * G, G,
+                              w + n * ldw, gs, sm + 2 * n * G, y + m * N + n, N);
+}
+
+template <typename S>
+void int4_g32(const int8_t* xq, const float* sx, const float* xsum, int64_t M, int64_t K, const uint8_t* w,
+              const S* sm, int64_t N, float* y, int threads) {
+  const int64_t G = K / 32;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t n = 0; n < N; ++n) {
     float out[4];
@@ -286,10 +358,10 @@ void int4_rows(const int8_t* xq, const float* sx, const float* xsum, int64_t M, 
       const int8_t* xm = xq + m * K;
       const float *s = sx + m * G, *xs = xsum + m * G;
       switch (mb) {
-        case 4: dot_rows_int4<4, CH>(xm, K, s, xs, G, wr, gs, smr, out); break;
-        case 3: dot_rows_int4<3, CH>(xm, K, s, xs, G, wr, gs, smr, out); break;
-        case 2: dot_rows_int4<2, CH>(xm, K, s, xs, G, wr, gs, smr, out); break;
-        default: dot_rows_int4<1, CH>(xm, K, s, xs, G, wr, gs, smr, out); break;
+        case 4: dot_rows_int4_g32<4>(xm, K, s, xs, G, wr, smr, out); break;
+        case 3: dot_rows_int4_g32<3>(xm, K, s, xs, G, wr, smr, out); break;
+        case 2: dot_rows_int4_g32<2>(xm, K, s, xs, G, wr, smr, out); break;
+        default: dot_rows_int4_g32<1>(xm, K, s, xs, G, wr, smr, out); break;
       }
       for (int64_t j = 0; j < mb; ++j) y[(m + j) * N + n] = out[j];
     }
@@ -300,6 +372,7 @@ template <typename S>
 void int4(const int8_t* xq, const float* sx, const float* xsum, int64_t M, int64_t K, const uint8_t* w, const S* sm,
           int64_t gs, int64_t N, float* y, int threads) {
   switch (gs) {  // the common group sizes get a fixed chunk count per group
+    case 32: int4_g32(xq, sx, xsum, M, K, w, sm, N, y, threads); break;
     case 64: int4_rows<1>(xq, sx, xsum, M, K, w, sm, gs, N, y, threads); break;
     case 128: int4_rows<2>(xq, sx, xsum, M, K, w, sm, gs, N, y, threads); break;
     default: int4_rows<0>(xq, sx, xsum, M, K, w, sm, gs, N, y, threads); break;
@@ -309,6 +382,9 @@ void int4(const int8_t* xq, const float* sx, const float* xsum, int64_t M, int64
 }  // namespace
 
 // The C ABI (kernels.py checks shapes, dtypes and contiguity before calling).
+// 1 when this library was built with AVX-512 VNNI, 0 for the AVX2 build.
+extern "C" int glmkit_gemv_vnni() { return GLMKIT_VNNI; }
+
 // wtype: 0 fp32, 1 bf16, 2 int8. scale: per output row, or null. y: (M, N) fp32.
 extern "C" int glmkit_gemv_dense(const float* x, int64_t M, int64_t K, const void* w, int wtype, const float* scale,
                                  int64_t N, float* y, int threads) {
@@ -332,10 +408,11 @@ extern "C" int glmkit_gemv_q8(const float* x, int64_t M, int64_t K, const int8_t
 }
 
 // glmkit's int4 layout: w uint8 (N, K/2); sm (N, K/gs, 2) [scale, min] pairs, fp32 (sm_type 0) or bf16
-// (sm_type 1); through int8 activations quantized per group. gs: a multiple of 32; K: a multiple of 64.
+// (sm_type 1); through int8 activations quantized per group. gs: 32 or a multiple of 64 (a 64-column
+// chunk holds two whole groups or part of one); K: a multiple of 64.
 extern "C" int glmkit_gemv_int4(const float* x, int64_t M, int64_t K, const uint8_t* w, const void* sm, int sm_type,
                                 int64_t gs, int64_t N, float* y, int threads) {
-  if (gs % 32 || K % gs || K % 64 || sm_type < 0 || sm_type > 1) return 1;
+  if (gs <= 0 || (gs != 32 && gs % 64) || K % gs || K % 64 || sm_type < 0 || sm_type > 1) return 1;
   int64_t G = K / gs;
   std::vector<int8_t> xd(M * K);
   std::vector<float> sx(M * G), xsum(M * G), inv(G);
