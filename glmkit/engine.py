@@ -55,8 +55,8 @@ request gives the tokens `generate` gives with the same seed, whatever runs besi
 
 Faults stay in their row. A request that cannot be admitted, or whose logits are not finite (after
 its sampling parameters), ends alone with finish_reason "error" and `req.error` saying why; the
-other rows go on. A forward that fails with prefill chunks in it is run again without them, and
-their requests fail alone. Only a failure of a batched step itself (the decode or the sampler, not a
+other rows go on. A forward that fails with prefill chunks in it is run again part by part, and a
+chunk that fails alone fails its request alone. Only a failure of a batched step itself (the decode or the sampler, not a
 request's numbers) fails every running row.
 
 Memory. The block pool is sized at construction: `kv_memory` bytes (or `kv_blocks` blocks), by
@@ -460,8 +460,8 @@ class Engine:
         """The step's one forward (`GLM.step_many`): a decode step of the running rows that have a token
         to feed (all but those that joined this step from the prompt cache, which come last) and the
         step's prefill chunks, their tokens through the linears together. A finished prompt's request
-        joins the rows, its logits sampled with theirs. Should the forward fail with chunks in it, it is
-        run again without them and their requests fail alone: rewriting the rows' slots is harmless."""
+        joins the rows, its logits sampled with theirs. Should the forward fail with chunks in it, its parts
+        run again one by one (`_run_apart`)."""
         dev = self.cache.table.device
         decode = [r for r in self.rows if r.next_logits is None]  # rows [:len(decode)]
         chunks = self._chunks(bool(decode))
@@ -482,13 +482,10 @@ class Engine:
         t0 = time.perf_counter()
         try:
             logits = self.model.step_many(parts)
-        except Exception as e:
+        except Exception:
             if not chunks:
                 raise
-            for p, _, _ in chunks:
-                self._fail_prefill(p, e)
-            chunks, parts = [], parts[:1] if decode else []
-            logits = self.model.step_many(parts) if parts else []
+            logits, chunks = self._run_apart(parts, chunks, bool(decode))
         dt = time.perf_counter() - t0
         tokens = len(decode) + sum(b - a for _, a, b in chunks)
         if self.prefill_chunk == "auto":
@@ -510,6 +507,19 @@ class Engine:
                 if p.keep:
                     self._remember(req, (T, p.prompt, lg))  # never written again: its blocks stay shared
                 self._join(req, p.prompt, lg, p.keep)
+
+    def _run_apart(self, parts, chunks, decoding: bool):
+        """After a failed mixed forward: the decode part alone (its failure fails the step), then each
+        chunk alone, a chunk that fails again failing its request alone. Writing the same keys at the
+        same slots again is harmless. Returns the logits and the chunks that ran."""
+        logits, kept = ([self.model.step_many(parts[:1])[0]] if decoding else []), []
+        for c, part in zip(chunks, parts[1:] if decoding else parts):
+            try:
+                logits.append(self.model.step_many([part])[0])
+                kept.append(c)
+            except Exception as e:
+                self._fail_prefill(c[0], e)
+        return logits, kept
 
     @staticmethod
     def _gen_position(req: Request, k: int) -> list[int]:
