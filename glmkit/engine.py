@@ -269,13 +269,13 @@ class Engine:
     def step(self):
         self._schedule()
         self._retire()  # rows cancelled since the last step leave before the forward
-        if self._reserve():
-            self._retire()
         self._run()
         if not self.rows:
             return
         self._sample_and_emit()
         self._retire()
+        if self._reserve():  # the slot each row writes in the next step's forward
+            self._retire()
 
     def run_forever(self, stop: threading.Event):
         while not stop.is_set():
@@ -445,8 +445,6 @@ class Engine:
         Returns whether any did."""
         failed = False
         for b, r in enumerate(self.rows):
-            if r.next_logits is not None:  # joined this step from the prompt cache: nothing to feed yet
-                continue
             try:
                 self.cache.reserve(b, r.length, r.length + 1)
             except PoolExhausted as e:  # its blocks go back at once: the rows after it may need them
