@@ -21,7 +21,8 @@ every stream for its whole prefill, and its attention scores are bounded by chun
 chunk attends to the prompt's keys so far through the cache, so the logits equal a one-shot
 prefill's (within summation order). `prefill_chunk="auto"` (the default) sizes each step's chunk by
 time (`ChunkSizer`): while rows decode, as many tokens as keep the step within about 2x an idle
-decode step (at least 16, so a prompt always progresses); with none decoding, 512. An int is a fixed
+decode step (at least 16, so a prompt always progresses, unless what fits the native few-row kernels
+beside the rows is the cheaper step); with none decoding, 512. An int is a fixed
 chunk; None prefills whole prompts. A GLM prefix-LM prompt's Part A (its first `sep` tokens, read
 bidirectionally) must be complete before any query reads it, so the first chunk holds all of Part A,
 however long, whatever the chunk size; what follows is chunked. A prompt being prefilled holds a
@@ -83,6 +84,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import kernels
 from .errors import ContextLengthError
 from .model import BlockPool, PagedKVCache, Part, PoolExhausted
 from .plan import check_kv_fits
@@ -147,24 +149,42 @@ class ChunkSizer:
     prompt always progresses, and at most twice the last one, so one step timed short cannot make the
     next one long. No chunk beside decoding rows before a decode-only step has been timed (the first
     one is not: it pays one-time work, the native library's load and the model's decode plan).
+
+    That line has a step in it: while rows and chunk together fit the native few-row kernels
+    (`few_rows`, kernels.MAX_ROWS), the weights are read as stored; past it, quantized weights are
+    dequantized once per step for the GEMM, a fixed cost that can exceed a whole decode step. So the
+    few-row chunk (few_rows - rows tokens) is timed too (t_few), and a step takes it instead when it
+    keeps within slack x t_decode and the line's chunk is not larger, or when neither keeps within it
+    and it is the shorter step.
     With no rows decoding nobody waits on the step: `idle` tokens (large chunks, few weight passes,
     but bounded so that a request arriving meanwhile waits at most one such chunk)."""
 
-    def __init__(self, slack: float = 2.0, floor: int = 16, idle: int = 512, decay: float = 0.7):
-        self.slack, self.floor, self.idle, self.decay = slack, floor, idle, decay
+    def __init__(self, slack: float = 2.0, floor: int = 16, idle: int = 512, few_rows: int = kernels.MAX_ROWS,
+                 decay: float = 0.7):
+        self.slack, self.floor, self.idle, self.few_rows, self.decay = slack, floor, idle, few_rows, decay
         self.t_decode: float | None = None  # seconds of a decode-only step
-        self.t_token: float | None = None  # seconds per prefill token beside the decode rows
-        self.last = floor  # the last chunk beside decoding rows
+        self.t_token: float | None = None  # seconds per prefill token beside the decode rows, past few_rows
+        self.t_few: float | None = None  # seconds of a step of at most few_rows rows and chunk tokens
+        self.last = floor  # the last chunk on the line
         self.warm = False
 
-    def size(self, decoding: bool) -> int:
-        if not decoding:
+    def size(self, rows: int) -> int:
+        """The chunk for a step beside `rows` decoding rows."""
+        if not rows:
             return self.idle
         if self.t_decode is None:
             return 0
+        few = self.few_rows - rows
+        if few > 0 and self.t_few is None:
+            return few  # timed once
         n = self.floor if self.t_token is None else (self.slack - 1) * self.t_decode / max(self.t_token, 1e-9)
-        self.last = int(min(self.idle, 2 * self.last, max(self.floor, n)))
-        return self.last
+        n = int(min(self.idle, 2 * self.last, max(self.floor, few + 1, n)))
+        if few > 0 and self.t_token is not None:
+            budget, t_line = self.slack * self.t_decode, self.t_decode + n * self.t_token
+            if (self.t_few <= budget and (t_line > budget or few >= n)) or (t_line > budget and self.t_few < t_line):
+                return few
+        self.last = n
+        return n
 
     def record(self, seconds: float, rows: int, tokens: int):
         """One forward's time: `rows` decode rows beside `tokens` prefill tokens."""
@@ -173,6 +193,8 @@ class ChunkSizer:
             if self.warm:
                 self.t_decode = avg(self.t_decode, seconds)
             self.warm = True
+        elif rows and rows + tokens <= self.few_rows:
+            self.t_few = avg(self.t_few, seconds)
         elif rows and self.t_decode is not None:
             self.t_token = avg(self.t_token, max(seconds - self.t_decode, 0.0) / tokens)
 
@@ -393,13 +415,13 @@ class Engine:
             prompt.length = n
         self.prefilling.append(_Prefill(req, prompt, n, req.cache_scope is not None and self.prompt_cache_entries > 0))
 
-    def _chunks(self, decoding: bool) -> list[tuple[_Prefill, int, int]]:
+    def _chunks(self, rows: int) -> list[tuple[_Prefill, int, int]]:
         """This step's prefill chunks (prompt, first token, end), oldest prompt first, within the step's
         budget of prompt tokens (a GLM Part A goes whole in its prompt's first chunk: every query reads
         it). Cancelled prompts leave here; one whose blocks cannot be had fails alone."""
         if not self.prefilling:
             return []
-        budget, out = self._budget(decoding), []
+        budget, out = self._budget(rows), []
         for p in list(self.prefilling):
             req, T = p.req, len(p.req.prompt_ids)
             if budget <= 0:
@@ -419,9 +441,9 @@ class Engine:
             budget -= n
         return out
 
-    def _budget(self, decoding: bool) -> float:
+    def _budget(self, rows: int) -> float:
         if self.prefill_chunk == "auto":
-            return self.sizer.size(decoding)
+            return self.sizer.size(rows)
         return self.prefill_chunk or float("inf")
 
     def _fail_prefill(self, p: _Prefill, e: Exception):
@@ -462,7 +484,7 @@ class Engine:
         run again one by one (`_run_apart`)."""
         dev = self.cache.table.device
         decode = [r for r in self.rows if r.next_logits is None]  # rows [:len(decode)]
-        chunks = self._chunks(bool(decode))
+        chunks = self._chunks(len(decode))
         parts = []
         if decode:
             lengths = [r.length for r in decode]

@@ -145,7 +145,8 @@ def test_auto_chunks_keep_the_streams_going_and_give_one_shot_tokens():
                 assert [len(r.output_ids) for r in reqs[:2]] == [k + 1 for k in before]
                 n = e.stats["prefill_tokens"] - done
                 if chunk == "auto":
-                    assert n >= min(e.sizer.floor, len(long.prompt_ids) - fed), (n, fed, e.sizer.__dict__)
+                    least = min(e.sizer.floor, e.sizer.few_rows - 2, len(long.prompt_ids) - fed)
+                    assert n >= least, (n, fed, e.sizer.__dict__)
                     assert fed or n >= long.sep, (n, long.sep)  # Part A whole in the first chunk
                 fed += n
         run_all(e, {})
@@ -158,19 +159,37 @@ def test_auto_chunks_keep_the_streams_going_and_give_one_shot_tokens():
 def test_chunk_sizer_settles_at_twice_an_idle_step():
     """Synthetic times: a decode step 0.1 s, a mixed step 0.1 + 0.02 + 1 ms per chunk token. The chunk
     that makes a step 2x idle is 80 tokens; it starts at the floor, at most doubles, and settles there."""
-    s = ChunkSizer()
-    assert s.size(False) == 512  # nobody decoding: big chunks
+    s = ChunkSizer(few_rows=0)  # no few-row kernels: the line alone
+    assert s.size(0) == 512  # nobody decoding: big chunks
     s.record(5.0, 3, 0)  # the first decode-only step pays one-time work: not counted
-    assert s.size(True) == 0  # no idle step timed yet: none beside decoding rows
+    assert s.size(3) == 0  # no idle step timed yet: none beside decoding rows
     for _ in range(3):
         s.record(0.1, 3, 0)
     sizes = []
     for _ in range(40):
-        sizes.append(s.size(True))
+        sizes.append(s.size(3))
         s.record(0.1 + 0.02 + 0.001 * sizes[-1], 3, sizes[-1])
     assert sizes[:3] == [16, 32, 64], sizes
     assert all(abs(n - 80) <= 2 for n in sizes[-10:]), sizes
     assert 0.1 + 0.02 + 0.001 * sizes[-1] <= 2 * 0.1 + 0.003
+
+
+@pytest.mark.parametrize("few_cost, many_fixed, want", [(0.15, 0.3, "few"), (0.4, 0.02, "line"), (0.5, 0.6, "few")])
+def test_chunk_sizer_takes_the_few_row_step_when_it_is_cheaper(few_cost, many_fixed, want):
+    """3 rows decode (0.1 s a step); 13 more tokens fit the few-row kernels at `few_cost` a step, more
+    pay `many_fixed` (the dequantized GEMM) + 1 ms a token. int4-like (dequantizing costs 3 decode
+    steps): the few-row step; bf16-like (few rows read the weights 4 times): the line's 80 tokens;
+    neither within 2x: the shorter step."""
+    s = ChunkSizer(few_rows=16)
+    for _ in range(3):
+        s.record(0.1, 3, 0)
+    sizes = []
+    for _ in range(40):
+        sizes.append(s.size(3))
+        s.record(few_cost if sizes[-1] <= 13 else 0.1 + many_fixed + 0.001 * sizes[-1], 3, sizes[-1])
+    assert sizes[:2] == [13, 16], sizes  # each kind of step timed once
+    assert all(n == (13 if want == "few" else 80) for n in sizes[-5:]) or (want == "line" and all(
+        abs(n - 80) <= 2 for n in sizes[-5:])), sizes
 
 
 def test_a_prompt_that_breaks_the_mixed_forward_fails_alone():
