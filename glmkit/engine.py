@@ -508,7 +508,7 @@ class Engine:
             logits, chunks = self._run_apart(parts, chunks, bool(decode))
         dt = time.perf_counter() - t0
         tokens = len(decode) + sum(b - a for _, a, b in chunks)
-        if self.prefill_chunk == "auto":
+        if self.prefill_chunk == "auto" and tokens:
             self.sizer.record(dt, len(decode), tokens - len(decode))
         if decode:
             for r, lg in zip(decode, logits[0][:, -1].float()):
