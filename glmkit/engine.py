@@ -147,8 +147,8 @@ class ChunkSizer:
     per chunk token (so the fixed cost of running the rows through the larger product counts too, and
     the size settles where the step takes slack x t_decode). Never fewer than `floor` tokens, so a
     prompt always progresses, and at most twice the last one, so one step timed short cannot make the
-    next one long. No chunk beside decoding rows before a decode-only step has been timed (the first
-    one is not: it pays one-time work, the native library's load and the model's decode plan).
+    next one long. Until a decode-only step has been timed, the floor (the first one is not timed: it
+    pays one-time work, the native library's load and the model's decode plan).
 
     That line has a step in it: while rows and chunk together fit the native few-row kernels
     (`few_rows`, kernels.MAX_ROWS), the weights are read as stored; past it, quantized weights are
@@ -173,7 +173,7 @@ class ChunkSizer:
         if not rows:
             return self.idle
         if self.t_decode is None:
-            return 0
+            return self.floor
         few = self.few_rows - rows
         if few > 0 and self.t_few is None:
             return few  # timed once
