@@ -124,7 +124,8 @@ def test_engine_reads_the_weights_once_per_step_and_gives_one_shot_tokens(monkey
 def test_auto_chunks_keep_the_streams_going_and_give_one_shot_tokens():
     """prefill_chunk="auto" (measured times, so sizes vary run to run): the rows gain a token every step
     while a long prompt is prefilled, the prompt gains at least the floor each step, and the tokens equal
-    whole-prompt prefill; a GLM Part A longer than any chunk still goes whole in the first."""
+    whole-prompt prefill; a GLM Part A longer than any chunk still goes whole in the first (the chunks are
+    capped small here, so that Part A is longer than any)."""
     model = model_of()
     p = lambda n: SamplingParams(max_new_tokens=n, temperature=0, logprobs=True)
     make = lambda: [Request([5, 6, 7], p(40)), Request([9, 10], p(40)), Request(list(range(100, 220)), p(3)),
@@ -132,6 +133,7 @@ def test_auto_chunks_keep_the_streams_going_and_give_one_shot_tokens():
     runs = {}
     for chunk in (None, "auto"):
         e = Engine(model, max_batch=4, max_len=256, block_size=4, prefill_chunk=chunk)
+        e.sizer = ChunkSizer(floor=4, idle=12)  # small chunks, so that Part A (51 tokens) is longer than any
         reqs = make()
         e.submit(reqs[0]), e.submit(reqs[1])
         for _ in range(6):  # the rows decode alone first: the sizer times idle steps
