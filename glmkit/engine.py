@@ -153,9 +153,10 @@ class ChunkSizer:
     That line has a step in it: while rows and chunk together fit the native few-row kernels
     (`few_rows`, kernels.MAX_ROWS), the weights are read as stored; past it, quantized weights are
     dequantized once per step for the GEMM, a fixed cost that can exceed a whole decode step. So the
-    few-row chunk (few_rows - rows tokens) is timed too (t_few), and a step takes it instead when it
-    keeps within slack x t_decode and the line's chunk is not larger, or when neither keeps within it
-    and it is the shorter step.
+    few-row steps get a line of their own (t_few per chunk token, timed at first with the most tokens
+    that fit, few_rows - rows), and a step takes the few-row chunk when it keeps within slack x
+    t_decode and the other line's chunk is not larger, or when neither keeps within it and it is the
+    shorter step.
     With no rows decoding nobody waits on the step: `idle` tokens (large chunks, few weight passes,
     but bounded so that a request arriving meanwhile waits at most one such chunk)."""
 
@@ -164,7 +165,7 @@ class ChunkSizer:
         self.slack, self.floor, self.idle, self.few_rows, self.decay = slack, floor, idle, few_rows, decay
         self.t_decode: float | None = None  # seconds of a decode-only step
         self.t_token: float | None = None  # seconds per prefill token beside the decode rows, past few_rows
-        self.t_few: float | None = None  # seconds of a step of at most few_rows rows and chunk tokens
+        self.t_few: float | None = None  # the same within few_rows rows and chunk tokens
         self.last = floor  # the last chunk on the line
         self.warm = False
 
@@ -180,9 +181,10 @@ class ChunkSizer:
         n = self.floor if self.t_token is None else (self.slack - 1) * self.t_decode / max(self.t_token, 1e-9)
         n = int(min(self.idle, 2 * self.last, max(self.floor, few + 1, n)))
         if few > 0 and self.t_token is not None:
-            budget, t_line = self.slack * self.t_decode, self.t_decode + n * self.t_token
-            if (self.t_few <= budget and (t_line > budget or few >= n)) or (t_line > budget and self.t_few < t_line):
-                return few
+            k = int(min(few, max(1, (self.slack - 1) * self.t_decode / max(self.t_few, 1e-9))))
+            budget, t_line, t_k = self.slack * self.t_decode, self.t_decode + n * self.t_token, self.t_decode + k * self.t_few
+            if (t_k <= budget and (t_line > budget or k >= n)) or (t_line > budget and t_k < t_line):
+                return k
         self.last = n
         return n
 
@@ -193,10 +195,12 @@ class ChunkSizer:
             if self.warm:
                 self.t_decode = avg(self.t_decode, seconds)
             self.warm = True
-        elif rows and rows + tokens <= self.few_rows:
-            self.t_few = avg(self.t_few, seconds)
         elif rows and self.t_decode is not None:
-            self.t_token = avg(self.t_token, max(seconds - self.t_decode, 0.0) / tokens)
+            per_token = max(seconds - self.t_decode, 0.0) / tokens
+            if rows + tokens <= self.few_rows:
+                self.t_few = avg(self.t_few, per_token)
+            else:
+                self.t_token = avg(self.t_token, per_token)
 
 
 class Engine:
