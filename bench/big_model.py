@@ -15,8 +15,9 @@ process, so peak resident memory is that variant's alone:
   decode     B * (N - 1) / (time for N new tokens - best of two times for 1), greedy, B = each of --batches,
              after a warm-up run at that batch size (its first run pays one-time costs)
   ttft       an --ttft-token prompt submitted to the serving engine while 3 streams decode: its time to first
-             token, and the streams' time per output token meanwhile beside their time per token before it,
-             with one-shot prefill and with --prefill-chunk chunks
+             token, and the streams' time per output token meanwhile beside their time per token before it
+             (tpot_ratio), with one-shot prefill and with each --prefill-chunk (N tokens, or auto: sized by
+             measured step times), --ttft-repeats times each, interleaved; medians, and TTFT against one-shot's
 Decode beside its bandwidth bound (B x measured bandwidth / bytes of weights read per token). With --llama-cpp DIR
 (a source tree, e.g. the one inside llama-cpp-python's source distribution, built with cmake: a benchmark
 reference only), the same weights go through llama.cpp's converter (bf16) and llama-quantize (Q8_0, Q4_0), and
@@ -107,7 +108,6 @@ def timed(cmd: list[str]) -> tuple[float, float, str]:
 # ---- one variant, in its own process ----------------------------------------------------------------------
 def child(a) -> None:
     import glmkit
-    from glmkit.engine import Engine, Request
     from glmkit.generate import generate
     from glmkit.sampling import SamplingParams
 
@@ -133,37 +133,57 @@ def child(a) -> None:
         run(prompts, 2)  # warm-up at this batch size: its first prefill and step pay one-time costs
         t1, tn = min(run(prompts, 1) for _ in range(2)), run(prompts, a.new_tokens)
         res[f"decode_b{B}_tok_s"] = B * (a.new_tokens - 1) / (tn - t1)
-    for chunk in (None, a.prefill_chunk) if a.ttft else ():
+    modes = [None] + [c if c == "auto" else int(c) for c in a.prefill_chunk.split(",")]
+    runs: dict = {}
+    for _ in range(a.ttft_repeats if a.ttft else 0):  # modes interleaved, so drift on a shared machine hits all alike
+        for chunk in modes:
+            runs.setdefault(chunk, []).append(ttft_run(model, V, a.ttft, chunk))
+    for chunk, rs in runs.items():
         tag = f"_chunk{chunk}" if chunk else ""
-        engine = Engine(model, max_batch=4, max_len=max(a.ttft, 64) + 64, prefill_chunk=chunk)
-        stamps: dict[int, list[float]] = {}
-        params = SamplingParams(max_new_tokens=64, temperature=0)
-        streams = [engine.submit(Request(torch.randint(0, V, (32,)).tolist(), params,
-                                         on_token=lambda r, *_: stamps.setdefault(r.id, []).append(time.perf_counter())))
-                   for _ in range(3)]
-        while min(len(stamps.get(r.id, ())) for r in streams) < 4:
-            engine.step()
-        t_submit = time.perf_counter()
-        long = engine.submit(Request(torch.randint(0, V, (a.ttft,)).tolist(), SamplingParams(max_new_tokens=2, temperature=0)))
-        while long.t_first is None:
-            engine.step()
-        engine.step()  # the streams' next tokens, after the long prompt's first
-        res["ttft_s" + tag] = long.t_first - long.t_submit
-        gaps = [(b - a_, b) for r in streams for a_, b in zip(stamps[r.id], stamps[r.id][1:])]
-        idle = [g for g, end in gaps if end < t_submit]
-        busy = [g for g, end in gaps if t_submit <= end]
-        res["tpot_idle_s" + tag] = sum(idle) / len(idle)
-        res["tpot_during_ttft_s" + tag] = sum(busy) / len(busy)  # mean over the long prompt's prefill
-        res["tpot_worst_during_ttft_s" + tag] = max(busy)
-        for r in streams:
-            engine.cancel(r)
-        while engine.has_work():
-            engine.step()
-        del engine
+        med = lambda k: sorted(r[k] for r in rs)[len(rs) // 2]  # the median over repetitions
+        for k in rs[0]:
+            res[k + tag] = med(k)
+        res["tpot_ratio" + tag] = med("tpot_during_ttft_s") / med("tpot_idle_s")
+        if chunk:  # TTFT against one-shot's in the same repetition
+            res["ttft_vs_oneshot" + tag] = sorted(r["ttft_s"] / o["ttft_s"] for r, o in zip(rs, runs[None]))[len(rs) // 2]
     import resource
 
     res["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print("RESULT " + json.dumps(res))
+
+
+def ttft_run(model, V: int, prompt: int, chunk) -> dict:
+    """An engine (prefill_chunk=chunk) with 3 streams decoding; a `prompt`-token request submitted after
+    their 8th token: its TTFT, the streams' mean time per token before it (idle) and while it is
+    prefilled (until the step after its first token), their worst gap meanwhile, and the mean chunk."""
+    from glmkit.engine import Engine, Request
+    from glmkit.sampling import SamplingParams
+
+    engine = Engine(model, max_batch=4, max_len=max(prompt, 64) + 1024, prefill_chunk=chunk)
+    stamps: dict[int, list[float]] = {}
+    params = SamplingParams(max_new_tokens=960, temperature=0)  # past the prefill even at the smallest chunks
+    streams = [engine.submit(Request(torch.randint(0, V, (32,)).tolist(), params,
+                                     on_token=lambda r, *_: stamps.setdefault(r.id, []).append(time.perf_counter())))
+               for _ in range(3)]
+    while min(len(stamps.get(r.id, ())) for r in streams) < 8:
+        engine.step()
+    t_submit = time.perf_counter()
+    long = engine.submit(Request(torch.randint(0, V, (prompt,)).tolist(), SamplingParams(max_new_tokens=2, temperature=0)))
+    steps = 0
+    while long.t_first is None:
+        engine.step()
+        steps += 1
+    engine.step()  # the streams' next tokens, after the long prompt's first
+    gaps = [(b - a, b) for r in streams for a, b in zip(stamps[r.id], stamps[r.id][1:])]
+    idle = [g for g, end in gaps if end < t_submit]
+    busy = [g for g, end in gaps if t_submit <= end]
+    for r in streams:
+        engine.cancel(r)
+    while engine.has_work():
+        engine.step()
+    return {"ttft_s": long.t_first - long.t_submit, "tpot_idle_s": sum(idle) / len(idle),
+            "tpot_during_ttft_s": sum(busy) / len(busy), "tpot_worst_during_ttft_s": max(busy),
+            "mean_chunk": prompt / steps}
 
 
 # ---- llama.cpp on the same weights ------------------------------------------------------------------------------
@@ -227,7 +247,9 @@ def main() -> None:
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4])
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--ttft", type=int, default=8192, help="prompt tokens of the late request (0: skip)")
-    p.add_argument("--prefill-chunk", type=int, default=512, help="the engine's chunk for the TTFT run beside one-shot")
+    p.add_argument("--prefill-chunk", default="512,auto",
+                   help="the engine's chunks (tokens, or auto) for the TTFT runs beside one-shot, comma-separated")
+    p.add_argument("--ttft-repeats", type=int, default=3, help="TTFT runs per mode, interleaved; medians reported")
     p.add_argument("--llama-cpp", type=Path, default=None, help="a llama.cpp source tree with llama-bench and llama-quantize built")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -254,7 +276,7 @@ def main() -> None:
                 rows.setdefault(v, {}).update(quantize_s=sec, quantize_peak_gib=gib)
         args = [sys.executable, __file__, "--child", str(d), "--prefill", str(a.prefill), "--new-tokens", str(a.new_tokens),
                 "--batches", ",".join(map(str, a.batches)), "--ttft", str(a.ttft),
-                "--prefill-chunk", str(a.prefill_chunk)]
+                "--prefill-chunk", a.prefill_chunk, "--ttft-repeats", str(a.ttft_repeats)]
         r = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:

@@ -7,18 +7,27 @@
     req.output_ids, req.finish_reason
 
 `step()` reads like nano-vllm's: admit waiting requests into free batch rows (taking a cached
-prompt's KV from the prompt cache), prefill the admitted prompts, run one decode step for every
-running row together, then sample each row with its own parameters, emit the token and retire
-finished rows. Requests join and leave between steps, so a long generation never holds a short one back.
+prompt's KV from the prompt cache), run one forward, then sample each row with its own parameters,
+emit the token and retire finished rows. The forward (`GLM.step_many`) is a decode step of every
+running row and the step's prefill chunks together: their tokens go through the linears as one
+list, so the weights are read once per step, not once for the prefill and again for the decode
+(attention is per part: the rows against the engine's cache, a chunk against its prompt's, with its
+prompt's mask). A step with no chunk is a plain decode step (the native fused path). Requests join
+and leave between steps, so a long generation never holds a short one back.
 
-Chunked prefill. With `prefill_chunk` set, a step prefills at most that many prompt tokens in all
-(oldest admitted prompt first), and the rest in later steps, between the running rows' decode steps:
-a long prompt no longer stalls every stream for its whole prefill, and its attention scores are
-bounded by chunk x prompt. Each chunk attends to the prompt's keys so far through the cache, so the
-logits equal a one-shot prefill's (within summation order). A GLM prefix-LM prompt's Part A (its
-first `sep` tokens, read bidirectionally) must be complete before any query reads it, so the first
-chunk holds all of Part A, however long; what follows is chunked. A prompt being prefilled holds a
-batch seat; it joins the running rows when its last chunk is done.
+Chunked prefill. A step prefills at most `prefill_chunk` prompt tokens in all (oldest admitted
+prompt first), the rest in later steps, beside the running rows' decode: a long prompt does not stall
+every stream for its whole prefill, and its attention scores are bounded by chunk x prompt. Each
+chunk attends to the prompt's keys so far through the cache, so the logits equal a one-shot
+prefill's (within summation order). `prefill_chunk="auto"` (the default) sizes each step's chunk by
+time (`ChunkSizer`): while rows decode, as many tokens as keep the step within about 2x an idle
+decode step (at least 16, so a prompt always progresses, unless what fits the native few-row kernels
+beside the rows is the cheaper step); with none decoding, 512. An int is a fixed
+chunk; None prefills whole prompts. A GLM prefix-LM prompt's Part A (its first `sep` tokens, read
+bidirectionally) must be complete before any query reads it, so the first chunk holds all of Part A,
+however long, whatever the chunk size; what follows is chunked. A prompt being prefilled holds a
+batch seat; it joins the running rows when its last chunk is done, and its first token is sampled in
+that step.
 
 Rows live in one paged KV cache (`model.PagedKVCache`): keys and values in blocks of `block_size`
 slots from one pool, a block table per row, blocks taken as a row grows and given back when it
@@ -47,7 +56,8 @@ request gives the tokens `generate` gives with the same seed, whatever runs besi
 
 Faults stay in their row. A request that cannot be admitted, or whose logits are not finite (after
 its sampling parameters), ends alone with finish_reason "error" and `req.error` saying why; the
-other rows go on. Only a failure of a batched step itself (the model or the sampler, not a
+other rows go on. A forward that fails with prefill chunks in it is run again part by part, and a
+chunk that fails alone fails its request alone. Only a failure of a batched step itself (the decode or the sampler, not a
 request's numbers) fails every running row.
 
 Memory. The block pool is sized at construction: `kv_memory` bytes (or `kv_blocks` blocks), by
@@ -74,8 +84,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import kernels
 from .errors import ContextLengthError
-from .model import BlockPool, PagedKVCache, PoolExhausted
+from .model import BlockPool, PagedKVCache, Part, PoolExhausted
 from .plan import check_kv_fits
 from .sampling import Sampler, SamplingParams, ngram_bans
 
@@ -126,11 +137,80 @@ class _Row:
     next_logits: torch.Tensor | None = None  # (V,) after prefill, before the first sample
 
 
+class ChunkSizer:
+    """Prefill tokens per step for `prefill_chunk="auto"`, from times measured as the engine runs.
+
+    A step's time is about t_decode + n * t_token for a chunk of n tokens beside the decode rows (the
+    weights are read once either way), so while rows decode a chunk gets (slack - 1) * t_decode /
+    t_token tokens: the streams' time per token stays within about `slack` x an idle decode step.
+    t_decode is a moving average of decode-only steps; t_token of a mixed step's time past t_decode,
+    per chunk token (so the fixed cost of running the rows through the larger product counts too, and
+    the size settles where the step takes slack x t_decode). Never fewer than `floor` tokens, so a
+    prompt always progresses, and at most twice the last one, so one step timed short cannot make the
+    next one long. Until a decode-only step has been timed, the floor (the first one is not timed: it
+    pays one-time work, the native library's load and the model's decode plan).
+
+    That line has a step in it: while rows and chunk together fit the native few-row kernels
+    (`few_rows`, kernels.MAX_ROWS), the weights are read as stored; past it, quantized weights are
+    dequantized once per step for the GEMM, a fixed cost that can exceed a whole decode step. So the
+    few-row steps get a line of their own (t_few per chunk token, timed at first with the most tokens
+    that fit, few_rows - rows), and a step takes the few-row chunk when it keeps within slack x
+    t_decode and the other line's chunk is not larger, or when neither keeps within it and it is the
+    shorter step.
+    With no rows decoding nobody waits on the step: `idle` tokens (large chunks, few weight passes,
+    but bounded so that a request arriving meanwhile waits at most one such chunk)."""
+
+    def __init__(self, slack: float = 2.0, floor: int = 16, idle: int = 512, few_rows: int = kernels.MAX_ROWS,
+                 decay: float = 0.7):
+        self.slack, self.floor, self.idle, self.few_rows, self.decay = slack, floor, idle, few_rows, decay
+        self.t_decode: float | None = None  # seconds of a decode-only step
+        self.t_token: float | None = None  # seconds per prefill token beside the decode rows, past few_rows
+        self.t_few: float | None = None  # the same within few_rows rows and chunk tokens
+        self.last = floor  # the last chunk on the line
+        self.warm = False
+
+    def size(self, rows: int) -> int:
+        """The chunk for a step beside `rows` decoding rows."""
+        if not rows:
+            return self.idle
+        if self.t_decode is None:
+            return self.floor
+        few = self.few_rows - rows
+        if few > 0 and self.t_few is None:
+            return few  # timed once
+        n = self.floor if self.t_token is None else (self.slack - 1) * self.t_decode / max(self.t_token, 1e-9)
+        n = int(min(self.idle, 2 * self.last, max(self.floor, few + 1, n)))
+        if few > 0 and self.t_token is not None:
+            k = int(min(few, max(1, (self.slack - 1) * self.t_decode / max(self.t_few, 1e-9))))
+            budget, t_line, t_k = self.slack * self.t_decode, self.t_decode + n * self.t_token, self.t_decode + k * self.t_few
+            if (t_k <= budget and (t_line > budget or k >= n)) or (t_line > budget and t_k < t_line):
+                return k
+        self.last = n
+        return n
+
+    def record(self, seconds: float, rows: int, tokens: int):
+        """One forward's time: `rows` decode rows beside `tokens` prefill tokens."""
+        avg = lambda old, new: new if old is None else self.decay * old + (1 - self.decay) * new
+        if not tokens:
+            if self.warm:
+                self.t_decode = avg(self.t_decode, seconds)
+            self.warm = True
+        elif rows and self.t_decode is not None:
+            per_token = max(seconds - self.t_decode, 0.0) / tokens
+            if rows + tokens <= self.few_rows:
+                self.t_few = avg(self.t_few, per_token)
+            else:
+                self.t_token = avg(self.t_token, per_token)
+
+
 class Engine:
     def __init__(self, model, max_batch: int = 8, max_len: int | None = None, max_waiting: int = 64,
                  prompt_cache_entries: int = 8, prompt_cache_scopes: int = 64, kv_memory: int | None = None,
-                 kv_blocks: int | None = None, block_size: int = 16, prefill_chunk: int | None = None,
+                 kv_blocks: int | None = None, block_size: int = 16, prefill_chunk: int | str | None = "auto",
                  kv_dtype: torch.dtype | None = None):
+        if not (prefill_chunk is None or prefill_chunk == "auto" or (isinstance(prefill_chunk, int) and prefill_chunk > 0)):
+            raise ValueError(f"prefill_chunk={prefill_chunk!r}: give a number of tokens > 0, 'auto' (sized by "
+                             "measured step times) or None (whole prompts)")
         self.model = model.eval()
         cfg = model.cfg
         self.causal = not cfg.prefix_lm  # GLM-4: no bidirectional prefix, any prefix reusable
@@ -154,6 +234,7 @@ class Engine:
         self.rows: list[_Row] = []
         self.prefilling: list[_Prefill] = []  # admitted, prompt not yet prefilled (chunked prefill)
         self.prefill_chunk = prefill_chunk
+        self.sizer = ChunkSizer()  # chunk sizes for prefill_chunk="auto"
         self.waiting: deque[Request] = deque()
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self.prompt_cache: OrderedDict[str, OrderedDict] = OrderedDict()  # scope -> its own LRU of entries
@@ -217,15 +298,14 @@ class Engine:
     @torch.inference_mode()
     def step(self):
         self._schedule()
-        self._prefill()
+        self._retire()  # rows cancelled since the last step leave before the forward
+        self._run()
         if not self.rows:
             return
         self._sample_and_emit()
         self._retire()
-        if self._reserve():
+        if self._reserve():  # the slot each row writes in the next step's forward
             self._retire()
-        if self.rows:
-            self._decode()
 
     def run_forever(self, stop: threading.Event):
         while not stop.is_set():
@@ -337,16 +417,19 @@ class Engine:
             self._join(req, hit[1], hit[2], keep=True)  # the entry keeps its blocks; the row shares them
             return
         prompt = PagedKVCache(self.pool, 1, T)
+        prompt.sep[0] = req.sep  # what a first prefill sets: the mask reads it from the first chunk on
         if n:  # causal: the cached prefix's blocks are shared, the rest is prefilled
             prompt.copy_rows(0, hit[1], 0, n)
             prompt.length = n
         self.prefilling.append(_Prefill(req, prompt, n, req.cache_scope is not None and self.prompt_cache_entries > 0))
 
-    def _prefill(self):
-        """Prefill the admitted prompts, oldest first: all of them at once, or with `prefill_chunk` at
-        most that many tokens in all this step, the rest in later steps (a GLM Part A is prefilled whole
-        in its prompt's first chunk: every query reads it). A finished prompt's request joins the rows."""
-        budget = self.prefill_chunk or float("inf")
+    def _chunks(self, rows: int) -> list[tuple[_Prefill, int, int]]:
+        """This step's prefill chunks (prompt, first token, end), oldest prompt first, within the step's
+        budget of prompt tokens (a GLM Part A goes whole in its prompt's first chunk: every query reads
+        it). Cancelled prompts leave here; one whose blocks cannot be had fails alone."""
+        if not self.prefilling:
+            return []
+        budget, out = self._budget(rows), []
         for p in list(self.prefilling):
             req, T = p.req, len(p.req.prompt_ids)
             if budget <= 0:
@@ -356,29 +439,27 @@ class Engine:
                 p.prompt.release(0)
                 self._finish(req, "cancelled")
                 continue
-            t0, dev = time.perf_counter(), self.cache.table.device
             n = min(T - p.done, max(budget, req.sep - p.done))
-            a, b = p.done, p.done + n
             try:
-                logits = self.model.prefill(torch.tensor([req.prompt_ids[a:b]], device=dev), p.prompt,
-                                            position_ids=self._positions(req)[None, :, a:b].to(dev),
-                                            sep=torch.tensor([req.sep], device=dev) if a == 0 else None, last_only=True)
+                p.prompt.reserve(0, p.done, p.done + n)
             except Exception as e:  # fails alone, as at admission
-                traceback.print_exc()
-                self.prefilling.remove(p)
-                p.prompt.release(0)
-                req.error = f"could not start: {type(e).__name__}: {e}"
-                self._finish(req, "error")
+                self._fail_prefill(p, e)
                 continue
-            p.done, budget = b, budget - n
-            self.stats["prefill_tokens"] += n
-            req.compute_s += time.perf_counter() - t0
-            if b == T:
-                self.prefilling.remove(p)
-                logits = logits[0, -1].float()
-                if p.keep:
-                    self._remember(req, (T, p.prompt, logits))  # never written again: its blocks stay shared
-                self._join(req, p.prompt, logits, p.keep)
+            out.append((p, p.done, p.done + n))
+            budget -= n
+        return out
+
+    def _budget(self, rows: int) -> float:
+        if self.prefill_chunk == "auto":
+            return self.sizer.size(rows)
+        return self.prefill_chunk or float("inf")
+
+    def _fail_prefill(self, p: _Prefill, e: Exception):
+        traceback.print_exc()
+        self.prefilling.remove(p)
+        p.prompt.release(0)
+        p.req.error = f"could not start: {type(e).__name__}: {e}"
+        self._finish(p.req, "error")
 
     def _join(self, req: Request, prompt: PagedKVCache, logits: torch.Tensor, keep: bool):
         """The request's row takes the prompt's blocks (shared with its entry when kept) and its sampler state."""
@@ -402,23 +483,71 @@ class Engine:
                     f"{len(r.req.output_ids)} tokens (a larger --kv-memory, or fewer concurrent requests)", True
         return failed
 
-    # ---- run: one decode step for all running rows ------------------------------------------------------
-    def _decode(self):
+    # ---- run: one forward for the decode rows and the prefill chunks --------------------------------------
+    def _run(self):
+        """The step's one forward (`GLM.step_many`): a decode step of the running rows that have a token
+        to feed (all but those that joined this step from the prompt cache, which come last) and the
+        step's prefill chunks, their tokens through the linears together. A finished prompt's request
+        joins the rows, its logits sampled with theirs. Should the forward fail with chunks in it, its parts
+        run again one by one (`_run_apart`)."""
+        dev = self.cache.table.device
+        decode = [r for r in self.rows if r.next_logits is None]  # rows [:len(decode)]
+        chunks = self._chunks(len(decode))
+        parts = []
+        if decode:
+            lengths = [r.length for r in decode]
+            ids = torch.tensor([[r.req.output_ids[-1]] for r in decode], device=dev)  # (n, 1)
+            pos = torch.tensor([self._gen_position(r.req, len(r.req.output_ids) - 1) for r in decode], device=dev)
+            # each row writes at its own length; rows [:n] of the cache, attending up to the longest row
+            parts.append(Part(ids, pos[:, :, None], self.cache, torch.tensor(lengths, device=dev)[:, None],
+                              extent=max(lengths) + 1))
+        for p, a, b in chunks:
+            req = p.req
+            parts.append(Part(torch.tensor([req.prompt_ids[a:b]], device=dev), self._positions(req)[None, :, a:b].to(dev),
+                              p.prompt, torch.arange(a, b, device=dev)[None], extent=b, last_only=True))
+        if not parts:
+            return
         t0 = time.perf_counter()
-        n, dev = len(self.rows), self.cache.table.device
-        tokens = torch.tensor([[r.req.output_ids[-1]] for r in self.rows], device=dev)
-        lengths = [r.length for r in self.rows]
-        slots = torch.tensor(lengths, device=dev)[:, None]  # (n, 1): each row writes at its own length
-        pos = torch.tensor([self._gen_position(r.req, len(r.req.output_ids) - 1) for r in self.rows], device=dev)
-        # rows [:n] of the cache, attending up to the longest row
-        logits = self.model.step(tokens, pos[:, :, None], self.cache, slots, extent=max(lengths) + 1)[:, -1]
-        for r, lg in zip(self.rows, logits.float()):
-            r.length += 1
-            r.next_logits = lg
+        try:
+            logits = self.model.step_many(parts)
+        except Exception:
+            if not chunks:
+                raise
+            logits, chunks = self._run_apart(parts, chunks, bool(decode))
         dt = time.perf_counter() - t0
-        for r in self.rows:  # the step's time, shared equally by the rows it served
-            r.req.compute_s += dt / n
-        self.stats["steps"] += 1
+        tokens = len(decode) + sum(b - a for _, a, b in chunks)
+        if self.prefill_chunk == "auto" and tokens:
+            self.sizer.record(dt, len(decode), tokens - len(decode))
+        if decode:
+            for r, lg in zip(decode, logits[0][:, -1].float()):
+                r.length += 1
+                r.next_logits = lg
+                r.req.compute_s += dt / tokens  # the step's time, shared by the tokens it ran
+            self.stats["steps"] += 1
+        for (p, a, b), lg in zip(chunks, logits[1:] if decode else logits):
+            req, T = p.req, len(p.req.prompt_ids)
+            p.done = p.prompt.length = b
+            self.stats["prefill_tokens"] += b - a
+            req.compute_s += dt * (b - a) / tokens
+            if b == T:
+                self.prefilling.remove(p)
+                lg = lg[0, -1].float()
+                if p.keep:
+                    self._remember(req, (T, p.prompt, lg))  # never written again: its blocks stay shared
+                self._join(req, p.prompt, lg, p.keep)
+
+    def _run_apart(self, parts, chunks, decoding: bool):
+        """After a failed mixed forward: the decode part alone (its failure fails the step), then each
+        chunk alone, a chunk that fails again failing its request alone. Writing the same keys at the
+        same slots again is harmless. Returns the logits and the chunks that ran."""
+        logits, kept = ([self.model.step_many(parts[:1])[0]] if decoding else []), []
+        for c, part in zip(chunks, parts[1:] if decoding else parts):
+            try:
+                logits.append(self.model.step_many([part])[0])
+                kept.append(c)
+            except Exception as e:
+                self._fail_prefill(c[0], e)
+        return logits, kept
 
     @staticmethod
     def _gen_position(req: Request, k: int) -> list[int]:

@@ -3,9 +3,15 @@
 `model.GLM` stacks them; `fused` reads their weights for the native decode step. They know nothing of
 the KV cache beyond the one method Attention calls, `cache.update(layer, slots, k, v, extent)` (see
 the model module). Letters in shape comments as in `model`.
+
+A block runs either one batch (B, T, C) or a ragged token list (N, C) made of `Segment`s, each a batch
+of its own (n, T) with its own rotary, mask and cache (`Block.ragged`): the linears, norms and MLP see
+all N tokens at once, so the weights are read once for every segment; only attention is per segment.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -80,6 +86,19 @@ class Rotary:
         return x
 
 
+@dataclass
+class Segment:
+    """One part of a ragged token list as attention sees it: n rows of T tokens, their rotary and mask
+    (n, 1, T, S), and the cache they write at `slots` (n, T) and read over [0, extent)."""
+    n: int
+    T: int
+    rotary: Rotary
+    mask: torch.Tensor
+    cache: object
+    slots: torch.Tensor
+    extent: int | None
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -89,9 +108,20 @@ class Attention(nn.Module):
         self.out = kernels.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.out_bias)
 
     def forward(self, x, rotary: Rotary, mask: torch.Tensor | None, cache=None, layer=0, slots=None, extent=None):
-        B, T, _ = x.shape
+        return self.out(self._attend(self.qkv(x), rotary, mask, cache, layer, slots, extent))
+
+    def ragged(self, x: torch.Tensor, segments: list[Segment], layer: int) -> torch.Tensor:
+        """x (N, C): the tokens of every segment, in order; one projection each way for all of them."""
+        qkv = self.qkv(x).split([s.n * s.T for s in segments])  # (n * T, (H + 2K) D) per segment
+        y = [self._attend(part.view(s.n, s.T, -1), s.rotary, s.mask, s.cache, layer, s.slots, s.extent).flatten(0, 1)
+             for s, part in zip(segments, qkv)]
+        return self.out(torch.cat(y))  # (N, C)
+
+    def _attend(self, qkv, rotary, mask, cache, layer, slots, extent):
+        """Attention of one batch from its projections qkv (B, T, (H + 2K) D) -> (B, T, H D)."""
+        B, T, _ = qkv.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.qkv(x).split((H * D, K * D, K * D), dim=-1)
+        q, k, v = qkv.split((H * D, K * D, K * D), dim=-1)
         q = rotary(q.view(B, T, H, D)).transpose(1, 2)  # (B, H, T, D)
         k = rotary(k.view(B, T, K, D)).transpose(1, 2)  # (B, K, T, D)
         v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
@@ -99,7 +129,7 @@ class Attention(nn.Module):
             k, v = cache.update(layer, slots, k, v, extent)  # (B, K, S, D)
         # mask None: plain causal attention over the whole sequence, SDPA's fused causal path
         y = kernels.attention(q, k, v, mask, enable_gqa=K != H)  # (B, H, T, D)
-        return self.out(y.transpose(1, 2).reshape(B, T, H * D))
+        return y.transpose(1, 2).reshape(B, T, H * D)
 
 
 class MLP(nn.Module):
@@ -131,8 +161,15 @@ class Block(nn.Module):
         self.sandwich = cfg.sandwich_norm
 
     def forward(self, x, rotary, mask, *cached):  # cached: (cache, layer, slots, extent), or nothing
+        return self._residual(x, lambda h: self.attn(h, rotary, mask, *cached))
+
+    def ragged(self, x: torch.Tensor, segments: list[Segment], layer: int) -> torch.Tensor:
+        """x (N, C): a ragged token list (see the module docstring)."""
+        return self._residual(x, lambda h: self.attn.ragged(h, segments, layer))
+
+    def _residual(self, x, attend):
         h = self.norm1(x)
-        a = self.attn(h, rotary, mask, *cached)
+        a = attend(h)
         if self.sandwich:
             a = self.post_attn_norm(a)
         # deepnorm (ChatGLM-6B): the residual stream restarts from the *normed* input, scaled by alpha

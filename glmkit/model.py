@@ -8,6 +8,7 @@
     cache = model.new_cache(B, max_len)
     logits = model.prefill(input_ids, cache, sep=sep)  # the next T slots of every row
     logits = model.step(tokens, position_ids, cache, slots)   # any slots: a decode step, rows at own lengths
+    logits = model.step_many([Part(tokens, pos, cache, slots), Part(chunk, pos2, cache2, slots2)])  # one pass
 
 One module covers the original GLM (learned 2D positions, LayerNorm, GELU), ChatGLM-6B (2D RoPE,
 alpha-scaled residual on the normed input), GLM-4 (partial interleaved RoPE, RMSNorm, SwiGLU, GQA,
@@ -35,6 +36,11 @@ vector quantized as it is written with its own scale (`quantize_kv`) and dequant
 to the dtype of the keys written; the native decode step reads the int8 blocks directly. The
 contiguous `KVCache` (what `generate` uses) has no int8 form.
 
+Several batches in one forward. `GLM.step_many` runs `Part`s, each a `step` of its own (rows of its
+own cache, its own slots, mask and extent), as one ragged token list: the serving engine's decode rows
+and a prompt's prefill chunk go through the linears together, so a step reads the weights once
+instead of once per part; attention stays per part (`layers.Segment`). One part is `step` itself.
+
 Letters in shape comments: B batch, T query length, S key length, C model dim, H query heads,
 K key/value heads, D head dim, F MLP width, V vocabulary.
 """
@@ -42,13 +48,14 @@ K key/value heads, D head dim, F MLP width, V vocabulary.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from . import fused, kernels
 from .config import ModelConfig
-from .layers import Block, Norm, Rotary
+from .layers import Block, Norm, Rotary, Segment
 
 
 class KVCache:
@@ -315,6 +322,18 @@ def visible(valid: torch.Tensor, sep: torch.Tensor, slots: torch.Tensor) -> torc
     return seen[:, None]
 
 
+@dataclass
+class Part:
+    """The arguments of one `GLM.step` (see there), as a part of `GLM.step_many`."""
+    input_ids: torch.Tensor  # (n, T)
+    position_ids: torch.Tensor  # (n, T) or (n, 2, T)
+    cache: object
+    slots: torch.Tensor  # (n, T)
+    valid: torch.Tensor | None = None
+    extent: int | None = None
+    last_only: bool = False
+
+
 class GLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -434,6 +453,34 @@ class GLM(nn.Module):
                 return logits[:, None]
         mask = visible(*cache.begin(slots, valid, extent), slots)
         return self._run(input_ids, pos, block, mask, cache, slots, extent, last_only=last_only)
+
+    def step_many(self, parts: list[Part]) -> list[torch.Tensor]:
+        """Several `step`s as one forward: every part's tokens go through the linears, norms and MLPs as
+        one ragged list (N, C), so the weights are read once; attention is per part, each against its
+        own cache with its own mask. Returns each part's logits as its `step` would (within summation
+        order: the rows are multiplied in a larger product). One part is `step` itself, so a decode
+        step alone keeps its native path. Parts must not write the same cache rows."""
+        if len(parts) == 1:
+            p = parts[0]
+            return [self.step(p.input_ids, p.position_ids, p.cache, p.slots, valid=p.valid, extent=p.extent,
+                              last_only=p.last_only)]
+        xs, segments = [], []
+        for p in parts:
+            n, T = p.input_ids.shape
+            pos, block = self._positions(p.input_ids, p.position_ids)
+            x = self.embed(p.input_ids)  # (n, T, C)
+            if self.cfg.position == "learned_2d":
+                x = x + self.pos_embed(pos) + self.block_pos_embed(block)
+            mask = visible(*p.cache.begin(p.slots, p.valid, p.extent), p.slots)
+            segments.append(Segment(n, T, Rotary(self.cfg, pos, block, x.dtype), mask, p.cache, p.slots, p.extent))
+            xs.append(x.flatten(0, 1))
+        x = torch.cat(xs)  # (N, C): part after part, row after row
+        for i, layer in enumerate(self.layers):
+            x = layer.ragged(x, segments, i)
+        hs = [h.view(s.n, s.T, -1)[:, -1:] if p.last_only else h.view(s.n, s.T, -1)
+              for p, s, h in zip(parts, segments, x.split([s.n * s.T for s in segments]))]
+        logits = self.logits(self.norm(torch.cat([h.flatten(0, 1) for h in hs])))  # one pass over the head too
+        return [lg.view(h.shape[0], h.shape[1], -1) for h, lg in zip(hs, logits.split([h.shape[0] * h.shape[1] for h in hs]))]
 
     def prefill(self, input_ids, cache: KVCache, position_ids=None, sep=None, attention_mask=None, last_only=False):
         """Run `input_ids` (B, T) after what `cache` holds (its `length`), writing their keys and values.

@@ -125,15 +125,16 @@ EXCEPTION_HANDLERS = {APIError: _api_error, LimitError: _limit, RequestValidatio
 def create_app(model, tokenizer, model_name: str, maas: MaaS | None = None, max_batch: int = 8, max_waiting: int = 64,
                max_len: int | None = None, default_max_tokens: int = 1024, admin_token: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, body_timeout: float = BODY_TIMEOUT_S,
-               waiting_per_key: int | None = None, kv_memory: int | None = None, prefill_chunk: int | None = None,
-               kv_dtype=None) -> FastAPI:
+               waiting_per_key: int | None = None, kv_memory: int | None = None,
+               prefill_chunk: int | str | None = "auto", kv_dtype=None) -> FastAPI:
     """The FastAPI app serving `model`. maas=None: no authentication, an in-memory ledger (local use).
     default_max_tokens: what chat and /infill generate when a request names no limit (within the context).
     admin_token: the credential /metrics needs when auth is on. max_body_bytes / body_timeout: a request body
     larger (413) or slower (408) than these is refused before it takes a slot. waiting_per_key: the
     sequences one key may have waiting (default a quarter of max_waiting), so no tenant fills the queue.
     kv_memory: bytes of the engine's paged KV pool (default: every row at max_len). prefill_chunk: prompt tokens
-    prefilled per engine step, between the running rows' decode steps (None: whole prompts). kv_dtype: None (the
+    prefilled per engine step, beside the running rows' decode ("auto": sized by measured step times; None:
+    whole prompts). kv_dtype: None (the
     model's) or torch.int8, the KV pool's dtype.
     The engine thread starts with the app's lifespan (uvicorn, or `TestClient` used as a context manager)."""
     server = Server(model.eval(), tokenizer, model_name, maas or MaaS.local(), max_batch, max_waiting, max_len,
@@ -157,6 +158,19 @@ def create_app(model, tokenizer, model_name: str, maas: MaaS | None = None, max_
 
 
 # ---- command line ---------------------------------------------------------------------------------------------
+def _prefill_chunk(text: str) -> int | str:
+    """--prefill-chunk: 'auto' or a count of tokens (0: whole prompts)."""
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give auto, a number of tokens, or 0 for whole prompts")
+    return n
+
+
 def main(argv=None) -> int:
     """`glmkit serve`."""
     from pathlib import Path
@@ -182,8 +196,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-waiting", type=int, default=64, help="queued requests before answering 503")
     p.add_argument("--max-waiting-per-key", type=int, default=None,
                    help="queued requests one key may have (default: a quarter of --max-waiting); over it, 429")
-    p.add_argument("--prefill-chunk", type=int, default=512,
-                   help="prompt tokens prefilled per step between the other streams' tokens (0: whole prompts)")
+    p.add_argument("--prefill-chunk", type=_prefill_chunk, default="auto",
+                   help="prompt tokens prefilled per step beside the other streams' tokens: auto (sized so their time "
+                        "per token stays within about 2x idle), N, or 0 (whole prompts)")
     p.add_argument("--max-len", type=int, default=None,
                    help="context per request (default: the model's; less only when the KV pool holds less)")
     p.add_argument("--kv-memory", default=None, help="the paged KV pool's size, e.g. 2GiB or 512MiB (default: what this "

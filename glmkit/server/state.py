@@ -122,8 +122,8 @@ class Server:
 
     def __init__(self, model, tokenizer, model_name: str, maas: MaaS, max_batch: int, max_waiting: int,
                  max_len: int | None, default_max_tokens: int = 1024, admin_token: str | None = None,
-                 waiting_per_key: int | None = None, kv_memory: int | None = None, prefill_chunk: int | None = None,
-                 kv_dtype=None):
+                 waiting_per_key: int | None = None, kv_memory: int | None = None,
+                 prefill_chunk: int | str | None = "auto", kv_dtype=None):
         self.model, self.tok, self.name, self.maas = model, tokenizer, model_name, maas
         self.engine = Engine(model, max_batch=max_batch, max_len=max_len, max_waiting=max_waiting, kv_memory=kv_memory,
                              prefill_chunk=prefill_chunk, kv_dtype=kv_dtype)
