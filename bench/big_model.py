@@ -12,7 +12,7 @@ process, so peak resident memory is that variant's alone:
   load       seconds and peak RSS of `glmkit.load(dir, dtype=bf16)` (the checkpoint is memory-mapped)
   quantize   seconds and peak RSS of `glmkit quantize DIR OUT --bits 8|4` (/usr/bin/time)
   prefill    prompt tokens / seconds for a --prefill-token prompt (one new token)
-  decode     B * (N - 1) / (time for N new tokens - best of two times for 1), greedy, B = each of --batches,
+  decode     B / the median time between steps of a stream of N new tokens, greedy, B = each of --batches,
              after a warm-up run at that batch size (its first run pays one-time costs)
   ttft       an --ttft-token prompt submitted to the serving engine while 3 streams decode: its time to first
              token, and the streams' time per output token meanwhile beside their time per token before it
@@ -108,7 +108,7 @@ def timed(cmd: list[str]) -> tuple[float, float, str]:
 # ---- one variant, in its own process ----------------------------------------------------------------------
 def child(a) -> None:
     import glmkit
-    from glmkit.generate import generate
+    from glmkit.generate import generate, stream
     from glmkit.sampling import SamplingParams
 
     torch.manual_seed(0)
@@ -128,11 +128,15 @@ def child(a) -> None:
     run([ids[:16]], 1)  # warm-up
     if a.prefill:
         res["prefill_tok_s"] = a.prefill / min(run([ids], 1) for _ in range(2))
-    for B in a.batches:
+    for B in a.batches:  # the median time between a step's tokens, after a warm-up at this batch size
         prompts = [torch.randint(0, V, (32,)).tolist() for _ in range(B)]
-        run(prompts, 2)  # warm-up at this batch size: its first prefill and step pay one-time costs
-        t1, tn = min(run(prompts, 1) for _ in range(2)), run(prompts, a.new_tokens)
-        res[f"decode_b{B}_tok_s"] = B * (a.new_tokens - 1) / (tn - t1)
+        run(prompts, 2)
+        stamps = []
+        for chunk in stream(model, prompts, SamplingParams(max_new_tokens=a.new_tokens, temperature=0)):
+            if chunk.index == B - 1:  # the step's last row: its tokens are all out
+                stamps.append(time.perf_counter())
+        gaps = sorted(b - a_ for a_, b in zip(stamps, stamps[1:]))
+        res[f"decode_b{B}_tok_s"] = B / gaps[len(gaps) // 2]
     modes = [None] + [c if c == "auto" else int(c) for c in a.prefill_chunk.split(",")]
     runs: dict = {}
     for _ in range(a.ttft_repeats if a.ttft else 0):  # modes interleaved, so drift on a shared machine hits all alike
