@@ -36,38 +36,7 @@ using namespace glmkit_simd;
 constexpr int kMaxRows = GLMKIT_VNNI ? 8 : 4;
 
 // MB activation rows against weight row w (K values): out[j] = dot(x[j], w). Two accumulators per
-// row hide the FMA latency. AVX2: 8 lanes, MB <= 4 keeps 2 * MB accumulators plus operands in the 16
-// registers. The AVX-512 build: 16 lanes and 32 registers (MB <= 8); half the instructions per weight
-// byte, which a 2-core decode step needs to keep up with memory (measured in bench/big_model.py).
-#if GLMKIT_VNNI
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const uint16_t* p) {  // bf16 bits: bf16 -> fp32 is a 16-bit left shift
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
-inline __m512 load16(const int8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-
-template <typename W, int MB>
-inline void dot_rows(const float* x, int64_t ldx, const W* w, int64_t K, float* out) {
-  __m512 a0[MB], a1[MB];
-  for (int j = 0; j < MB; ++j) a0[j] = a1[j] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + k) + 2048, _MM_HINT_T0);  // the hardware prefetcher alone falls behind
-    __m512 w0 = load16(w + k), w1 = load16(w + k + 16);
-    for (int j = 0; j < MB; ++j) {
-      a0[j] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + j * ldx + k), a0[j]);
-      a1[j] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + j * ldx + k + 16), a1[j]);
-    }
-  }
-  for (int j = 0; j < MB; ++j) {
-    float s = _mm512_reduce_add_ps(_mm512_add_ps(a0[j], a1[j]));
-    for (int64_t t = k; t < K; ++t) s += to_float(w[t]) * x[j * ldx + t];
-    out[j] = s;
-  }
-}
-#else
+// row hide the FMA latency; MB <= 4 keeps 2 * MB accumulators plus operands in the 16 registers.
 template <typename W, int MB>
 inline void dot_rows(const float* x, int64_t ldx, const W* w, int64_t K, float* out) {
   __m256 a0[MB], a1[MB];
@@ -87,25 +56,18 @@ inline void dot_rows(const float* x, int64_t ldx, const W* w, int64_t K, float* 
     out[j] = s;
   }
 }
-#endif
 
 template <typename W>
 void dense(const float* x, int64_t M, int64_t K, const W* w, const float* scale, int64_t N, float* y, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t n = 0; n < N; ++n) {
-    float out[kMaxRows];
+    float out[4];
     const W* wr = w + n * K;
     float s = scale ? scale[n] : 1.0f;
-    for (int64_t m = 0; m < M; m += kMaxRows) {  // rows of x in blocks, the weight row stays in L1
-      int64_t mb = std::min<int64_t>(kMaxRows, M - m);
+    for (int64_t m = 0; m < M; m += 4) {  // rows of x in blocks of 4, the weight row stays in L1
+      int64_t mb = std::min<int64_t>(4, M - m);
       const float* xm = x + m * K;
       switch (mb) {
-#if GLMKIT_VNNI
-        case 8: dot_rows<W, 8>(xm, K, wr, K, out); break;
-        case 7: dot_rows<W, 7>(xm, K, wr, K, out); break;
-        case 6: dot_rows<W, 6>(xm, K, wr, K, out); break;
-        case 5: dot_rows<W, 5>(xm, K, wr, K, out); break;
-#endif
         case 4: dot_rows<W, 4>(xm, K, wr, K, out); break;
         case 3: dot_rows<W, 3>(xm, K, wr, K, out); break;
         case 2: dot_rows<W, 2>(xm, K, wr, K, out); break;
