@@ -212,7 +212,7 @@ def test_a_kv_cache_that_cannot_fit_is_refused_at_start(model, tok, capsys):
 
     assert main(["--no-auth", "--max-len", str(1 << 40), "--port", "0"]) == 1
     err = capsys.readouterr().err
-    assert "KV cache" in err and "Traceback" not in err, err
+    assert "KV pool" in err and "Try --max-len" in err and "Traceback" not in err, err
 
 
 # ---- the shared queue ----------------------------------------------------------------------------------------
