@@ -29,13 +29,13 @@ Run from the repository root with it on the path (PYTHONPATH=.) to measure this 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import math
 import os
 import time
 from pathlib import Path
 
+import quant_prefill  # beside this script in bench/: the CPU line
 import torch
 
 import glmkit
@@ -47,16 +47,7 @@ KV = {"bf16": None, "int8": torch.int8}  # None: the model's dtype (bf16 here)
 
 
 def cpu_line() -> str:
-    name, flags = "unknown CPU", set()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            key, _, val = line.partition(":")
-            if key.strip() == "model name":
-                name = val.strip()
-            elif key.strip() == "flags":
-                flags = set(val.split())
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8") if f in flags]
-    return f"{name}; {os.cpu_count()} CPUs; {' '.join(isa) or 'no AVX2'}; load {' '.join(f'{v:.2f}' for v in os.getloadavg())}"
+    return f"{quant_prefill.cpu_line()}; {os.cpu_count()} CPUs; load {' '.join(f'{v:.2f}' for v in os.getloadavg())}"
 
 
 # ---- quality ------------------------------------------------------------------------------------------------

@@ -51,18 +51,7 @@ def build_before(ref: str, out: Path) -> ctypes.CDLL:
         srcs += [str(out / name)] if name.endswith(".cpp") else []
     so = out / "before.so"
     subprocess.run(["c++", "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-o", str(so), *srcs], check=True)
-    lib = ctypes.CDLL(str(so))
-    i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.glmkit_gemv_dense.argtypes = [ptr, i64, i64, ptr, c_int, ptr, i64, ptr, c_int]
-    lib.glmkit_gemv_q8.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, c_int]
-    lib.glmkit_gemv_int4.argtypes = [ptr, i64, i64, ptr, ptr, c_int, i64, i64, ptr, c_int]
-    lib.glmkit_decode_step.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, c_int]
-    lib.glmkit_dequant_q8.argtypes = [ptr, ptr, i64, i64, ptr, c_int, c_int]
-    lib.glmkit_dequant_int4.argtypes = [ptr, ptr, c_int, i64, i64, i64, ptr, c_int, c_int]
-    for f in (lib.glmkit_gemv_dense, lib.glmkit_gemv_q8, lib.glmkit_gemv_int4, lib.glmkit_decode_step,
-              lib.glmkit_dequant_q8, lib.glmkit_dequant_int4):
-        f.restype = c_int
-    return lib
+    return kernels._typed(ctypes.CDLL(str(so)))
 
 
 def bandwidth_gbs() -> float:

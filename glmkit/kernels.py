@@ -184,10 +184,9 @@ def _dlopen(fd: int, so: Path) -> ctypes.CDLL:
         raise
 
 
-def _open(var: str) -> ctypes.CDLL:
-    """The library variant `var`, built if needed, loaded and its functions typed. `_load` keeps the one
-    for this CPU; tests and benchmarks open the AVX2 one beside it to compare."""
-    lib = _dlopen(*_build(var))
+def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """`lib` with the C ABI's functions typed (csrc/gemv.cpp, csrc/decode.cpp); benchmarks type an
+    older build's library the same way."""
     i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.glmkit_gemv_dense.argtypes = [ptr, i64, i64, ptr, c_int, ptr, i64, ptr, c_int]
     lib.glmkit_gemv_q8.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, c_int]
@@ -195,10 +194,17 @@ def _open(var: str) -> ctypes.CDLL:
     lib.glmkit_decode_step.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, c_int]
     lib.glmkit_dequant_q8.argtypes = [ptr, ptr, i64, i64, ptr, c_int, c_int]
     lib.glmkit_dequant_int4.argtypes = [ptr, ptr, c_int, i64, i64, i64, ptr, c_int, c_int]
-    lib.glmkit_gemv_vnni.argtypes = []
     for f in (lib.glmkit_gemv_dense, lib.glmkit_gemv_q8, lib.glmkit_gemv_int4, lib.glmkit_decode_step,
-              lib.glmkit_dequant_q8, lib.glmkit_dequant_int4, lib.glmkit_gemv_vnni):
+              lib.glmkit_dequant_q8, lib.glmkit_dequant_int4):
         f.restype = c_int
+    return lib
+
+
+def _open(var: str) -> ctypes.CDLL:
+    """The library variant `var`, built if needed, loaded and its functions typed. `_load` keeps the one
+    for this CPU; tests and benchmarks open the AVX2 one beside it to compare."""
+    lib = _typed(_dlopen(*_build(var)))
+    lib.glmkit_gemv_vnni.argtypes, lib.glmkit_gemv_vnni.restype = [], ctypes.c_int
     if lib.glmkit_gemv_vnni() != (var == "avx512vnni"):
         raise RuntimeError(f"the {var} build of the kernels reports the other variant; remove {_cache_dir()}")
     return lib
