@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from . import kernels
-from .kernels import _WTYPE, Linear, int4_pairs, int4_supported
+from .kernels import _WTYPE, Linear, int4_supported
 from .layers import MLP, Attention, Block, Norm
 from .quantize import Int4Linear, Int8Linear
 
@@ -96,7 +96,7 @@ class _Plan:
                 if not int4_supported(m.in_features, m.group_size):
                     raise _Unsupported(f"int4 group size {m.group_size} with {m.in_features} inputs")
                 tensor(m, "scales"), tensor(m, "mins")  # watched for changes; the kernel reads a pairs copy
-                sm, sm_type = int4_pairs(m.scales, m.mins)
+                sm, sm_type = m.pairs()  # the module's copy, shared with its eager forward
                 self.keep.append(sm)
                 c.kind, c.group, c.scale = 3 + sm_type, m.group_size, sm.data_ptr()
             elif type(m) is Int8Linear:

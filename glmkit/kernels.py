@@ -311,10 +311,11 @@ def int4_pairs(scales: torch.Tensor, mins: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
+                bias: torch.Tensor | None = None, pairs: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
     """x @ dequant(packed).T + bias for glmkit's int4 layout (see quantize.py): packed uint8
-    (N, K/2), scales and mins (N, K/group_size). Native only: the caller checks `usable` and
-    `int4_supported` first."""
+    (N, K/2), scales and mins (N, K/group_size). `pairs`: `int4_pairs(scales, mins)` made once by the
+    caller (building them is a pass over every scale, per call). Native only: the caller checks
+    `usable` and `int4_supported` first."""
     N, K = packed.shape[0], packed.shape[1] * 2
     G = K // group_size
     if x.shape[-1] != K or not int4_supported(K, group_size) or scales.numel() != N * G or mins.numel() != N * G:
@@ -325,7 +326,9 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, min
     if _load() is None:
         raise RuntimeError(f"linear_int4: the native kernels are unavailable ({_why})")
     xr = _rows(x)
-    sm, sm_type = int4_pairs(scales, mins)
+    sm, sm_type = pairs or int4_pairs(scales, mins)
+    if sm.numel() != 2 * N * G:
+        raise ValueError(f"linear_int4: {sm.numel()} scale / min values for {N} x {G} groups")
     y = torch.empty(xr.shape[0], N)
     rc = _lib.glmkit_gemv_int4(xr.data_ptr(), xr.shape[0], K, packed.data_ptr(), sm.data_ptr(), sm_type, group_size,
                                N, y.data_ptr(), torch.get_num_threads())
