@@ -92,20 +92,23 @@ def test_int4_matches_reference(group, M, sdtype):
         assert_close(y.double(), x.double() @ deq.T, atol=1e-4 + bound, what=f"int4 g{group} M={M} N={N} {sdtype}")
 
 
-def test_int4_input_width_not_a_multiple_of_64_uses_pytorch():
-    # the native kernel reads 64 columns at a time: 96 inputs (groups of 32) go through PyTorch
-    g = torch.Generator().manual_seed(0)
-    w, x = torch.randn(16, 96, generator=g), torch.randn(1, 96, generator=g)
-    q, s, m = quantize_int4(w, 32)
-    layer = Int4Linear(96, 16, bias=False, group_size=32)
+@pytest.mark.parametrize("K, group, M, seed", [(96, 32, 1, 0), (192, 96, 2, 1)])
+def test_int4_shapes_the_native_kernel_refuses_use_pytorch(K, group, M, seed):
+    """The native kernel reads 64 columns at a time: 96 inputs (groups of 32), or groups of 96 (ending in the
+    middle of its 64-column chunks), go through PyTorch, and the kernel itself refuses them."""
+    g = torch.Generator().manual_seed(seed)
+    w, x = torch.randn(16, K, generator=g), torch.randn(M, K, generator=g)
+    q, s, m = quantize_int4(w, group)
+    layer = Int4Linear(K, 16, bias=False, group_size=group)
     layer.weight.copy_(q), layer.scales.copy_(s), layer.mins.copy_(m)
-    assert not kernels.int4_supported(96, 32) and kernels.int4_supported(128, 32)
+    assert not kernels.int4_supported(K, group)
+    assert kernels.int4_supported(128, 32) and kernels.int4_supported(192, 64) and kernels.int4_supported(192, 32)
     with torch.no_grad():
         want = x @ layer.dequantize().T  # outputs up to ~25: the two fp32 GEMMs differ by an fp32 step or two
-        assert_close(layer(x), want, atol=scaled(2e-6, want), what="int4, 96 inputs, PyTorch path")
+        assert_close(layer(x), want, atol=scaled(2e-6, want), what=f"int4 K={K} g{group}: the PyTorch path")
         if kernels.available():
             with pytest.raises(ValueError, match="do not fit"):
-                kernels.linear_int4(x, q, s, m, 32)
+                kernels.linear_int4(x, q, s, m, group)
 
 
 @needs_native
@@ -133,22 +136,6 @@ def test_used_only_for_few_row_inference():
     x = torch.randn(1, 16)
     lin(x).sum().backward()
     assert_close(lin.weight.grad, x.expand(8, 16), atol=1e-6, what="dL/dW of a sum")
-
-
-def test_int4_groups_that_split_a_64_column_chunk_unevenly_use_pytorch():
-    # groups of 96 end in the middle of the kernel's 64-column chunks: the native kernel refuses them
-    g = torch.Generator().manual_seed(1)
-    w, x = torch.randn(16, 192, generator=g), torch.randn(2, 192, generator=g)
-    q, s, m = quantize_int4(w, 96)
-    layer = Int4Linear(192, 16, bias=False, group_size=96)
-    layer.weight.copy_(q), layer.scales.copy_(s), layer.mins.copy_(m)
-    assert not kernels.int4_supported(192, 96) and kernels.int4_supported(192, 64) and kernels.int4_supported(192, 32)
-    with torch.no_grad():
-        want = x @ layer.dequantize().T
-        assert_close(layer(x), want, atol=scaled(2e-6, want), what="int4 g96: not the native kernel")
-        if kernels.available():
-            with pytest.raises(ValueError, match="do not fit"):
-                kernels.linear_int4(x, q, s, m, 96)
 
 
 @needs_native
