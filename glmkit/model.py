@@ -389,10 +389,15 @@ class GLM(nn.Module):
             return torch.full((B,), sep, dtype=torch.long, device=device)
         return sep.to(device=device, dtype=torch.long).reshape(B)
 
-    def _run(self, input_ids, pos, block, mask, cache=None, slots=None, extent=None, hidden_only=False, last_only=False):
-        x = self.embed(input_ids)  # (B, T, C)
+    def _embed(self, input_ids, pos, block) -> torch.Tensor:
+        """Input embeddings (B, T, C), with the learned 2D position embeddings where the model has them."""
+        x = self.embed(input_ids)
         if self.cfg.position == "learned_2d":
             x = x + self.pos_embed(pos) + self.block_pos_embed(block)
+        return x
+
+    def _run(self, input_ids, pos, block, mask, cache=None, slots=None, extent=None, hidden_only=False, last_only=False):
+        x = self._embed(input_ids, pos, block)  # (B, T, C)
         rotary = Rotary(self.cfg, pos, block, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, rotary, mask, cache, i, slots, extent)
@@ -468,9 +473,7 @@ class GLM(nn.Module):
         for p in parts:
             n, T = p.input_ids.shape
             pos, block = self._positions(p.input_ids, p.position_ids)
-            x = self.embed(p.input_ids)  # (n, T, C)
-            if self.cfg.position == "learned_2d":
-                x = x + self.pos_embed(pos) + self.block_pos_embed(block)
+            x = self._embed(p.input_ids, pos, block)  # (n, T, C)
             mask = visible(*p.cache.begin(p.slots, p.valid, p.extent), p.slots)
             segments.append(Segment(n, T, Rotary(self.cfg, pos, block, x.dtype), mask, p.cache, p.slots, p.extent))
             xs.append(x.flatten(0, 1))
