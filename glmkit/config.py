@@ -52,6 +52,7 @@ class ModelConfig:
     # deepnorm: norm(x) * alpha + f(norm(x)), alpha = sqrt(2 * n_layers)   (ChatGLM-6B)
     residual: str = "pre_ln"
     sandwich_norm: bool = False  # GLM-4-0414: extra norms on the attention and MLP outputs
+    final_norm: bool = True  # a norm after the last block (ChatGLM2's post_layer_norm=false has none)
     mlp: str = "swiglu"  # gelu = tanh-approximated GELU, as GLM and ChatGLM-6B use
     qkv_bias: bool = False
     out_bias: bool = False  # bias of the attention output projection

@@ -1,6 +1,6 @@
 """Checkpoint formats: read upstream GLM checkpoints into glmkit, write glmkit models back out.
 
-    glmkit convert SRC_DIR DST_DIR [--to glmkit|glm_hf|glm4_hf|glm|chatglm] [--dtype bf16]
+    glmkit convert SRC_DIR DST_DIR [--to glmkit|glm_hf|glm4_hf|glm|chatglm|chatglm2] [--dtype bf16]
     glmkit info PATH|PRESET
 
     model = glmkit.load("path/to/glm-4-9b-chat-hf", dtype=torch.bfloat16)
@@ -18,6 +18,8 @@ A checkpoint is a directory with `config.json` and weights (`model.safetensors`,
     glm4_hf   transformers Glm4ForCausalLM (GLM-4-0414: sandwich norms)
     glm       the original THUDM GLM remote code (glm-large-chinese, glm-10b-chinese, ...)
     chatglm   THUDM ChatGLM-6B remote code
+    chatglm2  the later ChatGLMModel remote code: ChatGLM2-6B, ChatGLM3-6B, CodeGeeX2-6B, and
+              GLM-4-9B(-chat, -1m), CodeGeeX4-all-9b as first released (GLM-4's network)
 
 Each format is one explicit list of `Rule`s (our name <-> their names, with the reshuffle between
 them), used both to read and to write. Reading checks every tensor before anything is assigned:
@@ -26,7 +28,8 @@ each raise `CheckpointError` naming the file, the tensor and what to do next.
 
 Layouts that differ beyond names:
 - HF GLM stores q/k/v separately; we fuse them as rows [Q | K | V].
-- ChatGLM-6B fuses q/k/v per head ([q_h, k_h, v_h] for each head h); we reorder the rows.
+- ChatGLM-6B fuses q/k/v per head ([q_h, k_h, v_h] for each head h); we reorder the rows. Its
+  successors (chatglm2) fuse them as [Q | K | V] with multi-query attention, per head without it.
 - A native glmkit model (`rope_2d`) exports to GlmForCausalLM exactly for causal use: with block
   positions at 0 the second rotary half is the identity, and the first half's (x[i], x[i+r/2])
   pairs become HF's interleaved (x[2i], x[2i+1]) pairs by permuting q/k rows, which leaves every
@@ -342,11 +345,9 @@ GLM_ORIG = Format(
 
 def _chatglm_from_dict(d: dict) -> ModelConfig:
     src = "ChatGLM"
-    if "position_encoding_2d" not in d:
-        raise CheckpointError(
-            "this ChatGLM checkpoint is ChatGLM2/3 or GLM-4 remote code (no position_encoding_2d); "
-            "only ChatGLM-6B is read in that layout. For GLM-4, use the -hf release (GlmForCausalLM)"
-        )
+    if "position_encoding_2d" not in d:  # detect_format sends these to CHATGLM2
+        raise CheckpointError("this is a ChatGLM2/3 or GLM-4 remote-code config (no position_encoding_2d): "
+                              "read it as the chatglm2 format")
     if not d["position_encoding_2d"]:
         raise CheckpointError(f"{src}: position_encoding_2d=false is not supported")
     if d.get("quantization_bit", 0):
@@ -401,7 +402,119 @@ CHATGLM = Format(
     _chatglm_rules, ignore=("rotary_emb.inv_freq",),
 )
 
-FORMATS: dict[str, Format] = {f.name: f for f in (GLMKIT, GLM_HF, GLM4_HF, GLM_ORIG, CHATGLM)}
+# ChatGLM2-6B, ChatGLM3-6B, CodeGeeX2-6B, GLM-4-9B(-chat, -1m), CodeGeeX4 (remote code) ------------------
+def _chatglm2_from_dict(d: dict) -> ModelConfig:
+    """The later `ChatGLMModel` (ChatGLM2 onwards): GLM-4's network under Megatron-style names.
+
+    It is GlmForCausalLM with head_dim = kv_channels, kv heads = multi_query_group_num (all heads
+    without multi-query attention), rope_theta = 10000 x rope_ratio and rotary on the first half of
+    each head in interleaved pairs. Released ChatGLM2/3 configs have no vocab_size or
+    num_hidden_layers: the sizes are padded_vocab_size and num_layers."""
+    src = "ChatGLM2/3 / GLM-4 remote-code"
+    if d.get("quantization_bit", 0):
+        raise CheckpointError(f"{src}: quantization_bit={d['quantization_bit']} (the remote code's own int4/int8 "
+                              "weights); convert the unquantized checkpoint, or quantize with glmkit (--quantize int4)")
+    if d.get("pre_seq_len"):
+        raise CheckpointError(f"{src}: P-tuning v2 prefix checkpoints (pre_seq_len) are not supported; "
+                              "merge or drop the prefix encoder first")
+    if _get(d, "apply_residual_connection_post_layernorm", False, bool):
+        raise CheckpointError(f"{src}: apply_residual_connection_post_layernorm=true is not supported (no "
+                              "released checkpoint uses it)")
+    H = _need(d, "num_attention_heads", src)
+    C = _need(d, "hidden_size", src)
+    multi_query = _get(d, "multi_query_attention", False, bool)
+    bias_linear = _get(d, "add_bias_linear", False, bool)
+    vocab = _get(d, "padded_vocab_size", None) or _need(d, "vocab_size", src)
+    layers = _get(d, "num_layers", None) or _need(d, "num_hidden_layers", src)
+    return ModelConfig(
+        vocab_size=vocab, dim=C, n_layers=layers, n_heads=H,
+        n_kv_heads=_get(d, "multi_query_group_num", 1) if multi_query else H,
+        head_dim=_get(d, "kv_channels", None), ffn_dim=_need(d, "ffn_hidden_size", src),
+        max_seq_len=_get(d, "seq_length", 8192), position="rope_partial", rope_fraction=0.5,
+        rope_theta=10000.0 * _get(d, "rope_ratio", 1, float),
+        norm="rmsnorm" if _get(d, "rmsnorm", True, bool) else "layernorm",
+        norm_eps=_get(d, "layernorm_epsilon", 1e-5, float), mlp="swiglu",
+        qkv_bias=bias_linear or _get(d, "add_qkv_bias", False, bool), out_bias=bias_linear, mlp_bias=bias_linear,
+        final_norm=_get(d, "post_layer_norm", True, bool),
+        tie_embeddings=_get(d, "tie_word_embeddings", False, bool), source="chatglm2",
+    )
+
+
+def _chatglm2_to_dict(cfg: ModelConfig) -> dict:
+    problems = []
+    if cfg.position != "rope_partial" or cfg.rotary_dim * 2 != cfg.head_dim:
+        problems.append(f"position={cfg.position} with rotary on {cfg.rotary_dim} of {cfg.head_dim} channels "
+                        "(this layout rotates exactly the first half of each head)")
+    if cfg.mlp != "swiglu" or cfg.residual != "pre_ln" or cfg.sandwich_norm:
+        problems.append(f"mlp={cfg.mlp}, residual={cfg.residual}, sandwich_norm={cfg.sandwich_norm}")
+    if cfg.out_bias != cfg.mlp_bias or (cfg.out_bias and not cfg.qkv_bias):
+        problems.append("biases on some linears only (add_bias_linear puts them on all four)")
+    if problems:
+        raise CheckpointError(f"this model cannot be written as chatglm2: {'; '.join(problems)}")
+    d = {
+        "architectures": ["ChatGLMModel"], "model_type": "chatglm",
+        "padded_vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "ffn_hidden_size": cfg.ffn_dim,
+        "num_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "kv_channels": cfg.head_dim,
+        "multi_query_attention": cfg.n_kv_heads != cfg.n_heads, "multi_query_group_num": cfg.n_kv_heads,
+        "seq_length": cfg.max_seq_len, "rope_ratio": cfg.rope_theta / 10000.0, "original_rope": True,
+        "rmsnorm": cfg.norm == "rmsnorm", "layernorm_epsilon": cfg.norm_eps, "post_layer_norm": cfg.final_norm,
+        "apply_residual_connection_post_layernorm": False, "add_bias_linear": cfg.out_bias,
+        "add_qkv_bias": cfg.qkv_bias, "tie_word_embeddings": cfg.tie_embeddings,
+        "apply_query_key_layer_scaling": True, "attention_softmax_in_fp32": True, "fp32_residual_connection": False,
+        "hidden_dropout": 0.0, "attention_dropout": 0.0, "bias_dropout_fusion": True,
+        "quantization_bit": 0, "pre_seq_len": None, "prefix_projection": False,
+    }
+    return d
+
+
+def _chatglm2_rules(cfg: ModelConfig) -> list[Rule]:
+    H, K, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    if K == H:  # without multi-query attention the remote code reads rows per head: [q_h; k_h; v_h] for each h
+        def qkv(ours, theirs):
+            return _perm_rule(
+                ours, theirs,
+                lambda t: t.reshape(H, 3, D, *t.shape[1:]).transpose(0, 1).reshape(t.shape),
+                lambda t: t.reshape(3, H, D, *t.shape[1:]).transpose(0, 1).reshape(t.shape),
+            )
+    else:  # multi-query: rows [q (H*D); k (K*D); v (K*D)], as ours
+        def qkv(ours, theirs):
+            return Rule(ours, (theirs,))
+    t = "transformer."
+    rules = [Rule("embed.weight", (t + "embedding.word_embeddings.weight",))]
+    if cfg.final_norm:
+        rules += [Rule(f"norm.{k}", (t + f"encoder.final_layernorm.{k}",)) for k in _norm_kinds(cfg)]
+    if not cfg.tie_embeddings:
+        rules.append(Rule("head.weight", (t + "output_layer.weight",)))
+    biases = ("weight", "bias")
+    for i in range(cfg.n_layers):
+        o, L = f"layers.{i}.", f"{t}encoder.layers.{i}."
+        for k in _norm_kinds(cfg):
+            rules += [Rule(o + f"norm1.{k}", (L + f"input_layernorm.{k}",)),
+                      Rule(o + f"norm2.{k}", (L + f"post_attention_layernorm.{k}",))]
+        for k in biases if cfg.qkv_bias else ("weight",):
+            rules.append(qkv(o + f"attn.qkv.{k}", L + f"self_attention.query_key_value.{k}"))
+        for k in biases if cfg.out_bias else ("weight",):
+            rules += [Rule(o + f"attn.out.{k}", (L + f"self_attention.dense.{k}",)),
+                      Rule(o + f"mlp.up.{k}", (L + f"mlp.dense_h_to_4h.{k}",)),
+                      Rule(o + f"mlp.down.{k}", (L + f"mlp.dense_4h_to_h.{k}",))]
+    return rules
+
+
+def _norm_kinds(cfg: ModelConfig) -> tuple[str, ...]:
+    return ("weight", "bias") if cfg.norm == "layernorm" else ("weight",)
+
+
+CHATGLM2 = Format(
+    "chatglm2", ("ChatGLMModel", "ChatGLMForConditionalGeneration"), _chatglm2_from_dict, _chatglm2_to_dict,
+    _chatglm2_rules, ignore=("rotary_pos_emb.inv_freq",),
+)
+
+FORMATS: dict[str, Format] = {f.name: f for f in (GLMKIT, GLM_HF, GLM4_HF, GLM_ORIG, CHATGLM, CHATGLM2)}
+
+
+def _chatglm_generation(d: dict) -> Format:
+    """ChatGLM-6B and its successors share the class names; only ChatGLM-6B's config has position_encoding_2d."""
+    return CHATGLM if "position_encoding_2d" in d else CHATGLM2
 
 
 def detect_format(d: dict, src: str) -> Format:
@@ -416,13 +529,13 @@ def detect_format(d: dict, src: str) -> Format:
         return GLMKIT
     for fmt in FORMATS.values():
         if any(a in fmt.architectures for a in archs):
-            return fmt
+            return _chatglm_generation(d) if fmt is CHATGLM else fmt
     if d.get("model_type") == "glm4":
         return GLM4_HF
     if d.get("model_type") == "glm":  # HF's GlmConfig and THUDM's remote GLM share this name
         return GLM_ORIG if "num_layers" in d else GLM_HF
     if d.get("model_type") == "chatglm":
-        return CHATGLM
+        return _chatglm_generation(d)
     known = sorted(a for f in FORMATS.values() for a in f.architectures)
     raise CheckpointError(
         f"{src}: unknown architecture {archs or None} (model_type={d.get('model_type')!r}); glmkit reads {known}"
@@ -1000,7 +1113,8 @@ def main(argv=None):
     import argparse
 
     p = argparse.ArgumentParser(prog="glmkit convert", description="Convert a GLM-family checkpoint directory.")
-    p.add_argument("src", help="checkpoint directory (glmkit, GlmForCausalLM, Glm4ForCausalLM, THUDM GLM, ChatGLM-6B)")
+    p.add_argument("src", help="checkpoint directory (glmkit, GlmForCausalLM, Glm4ForCausalLM, THUDM GLM, ChatGLM-6B, "
+                   "ChatGLM2/3, GLM-4 / CodeGeeX remote code)")
     p.add_argument("dst", help="new output directory")
     p.add_argument("--to", default="glmkit", choices=list(FORMATS), help="output layout (default: glmkit)")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="output dtype (default: as stored)")

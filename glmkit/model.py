@@ -343,7 +343,7 @@ class GLM(nn.Module):
             self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.dim)
             self.block_pos_embed = nn.Embedding(cfg.max_seq_len, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = Norm(cfg.dim, cfg.norm, cfg.norm_eps)
+        self.norm = Norm(cfg.dim, cfg.norm, cfg.norm_eps) if cfg.final_norm else nn.Identity()
         if not cfg.tie_embeddings:
             self.head = kernels.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.init_weights()

@@ -179,7 +179,7 @@ def weight_bytes(cfg, dtype: torch.dtype, quant: dict | None = None) -> dict[str
     layer = sum(_linear_bytes(N, K, bias, a, quant) for N, K, bias in _linears(cfg)) + norm * (4 if cfg.sandwich_norm else 2)
     head_quant = quant if quant and quant.get("head") else None
     head = 0 if cfg.tie_embeddings and head_quant is None else _linear_bytes(V, C, False, a, head_quant)
-    return {"embeddings": emb, "layers": cfg.n_layers * layer, "norm": norm, "head": head}
+    return {"embeddings": emb, "layers": cfg.n_layers * layer, "norm": norm if cfg.final_norm else 0, "head": head}
 
 
 def _tiled(quant: dict | None) -> bool:

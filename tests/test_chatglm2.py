@@ -1,0 +1,194 @@
+"""The later ChatGLM remote-code layout (ChatGLM2/3, CodeGeeX2/4, GLM-4-9B as first released).
+
+References, built in-process:
+- transformers GlmForCausalLM: GLM-4 is the same network, so its weights rearranged by hand here into
+  the remote-code names (q/k/v fused into query_key_value, gate/up into dense_h_to_4h; per head
+  [q_h; k_h; v_h] rows without multi-query attention) must read back to the same logits;
+- what transformers cannot express (no final norm, LayerNorm, biases on every linear) is checked as
+  layout equality: the same weights read from the remote-code layout and from glmkit's own.
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import glmkit
+from glmkit.config import ModelConfig
+from glmkit.convert import CheckpointError, read_checkpoint, write_checkpoint
+from glmkit.model import GLM
+from tests.helpers import assert_close
+
+transformers = pytest.importorskip("transformers")
+
+TOL = 1e-5
+
+
+def remote_config(**kw) -> dict:
+    """A tiny config.json as the remote code writes it (released configs have no vocab_size / num_hidden_layers)."""
+    d = {"architectures": ["ChatGLMModel"], "model_type": "chatglm", "padded_vocab_size": 101, "hidden_size": 64,
+         "ffn_hidden_size": 96, "num_layers": 2, "num_attention_heads": 4, "kv_channels": 16,
+         "multi_query_attention": True, "multi_query_group_num": 2, "seq_length": 128, "rope_ratio": 1,
+         "original_rope": True, "rmsnorm": True, "layernorm_epsilon": 1e-5, "post_layer_norm": True,
+         "apply_residual_connection_post_layernorm": False, "add_bias_linear": False, "add_qkv_bias": True,
+         "tie_word_embeddings": False, "torch_dtype": "float32"}
+    d.update(kw)
+    return d
+
+
+def hf_glm(kv_heads: int, qkv_bias: bool, rope_theta: float):
+    cfg = transformers.GlmConfig(
+        vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=kv_heads, head_dim=16, max_position_embeddings=128, pad_token_id=0, eos_token_id=1,
+        attention_bias=qkv_bias, partial_rotary_factor=0.5, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        rope_theta=rope_theta,
+    )
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.GlmForCausalLM(cfg).eval()
+    with torch.no_grad():  # HF inits norms to 1 and biases to 0: randomise them so the test sees them
+        for n, p in model.named_parameters():
+            if "norm" in n or n.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def remote_state_from_hf(hf, multi_query: bool) -> dict:
+    """GlmForCausalLM's weights under the remote code's names, transcribed independently of glmkit."""
+    sd, out, H, D = hf.state_dict(), {}, 4, 16
+    out["transformer.embedding.word_embeddings.weight"] = sd["model.embed_tokens.weight"]
+    out["transformer.encoder.final_layernorm.weight"] = sd["model.norm.weight"]
+    out["transformer.output_layer.weight"] = sd["lm_head.weight"]
+    # the releases ship this buffer (1/10000^(2i/n), half precision); the forward never reads it
+    out["transformer.rotary_pos_emb.inv_freq"] = (1.0 / 10000 ** (torch.arange(0, 8, 2) / 8)).half()
+    for i in range(2):
+        h, r = f"model.layers.{i}.", f"transformer.encoder.layers.{i}."
+        for kind in ("weight", "bias"):
+            if h + f"self_attn.q_proj.{kind}" not in sd:
+                continue
+            q, k, v = (sd[h + f"self_attn.{p}_proj.{kind}"] for p in "qkv")
+            if multi_query:
+                fused = torch.cat((q, k, v))
+            else:  # rows per head: q_h, k_h, v_h
+                rows = [t.reshape(H, D, *t.shape[1:]) for t in (q, k, v)]
+                fused = torch.stack(rows, 1).reshape(3 * H * D, *q.shape[1:])
+            out[r + f"self_attention.query_key_value.{kind}"] = fused
+        out[r + "self_attention.dense.weight"] = sd[h + "self_attn.o_proj.weight"]
+        out[r + "input_layernorm.weight"] = sd[h + "input_layernorm.weight"]
+        out[r + "post_attention_layernorm.weight"] = sd[h + "post_attention_layernorm.weight"]
+        out[r + "mlp.dense_h_to_4h.weight"] = sd[h + "mlp.gate_up_proj.weight"]  # [gate; up] in both
+        out[r + "mlp.dense_4h_to_h.weight"] = sd[h + "mlp.down_proj.weight"]
+    return {n: t.contiguous() for n, t in out.items()}
+
+
+def write_remote(path, config: dict, state: dict):
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(config))
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("multi_query,qkv_bias,rope_ratio", [(True, True, 500), (False, True, 1), (True, False, 1)],
+                         ids=["mqa-bias-ratio500", "full-heads", "mqa-no-bias"])
+@torch.no_grad()
+def test_remote_layout_equals_transformers_glm(tmp_path, multi_query, qkv_bias, rope_ratio):
+    kv = 2 if multi_query else 4
+    hf = hf_glm(kv, qkv_bias, 10000.0 * rope_ratio)
+    cfg = remote_config(multi_query_attention=multi_query, add_qkv_bias=qkv_bias, rope_ratio=rope_ratio)
+    write_remote(tmp_path / "remote", cfg, remote_state_from_hf(hf, multi_query))
+    ours = glmkit.load(str(tmp_path / "remote")).eval()
+    assert (ours.cfg.source, ours.cfg.n_kv_heads, ours.cfg.head_dim, ours.cfg.rope_theta) == (
+        "chatglm2", kv, 16, 10000.0 * rope_ratio)
+    ids = torch.randint(0, 101, (2, 40), generator=torch.Generator().manual_seed(1))
+    want = hf(input_ids=ids).logits
+    mx = assert_close(ours(ids), want, TOL, "remote-code layout vs GlmForCausalLM logits")
+    print(f"\nchatglm2 layout ({'multi-query' if multi_query else 'full heads'}) vs GlmForCausalLM: max abs diff {mx:.2e}")
+    # the -hf layout of the same weights reads to the same model bit for bit
+    hf.save_pretrained(tmp_path / "hf")
+    same = glmkit.load(str(tmp_path / "hf")).eval()
+    for (n, p), (_, q) in zip(ours.state_dict().items(), same.state_dict().items()):
+        assert torch.equal(p, q), n
+    assert torch.equal(ours(ids), same(ids))
+
+
+@pytest.mark.parametrize("variant", [
+    {"post_layer_norm": False}, {"rmsnorm": False}, {"add_bias_linear": True}, {"multi_query_attention": False},
+])
+@torch.no_grad()
+def test_round_trip_and_layout_equality(tmp_path, variant):
+    """glmkit -> chatglm2 layout -> glmkit is bit for bit, and what transformers cannot express (no final norm,
+    LayerNorm, biases on all four linears) reads to the same network as the weights in glmkit's own layout."""
+    cfg = ModelConfig.from_dict({**config_of_dict(remote_config(**variant)).to_dict()})
+    torch.manual_seed(0)
+    model = GLM(cfg).eval()
+    model.init_weights(seed=3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n or n.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    write_checkpoint(model, tmp_path / "remote", "chatglm2")
+    stored = load_file(tmp_path / "remote" / "model.safetensors")
+    assert all(n.startswith("transformer.") for n in stored)
+    assert ("transformer.encoder.final_layernorm.weight" in stored) == variant.get("post_layer_norm", True)
+    written = json.loads((tmp_path / "remote" / "config.json").read_text())
+    for key, value in variant.items():
+        assert written[key] == value, key
+    back = read_checkpoint(tmp_path / "remote")
+    assert back.cfg == model.cfg
+    for (n, p), (_, q) in zip(model.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(p, q), n
+    write_checkpoint(back, tmp_path / "again")  # default: the layout it came from
+    again = load_file(tmp_path / "again" / "model.safetensors")
+    assert sorted(again) == sorted(stored) and all(torch.equal(again[n], stored[n]) for n in stored)
+    ids = torch.randint(0, 101, (2, 17))
+    assert torch.equal(back(ids), model(ids))
+
+
+def config_of_dict(d: dict) -> ModelConfig:
+    from glmkit.convert import detect_format
+
+    return detect_format(d, "config.json").config_from_hf(d)
+
+
+# the released configs' fields that decide the network (ChatGLM2-6B, ChatGLM3-6B, CodeGeeX2-6B: 6B shapes;
+# GLM-4-9B-chat, its -1m variant, CodeGeeX4-all-9b: 9B shapes)
+SIX_B = {"padded_vocab_size": 65024, "hidden_size": 4096, "ffn_hidden_size": 13696, "num_layers": 28,
+         "num_attention_heads": 32, "kv_channels": 128, "multi_query_attention": True, "multi_query_group_num": 2,
+         "layernorm_epsilon": 1e-05, "rmsnorm": True, "post_layer_norm": True, "add_bias_linear": False,
+         "add_qkv_bias": True, "apply_residual_connection_post_layernorm": False, "original_rope": True}
+NINE_B = {**SIX_B, "padded_vocab_size": 151552, "num_layers": 40, "layernorm_epsilon": 1.5625e-07}
+
+
+@pytest.mark.parametrize("fields,want", [
+    ({**SIX_B, "seq_length": 32768}, dict(vocab_size=65024, n_layers=28, n_kv_heads=2, rope_theta=1e4, max_seq_len=32768)),
+    ({**NINE_B, "seq_length": 131072, "rope_ratio": 500}, dict(vocab_size=151552, n_layers=40, rope_theta=5e6)),
+    ({**NINE_B, "seq_length": 1048576, "rope_ratio": 10000}, dict(rope_theta=1e8, max_seq_len=1048576)),
+])
+def test_released_shapes(tmp_path, fields, want):
+    d = {"architectures": ["ChatGLMModel"], "model_type": "chatglm", **fields}
+    cfg = config_of_dict(d)
+    for k, v in want.items():
+        assert getattr(cfg, k) == v, (k, getattr(cfg, k), v)
+    assert (cfg.dim, cfg.n_heads, cfg.head_dim, cfg.ffn_dim, cfg.rotary_dim) == (4096, 32, 128, 13696, 64)
+    assert not cfg.tie_embeddings and cfg.qkv_bias and not cfg.out_bias and cfg.position == "rope_partial"
+
+
+def test_refusals_name_the_problem(tmp_path):
+    for extra, match in [({"quantization_bit": 4}, "quantization_bit=4"), ({"pre_seq_len": 128}, "pre_seq_len"),
+                         ({"apply_residual_connection_post_layernorm": True}, "apply_residual_connection_post_layernorm")]:
+        with pytest.raises(CheckpointError, match=match):
+            config_of_dict(remote_config(**extra))
+    d = remote_config()
+    del d["padded_vocab_size"]
+    with pytest.raises(CheckpointError, match="vocab_size"):
+        config_of_dict(d)
+    hf = hf_glm(2, True, 1e4)
+    state = remote_state_from_hf(hf, True)
+    state.pop("transformer.encoder.layers.1.mlp.dense_4h_to_h.weight")
+    write_remote(tmp_path / "m", remote_config(), state)
+    with pytest.raises(CheckpointError, match="missing 1 tensor.*layers.1.mlp.dense_4h_to_h.weight"):
+        glmkit.load(str(tmp_path / "m"))
+    model = GLM(ModelConfig(position="rope_2d", n_layers=1))
+    with pytest.raises(CheckpointError, match="cannot be written as chatglm2: position=rope_2d"):
+        write_checkpoint(model, tmp_path / "x", "chatglm2")
+
