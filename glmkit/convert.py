@@ -456,7 +456,7 @@ def _chatglm2_to_dict(cfg: ModelConfig) -> dict:
         "padded_vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "ffn_hidden_size": cfg.ffn_dim,
         "num_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "kv_channels": cfg.head_dim,
         "multi_query_attention": cfg.n_kv_heads != cfg.n_heads, "multi_query_group_num": cfg.n_kv_heads,
-        "seq_length": cfg.max_seq_len, "rope_ratio": cfg.rope_theta / 10000.0, "original_rope": True,
+        "seq_length": cfg.max_seq_len, "rope_ratio": _plain_number(cfg.rope_theta / 10000.0), "original_rope": True,
         "rmsnorm": cfg.norm == "rmsnorm", "layernorm_epsilon": cfg.norm_eps, "post_layer_norm": cfg.final_norm,
         "apply_residual_connection_post_layernorm": False, "add_bias_linear": cfg.out_bias,
         "add_qkv_bias": cfg.qkv_bias, "tie_word_embeddings": cfg.tie_embeddings,
@@ -465,6 +465,11 @@ def _chatglm2_to_dict(cfg: ModelConfig) -> dict:
         "quantization_bit": 0, "pre_seq_len": None, "prefix_projection": False,
     }
     return d
+
+
+def _plain_number(x: float) -> int | float:
+    """500 rather than 500.0: the releases write integral ratios as integers."""
+    return int(x) if float(x).is_integer() else x
 
 
 def _chatglm2_rules(cfg: ModelConfig) -> list[Rule]:
