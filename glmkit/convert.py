@@ -939,27 +939,13 @@ def read_checkpoint(path: str | Path, device=None, dtype=None, quant: dict | Non
 
 
 # ---- writing ---------------------------------------------------------------------------------------
-def write_checkpoint(model: GLM, dst: str | Path, fmt: str | None = None, extra_files=()) -> Path:
+def write_checkpoint(model: GLM, dst: str | Path, fmt: str | None = None, extra_files=(),
+                     shard_bytes: int | None = None) -> Path:
     """Write `model` as a checkpoint directory of format `fmt` (default: the layout it came from,
     or glmkit). Written to a temporary directory and renamed, so `dst` is never half-written."""
-    from safetensors.torch import save_file
-
-    cfg = model.cfg
-    fmt_obj = FORMATS.get(fmt or (cfg.source if cfg.source in FORMATS else "glmkit"))
-    if fmt_obj is None:
-        raise CheckpointError(f"unknown format {fmt!r}; choose one of {list(FORMATS)}")
-    hf_config = fmt_obj.config_to_hf(cfg)
-    ours = model.state_dict()
-    out = {}
-    for r in fmt_obj.rules(cfg):
-        for name, t in zip(r.theirs, r.split(ours[r.ours].detach())):
-            out[name] = t.contiguous().cpu()
-    with _atomic_dir(dst) as tmp:
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, ensure_ascii=False) + "\n")
-        save_file(out, tmp / "model.safetensors", metadata={"format": "pt", "written_by": "glmkit"})
-        for f in extra_files:
-            shutil.copy2(f, tmp / Path(f).name)
-    return Path(dst)
+    fmt = fmt or (model.cfg.source if model.cfg.source in FORMATS else "glmkit")
+    return write_stream(model.cfg, ((n, t.detach()) for n, t in model.state_dict().items()), dst, extra_files,
+                        shard_bytes or SHARD_BYTES, fmt)[0]
 
 
 @contextmanager
@@ -1009,35 +995,49 @@ def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: d
                 f.write(tensors[n].reshape(-1).view(torch.uint8).numpy())  # a view of the tensor's bytes, no copy
 
 
-def write_stream(cfg: ModelConfig, tensors, dst: str | Path, extra_files=(), shard_bytes: int = SHARD_BYTES) -> tuple[Path, int]:
-    """Write a glmkit-layout checkpoint from (name, tensor) pairs as they arrive (e.g. state_stream):
+def write_stream(cfg: ModelConfig, tensors, dst: str | Path, extra_files=(), shard_bytes: int = SHARD_BYTES,
+                 fmt: str = "glmkit") -> tuple[Path, int]:
+    """Write a checkpoint in format `fmt` from glmkit (name, tensor) pairs as they arrive (e.g.
+    state_stream, or a model's state dict): each is laid out by the format's rules and goes into
     safetensors shards of at most `shard_bytes` (a larger tensor gets a shard of its own) plus
     `model.safetensors.index.json`, or one `model.safetensors` when one shard holds everything.
     Memory holds the shard being filled, never the model. Atomic like write_checkpoint. Every name
     and shape is checked against the model `cfg` describes. Returns (dst, bytes of tensors written)."""
+    if fmt not in FORMATS:
+        raise CheckpointError(f"unknown format {fmt!r}; choose one of {list(FORMATS)}")
+    if cfg.quant and fmt != "glmkit":
+        raise CheckpointError(f"a quantized model (int{cfg.quant['bits']}) is written in the glmkit layout only, not {fmt}")
+    fmt_obj = FORMATS[fmt]
+    hf_config = fmt_obj.config_to_hf(cfg)  # refuses what the format cannot express, before anything is written
     want = _meta_model(cfg).state_dict()
+    rules = {r.ours: r for r in fmt_obj.rules(cfg)}
+    expected = {n for r in rules.values() for n in r.theirs}
     meta = {"format": "pt", "written_by": "glmkit"}
     with _atomic_dir(dst) as tmp:
-        (tmp / "config.json").write_text(json.dumps(GLMKIT.config_to_hf(cfg), indent=2, ensure_ascii=False) + "\n")
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, ensure_ascii=False) + "\n")
         shards: list[list[str]] = []  # tensor names per shard, in order
         buf, size, total = {}, 0, 0
         for name, t in tensors:
-            if name not in want or name in buf or t.shape != want[name].shape:
+            if name not in want or name not in rules or t.shape != want[name].shape:
                 raise CheckpointError(f"glmkit bug: tensor {name} {tuple(t.shape)} does not belong in this model "
                                       f"(expected {tuple(want[name].shape) if name in want else 'no such name'})")
-            n = t.numel() * t.element_size()
-            if buf and size + n > shard_bytes:
-                _write_safetensors(tmp / f"part{len(shards)}", buf, meta)
-                shards.append(list(buf))
-                buf, size = {}, 0
-            buf[name] = t.detach().contiguous().cpu()
-            size, total = size + n, total + n
+            r = rules[name]
+            for their, part in zip(r.theirs, r.split(t.detach())):
+                if their in buf or any(their in names for names in shards):
+                    raise CheckpointError(f"glmkit bug: tensor {their} written twice")
+                n = part.numel() * part.element_size()
+                if buf and size + n > shard_bytes:
+                    _write_safetensors(tmp / f"part{len(shards)}", buf, meta)
+                    shards.append(list(buf))
+                    buf, size = {}, 0
+                buf[their] = part.contiguous().cpu()
+                size, total = size + n, total + n
         _write_safetensors(tmp / f"part{len(shards)}", buf, meta)
         shards.append(list(buf))
         buf = None
         written = {n for names in shards for n in names}
-        if written != set(want) or sum(map(len, shards)) != len(written):
-            raise CheckpointError(f"glmkit bug: the stream missed {sorted(set(want) - written)[:3]} or repeated a tensor")
+        if written != expected or sum(map(len, shards)) != len(written):
+            raise CheckpointError(f"glmkit bug: the stream missed {sorted(expected - written)[:3]} or repeated a tensor")
         if len(shards) == 1:
             os.rename(tmp / "part0", tmp / "model.safetensors")
         else:
@@ -1125,8 +1125,10 @@ def main(argv=None):
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="output dtype (default: as stored)")
     a = p.parse_args(argv)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}[a.dtype]
-    model = read_checkpoint(a.src, dtype=dtype)
-    extra = tokenizer_files(a.src)
-    write_checkpoint(model, a.dst, a.to, extra)
-    n = sum(p.numel() for p in model.parameters())
-    print(f"{a.src} ({model.cfg.source}) -> {a.dst} ({a.to}): {n / 1e6:.1f}M parameters, {next(model.parameters()).dtype}")
+    dtype = dtype or stored_dtype(a.src)  # as stored: not widened to fp32 as loading for compute would
+    cfg, tensors = state_stream(a.src, dtype=dtype)  # one tensor at a time: a 9B model converts in a shard of memory
+    counted = []
+    _, nbytes = write_stream(cfg, ((n, counted.append(t.numel()) or t) for n, t in tensors), a.dst,
+                             tokenizer_files(a.src), fmt=a.to)
+    print(f"{a.src} ({cfg.source}) -> {a.dst} ({a.to}): {sum(counted) / 1e6:.1f}M parameters, {dtype}, "
+          f"{nbytes / 2**30:.2f} GiB")

@@ -192,3 +192,27 @@ def test_refusals_name_the_problem(tmp_path):
     with pytest.raises(CheckpointError, match="cannot be written as chatglm2: position=rope_2d"):
         write_checkpoint(model, tmp_path / "x", "chatglm2")
 
+
+
+@torch.no_grad()
+def test_convert_streams_into_shards_keeping_the_stored_dtype(tmp_path, capsys):
+    """`glmkit convert` reads one tensor at a time and writes shards as they fill (a release's -hf
+    checkpoint into the remote-code layout and back), keeping the stored fp16 instead of widening it."""
+    from glmkit.convert import main
+
+    hf = hf_glm(2, True, 5e6).half()
+    hf.save_pretrained(tmp_path / "hf")
+    main([str(tmp_path / "hf"), str(tmp_path / "remote"), "--to", "chatglm2"])
+    assert "chatglm2" in capsys.readouterr().out
+    stored = load_file(tmp_path / "remote" / "model.safetensors")
+    assert {t.dtype for t in stored.values()} == {torch.float16}
+    model = read_checkpoint(tmp_path / "remote", dtype=torch.float32)
+    write_checkpoint(model, tmp_path / "sharded", "chatglm2", shard_bytes=40_000)
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2 and set(index["weight_map"]) == set(stored)
+    back = read_checkpoint(tmp_path / "sharded", dtype=torch.float32)
+    for (n, p), (_, q) in zip(model.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(p, q), n
+    main([str(tmp_path / "sharded"), str(tmp_path / "hf2"), "--to", "glm_hf", "--dtype", "fp16"])
+    a, b = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "hf2" / "model.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[n], b[n]) for n in a)
