@@ -9,6 +9,7 @@ References, built in-process:
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from tests.helpers import assert_close
 transformers = pytest.importorskip("transformers")
 
 TOL = 1e-5
+REMOTE = Path(__file__).parent / "fixtures" / "chatglm_remote"
 
 
 def remote_config(**kw) -> dict:
@@ -150,27 +152,28 @@ def config_of_dict(d: dict) -> ModelConfig:
     return detect_format(d, "config.json").config_from_hf(d)
 
 
-# the released configs' fields that decide the network (ChatGLM2-6B, ChatGLM3-6B, CodeGeeX2-6B: 6B shapes;
-# GLM-4-9B-chat, its -1m variant, CodeGeeX4-all-9b: 9B shapes)
-SIX_B = {"padded_vocab_size": 65024, "hidden_size": 4096, "ffn_hidden_size": 13696, "num_layers": 28,
-         "num_attention_heads": 32, "kv_channels": 128, "multi_query_attention": True, "multi_query_group_num": 2,
-         "layernorm_epsilon": 1e-05, "rmsnorm": True, "post_layer_norm": True, "add_bias_linear": False,
-         "add_qkv_bias": True, "apply_residual_connection_post_layernorm": False, "original_rope": True}
-NINE_B = {**SIX_B, "padded_vocab_size": 151552, "num_layers": 40, "layernorm_epsilon": 1.5625e-07}
+# the released config.json files, verbatim (tests/fixtures/chatglm_remote/released_configs/SOURCES.md says where
+# each comes from), and what they must read as
+RELEASED = {
+    "chatglm2-6b": dict(vocab_size=65024, n_layers=28, n_kv_heads=2, rope_theta=1e4, max_seq_len=32768, norm_eps=1e-5),
+    "chatglm3-6b": dict(vocab_size=65024, n_layers=28, n_kv_heads=2, rope_theta=1e4, max_seq_len=8192, norm_eps=1e-5),
+    "codegeex2-6b": dict(vocab_size=65024, n_layers=28, n_kv_heads=2, rope_theta=1e4, max_seq_len=8192, norm_eps=1e-5),
+    "glm-4-9b-chat": dict(vocab_size=151552, n_layers=40, n_kv_heads=2, rope_theta=5e6, max_seq_len=131072,
+                          norm_eps=1.5625e-07),
+    "glm-4-9b-chat-1m": dict(vocab_size=151552, n_layers=40, n_kv_heads=4, rope_theta=1e8, max_seq_len=1048576,
+                             norm_eps=1.5625e-07),
+}
 
 
-@pytest.mark.parametrize("fields,want", [
-    ({**SIX_B, "seq_length": 32768}, dict(vocab_size=65024, n_layers=28, n_kv_heads=2, rope_theta=1e4, max_seq_len=32768)),
-    ({**NINE_B, "seq_length": 131072, "rope_ratio": 500}, dict(vocab_size=151552, n_layers=40, rope_theta=5e6)),
-    ({**NINE_B, "seq_length": 1048576, "rope_ratio": 10000}, dict(rope_theta=1e8, max_seq_len=1048576)),
-])
-def test_released_shapes(tmp_path, fields, want):
-    d = {"architectures": ["ChatGLMModel"], "model_type": "chatglm", **fields}
+@pytest.mark.parametrize("release", sorted(RELEASED))
+def test_released_configs(release):
+    d = json.loads((REMOTE / "released_configs" / f"{release}.json").read_text())
     cfg = config_of_dict(d)
-    for k, v in want.items():
+    for k, v in RELEASED[release].items():
         assert getattr(cfg, k) == v, (k, getattr(cfg, k), v)
     assert (cfg.dim, cfg.n_heads, cfg.head_dim, cfg.ffn_dim, cfg.rotary_dim) == (4096, 32, 128, 13696, 64)
-    assert not cfg.tie_embeddings and cfg.qkv_bias and not cfg.out_bias and cfg.position == "rope_partial"
+    assert not cfg.tie_embeddings and cfg.qkv_bias and not cfg.out_bias and cfg.final_norm
+    assert (cfg.source, cfg.position, cfg.norm, cfg.mlp) == ("chatglm2", "rope_partial", "rmsnorm", "swiglu")
 
 
 def test_refusals_name_the_problem(tmp_path):
@@ -216,3 +219,29 @@ def test_convert_streams_into_shards_keeping_the_stored_dtype(tmp_path, capsys):
     main([str(tmp_path / "sharded"), str(tmp_path / "hf2"), "--to", "glm_hf", "--dtype", "fp16"])
     a, b = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "hf2" / "model.safetensors")
     assert sorted(a) == sorted(b) and all(torch.equal(a[n], b[n]) for n in a)
+
+
+# ---- against the published remote code itself ------------------------------------------------------
+# tests/fixtures/chatglm_remote/<name>: tiny random models saved by THUDM's published ChatGLM2 / ChatGLM3 /
+# GLM-4 modeling_chatglm.py (transformers 4.41, fp32 compute) in the released layout and dtype, with the logits
+# that code computed: one forward over 16 tokens, 12 tokens then 4 cached steps, 8 then a chunk of 8.
+REMOTE_FIXTURES = sorted(p.name for p in REMOTE.iterdir() if (p / "logits.safetensors").is_file())
+
+
+@pytest.mark.parametrize("name", REMOTE_FIXTURES)
+@torch.no_grad()
+def test_equals_the_published_remote_code(name):
+    ref = load_file(REMOTE / name / "logits.safetensors")
+    model = glmkit.load(str(REMOTE / name), dtype=torch.float32).eval()
+    ids = ref["input_ids"]
+    mx = assert_close(model(ids), ref["logits_full"], 1e-4, f"{name}: full forward vs the published code")
+    for key, start in (("logits_decode", 12), ("logits_chunk", 8)):
+        cache = model.new_cache(1, 16)
+        model.prefill(ids[:, :start], cache)
+        if key == "logits_decode":
+            got = torch.cat([model.prefill(ids[:, t:t + 1], cache, position_ids=torch.tensor([[t]]))
+                             for t in range(start, 16)], 1)
+        else:
+            got = model.prefill(ids[:, start:], cache, position_ids=torch.arange(start, 16)[None])
+        mx = max(mx, assert_close(got, ref[key], 1e-4, f"{name}: {key} (cached) vs the published code"))
+    print(f"\n{name}: glmkit vs the published remote code, max abs logit diff {mx:.2e}")
