@@ -279,8 +279,8 @@ def format_from_config(d: dict, tokenizer_config: dict | None = None, token_name
     """The chat format of a THUDM remote-code release (`model_type: chatglm`), from its config.json `d`;
     None when it cannot tell.
 
-    `tokenizer_config`: the release's tokenizer_config.json (its `name_or_path`, and `chat_template`,
-    which names `<|user|>` in ChatGLM3's). `token_names`: the special tokens the release's tokenizer
+    `tokenizer_config`: the release's tokenizer_config.json (its `name_or_path`, and `chat_template`:
+    ChatGLM3's renders `<|{{ role }}|>` role tokens; ChatGLM2 and CodeGeeX2 have none). `token_names`: the special tokens the release's tokenizer
     has (ChatGLM3's tokenization_chatglm.py adds <|system|> ... <|observation|>, ChatGLM2's only [MASK]
     [gMASK] [sMASK] sop eop). Needed because ChatGLM2, ChatGLM3 and CodeGeeX2 share one architecture,
     one tokenizer.model and near-identical config.json files: only their names (`_name_or_path`) and the
@@ -301,7 +301,7 @@ def format_from_config(d: dict, tokenizer_config: dict | None = None, token_name
         return "codegeex4" if "codegeex4" in names else "glm4"
     if "codegeex2" in names:
         return "codegeex2"
-    if "<|user|>" in tokens or "<|user|>" in template or "chatglm3" in names:
+    if "<|user|>" in tokens or "<|" in template or "chatglm3" in names:  # role tokens: ChatGLM3's template has them
         return "chatglm3"
     if "chatglm2" in names or (tokens and "[gMASK]" in tokens):
         return "chatglm2"
