@@ -528,8 +528,6 @@ def causal_infill_stops(suffix: str) -> tuple[str, ...]:
 def _chat_prompt(model, tokenizer, messages: list[dict], params: SamplingParams | None):
     """The model's chat format (`chat.chat_format`), the rendered prompt, and params with its stop ids."""
     fmt = chat_format(model.cfg)
-    if not fmt.chat:
-        raise ValueError(fmt.no_chat)
     if fmt.blank and not model.cfg.prefix_lm:
         raise ValueError(f"the {fmt.name} chat format needs a model trained with GLM's blank infilling; this one is causal")
     ids, _ = fmt.render(tokenizer, messages, add_generation_prompt=True)

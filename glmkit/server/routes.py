@@ -220,8 +220,6 @@ async def chat_completions(body: ChatRequest, request: HTTPRequest, server: Serv
 
     def build() -> list[Choice]:  # in a worker thread
         fmt = server.chat
-        if not fmt.chat:
-            raise APIError(400, f"{fmt.no_chat}; use /v1/completions", param="model", code="unsupported_model")
         try:
             ids, _ = fmt.render(server.tok, messages, add_generation_prompt=True)
             stop_ids = tuple(fmt.stop_ids(server.tok))
@@ -321,16 +319,14 @@ async def infill(body: InfillRequest, request: HTTPRequest, server: ServerDep):
     stops = server.stops(body.stop)
     if not server.sees_suffix:
         stops += causal_infill_stops(body.input_suffix)
-    if server.causal and server.chat.infills:  # the format's infilling prompt
-        T = len(server.completion_request(pre, suf, server.params(max_new_tokens=1)).prompt_ids)
-    else:  # [gMASK] <sop> prefix, or prefix [MASK] suffix <sop>
-        T = len(pre) + 2 + (0 if server.causal else len(suf))
-    n = body.n_predict if body.n_predict > 0 else server.rest_of_context(T)
-    params = server.params(max_new_tokens=n, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
-                           min_p=body.min_p, repetition_penalty=body.repeat_penalty,
-                           seed=None if body.seed < 0 else body.seed, stop=stops,
-                           stop_ids=server.completion_stop_ids(suffix=True))
-    req = server.completion_request(pre, suf, params)
+    # the layout first ([gMASK] <sop> prefix, prefix [MASK] suffix <sop>, or the format's infilling
+    # prompt): a request that names no n_predict gets the rest of the context after it
+    req = server.completion_request(pre, suf, server.params())
+    n = body.n_predict if body.n_predict > 0 else server.rest_of_context(len(req.prompt_ids))
+    req.params = server.params(max_new_tokens=n, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
+                               min_p=body.min_p, repetition_penalty=body.repeat_penalty,
+                               seed=None if body.seed < 0 else body.seed, stop=stops,
+                               stop_ids=server.completion_stop_ids(suffix=True))
     ch = Choice(0, 0, req, StopText(server.tok, stops))
     call.prompt_tokens = len(req.prompt_ids)
     server.submit_all(call, [ch], n)
