@@ -67,7 +67,6 @@ class ChatFormat:
     metadata line), which is not part of the reply's text. `infills`: has a code infilling prompt."""
 
     name = ""
-    chat = True
     blank = False
     strip_newline = False
     infills = False
@@ -94,7 +93,7 @@ class RoleFormat(ChatFormat):
     ended by the next role token (or end of text); generation prompted by `<|assistant|>`."""
 
     strip_newline = True
-    prefix = (("[gMASK]",), ("<sop>", "sop"))
+    prefix: tuple[tuple[str, ...], ...] = ()  # the [gMASK] and sop tokens' names, as the family spells them
 
     def body(self, tok, metadata: str, content: str) -> list[int]:
         raise NotImplementedError
@@ -241,7 +240,6 @@ class CodeGeeX2(ChatFormat):
     """CodeGeeX2-6B: a code completion model with no chat; prompts are code headed by a language tag."""
 
     name = "codegeex2"
-    chat = False
 
     @property
     def no_chat(self) -> str:
