@@ -350,3 +350,18 @@ def test_generate_chat_uses_the_models_format(sp_model):
     c = chat(model, tok, QA, p)
     assert c.token_ids == ref.token_ids and c.text == ref.text
     assert "".join(chat_stream(model, tok, QA, p)) == ref.text
+
+
+def test_generate_infill_reads_codegeex4s_prompt(tok):
+    """`generate.infill` on a CodeGeeX4 model generates from its infilling prompt (it sees the suffix)."""
+    from glmkit.generate import generate, infill
+    from glmkit.sampling import SamplingParams
+
+    fim = bpe_with(tok, CODE_MARKERS)
+    model = tiny(fim.vocab_size, "codegeex4")
+    prefix, suffix = "def add(a, b):\n    ", "\n\nprint(add(1, 2))\n"
+    ids = FORMATS["codegeex4"].infill(fim, fim.encode(prefix), fim.encode(suffix))
+    stops = tuple(FORMATS["codegeex4"].stop_ids(fim))
+    (ref,) = generate(model, [ids], SamplingParams(max_new_tokens=5, temperature=0, stop_ids=stops), fim)
+    res = infill(model, fim, prefix, suffix, SamplingParams(max_new_tokens=5, temperature=0))
+    assert res.spans[0].token_ids == ref.token_ids and res.text == prefix + ref.text + suffix
