@@ -1,4 +1,4 @@
-"""Tokenizer: one wrapper over HF `tokenizers`, GLM special tokens by name, the GLM-4 chat template (glmkit.chat).
+"""Tokenizer: one wrapper over HF `tokenizers`, GLM special tokens by name, the GLM-4 chat template.
 
     glmkit tokenizer train --vocab 16000 --out tok/ FILES...     # byte-level BPE
     tok = glmkit.load_tokenizer("tok/")          # tokenizer.json, or a SentencePiece *.model
