@@ -10,6 +10,8 @@ ChatGLM2/3's tokenization_chatglm.py numbers them), and the byte-level BPE of co
 """
 
 import io
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -234,14 +236,23 @@ def test_format_from_config(config, extra, want):
     assert format_from_config(config, **extra) == want
 
 
+RELEASED = Path(__file__).parent / "fixtures" / "chatglm_remote" / "released_configs"  # the releases' own files
+
+
+@pytest.mark.skipif(not RELEASED.is_dir(), reason="the released config.json fixtures are not in this tree")
+@pytest.mark.parametrize("release, want", [("chatglm2-6b", "chatglm2"), ("chatglm3-6b", "chatglm3"),
+                                           ("codegeex2-6b", "codegeex2"), ("glm-4-9b-chat", "glm4"),
+                                           ("glm-4-9b-chat-1m", "glm4")])
+def test_format_from_released_config(release, want):
+    assert format_from_config(json.loads((RELEASED / f"{release}.json").read_text())) == want
+
+
 def test_format_from_config_refuses_a_non_object():
     with pytest.raises(ValueError, match="config.json must be a JSON object"):
         format_from_config(["not", "a", "dict"])
 
 
 def test_readers_set_the_format_and_glmkit_keeps_it(tmp_path):
-    import json
-
     hf = {"architectures": ["GlmForCausalLM"], "model_type": "glm", "vocab_size": 64, "hidden_size": 32,
           "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2}
     chatglm = {"architectures": ["ChatGLMModel"], "model_type": "chatglm", "vocab_size": 64, "hidden_size": 32,
