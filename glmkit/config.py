@@ -23,6 +23,7 @@ POSITIONS = ("learned_2d", "rope_2d", "rope_partial")
 NORMS = ("layernorm", "rmsnorm")
 RESIDUALS = ("pre_ln", "deepnorm")
 MLPS = ("gelu", "swiglu")
+CHAT_FORMATS = ("glm4", "chatglm3", "chatglm2", "chatglm", "codegeex2", "codegeex4")  # glmkit.chat.FORMATS
 
 
 @dataclass
@@ -65,6 +66,9 @@ class ModelConfig:
     # Weight-only quantization of a saved model ({"bits", "group_size", "head"}; see quantize.py).
     # Not an architecture switch: loading applies it to the float model from outside.
     quant: dict | None = None
+    # The family's prompt format (glmkit.chat: chat layout, stop ids, code infilling), set when a
+    # checkpoint is converted; None = GLM-4's. Not an architecture switch either.
+    chat_format: str | None = None
 
     # derived in __post_init__ (not serialized)
     residual_alpha: float = 1.0
@@ -79,6 +83,8 @@ class ModelConfig:
         ):
             if value not in allowed:
                 raise ValueError(f"ModelConfig.{name}={value!r}; expected one of {allowed}")
+        if self.chat_format is not None and self.chat_format not in CHAT_FORMATS:
+            raise ValueError(f"ModelConfig.chat_format={self.chat_format!r}; expected one of {CHAT_FORMATS} or null")
         for name in ("vocab_size", "dim", "n_layers", "n_heads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")

@@ -182,7 +182,7 @@ def _hf_from_dict(d: dict, sandwich: bool, source: str) -> ModelConfig:
         rope_fraction=_get(rope, "partial_rotary_factor", _get(d, "partial_rotary_factor", 0.5, float), float),
         norm="rmsnorm", norm_eps=_get(d, "rms_norm_eps", 1.5625e-07, float), mlp="swiglu",
         qkv_bias=_get(d, "attention_bias", True, bool), sandwich_norm=sandwich,
-        tie_embeddings=_get(d, "tie_word_embeddings", False, bool), source=source,
+        tie_embeddings=_get(d, "tie_word_embeddings", False, bool), source=source, chat_format="glm4",
     )
 
 
@@ -359,7 +359,7 @@ def _chatglm_from_dict(d: dict) -> ModelConfig:
         n_heads=_need(d, "num_attention_heads", src), ffn_dim=_get(d, "inner_hidden_size", 4 * _need(d, "hidden_size", src)),
         max_seq_len=_get(d, "max_sequence_length", 2048), position="rope_2d", norm="layernorm",
         norm_eps=_get(d, "layernorm_epsilon", 1e-5, float), residual="deepnorm", mlp="gelu",
-        qkv_bias=True, out_bias=True, mlp_bias=True, source="chatglm",
+        qkv_bias=True, out_bias=True, mlp_bias=True, source="chatglm", chat_format="chatglm",
         # ChatGLM-6B's config.json has no tie_word_embeddings, so HF ties lm_head to the embeddings
         # when loading (its default); a stored lm_head.weight is then ignored, as HF ignores it
         tie_embeddings=_get(d, "tie_word_embeddings", True, bool),

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import fused
+from .chat import chat_format
 from .errors import ContextLengthError
 from .infill import SPAN_STEP, blank_prompt
 from .sampling import Sampler, SamplingParams, StopText, eos_ids, ngram_bans
@@ -484,7 +485,9 @@ def infill(model, tokenizer, prefix: str, suffix: str, params: SamplingParams | 
     to [MASK], whose training spans are short (Poisson(3), up to 39 tokens); pass "[gMASK]" for long
     middles. Mask-like strings inside prefix / suffix stay plain text.
 
-    Causal models (rope_partial, GLM-4, which has no FIM tokens): the model cannot see the suffix,
+    Causal models whose chat format has a code infilling prompt (CodeGeeX4, `chat.CodeGeeX4.infill`)
+    read prefix and suffix through it. Other causal models (rope_partial, GLM-4, which has no FIM
+    tokens): the model cannot see the suffix,
     so this continues the prefix and stops where the suffix is likely to begin. If the suffix
     continues the current line (its first line is not blank), the middle is taken to end with the
     line: stop at "\\n" and at that line's text. Otherwise stop at the suffix's first non-blank line
@@ -497,6 +500,12 @@ def infill(model, tokenizer, prefix: str, suffix: str, params: SamplingParams | 
         pieces = [tokenizer.encode(prefix), tokenizer.encode(suffix)]
         spans = _fill_ids(model, tokenizer, pieces, [mask], params, compile)
         return _assemble_text([prefix, suffix], spans)
+    fmt = chat_format(model.cfg)
+    if fmt.infills:  # a causal model with a code infilling prompt (CodeGeeX4) sees the suffix
+        p = dataclasses.replace(params, stop_ids=params.stop_ids + tuple(fmt.stop_ids(tokenizer)))
+        ids = fmt.infill(tokenizer, tokenizer.encode(prefix), tokenizer.encode(suffix))
+        (c,) = generate(model, [ids], p, tokenizer, compile=compile)
+        return _assemble_text([prefix, suffix], [Span(mask, c.text, c.token_ids, c.finish_reason)])
     p = dataclasses.replace(params, stop=params.stop + causal_infill_stops(suffix),
                             stop_ids=params.stop_ids + eos_ids(tokenizer))
     (c,) = generate(model, [tokenizer.encode(prefix)], p, tokenizer, compile=compile)
@@ -516,29 +525,45 @@ def causal_infill_stops(suffix: str) -> tuple[str, ...]:
 
 
 # ---- chat --------------------------------------------------------------------------------------------
-def _chat_params(tokenizer, params: SamplingParams | None) -> SamplingParams:
+def _chat_prompt(model, tokenizer, messages: list[dict], params: SamplingParams | None):
+    """The model's chat format (`chat.chat_format`), the rendered prompt, and params with its stop ids."""
+    fmt = chat_format(model.cfg)
+    if fmt.blank and not model.cfg.prefix_lm:
+        raise ValueError(f"the {fmt.name} chat format needs a model trained with GLM's blank infilling; this one is causal")
+    ids, _ = fmt.render(tokenizer, messages, add_generation_prompt=True)
     params = params or SamplingParams()
-    return dataclasses.replace(params, stop_ids=tuple(params.stop_ids) + tuple(tokenizer.chat_stop_ids()))
+    return fmt, ids, dataclasses.replace(params, stop_ids=tuple(params.stop_ids) + tuple(fmt.stop_ids(tokenizer)))
 
 
 def chat(model, tokenizer, messages: list[dict], params: SamplingParams | None = None, *, compile: bool = False) -> Completion:
     """The assistant's next reply to `messages` ([{"role": "system"|"user"|"assistant"|"observation",
-    "content": str}, ...]), rendered by `tokenizer.render_chat(..., add_generation_prompt=True)` and
-    stopped at `tokenizer.chat_stop_ids()` (end of text, next user / observation turn). The
-    template puts a newline after `<|assistant|>`; one leading newline is dropped from `text`."""
-    ids, _ = tokenizer.render_chat(messages, add_generation_prompt=True)
-    (c,) = generate(model, [ids], _chat_params(tokenizer, params), tokenizer, compile=compile)
-    if c.text and c.text.startswith("\n"):
+    "content": str}, ...]), rendered in the model's chat format (`chat.chat_format(model.cfg)`; GLM-4's
+    `tokenizer.render_chat` unless the checkpoint names another) and stopped at that format's stop ids
+    (GLM-4: end of text, next user / observation turn). ChatGLM-6B's prompt ends in [gMASK] <sop> and
+    is filled as a GLM blank. GLM-4's template puts a newline after `<|assistant|>`; one leading
+    newline is dropped from `text`."""
+    fmt, ids, p = _chat_prompt(model, tokenizer, messages, params)
+    if fmt.blank:
+        (span,) = _fill_ids(model, tokenizer, [ids[:-2], []], ["[gMASK]"], p, compile)
+        return Completion(span.token_ids, span.finish_reason, text=span.text, prompt_tokens=len(ids))
+    (c,) = generate(model, [ids], p, tokenizer, compile=compile)
+    if fmt.strip_newline and c.text and c.text.startswith("\n"):
         c.text = c.text[1:]
     return c
 
 
 def chat_stream(model, tokenizer, messages: list[dict], params: SamplingParams | None = None, *, compile: bool = False) -> Iterator[str]:
     """As `chat`, yielding the reply's text as it comes: whole characters only (the incremental
-    decoder holds back partial UTF-8), never the start of a stop string."""
-    ids, _ = tokenizer.render_chat(messages, add_generation_prompt=True)
-    started = False
-    for chunk in stream(model, [ids], _chat_params(tokenizer, params), tokenizer, compile=compile):
+    decoder holds back partial UTF-8), never the start of a stop string. A blank-filled (ChatGLM-6B)
+    reply comes whole."""
+    fmt, ids, p = _chat_prompt(model, tokenizer, messages, params)
+    if fmt.blank:
+        (span,) = _fill_ids(model, tokenizer, [ids[:-2], []], ["[gMASK]"], p, compile)
+        if span.text:
+            yield span.text
+        return
+    started = not fmt.strip_newline
+    for chunk in stream(model, [ids], p, tokenizer, compile=compile):
         t = chunk.text
         if not started and t:
             t, started = (t[1:] if t.startswith("\n") else t), True

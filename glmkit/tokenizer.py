@@ -180,35 +180,22 @@ class Tokenizer:
 
     # ---- chat --------------------------------------------------------------------------------------
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
-        """GLM-4 chat format: `[gMASK]<sop>` then `<|role|>\\n{content}` per message.
+        """GLM-4 chat format (`chat.Glm4`): `[gMASK]<sop>` then `<|role|>\\n{content}` per message.
 
         Returns ids and a loss mask that is True on assistant replies and on the token that ends
         each reply (the next role token, or `<|endoftext|>` after a final reply), so a model trained
-        on it learns when to stop. With `add_generation_prompt`, ends with `<|assistant|>`.
+        on it learns when to stop. With `add_generation_prompt`, ends with `<|assistant|>`. Other
+        families' formats: `glmkit.chat.chat_format(model.cfg)`.
         """
-        ids, mask = [self.special("gmask"), self.special("sop")], [False, False]
-        for n, m in enumerate(messages):
-            role, content = m.get("role"), m.get("content")
-            if role not in CHAT_ROLES:
-                raise ValueError(f"message {n}: role {role!r} is not one of {CHAT_ROLES}")
-            if not isinstance(content, str):
-                raise ValueError(f"message {n}: content must be a string, got {type(content).__name__}")
-            prev_assistant = n > 0 and messages[n - 1]["role"] == "assistant"
-            ids.append(self.special(role))
-            mask.append(prev_assistant)
-            body = self.encode("\n" + content)
-            ids += body
-            mask += [role == "assistant"] * len(body)
-        if messages and messages[-1]["role"] == "assistant" and not add_generation_prompt:
-            ids.append(self.special("eos"))
-            mask.append(True)
-        if add_generation_prompt:
-            ids.append(self.special("assistant"))
-            mask.append(messages[-1]["role"] == "assistant" if messages else False)
-        return ids, mask
+        from .chat import FORMATS
+
+        return FORMATS["glm4"].render(self, messages, add_generation_prompt)
 
     def chat_stop_ids(self) -> list[int]:
-        return [self.special(r) for r in ("eos", "user", "observation")]
+        """The ids that end a GLM-4 reply: end of text, the next user or observation turn."""
+        from .chat import FORMATS
+
+        return FORMATS["glm4"].stop_ids(self)
 
     def incremental_decoder(self, skip_special_tokens: bool = False) -> IncrementalDecoder:
         return IncrementalDecoder(self, skip_special_tokens)

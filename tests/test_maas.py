@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from glmkit.chat import FORMATS
 from glmkit.server.maas import AuthError, KeyStore, Ledger, Limiter, LimitError, MaaS, Pricing, UsageRow, _when, keys_main, usage_main
 
 
@@ -344,7 +345,7 @@ def test_32_concurrent_streams_are_each_metered_once(tmp_path, served, monkeypat
 
     tok, _ = served
     # nothing ends a stream but max_tokens, so every request's completion_tokens is known in advance
-    monkeypatch.setattr(tok, "chat_stop_ids", lambda: [])
+    monkeypatch.setattr(FORMATS["glm4"], "stop_ids", lambda tok: [])
     N, K = 32, 4
     # back-pressure: submit() answers 503 once max_waiting requests wait for one of the max_batch rows. All 32
     # may arrive before the engine thread admits any, so max_waiting=32 admits every one; max_batch stays 8,
@@ -420,7 +421,7 @@ def test_client_that_hangs_up_mid_stream_is_metered_and_frees_its_slot(tmp_path,
     from tests.serving import CHAT, poll, serve
 
     tok, _ = served
-    monkeypatch.setattr(tok, "chat_stop_ids", lambda: [])  # only max_tokens or the client ends this stream
+    monkeypatch.setattr(FORMATS["glm4"], "stop_ids", lambda tok: [])  # only max_tokens or the client ends this stream
     maas, [(raw, key)], app = live_app(tmp_path, served, 1, concurrency=1)
     engine = app.state.server.engine
     h = {"authorization": f"Bearer {raw}"}

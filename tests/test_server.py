@@ -18,6 +18,7 @@ httpx = pytest.importorskip("httpx")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
+from glmkit.chat import FORMATS  # noqa: E402
 from glmkit.engine import Request  # noqa: E402
 from glmkit.finetune import ClozeTask, cloze_predict  # noqa: E402
 from glmkit.generate import fill, infill  # noqa: E402
@@ -353,7 +354,7 @@ async def leave_after(app, path, body, headers, chunks_before_leaving: int, arri
 def test_client_disconnect_cancels_the_stream_and_is_metered(keyed, tok, monkeypatch):
     store, maas, app = keyed
     raw, key = store.create("leaver")
-    monkeypatch.setattr(tok, "chat_stop_ids", lambda: [])  # nothing ends this stream but its length or the client
+    monkeypatch.setattr(FORMATS["glm4"], "stop_ids", lambda tok: [])  # nothing ends this stream but its length or the client
     body = {"messages": CHAT, "max_tokens": 200, "temperature": 1.0, "seed": 1, "stream": True}
 
     async def run():

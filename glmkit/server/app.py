@@ -17,10 +17,12 @@ How a prompt meets the model (token ids are what the engine sees; the layouts ar
   read causally (what GLM-4's tokenizer produces), ending at <|endoftext|>. A prompt given as
   token ids gets the same layout.
 - completions with `suffix`, and /infill: GLM models read prefix [MASK] suffix and fill the blank;
-  causal models cannot see the suffix, so they continue the prefix and stop where the suffix is
-  likely to begin (`generate.causal_infill_stops`, a heuristic).
-- chat: the GLM-4 chat template (`Tokenizer.render_chat`) read causally, for every model (the
-  layout `glmkit chat` and SFT use), stopping at the chat stop tokens.
+  a causal model whose chat format has a code infilling prompt (CodeGeeX4) reads that; other causal
+  models cannot see the suffix, so they continue the prefix and stop where the suffix is likely to
+  begin (`generate.causal_infill_stops`, a heuristic).
+- chat: the model's family's chat format (`chat.chat_format(cfg)`: GLM-4's unless the checkpoint names
+  another; the layout `glmkit chat` uses too), stopping at that family's stop tokens; ChatGLM-6B's
+  prompt is read as a GLM Part A, every other format's causally.
 These three go through the engine (batched, streamable, cancellable). /v1/fill (several blanks
 filled in turn, each seeing the earlier ones) and /v1/classify (scoring, not generation) are not
 batched by the engine: they call `generate.fill` and `finetune.candidate_scores` in a worker

@@ -151,9 +151,9 @@ async def completions(body: CompletionRequest, request: HTTPRequest, server: Ser
 
     def build() -> list[Choice]:  # in a worker thread
         stops = server.stops(body.stop)
-        stop_ids = server.completion_stop_ids()
+        stop_ids = server.completion_stop_ids(body.suffix is not None)
         suffix_ids = server.encode(body.suffix, "suffix") if body.suffix is not None else None
-        if body.suffix is not None and server.causal:
+        if body.suffix is not None and not server.sees_suffix:
             stops += causal_infill_stops(body.suffix)
         choices = []
         for g, prompt in enumerate(prompts):
@@ -219,17 +219,19 @@ async def chat_completions(body: ChatRequest, request: HTTPRequest, server: Serv
     lp, top = body.logprobs, body.top_logprobs or 0
 
     def build() -> list[Choice]:  # in a worker thread
+        fmt = server.chat
         try:
-            ids, _ = server.tok.render_chat(messages, add_generation_prompt=True)
-            stop_ids = tuple(server.tok.chat_stop_ids())
+            ids, _ = fmt.render(server.tok, messages, add_generation_prompt=True)
+            stop_ids = tuple(fmt.stop_ids(server.tok))
         except KeyError as e:
-            raise APIError(400, f"this model's tokenizer has no chat template tokens ({e}); use /v1/completions") from None
+            raise APIError(400, f"this model's tokenizer lacks the {fmt.name} chat format's tokens ({e}); "
+                           "use /v1/completions") from None
         except ValueError as e:
             raise APIError(400, f"messages: {e}", param="messages") from None
         stops = server.stops(body.stop)
         max_tokens = body.max_completion_tokens or body.max_tokens or server.rest_of_context(len(ids))
-        return [Choice(k, 0, Request(ids, server.sampling(body, max_tokens, stop_ids, k, lp, top, stops)),
-                        StopText(server.tok, stops), strip_newline=True) for k in range(body.n)]
+        return [Choice(k, 0, server.chat_request(ids, server.sampling(body, max_tokens, stop_ids, k, lp, top, stops)),
+                        StopText(server.tok, stops), strip_newline=fmt.strip_newline) for k in range(body.n)]
 
     choices = await server.prepare(build)
     call.prompt_tokens = len(choices[0].req.prompt_ids)
@@ -315,15 +317,16 @@ async def infill(body: InfillRequest, request: HTTPRequest, server: ServerDep):
     pre, suf = await server.prepare(lambda: (server.encode(body.input_prefix, "input_prefix"),
                                              server.encode(body.input_suffix, "input_suffix")))
     stops = server.stops(body.stop)
-    if server.causal:
+    if not server.sees_suffix:
         stops += causal_infill_stops(body.input_suffix)
-    T = len(pre) + 2 + (0 if server.causal else len(suf))  # [gMASK] <sop> prefix, or prefix [MASK] suffix <sop>
-    n = body.n_predict if body.n_predict > 0 else server.rest_of_context(T)
-    params = server.params(max_new_tokens=n, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
-                           min_p=body.min_p, repetition_penalty=body.repeat_penalty,
-                           seed=None if body.seed < 0 else body.seed, stop=stops,
-                           stop_ids=server.completion_stop_ids())
-    req = server.completion_request(pre, suf, params)
+    # the layout first ([gMASK] <sop> prefix, prefix [MASK] suffix <sop>, or the format's infilling
+    # prompt): a request that names no n_predict gets the rest of the context after it
+    req = server.completion_request(pre, suf, server.params())
+    n = body.n_predict if body.n_predict > 0 else server.rest_of_context(len(req.prompt_ids))
+    req.params = server.params(max_new_tokens=n, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
+                               min_p=body.min_p, repetition_penalty=body.repeat_penalty,
+                               seed=None if body.seed < 0 else body.seed, stop=stops,
+                               stop_ids=server.completion_stop_ids(suffix=True))
     ch = Choice(0, 0, req, StopText(server.tok, stops))
     call.prompt_tokens = len(req.prompt_ids)
     server.submit_all(call, [ch], n)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..chat import chat_format
 from ..engine import Engine, EngineFull, Request
 from ..errors import ContextLengthError
 from ..infill import SPAN_STEP, blank_prompt
@@ -130,6 +131,7 @@ class Server:
         self.runner = EngineRunner(self.engine)
         self.metrics = Metrics(self.engine)
         self.causal = not model.cfg.prefix_lm
+        self.chat = chat_format(model.cfg)  # the family's chat layout, stop ids and code infilling prompt
         self.work_lock = threading.Lock()  # fill / classify: one at a time, beside the engine
         self.created = int(time.time())
         if default_max_tokens < 1:
@@ -229,15 +231,36 @@ class Server:
         return Request(p.ids, params, position_ids=p.position_ids, sep=p.sep, gen_start=p.span_position(0, 1),
                        gen_step=SPAN_STEP)
 
+    @property
+    def sees_suffix(self) -> bool:
+        """Whether a completion's suffix reaches the model: a GLM model reads prompt [MASK] suffix, a causal
+        model with a code infilling format (CodeGeeX4) reads its FIM prompt; other causal models cannot."""
+        return not self.causal or self.chat.infills
+
     def completion_request(self, ids: list[int], suffix: list[int] | None, params: SamplingParams) -> Request:
-        """A completion's layout: a causal model reads [gMASK] <sop> prompt (and cannot see a suffix); a GLM
-        model fills prompt [gMASK], or prompt [MASK] suffix when there is a suffix."""
+        """A completion's layout: a causal model reads [gMASK] <sop> prompt, or its format's infilling prompt
+        when there is a suffix and it has one (otherwise it cannot see the suffix); a GLM model fills
+        prompt [gMASK], or prompt [MASK] suffix when there is a suffix."""
         if self.causal:
+            if suffix is not None and self.chat.infills:
+                return Request(self.chat.infill(self.tok, ids, suffix), params)
             return Request([self.special("gmask"), self.special("sop")] + ids, params)
         return self.blank_request(ids, "gmask", [], params) if suffix is None else self.blank_request(ids, "mask", suffix, params)
 
-    def completion_stop_ids(self) -> tuple[int, ...]:
+    def completion_stop_ids(self, suffix: bool = False) -> tuple[int, ...]:
+        if self.causal and suffix and self.chat.infills:  # the infilling prompt is a chat turn: its reply's ends
+            return tuple(self.chat.stop_ids(self.tok))
         return (self.special("eos"),) if self.causal else (self.special("eop"), self.special("eos"))
+
+    def chat_request(self, ids: list[int], params: SamplingParams) -> Request:
+        """A rendered chat prompt's layout: read causally, or (ChatGLM-6B, `blank`) what precedes its final
+        [gMASK] <sop> as a GLM Part A, the reply generated as that blank's span."""
+        if self.chat.blank:
+            if self.causal:
+                raise APIError(400, f"the {self.chat.name} chat format needs a model trained with GLM's blank "
+                               "infilling; this one is causal", param="model", code="unsupported_model")
+            return self.blank_request(ids[:-2], "gmask", [], params)
+        return Request(ids, params)
 
     def submit_all(self, call: Call, choices: list[Choice], max_tokens: int):
         """Submit every choice's request; all or nothing: each is checked (400) before any is queued, then
