@@ -256,10 +256,14 @@ def get_format(name: str) -> ChatFormat:
     return FORMATS[name]
 
 
-def chat_format(cfg) -> ChatFormat:
-    """The format a model's config names (`ModelConfig.chat_format`); GLM-4's when it names none (what
-    every model used before formats were chosen per checkpoint, and what glmkit's own models train on)."""
-    return get_format(getattr(cfg, "chat_format", None) or "glm4")
+def chat_format(cfg, tok=None) -> ChatFormat:
+    """The format a model's config names (`ModelConfig.chat_format`). When it names none: a ChatGLM2/3
+    tokenizer (its <sop> is spelled "sop") says which of the two by its role tokens; otherwise GLM-4's
+    (what every model used before formats were chosen per checkpoint, and what glmkit's own models train on)."""
+    name = getattr(cfg, "chat_format", None)
+    if name is None and tok is not None and getattr(cfg, "source", None) == "chatglm2" and tok.tok.token_to_id("sop") is not None:
+        name = "chatglm3" if tok.tok.token_to_id("<|user|>") is not None else "chatglm2"
+    return get_format(name or "glm4")
 
 
 # ---- choosing the format of an upstream (remote-code) release -------------------------------------------

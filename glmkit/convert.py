@@ -52,6 +52,7 @@ from pathlib import Path
 
 import torch
 
+from .chat import format_from_config
 from .config import _KIND_NAMES, PRESETS, ModelConfig, _show, get_preset
 from .model import GLM
 
@@ -437,6 +438,7 @@ def _chatglm2_from_dict(d: dict) -> ModelConfig:
         qkv_bias=bias_linear or _get(d, "add_qkv_bias", False, bool), out_bias=bias_linear, mlp_bias=bias_linear,
         final_norm=_get(d, "post_layer_norm", True, bool),
         tie_embeddings=_get(d, "tie_word_embeddings", False, bool), source="chatglm2",
+        chat_format=format_from_config(d),  # by the release's name; config_of also asks its tokenizer_config.json
     )
 
 
@@ -612,9 +614,26 @@ def config_of(path: str | Path) -> tuple[Format, ModelConfig]:
     d, cfg_file = read_config_json(path)
     fmt = detect_format(d, str(cfg_file))
     try:
-        return fmt, fmt.config_from_hf(d)
+        cfg = fmt.config_from_hf(d)
     except (ValueError, TypeError) as e:  # _get's and ModelConfig's checks (for glmkit, its names are config.json's)
         raise ConfigError(f"{cfg_file}: {e}") from None
+    if fmt is CHATGLM2 and cfg.chat_format is None:  # ChatGLM2 / 3 and CodeGeeX2 share config.json's fields
+        cfg = replace(cfg, chat_format=format_from_config(d, *_tokenizer_hints(cfg_file.parent)))
+    return fmt, cfg
+
+
+def _tokenizer_hints(directory: Path) -> tuple[dict | None, list[str]]:
+    """tokenizer_config.json beside a remote-code config (its name, chat template and added tokens), for
+    chat.format_from_config; nothing when it is absent or unreadable (the tokenizer decides later)."""
+    try:
+        tc = json.loads(confined(directory, "tokenizer_config.json", "tokenizer file").read_text(encoding="utf-8"))
+    except (OSError, ValueError, CheckpointError):
+        return None, []
+    if not isinstance(tc, dict):
+        return None, []
+    added = tc.get("added_tokens_decoder")
+    names = [v.get("content") for v in added.values() if isinstance(v, dict)] if isinstance(added, dict) else []
+    return tc, [n for n in names if isinstance(n, str)]
 
 
 # ---- reading weight files --------------------------------------------------------------------------

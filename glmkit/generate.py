@@ -500,7 +500,7 @@ def infill(model, tokenizer, prefix: str, suffix: str, params: SamplingParams | 
         pieces = [tokenizer.encode(prefix), tokenizer.encode(suffix)]
         spans = _fill_ids(model, tokenizer, pieces, [mask], params, compile)
         return _assemble_text([prefix, suffix], spans)
-    fmt = chat_format(model.cfg)
+    fmt = chat_format(model.cfg, tokenizer)
     if fmt.infills:  # a causal model with a code infilling prompt (CodeGeeX4) sees the suffix
         p = dataclasses.replace(params, stop_ids=params.stop_ids + tuple(fmt.stop_ids(tokenizer)))
         ids = fmt.infill(tokenizer, tokenizer.encode(prefix), tokenizer.encode(suffix))
@@ -527,7 +527,7 @@ def causal_infill_stops(suffix: str) -> tuple[str, ...]:
 # ---- chat --------------------------------------------------------------------------------------------
 def _chat_prompt(model, tokenizer, messages: list[dict], params: SamplingParams | None):
     """The model's chat format (`chat.chat_format`), the rendered prompt, and params with its stop ids."""
-    fmt = chat_format(model.cfg)
+    fmt = chat_format(model.cfg, tokenizer)
     if fmt.blank and not model.cfg.prefix_lm:
         raise ValueError(f"the {fmt.name} chat format needs a model trained with GLM's blank infilling; this one is causal")
     ids, _ = fmt.render(tokenizer, messages, add_generation_prompt=True)

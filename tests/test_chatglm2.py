@@ -245,3 +245,33 @@ def test_equals_the_published_remote_code(name):
             got = model.prefill(ids[:, start:], cache, position_ids=torch.arange(start, 16)[None])
         mx = max(mx, assert_close(got, ref[key], 1e-4, f"{name}: {key} (cached) vs the published code"))
     print(f"\n{name}: glmkit vs the published remote code, max abs logit diff {mx:.2e}")
+
+
+def test_chat_format_from_the_release_files(tmp_path):
+    """ChatGLM2 / ChatGLM3 / CodeGeeX2 share config.json's fields: the release name decides, else the
+    tokenizer_config.json beside it (its added tokens or chat template), else the tokenizer itself."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    from glmkit.chat import chat_format
+    from glmkit.convert import config_of
+    from glmkit.tokenizer import Tokenizer
+
+    hf = hf_glm(2, True, 1e4)
+    state = remote_state_from_hf(hf, True)
+    write_remote(tmp_path / "c3", remote_config(_name_or_path="THUDM/chatglm3-6b"), state)
+    assert config_of(tmp_path / "c3")[1].chat_format == "chatglm3"
+    write_remote(tmp_path / "local", remote_config(_name_or_path="/data/my-finetune"), state)
+    assert config_of(tmp_path / "local")[1].chat_format is None
+    (tmp_path / "local" / "tokenizer_config.json").write_text(json.dumps(
+        {"added_tokens_decoder": {"64795": {"content": "<|user|>", "special": True}}}))
+    assert config_of(tmp_path / "local")[1].chat_format == "chatglm3"
+    (tmp_path / "local" / "tokenizer_config.json").write_text("{not json")
+    cfg = config_of(tmp_path / "local")[1]
+    assert cfg.chat_format is None
+    tok2 = Tokenizer(HFTokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")))
+    tok2.tok.add_special_tokens(["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop"])
+    assert chat_format(cfg, tok2).name == "chatglm2"
+    tok2.tok.add_special_tokens(["<|user|>"])
+    assert chat_format(cfg, tok2).name == "chatglm3"
+    assert chat_format(cfg).name == "glm4"

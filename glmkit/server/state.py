@@ -131,7 +131,7 @@ class Server:
         self.runner = EngineRunner(self.engine)
         self.metrics = Metrics(self.engine)
         self.causal = not model.cfg.prefix_lm
-        self.chat = chat_format(model.cfg)  # the family's chat layout, stop ids and code infilling prompt
+        self.chat = chat_format(model.cfg, tokenizer)  # the family's chat layout, stop ids and code infilling prompt
         self.work_lock = threading.Lock()  # fill / classify: one at a time, beside the engine
         self.created = int(time.time())
         if default_max_tokens < 1:
