@@ -19,7 +19,7 @@ gguf = pytest.importorskip("gguf")
 
 from glmkit import ggufio  # noqa: E402
 from glmkit.config import ModelConfig  # noqa: E402
-from glmkit.convert import CheckpointError, load  # noqa: E402
+from glmkit.convert import CheckpointError, load, quantize_checkpoint  # noqa: E402
 from glmkit.model import GLM  # noqa: E402
 from glmkit.quantize import Int4Linear, quantize_model, unpack_int4  # noqa: E402
 from glmkit.tokenizer import load_tokenizer, train_bpe  # noqa: E402
@@ -196,7 +196,7 @@ def test_f32_reads_bit_identical_with_its_vocabulary(bpe, tmp_path):
         assert g.special(role) == bpe.special(role), role
 
 
-@pytest.mark.parametrize("qtype", [Q.F16, Q.BF16, Q.Q8_0])
+@pytest.mark.parametrize("qtype", [Q.F16, Q.BF16, Q.Q8_0], ids=lambda q: q.name)
 @torch.no_grad()
 def test_float_and_dequantized_types_read_exactly(bpe, tmp_path, qtype):
     """F16 (q/k/v separate, as from GlmForCausalLM, tied head), BF16 (glm4 with sandwich norms) and Q8_0
@@ -277,8 +277,12 @@ def test_mixed_q4_0_file_dequantizes_and_quantize_as_read(bpe, tmp_path):
 
     q = load(str(f), quantize="int4", group_size=32)
     want = quantize_model(load(str(f)), 4, 32)
+    quantize_checkpoint(f, tmp_path / "q4", 4, 32, torch.float32)  # `glmkit quantize x.gguf DIR`
+    q_dir = load(str(tmp_path / "q4"))
     for name, t in want.state_dict().items():
         assert_equal(q.state_dict()[name], t, name)
+        assert_equal(q_dir.state_dict()[name], t, f"{name} (glmkit quantize)")
+    assert load_tokenizer(tmp_path / "q4").encode(MIXED) == bpe.encode(MIXED)
     f4 = tmp_path / "q4.gguf"
     write_gguf(f4, src, bpe, linear=Q.Q4_0, head=Q.F16)
     assert load(str(f4)).cfg.quant == {"bits": 4, "group_size": 32, "head": False}
@@ -335,9 +339,10 @@ def test_sentencepiece_vocabulary(tmp_path):
     rebuilt = spm.SentencePieceProcessor(model_proto=proto)
     text = "The quick brown fox, 床前明月光 and ñ unseen ✓ [gMASK]sop hi"
     assert rebuilt.encode(text) == sp.encode(text)
-    if "path_or_bytes" not in inspect.signature(Tokenizer.from_sentencepiece).parameters:
+    first = next(iter(inspect.signature(Tokenizer.from_sentencepiece).parameters.values()))
+    if "bytes" not in str(first.annotation):
         pytest.skip("Tokenizer.from_sentencepiece(path) reads no bytes yet: the GGUF branch of load_tokenizer needs its "
-                    "from_sentencepiece(path_or_bytes) for SentencePiece (BPE) models")
+                    "from_sentencepiece to take a model's bytes, for SentencePiece (BPE) models")
     tok = load_tokenizer(f)
     assert tok.encode(text, allow_special=True) == sp.encode(text)
 
