@@ -33,7 +33,9 @@ MIXED = ("Hello WORLD, it's 12345 apples; I'M here & THEY'LL go.\n\n  def f(x):\
 
 @pytest.fixture(scope="module")
 def bpe():
-    return train_bpe(texts=TEXTS, vocab_size=320)
+    # a frequent "34" is merged before "12" / "123": digit runs split 3 at a time (the pre-tokenizer's rule) and
+    # unsplit ones then tokenize differently, so the test sees the rule
+    return train_bpe(texts=TEXTS + ["34 34 34 34 34 34 34 34 It's 123 456 1234567"] * 10, vocab_size=320)
 
 
 def source_model(tok, sandwich=False, tie=False, seed=0) -> GLM:
