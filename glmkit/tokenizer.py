@@ -279,7 +279,7 @@ def _jsonl_texts(path: Path):
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """The tokenizer of a checkpoint directory, a tokenizer.json, a SentencePiece .model file, or a GGUF file."""
+    """The tokenizer of a checkpoint directory, a tokenizer.json, or a SentencePiece .model file."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; pass a checkpoint directory, a tokenizer.json or a "
@@ -294,7 +294,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
             vocab = read_vocab(path)
             return Tokenizer.from_sentencepiece(vocab) if isinstance(vocab, bytes) else Tokenizer(vocab, path)
-        raise ValueError(f"{path} is neither a directory nor a tokenizer.json / SentencePiece .model / .gguf file")
+        raise ValueError(f"{path} is neither a directory nor a tokenizer.json / SentencePiece .model file")
     from .convert import confined
 
     # in a checkpoint directory, a file (or symlink) pointing outside it is refused, as weights are
