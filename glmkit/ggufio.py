@@ -29,6 +29,7 @@ Tensor types:
                           and min -8d; the nibbles are only repacked (a block holds columns 0-15 in its
                           low nibbles, 16-31 in its high ones; glmkit packs column pairs), so the
                           dequantized weights are bit for bit the file's. The head too when it is Q4_0.
+                          Scales and mins are exact in fp32 and fp16; a bf16 model rounds them.
     DEQUANTIZED types     (Q8_0, Q4_1, Q5_0, Q5_1, the K-quants, IQ*, TQ*, MXFP4, NVFP4, and Q4_0 in a
                           file where not every layer linear is Q4_0): gguf.quants.dequantize, into fp32,
                           which holds every such weight exactly. Q8_0 has one scale per 32 weights and
@@ -55,13 +56,13 @@ import torch
 
 from .config import ModelConfig
 from .errors import CheckpointError
+from .quantize import TARGETS
 
 ARCHITECTURES = ("chatglm", "glm4")
 FLOATS = ("F32", "F16", "BF16", "F64")
 # what gguf.quants dequantizes (checked against gguf 0.19); each becomes fp32, exactly
 DEQUANTIZED = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ1_S", "IQ1_M",
                "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0", "MXFP4", "NVFP4")
-LINEARS = ("attn.qkv", "attn.out", "mlp.up", "mlp.down")  # quantize.TARGETS
 Q4_0_GROUP = 32
 
 # The split llama.cpp applies for these tokenizer.ggml.pre names: GLM-4's own (tiktoken) pattern with its
@@ -97,7 +98,7 @@ def _reader(path: Path):
     """gguf.GGUFReader over the memory-mapped file; a damaged or foreign file is a CheckpointError.
 
     The last file's reader is kept (while its size and time are unchanged): the reader parses every
-    vocabulary string into its own arrays, 10-15 s for GLM-4's 151K tokens and merges on two cores, and
+    vocabulary string into its own arrays (14 s for 151K tokens and 151K merges, GLM-4's, on a busy 2-core machine), and
     one command reads the file's metadata three or four times (plan, tokenizer, weights)."""
     _gguf()
     st = path.stat()
@@ -238,7 +239,7 @@ def open_gguf(path) -> GGUFModel:
 
 
 def _linear(ours: str) -> bool:
-    return ours.endswith(".weight") and ours[: -len(".weight")].endswith(LINEARS)
+    return ours.endswith(".weight") and ours[: -len(".weight")].endswith(TARGETS)
 
 
 def _check_tensors(path: Path, arch: str, cfg: ModelConfig, tensors: dict, entries: list):
