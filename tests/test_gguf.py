@@ -398,6 +398,7 @@ def test_info_chat_and_serve_take_a_gguf(bpe, tmp_path, monkeypatch, capsys):
                      stdout=stdout) == 0
     assert stdout.getvalue().endswith("\n") and len(stdout.getvalue()) > 1, stdout.getvalue()
 
+    pytest.importorskip("fastapi")  # the serve extra
     from fastapi.testclient import TestClient
 
     import glmkit.server.app as app_module
