@@ -54,11 +54,8 @@ import torch
 
 from .chat import format_from_config
 from .config import _KIND_NAMES, PRESETS, ModelConfig, _show, get_preset
+from .errors import CheckpointError
 from .model import GLM
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read as it claims to be; the message says what to do."""
 
 
 class ConfigError(CheckpointError, ValueError):
@@ -608,9 +605,22 @@ def read_config_json(path: str | Path) -> tuple[dict, Path]:
     return d, cfg_file
 
 
+def _gguf_only(_):
+    raise CheckpointError("a GGUF file is read whole by glmkit.ggufio, and glmkit does not write GGUF; "
+                          "convert it into a checkpoint directory with `glmkit convert FILE.gguf DIR`")
+
+
+# llama.cpp's GGUF files (architectures chatglm, glm4): read by ggufio, through config_of / state_stream
+GGUF = Format("gguf", ("chatglm", "glm4"), _gguf_only, _gguf_only, _gguf_only)
+
+
 def config_of(path: str | Path) -> tuple[Format, ModelConfig]:
     """The format and ModelConfig a checkpoint directory's config.json describes; every problem is
-    a ConfigError naming the file and the field."""
+    a ConfigError naming the file and the field. A GGUF file's come from its metadata (ggufio)."""
+    from .ggufio import is_gguf, read_config
+
+    if is_gguf(path):
+        return GGUF, read_config(path)
     d, cfg_file = read_config_json(path)
     fmt = detect_format(d, str(cfg_file))
     try:
@@ -775,6 +785,10 @@ class WeightFiles:
 def stored_dtype(path: str | Path) -> torch.dtype | None:
     """The float dtype holding most of a checkpoint directory's weight bytes, from the safetensors headers
     (a .bin is memory-mapped, not read); None when it stores no float tensor. Loads nothing."""
+    from . import ggufio
+
+    if ggufio.is_gguf(path):
+        return ggufio.stored_dtype(path)
     counts: dict[torch.dtype, int] = {}
     path = checkpoint_dir(path)
     for name, f in weight_file_paths(path):
@@ -853,6 +867,10 @@ def verify_checkpoint(path: str | Path) -> tuple[list[str], str]:
     """(problems, summary) of a checkpoint directory, checked without reading tensor data: config.json,
     every weight file's size against its header (each file on its own, so all damage is listed), and
     the tensor names against those config.json implies. No problems: the checkpoint is whole."""
+    from . import ggufio
+
+    if ggufio.is_gguf(path):
+        return ggufio.verify(path)
     path = checkpoint_dir(path)
     fmt, cfg = config_of(path)
     problems, names, total = [], {}, 0
@@ -894,7 +912,12 @@ def state_stream(path: str | Path, device=None, dtype=None, quant: dict | None =
     With `quant` ({"bits", "group_size", "head"}, see quantize.quant_spec) each target linear's
     weight is quantized as it is read, from its stored values in fp32, and the config carries
     `quant`: exactly `quantize_model` applied to the model loaded in fp32, then cast to `dtype`,
-    while memory holds one tensor at a time, never the float model."""
+    while memory holds one tensor at a time, never the float model. A GGUF file streams the same way
+    (ggufio.stream: its Q4_0 layers as int4, as stored)."""
+    from . import ggufio
+
+    if ggufio.is_gguf(path):
+        return ggufio.stream(path, device, dtype, quant)
     path = checkpoint_dir(path)
     fmt, cfg = config_of(path)
     files = WeightFiles(path)
@@ -1079,14 +1102,26 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, bits: int, group_size:
     `dst`, streaming: one tensor read, quantized and written at a time (state_stream into
     write_stream); float tensors and scales in `dtype`; tokenizer files copied along. Returns
     (bytes of the source's weight files, bytes of tensors written)."""
+    from . import ggufio
     from .quantize import quant_spec
 
     cfg, tensors = state_stream(src, dtype=dtype, quant=quant_spec(bits, group_size))
-    _, written = write_stream(cfg, tensors, dst, tokenizer_files(src), shard_bytes)
+    with tempfile.TemporaryDirectory() as tmp:
+        _, written = write_stream(cfg, tensors, dst, source_tokenizer_files(src, tmp), shard_bytes)
+    if ggufio.is_gguf(src):
+        return Path(src).stat().st_size, written
     return sum(f.stat().st_size for _, f in weight_file_paths(checkpoint_dir(src))), written
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "ice_text.model", "generation_config.json")
+
+
+def source_tokenizer_files(src: str | Path, tmp: str | Path) -> list[Path]:
+    """tokenizer_files(src), or for a GGUF file its vocabulary written into directory `tmp` (tokenizer.json,
+    or tokenizer.model for a SentencePiece one): what a checkpoint converted from `src` carries."""
+    from . import ggufio
+
+    return ggufio.vocab_files(src, tmp) if ggufio.is_gguf(src) else tokenizer_files(src)
 
 
 def tokenizer_files(src: str | Path) -> list[Path]:
@@ -1136,9 +1171,9 @@ def load(path_or_preset: str | Path | None = None, device=None, dtype=None, quan
 def main(argv=None):
     import argparse
 
-    p = argparse.ArgumentParser(prog="glmkit convert", description="Convert a GLM-family checkpoint directory.")
+    p = argparse.ArgumentParser(prog="glmkit convert", description="Convert a GLM-family checkpoint directory or GGUF file.")
     p.add_argument("src", help="checkpoint directory (glmkit, GlmForCausalLM, Glm4ForCausalLM, THUDM GLM, ChatGLM-6B, "
-                   "ChatGLM2/3, GLM-4 / CodeGeeX remote code)")
+                   "ChatGLM2/3, GLM-4 / CodeGeeX remote code) or a GGUF file (llama.cpp's chatglm or glm4 architecture)")
     p.add_argument("dst", help="new output directory")
     p.add_argument("--to", default="glmkit", choices=list(FORMATS), help="output layout (default: glmkit)")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="output dtype (default: as stored)")
@@ -1146,8 +1181,12 @@ def main(argv=None):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}[a.dtype]
     dtype = dtype or stored_dtype(a.src)  # as stored: not widened to fp32 as loading for compute would
     cfg, tensors = state_stream(a.src, dtype=dtype)  # one tensor at a time: a 9B model converts in a shard of memory
+    if cfg.quant and a.to != "glmkit":
+        raise CheckpointError(f"{a.src} is quantized (int{cfg.quant['bits']}); only the glmkit layout holds "
+                              "quantized weights: use --to glmkit")
     counted = []
-    _, nbytes = write_stream(cfg, ((n, counted.append(t.numel()) or t) for n, t in tensors), a.dst,
-                             tokenizer_files(a.src), fmt=a.to)
+    with tempfile.TemporaryDirectory() as tmp:
+        _, nbytes = write_stream(cfg, ((n, counted.append(t.numel()) or t) for n, t in tensors), a.dst,
+                                 source_tokenizer_files(a.src, tmp), fmt=a.to)
     print(f"{a.src} ({cfg.source}) -> {a.dst} ({a.to}): {sum(counted) / 1e6:.1f}M parameters, {dtype}, "
           f"{nbytes / 2**30:.2f} GiB")

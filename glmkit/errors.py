@@ -1,6 +1,7 @@
 """The library's typed errors: a caller (the server) maps each type to its answer, never a message.
 
-Both are ValueErrors, so code that catches ValueError keeps working.
+The request errors are ValueErrors, so code that catches ValueError keeps working. CheckpointError lives
+here, below every reader (convert, ggufio), so each can raise it without importing the others.
 """
 
 
@@ -14,3 +15,7 @@ class ParameterError(ValueError):
     def __init__(self, param: str, message: str):
         super().__init__(message)
         self.param = param
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read as it claims to be; the message says what to do."""

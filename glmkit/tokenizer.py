@@ -276,6 +276,11 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             return Tokenizer.from_sentencepiece(path)
         if path.suffix == ".json":
             return Tokenizer.from_file(path)
+        if path.suffix.lower() == ".gguf":  # the vocabulary a llama.cpp model file carries
+            from .ggufio import read_vocab
+
+            vocab = read_vocab(path)
+            return Tokenizer.from_sentencepiece(vocab) if isinstance(vocab, bytes) else Tokenizer(vocab, path)
         raise ValueError(f"{path} is neither a directory nor a tokenizer.json / SentencePiece .model file")
     from .convert import confined
 
