@@ -25,7 +25,7 @@ from glmkit.model import GLM
         ("position", "rope", "'learned_2d', 'rope_2d', 'rope_partial'"),
         ("norm", "batchnorm", "'layernorm', 'rmsnorm'"),
         ("residual", "post_ln", "'pre_ln', 'deepnorm'"),
-        ("mlp", "relu", "'gelu', 'swiglu'"),
+        ("mlp", "relu", "'gelu', 'gelu_exact', 'swiglu'"),
     ],
 )
 def test_bad_switch_names_list_the_choices(field, bad, allowed):
@@ -144,6 +144,7 @@ def tiny_variants():
     yield dict(vocab_size=40, dim=16, n_layers=3, n_heads=4, n_kv_heads=1, head_dim=8, ffn_dim=24, qkv_bias=True)
     yield dict(vocab_size=40, dim=24, n_layers=1, n_heads=3, head_dim=12, position="rope_partial", rope_fraction=1 / 3, mlp="gelu")
     yield dict(vocab_size=40, dim=16, n_layers=2, n_heads=2, n_kv_heads=1, position="learned_2d", max_seq_len=33)
+    yield dict(vocab_size=40, dim=16, n_layers=2, n_heads=2, position="learned_2d", mlp="gelu_exact", max_seq_len=9)
 
 
 EMBEDDING_PARAMS = ("embed.weight", "pos_embed.weight", "block_pos_embed.weight", "head.weight")

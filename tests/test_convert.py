@@ -113,11 +113,14 @@ def test_export_refuses_what_hf_cannot_express(tmp_path):
 
 
 # ---- original GLM vs GPT-2 + block positions ------------------------------------------------------
-def random_glm_checkpoint(path, C=48, L=2, H=4, V=97, P=64, prefix="glm."):
+def random_glm_checkpoint(path, C=48, L=2, H=4, V=97, P=64, prefix="glm.", rows=None):
+    """A tiny checkpoint in the released layout: max_sequence_length P, position tables of P + 1 rows
+    (`rows` overrides it, for a wrong one)."""
     g = torch.Generator().manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g) * 0.2
-    sd = {"word_embeddings.weight": r(V, C), "transformer.position_embeddings.weight": r(P, C),
-          "transformer.block_position_embeddings.weight": r(P, C),
+    rows = P + 1 if rows is None else rows
+    sd = {"word_embeddings.weight": r(V, C), "transformer.position_embeddings.weight": r(rows, C),
+          "transformer.block_position_embeddings.weight": r(rows, C),
           "transformer.final_layernorm.weight": 1 + r(C), "transformer.final_layernorm.bias": r(C)}
     for i in range(L):
         t = f"transformer.layers.{i}."
@@ -138,8 +141,9 @@ def random_glm_checkpoint(path, C=48, L=2, H=4, V=97, P=64, prefix="glm."):
 
 def gpt2_from_glm(sd, cfg, prefix="glm."):
     C, L = cfg["hidden_size"], cfg["num_layers"]
-    gc = transformers.GPT2Config(vocab_size=cfg["vocab_size"], n_positions=cfg["max_sequence_length"], n_embd=C,
-                                 n_layer=L, n_head=cfg["num_attention_heads"], activation_function="gelu_new",
+    # the published modeling_glm.py: tables of max_sequence_length + 1 rows, exact (erf) GELU
+    gc = transformers.GPT2Config(vocab_size=cfg["vocab_size"], n_positions=cfg["max_sequence_length"] + 1, n_embd=C,
+                                 n_layer=L, n_head=cfg["num_attention_heads"], activation_function="gelu",
                                  layer_norm_epsilon=1e-5, attn_implementation="eager", bos_token_id=0, eos_token_id=0,
                                  resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
     g = transformers.GPT2LMHeadModel(gc).eval()
@@ -166,8 +170,9 @@ def test_original_glm_equals_gpt2_with_block_positions(tmp_path, prefix):
     gpt2, block_table = gpt2_from_glm(sd, cfg, prefix)
     # one blank-infilling sample: Part A of 6 tokens with a [MASK] at 2, Part B "<sop> x x" at pos 2
     ids = torch.randint(0, 97, (2, 9))
-    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 2, 2, 2]] * 2)
-    block = torch.tensor([[0, 0, 0, 0, 0, 0, 1, 2, 3]] * 2)
+    # row 1 ends at position 64 = max_sequence_length: the extra row of the released tables
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 2, 2, 2], [56, 57, 58, 59, 60, 61, 62, 63, 64]])
+    block = torch.tensor([[0, 0, 0, 0, 0, 0, 1, 2, 3], [0, 0, 0, 0, 0, 0, 0, 0, 0]])
     sep = torch.tensor([6, 4])
     T = ids.shape[1]
     k, q = torch.arange(T), torch.arange(T)[:, None]
@@ -178,23 +183,40 @@ def test_original_glm_equals_gpt2_with_block_positions(tmp_path, prefix):
     got = ours(ids, torch.stack((pos, block), 1), sep=sep)
     mx = assert_close(got, want, TOL, "original GLM vs GPT-2 + block positions")
     print(f"\noriginal GLM (prefix {prefix!r}) vs GPT2LMHeadModel + block table: max abs diff {mx:.2e}")
+    assert ours.cfg.max_seq_len == cfg["max_sequence_length"] + 1 and ours.cfg.mlp == "gelu_exact"
+
+
+def test_original_glm_wrong_table_size_names_the_tensor(tmp_path):
+    """A checkpoint whose tables have max_sequence_length rows (not the released + 1) is refused, naming
+    the tensor and both shapes."""
+    random_glm_checkpoint(tmp_path / "g", P=64, rows=64)
+    with pytest.raises(CheckpointError, match=r"transformer\.position_embeddings\.weight.*\(64, 48\).*\(65, 48\)"):
+        read_checkpoint(tmp_path / "g")
 
 
 # ---- ChatGLM-6B: an independent transcription of its forward -------------------------------------
-def chatglm_reference(sd, cfg, ids, pos, block, sep):
+def chatglm6b_inv_freq(d: int) -> torch.Tensor:
+    """modeling_chatglm.py's RotaryEmbedding(d): 1 / 10000^(2i/d) in fp32, then `.half()`; used in fp32."""
+    return (1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))).half().float()
+
+
+def chatglm_reference(sd, cfg, ids, pos, block, sep, alpha=None):
     """ChatGLM-6B's forward written from its published design, in its own tensor layout:
     q/k/v fused per head as (T, H, 3*D); first half of each head rotated by position, second half
     by block position, each with (x[:d/2], x[d/2:]) pairs; query-key scaling; alpha residual on the
-    normed input; GELU (tanh); final LayerNorm; separate lm_head."""
+    normed input; GELU (tanh); final LayerNorm; separate lm_head. As its published code computes it: the
+    rotary inverse frequencies rounded to fp16 (`chatglm6b_inv_freq`), alpha = sqrt(2 * 28) at any depth
+    (GLMBlock's default num_layers, which ChatGLMModel does not pass)."""
     C, H, L, eps = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_layers"], cfg["layernorm_epsilon"]
-    D, alpha = C // H, (2 * L) ** 0.5
+    D = C // H
+    alpha = (2 * 28) ** 0.5 if alpha is None else alpha
     B, T = ids.shape
+    sd = {k: v.float() for k, v in sd.items()}
     x = sd["transformer.word_embeddings.weight"][ids]
 
     def rot(v, p):  # v (B, T, H, d) rotated by positions p (B, T)
         d = v.shape[-1]
-        inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
-        f = p[..., None].float() * inv
+        f = p[..., None].float() * chatglm6b_inv_freq(d)
         emb = torch.cat((f, f), -1)[:, :, None]
         cos, sin = emb.cos(), emb.sin()
         v1, v2 = v[..., : d // 2], v[..., d // 2 :]
@@ -224,9 +246,12 @@ def chatglm_reference(sd, cfg, ids, pos, block, sep):
     return F.linear(x, sd["lm_head.weight"])
 
 
-def random_chatglm_checkpoint(path, C=64, L=2, H=4, F_=160, V=103):
+def random_chatglm_checkpoint(path, C=64, L=2, H=4, F_=160, V=103, shards=1):
+    """A tiny checkpoint in the released layout: fp16 tensors with lm_head.weight and each layer's
+    rotary inv_freq buffer (wrong values here: the published code ignores them), in `shards` .bin
+    files with an index (as chatglm-6b ships 8), or one safetensors file."""
     g = torch.Generator().manual_seed(0)
-    r = lambda *s: torch.randn(*s, generator=g) * 0.2
+    r = lambda *s: (torch.randn(*s, generator=g) * 0.2).half()
     sd = {"transformer.word_embeddings.weight": r(V, C), "lm_head.weight": r(V, C),
           "transformer.final_layernorm.weight": 1 + r(C), "transformer.final_layernorm.bias": r(C)}
     for i in range(L):
@@ -236,22 +261,31 @@ def random_chatglm_checkpoint(path, C=64, L=2, H=4, F_=160, V=103):
         for n, (o, m) in (("attention.query_key_value", (3 * C, C)), ("attention.dense", (C, C)),
                           ("mlp.dense_h_to_4h", (F_, C)), ("mlp.dense_4h_to_h", (C, F_))):
             sd[t + n + ".weight"], sd[t + n + ".bias"] = r(o, m), r(o)
-        sd[t + "attention.rotary_emb.inv_freq"] = torch.ones(C // H // 4)  # a buffer real checkpoints carry
+        sd[t + "attention.rotary_emb.inv_freq"] = torch.ones(C // H // 4, dtype=torch.float16)
     cfg = {"architectures": ["ChatGLMModel"], "model_type": "chatglm", "vocab_size": V, "hidden_size": C,
            "inner_hidden_size": F_, "num_layers": L, "num_attention_heads": H, "max_sequence_length": 128,
            "layernorm_epsilon": 1e-5, "position_encoding_2d": True, "quantization_bit": 0,
            "tie_word_embeddings": False}  # real ChatGLM-6B ties (HF default); the untied head is tested here
     path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps(cfg))
-    from safetensors.torch import save_file
+    if shards == 1:
+        from safetensors.torch import save_file
 
-    save_file(sd, path / "model.safetensors")
+        save_file(sd, path / "model.safetensors")
+        return sd, cfg
+    names, weight_map = list(sd), {}
+    for k in range(shards):
+        part = f"pytorch_model-{k + 1:05d}-of-{shards:05d}.bin"
+        mine = names[k::shards]
+        torch.save({n: sd[n] for n in mine}, path / part)
+        weight_map.update(dict.fromkeys(mine, part))
+    (path / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return sd, cfg
 
 
 @torch.no_grad()
 def test_chatglm6b_equals_transcribed_reference(tmp_path):
-    sd, cfg = random_chatglm_checkpoint(tmp_path / "c")
+    sd, cfg = random_chatglm_checkpoint(tmp_path / "c", shards=3)
     ours = glmkit.load(str(tmp_path / "c")).eval()
     assert ours.cfg.residual == "deepnorm" and ours.cfg.position == "rope_2d"
     ids = torch.randint(0, 103, (2, 10))
@@ -267,17 +301,22 @@ def test_chatglm6b_equals_transcribed_reference(tmp_path):
 def test_chatglm_and_glm_round_trip(tmp_path):
     from safetensors.torch import load_file
 
-    sd, _ = random_chatglm_checkpoint(tmp_path / "c")
-    write_checkpoint(read_checkpoint(tmp_path / "c"), tmp_path / "c2")
+    sd, cfg = random_chatglm_checkpoint(tmp_path / "c")
+    write_checkpoint(read_checkpoint(tmp_path / "c", dtype=torch.float16), tmp_path / "c2")
     back = load_file(tmp_path / "c2" / "model.safetensors")
     for n, t in back.items():
         assert torch.equal(t, sd[n]), n
     assert set(sd) - set(back) == {f"transformer.layers.{i}.attention.rotary_emb.inv_freq" for i in range(2)}
+    written = json.loads((tmp_path / "c2" / "config.json").read_text())
+    assert {k: written.get(k) for k in cfg if k != "quantization_bit"} == {k: v for k, v in cfg.items() if k != "quantization_bit"}
 
-    sd, _ = random_glm_checkpoint(tmp_path / "g", prefix="")
+    # what we write is the released layout the published code reads: max_sequence_length and P + 1 rows
+    sd, cfg = random_glm_checkpoint(tmp_path / "g", prefix="")
     write_checkpoint(read_checkpoint(tmp_path / "g"), tmp_path / "g2")
     back = load_file(tmp_path / "g2" / "model.safetensors")
     assert sorted(back) == sorted(sd) and all(torch.equal(back[n], sd[n]) for n in sd)
+    written = json.loads((tmp_path / "g2" / "config.json").read_text())
+    assert written["max_sequence_length"] == cfg["max_sequence_length"] == back["transformer.position_embeddings.weight"].shape[0] - 1
 
 
 # ---- loading never fails silently -----------------------------------------------------------------
