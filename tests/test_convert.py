@@ -11,6 +11,7 @@ References, all built in-process from tiny random-init configs:
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -104,6 +105,87 @@ def test_native_rope2d_exports_to_hf_exactly(tmp_path):
     assert back.cfg == model.cfg
     for (n, p), (_, q) in zip(model.state_dict().items(), back.state_dict().items()):
         assert torch.equal(p, q), n
+
+
+# ---- scaled RoPE: every rope_type transformers' GLM classes accept, against transformers ----------------
+# hf_tiny: head_dim 16, partial_rotary_factor 0.5 -> 4 rotary pairs at theta 1e4 (wavelengths 6.3 .. 6283),
+# max_position_embeddings 128. Each config reaches every branch of its type: llama3's kept, blended and
+# slowed bands; yarn's ramp over pairs 0..3 (and its attention scaling); longrope's short set (128 <= 128)
+# and long set (trained on 8, run on 12 positions, as transformers switches at that length).
+ROPE_TYPES = {
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 8.0,
+               "original_max_position_embeddings": 128},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024},
+    "yarn-mscale": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024, "mscale": 0.8,
+                    "mscale_all_dim": 0.5, "beta_fast": 16.0, "beta_slow": 2.0, "truncate": False},
+    "longrope-short": {"rope_type": "longrope", "original_max_position_embeddings": 128,
+                       "short_factor": [1.0, 1.3, 1.9, 2.5], "long_factor": [1.0, 3.0, 9.0, 27.0]},
+    "longrope-long": {"rope_type": "longrope", "original_max_position_embeddings": 8,
+                      "short_factor": [1.0, 1.3, 1.9, 2.5], "long_factor": [1.0, 3.0, 9.0, 27.0]},
+    "proportional": {"rope_type": "proportional", "factor": 2.0},
+}
+
+
+@pytest.mark.parametrize("rope", list(ROPE_TYPES))
+@torch.no_grad()
+def test_hf_parity_scaled_rope(tmp_path, rope):
+    """A tiny GlmForCausalLM with a scaled RoPE, read by glmkit: the same logits; the frequencies differ
+    from unscaled ones (so the parity is not vacuous), and a write-back restores the same config."""
+    from glmkit.layers import rope_frequencies
+
+    hf = hf_tiny("GlmForCausalLM", rope_parameters={"rope_theta": 10000.0, **ROPE_TYPES[rope]})
+    hf.save_pretrained(tmp_path / "hf")
+    ours = glmkit.load(str(tmp_path / "hf")).eval()
+    assert ours.cfg.rope_scaling["rope_type"] == ROPE_TYPES[rope]["rope_type"]
+    ids, mask, pos = left_padded_batch(101, [12, 7, 3], 12)
+    want = hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    got = ours(ids, attention_mask=mask)
+    real = mask.bool()
+    mx = assert_close(got[real], want[real], TOL, f"{rope} logits at real tokens")
+    inv, scale = rope_frequencies(ours.cfg)
+    plain, _ = rope_frequencies(replace(ours.cfg, rope_scaling=None))
+    assert (inv - plain).abs().max() > 1e-3 or scale != 1.0, (inv, plain, scale)
+    print(f"\n{rope}: inv_freq {[f'{x:.4g}' for x in inv.tolist()]}, scale {scale:.4f}; max abs diff vs HF {mx:.2e}")
+    write_checkpoint(ours, tmp_path / "back")
+    assert read_checkpoint(tmp_path / "back").cfg == ours.cfg
+
+
+@torch.no_grad()
+def test_hf_legacy_rope_scaling_spelling(tmp_path):
+    """Configs written before transformers 5 carry `rope_scaling` ({"type": ...}) and top-level rope_theta /
+    partial_rotary_factor: read as the same model."""
+    hf = hf_tiny("GlmForCausalLM", rope_parameters={"rope_theta": 10000.0, **ROPE_TYPES["llama3"]})
+    hf.save_pretrained(tmp_path / "hf")
+    path = tmp_path / "hf" / "config.json"
+    d = json.loads(path.read_text())
+    rp = d.pop("rope_parameters")
+    d.update(rope_theta=rp.pop("rope_theta"), partial_rotary_factor=rp.pop("partial_rotary_factor"),
+             rope_scaling={"type": rp.pop("rope_type"), **rp})
+    path.write_text(json.dumps(d))
+    ours = glmkit.load(str(tmp_path / "hf")).eval()
+    ids = torch.randint(0, 101, (2, 9))
+    mx = assert_close(ours(ids), hf(ids).logits, TOL, "legacy rope_scaling spelling")
+    print(f"\nllama3 as legacy rope_scaling: max abs diff {mx:.2e}")
+
+
+@pytest.mark.parametrize("rope, match", [
+    ({"rope_type": "dynamic", "factor": 2.0}, r"field 'rope_parameters': rope_type 'dynamic'.*KV cache"),
+    ({"rope_type": "ntk", "factor": 2.0}, r"field 'rope_parameters': rope_type must be one of .*'ntk'"),
+    ({"rope_type": "linear"}, r"field 'rope_parameters' of rope_type 'linear': missing \['factor'\]"),
+    ({"rope_type": "linear", "factor": 2.0, "fator": 3}, r"unknown keys \['fator'\]"),
+    ({"rope_type": "linear", "factor": -2.0}, r"field 'rope_parameters'\['factor'\] must be a positive number"),
+    ({"rope_type": "longrope", "original_max_position_embeddings": 8, "short_factor": [1.0, 2.0],
+      "long_factor": [1.0, 2.0, 3.0, 4.0]}, r"\['short_factor'\] must be a list of 4 positive numbers"),
+])
+def test_bad_rope_config_is_refused_naming_the_field(tmp_path, rope, match):
+    hf_tiny("GlmForCausalLM").save_pretrained(tmp_path / "hf")
+    path = tmp_path / "hf" / "config.json"
+    d = json.loads(path.read_text())
+    d["rope_parameters"] = {"rope_theta": 10000.0, "partial_rotary_factor": 0.5, **rope}
+    path.write_text(json.dumps(d))
+    with pytest.raises(CheckpointError, match=match):
+        glmkit.load(str(tmp_path / "hf"))
 
 
 def test_export_refuses_what_hf_cannot_express(tmp_path):
@@ -288,14 +370,54 @@ def test_chatglm6b_equals_transcribed_reference(tmp_path):
     sd, cfg = random_chatglm_checkpoint(tmp_path / "c", shards=3)
     ours = glmkit.load(str(tmp_path / "c")).eval()
     assert ours.cfg.residual == "deepnorm" and ours.cfg.position == "rope_2d"
-    ids = torch.randint(0, 103, (2, 10))
-    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 6, 6, 6], [0, 1, 2, 3, 4, 5, 6, 7, 7, 7]])
-    block = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 1, 2, 3], [0, 0, 0, 0, 0, 0, 0, 0, 1, 2]])
-    sep = torch.tensor([7, 8])
+    assert (ours.cfg.rope_fp16, ours.cfg.deepnorm_layers, ours.cfg.residual_alpha) == (True, 28, math.sqrt(56))
+    ids = torch.randint(0, 103, (3, 10))
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 6, 6, 6], [0, 1, 2, 3, 4, 5, 6, 7, 7, 7], list(range(95, 105))])
+    block = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 1, 2, 3], [0, 0, 0, 0, 0, 0, 0, 0, 1, 2], [0] * 10])
+    sep = torch.tensor([7, 8, 0])
     want = chatglm_reference(sd, cfg, ids, pos, block, sep)
     got = ours(ids, torch.stack((pos, block), 1), sep=sep)
     mx = assert_close(got, want, TOL, "ChatGLM-6B vs transcribed reference")
-    print(f"\nChatGLM-6B layout vs transcribed reference: max abs diff {mx:.2e}")
+    print(f"\nChatGLM-6B layout (fp16 shards) vs transcribed reference: max abs diff {mx:.2e}")
+
+
+def test_chatglm6b_rotary_frequencies_are_the_published_fp16_ones():
+    """modeling_chatglm.py rounds its inverse frequencies to fp16: chatglm-6b (head 128: two rotary tables
+    of 64 channels) uses exactly those. The rounding matters: it turns the angles at position 2047 by
+    up to ~0.3 rad against the exact fp32 frequencies."""
+    from glmkit.layers import rope_frequencies
+
+    inv, scale = rope_frequencies(get_preset("chatglm-6b"))
+    want = chatglm6b_inv_freq(64)
+    assert scale == 1.0 and torch.equal(inv, want), (inv - want).abs().max()
+    exact = 1.0 / (10000 ** (torch.arange(0, 64, 2).float() / 64))
+    drift = ((inv.double() - exact.double()) * 2047).abs().max().item()
+    assert drift > 0.1, drift
+    print(f"\nChatGLM-6B fp16 frequencies: angle at position 2047 moved by up to {drift:.3f} rad vs exact fp32")
+
+
+@torch.no_grad()
+def test_chatglm6b_alpha_is_fixed_at_28_layers(tmp_path):
+    """The published GLMBlock takes num_layers=28 by default and ChatGLMModel does not pass it: a 3-layer
+    checkpoint runs with alpha sqrt(56), not sqrt(6). Ours equals the reference with sqrt(56) and is far
+    from the one with sqrt(6)."""
+    from tests.helpers import assert_differs
+
+    sd, cfg = random_chatglm_checkpoint(tmp_path / "c", L=3)
+    ours = glmkit.load(str(tmp_path / "c")).eval()
+    ids = torch.randint(0, 103, (2, 8))
+    pos, block = torch.arange(8).expand(2, 8), torch.zeros(2, 8, dtype=torch.long)
+    got = ours(ids, torch.stack((pos, block), 1))
+    mx = assert_close(got, chatglm_reference(sd, cfg, ids, pos, block, torch.tensor([0, 0])), TOL, "alpha sqrt(56)")
+    assert_differs(got, chatglm_reference(sd, cfg, ids, pos, block, torch.tensor([0, 0]), alpha=6 ** 0.5), 1e-3,
+                   "alpha sqrt(2 x 3)")
+    print(f"\n3-layer ChatGLM-6B with alpha sqrt(2 x 28): max abs diff {mx:.2e}")
+
+
+def test_chatglm_writer_refuses_what_the_published_code_would_run_differently(tmp_path):
+    model = GLM(get_preset("chatglm-6b", vocab_size=64, dim=32, n_layers=2, n_heads=2, ffn_dim=64, rope_fp16=False))
+    with pytest.raises(CheckpointError, match=r"cannot be written as chatglm.*rope_fp16=False \(it computes True\)"):
+        write_checkpoint(model, tmp_path / "x", "chatglm")
 
 
 def test_chatglm_and_glm_round_trip(tmp_path):
