@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 
 import pytest
 
@@ -85,6 +86,30 @@ def test_json_round_trip(name, tmp_path):
     back = ModelConfig.from_json(path)
     assert back == cfg, f"{name}: {back} != {cfg}"
     assert back.residual_alpha == cfg.residual_alpha
+
+
+def test_rope_and_published_code_fields_round_trip_and_are_checked(tmp_path):
+    """rope_scaling, rope_fp16 and deepnorm_layers are serialized (a converted checkpoint keeps them) and
+    refused where they mean nothing, naming the field."""
+    cfg = ModelConfig(position="rope_partial", residual="deepnorm", deepnorm_layers=28, rope_fp16=True,
+                      rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})
+    cfg.save(tmp_path / "config.json")
+    back = ModelConfig.from_json(tmp_path / "config.json")
+    assert back == cfg and back.residual_alpha == math.sqrt(56)
+    for kw, match in (
+        (dict(deepnorm_layers=28), r"deepnorm_layers=28 applies only to residual='deepnorm'"),
+        (dict(position="learned_2d", rope_fp16=True), r"rope_fp16 applies only to rotary positions"),
+        (dict(position="learned_2d", rope_scaling={"rope_type": "linear", "factor": 2.0}),
+         r"rope_scaling applies only to rotary positions"),
+        (dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), r"rope_scaling: rope_type 'dynamic'.*not supported"),
+        (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64,
+                            "low_freq_factor": 2.0, "high_freq_factor": 2.0}), r"low_freq_factor != high_freq_factor"),
+        (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64.5}),
+         r"rope_scaling\['original_max_position_embeddings'\] must be a positive integer"),
+        (dict(rope_scaling="yarn"), r"ModelConfig.rope_scaling must be a JSON object or null"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            ModelConfig(**kw)
 
 
 def test_from_dict_rejects_unknown_fields():
