@@ -132,9 +132,9 @@ class _Plan:
             head = _CLinear(w=tensor(emb, "weight"), n=emb.weight.shape[0], k=emb.weight.shape[1],
                             kind=_WTYPE[emb.weight.dtype])
         rope = cfg.position in ("rope_2d", "rope_partial")
-        inv_freq, rope_scale = rope_frequencies(cfg) if rope else (None, 1.0)  # the eager Rotary's table
-        if rope:
-            self.keep.append(inv_freq)
+        # the eager Rotary's frequency table, held here while the kernel points at it (a few hundred bytes,
+        # not among `keep`'s weight copies that plan.kernel_copies_bytes counts)
+        self.inv_freq, rope_scale = rope_frequencies(cfg) if rope else (None, 1.0)
         self.model = _CModel(
             layers=self.layers, norm=norm(model, "norm"), head=head, n_layers=cfg.n_layers, dim=cfg.dim,
             n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
@@ -142,7 +142,7 @@ class _Plan:
             layernorm=cfg.norm == "layernorm", position={"rope_2d": 1, "rope_partial": 2}.get(cfg.position, 0),
             swiglu=cfg.mlp == "swiglu", sandwich=cfg.sandwich_norm, deepnorm=cfg.residual == "deepnorm",
             gelu_exact=cfg.mlp == "gelu_exact", eps=cfg.norm_eps, alpha=cfg.residual_alpha, rope_scale=rope_scale,
-            inv_freq=inv_freq.data_ptr() if rope else None,
+            inv_freq=self.inv_freq.data_ptr() if rope else None,
         )
         self.vocab = head.n
 
