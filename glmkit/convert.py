@@ -26,7 +26,12 @@ each raise `CheckpointError` naming the file, the tensor and what to do next.
 
 Layouts that differ beyond names:
 - HF GLM stores q/k/v separately; we fuse them as rows [Q | K | V].
-- ChatGLM-6B fuses q/k/v per head ([q_h, k_h, v_h] for each head h); we reorder the rows.
+- ChatGLM-6B fuses q/k/v per head ([q_h, k_h, v_h] for each head h); we reorder the rows. Its published
+  code also fixes two numbers the config does not say: fp16-rounded rotary frequencies and alpha
+  sqrt(2 * 28) at any depth (rope_fp16, deepnorm_layers), set on read and required on write.
+- The original GLM's position tables have max_sequence_length + 1 rows (our max_seq_len) and its GELU
+  is the exact one (mlp="gelu_exact").
+- HF RoPE scaling (`rope_parameters` or the older `rope_scaling`) becomes ModelConfig.rope_scaling.
 - A native glmkit model (`rope_2d`) exports to GlmForCausalLM exactly for causal use: with block
   positions at 0 the second rotary half is the identity, and the first half's (x[i], x[i+r/2])
   pairs become HF's interleaved (x[2i], x[2i+1]) pairs by permuting q/k rows, which leaves every
