@@ -21,8 +21,18 @@ from typing import Any
 
 POSITIONS = ("learned_2d", "rope_2d", "rope_partial")
 NORMS = ("layernorm", "rmsnorm")
-RESIDUALS = ("pre_ln", "deepnorm")
-MLPS = ("gelu", "swiglu")
+RESIDUALS = ("pre_ln", "deepnorm", "normed")
+MLPS = ("gelu", "gelu_exact", "swiglu")
+# rope_scaling types, as transformers' GLM classes name them (`rope_type`): (required keys, optional keys).
+# "dynamic" (NTK by the current length) is refused in __post_init__; see there why.
+ROPE_SCALING = {
+    "linear": ({"factor"}, set()),
+    "llama3": ({"factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"}, set()),
+    "yarn": ({"factor", "original_max_position_embeddings"},
+             {"attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"}),
+    "longrope": ({"factor", "short_factor", "long_factor", "original_max_position_embeddings"}, {"attention_factor"}),
+    "proportional": (set(), {"factor"}),
+}
 CHAT_FORMATS = ("glm4", "chatglm3", "chatglm2", "chatglm", "codegeex2", "codegeex4")  # glmkit.chat.FORMATS
 
 
@@ -46,15 +56,26 @@ class ModelConfig:
     position: str = "rope_2d"
     rope_theta: float = 10000.0
     rope_fraction: float = 0.5  # only for rope_partial
+    # RoPE frequency scaling for long contexts: None, or a dict of transformers' `rope_parameters` form
+    # without rope_theta / partial_rotary_factor (our rope_theta / rope_fraction): {"rope_type": one of
+    # ROPE_SCALING, its keys}. layers.rope_frequencies turns it into the frequencies both decode paths use.
+    rope_scaling: dict | None = None
+    # ChatGLM-6B: its published code rounds the inverse frequencies to fp16 (and ignores any stored ones)
+    rope_fp16: bool = False
 
     norm: str = "rmsnorm"
     norm_eps: float = 1e-5
     # pre_ln:   x + f(norm(x))                       (GPT-2, original GLM, GLM-4)
     # deepnorm: norm(x) * alpha + f(norm(x)), alpha = sqrt(2 * n_layers)   (ChatGLM-6B)
+    # normed:   norm(x) + f(norm(x))   (ChatGLM2 / GLM-4 code's apply_residual_connection_post_layernorm)
     residual: str = "pre_ln"
+    # deepnorm's alpha = sqrt(2 * deepnorm_layers); None = n_layers. ChatGLM-6B's published code builds
+    # its blocks with the default 28 whatever the depth, so its checkpoints carry 28.
+    deepnorm_layers: int | None = None
     sandwich_norm: bool = False  # GLM-4-0414: extra norms on the attention and MLP outputs
     final_norm: bool = True  # a norm after the last block (ChatGLM2's post_layer_norm=false has none)
-    mlp: str = "swiglu"  # gelu = tanh-approximated GELU, as GLM and ChatGLM-6B use
+    # gelu: tanh-approximated GELU (ChatGLM-6B); gelu_exact: erf GELU (the original GLM's published code)
+    mlp: str = "swiglu"
     qkv_bias: bool = False
     out_bias: bool = False  # bias of the attention output projection
     mlp_bias: bool = False
@@ -99,7 +120,7 @@ class ModelConfig:
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.ffn_dim is None:
-            if self.mlp == "gelu":
+            if self.mlp in ("gelu", "gelu_exact"):
                 self.ffn_dim = 4 * self.dim
             else:  # SwiGLU at ~the parameter count of a 4x GELU MLP, rounded up to 64
                 self.ffn_dim = 64 * math.ceil(8 * self.dim / 3 / 64)
@@ -107,7 +128,63 @@ class ModelConfig:
             raise ValueError(f"rope_2d needs head_dim divisible by 4 (two rotary halves), got {self.head_dim}")
         if self.position == "rope_partial" and self.rotary_dim % 2:
             raise ValueError(f"rope_partial needs an even rotary dim, got {self.rotary_dim}")
-        self.residual_alpha = math.sqrt(2 * self.n_layers) if self.residual == "deepnorm" else 1.0
+        if self.deepnorm_layers is not None and self.residual != "deepnorm":
+            raise ValueError(f"ModelConfig.deepnorm_layers={self.deepnorm_layers} applies only to residual='deepnorm'; "
+                             "remove it (null)")
+        if self.rope_fp16 and self.position == "learned_2d":
+            raise ValueError("ModelConfig.rope_fp16 applies only to rotary positions (rope_2d, rope_partial), "
+                             "not learned_2d; set it false")
+        self._check_rope_scaling()
+        layers = self.deepnorm_layers or self.n_layers
+        self.residual_alpha = math.sqrt(2 * layers) if self.residual == "deepnorm" else 1.0
+
+    def _check_rope_scaling(self):
+        """rope_scaling names a known type with exactly its keys, each of the right kind, so a bad
+        config.json fails here naming the key rather than as NaN logits."""
+        s = self.rope_scaling
+        if s is None:
+            return
+        where = "ModelConfig.rope_scaling"
+        kind = s.get("rope_type")
+        if kind == "dynamic":
+            raise ValueError(
+                f"{where}: rope_type 'dynamic' (dynamic NTK) is not supported: it recomputes the frequencies from "
+                "the current sequence length, so keys already in the KV cache were rotated with other frequencies "
+                "than the new queries, and a text's logits depend on how it was chunked and batched. Use 'yarn' or "
+                "'linear' with the same factor, or drop rope_scaling for texts within the model's trained length")
+        if kind not in ROPE_SCALING:
+            raise ValueError(f"{where}: rope_type must be one of {sorted(ROPE_SCALING)}, got {_show(kind)}")
+        if self.position == "learned_2d":
+            raise ValueError(f"{where} applies only to rotary positions (rope_2d, rope_partial), not learned_2d")
+        required, optional = ROPE_SCALING[kind]
+        missing, unknown = sorted(required - set(s)), sorted(set(s) - required - optional - {"rope_type"})
+        if missing or unknown:
+            raise ValueError(f"{where} of rope_type {kind!r}: " + "; ".join(
+                ([f"missing {missing}"] if missing else []) + ([f"unknown keys {unknown}"] if unknown else []))
+                + f" (it takes {sorted(required)}" + (f", optionally {sorted(optional)})" if optional else ")"))
+        for key, value in s.items():
+            if key == "rope_type":
+                continue
+            if key == "truncate":
+                ok = isinstance(value, bool)
+            elif key in ("short_factor", "long_factor"):
+                ok = (isinstance(value, list) and len(value) == self.rotary_dim // 2
+                      and all(_is(v, "float") and math.isfinite(v) and v > 0 for v in value))
+            elif key == "original_max_position_embeddings":
+                ok = _is(value, "int") and value > 0
+            elif key in ("low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+                ok = value is None or (_is(value, "float") and math.isfinite(value))
+            else:  # factor, attention_factor
+                ok = (value is None and key == "attention_factor") or (
+                    _is(value, "float") and math.isfinite(value) and value > 0)
+            if not ok:
+                want = {"truncate": "true or false", "original_max_position_embeddings": "a positive integer",
+                        "short_factor": f"a list of {self.rotary_dim // 2} positive numbers (one per rotary pair)",
+                        "long_factor": f"a list of {self.rotary_dim // 2} positive numbers (one per rotary pair)",
+                        }.get(key, "a positive number" if key in ("factor", "attention_factor") else "a number")
+                raise ValueError(f"{where}[{key!r}] must be {want}, got {_show(value)}")
+        if kind == "llama3" and s["low_freq_factor"] == s["high_freq_factor"]:
+            raise ValueError(f"{where}: llama3 needs low_freq_factor != high_freq_factor (both {s['low_freq_factor']})")
 
     def _check_types(self):
         """Each field holds what its annotation says, so a config.json with `"dim": "big"` fails
@@ -121,7 +198,7 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{f.name} must be {want}, got {_show(value)}")
             if _is(value, "float") and not math.isfinite(value):
                 raise ValueError(f"ModelConfig.{f.name} must be a finite number, got {value}")
-        for name in ("max_seq_len", "ffn_dim", "head_dim", "rope_theta", "norm_eps"):
+        for name in ("max_seq_len", "ffn_dim", "head_dim", "rope_theta", "norm_eps", "deepnorm_layers"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
         if not 0 < self.rope_fraction <= 1:
@@ -232,25 +309,29 @@ PRESETS: dict[str, dict] = {
     "glm-tiny": dict(vocab_size=16384, dim=256, n_layers=6, n_heads=8, n_kv_heads=2, max_seq_len=1024),
     "glm-small": dict(vocab_size=16384, dim=512, n_layers=8, n_heads=8, n_kv_heads=2, max_seq_len=1024),
     # THUDM/glm-large-chinese config.json (GLM paper Table: GLM-Large, 335M): 24 layers, 1024 hidden,
-    # 16 heads, SentencePiece vocab 50048, max_sequence_length 1024, block_position_encoding true
+    # 16 heads, SentencePiece vocab 50048, max_sequence_length 1024, block_position_encoding true;
+    # its modeling_glm.py: position tables of max_sequence_length + 1 rows, exact (erf) GELU
     "glm-large-chinese": dict(
-        vocab_size=50048, dim=1024, n_layers=24, n_heads=16, max_seq_len=1024, position="learned_2d",
-        norm="layernorm", mlp="gelu", qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=True,
+        vocab_size=50048, dim=1024, n_layers=24, n_heads=16, max_seq_len=1025, position="learned_2d",
+        norm="layernorm", mlp="gelu_exact", qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=True,
         source="glm",
     ),
-    # THUDM/glm-10b-chinese config.json (GLM paper: GLM-10B): 48 layers, 4096 hidden, 64 heads
+    # THUDM/glm-10b-chinese config.json (GLM paper: GLM-10B): 48 layers, 4096 hidden, 64 heads; the same
+    # modeling_glm.py as glm-large-chinese (tables of max_sequence_length + 1 rows, erf GELU)
     "glm-10b-chinese": dict(
-        vocab_size=50048, dim=4096, n_layers=48, n_heads=64, max_seq_len=1024, position="learned_2d",
-        norm="layernorm", mlp="gelu", qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=True,
+        vocab_size=50048, dim=4096, n_layers=48, n_heads=64, max_seq_len=1025, position="learned_2d",
+        norm="layernorm", mlp="gelu_exact", qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=True,
         source="glm",
     ),
     # THUDM/chatglm-6b config.json: 28 layers, 4096 hidden, inner_hidden_size 16384, 32 heads,
     # vocab 130528, max_sequence_length 2048, position_encoding_2d, layernorm_epsilon 1e-5;
-    # modeling_chatglm.py: alpha = sqrt(2 * num_layers) residual, GELU (tanh); its lm_head is tied to
-    # the word embeddings by HF's default tie_word_embeddings=True (6.17B parameters, the published 6.2B)
+    # modeling_chatglm.py: alpha = sqrt(2 * 28) residual (GLMBlock's default num_layers), GELU (tanh),
+    # rotary inverse frequencies rounded to fp16; its lm_head is tied to the word embeddings by HF's
+    # default tie_word_embeddings=True (6.17B parameters, the published 6.2B)
     "chatglm-6b": dict(
         vocab_size=130528, dim=4096, n_layers=28, n_heads=32, ffn_dim=16384, max_seq_len=2048,
-        position="rope_2d", norm="layernorm", norm_eps=1e-5, residual="deepnorm", mlp="gelu",
+        position="rope_2d", rope_fp16=True, norm="layernorm", norm_eps=1e-5, residual="deepnorm",
+        deepnorm_layers=28, mlp="gelu",
         qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=True, source="chatglm",
     ),
     # THUDM/glm-4-9b-hf config.json (GlmForCausalLM): 40 layers, 4096 hidden, 13696 ffn, 32 heads,

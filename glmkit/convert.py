@@ -28,8 +28,13 @@ each raise `CheckpointError` naming the file, the tensor and what to do next.
 
 Layouts that differ beyond names:
 - HF GLM stores q/k/v separately; we fuse them as rows [Q | K | V].
-- ChatGLM-6B fuses q/k/v per head ([q_h, k_h, v_h] for each head h); we reorder the rows. Its
-  successors (chatglm2) fuse them as [Q | K | V] with multi-query attention, per head without it.
+- ChatGLM-6B fuses q/k/v per head ([q_h, k_h, v_h] for each head h); we reorder the rows. Its published
+  code also fixes two numbers the config does not say: fp16-rounded rotary frequencies and alpha
+  sqrt(2 * 28) at any depth (rope_fp16, deepnorm_layers), set on read and required on write.
+- ChatGLM2 onwards (chatglm2) fuse q/k/v as [Q | K | V] with multi-query attention, per head without it.
+- The original GLM's position tables have max_sequence_length + 1 rows (our max_seq_len) and its GELU
+  is the exact one (mlp="gelu_exact").
+- HF RoPE scaling (`rope_parameters` or the older `rope_scaling`) becomes ModelConfig.rope_scaling.
 - A native glmkit model (`rope_2d`) exports to GlmForCausalLM exactly for causal use: with block
   positions at 0 the second rotary half is the identity, and the first half's (x[i], x[i+r/2])
   pairs become HF's interleaved (x[2i], x[2i+1]) pairs by permuting q/k rows, which leaves every
@@ -162,26 +167,50 @@ GLMKIT = Format("glmkit", ("GlmkitForCausalLM",), _glmkit_from_hf, ModelConfig.t
 
 
 # transformers GlmForCausalLM / Glm4ForCausalLM -------------------------------------------------------
+def _hf_rope(d: dict, max_pos: int) -> tuple[str, dict]:
+    """(the field that holds the rope settings, {rope_theta, rope_fraction, rope_scaling}) of an HF GLM
+    config: transformers 5 writes `rope_parameters` (rope_type, rope_theta, partial_rotary_factor and
+    the type's keys); older configs carry top-level rope_theta / partial_rotary_factor and `rope_scaling`
+    ({"type" or "rope_type", keys}). Defaults filled in as transformers fills them, so the config we keep
+    computes the same frequencies on its own."""
+    rope, old = _get(d, "rope_parameters", {}, dict), _get(d, "rope_scaling", {}, dict)
+    field = "rope_parameters" if rope else "rope_scaling"
+    theta = _get(rope, "rope_theta", _get(d, "rope_theta", 10000.0, float), float)
+    fraction = _get(rope, "partial_rotary_factor", _get(d, "partial_rotary_factor", 0.5, float), float)
+    merged = {**old, **rope}
+    kind = merged.get("rope_type", merged.get("type", "default"))
+    scaling = {k: v for k, v in merged.items() if k not in ("rope_theta", "partial_rotary_factor", "type")}
+    if kind == "default":
+        return field, dict(rope_theta=theta, rope_fraction=fraction, rope_scaling=None)
+    scaling["rope_type"] = kind
+    if kind in ("yarn", "longrope", "llama3"):
+        if d.get("original_max_position_embeddings") is not None:  # a top-level one wins, as in transformers
+            scaling["original_max_position_embeddings"] = d["original_max_position_embeddings"]
+        scaling.setdefault("original_max_position_embeddings", max_pos)
+    n = scaling.get("original_max_position_embeddings")
+    if kind in ("yarn", "longrope") and scaling.get("factor") is None and isinstance(n, int) and n > 0:
+        scaling["factor"] = max_pos / n  # transformers' implicit factor: the context stretch
+    return field, dict(rope_theta=theta, rope_fraction=fraction, rope_scaling=scaling)
+
+
 def _hf_from_dict(d: dict, sandwich: bool, source: str) -> ModelConfig:
     if "glmkit_config" in d:  # our own export: restore what HF cannot express
         return ModelConfig.from_dict(d["glmkit_config"])
-    rope = _get(d, "rope_parameters", {}, dict)
-    rtype = rope.get("rope_type", "default")
-    if rtype != "default" or d.get("rope_scaling"):
-        raise CheckpointError(f"rope scaling {rtype!r} / {d.get('rope_scaling')} is not supported yet; only default RoPE")
     H = _need(d, "num_attention_heads", source)
-    return ModelConfig(
-        vocab_size=_need(d, "vocab_size", source), dim=_need(d, "hidden_size", source),
-        n_layers=_need(d, "num_hidden_layers", source), n_heads=H,
-        n_kv_heads=_get(d, "num_key_value_heads", H), head_dim=_get(d, "head_dim", None),
-        ffn_dim=_need(d, "intermediate_size", source), max_seq_len=_get(d, "max_position_embeddings", 8192),
-        position="rope_partial",
-        rope_theta=_get(rope, "rope_theta", _get(d, "rope_theta", 10000.0, float), float),
-        rope_fraction=_get(rope, "partial_rotary_factor", _get(d, "partial_rotary_factor", 0.5, float), float),
-        norm="rmsnorm", norm_eps=_get(d, "rms_norm_eps", 1.5625e-07, float), mlp="swiglu",
-        qkv_bias=_get(d, "attention_bias", True, bool), sandwich_norm=sandwich,
-        tie_embeddings=_get(d, "tie_word_embeddings", False, bool), source=source, chat_format="glm4",
-    )
+    max_pos = _get(d, "max_position_embeddings", 8192)
+    field, rope = _hf_rope(d, max_pos)
+    try:
+        return ModelConfig(
+            vocab_size=_need(d, "vocab_size", source), dim=_need(d, "hidden_size", source),
+            n_layers=_need(d, "num_hidden_layers", source), n_heads=H,
+            n_kv_heads=_get(d, "num_key_value_heads", H), head_dim=_get(d, "head_dim", None),
+            ffn_dim=_need(d, "intermediate_size", source), max_seq_len=max_pos, position="rope_partial", **rope,
+            norm="rmsnorm", norm_eps=_get(d, "rms_norm_eps", 1.5625e-07, float), mlp="swiglu",
+            qkv_bias=_get(d, "attention_bias", True, bool), sandwich_norm=sandwich,
+            tie_embeddings=_get(d, "tie_word_embeddings", False, bool), source=source, chat_format="glm4",
+        )
+    except ValueError as e:  # name the rope settings as config.json spells them
+        raise ConfigError(str(e).replace("ModelConfig.rope_scaling", f"field {field!r}")) from None
 
 
 def _hf_check_exportable(cfg: ModelConfig, fmt: str):
@@ -198,6 +227,8 @@ def _hf_check_exportable(cfg: ModelConfig, fmt: str):
         problems.append(f"residual={cfg.residual}")
     if cfg.out_bias or cfg.mlp_bias:
         problems.append("biases on the attention output or MLP")
+    if cfg.rope_fp16:
+        problems.append("rope_fp16 (ChatGLM-6B's fp16 rotary frequencies)")
     if cfg.sandwich_norm != (fmt == "glm4_hf"):
         problems.append(f"sandwich_norm={cfg.sandwich_norm} (GlmForCausalLM has none, Glm4ForCausalLM needs them)")
     if problems:
@@ -223,6 +254,9 @@ def _hf_to_dict(cfg: ModelConfig, sandwich: bool) -> dict:
         # HF's default pad id (151329) must lie inside the vocabulary; ours has no pad token
         "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
     }
+    if cfg.rope_scaling:  # transformers 5's spelling, which it reads and writes
+        d["rope_parameters"] = {"rope_theta": cfg.rope_theta, "partial_rotary_factor": d["partial_rotary_factor"],
+                                **cfg.rope_scaling}
     if cfg.position == "rope_2d":
         d["glmkit_config"] = cfg.to_dict()
     return d
@@ -304,22 +338,26 @@ def _glm_from_dict(d: dict) -> ModelConfig:
         raise CheckpointError(f"{src}: relative_encoding=true (Transformer-XL style) is not supported")
     if not d.get("block_position_encoding", True):
         raise CheckpointError(f"{src}: block_position_encoding=false checkpoints are not supported")
+    # The published code (modeling_glm.py, like THUDM/GLM's training code) sizes both position tables at
+    # max_sequence_length + 1 rows (1,025 for the released models): positions 0..max_sequence_length are
+    # all usable, so that row count is our max_seq_len. Its MLP uses the exact (erf) GELU.
     return ModelConfig(
         vocab_size=_need(d, "vocab_size", src), dim=_need(d, "hidden_size", src), n_layers=_need(d, "num_layers", src),
-        n_heads=_need(d, "num_attention_heads", src), max_seq_len=_need(d, "max_sequence_length", src),
-        position="learned_2d", norm="layernorm", norm_eps=1e-5, mlp="gelu", qkv_bias=True, out_bias=True,
+        n_heads=_need(d, "num_attention_heads", src), max_seq_len=_need(d, "max_sequence_length", src) + 1,
+        position="learned_2d", norm="layernorm", norm_eps=1e-5, mlp="gelu_exact", qkv_bias=True, out_bias=True,
         mlp_bias=True, tie_embeddings=True, source="glm",
     )
 
 
 def _glm_to_dict(cfg: ModelConfig) -> dict:
     if (cfg.position, cfg.norm, cfg.mlp, cfg.residual, cfg.tie_embeddings, cfg.n_kv_heads) != (
-        "learned_2d", "layernorm", "gelu", "pre_ln", True, cfg.n_heads
-    ) or cfg.ffn_dim != 4 * cfg.dim or not (cfg.qkv_bias and cfg.out_bias and cfg.mlp_bias):
-        raise CheckpointError("only original-GLM-shaped models (learned_2d, LayerNorm, GELU 4x, biases, tied) can be written as glm")
+        "learned_2d", "layernorm", "gelu_exact", "pre_ln", True, cfg.n_heads
+    ) or cfg.ffn_dim != 4 * cfg.dim or not (cfg.qkv_bias and cfg.out_bias and cfg.mlp_bias) or cfg.max_seq_len < 2:
+        raise CheckpointError("only original-GLM-shaped models (learned_2d, LayerNorm, exact GELU (gelu_exact) 4x, "
+                              "biases, tied, max_seq_len >= 2) can be written as glm: its published code computes that")
     return {
         "architectures": ["GLMModel"], "model_type": "glm", "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
-        "num_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "max_sequence_length": cfg.max_seq_len,
+        "num_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "max_sequence_length": cfg.max_seq_len - 1,
         "block_position_encoding": True, "relative_encoding": False,
     }
 
@@ -358,6 +396,9 @@ def _chatglm_from_dict(d: dict) -> ModelConfig:
         max_seq_len=_get(d, "max_sequence_length", 2048), position="rope_2d", norm="layernorm",
         norm_eps=_get(d, "layernorm_epsilon", 1e-5, float), residual="deepnorm", mlp="gelu",
         qkv_bias=True, out_bias=True, mlp_bias=True, source="chatglm", chat_format="chatglm",
+        # the published modeling_chatglm.py rounds the rotary inverse frequencies to fp16 (ignoring the
+        # stored inv_freq), and builds its blocks without num_layers: alpha is sqrt(2 * 28) at any depth
+        rope_fp16=True, deepnorm_layers=28,
         # ChatGLM-6B's config.json has no tie_word_embeddings, so HF ties lm_head to the embeddings
         # when loading (its default); a stored lm_head.weight is then ignored, as HF ignores it
         tie_embeddings=_get(d, "tie_word_embeddings", True, bool),
@@ -369,6 +410,13 @@ def _chatglm_to_dict(cfg: ModelConfig) -> dict:
         "rope_2d", "layernorm", "gelu", "deepnorm", cfg.n_heads
     ) or not (cfg.qkv_bias and cfg.out_bias and cfg.mlp_bias):
         raise CheckpointError("only ChatGLM-6B-shaped models can be written as chatglm")
+    published = dict(rope_fp16=True, alpha_layers=28, rope_theta=10000.0, rope_scaling=None)
+    ours = dict(rope_fp16=cfg.rope_fp16, alpha_layers=cfg.deepnorm_layers or cfg.n_layers, rope_theta=cfg.rope_theta,
+                rope_scaling=cfg.rope_scaling)
+    if ours != published:  # what its published code would compute instead
+        diff = ", ".join(f"{k}={ours[k]} (it computes {v})" for k, v in published.items() if ours[k] != v)
+        raise CheckpointError(f"this model cannot be written as chatglm: the published ChatGLM-6B code would run it "
+                              f"differently: {diff}. Write it as glmkit")
     return {"tie_word_embeddings": cfg.tie_embeddings,
         "architectures": ["ChatGLMModel"], "model_type": "chatglm", "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.dim, "inner_hidden_size": cfg.ffn_dim, "num_layers": cfg.n_layers,
@@ -415,9 +463,6 @@ def _chatglm2_from_dict(d: dict) -> ModelConfig:
     if d.get("pre_seq_len"):
         raise CheckpointError(f"{src}: P-tuning v2 prefix checkpoints (pre_seq_len) are not supported; "
                               "merge or drop the prefix encoder first")
-    if _get(d, "apply_residual_connection_post_layernorm", False, bool):
-        raise CheckpointError(f"{src}: apply_residual_connection_post_layernorm=true is not supported (no "
-                              "released checkpoint uses it)")
     H = _need(d, "num_attention_heads", src)
     C = _need(d, "hidden_size", src)
     multi_query = _get(d, "multi_query_attention", False, bool)
@@ -434,6 +479,7 @@ def _chatglm2_from_dict(d: dict) -> ModelConfig:
         norm_eps=_get(d, "layernorm_epsilon", 1e-5, float), mlp="swiglu",
         qkv_bias=bias_linear or _get(d, "add_qkv_bias", False, bool), out_bias=bias_linear, mlp_bias=bias_linear,
         final_norm=_get(d, "post_layer_norm", True, bool),
+        residual="normed" if _get(d, "apply_residual_connection_post_layernorm", False, bool) else "pre_ln",
         tie_embeddings=_get(d, "tie_word_embeddings", False, bool), source="chatglm2",
         chat_format=format_from_config(d),  # by the release's name; config_of also asks its tokenizer_config.json
     )
@@ -444,7 +490,7 @@ def _chatglm2_to_dict(cfg: ModelConfig) -> dict:
     if cfg.position != "rope_partial" or cfg.rotary_dim * 2 != cfg.head_dim:
         problems.append(f"position={cfg.position} with rotary on {cfg.rotary_dim} of {cfg.head_dim} channels "
                         "(this layout rotates exactly the first half of each head)")
-    if cfg.mlp != "swiglu" or cfg.residual != "pre_ln" or cfg.sandwich_norm:
+    if cfg.mlp != "swiglu" or cfg.residual not in ("pre_ln", "normed") or cfg.sandwich_norm:
         problems.append(f"mlp={cfg.mlp}, residual={cfg.residual}, sandwich_norm={cfg.sandwich_norm}")
     if cfg.out_bias != cfg.mlp_bias or (cfg.out_bias and not cfg.qkv_bias):
         problems.append("biases on some linears only (add_bias_linear puts them on all four)")
@@ -457,7 +503,7 @@ def _chatglm2_to_dict(cfg: ModelConfig) -> dict:
         "multi_query_attention": cfg.n_kv_heads != cfg.n_heads, "multi_query_group_num": cfg.n_kv_heads,
         "seq_length": cfg.max_seq_len, "rope_ratio": _plain_number(cfg.rope_theta / 10000.0), "original_rope": True,
         "rmsnorm": cfg.norm == "rmsnorm", "layernorm_epsilon": cfg.norm_eps, "post_layer_norm": cfg.final_norm,
-        "apply_residual_connection_post_layernorm": False, "add_bias_linear": cfg.out_bias,
+        "apply_residual_connection_post_layernorm": cfg.residual == "normed", "add_bias_linear": cfg.out_bias,
         "add_qkv_bias": cfg.qkv_bias, "tie_word_embeddings": cfg.tie_embeddings,
         "apply_query_key_layer_scaling": True, "attention_softmax_in_fp32": True, "fp32_residual_connection": False,
         "hidden_dropout": 0.0, "attention_dropout": 0.0, "bias_dropout_fusion": True,

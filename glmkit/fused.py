@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from . import kernels
 from .kernels import _WTYPE, Linear, int4_supported
-from .layers import MLP, Attention, Block, Norm
+from .layers import MLP, Attention, Block, Norm, rope_frequencies
 from .quantize import Int4Linear, Int8Linear
 
 
@@ -40,8 +40,9 @@ class _CLayer(ctypes.Structure):
 class _CModel(ctypes.Structure):
     _fields_ = [("layers", ctypes.POINTER(_CLayer)), ("norm", _CNorm), ("head", _CLinear)]
     _fields_ += [(n, ctypes.c_int64) for n in ("n_layers", "dim", "n_heads", "n_kv_heads", "head_dim", "rotary_dim")]
-    _fields_ += [(n, ctypes.c_int32) for n in ("layernorm", "position", "swiglu", "sandwich", "deepnorm")]
-    _fields_ += [(n, ctypes.c_float) for n in ("eps", "alpha", "theta")]
+    _fields_ += [(n, ctypes.c_int32) for n in ("layernorm", "position", "swiglu", "sandwich", "deepnorm", "gelu_exact")]
+    _fields_ += [(n, ctypes.c_float) for n in ("eps", "alpha", "rope_scale")]
+    _fields_ += [("inv_freq", ctypes.c_void_p)]
 
 
 class _CCache(ctypes.Structure):
@@ -130,13 +131,18 @@ class _Plan:
                 raise _Unsupported(f"embedding dtype {emb.weight.dtype}")
             head = _CLinear(w=tensor(emb, "weight"), n=emb.weight.shape[0], k=emb.weight.shape[1],
                             kind=_WTYPE[emb.weight.dtype])
+        rope = cfg.position in ("rope_2d", "rope_partial")
+        # the eager Rotary's frequency table, held here while the kernel points at it (a few hundred bytes,
+        # not among `keep`'s weight copies that plan.kernel_copies_bytes counts)
+        self.inv_freq, rope_scale = rope_frequencies(cfg) if rope else (None, 1.0)
         self.model = _CModel(
             layers=self.layers, norm=norm(model, "norm"), head=head, n_layers=cfg.n_layers, dim=cfg.dim,
             n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-            rotary_dim=cfg.rotary_dim if cfg.position in ("rope_2d", "rope_partial") else 0,
+            rotary_dim=cfg.rotary_dim if rope else 0,
             layernorm=cfg.norm == "layernorm", position={"rope_2d": 1, "rope_partial": 2}.get(cfg.position, 0),
-            swiglu=cfg.mlp == "swiglu", sandwich=cfg.sandwich_norm, deepnorm=cfg.residual == "deepnorm",
-            eps=cfg.norm_eps, alpha=cfg.residual_alpha, theta=cfg.rope_theta,
+            swiglu=cfg.mlp == "swiglu", sandwich=cfg.sandwich_norm, deepnorm=cfg.residual != "pre_ln",
+            gelu_exact=cfg.mlp == "gelu_exact", eps=cfg.norm_eps, alpha=cfg.residual_alpha, rope_scale=rope_scale,
+            inv_freq=self.inv_freq.data_ptr() if rope else None,
         )
         self.vocab = head.n
 

@@ -11,6 +11,7 @@ all N tokens at once, so the weights are read once for every segment; only atten
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -43,11 +44,84 @@ class Norm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def rope_cos_sin(pos: torch.Tensor, rotary_dim: int, theta: float, dtype: torch.dtype):
-    """cos and sin for positions `pos` (B, T): each (B, T, 1, rotary_dim/2), cast to `dtype`."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=pos.device, dtype=torch.float32) / rotary_dim))
+def rope_frequencies(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, float]:
+    """(inv_freq, scale): the inverse frequencies (rotary_dim/2,) fp32 of one rotary table of `cfg`, and the
+    factor cos and sin are multiplied by (yarn's and longrope's attention scaling; 1 otherwise).
+
+    The one source of the frequencies: the eager Rotary and the native decode step (fused.py hands this
+    table to decode.cpp) both read it. rope_scaling types follow transformers' GLM classes
+    (modeling_rope_utils) on the same config. Two choices of ours: longrope uses its long factors when
+    the model's max_seq_len exceeds original_max_position_embeddings and its short ones otherwise,
+    fixed for the model (transformers switches with the current length, which a KV cache written with
+    the other set cannot follow; the two agree on any text of that side of the boundary); and
+    rope_fp16 rounds the result to fp16 as ChatGLM-6B's published code does.
+    """
+    r, base, s = cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling or {}
+    kind, scale = s.get("rope_type"), 1.0
+    two_i = torch.arange(0, r, 2, device=device, dtype=torch.float32)
+    # proportional: exponents over the whole head (the rest of the head is unrotated, angle 0)
+    inv = 1.0 / (base ** (two_i / (cfg.head_dim if kind == "proportional" else r)))
+    if kind in ("linear", "proportional"):
+        inv = inv / s.get("factor", 1.0)
+    elif kind == "llama3":
+        # long wavelengths slowed by `factor`, short ones kept, the band between blended linearly in
+        # (trained length / wavelength)
+        n, lo, hi = s["original_max_position_embeddings"], s["low_freq_factor"], s["high_freq_factor"]
+        wavelen = 2 * math.pi / inv
+        slow = torch.where(wavelen > n / lo, inv / s["factor"], inv)
+        w = (n / wavelen - lo) / (hi - lo)
+        blend = (1 - w) * slow / s["factor"] + w * slow
+        inv = torch.where((wavelen >= n / hi) & (wavelen <= n / lo), blend, slow)
+    elif kind == "yarn":
+        inv, scale = _yarn(s, r, base, two_i)
+    elif kind == "longrope":
+        n, factor = s["original_max_position_embeddings"], s["factor"]
+        ext = torch.tensor(s["long_factor"] if cfg.max_seq_len > n else s["short_factor"], dtype=torch.float32,
+                           device=device)
+        inv = 1.0 / (ext * base ** (two_i / r))
+        scale = s.get("attention_factor") or (1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(n)))
+    if cfg.rope_fp16:
+        inv = inv.half().float()
+    return inv, float(scale)
+
+
+def _yarn(s: dict, r: int, base: float, two_i: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """YaRN: frequencies that turn fewer than beta_slow times over the trained length are interpolated
+    (divided by factor), those turning more than beta_fast times kept, a linear ramp between; cos and
+    sin scaled by 0.1 ln(factor) + 1 (or the mscale ratio, or the given attention_factor)."""
+    factor, n = s["factor"], s["original_max_position_embeddings"]
+
+    def mscale(m):
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    scale = s.get("attention_factor")
+    if scale is None:
+        both = s.get("mscale") and s.get("mscale_all_dim")
+        scale = mscale(s["mscale"]) / mscale(s["mscale_all_dim"]) if both else mscale(1)
+
+    def pair_at(turns):  # the (fractional) pair index whose frequency turns `turns` times in n positions
+        return r * math.log(n / (turns * 2 * math.pi)) / (2 * math.log(base))
+
+    lo, hi = pair_at(s.get("beta_fast") or 32), pair_at(s.get("beta_slow") or 1)
+    if s.get("truncate", True):
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, r - 1)
+    if lo == hi:
+        hi += 0.001
+    ramp = ((torch.arange(r // 2, dtype=torch.float32, device=two_i.device) - lo) / (hi - lo)).clamp(0, 1)
+    freq = base ** (two_i / r)
+    keep = 1 - ramp  # weight of the unscaled frequency
+    return (1.0 / (factor * freq)) * (1 - keep) + (1.0 / freq) * keep, float(scale)
+
+
+def rope_cos_sin(pos: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype, scale: float = 1.0):
+    """cos and sin for positions `pos` (B, T) at frequencies inv_freq (r/2,): each (B, T, 1, r/2), times
+    `scale`, cast to `dtype`."""
     freqs = pos.float()[..., None] * inv_freq  # (B, T, r/2)
-    return freqs.cos()[:, :, None, :].to(dtype), freqs.sin()[:, :, None, :].to(dtype)
+    cos, sin = freqs.cos(), freqs.sin()
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    return cos[:, :, None, :].to(dtype), sin[:, :, None, :].to(dtype)
 
 
 def rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -69,13 +143,12 @@ class Rotary:
     """
 
     def __init__(self, cfg: ModelConfig, pos: torch.Tensor, block: torch.Tensor, dtype: torch.dtype):
-        self.kind, r = cfg.position, cfg.rotary_dim
-        if self.kind == "rope_2d":
-            self.pos = rope_cos_sin(pos, r, cfg.rope_theta, dtype)
-            self.block = rope_cos_sin(block, r, cfg.rope_theta, dtype)
-        elif self.kind == "rope_partial":
-            self.pos = rope_cos_sin(pos, r, cfg.rope_theta, dtype)
-        self.r = r
+        self.kind, self.r = cfg.position, cfg.rotary_dim
+        if self.kind in ("rope_2d", "rope_partial"):
+            inv_freq, scale = rope_frequencies(cfg, pos.device)
+            self.pos = rope_cos_sin(pos, inv_freq, dtype, scale)
+            if self.kind == "rope_2d":
+                self.block = rope_cos_sin(block, inv_freq, dtype, scale)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "rope_2d":  # first half by position, second by block position
@@ -135,7 +208,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.swiglu = cfg.mlp == "swiglu"
+        self.swiglu, self.gelu = cfg.mlp == "swiglu", "none" if cfg.mlp == "gelu_exact" else "tanh"
         # swiglu: rows [gate (F) | up (F)], as HF GLM's gate_up_proj
         self.up = kernels.Linear(cfg.dim, cfg.ffn_dim * (2 if self.swiglu else 1), bias=cfg.mlp_bias)
         self.down = kernels.Linear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias)
@@ -144,13 +217,13 @@ class MLP(nn.Module):
         if self.swiglu:
             gate, up = self.up(x).chunk(2, dim=-1)  # (B, T, F) each
             return self.down(F.silu(gate) * up)
-        return self.down(F.gelu(self.up(x), approximate="tanh"))
+        return self.down(F.gelu(self.up(x), approximate=self.gelu))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.deepnorm, self.alpha = cfg.residual == "deepnorm", cfg.residual_alpha
+        self.deepnorm, self.alpha = cfg.residual != "pre_ln", cfg.residual_alpha  # normed: alpha 1
         self.norm1 = Norm(cfg.dim, cfg.norm, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.norm2 = Norm(cfg.dim, cfg.norm, cfg.norm_eps)
@@ -172,7 +245,7 @@ class Block(nn.Module):
         a = attend(h)
         if self.sandwich:
             a = self.post_attn_norm(a)
-        # deepnorm (ChatGLM-6B): the residual stream restarts from the *normed* input, scaled by alpha
+        # deepnorm (ChatGLM-6B) / normed: the residual stream restarts from the *normed* input, scaled by alpha
         x = (h * self.alpha if self.deepnorm else x) + a
         h = self.norm2(x)
         m = self.mlp(h)

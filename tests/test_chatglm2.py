@@ -115,6 +115,7 @@ def test_remote_layout_equals_transformers_glm(tmp_path, multi_query, qkv_bias, 
 
 @pytest.mark.parametrize("variant", [
     {"post_layer_norm": False}, {"rmsnorm": False}, {"add_bias_linear": True}, {"multi_query_attention": False},
+    {"apply_residual_connection_post_layernorm": True},
 ])
 @torch.no_grad()
 def test_round_trip_and_layout_equality(tmp_path, variant):
@@ -178,7 +179,7 @@ def test_released_configs(release):
 
 def test_refusals_name_the_problem(tmp_path):
     for extra, match in [({"quantization_bit": 4}, "quantization_bit=4"), ({"pre_seq_len": 128}, "pre_seq_len"),
-                         ({"apply_residual_connection_post_layernorm": True}, "apply_residual_connection_post_layernorm")]:
+                         ({"rope_ratio": "big"}, "rope_ratio")]:
         with pytest.raises(CheckpointError, match=match):
             config_of_dict(remote_config(**extra))
     d = remote_config()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 
 import pytest
 
@@ -25,7 +26,7 @@ from glmkit.model import GLM
         ("position", "rope", "'learned_2d', 'rope_2d', 'rope_partial'"),
         ("norm", "batchnorm", "'layernorm', 'rmsnorm'"),
         ("residual", "post_ln", "'pre_ln', 'deepnorm'"),
-        ("mlp", "relu", "'gelu', 'swiglu'"),
+        ("mlp", "relu", "'gelu', 'gelu_exact', 'swiglu'"),
     ],
 )
 def test_bad_switch_names_list_the_choices(field, bad, allowed):
@@ -87,6 +88,30 @@ def test_json_round_trip(name, tmp_path):
     assert back.residual_alpha == cfg.residual_alpha
 
 
+def test_rope_and_published_code_fields_round_trip_and_are_checked(tmp_path):
+    """rope_scaling, rope_fp16 and deepnorm_layers are serialized (a converted checkpoint keeps them) and
+    refused where they mean nothing, naming the field."""
+    cfg = ModelConfig(position="rope_partial", residual="deepnorm", deepnorm_layers=28, rope_fp16=True,
+                      rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})
+    cfg.save(tmp_path / "config.json")
+    back = ModelConfig.from_json(tmp_path / "config.json")
+    assert back == cfg and back.residual_alpha == math.sqrt(56)
+    for kw, match in (
+        (dict(deepnorm_layers=28), r"deepnorm_layers=28 applies only to residual='deepnorm'"),
+        (dict(position="learned_2d", rope_fp16=True), r"rope_fp16 applies only to rotary positions"),
+        (dict(position="learned_2d", rope_scaling={"rope_type": "linear", "factor": 2.0}),
+         r"rope_scaling applies only to rotary positions"),
+        (dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), r"rope_scaling: rope_type 'dynamic'.*not supported"),
+        (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64,
+                            "low_freq_factor": 2.0, "high_freq_factor": 2.0}), r"low_freq_factor != high_freq_factor"),
+        (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64.5}),
+         r"rope_scaling\['original_max_position_embeddings'\] must be a positive integer"),
+        (dict(rope_scaling="yarn"), r"ModelConfig.rope_scaling must be a JSON object or null"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            ModelConfig(**kw)
+
+
 def test_from_dict_rejects_unknown_fields():
     d = {**ModelConfig().to_dict(), "hidden_size": 4096}
     with pytest.raises(ValueError, match=r"unknown ModelConfig fields \['hidden_size'\]; known: .*'vocab_size'"):
@@ -144,6 +169,7 @@ def tiny_variants():
     yield dict(vocab_size=40, dim=16, n_layers=3, n_heads=4, n_kv_heads=1, head_dim=8, ffn_dim=24, qkv_bias=True)
     yield dict(vocab_size=40, dim=24, n_layers=1, n_heads=3, head_dim=12, position="rope_partial", rope_fraction=1 / 3, mlp="gelu")
     yield dict(vocab_size=40, dim=16, n_layers=2, n_heads=2, n_kv_heads=1, position="learned_2d", max_seq_len=33)
+    yield dict(vocab_size=40, dim=16, n_layers=2, n_heads=2, position="learned_2d", mlp="gelu_exact", max_seq_len=9)
 
 
 EMBEDDING_PARAMS = ("embed.weight", "pos_embed.weight", "block_pos_embed.weight", "head.weight")

@@ -353,6 +353,15 @@ FUSED_VARIANTS = {
                     out_bias=True, mlp_bias=True),
     "glm": dict(position="learned_2d", norm="layernorm", mlp="gelu"),
     "glm4-0414": dict(position="rope_partial", sandwich_norm=True, n_kv_heads=1),
+    # the published codes' variants: original GLM's erf GELU; ChatGLM-6B's fp16 frequencies and alpha
+    # sqrt(2 * 28); and scaled RoPE (yarn scales cos and sin too; longrope's long factors, max_seq_len 256 > 64)
+    "glm-erf": dict(position="learned_2d", norm="layernorm", mlp="gelu_exact"),
+    "chatglm6b": dict(position="rope_2d", residual="deepnorm", deepnorm_layers=28, rope_fp16=True, mlp="gelu",
+                      norm="layernorm", qkv_bias=True, out_bias=True, mlp_bias=True,
+                      rope_scaling={"rope_type": "longrope", "factor": 4.0, "original_max_position_embeddings": 64,
+                                    "short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [1.0, 2.0, 4.0, 8.0]}),
+    "glm4-yarn": dict(position="rope_partial", n_kv_heads=2, qkv_bias=True, rope_theta=500.0,
+                      rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}),
 }
 
 
@@ -425,6 +434,36 @@ def test_fused_step_equals_eager_step(variant, kind):
             assert_close(cache.k.float(), ref.k.float(), atol=scaled(tol, ref.k), what=f"{what} cached keys")
             assert_close(cache.v.float(), ref.v.float(), atol=scaled(tol, ref.v), what=f"{what} cached values")
             token = want.argmax(-1, keepdim=True)
+
+
+@needs_native
+def test_fused_step_exact_gelu():
+    """mlp="gelu_exact" (the original GLM) runs the erf GELU in the native step too. At the debug init the
+    MLP inputs are too small for the two GELU forms to differ beyond rounding, so they are scaled up 30x:
+    the forms then differ by ~5e-5 on the logits, and the fused step must equal the eager erf step."""
+    from tests.helpers import assert_differs
+
+    model = fused_model("glm-erf")
+    with torch.no_grad():
+        for blk in model.layers:
+            blk.mlp.up.weight.mul_(30.0)
+    prompts = [[5, 9, 13, 21, 7], [3, 4]]
+    with torch.inference_mode():
+        cache, last = prefilled(model, prompts, sep=2)
+        ref = model.new_cache(2, cache.max_len)
+        ref.copy_rows(slice(None), cache, slice(None), cache.max_len)
+        idx = torch.tensor([cache.max_len - 8]).expand(2)
+        pos = torch.stack((last + 1, torch.ones_like(last)), 1)[:, :, None]  # (2, 2, 1)
+        tok = torch.tensor([[11], [12]])
+        got = fused.decode_step(model, cache, tok[:, 0], pos[:, 0, 0], pos[:, 1, 0], idx)
+        want = eager_step(model, tok, pos, ref, idx[:, None])[:, -1]
+        for blk in model.layers:  # the same weights with the tanh form, eagerly, from the same prompts
+            blk.mlp.gelu = "tanh"
+        tanh_cache, _ = prefilled(model, prompts, sep=2)
+        tanh = eager_step(model, tok, pos, tanh_cache, idx[:, None])[:, -1]
+    mx = assert_close(got, want, atol=scaled(1e-5, want), what="fused vs eager, erf GELU")
+    assert_differs(want, tanh, 2e-5, "erf vs tanh GELU (the test's sensitivity)")
+    print(f"\nfused vs eager erf GELU: max abs diff {mx:.2e}; erf vs tanh {(want - tanh).abs().max():.2e}")
 
 
 @needs_native

@@ -391,7 +391,7 @@ def test_rotary_layouts_match_upstream_formulas():
     cfg = ModelConfig(dim=4 * HD, n_heads=4, position="rope_partial", rope_fraction=0.5)
     assert_close(Rotary(cfg, pos, block, torch.float32)(q), glm4_hf_rotary(q, pos, 8), 1e-5, "rope_partial vs HF GLM formula")
     # and the building blocks on their own
-    cos, sin = rope_cos_sin(pos, 8, 10000.0, torch.float32)
+    cos, sin = rope_cos_sin(pos, 1.0 / 10000.0 ** (torch.arange(0, 8, 2).float() / 8), torch.float32)
     assert cos.shape == (1, 6, 1, 4), cos.shape
     assert_close(rotate_halves(q[..., :8], cos, sin), chatglm6b_rotary(q[..., :8], pos), 1e-5, "rotate_halves")
     assert_close(rotate_interleaved(q[..., :8], cos, sin), glm4_hf_rotary(q[..., :8], pos, 8), 1e-5, "rotate_interleaved")

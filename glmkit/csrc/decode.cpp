@@ -11,7 +11,7 @@
 //
 // Scope: the switches of glmkit's ModelConfig (RMSNorm / LayerNorm; rope_partial, rope_2d, or no
 // rotary, learned positions being added by the caller with the embeddings; pre-LN / deepnorm
-// residuals; sandwich norms; SwiGLU / tanh GELU; biases), weights fp32, bf16, int8 (per row) or int4
+// residuals; sandwich norms; SwiGLU / tanh or erf GELU; biases), weights fp32, bf16, int8 (per row) or int4
 // (glmkit's group-wise layout), caches fp32, bf16 or int8 (one fp32 scale per key and value vector,
 // model.quantize_kv: keys written quantized, read as int8 times their scale, never dequantized to a
 // copy; half the bytes of bf16 to read per key). fused.py builds the structs below from a model
@@ -62,7 +62,9 @@ struct GlmkitModel {
   GlmkitLinear head;
   int64_t n_layers, dim, n_heads, n_kv_heads, head_dim, rotary_dim;
   int32_t layernorm, position, swiglu, sandwich, deepnorm;  // position: 0 none, 1 rope_2d, 2 rope_partial
-  float eps, alpha, theta;
+  int32_t gelu_exact;                                       // GELU (not SwiGLU): 1 erf form, 0 tanh form
+  float eps, alpha, rope_scale;                             // rope_scale: cos and sin times this
+  const float* inv_freq;                                    // (rotary_dim / 2,): layers.rope_frequencies
 };
 
 struct GlmkitCache {
@@ -156,14 +158,14 @@ void norm(const GlmkitModel& m, const GlmkitNorm& p, const float* x, float* y, i
   }
 }
 
-// cos / sin tables (M, r/2) for positions p: the frequencies model.rope_cos_sin uses.
-void rope_table(const int64_t* p, int64_t M, int64_t r, float theta, float* cs, float* sn) {
+// cos / sin tables (M, r/2) for positions p, from the model's inverse frequencies (the table the eager
+// Rotary computes, layers.rope_frequencies), times `scale`: the product rounded to fp32 as PyTorch's.
+void rope_table(const int64_t* p, int64_t M, int64_t r, const float* inv, float scale, float* cs, float* sn) {
   for (int64_t i = 0; i < r / 2; ++i) {
-    float inv = 1.0f / std::pow(theta, static_cast<float>(2 * i) / static_cast<float>(r));
     for (int64_t m = 0; m < M; ++m) {
-      float a = static_cast<float>(p[m]) * inv;
-      cs[m * (r / 2) + i] = std::cos(a);
-      sn[m * (r / 2) + i] = std::sin(a);
+      float a = static_cast<float>(p[m]) * inv[i];
+      cs[m * (r / 2) + i] = std::cos(a) * scale;
+      sn[m * (r / 2) + i] = std::sin(a) * scale;
     }
   }
 }
@@ -265,6 +267,8 @@ inline float gelu_tanh(float x) {
   return 0.5f * x * (1.0f + std::tanh(0.7978845608028654f * (x + 0.044715f * x * x * x)));
 }
 
+inline float gelu_erf(float x) { return 0.5f * x * (1.0f + std::erf(x * 0.7071067811865476f)); }
+
 }  // namespace
 
 // x (M, C) fp32: the step's input embeddings (learned positions already added), overwritten.
@@ -291,8 +295,9 @@ extern "C" int glmkit_decode_step(const GlmkitModel* mp, const GlmkitCache* cp, 
   const int64_t QKV = (H + 2 * KH) * D, F = m.layers[0].down.k;
   std::vector<float> h(M * C), a(M * C), qkv(M * QKV), att(M * H * D), up(M * m.layers[0].up.n), act(M * F);
   std::vector<float> scores(M * H * smax), cs_p(M * (r / 2)), sn_p(M * (r / 2)), cs_b(M * (r / 2)), sn_b(M * (r / 2));
-  if (m.position) rope_table(pos, M, r, m.theta, cs_p.data(), sn_p.data());
-  if (m.position == 1) rope_table(block, M, r, m.theta, cs_b.data(), sn_b.data());
+  if (m.position && !m.inv_freq) return 1;
+  if (m.position) rope_table(pos, M, r, m.inv_freq, m.rope_scale, cs_p.data(), sn_p.data());
+  if (m.position == 1) rope_table(block, M, r, m.inv_freq, m.rope_scale, cs_b.data(), sn_b.data());
   int rc;
   for (int64_t l = 0; l < m.n_layers; ++l) {
     const GlmkitLayer& L = m.layers[l];
@@ -331,7 +336,7 @@ extern "C" int glmkit_decode_step(const GlmkitModel* mp, const GlmkitCache* cp, 
           float g = up[b * 2 * F + f];
           act[b * F + f] = g / (1.0f + std::exp(-g)) * up[b * 2 * F + F + f];
         } else {
-          act[b * F + f] = gelu_tanh(up[b * F + f]);
+          act[b * F + f] = m.gelu_exact ? gelu_erf(up[b * F + f]) : gelu_tanh(up[b * F + f]);
         }
       }
     if ((rc = linear(L.down, act.data(), M, a.data(), threads))) return rc;
