@@ -243,7 +243,16 @@ def _bpe(proto, pb, where):
              "ignore_merges": False, "vocab": vocab, "merges": merges}
     norms = []
     if norm.precompiled_charsmap:
-        norms.append({"type": "Precompiled", "precompiled_charsmap": base64.b64encode(norm.precompiled_charsmap).decode()})
+        from tokenizers import normalizers
+
+        charsmap = base64.b64encode(norm.precompiled_charsmap).decode()
+        # Pitfall: `tokenizers`' Precompiled maps a whole grapheme cluster by its first match, so
+        # "\r\n" (one cluster) becomes one space under NFKC, where SentencePiece maps each character
+        pre = normalizers.Precompiled(norm.precompiled_charsmap)
+        each = pre.normalize_str("\r") + pre.normalize_str("\n")
+        if pre.normalize_str("\r\n") != each:
+            norms.append({"type": "Replace", "pattern": {"String": "\r\n"}, "content": each})
+        norms.append({"type": "Precompiled", "precompiled_charsmap": charsmap})
     if norm.remove_extra_whitespaces:  # only " " counts, as in SentencePiece (not tabs or newlines)
         # (\A and \z: `tokenizers`' regexes are Ruby-style, where ^ and $ match at every newline)
         norms += [{"type": "Replace", "pattern": {"Regex": "\\A +| +\\z"}, "content": ""},
