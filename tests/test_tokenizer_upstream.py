@@ -141,6 +141,16 @@ def test_tiktoken_specials_at_their_ids_and_never_forged(glm4):
     assert tok.decode(tok.encode(text, allow_special=True), skip_special_tokens=True) == "hi\nok"
 
 
+def test_converted_tokenizer_saves_and_reloads(glm4, sp_models, tmp_path):
+    # glmkit writes tokenizer.json beside what it trains or fine-tunes from these checkpoints
+    for k, tok in enumerate((glm4[0], Tokenizer.from_sentencepiece(sp_models["chatglm-nfkc"], CHATGLM3_SPECIALS))):
+        tok.save(tmp_path / str(k))
+        again = load_tokenizer(tmp_path / str(k))
+        texts = TEXTS + ["<|user|>sop[gMASK]"]
+        assert again.encode_batch(texts) == tok.encode_batch(texts) and again.vocab_size == tok.vocab_size
+        assert again.special("sop") == tok.special("sop")
+
+
 def test_tiktoken_without_config_uses_glm4_published_specials(tmp_path):
     ranks = _ranks_from_bpe(CORPUS * 5, 400)
     tok = load_tokenizer(_glm4_dir(tmp_path, ranks, config=False) / "tokenizer.model")
