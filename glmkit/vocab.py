@@ -1,7 +1,8 @@
 """Upstream vocabularies read into one form: a `tokenizers` Tokenizer with the same ids.
 
-    tok = tiktoken_tokenizer(read_tiktoken_ranks("glm-4-9b-chat/tokenizer.model"), GLM4_SPECIALS)
-    tok = sentencepiece_tokenizer(Path("chatglm3-6b/tokenizer.model").read_bytes(), CHATGLM3_SPECIALS)
+    glmkit.load_tokenizer("glm-4-9b-chat/")      # tokenizer.model (ranks) + tokenizer_config.json
+    Tokenizer.from_tiktoken("glm-4-9b-chat/tokenizer.model")                # GLM-4's specials by default
+    Tokenizer.from_sentencepiece("chatglm3-6b/tokenizer.model", CHATGLM3_SPECIALS)
 
 GLM-4 (and CodeGeeX4) ship a tiktoken rank file (`base64(token bytes) rank` per line) read with a
 GPT-4-style split pattern; ChatGLM2/3 (and CodeGeeX2) ship a SentencePiece BPE model with their
@@ -88,8 +89,8 @@ def tiktoken_tokenizer(ranks: dict[bytes, int], specials: dict[str, int], patter
         raise ValueError(f"{where}: ranks must be 0..{n - 1}, each once (got {by_id[0][1]}..{by_id[-1][1]})")
     missing = [b for b in range(256) if bytes([b]) not in ranks]
     if missing:
-        raise ValueError(f"{where}: no rank for the single bytes {missing[:8]}...; tiktoken needs all 256 "
-                         "to encode any text")
+        raise ValueError(f"{where}: no rank for the single bytes {missing[:8]} ({len(missing)} missing); "
+                         "tiktoken needs all 256 to encode any text")
     # Specials must follow the ranks without a gap: `tokenizers` numbers added tokens consecutively.
     order = sorted(specials.items(), key=lambda kv: kv[1])
     for k, (name, i) in enumerate(order):
@@ -99,13 +100,16 @@ def tiktoken_tokenizer(ranks: dict[bytes, int], specials: dict[str, int], patter
     alphabet = byte_level_alphabet()
     table = {b: alphabet[b] for b in range(256)}
     strs = [tok.decode("latin-1").translate(table) for tok, _ in by_id]
+    vocab = {s: i for i, s in enumerate(strs)}
     for name, _ in order:
-        if name in ranks or name in strs:  # the special's text would already be a token
+        if name.encode().decode("latin-1").translate(table) in vocab:  # its text would already be a token
             raise ValueError(f"{where}: special token {name!r} is also an ordinary token of the ranks")
     # Every split of a token into two tokens is a merge; merges are ordered by the merged token's
     # rank, so the BPE picks the pair tiktoken picks (lowest merged rank). Pitfall, admitted: two
     # different splits of one token both present in a word are ordered by their parts' ranks here,
-    # where tiktoken takes the leftmost; that needs a word holding e.g. [ab, a, ba] at once.
+    # where tiktoken takes the leftmost; that needs a word holding e.g. [ab, a, ba] at once, which
+    # merging by rank seems never to leave (reversing this order changed no ids of 20,000 strings
+    # over a 20,000-token vocabulary of "a"s and "b"s).
     merges, get = [], ranks.get
     for tok, _ in by_id:
         found = []
@@ -120,7 +124,7 @@ def tiktoken_tokenizer(ranks: dict[bytes, int], specials: dict[str, int], patter
         merges += [[strs[a], strs[b]] for a, b in found]
     model = {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
              "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
-             "vocab": {s: i for i, s in enumerate(strs)}, "merges": merges}
+             "vocab": vocab, "merges": merges}
     spec = {
         "version": "1.0", "truncation": None, "padding": None,
         "added_tokens": [{"id": i, "content": name, "single_word": False, "lstrip": False, "rstrip": False,

@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import random
+import re
 
 import pytest
 
@@ -94,6 +95,17 @@ def glm4(tmp_path_factory):
     tok = load_tokenizer(_glm4_dir(tmp_path_factory.mktemp("t"), ranks))
     specials = {s: len(ranks) + k for k, s in enumerate(GLM4_SPECIALS)}
     return tok, tiktoken.Encoding("glm4-test", pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=specials), ranks
+
+
+def test_byte_level_alphabet_is_the_one_tokenizers_applies():
+    from tokenizers import pre_tokenizers
+
+    alphabet = byte_level_alphabet()
+    assert sorted(alphabet) == sorted(pre_tokenizers.ByteLevel.alphabet()) and len(set(alphabet)) == 256
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    chars = [chr(c) for c in range(0x800)] + ["中", "\uffff", "😀", "\U0010ffff"]  # every byte a UTF-8 text can hold
+    for c in chars:
+        assert byte_level.pre_tokenize_str(c)[0][0] == "".join(alphabet[b] for b in c.encode()), repr(c)
 
 
 def test_tiktoken_ids_equal_tiktoken(glm4):
@@ -191,6 +203,10 @@ def test_tiktoken_bad_files_name_the_problem(tmp_path):
         load_tokenizer(d)
     (d / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="tokenizer_config.json: not valid JSON"):
+        load_tokenizer(d)
+    _write_ranks(d / "tokenizer.model", {**ranks, b"<|user|>": 256})
+    (d / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {"257": {"content": "<|user|>"}}}))
+    with pytest.raises(ValueError, match=re.escape("special token '<|user|>' is also an ordinary token")):
         load_tokenizer(d)
     del ranks[b"A"]
     (d / "tokenizer_config.json").unlink()
