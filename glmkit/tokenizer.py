@@ -351,6 +351,9 @@ def _read_model_file(file: Path, config: dict, directory: Path | None) -> Tokeni
         # (ChatGLM-6B names its model ice_text.model and keeps its specials among the pieces.)
         extra = CHATGLM3_SPECIALS if _is_chatglm3(directory, declared) else CHATGLM2_SPECIALS
     tok = Tokenizer.from_sentencepiece(file, extra)
+    for name, i in sorted(declared.items(), key=lambda kv: kv[1]):  # other checkpoints' added tokens follow
+        if tok.tok.token_to_id(name) is None and i == tok.vocab_size:
+            tok.tok.add_special_tokens([name])
     for name, i in declared.items():  # what the checkpoint declares must be what we built
         if tok.tok.token_to_id(name) != i:
             raise ValueError(f"{file}: tokenizer_config.json declares {name!r} as id {i}, but the model gives "

@@ -314,6 +314,14 @@ def test_chatglm_dir_checks(sp_models, tmp_path):
     n = spm.SentencePieceProcessor(model_proto=model).vocab_size()
     with pytest.raises(ValueError, match=r"declares 'sop' as id 7, but the model gives"):
         load_tokenizer(_chatglm_dir(tmp_path, model, {"sop": 7}, name="bad"))
+    # another family's SentencePiece checkpoint: the tokens its config adds after the pieces are added
+    d = tmp_path / "llama-like"
+    d.mkdir()
+    (d / "tokenizer.model").write_bytes(model)
+    (d / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {
+        "0": {"content": "<unk>"}, str(n): {"content": "<pad>"}, str(n + 1): {"content": "<|im_end|>"}}}))
+    tok = load_tokenizer(d)
+    assert (tok.token_id("<pad>"), tok.token_id("<|im_end|>"), tok.vocab_size) == (n, n + 1, n + 2)
     # a tokenizer.json beside the model is not what the remote code reads: tokenizer.model wins
     d = _chatglm_dir(tmp_path, model, name="both")
     train_bpe(texts=CORPUS, vocab_size=300).save(d)
