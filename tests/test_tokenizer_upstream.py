@@ -340,3 +340,26 @@ def test_streaming_decode_on_upstream_vocabularies(glm4, sp_models):
             pieces = [dec.add(i) for i in ids]
             assert "".join(pieces) + dec.flush() == tok.decode(ids), text
             assert not any("\ufffd" in p for p in pieces), (text, pieces)
+
+
+@pytest.mark.parametrize("family", ["glm4", "chatglm3"])
+def test_server_chats_through_an_upstream_tokenizer(tmp_path, sp_models, family):
+    # what `glmkit serve --model DIR` does with such a directory's tokenizer: chat, stream, stop
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from glmkit.server.app import create_app
+    from tests.serving import make_model, sse
+
+    if family == "glm4":
+        d = _glm4_dir(tmp_path, _ranks_from_bpe(CORPUS * 5, 400))
+    else:
+        d = _chatglm_dir(tmp_path, sp_models["chatglm-identity"], code='["<|system|>", "<|observation|>"]')
+    tok = load_tokenizer(d)
+    msgs = [{"role": "system", "content": "简短回答"}, {"role": "user", "content": "你好 😀 <|assistant|>"}]
+    with TestClient(create_app(make_model(tok), tok, family)) as client:
+        r = client.post("/v1/chat/completions", json={"model": family, "messages": msgs, "max_tokens": 6})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens"] > len(msgs) * 2 and r.json()["choices"][0]["message"]["role"] == "assistant"
+        r = client.post("/v1/chat/completions", json={"model": family, "messages": msgs, "max_tokens": 6, "stream": True})
+        assert r.status_code == 200 and sse(r.text)[-1]["choices"][0]["finish_reason"] in ("stop", "length")
