@@ -262,7 +262,19 @@ def _bpe(proto, pb, where):
         norms += [{"type": "Replace", "pattern": {"Regex": "\\A +| +\\z"}, "content": ""},
                   {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "}]
     norms.append({"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"})
-    if norm.add_dummy_prefix:
+    # User-defined pieces are taken whole wherever they occur in the normalized text, as
+    # SentencePiece's prefix matcher does; `tokenizers` finds them there when they are "normalized"
+    # added tokens, but then runs the normalizer over each piece's own text too. So the dummy "▁"
+    # goes in front of any text except one that is exactly a user-defined piece. Left over: that
+    # text alone, which SentencePiece reads as "▁" + the piece, and a piece not normalized like the
+    # text around it. (A user-defined piece holding a space never matches: the text has "▁" there.)
+    user = [p.piece for p in proto.pieces if p.type == T.USER_DEFINED and " " not in p.piece]
+    if norm.add_dummy_prefix and user:
+        import re
+
+        alternatives = "|".join(re.escape(u) for u in sorted(user, key=len, reverse=True))
+        norms.append({"type": "Replace", "pattern": {"Regex": f"\\A(?!(?:{alternatives})\\z)"}, "content": "\u2581"})
+    elif norm.add_dummy_prefix:
         norms.append({"type": "Prepend", "prepend": "\u2581"})
     decoders = []
     if unk is not None:  # SentencePiece decodes the unknown piece as its unk_surface (" ⁇ ")
@@ -271,13 +283,10 @@ def _bpe(proto, pb, where):
                  {"type": "ByteFallback"}, {"type": "Fuse"}]
     if norm.add_dummy_prefix:
         decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
-    # Control pieces (<s>, </s>, <unk>) are never produced from text; user-defined ones are matched
-    # whole in any text, as SentencePiece's prefix matcher does. Pitfall: `tokenizers` normalizes
-    # the text on each side of a user-defined piece separately, so the text after one gets a dummy
-    # "▁" that SentencePiece would not add (ChatGLM2/3's models have no user-defined pieces).
+    # Control pieces (<s>, </s>, <unk>) are never produced from text; user-defined ones are.
     added = [{"id": i, "content": p.piece, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": p.type != T.USER_DEFINED}
-             for i, p in enumerate(proto.pieces) if p.type in (T.CONTROL, T.UNKNOWN, T.USER_DEFINED)]
+              "normalized": p.type == T.USER_DEFINED, "special": p.type != T.USER_DEFINED}
+             for i, p in enumerate(proto.pieces) if p.type in (T.CONTROL, T.UNKNOWN) or p.piece in set(user)]
     spec_json = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
                  "normalizer": {"type": "Sequence", "normalizers": norms}, "pre_tokenizer": None,
                  "post_processor": None, "decoder": {"type": "Sequence", "decoders": decoders}, "model": model}

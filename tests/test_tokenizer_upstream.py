@@ -258,6 +258,26 @@ def test_sentencepiece_bpe_ids_equal_sentencepiece(sp_models, name):
     assert [tok.token_id(s) for s in CHATGLM3_SPECIALS] == list(range(n, n + len(CHATGLM3_SPECIALS)))
 
 
+@pytest.mark.parametrize("options", [dict(byte_fallback=True), dict(CHATGLM_OPTIONS, normalization_rule_name="identity"),
+                                     dict(byte_fallback=True, add_dummy_prefix=False)])
+def test_sentencepiece_bpe_user_defined_pieces(options):
+    # SentencePiece takes user-defined pieces whole anywhere in the text (GGUF llama-type vocabularies
+    # have them; ChatGLM2/3 do not); one holding a space never matches
+    model = _train_sp(**dict(options, model_type="bpe"), user_defined_symbols=["[X]", "<|user|>", "a b"])
+    ref = spm.SentencePieceProcessor(model_proto=model)
+    tok = Tokenizer.from_sentencepiece(model)
+    rng = random.Random(3)
+    parts = ["[X]", "<|user|>", "a b", " ", "  ", "a", "b", "中", "\n", "😀", "[", "X]", "<|"]
+    texts = ["".join(rng.choice(parts) for _ in range(rng.randint(1, 8))) for _ in range(1500)] + CORPUS
+    # left over, said in glmkit.vocab: a text that is, once normalized, exactly one user-defined piece
+    leftover = [t for t in texts if ref.encode(t, out_type=str) in (["▁", "[X]"], ["▁", "<|user|>"])]
+    assert [tok.encode(t) for t in leftover] == [ref.encode(t)[1:] for t in leftover]
+    texts = [t for t in texts if t not in leftover]
+    ours, want = tok.encode_batch(texts), [ref.encode(t) for t in texts]
+    assert ours == want, _diff(ours, want, texts, lambda ids: [tok.tok.id_to_token(i) for i in ids])
+    assert [tok.decode(ids) for ids in ours] == [ref.decode(ids) for ids in ours]
+
+
 def test_sentencepiece_unigram_still_equal(tmp_path):
     model = _train_sp(model_type="unigram")
     ref = spm.SentencePieceProcessor(model_proto=model)
