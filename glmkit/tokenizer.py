@@ -338,7 +338,7 @@ def _declared_specials(config: dict, where: str) -> dict[str, int]:
 def _read_model_file(file: Path, config: dict, directory: Path | None) -> Tokenizer:
     """A `.model` file: tiktoken ranks (GLM-4) or a SentencePiece model, with the special tokens the
     checkpoint's tokenizer_config.json declares, or the published ones of its family."""
-    from .vocab import CHATGLM2_SPECIALS, CHATGLM3_SPECIALS, is_tiktoken_file
+    from .vocab import CHATGLM2_SPECIALS, CHATGLM3_SPECIALS, is_tiktoken_file, with_placeholders
 
     with open(file, "rb") as f:
         head = f.read(256)
@@ -351,9 +351,10 @@ def _read_model_file(file: Path, config: dict, directory: Path | None) -> Tokeni
         # (ChatGLM-6B names its model ice_text.model and keeps its specials among the pieces.)
         extra = CHATGLM3_SPECIALS if _is_chatglm3(directory, declared) else CHATGLM2_SPECIALS
     tok = Tokenizer.from_sentencepiece(file, extra)
-    for name, i in sorted(declared.items(), key=lambda kv: kv[1]):  # other checkpoints' added tokens follow
-        if tok.tok.token_to_id(name) is None and i == tok.vocab_size:
-            tok.tok.add_special_tokens([name])
+    # other checkpoints' added tokens follow the pieces (a gap holds a placeholder)
+    after = [(name, i) for name, i in sorted(declared.items(), key=lambda kv: kv[1]) if i >= tok.vocab_size]
+    for name, _ in with_placeholders(after, tok.vocab_size):
+        tok.tok.add_special_tokens([name])
     for name, i in declared.items():  # what the checkpoint declares must be what we built
         if tok.tok.token_to_id(name) != i:
             raise ValueError(f"{file}: tokenizer_config.json declares {name!r} as id {i}, but the model gives "

@@ -91,12 +91,11 @@ def tiktoken_tokenizer(ranks: dict[bytes, int], specials: dict[str, int], patter
     if missing:
         raise ValueError(f"{where}: no rank for the single bytes {missing[:8]} ({len(missing)} missing); "
                          "tiktoken needs all 256 to encode any text")
-    # Specials must follow the ranks without a gap: `tokenizers` numbers added tokens consecutively.
     order = sorted(specials.items(), key=lambda kv: kv[1])
-    for k, (name, i) in enumerate(order):
-        if i != n + k:
-            raise ValueError(f"{where}: special token {name!r} has id {i}, expected {n + k} (specials must "
-                             f"follow the {n} ranks without gaps)")
+    if order and order[0][1] < n:
+        raise ValueError(f"{where}: special token {order[0][0]!r} has id {order[0][1]}, inside the {n} ranks; "
+                         f"specials follow them (ids {n} on)")
+    order = with_placeholders(order, n)
     alphabet = byte_level_alphabet()
     table = {b: alphabet[b] for b in range(256)}
     strs = [tok.decode("latin-1").translate(table) for tok, _ in by_id]
@@ -138,6 +137,19 @@ def tiktoken_tokenizer(ranks: dict[bytes, int], specials: dict[str, int], patter
         "model": model,
     }
     return HFTokenizer.from_str(json.dumps(spec))
+
+
+def with_placeholders(order: list[tuple[str, int]], start: int) -> list[tuple[str, int]]:
+    """`order` ((name, id) by id, ids from `start`) with a "<|reserved_ID|>" special at each id it
+    skips: `tokenizers` numbers added tokens consecutively, so a gap must hold a token."""
+    out, next_id = [], start
+    for name, i in order:
+        if i < next_id:
+            raise ValueError(f"special tokens {out[-1][0] if out else ''!r} and {name!r} share id {i}")
+        out += [(f"<|reserved_{j}|>", j) for j in range(next_id, i)]
+        out.append((name, i))
+        next_id = i + 1
+    return out
 
 
 def is_tiktoken_file(head: bytes) -> bool:

@@ -198,9 +198,14 @@ def test_tiktoken_bad_files_name_the_problem(tmp_path):
         load_tokenizer(d)
     ranks = {bytes([b]): b for b in range(256)}
     _write_ranks(d / "tokenizer.model", ranks)
-    (d / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {"300": {"content": "<|endoftext|>"}}}))
-    with pytest.raises(ValueError, match="has id 300, expected 256"):
+    (d / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {"200": {"content": "<|endoftext|>"}}}))
+    with pytest.raises(ValueError, match="has id 200, inside the 256 ranks"):
         load_tokenizer(d)
+    # a gap in the declared ids holds a placeholder, so every declared token keeps its id
+    (d / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {
+        "256": {"content": "<|endoftext|>"}, "259": {"content": "<|user|>"}}}))
+    tok = load_tokenizer(d)
+    assert (tok.special("eos"), tok.special("user"), tok.token_id("<|reserved_257|>"), tok.vocab_size) == (256, 259, 257, 260)
     (d / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="tokenizer_config.json: not valid JSON"):
         load_tokenizer(d)
@@ -339,9 +344,9 @@ def test_chatglm_dir_checks(sp_models, tmp_path):
     d.mkdir()
     (d / "tokenizer.model").write_bytes(model)
     (d / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {
-        "0": {"content": "<unk>"}, str(n): {"content": "<pad>"}, str(n + 1): {"content": "<|im_end|>"}}}))
+        "0": {"content": "<unk>"}, str(n): {"content": "<pad>"}, str(n + 2): {"content": "<|im_end|>"}}}))
     tok = load_tokenizer(d)
-    assert (tok.token_id("<pad>"), tok.token_id("<|im_end|>"), tok.vocab_size) == (n, n + 1, n + 2)
+    assert (tok.token_id("<pad>"), tok.token_id("<|im_end|>"), tok.vocab_size) == (n, n + 2, n + 3)
     # a tokenizer.json beside the model is not what the remote code reads: tokenizer.model wins
     d = _chatglm_dir(tmp_path, model, name="both")
     train_bpe(texts=CORPUS, vocab_size=300).save(d)
