@@ -388,3 +388,20 @@ def test_server_chats_through_an_upstream_tokenizer(tmp_path, sp_models, family)
         assert r.json()["usage"]["prompt_tokens"] > len(msgs) * 2 and r.json()["choices"][0]["message"]["role"] == "assistant"
         r = client.post("/v1/chat/completions", json={"model": family, "messages": msgs, "max_tokens": 6, "stream": True})
         assert r.status_code == 200 and sse(r.text)[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_tokenizer_side_files_stay_inside_the_checkpoint(sp_models, tmp_path):
+    # tokenizer_config.json and tokenization_chatglm.py are read (as data) only from inside the directory
+    from glmkit.convert import CheckpointError
+
+    outside = tmp_path / "elsewhere.py"
+    outside.write_text('"<|observation|>"')
+    d = _chatglm_dir(tmp_path, sp_models["chatglm-identity"], name="linked")
+    (d / "tokenization_chatglm.py").symlink_to(outside)
+    with pytest.raises(CheckpointError, match="'tokenization_chatglm.py' points outside"):
+        load_tokenizer(d)
+    (d / "tokenization_chatglm.py").unlink()
+    (d / "tokenizer_config.json").unlink()
+    (d / "tokenizer_config.json").symlink_to(outside)
+    with pytest.raises(CheckpointError, match="'tokenizer_config.json' points outside"):
+        load_tokenizer(d)
