@@ -289,8 +289,12 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     # in a checkpoint directory, a file (or symlink) pointing outside it is refused, as weights are
     config = _tokenizer_config(path)
     names = ["tokenizer.json", "tokenizer.model", "cog-pretrain.model", "ice_text.model"]
-    if config.get("tokenizer_class") in REMOTE_CODE_TOKENIZERS:
-        # THUDM's remote-code tokenizers read tokenizer.model; a tokenizer.json beside it is not theirs
+    auto_map = config.get("auto_map")
+    auto = auto_map.get("AutoTokenizer") if isinstance(auto_map, dict) else None  # [slow class, fast class]
+    fast = auto[1] if isinstance(auto, list) and len(auto) > 1 else None
+    if config.get("tokenizer_class") in REMOTE_CODE_TOKENIZERS and not fast:
+        # THUDM's remote-code tokenizers read tokenizer.model, and with no fast class named, nothing
+        # reads a tokenizer.json beside it (CodeGeeX4 ships one): the published ids are the model's
         names.remove("tokenizer.model")
         names.insert(0, "tokenizer.model")
     for name in names:

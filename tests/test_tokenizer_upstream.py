@@ -351,6 +351,10 @@ def test_chatglm_dir_checks(sp_models, tmp_path):
     d = _chatglm_dir(tmp_path, model, name="both")
     train_bpe(texts=CORPUS, vocab_size=300).save(d)
     assert load_tokenizer(d).special("sop") == n + 3
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    config["auto_map"]["AutoTokenizer"][1] = "tokenization_chatglm.ChatGLMTokenizerFast"  # then it is the json
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    assert load_tokenizer(d).special("sop") == 4
     (d / "tokenization_chatglm.py").write_text("# remote code\n")
     assert {p.name for p in tokenizer_files(d)} >= {"tokenizer.model", "tokenizer_config.json", "tokenization_chatglm.py"}
 
