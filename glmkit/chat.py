@@ -261,7 +261,7 @@ def chat_format(cfg, tok=None) -> ChatFormat:
     tokenizer (its <sop> is spelled "sop") says which of the two by its role tokens; otherwise GLM-4's
     (what every model used before formats were chosen per checkpoint, and what glmkit's own models train on)."""
     name = getattr(cfg, "chat_format", None)
-    if name is None and tok is not None and getattr(cfg, "source", None) == "chatglm2" and tok.tok.token_to_id("sop") is not None:
+    if name is None and tok is not None and tok.tok.token_to_id("sop") is not None:
         name = "chatglm3" if tok.tok.token_to_id("<|user|>") is not None else "chatglm2"
     return get_format(name or "glm4")
 

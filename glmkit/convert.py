@@ -1158,8 +1158,10 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, bits: int, group_size:
         return Path(src).stat().st_size, written
     return sum(f.stat().st_size for _, f in weight_file_paths(checkpoint_dir(src))), written
 
+# tokenization_chatglm.py is copied as text, never run: it tells ChatGLM3 from ChatGLM2 when an older
+# tokenizer_config.json does not declare the role tokens, and it is the code that config's auto_map names
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "ice_text.model", "generation_config.json")
+                   "ice_text.model", "cog-pretrain.model", "tokenization_chatglm.py", "generation_config.json")
 
 
 def source_tokenizer_files(src: str | Path, tmp: str | Path) -> list[Path]:

@@ -1,7 +1,7 @@
 """Tokenizer: one wrapper over HF `tokenizers`, GLM special tokens by name, the GLM-4 chat template.
 
     glmkit tokenizer train --vocab 16000 --out tok/ FILES...     # byte-level BPE
-    tok = glmkit.load_tokenizer("tok/")          # tokenizer.json, or a SentencePiece *.model
+    tok = glmkit.load_tokenizer("tok/")          # tokenizer.json, or an upstream tokenizer.model
     ids = tok.encode("床前明月光"); tok.decode(ids)
     tok.special("gmask")                          # ids by role, never hard-coded
     ids, loss_mask = tok.render_chat([{"role": "user", "content": "你好"}], add_generation_prompt=True)
@@ -9,9 +9,12 @@
 
 Byte-level BPE makes decoding lossless for any string. The pre-tokenizer splits like GPT-4's
 (letters, up-to-3-digit numbers, punctuation runs, whitespace); a run of Han characters stays one
-pre-token, so BPE learns frequent Chinese words. Original GLM (`cog-pretrain.model`) and
-ChatGLM-6B (`ice_text.model`) ship SentencePiece models: unigram ones are converted to a
-`tokenizers` Tokenizer on load (needs the `sentencepiece` package for its model protobuf).
+pre-token, so BPE learns frequent Chinese words. Upstream checkpoints ship other vocabularies,
+converted on load to a `tokenizers` Tokenizer with the same ids (glmkit.vocab): GLM-4 and
+CodeGeeX4 a tiktoken rank file (`tokenizer.model`, this pre-tokenizer is theirs), ChatGLM2/3 and
+CodeGeeX2 a SentencePiece BPE model (`tokenizer.model`, specials appended after its pieces),
+original GLM (`cog-pretrain.model`) and ChatGLM-6B (`ice_text.model`) SentencePiece unigram models
+(SentencePiece models need the `sentencepiece` package for their protobuf).
 """
 
 from __future__ import annotations
@@ -38,10 +41,13 @@ SPECIAL_TOKENS = ("<|endoftext|>", "[MASK]", "[sMASK]", "[gMASK]", "<sop>", "<eo
 ROLES = {
     "eos": ("<|endoftext|>", "</s>", "<eos>"),
     "mask": ("[MASK]",), "smask": ("[sMASK]",), "gmask": ("[gMASK]",),
-    "sop": ("<sop>", "<|startofpiece|>"), "eop": ("<eop>", "<|endofpiece|>"),
+    "sop": ("<sop>", "<|startofpiece|>", "sop"), "eop": ("<eop>", "<|endofpiece|>", "eop"),
     "system": ("<|system|>",), "user": ("<|user|>",), "assistant": ("<|assistant|>",),
     "observation": ("<|observation|>",),
 }
+# ChatGLM2/3 spell sop/eop as bare words: such a name counts only as a special token, never as the
+# ordinary word piece another vocabulary may have.
+BARE_SPECIALS = frozenset({"sop", "eop"})
 CHAT_ROLES = ("system", "user", "assistant", "observation")
 SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -65,46 +71,28 @@ class Tokenizer:
             raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from None
 
     @classmethod
-    def from_sentencepiece(cls, path: str | Path) -> Tokenizer:
-        """Convert a SentencePiece unigram model (original GLM, ChatGLM-6B) to a `tokenizers` one.
+    def from_sentencepiece(cls, model: str | Path | bytes, extra_specials=(), where: str | None = None) -> Tokenizer:
+        """A SentencePiece model (a path, or the serialized ModelProto as bytes), unigram (original GLM,
+        ChatGLM-6B) or BPE (ChatGLM2/3, llama-type GGUF vocabularies), as a `tokenizers` Tokenizer with
+        SentencePiece's ids; `extra_specials` are appended after its pieces as special tokens (ChatGLM2/3
+        append theirs so: CHATGLM2_SPECIALS / CHATGLM3_SPECIALS in glmkit.vocab). Needs `sentencepiece`."""
+        from .vocab import sentencepiece_tokenizer
 
-        Pieces and scores become a Unigram model; SentencePiece's normalizer (its precompiled NFKC
-        map, whitespace collapsing) and its "▁" word-boundary marker are reproduced; user-defined
-        and control pieces ([MASK], <|startofpiece|>, ...) become special tokens, matched whole.
-        """
-        from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
-        from tokenizers import Tokenizer as HFTokenizer
+        path = None if isinstance(model, bytes) else Path(model)
+        data = model if path is None else path.read_bytes()
+        return cls(sentencepiece_tokenizer(data, tuple(extra_specials), where or str(path or "SentencePiece model")), path)
 
-        try:
-            from sentencepiece import sentencepiece_model_pb2 as pb
-        except ImportError as e:
-            raise ImportError(f"reading {path} needs the sentencepiece and protobuf packages ({e})") from None
-        proto = pb.ModelProto()
-        try:
-            proto.ParseFromString(Path(path).read_bytes())
-        except Exception as e:  # protobuf's DecodeError
-            raise ValueError(f"{path}: not a SentencePiece model ({e})") from None
-        if proto.trainer_spec.model_type != pb.TrainerSpec.UNIGRAM:
-            raise NotImplementedError(f"{path}: only SentencePiece unigram models are supported")
-        # Pitfall: SentencePiece keeps user-defined pieces ([MASK], ...) in the unigram vocab itself,
-        # so plain text containing "[MASK]" still segments into that piece (as in SentencePiece);
-        # `allow_special=False` cannot prevent it for these models. Demoting their scores does not
-        # help: the unknown-piece penalty is derived from the lowest score.
-        vocab = [(p.piece, p.score) for p in proto.pieces]
-        tok = HFTokenizer(models.Unigram(vocab, unk_id=proto.trainer_spec.unk_id, byte_fallback=proto.trainer_spec.byte_fallback))
-        norm = []
-        if proto.normalizer_spec.precompiled_charsmap:
-            norm.append(normalizers.Precompiled(proto.normalizer_spec.precompiled_charsmap))
-        if proto.normalizer_spec.remove_extra_whitespaces:
-            norm += [normalizers.Strip(), normalizers.Replace(Regex(" {2,}"), " ")]
-        if norm:
-            tok.normalizer = normalizers.Sequence(norm)
-        scheme = "always" if proto.normalizer_spec.add_dummy_prefix else "never"
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=scheme)
-        tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme=scheme)
-        specials = [p.piece for p in proto.pieces if p.type in (pb.ModelProto.SentencePiece.CONTROL, pb.ModelProto.SentencePiece.USER_DEFINED)]
-        tok.add_special_tokens(specials)
-        return cls(tok, Path(path))
+    @classmethod
+    def from_tiktoken(cls, path: str | Path, special_tokens: dict[str, int] | None = None) -> Tokenizer:
+        """A tiktoken rank file (GLM-4's `tokenizer.model`: `base64(token) rank` lines) as a byte-level
+        BPE with tiktoken's ids under GLM-4's split pattern. `special_tokens` (name -> id, right after
+        the ranks) default to GLM-4's published ones (glmkit.vocab.GLM4_SPECIALS from id len(ranks))."""
+        from .vocab import GLM4_SPECIALS, read_tiktoken_ranks, tiktoken_tokenizer
+
+        ranks = read_tiktoken_ranks(path)
+        if special_tokens is None:
+            special_tokens = {name: len(ranks) + k for k, name in enumerate(GLM4_SPECIALS)}
+        return cls(tiktoken_tokenizer(ranks, dict(special_tokens), SPLIT_PATTERN, str(path)), Path(path))
 
     # ---- basics ----------------------------------------------------------------------------------
     @property
@@ -160,9 +148,13 @@ class Tokenizer:
             raise KeyError(f"unknown special role {role!r}; known: {list(ROLES)}")
         for name in ROLES[role]:
             i = self.tok.token_to_id(name)
-            if i is not None:
+            if i is not None and (name not in BARE_SPECIALS or self._is_special(i)):
                 return i
         raise KeyError(f"tokenizer {self.path or ''} has no {role} token (looked for {ROLES[role]})")
+
+    def _is_special(self, i: int) -> bool:
+        t = self.tok.get_added_tokens_decoder().get(i)
+        return t is not None and t.special
 
     def sentence_end_table(self):
         """Bool array over the vocabulary: True for tokens whose text ends a sentence."""
@@ -266,14 +258,16 @@ def _jsonl_texts(path: Path):
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """The tokenizer of a checkpoint directory, a tokenizer.json, or a SentencePiece .model file."""
+    """The tokenizer of a checkpoint directory, a tokenizer.json, or a `.model` file (SentencePiece, or
+    GLM-4's tiktoken ranks: told apart by content, both are named tokenizer.model upstream)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; pass a checkpoint directory, a tokenizer.json or a "
-                                "SentencePiece .model file")
+                                "tokenizer .model file")
     if not path.is_dir():  # a file the user named: read as named
-        if path.suffix == ".model":
-            return Tokenizer.from_sentencepiece(path)
+        if path.suffix == ".model":  # upstream's tokenizer.model: its directory's config names the specials
+            parent = path.parent if path.name == "tokenizer.model" else None
+            return _read_model_file(path, _tokenizer_config(parent) if parent else {}, parent)
         if path.suffix == ".json":
             return Tokenizer.from_file(path)
         if path.suffix.lower() == ".gguf":  # the vocabulary a llama.cpp model file carries
@@ -281,15 +275,102 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
             vocab = read_vocab(path)
             return Tokenizer.from_sentencepiece(vocab) if isinstance(vocab, bytes) else Tokenizer(vocab, path)
-        raise ValueError(f"{path} is neither a directory nor a tokenizer.json / SentencePiece .model file")
+        raise ValueError(f"{path} is neither a directory nor a tokenizer.json / .model / .gguf file")
     from .convert import confined
 
     # in a checkpoint directory, a file (or symlink) pointing outside it is refused, as weights are
-    for name in ("tokenizer.json", "tokenizer.model", "cog-pretrain.model", "ice_text.model"):
+    config = _tokenizer_config(path)
+    names = ["tokenizer.json", "tokenizer.model", "cog-pretrain.model", "ice_text.model"]
+    auto_map = config.get("auto_map")
+    auto = auto_map.get("AutoTokenizer") if isinstance(auto_map, dict) else None  # [slow class, fast class]
+    fast = auto[1] if isinstance(auto, list) and len(auto) > 1 else None
+    if config.get("tokenizer_class") in REMOTE_CODE_TOKENIZERS and not fast:
+        # THUDM's remote-code tokenizers read tokenizer.model, and with no fast class named, nothing
+        # reads a tokenizer.json beside it (CodeGeeX4 ships one): the published ids are the model's
+        names.remove("tokenizer.model")
+        names.insert(0, "tokenizer.model")
+    for name in names:
         if (path / name).is_symlink() or (path / name).exists():
             confined(path, name, "tokenizer file")
-            return Tokenizer.from_file(path / name) if name.endswith(".json") else Tokenizer.from_sentencepiece(path / name)
-    raise FileNotFoundError(f"{path} has no tokenizer.json (nor a SentencePiece .model); this checkpoint ships no tokenizer")
+            if name.endswith(".json"):
+                return Tokenizer.from_file(path / name)
+            return _read_model_file(path / name, config, path if name == "tokenizer.model" else None)
+    raise FileNotFoundError(f"{path} has no tokenizer.json (nor a tokenizer .model); this checkpoint ships no tokenizer")
+
+
+# tokenizer_config.json's tokenizer_class of THUDM's remote code: ChatGLM-6B/2/3 and CodeGeeX2 (ChatGLMTokenizer),
+# GLM-4 and CodeGeeX4 (ChatGLM4Tokenizer)
+REMOTE_CODE_TOKENIZERS = ("ChatGLMTokenizer", "ChatGLM4Tokenizer")
+
+
+def _tokenizer_config(directory: Path) -> dict:
+    """tokenizer_config.json of a checkpoint directory, {} when it has none."""
+    from .convert import confined
+
+    p = directory / "tokenizer_config.json"
+    if not (p.is_symlink() or p.exists()):
+        return {}
+    confined(directory, p.name, "tokenizer file")
+    try:
+        config = json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p}: not valid JSON ({e}); fix or remove it") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{p}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _declared_specials(config: dict, where: str) -> dict[str, int]:
+    """name -> id of tokenizer_config.json's `added_tokens_decoder` ({"151329": {"content": ...}})."""
+    out = {}
+    for key, entry in (config.get("added_tokens_decoder") or {}).items():
+        try:
+            out[entry["content"]] = int(key)
+        except (TypeError, KeyError, ValueError):
+            raise ValueError(f"{where}: added_tokens_decoder entry {key!r} is not {{id: {{\"content\": ...}}}}") from None
+    return out
+
+
+def _read_model_file(file: Path, config: dict, directory: Path | None) -> Tokenizer:
+    """A `.model` file: tiktoken ranks (GLM-4) or a SentencePiece model, with the special tokens the
+    checkpoint's tokenizer_config.json declares, or the published ones of its family."""
+    from .vocab import CHATGLM2_SPECIALS, CHATGLM3_SPECIALS, is_tiktoken_file, with_placeholders
+
+    with open(file, "rb") as f:
+        head = f.read(256)
+    declared = _declared_specials(config, f"{directory or file.parent}/tokenizer_config.json")
+    if is_tiktoken_file(head):
+        return Tokenizer.from_tiktoken(file, declared or None)
+    extra = ()
+    if directory is not None and config.get("tokenizer_class") == "ChatGLMTokenizer":
+        # ChatGLM2/3 and CodeGeeX2 append their specials after the pieces; ChatGLM3 adds the roles.
+        # (ChatGLM-6B names its model ice_text.model and keeps its specials among the pieces.)
+        extra = CHATGLM3_SPECIALS if _is_chatglm3(directory, declared) else CHATGLM2_SPECIALS
+    tok = Tokenizer.from_sentencepiece(file, extra)
+    # other checkpoints' added tokens follow the pieces (a gap holds a placeholder)
+    after = [(name, i) for name, i in sorted(declared.items(), key=lambda kv: kv[1]) if i >= tok.vocab_size]
+    for name, _ in with_placeholders(after, tok.vocab_size):
+        tok.tok.add_special_tokens([name])
+    for name, i in declared.items():  # what the checkpoint declares must be what we built
+        if tok.tok.token_to_id(name) != i:
+            raise ValueError(f"{file}: tokenizer_config.json declares {name!r} as id {i}, but the model gives "
+                             f"{tok.tok.token_to_id(name)}; this tokenizer.model does not match its config")
+    return tok
+
+
+def _is_chatglm3(directory: Path, declared: dict[str, int]) -> bool:
+    """ChatGLM3 (roles as special tokens) rather than ChatGLM2 / CodeGeeX2: its tokenizer_config.json
+    declares a role token, or (older revisions) its tokenization_chatglm.py, read as text, lists them."""
+    from .convert import confined
+    from .vocab import CHATGLM2_SPECIALS, CHATGLM3_SPECIALS
+
+    if any(name in declared for name in set(CHATGLM3_SPECIALS) - set(CHATGLM2_SPECIALS)):
+        return True
+    code = directory / "tokenization_chatglm.py"
+    if code.is_symlink() or code.exists():
+        confined(directory, code.name, "tokenizer file")
+        return "<|observation|>" in code.read_text(encoding="utf-8", errors="replace")
+    return False
 
 
 def main(argv=None) -> int:
