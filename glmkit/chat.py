@@ -299,7 +299,8 @@ def format_from_config(d: dict, tokenizer_config: dict | None = None, token_name
     eos = set(eos) if isinstance(eos, list) else {eos}
     if "position_encoding_2d" in d:
         return "chatglm"
-    if vocab == GLM4_VOCAB or GLM4_EOS in eos:
+    # GLM-4's vocabulary (its size, its eos, its bracketed <sop>) or its release name
+    if vocab == GLM4_VOCAB or GLM4_EOS in eos or "<sop>" in tokens or "codegeex4" in names or "glm-4" in names or "glm4" in names:
         return "codegeex4" if "codegeex4" in names else "glm4"
     if "codegeex2" in names:
         return "codegeex2"
