@@ -342,6 +342,27 @@ PRESETS: dict[str, dict] = {
         max_seq_len=8192, position="rope_partial", rope_fraction=0.5, rope_theta=10000.0, norm="rmsnorm",
         norm_eps=1.5625e-07, qkv_bias=True, tie_embeddings=False, source="glm_hf",
     ),
+    # THUDM/chatglm3-6b config.json (remote-code ChatGLMModel; chatglm2-6b and codegeex2-6b have the same network,
+    # chatglm2-6b with seq_length 32768): 28 layers, 4096 hidden, ffn_hidden_size 13696, 32 heads, kv_channels 128,
+    # multi_query_group_num 2, padded_vocab_size 65024, seq_length 8192, layernorm_epsilon 1e-5, add_qkv_bias
+    "chatglm3-6b": dict(
+        vocab_size=65024, dim=4096, n_layers=28, n_heads=32, n_kv_heads=2, head_dim=128, ffn_dim=13696,
+        max_seq_len=8192, position="rope_partial", rope_fraction=0.5, rope_theta=10000.0, norm="rmsnorm",
+        norm_eps=1e-5, qkv_bias=True, tie_embeddings=False, source="chatglm2", chat_format="chatglm3",
+    ),
+    # THUDM/glm-4-9b-chat config.json (remote-code ChatGLMModel, as first released): the -hf network with
+    # rope_ratio 500 (rope_theta 5e6) and seq_length 131072
+    "glm-4-9b-chat": dict(
+        vocab_size=151552, dim=4096, n_layers=40, n_heads=32, n_kv_heads=2, head_dim=128, ffn_dim=13696,
+        max_seq_len=131072, position="rope_partial", rope_fraction=0.5, rope_theta=5e6, norm="rmsnorm",
+        norm_eps=1.5625e-07, qkv_bias=True, tie_embeddings=False, source="chatglm2", chat_format="glm4",
+    ),
+    # THUDM/glm-4-9b-chat-1m config.json: multi_query_group_num 4, rope_ratio 10000, seq_length 1048576
+    "glm-4-9b-chat-1m": dict(
+        vocab_size=151552, dim=4096, n_layers=40, n_heads=32, n_kv_heads=4, head_dim=128, ffn_dim=13696,
+        max_seq_len=1048576, position="rope_partial", rope_fraction=0.5, rope_theta=1e8, norm="rmsnorm",
+        norm_eps=1.5625e-07, qkv_bias=True, tie_embeddings=False, source="chatglm2", chat_format="glm4",
+    ),
     # THUDM/GLM-4-9B-0414 config.json (Glm4ForCausalLM): as glm-4-9b plus sandwich norms,
     # rms_norm_eps 1e-5, max_position_embeddings 32768
     "glm-4-9b-0414": dict(

@@ -9,6 +9,7 @@ References, built in-process:
 """
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -175,6 +176,11 @@ def test_released_configs(release):
     assert (cfg.dim, cfg.n_heads, cfg.head_dim, cfg.ffn_dim, cfg.rotary_dim) == (4096, 32, 128, 13696, 64)
     assert not cfg.tie_embeddings and cfg.qkv_bias and not cfg.out_bias and cfg.final_norm
     assert (cfg.source, cfg.position, cfg.norm, cfg.mlp) == ("chatglm2", "rope_partial", "rmsnorm", "swiglu")
+    preset = {"chatglm2-6b": "chatglm3-6b", "codegeex2-6b": "chatglm3-6b"}.get(release, release)
+    from glmkit.config import get_preset
+
+    want = replace(get_preset(preset), max_seq_len=cfg.max_seq_len, chat_format=cfg.chat_format)
+    assert cfg == want, (cfg, want)  # the preset is the release's network
 
 
 def test_refusals_name_the_problem(tmp_path):
