@@ -350,19 +350,6 @@ PRESETS: dict[str, dict] = {
         max_seq_len=8192, position="rope_partial", rope_fraction=0.5, rope_theta=10000.0, norm="rmsnorm",
         norm_eps=1e-5, qkv_bias=True, tie_embeddings=False, source="chatglm2", chat_format="chatglm3",
     ),
-    # THUDM/glm-4-9b-chat config.json (remote-code ChatGLMModel, as first released): the -hf network with
-    # rope_ratio 500 (rope_theta 5e6) and seq_length 131072
-    "glm-4-9b-chat": dict(
-        vocab_size=151552, dim=4096, n_layers=40, n_heads=32, n_kv_heads=2, head_dim=128, ffn_dim=13696,
-        max_seq_len=131072, position="rope_partial", rope_fraction=0.5, rope_theta=5e6, norm="rmsnorm",
-        norm_eps=1.5625e-07, qkv_bias=True, tie_embeddings=False, source="chatglm2", chat_format="glm4",
-    ),
-    # THUDM/glm-4-9b-chat-1m config.json: multi_query_group_num 4, rope_ratio 10000, seq_length 1048576
-    "glm-4-9b-chat-1m": dict(
-        vocab_size=151552, dim=4096, n_layers=40, n_heads=32, n_kv_heads=4, head_dim=128, ffn_dim=13696,
-        max_seq_len=1048576, position="rope_partial", rope_fraction=0.5, rope_theta=1e8, norm="rmsnorm",
-        norm_eps=1.5625e-07, qkv_bias=True, tie_embeddings=False, source="chatglm2", chat_format="glm4",
-    ),
     # THUDM/GLM-4-9B-0414 config.json (Glm4ForCausalLM): as glm-4-9b plus sandwich norms,
     # rms_norm_eps 1e-5, max_position_embeddings 32768
     "glm-4-9b-0414": dict(
@@ -371,6 +358,13 @@ PRESETS: dict[str, dict] = {
         norm_eps=1e-5, sandwich_norm=True, qkv_bias=True, tie_embeddings=False, source="glm4_hf",
     ),
 }
+
+
+# THUDM/glm-4-9b-chat config.json (remote-code ChatGLMModel, as first released): the -hf network with
+# rope_ratio 500 (rope_theta 5e6) and seq_length 131072; glm-4-9b-chat-1m: multi_query_group_num 4,
+# rope_ratio 10000, seq_length 1048576
+PRESETS["glm-4-9b-chat"] = dict(PRESETS["glm-4-9b"], max_seq_len=131072, rope_theta=5e6, source="chatglm2", chat_format="glm4")
+PRESETS["glm-4-9b-chat-1m"] = dict(PRESETS["glm-4-9b-chat"], n_kv_heads=4, max_seq_len=1048576, rope_theta=1e8)
 
 
 def get_preset(name: str, **overrides) -> ModelConfig:

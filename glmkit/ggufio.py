@@ -323,14 +323,9 @@ def stream(path, device=None, dtype=None, quant: dict | None = None):
     quantize_head = bool(quant and quant["head"])
 
     def quantized(module: str, w: torch.Tensor):
-        from .quantize import quantize_weight
+        from .quantize import quantized_tensors
 
-        try:
-            parts = quantize_weight(w, quant["bits"], quant["group_size"])
-        except ValueError as e:
-            raise ValueError(f"{module}: {e}") from None
-        for k, v in parts.items():
-            yield f"{module}.{k}", v.to(dtype) if v.is_floating_point() else v
+        return quantized_tensors(module, w, quant, dtype)
 
     def tensors():
         nonlocal dtype

@@ -66,6 +66,18 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     return packed, scales, lo
 
 
+def quantized_tensors(module: str, w: torch.Tensor, quant: dict, dtype: torch.dtype | None):
+    """(name, tensor) pairs of `module`'s weight `w` quantized as `quant` says ({"bits", "group_size"}),
+    floats (scales, mins) in `dtype`: what a streaming reader yields in place of the float weight.
+    A ValueError names the module."""
+    try:
+        parts = quantize_weight(w, quant["bits"], quant["group_size"])
+    except ValueError as e:
+        raise ValueError(f"{module}: {e}") from None
+    for k, v in parts.items():
+        yield f"{module}.{k}", v.to(dtype) if v.is_floating_point() else v
+
+
 ROW_BLOCK_BYTES = 16 << 20  # fp32 bytes of weight rows quantized at once by quantize_weight
 
 
