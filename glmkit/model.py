@@ -447,8 +447,12 @@ class GLM(nn.Module):
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         p, cfg, S = self.embed.weight, self.cfg, max_len or self.cfg.max_seq_len
         K, Dk, Dv = cfg.kv_layout  # latent attention: one key head of the latent, values of width 0
-        k = torch.zeros(cfg.n_layers, batch_size, K, S, Dk, device=p.device, dtype=p.dtype)
-        v = torch.zeros(cfg.n_layers, batch_size, K, S, Dv, device=p.device, dtype=p.dtype)
+        if Dk == Dv:  # keys and values in one allocation
+            kv = torch.zeros(2, cfg.n_layers, batch_size, K, S, Dk, device=p.device, dtype=p.dtype)
+            k, v = kv[0], kv[1]  # indexed, not unpacked: views of unbind may not be written in place
+        else:
+            k = torch.zeros(cfg.n_layers, batch_size, K, S, Dk, device=p.device, dtype=p.dtype)
+            v = torch.zeros(cfg.n_layers, batch_size, K, S, Dv, device=p.device, dtype=p.dtype)
         return KVCache(k, v, torch.zeros(batch_size, S, dtype=torch.bool, device=p.device),
                        torch.zeros(batch_size, dtype=torch.long, device=p.device))
 
