@@ -1,4 +1,5 @@
-"""The Transformer's building blocks: norms, the rotary schemes, attention, the MLP and the block.
+"""The Transformer's building blocks: norms, the rotary schemes, attention (heads of q/k/v, or the
+latent attention of Glm4MoeLite, `LatentAttention`), the MLP and the block.
 
 `model.GLM` stacks them; `fused` reads their weights for the native decode step. They know nothing of
 the KV cache beyond the one method Attention calls, `cache.update(layer, slots, k, v, extent)` (see

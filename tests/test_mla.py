@@ -146,8 +146,12 @@ def test_cache_bytes_per_token_are_the_compressed_width():
         pool = BlockPool.for_model(model, n_blocks=4, block=8)
         per_block = sum(t.numel() * t.element_size() for t in (pool.k, pool.v)) // 5 + 8
         assert per_block == BlockPool.block_bytes(cfg, 8, dtype) == plan.kv_pool_bytes(cfg, 4, dtype, 8) // 5
-    assert plan.weight_bytes(cfg, torch.float32)["layers"] == 4 * sum(
-        p.numel() for n, p in GLM(cfg).named_parameters() if n.startswith("layers."))
+    for q_lora, bias in ((24, False), (None, True), (24, True)):  # the sizes the config and the plan count
+        c = ModelConfig(**{**cfg.to_dict(), "q_lora_rank": q_lora, "qkv_bias": bias, "out_bias": bias})
+        params = dict(GLM(c).named_parameters())
+        assert c.num_params() == sum(p.numel() for p in params.values()), (q_lora, bias)
+        assert plan.weight_bytes(c, torch.float32)["layers"] == 4 * sum(
+            p.numel() for n, p in params.items() if n.startswith("layers.")), (q_lora, bias)
     with pytest.raises(ValueError, match="int8 KV block pool is not available for latent attention"):
         BlockPool.for_model(GLM(cfg), n_blocks=4, block=8, dtype=torch.int8)
 
