@@ -125,6 +125,18 @@ def test_absorbed_decode_equals_expanded(hf_dir):
     assert not torch.equal(out[True], out[False])  # two different computations...
     mx = assert_close(out[True], out[False], 1e-5, "absorbed vs expanded decode step")  # ...of one result
     print(f"\nabsorbed vs expanded decode: max abs diff {mx:.2e}")
+    # by default a decode step is absorbed (kv_b's weight read, the module not run on the cache) and a
+    # whole sequence without a cache expanded
+    set_absorb(model, None)
+    expanded = []
+    hooks = [layer.attn.kv_b.register_forward_hook(lambda *a: expanded.append(1)) for layer in model.layers]
+    cache.length = 9
+    model.prefill(ids[:, 9:], cache, position_ids=torch.full((2, 1), 9))
+    assert not expanded
+    model(ids)
+    assert len(expanded) == len(model.layers)
+    for h in hooks:
+        h.remove()
 
 
 def test_cache_bytes_per_token_are_the_compressed_width():
