@@ -222,8 +222,9 @@ class LatentAttention(nn.Module):
       [q_nope W_UK ; q_pe] . [c ; k_pe] are taken against the cache itself (one shared key head of R + P),
       and the attention-weighted sum of c goes through kv_b's value rows W_UV after. kv_b is then applied
       to the T queries instead of the S cached tokens, which is what makes a decode step cheap.
-    `absorb` None picks the form with fewer multiply-adds (absorbed while T (2R - Dn - Dv) < R (Dn + Dv):
-    decode steps and short chunks); True / False force one.
+    `absorb` None picks the form with fewer multiply-adds for T queries over S keys: absorbed while
+    (S - T) R (Dn + Dv) > T S (2R - Dn - Dv), i.e. decode steps and short chunks over a longer cache;
+    expanded for a whole sequence at once (S = T) when 2R > Dn + Dv. True / False force one.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -276,16 +277,16 @@ class LatentAttention(nn.Module):
         latent = torch.cat((latent[..., None, :R], k_pe), dim=-1).transpose(1, 2)  # (B, 1, T, R + P)
         if cache is not None:  # the latent is the key, of one head; there is no value
             latent, _ = cache.update(layer, slots, latent, latent[..., :0], extent)  # (B, 1, S, R + P)
+        S = latent.shape[2]
         absorb = self.absorb
-        if absorb is None:
-            absorb = T * (2 * R - Dn - Dv) < R * (Dn + Dv)
+        if absorb is None:  # kv_b over S - T more tokens (expanded) vs wider q.k and values (absorbed)
+            absorb = (S - T) * R * (Dn + Dv) > T * S * (2 * R - Dn - Dv)
         if absorb:
             w = self.kv_b.weight.view(H, Dn + Dv, R)
             q_lat = torch.einsum("bthn,hnr->bhtr", q_nope, w[:, :Dn].to(q.dtype))  # (B, H, T, R)
             y = kernels.attention(torch.cat((q_lat, q_pe), dim=-1), latent, latent[..., :R], mask, enable_gqa=True,
                                   scale=self.scale)  # (B, H, T, R)
             return torch.einsum("bhtr,hvr->bthv", y, w[:, Dn:].to(y.dtype)).reshape(B, T, H * Dv)
-        S = latent.shape[2]
         kv = self.kv_b(latent[:, 0, :, :R]).view(B, S, H, Dn + Dv).transpose(1, 2)  # (B, H, S, Dn + Dv)
         k = torch.cat((kv[..., :Dn], latent[..., R:].expand(B, H, S, P)), dim=-1)  # (B, H, S, Dn + P)
         y = kernels.attention(torch.cat((q_nope.transpose(1, 2), q_pe), dim=-1), k, kv[..., Dn:], mask,
