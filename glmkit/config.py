@@ -23,6 +23,8 @@ POSITIONS = ("learned_2d", "rope_2d", "rope_partial")
 NORMS = ("layernorm", "rmsnorm")
 RESIDUALS = ("pre_ln", "deepnorm", "normed")
 MLPS = ("gelu", "gelu_exact", "swiglu")
+ATTENTIONS = ("mha", "mla")
+LATENT_FIELDS = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")  # required by "mla"
 # rope_scaling types, as transformers' GLM classes name them (`rope_type`): (required keys, optional keys).
 # "dynamic" (NTK by the current length) is refused in __post_init__; see there why.
 ROPE_SCALING = {
@@ -81,6 +83,24 @@ class ModelConfig:
     mlp_bias: bool = False
     tie_embeddings: bool = True
 
+    # ---- latent attention ----------------------------------------------------------------------------
+    # attention: "mha" (heads of q/k/v, grouped by n_kv_heads) or "mla", multi-head latent attention
+    # (Glm4MoeLiteForCausalLM, GLM-4.7-Flash; DeepSeek-V2's form): q = q_b(norm(q_a(x))) (or one q
+    # projection when q_lora_rank is None), heads of qk_nope_head_dim + qk_rope_head_dim channels; keys and
+    # values come from one latent per token, kv_a(x) = [c (kv_lora_rank) ; k_pe (qk_rope_head_dim)]: c is
+    # normed and kv_b(c) gives each head its [k_nope ; v (v_head_dim)], k_pe is rotated and shared by all
+    # heads. Only [c ; k_pe] is cached (`kv_layout`). Rotary covers all of q's and k's rope channels, in
+    # pairs (x[2i], x[2i+1]) with rope_interleave, else (x[i], x[i + r/2]); rope_fraction does not apply.
+    # For "mla" the other fields here are required, position is rope_partial, and n_kv_heads / head_dim
+    # are derived (n_heads; qk_nope_head_dim + qk_rope_head_dim, the width of q.k).
+    attention: str = "mha"
+    q_lora_rank: int | None = None  # None: q = q(x) with no low-rank step
+    kv_lora_rank: int | None = None
+    qk_nope_head_dim: int | None = None
+    qk_rope_head_dim: int | None = None
+    v_head_dim: int | None = None
+    rope_interleave: bool = True
+
     init_std: float = 0.02
     # Which upstream layout this model came from; convert.py uses it as the default export target.
     source: str = "glmkit"
@@ -101,6 +121,7 @@ class ModelConfig:
             ("norm", self.norm, NORMS),
             ("residual", self.residual, RESIDUALS),
             ("mlp", self.mlp, MLPS),
+            ("attention", self.attention, ATTENTIONS),
         ):
             if value not in allowed:
                 raise ValueError(f"ModelConfig.{name}={value!r}; expected one of {allowed}")
@@ -111,6 +132,7 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
         if self.n_kv_heads is not None and self.n_kv_heads <= 0:
             raise ValueError(f"ModelConfig.n_kv_heads must be positive, got {self.n_kv_heads}")
+        self._check_latent()
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:
@@ -137,6 +159,36 @@ class ModelConfig:
         self._check_rope_scaling()
         layers = self.deepnorm_layers or self.n_layers
         self.residual_alpha = math.sqrt(2 * layers) if self.residual == "deepnorm" else 1.0
+
+    def _check_latent(self):
+        """The latent attention fields: all of them for "mla" (and the derived n_kv_heads / head_dim, when
+        given, equal to what they are derived as), none for "mha"."""
+        where = "ModelConfig"
+        latent = ("q_lora_rank",) + LATENT_FIELDS
+        if self.attention == "mha":
+            given = [n for n in latent if getattr(self, n) is not None]
+            if given:
+                raise ValueError(f"{where}.{given[0]} applies only to attention='mla'; set attention='mla' or remove it")
+            return
+        missing = [n for n in LATENT_FIELDS if getattr(self, n) is None]
+        if missing:
+            raise ValueError(f"{where}: attention='mla' needs {missing} (see the latent attention fields)")
+        for n in latent:
+            if getattr(self, n) is not None and getattr(self, n) <= 0:
+                raise ValueError(f"{where}.{n} must be positive, got {getattr(self, n)}")
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"{where}.qk_rope_head_dim must be even (rotary pairs), got {self.qk_rope_head_dim}")
+        if self.position != "rope_partial":
+            raise ValueError(f"{where}: attention='mla' takes position='rope_partial' (rotary on the rope channels), "
+                             f"got {self.position!r}")
+        if (self.rope_scaling or {}).get("rope_type") == "proportional":
+            raise ValueError(f"{where}: rope_scaling 'proportional' is not supported with attention='mla'")
+        qk = self.qk_nope_head_dim + self.qk_rope_head_dim
+        for n, want in (("n_kv_heads", self.n_heads), ("head_dim", qk)):
+            if getattr(self, n) not in (None, want):
+                raise ValueError(f"{where}.{n}={getattr(self, n)} with attention='mla': it is derived ({want}); "
+                                 "remove it (null)")
+        self.n_kv_heads, self.head_dim = self.n_heads, qk
 
     def _check_rope_scaling(self):
         """rope_scaling names a known type with exactly its keys, each of the right kind, so a bad
@@ -209,11 +261,22 @@ class ModelConfig:
     @property
     def rotary_dim(self) -> int:
         """Channels of each head that one rotary frequency table covers."""
+        if self.attention == "mla":
+            return self.qk_rope_head_dim
         if self.position == "rope_2d":
             return self.head_dim // 2  # each half is one rotary table of this size
         if self.position == "rope_partial":
             return int(self.head_dim * self.rope_fraction)
         return 0
+
+    @property
+    def kv_layout(self) -> tuple[int, int, int]:
+        """(heads, key width, value width) of what one layer caches per token: n_kv_heads keys and values
+        of head_dim; for "mla" one latent [c ; k_pe] as the key (kv_lora_rank + qk_rope_head_dim: 576
+        values for GLM-4.7-Flash) and nothing as the value, which attention reads from c."""
+        if self.attention == "mla":
+            return 1, self.kv_lora_rank + self.qk_rope_head_dim, 0
+        return self.n_kv_heads, self.head_dim, self.head_dim
 
     @property
     def uses_block_positions(self) -> bool:
@@ -269,6 +332,11 @@ class ModelConfig:
         C, H, K, D, F, V = self.dim, self.n_heads, self.n_kv_heads, self.head_dim, self.ffn_dim, self.vocab_size
         norm = C * (2 if self.norm == "layernorm" else 1)
         attn = C * (H + 2 * K) * D + (H + 2 * K) * D * self.qkv_bias + H * D * C + C * self.out_bias
+        if self.attention == "mla":
+            Q, R, P, Dv = self.q_lora_rank, self.kv_lora_rank, self.qk_rope_head_dim, self.v_head_dim
+            q = C * H * D if Q is None else (C + 1 + H * D) * Q + Q * self.qkv_bias  # q, or q_a (+ bias), its norm, q_b
+            kv = (C + self.qkv_bias) * (R + P) + R + R * H * (self.qk_nope_head_dim + Dv)  # kv_a, its norm, kv_b
+            attn = q + kv + H * Dv * C + C * self.out_bias
         up = F * (2 if self.mlp == "swiglu" else 1)
         mlp = C * up + F * C + (up + C) * self.mlp_bias
         layer = attn + mlp + norm * (4 if self.sandwich_norm else 2)

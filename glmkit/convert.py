@@ -1,6 +1,6 @@
 """Checkpoint formats: read upstream GLM checkpoints into glmkit, write glmkit models back out.
 
-    glmkit convert SRC_DIR DST_DIR [--to glmkit|glm_hf|glm4_hf|glm|chatglm|chatglm2] [--dtype bf16]
+    glmkit convert SRC_DIR DST_DIR [--to glmkit|glm_hf|glm4_hf|glm4_moe_lite_hf|glm|chatglm|chatglm2] [--dtype bf16]
     glmkit info PATH|PRESET
 
     model = glmkit.load("path/to/glm-4-9b-chat-hf", dtype=torch.bfloat16)
@@ -16,6 +16,7 @@ A checkpoint is a directory with `config.json` and weights (`model.safetensors`,
     glmkit    our own: ModelConfig fields in config.json, our parameter names
     glm_hf    transformers GlmForCausalLM (GLM-4-9B -hf checkpoints)
     glm4_hf   transformers Glm4ForCausalLM (GLM-4-0414: sandwich norms)
+    glm4_moe_lite_hf  transformers Glm4MoeLiteForCausalLM (GLM-4.7-Flash: latent attention; dense layers only)
     glm       the original THUDM GLM remote code (glm-large-chinese, glm-10b-chinese, ...)
     chatglm   THUDM ChatGLM-6B remote code
     chatglm2  the later ChatGLMModel remote code: ChatGLM2-6B, ChatGLM3-6B, CodeGeeX2-6B, and
@@ -27,7 +28,8 @@ a missing, unexpected or mis-shaped tensor, an unknown architecture, a truncated
 each raise `CheckpointError` naming the file, the tensor and what to do next.
 
 Layouts that differ beyond names:
-- HF GLM stores q/k/v separately; we fuse them as rows [Q | K | V].
+- HF GLM stores q/k/v separately; we fuse them as rows [Q | K | V]. Glm4MoeLite's dense MLP stores
+  gate_proj and up_proj separately; we fuse them as rows [gate | up].
 - ChatGLM-6B fuses q/k/v per head ([q_h, k_h, v_h] for each head h); we reorder the rows. Its published
   code also fixes two numbers the config does not say: fp16-rounded rotary frequencies and alpha
   sqrt(2 * 28) at any depth (rope_fp16, deepnorm_layers), set on read and required on write.
@@ -229,6 +231,8 @@ def _hf_check_exportable(cfg: ModelConfig, fmt: str):
         problems.append("biases on the attention output or MLP")
     if cfg.rope_fp16:
         problems.append("rope_fp16 (ChatGLM-6B's fp16 rotary frequencies)")
+    if cfg.attention != "mha":
+        problems.append(f"attention={cfg.attention} (latent attention is written as glm4_moe_lite_hf)")
     if cfg.sandwich_norm != (fmt == "glm4_hf"):
         problems.append(f"sandwich_norm={cfg.sandwich_norm} (GlmForCausalLM has none, Glm4ForCausalLM needs them)")
     if problems:
@@ -309,6 +313,113 @@ GLM_HF = Format(
 GLM4_HF = Format(
     "glm4_hf", ("Glm4ForCausalLM", "Glm4Model"),
     lambda d: _hf_from_dict(d, True, "glm4_hf"), lambda c: _hf_to_dict(c, True), lambda c: _hf_rules(c, True),
+    ignore=("rotary_emb.inv_freq",),
+)
+
+
+# transformers Glm4MoeLiteForCausalLM (GLM-4.7-Flash): latent attention ------------------------------------
+def _lite_from_dict(d: dict) -> ModelConfig:
+    """The config of a Glm4MoeLite checkpoint, with transformers' defaults for absent fields (its class's
+    defaults are GLM-4.7-Flash's sizes). Only its all-dense form is read here: "sparse" layers in
+    mlp_layer_types (by default every layer after the first) are mixture-of-experts layers."""
+    src = "glm4_moe_lite_hf"
+    L = _get(d, "num_hidden_layers", 47)
+    H = _get(d, "num_attention_heads", 20)
+    kinds = _get(d, "mlp_layer_types", ["dense"] + ["sparse"] * (L - 1), list)
+    if kinds != ["dense"] * L:
+        raise ConfigError(f"mlp_layer_types {kinds} has mixture-of-experts ('sparse') layers, which the {src} "
+                          "format does not read yet; only checkpoints whose every layer is 'dense' load")
+    if _get(d, "num_key_value_heads", H) != H:  # transformers expands one latent into every head's keys
+        raise ConfigError(f"field 'num_key_value_heads' must equal num_attention_heads ({H}) in {src}")
+    if _get(d, "hidden_act", "silu", str) != "silu":
+        raise ConfigError(f"field 'hidden_act' must be 'silu' in {src}, got {d['hidden_act']!r}")
+    max_pos = _get(d, "max_position_embeddings", 202752)
+    field, rope = _hf_rope(d, max_pos)
+    fraction = (d.get("rope_parameters") or {}).get("partial_rotary_factor", d.get("partial_rotary_factor"))
+    if fraction not in (None, 1, 1.0):  # transformers' latent attention rotates all qk_rope_head_dim channels
+        raise ConfigError(f"partial_rotary_factor {fraction!r}: {src} rotates every rope channel (1.0)")
+    bias = _get(d, "attention_bias", False, bool)
+    try:
+        return ModelConfig(
+            vocab_size=_get(d, "vocab_size", 154880), dim=_get(d, "hidden_size", 2048), n_layers=L, n_heads=H,
+            ffn_dim=_get(d, "intermediate_size", 10240), max_seq_len=max_pos, position="rope_partial",
+            rope_theta=rope["rope_theta"], rope_scaling=rope["rope_scaling"], norm="rmsnorm",
+            norm_eps=_get(d, "rms_norm_eps", 1e-5, float), mlp="swiglu", qkv_bias=bias, out_bias=bias,
+            tie_embeddings=_get(d, "tie_word_embeddings", False, bool), source=src,
+            attention="mla", q_lora_rank=_get(d, "q_lora_rank", None) if "q_lora_rank" in d else 768,  # null: no q compression
+            kv_lora_rank=_get(d, "kv_lora_rank", 512), qk_nope_head_dim=_get(d, "qk_nope_head_dim", 192),
+            qk_rope_head_dim=_get(d, "qk_rope_head_dim", 64), v_head_dim=_get(d, "v_head_dim", 256),
+            rope_interleave=_get(d, "rope_interleave", True, bool),
+        )
+    except ValueError as e:
+        raise ConfigError(str(e).replace("ModelConfig.rope_scaling", f"field {field!r}")) from None
+
+
+def _lite_to_dict(cfg: ModelConfig) -> dict:
+    problems = []
+    if cfg.attention != "mla":
+        problems.append(f"attention={cfg.attention} (this layout is latent attention)")
+    if (cfg.norm, cfg.mlp, cfg.residual) != ("rmsnorm", "swiglu", "pre_ln") or cfg.sandwich_norm or not cfg.final_norm:
+        problems.append(f"norm={cfg.norm}, mlp={cfg.mlp}, residual={cfg.residual}, sandwich_norm={cfg.sandwich_norm}, "
+                        f"final_norm={cfg.final_norm}")
+    if cfg.qkv_bias != cfg.out_bias or cfg.mlp_bias:
+        problems.append("biases other than attention_bias (q_a, kv_a and o_proj together)")
+    if cfg.rope_fp16:
+        problems.append("rope_fp16")
+    if problems:
+        raise CheckpointError(f"this model cannot be written as glm4_moe_lite_hf: {'; '.join(problems)}. "
+                              f"Write it with --to glmkit")
+    d = {
+        "architectures": ["Glm4MoeLiteForCausalLM"], "model_type": "glm4_moe_lite",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_heads,
+        "q_lora_rank": cfg.q_lora_rank, "kv_lora_rank": cfg.kv_lora_rank, "qk_nope_head_dim": cfg.qk_nope_head_dim,
+        "qk_rope_head_dim": cfg.qk_rope_head_dim, "v_head_dim": cfg.v_head_dim, "rope_interleave": cfg.rope_interleave,
+        "mlp_layer_types": ["dense"] * cfg.n_layers,
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu",
+        "attention_bias": cfg.qkv_bias, "attention_dropout": 0.0, "tie_word_embeddings": cfg.tie_embeddings,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {})},
+        "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
+    }
+    return d
+
+
+def _latent_attention_rules(cfg: ModelConfig, o: str, t: str) -> list[Rule]:
+    """One layer's latent attention: our `o`attn.* <-> transformers' `t`self_attn.* (no reshuffle)."""
+    bias = ("weight", "bias") if cfg.qkv_bias else ("weight",)
+    a, s = o + "attn.", t + "self_attn."
+    if cfg.q_lora_rank is None:
+        rules = [Rule(a + "q.weight", (s + "q_proj.weight",))]
+    else:
+        rules = [Rule(a + f"q_a.{k}", (s + f"q_a_proj.{k}",)) for k in bias]
+        rules += [Rule(a + "q_norm.weight", (s + "q_a_layernorm.weight",)), Rule(a + "q_b.weight", (s + "q_b_proj.weight",))]
+    rules += [Rule(a + f"kv_a.{k}", (s + f"kv_a_proj_with_mqa.{k}",)) for k in bias]
+    rules += [Rule(a + "kv_norm.weight", (s + "kv_a_layernorm.weight",)), Rule(a + "kv_b.weight", (s + "kv_b_proj.weight",))]
+    rules += [Rule(a + f"out.{k}", (s + f"o_proj.{k}",)) for k in (("weight", "bias") if cfg.out_bias else ("weight",))]
+    return rules
+
+
+def _dense_mlp_rules(o: str, t: str) -> list[Rule]:
+    """A dense SwiGLU MLP stored as separate gate_proj / up_proj (our mlp.up is rows [gate | up])."""
+    return [Rule(o + "mlp.up.weight", (t + "mlp.gate_proj.weight", t + "mlp.up_proj.weight"),
+                 lambda ts: torch.cat(ts, 0), lambda w: list(w.chunk(2, 0))),
+            Rule(o + "mlp.down.weight", (t + "mlp.down_proj.weight",))]
+
+
+def _lite_rules(cfg: ModelConfig) -> list[Rule]:
+    rules = [Rule("embed.weight", ("model.embed_tokens.weight",)), Rule("norm.weight", ("model.norm.weight",))]
+    if not cfg.tie_embeddings:
+        rules.append(Rule("head.weight", ("lm_head.weight",)))
+    for i in range(cfg.n_layers):
+        o, t = f"layers.{i}.", f"model.layers.{i}."
+        rules += _latent_attention_rules(cfg, o, t) + _dense_mlp_rules(o, t) + [
+            Rule(o + "norm1.weight", (t + "input_layernorm.weight",)),
+            Rule(o + "norm2.weight", (t + "post_attention_layernorm.weight",))]
+    return rules
+
+
+GLM4_MOE_LITE_HF = Format(
+    "glm4_moe_lite_hf", ("Glm4MoeLiteForCausalLM", "Glm4MoeLiteModel"), _lite_from_dict, _lite_to_dict, _lite_rules,
     ignore=("rotary_emb.inv_freq",),
 )
 
@@ -494,6 +605,8 @@ def _chatglm2_to_dict(cfg: ModelConfig) -> dict:
         problems.append(f"mlp={cfg.mlp}, residual={cfg.residual}, sandwich_norm={cfg.sandwich_norm}")
     if cfg.out_bias != cfg.mlp_bias or (cfg.out_bias and not cfg.qkv_bias):
         problems.append("biases on some linears only (add_bias_linear puts them on all four)")
+    if cfg.attention != "mha":
+        problems.append(f"attention={cfg.attention}")
     if problems:
         raise CheckpointError(f"this model cannot be written as chatglm2: {'; '.join(problems)}")
     d = {
@@ -559,7 +672,8 @@ CHATGLM2 = Format(
     _chatglm2_rules, ignore=("rotary_pos_emb.inv_freq",),
 )
 
-FORMATS: dict[str, Format] = {f.name: f for f in (GLMKIT, GLM_HF, GLM4_HF, GLM_ORIG, CHATGLM, CHATGLM2)}
+FORMATS: dict[str, Format] = {f.name: f for f in (GLMKIT, GLM_HF, GLM4_HF, GLM4_MOE_LITE_HF, GLM_ORIG, CHATGLM,
+                                                   CHATGLM2)}
 
 
 def _chatglm_generation(d: dict) -> Format:
@@ -582,6 +696,8 @@ def detect_format(d: dict, src: str) -> Format:
             return _chatglm_generation(d) if fmt is CHATGLM else fmt
     if d.get("model_type") == "glm4":
         return GLM4_HF
+    if d.get("model_type") == "glm4_moe_lite":
+        return GLM4_MOE_LITE_HF
     if d.get("model_type") == "glm":  # HF's GlmConfig and THUDM's remote GLM share this name
         return GLM_ORIG if "num_layers" in d else GLM_HF
     if d.get("model_type") == "chatglm":

@@ -1,6 +1,6 @@
 """Export: HF directories that transformers loads, and ONNX graphs that onnxruntime runs.
 
-    glmkit export SRC DST --format hf        # GlmForCausalLM / Glm4ForCausalLM (convert.py does the work)
+    glmkit export SRC DST --format hf        # GlmForCausalLM / Glm4ForCausalLM / Glm4MoeLiteForCausalLM (convert.py)
     glmkit export SRC DST --format onnx      # DST/prefill.onnx, DST/decode.onnx, config, tokenizer
 
 ONNX graphs (opset 18, dynamic batch and lengths):
@@ -52,6 +52,9 @@ def export_onnx(model: GLM, dst: str | Path) -> tuple[Path, Path]:
         raise ImportError(f"ONNX export needs the onnx and onnxscript packages ({e}); pip install 'glmkit[onnx]'") from None
     if model.cfg.quant:
         raise ValueError("export the float checkpoint to ONNX; weight-only quantized linears use PyTorch CPU kernels")
+    if model.cfg.attention != "mha":  # the graphs' cache tensors are (L, B, K, T, D) keys and values of one width
+        raise ValueError(f"ONNX export of attention={model.cfg.attention!r} (latent attention) is not supported; "
+                         "export it with --format hf")
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     model = model.eval()
@@ -94,7 +97,7 @@ def main(argv=None) -> int:
     model = read_checkpoint(src)
     extra = tokenizer_files(src)
     if a.format == "hf":
-        fmt = "glm4_hf" if model.cfg.sandwich_norm else "glm_hf"
+        fmt = "glm4_moe_lite_hf" if model.cfg.attention == "mla" else "glm4_hf" if model.cfg.sandwich_norm else "glm_hf"
         write_checkpoint(model, a.dst, fmt, extra)
         print(f"{src} -> {a.dst} ({fmt}: transformers loads it with AutoModelForCausalLM)")
         return 0

@@ -68,6 +68,8 @@ class _Plan:
     def __init__(self, model):
         self.refs, self.keep = [], []
         cfg = model.cfg
+        if cfg.attention != "mha":  # the kernel knows q/k/v heads; a latent cache decodes eagerly (absorbed form)
+            raise _Unsupported(f"attention={cfg.attention!r}")
 
         def tensor(owner, name, fp32=False):
             t = getattr(owner, name)

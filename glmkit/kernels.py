@@ -490,16 +490,18 @@ class _Bf16Linear(torch.autograd.Function):
         return gx, gw, gb
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, enable_gqa: bool) -> torch.Tensor:
-    """scaled_dot_product_attention (causal when `mask` is None). CPU bf16 attention runs in fp32 where
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, enable_gqa: bool,
+              scale: float | None = None) -> torch.Tensor:
+    """scaled_dot_product_attention (causal when `mask` is None; `scale` None: 1/sqrt(q's width)). CPU bf16 attention runs in fp32 where
     bf16 products are emulated: PyTorch's CPU flash-attention kernel does its blocks through the bf16
     GEMM, and its backward was 46% of a bf16 training step of the 10M bench model (3.5 s of 7.4 s)."""
     if bf16_via_fp32(q, k):  # bf16 operands, or bf16 autocast (which would cast all three to bf16)
         with torch.autocast("cpu", enabled=False):
             y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=mask is None,
-                                               enable_gqa=enable_gqa)
+                                               enable_gqa=enable_gqa, scale=scale)
         return y.to(torch.bfloat16)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=enable_gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=enable_gqa,
+                                          scale=scale)
 
 
 class Linear(nn.Linear):

@@ -1,4 +1,5 @@
-"""The Transformer's building blocks: norms, the rotary schemes, attention, the MLP and the block.
+"""The Transformer's building blocks: norms, the rotary schemes, attention (heads of q/k/v, or the
+latent attention of Glm4MoeLite, `LatentAttention`), the MLP and the block.
 
 `model.GLM` stacks them; `fused` reads their weights for the native decode step. They know nothing of
 the KV cache beyond the one method Attention calls, `cache.update(layer, slots, k, v, extent)` (see
@@ -205,6 +206,94 @@ class Attention(nn.Module):
         return y.transpose(1, 2).reshape(B, T, H * D)
 
 
+# transformers' Glm4MoeLite builds q_a_layernorm and kv_a_layernorm with its RMSNorm's default eps, not rms_norm_eps
+LATENT_NORM_EPS = 1e-6
+
+
+class LatentAttention(nn.Module):
+    """Multi-head latent attention (ModelConfig.attention "mla"; its fields there). Letters: R the latent
+    width kv_lora_rank, P the rope channels, Dn / Dv the per-head no-rope key / value widths.
+
+    What a token caches is its latent [c (R) ; k_pe (P)], rotated k_pe included; attention reads it in one
+    of two forms with the same result:
+    - expanded (as transformers): kv_b turns every cached c into per-head [k_nope ; v], keys are
+      [k_nope ; k_pe] and ordinary attention runs with heads of Dn + P;
+    - absorbed: kv_b's key rows W_UK (H, Dn, R) fold into the query, q_nope W_UK (H, R), so the scores
+      [q_nope W_UK ; q_pe] . [c ; k_pe] are taken against the cache itself (one shared key head of R + P),
+      and the attention-weighted sum of c goes through kv_b's value rows W_UV after. kv_b is then applied
+      to the T queries instead of the S cached tokens, which is what makes a decode step cheap.
+    `absorb` None picks the form with fewer multiply-adds for T queries over S keys: absorbed while
+    (S - T) R (Dn + Dv) > T S (2R - Dn - Dv), i.e. decode steps and short chunks over a longer cache;
+    expanded for a whole sequence at once (S = T) when 2R > Dn + Dv. True / False force one.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        H, Q, R, P = cfg.n_heads, cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        self.H, self.R, self.P, self.Dn, self.Dv = H, R, P, cfg.qk_nope_head_dim, cfg.v_head_dim
+        # transformers' softmax scale: 1/sqrt(Dn + P), times yarn's mscale(factor, mscale_all_dim) squared
+        s = cfg.rope_scaling or {}
+        m = s.get("mscale_all_dim") or 0
+        mscale = 0.1 * m * math.log(s["factor"]) + 1.0 if m and s.get("factor", 1) > 1 else 1.0
+        self.scale = (self.Dn + P) ** -0.5 * mscale * mscale
+        if Q is None:
+            self.q = kernels.Linear(cfg.dim, H * (self.Dn + P), bias=False)
+        else:  # the low-rank query: q_a (C -> Q), RMSNorm, q_b (Q -> heads)
+            self.q_a = kernels.Linear(cfg.dim, Q, bias=cfg.qkv_bias)
+            self.q_norm = Norm(Q, "rmsnorm", LATENT_NORM_EPS)
+            self.q_b = kernels.Linear(Q, H * (self.Dn + P), bias=False)
+        self.kv_a = kernels.Linear(cfg.dim, R + P, bias=cfg.qkv_bias)  # rows [c (R) | k_pe (P)]
+        self.kv_norm = Norm(R, "rmsnorm", LATENT_NORM_EPS)
+        self.kv_b = kernels.Linear(R, H * (self.Dn + self.Dv), bias=False)  # rows per head [k_nope (Dn) | v (Dv)]
+        self.out = kernels.Linear(H * self.Dv, cfg.dim, bias=cfg.out_bias)
+        self.rotate = rotate_interleaved if cfg.rope_interleave else rotate_halves
+        self.absorb: bool | None = None
+
+    def forward(self, x, rotary: Rotary, mask: torch.Tensor | None, cache=None, layer=0, slots=None, extent=None):
+        return self.out(self._attend(*self._project(x), rotary, mask, cache, layer, slots, extent))
+
+    def ragged(self, x: torch.Tensor, segments: list[Segment], layer: int) -> torch.Tensor:
+        """x (N, C): the tokens of every segment, in order; the projections see all of them at once."""
+        sizes = [s.n * s.T for s in segments]
+        y = [self._attend(q.view(s.n, s.T, *q.shape[1:]), lat.view(s.n, s.T, -1), s.rotary, s.mask, s.cache, layer,
+                          s.slots, s.extent).flatten(0, 1)
+             for s, q, lat in zip(segments, *(t.split(sizes) for t in self._project(x)))]
+        return self.out(torch.cat(y))  # (N, C)
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (..., C) -> queries (..., H, Dn + P) and latents (..., R + P) with c normed, nothing rotated yet."""
+        q = self.q(x) if hasattr(self, "q") else self.q_b(self.q_norm(self.q_a(x)))
+        c, k_pe = self.kv_a(x).split((self.R, self.P), dim=-1)
+        return q.unflatten(-1, (self.H, -1)), torch.cat((self.kv_norm(c), k_pe), dim=-1)
+
+    def _attend(self, q, latent, rotary, mask, cache, layer, slots, extent):
+        """Attention of one batch: q (B, T, H, Dn + P), latent (B, T, R + P) -> (B, T, H Dv)."""
+        B, T, H = q.shape[:3]
+        R, P, Dn, Dv = self.R, self.P, self.Dn, self.Dv
+        cos, sin = rotary.pos  # (B, T, 1, P/2)
+        q_nope, q_pe = q.split((Dn, P), dim=-1)
+        q_pe = self.rotate(q_pe, cos, sin).transpose(1, 2)  # (B, H, T, P)
+        k_pe = self.rotate(latent[..., None, R:], cos, sin)  # (B, T, 1, P)
+        latent = torch.cat((latent[..., None, :R], k_pe), dim=-1).transpose(1, 2)  # (B, 1, T, R + P)
+        if cache is not None:  # the latent is the key, of one head; there is no value
+            latent, _ = cache.update(layer, slots, latent, latent[..., :0], extent)  # (B, 1, S, R + P)
+        S = latent.shape[2]
+        absorb = self.absorb
+        if absorb is None:  # kv_b over S - T more tokens (expanded) vs wider q.k and values (absorbed)
+            absorb = (S - T) * R * (Dn + Dv) > T * S * (2 * R - Dn - Dv)
+        if absorb:
+            w = self.kv_b.weight.view(H, Dn + Dv, R)
+            q_lat = torch.einsum("bthn,hnr->bhtr", q_nope, w[:, :Dn].to(q.dtype))  # (B, H, T, R)
+            y = kernels.attention(torch.cat((q_lat, q_pe), dim=-1), latent, latent[..., :R], mask, enable_gqa=True,
+                                  scale=self.scale)  # (B, H, T, R)
+            return torch.einsum("bhtr,hvr->bthv", y, w[:, Dn:].to(y.dtype)).reshape(B, T, H * Dv)
+        kv = self.kv_b(latent[:, 0, :, :R]).view(B, S, H, Dn + Dv).transpose(1, 2)  # (B, H, S, Dn + Dv)
+        k = torch.cat((kv[..., :Dn], latent[..., R:].expand(B, H, S, P)), dim=-1)  # (B, H, S, Dn + P)
+        y = kernels.attention(torch.cat((q_nope.transpose(1, 2), q_pe), dim=-1), k, kv[..., Dn:], mask,
+                              enable_gqa=False, scale=self.scale)  # (B, H, T, Dv)
+        return y.transpose(1, 2).reshape(B, T, H * Dv)
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -225,7 +314,7 @@ class Block(nn.Module):
         super().__init__()
         self.deepnorm, self.alpha = cfg.residual != "pre_ln", cfg.residual_alpha  # normed: alpha 1
         self.norm1 = Norm(cfg.dim, cfg.norm, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = LatentAttention(cfg) if cfg.attention == "mla" else Attention(cfg)
         self.norm2 = Norm(cfg.dim, cfg.norm, cfg.norm_eps)
         self.mlp = MLP(cfg)
         if cfg.sandwich_norm:

@@ -36,6 +36,12 @@ vector quantized as it is written with its own scale (`quantize_kv`) and dequant
 to the dtype of the keys written; the native decode step reads the int8 blocks directly. The
 contiguous `KVCache` (what `generate` uses) has no int8 form.
 
+Latent attention (ModelConfig.attention "mla") uses the same interface with its own widths
+(`ModelConfig.kv_layout`): a layer's "key" is one head holding each token's latent [c ; k_pe]
+(kv_lora_rank + qk_rope_head_dim values) and its "value" has width 0, so both caches store exactly
+the compressed width per token and layer; `layers.LatentAttention` reads the values from c. A pool
+for such a model has no int8 form.
+
 Several batches in one forward. `GLM.step_many` runs `Part`s, each a `step` of its own (rows of its
 own cache, its own slots, mask and extent), as one ragged token list: the serving engine's decode rows
 and a prompt's prefill chunk go through the linears together, so a step reads the weights once
@@ -119,11 +125,17 @@ class BlockPool:
     k_scale and v_scale (L, N + 1, K, block) fp32, one per key and value vector (`quantize_kv`): keys
     are quantized by `write` and dequantized by `read`, so a cache on the pool works as a float one."""
 
-    def __init__(self, n_layers, n_blocks, n_kv_heads, block, head_dim, dtype=torch.float32, device=None):
+    def __init__(self, n_layers, n_blocks, n_kv_heads, block, head_dim, dtype=torch.float32, device=None,
+                 value_dim: int | None = None):
         if not (dtype.is_floating_point or dtype == torch.int8):
             raise ValueError(f"a KV block pool holds a float dtype or torch.int8, not {dtype}")
+        value_dim = head_dim if value_dim is None else value_dim  # 0: keys only (latent attention)
+        if dtype == torch.int8 and value_dim == 0:
+            raise ValueError("an int8 KV block pool is not available for latent attention (attention='mla'); "
+                             "use the model's float dtype for the KV cache (--kv-dtype auto)")
         shape = (n_layers, n_blocks + 1, n_kv_heads, block, head_dim)
-        self.k, self.v = torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape[:-1] + (value_dim,), dtype=dtype, device=device)
         self.k_scale = self.v_scale = None
         if dtype == torch.int8:
             self.k_scale, self.v_scale = (torch.empty(shape[:-1], dtype=torch.float32, device=device) for _ in "kv")
@@ -138,14 +150,16 @@ class BlockPool:
     def for_model(cls, model, n_blocks: int, block: int = 16, dtype: torch.dtype | None = None) -> BlockPool:
         """A pool for `model`'s layers, in `dtype` (default the model's; torch.int8 for int8 KV)."""
         p, cfg = model.embed.weight, model.cfg
-        return cls(cfg.n_layers, n_blocks, cfg.n_kv_heads, block, cfg.head_dim, dtype or p.dtype, p.device)
+        K, Dk, Dv = cfg.kv_layout
+        return cls(cfg.n_layers, n_blocks, K, block, Dk, dtype or p.dtype, p.device, value_dim=Dv)
 
     @staticmethod
     def block_bytes(cfg: ModelConfig, block: int, dtype: torch.dtype) -> int:
         """Bytes of one block: keys and values of every layer (int8: and their fp32 scales), and its valid flags."""
-        vectors = 2 * cfg.n_layers * cfg.n_kv_heads * block
-        scales = vectors * 4 if dtype == torch.int8 else 0
-        return vectors * cfg.head_dim * torch.empty((), dtype=dtype).element_size() + scales + block
+        K, Dk, Dv = cfg.kv_layout
+        vectors = cfg.n_layers * K * block
+        scales = 2 * vectors * 4 if dtype == torch.int8 else 0
+        return vectors * (Dk + Dv) * torch.empty((), dtype=dtype).element_size() + scales + block
 
     @property
     def dtype(self) -> torch.dtype:
@@ -432,8 +446,14 @@ class GLM(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         p, cfg, S = self.embed.weight, self.cfg, max_len or self.cfg.max_seq_len
-        kv = torch.zeros(2, cfg.n_layers, batch_size, cfg.n_kv_heads, S, cfg.head_dim, device=p.device, dtype=p.dtype)
-        return KVCache(kv[0], kv[1], torch.zeros(batch_size, S, dtype=torch.bool, device=p.device),
+        K, Dk, Dv = cfg.kv_layout  # latent attention: one key head of the latent, values of width 0
+        if Dk == Dv:  # keys and values in one allocation
+            kv = torch.zeros(2, cfg.n_layers, batch_size, K, S, Dk, device=p.device, dtype=p.dtype)
+            k, v = kv[0], kv[1]  # indexed, not unpacked: views of unbind may not be written in place
+        else:
+            k = torch.zeros(cfg.n_layers, batch_size, K, S, Dk, device=p.device, dtype=p.dtype)
+            v = torch.zeros(cfg.n_layers, batch_size, K, S, Dv, device=p.device, dtype=p.dtype)
+        return KVCache(k, v, torch.zeros(batch_size, S, dtype=torch.bool, device=p.device),
                        torch.zeros(batch_size, dtype=torch.long, device=p.device))
 
     def step(self, input_ids, position_ids, cache, slots, *, valid=None, extent=None, last_only=False, plan=None):

@@ -154,10 +154,24 @@ def _size(dtype: torch.dtype) -> int:
 
 # ---- weights --------------------------------------------------------------------------------------------------
 def _linears(cfg) -> list[tuple[int, int, bool]]:
-    """(out N, in K, bias) of each layer's linears: qkv, attention out, MLP up ([gate | up] for SwiGLU), down."""
+    """(out N, in K, bias) of each layer's linears that quantization takes: qkv, attention out, MLP up
+    ([gate | up] for SwiGLU), down. Latent attention has no qkv (its projections: `_latent_bytes`)."""
     C, H, K, D, F = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
-    return [((H + 2 * K) * D, C, cfg.qkv_bias), (C, H * D, cfg.out_bias),
-            (F * (2 if cfg.mlp == "swiglu" else 1), C, cfg.mlp_bias), (C, F, cfg.mlp_bias)]
+    mlp = [(F * (2 if cfg.mlp == "swiglu" else 1), C, cfg.mlp_bias), (C, F, cfg.mlp_bias)]
+    if cfg.attention == "mla":
+        return [(C, H * cfg.v_head_dim, cfg.out_bias)] + mlp
+    return [((H + 2 * K) * D, C, cfg.qkv_bias), (C, H * D, cfg.out_bias)] + mlp
+
+
+def _latent_bytes(cfg, a: int) -> int:
+    """Bytes of one layer's latent attention projections and their norms (q or q_a, q_norm, q_b; kv_a, kv_norm,
+    kv_b), which stay in the float dtype `a` bytes wide when the model is quantized (not quantize.TARGETS)."""
+    if cfg.attention != "mla":
+        return 0
+    C, H, Q, R, P = cfg.dim, cfg.n_heads, cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    q = C * H * cfg.head_dim if Q is None else (C + 1 + H * cfg.head_dim) * Q + Q * cfg.qkv_bias
+    kv = (C + cfg.qkv_bias) * (R + P) + R + R * H * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+    return (q + kv) * a
 
 
 def _linear_bytes(N: int, K: int, bias: bool, a: int, quant: dict | None) -> int:
@@ -177,6 +191,7 @@ def weight_bytes(cfg, dtype: torch.dtype, quant: dict | None = None) -> dict[str
     norm = C * (2 if cfg.norm == "layernorm" else 1) * a
     emb = V * C * a + (2 * cfg.max_seq_len * C * a if cfg.position == "learned_2d" else 0)
     layer = sum(_linear_bytes(N, K, bias, a, quant) for N, K, bias in _linears(cfg)) + norm * (4 if cfg.sandwich_norm else 2)
+    layer += _latent_bytes(cfg, a)
     head_quant = quant if quant and quant.get("head") else None
     head = 0 if cfg.tie_embeddings and head_quant is None else _linear_bytes(V, C, False, a, head_quant)
     return {"embeddings": emb, "layers": cfg.n_layers * layer, "norm": norm if cfg.final_norm else 0, "head": head}
@@ -213,8 +228,8 @@ def kernel_copies_bytes(cfg, dtype: torch.dtype, quant: dict | None = None, pref
             decode += N * G * 2 * (a if dtype == torch.bfloat16 else 4)
             if prefill and N % 16 == 0 and not head and not _tiled(q):  # the head runs on few rows (last-token logits)
                 many_rows += N * (K // 2) + G * N * 2 * 4
-    if not _native_shapes(cfg, quant):
-        decode = 0  # the native step does not take this int4 shape: no decode plan, no copies
+    if not _native_shapes(cfg, quant) or cfg.attention != "mha":
+        decode = 0  # the native step does not take this int4 shape or latent attention: no decode plan, no copies
     return {"decode copies": decode, "int4 prefill layout": many_rows}
 
 
@@ -233,16 +248,17 @@ def _native_decode(cfg, dtype: torch.dtype, quant: dict | None, device, rows: in
     from . import kernels
 
     return (torch.device(device).type == "cpu" and rows <= kernels.MAX_ROWS and dtype in (torch.float32, torch.bfloat16)
-            and _native_shapes(cfg, quant) and kernels.available())
+            and cfg.attention == "mha" and _native_shapes(cfg, quant) and kernels.available())
 
 
 # ---- KV cache -------------------------------------------------------------------------------------------------
 def _kv_per_position(cfg, dtype: torch.dtype) -> int:
-    """Bytes one row adds per position: keys and values of every layer, and its valid flag. `dtype` is the
-    KV cache's: the model's, or torch.int8 (serve --kv-dtype int8), which adds an fp32 scale per key and
-    value vector (model.BlockPool)."""
-    vectors = 2 * cfg.n_layers * cfg.n_kv_heads
-    return vectors * cfg.head_dim * _size(dtype) + (vectors * 4 if dtype == torch.int8 else 0) + 1
+    """Bytes one row adds per position: keys and values of every layer (`ModelConfig.kv_layout`: for latent
+    attention the latent alone), and its valid flag. `dtype` is the KV cache's: the model's, or torch.int8
+    (serve --kv-dtype int8), which adds an fp32 scale per key and value vector (model.BlockPool)."""
+    K, Dk, Dv = cfg.kv_layout
+    vectors = cfg.n_layers * K
+    return vectors * (Dk + Dv) * _size(dtype) + (2 * vectors * 4 if dtype == torch.int8 else 0) + 1
 
 
 def kv_cache_bytes(cfg, batch: int, max_len: int, dtype: torch.dtype) -> int:
@@ -300,6 +316,9 @@ def prefill_bytes(cfg, dtype: torch.dtype, rows: int, T: int, S: int, device, qu
     n = rows * T
     resid = n * C * (2 * a + 2 * 4)  # x, its normed copy, the fp32 norm temporaries
     qkv = n * (H + 2 * K) * D * (c + 2 * a)  # the projection and the rotated q, k and v
+    if cfg.attention == "mla":  # q and the latents, then (expanded form) every head's keys and values of S latents
+        K, D = cfg.kv_layout[:2]
+        qkv = n * (H * cfg.head_dim + D) * (c + 2 * a) + rows * S * H * (cfg.head_dim + cfg.v_head_dim) * (c + 2 * a)
     mask = rows * T * S * (3 + 2 * c)  # GLM's bool mask and its temporaries; SDPA's float mask (and a temporary)
     scores = 0 if cpu else 2 * rows * H * T * S * 4  # the math path's scores and probabilities (see the module)
     attn = qkv + mask + scores + n * H * D * (2 * c + a)  # the output, its transposed copy, the projection's input
@@ -327,7 +346,7 @@ def decode_bytes(cfg, dtype: torch.dtype, rows: int, S: int, device, quant: dict
     logits (in the model's dtype and fp32), the activations, and unless the native step applies (it reads the
     pool in place) the eager step's gathered keys and values of one layer (k indexed, then copied to
     (n, K, S, D), then v: three copies at once), the valid flags and the masks."""
-    a, K, D = _size(dtype), cfg.n_kv_heads, cfg.head_dim
+    a, (K, D, _) = _size(dtype), cfg.kv_layout
     peak = rows * cfg.vocab_size * (a + 4)
     peak += rows * (4 * cfg.dim + (cfg.n_heads + 2 * K) * D + 3 * cfg.ffn_dim) * 4  # the step's activations, at fp32
     if _native_decode(cfg, dtype, quant, device, rows):
