@@ -34,6 +34,7 @@ third to a half of a small model's decode bandwidth, the embedding lookup stays 
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import torch
@@ -43,6 +44,14 @@ import torch.nn.functional as F
 from . import kernels
 
 TARGETS = ("attn.qkv", "attn.out", "mlp.up", "mlp.down")
+# an MoE layer's experts and shared expert: mlp.experts.E.up, mlp.shared.down, ...
+_MOE_TARGET = re.compile(r"(^|\.)mlp\.(experts\.\d+|shared)\.(up|down)$")
+
+
+def is_target(name: str) -> bool:
+    """Whether the linear named `name` (a module path in a GLM) is quantized: attention and MLP products,
+    every expert's included. The router (mlp.gate) stays float: it decides which weights are read."""
+    return name.endswith(TARGETS) or _MOE_TARGET.search(name) is not None
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,7 +199,7 @@ def _weight_only_kernel(x: torch.Tensor) -> bool:
 
 def _targets(model: nn.Module, quant: dict):
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and name.endswith(TARGETS):
+        if isinstance(mod, nn.Linear) and is_target(name):
             yield name, mod
     if quant.get("head") and isinstance(getattr(model, "head", None), nn.Linear):
         yield "head", model.head
