@@ -283,3 +283,22 @@ def test_plan_counts_every_expert_and_info_shows_active():
     assert active_weight_bytes(cfg, torch.float32) == 4 * (main - 2 * (6 - 2) * expert)
     text = describe(cfg, "tiny")
     assert f"active:     {cfg.num_params(active=True):,} per token" in text, text
+
+
+@pytest.mark.parametrize("change", [dict(qk_norm=True), dict(rope_interleave=False)])
+@torch.no_grad()
+def test_native_decode_refuses_what_it_does_not_compute(change):
+    """decode.cpp has no q/k norms nor half-split rotary: a dense model with either must decode eager, so
+    its cached steps still equal the full forward."""
+    cfg = ModelConfig(vocab_size=V, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, position="rope_partial", **change)
+    torch.manual_seed(0)
+    model = GLM(cfg).eval()
+    for n, p in model.named_parameters():
+        if "norm" in n:
+            p.copy_(1 + 0.5 * torch.randn_like(p))
+    assert fused.decode_plan(model) is None
+    ids = torch.randint(0, V, (2, 8), generator=torch.Generator().manual_seed(4))
+    cache = model.new_cache(2, 8)
+    steps = [model.prefill(ids[:, :5], cache)]
+    steps += [model.prefill(ids[:, t:t + 1], cache, position_ids=torch.full((2, 1), t)) for t in range(5, 8)]
+    assert_close(torch.cat(steps, 1), model(ids), 1e-4, f"{change}: cached steps vs full forward")
