@@ -278,7 +278,7 @@ class MoE(nn.Module):
     """Routed SwiGLU experts plus a shared one (GLM-4.5's MoE layer): y = sum_j w_j expert_{e_j}(x) + shared(x).
 
     Tokens are grouped by expert: one product per expert in use, over the tokens routed to it, added back
-    with index_add, so a decode step of a few rows reads only the chosen experts' weights. The experts are
+    at their rows, so a decode step of a few rows reads only the chosen experts' weights. The experts are
     plain `MLP`s of kernels.Linear, so quantization (`mlp.experts.E.up` / `.down`) and the native few-row
     kernels apply to each as to a dense MLP."""
 
@@ -306,7 +306,9 @@ class MoE(nn.Module):
             start += n
             rows = pairs // k  # the tokens routed to expert e
             y = self.experts[e](x[rows]) * w.flatten()[pairs, None]  # (n, C), fp32 by the weights
-            out.index_add_(0, rows, y.to(x.dtype))
+            # index_put_ accumulating, not index_add_: the same sums (a token picks an expert once), but
+            # index_add_ on CPU costs milliseconds per call when its threads are contended
+            out.index_put_((rows,), y.to(x.dtype), accumulate=True)
         if hasattr(self, "shared"):
             out = out + self.shared(x)
         return out.view(shape)
