@@ -42,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import kernels
+from .layers import ROUTER_FP32
 
 TARGETS = ("attn.qkv", "attn.out", "mlp.up", "mlp.down")
 # an MoE layer's experts and shared expert: mlp.experts.E.up, mlp.shared.down, ...
@@ -237,9 +238,12 @@ def quant_spec(bits: int, group_size: int = 64, head: bool = True) -> dict:
 
 
 def cast_floats(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Floating parameters and buffers (scales, mins) to `dtype`; integer weights stay as they are."""
-    for t in list(model.parameters()) + [b for _, b in model.named_buffers() if b.is_floating_point()]:
-        t.data = t.data.to(dtype)
+    """Floating parameters and buffers (scales, mins) to `dtype`; integer weights stay as they are, and so
+    does an MoE router (fp32, layers.Router)."""
+    tensors = list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
+    for name, t in tensors:
+        if not name.endswith(ROUTER_FP32):
+            t.data = t.data.to(dtype)
     return model
 
 

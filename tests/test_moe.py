@@ -106,6 +106,14 @@ def test_router_choices_and_weights_match_transformers(tmp_path):
         plain = ((x @ gate.weight.T).sigmoid() + gate.e_score_correction_bias).topk(3).indices.sort(-1).values
         group_mattered += int((plain != ids).any(-1).sum())
     assert group_mattered > 0, "no token's choice depended on the group selection: the config does not test it"
+    # a bf16 model keeps its router in fp32, as stored (transformers keeps it so too): the same choices
+    half = glmkit.load(str(tmp_path / "hf"), dtype=torch.bfloat16)
+    assert half.layers[1].mlp.experts[0].up.weight.dtype == torch.bfloat16
+    for i in (1, 2):
+        g16, g32 = half.layers[i].mlp.gate, ours.layers[i].mlp.gate
+        assert g16.weight.dtype == g16.e_score_correction_bias.dtype == torch.float32
+        assert torch.equal(g16.weight, g32.weight) and torch.equal(g16.e_score_correction_bias, g32.e_score_correction_bias)
+    assert half.to(torch.bfloat16).layers[1].mlp.gate.weight.dtype == torch.float32
 
 
 @torch.no_grad()
