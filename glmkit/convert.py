@@ -62,6 +62,7 @@ import torch
 from .chat import format_from_config
 from .config import _KIND_NAMES, PRESETS, ModelConfig, _show, get_preset
 from .errors import CheckpointError
+from .layers import ROUTER_FP32
 from .model import GLM
 
 
@@ -835,6 +836,11 @@ def config_of(path: str | Path) -> tuple[Format, ModelConfig]:
         cfg = fmt.config_from_hf(d)
     except (ValueError, TypeError) as e:  # _get's and ModelConfig's checks (for glmkit, its names are config.json's)
         raise ConfigError(f"{cfg_file}: {e}") from None
+    if fmt.fit:  # what the weights say beyond config.json (headers only); damaged files are reported later
+        try:
+            cfg = fmt.fit(cfg, WeightFiles(cfg_file.parent).where)
+        except CheckpointError:
+            pass
     if fmt is CHATGLM2 and cfg.chat_format is None:  # ChatGLM2 / 3 and CodeGeeX2 share config.json's fields
         cfg = replace(cfg, chat_format=format_from_config(d, *_tokenizer_hints(cfg_file.parent)))
     return fmt, cfg
@@ -1093,7 +1099,6 @@ def verify_checkpoint(path: str | Path) -> tuple[list[str], str]:
         names.update(dict.fromkeys(found, path / name))
     if not problems:
         try:
-            cfg = fmt.fit(cfg, names) if fmt.fit else cfg
             present = _match_names(names, fmt, cfg, path)
             weights, want = WeightFiles(path), _meta_model(cfg).state_dict()
             for r in fmt.rules(cfg):  # the layout change on meta tensors: shapes checked, no data read
@@ -1130,8 +1135,6 @@ def state_stream(path: str | Path, device=None, dtype=None, quant: dict | None =
     path = checkpoint_dir(path)
     fmt, cfg = config_of(path)
     files = WeightFiles(path)
-    if fmt.fit:
-        cfg = fmt.fit(cfg, files.where)
     present = _match_names(files.where, fmt, cfg, path)
     if cfg.quant and fmt is not GLMKIT:
         raise CheckpointError(f"{path / 'config.json'}: quantized checkpoints exist only in the glmkit layout")
@@ -1172,7 +1175,8 @@ def state_stream(path: str | Path, device=None, dtype=None, quant: dict | None =
                 yield r.ours, w.to(dtype)
                 yield from quantized("head", w)
                 continue
-            yield r.ours, _joined(r, [x.to(dtype) if x.is_floating_point() else x for x in ts], want, files, present)  # ints stay ints
+            dt = torch.float32 if r.ours.endswith(ROUTER_FP32) else dtype  # a bf16 router would reorder experts
+            yield r.ours, _joined(r, [x.to(dt) if x.is_floating_point() else x for x in ts], want, files, present)  # ints stay ints
 
     return (replace(cfg, quant=quant) if quant else cfg), tensors()
 

@@ -231,6 +231,10 @@ class MLP(nn.Module):
         return self.down(F.gelu(self.up(x), approximate=self.gelu))
 
 
+# the router's tensors, by name suffix: kept in fp32 by Router, and read in fp32 by the checkpoint loader
+ROUTER_FP32 = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
+
+
 class Router(nn.Module):
     """GLM-4.5's sigmoid top-k router (transformers' Glm4MoeTopkRouter): x (N, C) -> (weights (N, k) fp32,
     expert ids (N, k) long), best first. Computed in fp32 and kept in fp32 whatever the model's dtype
