@@ -1384,7 +1384,7 @@ def main(argv=None):
     import argparse
 
     p = argparse.ArgumentParser(prog="glmkit convert", description="Convert a GLM-family checkpoint directory or GGUF file.")
-    p.add_argument("src", help="checkpoint directory (glmkit, GlmForCausalLM, Glm4ForCausalLM, THUDM GLM, ChatGLM-6B, "
+    p.add_argument("src", help="checkpoint directory (glmkit, GlmForCausalLM, Glm4ForCausalLM, Glm4MoeForCausalLM, THUDM GLM, ChatGLM-6B, "
                    "ChatGLM2/3, GLM-4 / CodeGeeX remote code) or a GGUF file (llama.cpp's chatglm or glm4 architecture)")
     p.add_argument("dst", help="new output directory")
     p.add_argument("--to", default="glmkit", choices=list(FORMATS), help="output layout (default: glmkit)")

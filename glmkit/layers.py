@@ -1,4 +1,5 @@
-"""The Transformer's building blocks: norms, the rotary schemes, attention, the MLP and the block.
+"""The Transformer's building blocks: norms, the rotary schemes, attention, the MLP (dense, or GLM-4.5's
+mixture of experts: `Router`, `MoE`), the block, and GLM-4.5's multi-token-prediction layer (`MTPLayer`).
 
 `model.GLM` stacks them; `fused` reads their weights for the native decode step. They know nothing of
 the KV cache beyond the one method Attention calls, `cache.update(layer, slots, k, v, extent)` (see
