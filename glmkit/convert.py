@@ -355,7 +355,8 @@ def _moe_from_dict(d: dict) -> ModelConfig:
     try:
         return ModelConfig(
             vocab_size=_need(d, "vocab_size", src), dim=C, n_layers=L, n_heads=H,
-            n_kv_heads=_get(d, "num_key_value_heads", H), head_dim=_get(d, "head_dim", None),
+            # no head_dim: transformers' hidden_size // num_attention_heads, rounded down
+            n_kv_heads=_get(d, "num_key_value_heads", H), head_dim=_get(d, "head_dim", max(1, C // H)),
             ffn_dim=_need(d, "intermediate_size", src), max_seq_len=max_pos, position="rope_partial", **rope,
             norm="rmsnorm", norm_eps=_get(d, "rms_norm_eps", 1e-5, float), mlp="swiglu",
             qkv_bias=_get(d, "attention_bias", False, bool), tie_embeddings=_get(d, "tie_word_embeddings", False, bool),
