@@ -344,6 +344,32 @@ def _dense_first(d: dict, n_layers: int, src: str) -> int:
     return k
 
 
+def moe_fields(d: dict, n_layers: int, src: str) -> dict:
+    """The ModelConfig mixture-of-experts fields of a transformers GLM MoE config (Glm4Moe; the same keys
+    in Glm4MoeLite), and its MTP layer count."""
+    experts = d.get("n_routed_experts", d.get("num_local_experts"))
+    return dict(
+        n_experts=_get({"n_routed_experts": experts}, "n_routed_experts", src=src),
+        n_experts_per_tok=_need(d, "num_experts_per_tok", src), n_shared_experts=_count(d, "n_shared_experts", 1),
+        moe_ffn_dim=_need(d, "moe_intermediate_size", src), first_dense_layers=_dense_first(d, n_layers, src),
+        n_group=_get(d, "n_group", 1), topk_group=_get(d, "topk_group", 1),
+        norm_topk_prob=_get(d, "norm_topk_prob", True, bool),
+        routed_scaling_factor=_get(d, "routed_scaling_factor", 1.0, float),
+        n_mtp_layers=_count(d, "num_nextn_predict_layers", _count(d, "num_mtp_layers", 0)),
+    )
+
+
+def moe_to_hf(cfg: ModelConfig) -> dict:
+    """The config.json keys of moe_fields, from a ModelConfig."""
+    return {
+        "n_routed_experts": cfg.n_experts, "num_experts_per_tok": cfg.n_experts_per_tok,
+        "n_shared_experts": cfg.n_shared_experts, "moe_intermediate_size": cfg.moe_ffn_dim,
+        "first_k_dense_replace": cfg.first_dense_layers, "n_group": cfg.n_group, "topk_group": cfg.topk_group,
+        "norm_topk_prob": cfg.norm_topk_prob, "routed_scaling_factor": cfg.routed_scaling_factor,
+        "num_nextn_predict_layers": cfg.n_mtp_layers,
+    }
+
+
 def _moe_from_dict(d: dict) -> ModelConfig:
     src = "glm4_moe_hf"
     if d.get("hidden_act", "silu") != "silu":
@@ -351,7 +377,6 @@ def _moe_from_dict(d: dict) -> ModelConfig:
     H, C, L = _need(d, "num_attention_heads", src), _need(d, "hidden_size", src), _need(d, "num_hidden_layers", src)
     max_pos = _get(d, "max_position_embeddings", 131072)
     field_, rope = _hf_rope(d, max_pos)
-    experts = d.get("n_routed_experts", d.get("num_local_experts"))
     try:
         return ModelConfig(
             vocab_size=_need(d, "vocab_size", src), dim=C, n_layers=L, n_heads=H,
@@ -360,15 +385,8 @@ def _moe_from_dict(d: dict) -> ModelConfig:
             ffn_dim=_need(d, "intermediate_size", src), max_seq_len=max_pos, position="rope_partial", **rope,
             norm="rmsnorm", norm_eps=_get(d, "rms_norm_eps", 1e-5, float), mlp="swiglu",
             qkv_bias=_get(d, "attention_bias", False, bool), tie_embeddings=_get(d, "tie_word_embeddings", False, bool),
-            n_experts=_get({"n_routed_experts": experts}, "n_routed_experts", src=src),
-            n_experts_per_tok=_need(d, "num_experts_per_tok", src), n_shared_experts=_count(d, "n_shared_experts", 1),
-            moe_ffn_dim=_need(d, "moe_intermediate_size", src), first_dense_layers=_dense_first(d, L, src),
-            n_group=_get(d, "n_group", 1), topk_group=_get(d, "topk_group", 1),
-            norm_topk_prob=_get(d, "norm_topk_prob", True, bool),
-            routed_scaling_factor=_get(d, "routed_scaling_factor", 1.0, float),
-            qk_norm=_get(d, "use_qk_norm", False, bool), rope_interleave=False,
-            n_mtp_layers=_count(d, "num_nextn_predict_layers", _count(d, "num_mtp_layers", 0)),
-            source=src, chat_format="glm4",
+            qk_norm=_get(d, "use_qk_norm", False, bool), rope_interleave=False, source=src, chat_format="glm4",
+            **moe_fields(d, L, src),
         )
     except ValueError as e:
         raise ConfigError(str(e).replace("ModelConfig.rope_scaling", f"field {field_!r}")) from None
@@ -406,13 +424,8 @@ def _moe_to_dict(cfg: ModelConfig) -> dict:
         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
         "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu", "attention_bias": cfg.qkv_bias, "attention_dropout": 0.0,
-        "tie_word_embeddings": cfg.tie_embeddings, "rope_parameters": rope,
-        "n_routed_experts": cfg.n_experts, "num_experts_per_tok": cfg.n_experts_per_tok,
-        "n_shared_experts": cfg.n_shared_experts, "moe_intermediate_size": cfg.moe_ffn_dim,
-        "first_k_dense_replace": cfg.first_dense_layers, "n_group": cfg.n_group, "topk_group": cfg.topk_group,
-        "norm_topk_prob": cfg.norm_topk_prob, "routed_scaling_factor": cfg.routed_scaling_factor,
-        "use_qk_norm": cfg.qk_norm, "num_nextn_predict_layers": cfg.n_mtp_layers,
-        "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
+        "tie_word_embeddings": cfg.tie_embeddings, "rope_parameters": rope, "use_qk_norm": cfg.qk_norm,
+        **moe_to_hf(cfg), "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
     }
 
 
@@ -437,14 +450,20 @@ def _moe_block_rules(cfg: ModelConfig, o: str, t: str, layer: int) -> list[Rule]
     if cfg.qk_norm:
         rules += [Rule(o + f"attn.{p}_norm.weight", (t + f"self_attn.{p}_norm.weight",)) for p in "qk"]
 
+    return rules + moe_mlp_rules(cfg, o, t, layer)
+
+
+def moe_mlp_rules(cfg: ModelConfig, o: str, t: str, layer: int) -> list[Rule]:
+    """Rules of the MLP side of transformers' Glm4Moe / Glm4MoeLite decoder layer `layer` (ours under `o`,
+    theirs under `t`): the dense MLP, or router, correction bias, per-expert and shared-expert tensors."""
     def mlp(ours, theirs):
         return [Rule(ours + "up.weight", (theirs + "gate_proj.weight", theirs + "up_proj.weight"), _gate_up_join,
                      _gate_up_split), Rule(ours + "down.weight", (theirs + "down_proj.weight",))]
 
     if not cfg.is_moe_layer(layer):
-        return rules + mlp(o + "mlp.", t + "mlp.")
-    rules += [Rule(o + "mlp.gate.weight", (t + "mlp.gate.weight",)),
-              Rule(o + "mlp.gate.e_score_correction_bias", (t + "mlp.gate.e_score_correction_bias",))]
+        return mlp(o + "mlp.", t + "mlp.")
+    rules = [Rule(o + "mlp.gate.weight", (t + "mlp.gate.weight",)),
+             Rule(o + "mlp.gate.e_score_correction_bias", (t + "mlp.gate.e_score_correction_bias",))]
     for e in range(cfg.n_experts):
         rules += mlp(o + f"mlp.experts.{e}.", t + f"mlp.experts.{e}.")
     if cfg.n_shared_experts:
