@@ -170,11 +170,11 @@ def _linear_bytes(N: int, K: int, bias: bool, a: int, quant: dict | None) -> int
     return N * (K // 2) + 2 * N * G * a + b
 
 
-def _mlp_linears(cfg, layer: int) -> list[tuple[int, int, bool]]:
+def _mlp_linears(cfg, layer: int) -> list[tuple[int, int, bool]]:  # _linears' last two are the dense MLP's
     """(out N, in K, bias) of block `layer`'s MLP side: the dense MLP's up and down, or every expert's and the
     shared expert's (an MoE layer; its router is counted apart, it stays fp32)."""
     if not cfg.is_moe_layer(layer):
-        return _linears(cfg)[2:]
+        return _linears(cfg)[-2:]
     F, S, C = cfg.moe_ffn_dim, cfg.moe_ffn_dim * cfg.n_shared_experts, cfg.dim
     return [(2 * F, C, False), (C, F, False)] * cfg.n_experts + ([(2 * S, C, False), (C, S, False)] if S else [])
 
@@ -182,7 +182,7 @@ def _mlp_linears(cfg, layer: int) -> list[tuple[int, int, bool]]:
 def _block_bytes(cfg, layer: int, a: int, quant: dict | None) -> int:
     """Bytes of block `layer`: its linears, norms (qk norms included) and an MoE layer's fp32 router and bias."""
     norm = cfg.dim * (2 if cfg.norm == "layernorm" else 1) * a
-    lins = _linears(cfg)[:2] + _mlp_linears(cfg, layer)
+    lins = _linears(cfg)[:-2] + _mlp_linears(cfg, layer)
     router = (cfg.n_experts * cfg.dim + cfg.n_experts) * 4 if cfg.is_moe_layer(layer) else 0
     qk = 2 * cfg.head_dim * a * (2 if cfg.norm == "layernorm" else 1) if cfg.qk_norm else 0
     return sum(_linear_bytes(N, K, b, a, quant) for N, K, b in lins) + norm * (4 if cfg.sandwich_norm else 2) + router + qk
@@ -233,7 +233,7 @@ def kernel_copies_bytes(cfg, dtype: torch.dtype, quant: dict | None = None, pref
     a, C, V, L = _size(dtype), cfg.dim, cfg.vocab_size, cfg.n_layers
     fp32 = dtype != torch.float32
     head_quant = quant if quant and quant.get("head") else None
-    lins = [(N, K, bias, quant, False) for i in range(L) for N, K, bias in _linears(cfg)[:2] + _mlp_linears(cfg, i)]
+    lins = [(N, K, bias, quant, False) for i in range(L) for N, K, bias in _linears(cfg)[:-2] + _mlp_linears(cfg, i)]
     if not cfg.tie_embeddings or head_quant:
         lins.append((V, C, False, head_quant, True))
     norms = (L * (4 if cfg.sandwich_norm else 2) + 1) * C * (2 if cfg.norm == "layernorm" else 1)
