@@ -93,10 +93,18 @@ def describe(cfg, source: str, plan=None, why: str = "") -> str:
     """A config's sizes and fields; with `plan` (and dtype auto's `why`), what it takes on this machine."""
     import torch
 
-    from .plan import CLI_CONTEXT, CLI_FLAGS, SERVE_FLAGS, Plan, kv_cache_bytes, quant_spec, show, weight_bytes
+    from .plan import CLI_CONTEXT, CLI_FLAGS, SERVE_FLAGS, Plan, active_weight_bytes, kv_cache_bytes, quant_spec, show, weight_bytes
 
     n, n_body = cfg.num_params(), cfg.num_params(embeddings=False)
     lines = [f"{source}", f"  parameters: {n:,} ({n / 1e6:.1f}M; {n_body / 1e6:.1f}M without embeddings)"]
+    if cfg.n_experts:  # what one token's forward reads: a mixture of experts reads n_experts_per_tok experts
+        act = cfg.num_params(active=True)
+        lines.append(f"  active:     {act:,} per token ({act / 1e6:.1f}M: attention, norms, dense layers, router, "
+                     f"shared and {cfg.n_experts_per_tok} of {cfg.n_experts} routed experts per MoE layer, embeddings "
+                     f"and head); {show(active_weight_bytes(cfg, torch.bfloat16))} read per token in bf16, "
+                     f"{show(active_weight_bytes(cfg, torch.bfloat16, quant_spec('int4')))} in int4")
+    if cfg.n_mtp_layers:
+        lines.append(f"  MTP:        {cfg.n_mtp_layers} multi-token-prediction layer(s) loaded (not counted above)")
     if cfg.quant:
         lines.append(f"  weights:    int{cfg.quant['bits']} {show(sum(weight_bytes(cfg, torch.bfloat16).values()))} "
                      f"(bf16 float parts), {show(sum(weight_bytes(cfg, torch.float32).values()))} (fp32)")

@@ -35,6 +35,7 @@ ROPE_SCALING = {
     "longrope": ({"factor", "short_factor", "long_factor", "original_max_position_embeddings"}, {"attention_factor"}),
     "proportional": (set(), {"factor"}),
 }
+ROUTER_SCORINGS = ("sigmoid",)  # GLM-4.5's; the softmax routers of other families are not implemented
 CHAT_FORMATS = ("glm4", "chatglm3", "chatglm2", "chatglm", "codegeex2", "codegeex4")  # glmkit.chat.FORMATS
 
 
@@ -111,6 +112,32 @@ class ModelConfig:
     # checkpoint is converted; None = GLM-4's. Not an architecture switch either.
     chat_format: str | None = None
 
+    # ---- mixture of experts (GLM-4.5 / 4.6 / 4.7: transformers' Glm4MoeForCausalLM) ----
+    # n_experts routed SwiGLU experts of width moe_ffn_dim per MoE layer (0: every layer dense); each token
+    # goes to n_experts_per_tok of them, chosen by a sigmoid router: scores s = sigmoid(W x); the choice
+    # ranks s + e_score_correction_bias (a learned per-expert bias, for choosing only); experts are split
+    # into n_group groups, a group scored by the sum of its two best, and only the topk_group best groups
+    # compete; the chosen experts' outputs are weighted by their s (normalised to sum 1 when
+    # norm_topk_prob) times routed_scaling_factor. n_shared_experts: one SwiGLU MLP of width
+    # n_shared_experts * moe_ffn_dim every token goes through. Layers < first_dense_layers keep the
+    # dense MLP (ffn_dim).
+    n_experts: int = 0
+    n_experts_per_tok: int = 0
+    n_shared_experts: int = 0
+    moe_ffn_dim: int | None = None
+    first_dense_layers: int = 0
+    router_scoring: str = "sigmoid"
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    # the same family's attention: per-head RMSNorm on q and k before rotary (use_qk_norm); its rope_partial
+    # rotates (x[i], x[i + r/2]) pairs (rope_interleave=false) where GLM-4 rotates (x[2i], x[2i+1])
+    qk_norm: bool = False
+    # multi-token-prediction layers shipped after the last block (num_nextn_predict_layers): loaded and
+    # written with the model, never run by forward (GLM.mtp_logits drafts with them)
+    n_mtp_layers: int = 0
+
     # derived in __post_init__ (not serialized)
     residual_alpha: float = 1.0
 
@@ -157,6 +184,7 @@ class ModelConfig:
             raise ValueError("ModelConfig.rope_fp16 applies only to rotary positions (rope_2d, rope_partial), "
                              "not learned_2d; set it false")
         self._check_rope_scaling()
+        self._check_moe()
         layers = self.deepnorm_layers or self.n_layers
         self.residual_alpha = math.sqrt(2 * layers) if self.residual == "deepnorm" else 1.0
 
@@ -189,6 +217,58 @@ class ModelConfig:
                 raise ValueError(f"{where}.{n}={getattr(self, n)} with attention='mla': it is derived ({want}); "
                                  "remove it (null)")
         self.n_kv_heads, self.head_dim = self.n_heads, qk
+
+    def _check_moe(self):
+        """The mixture-of-experts fields agree with each other (defaults: a dense model), so a bad config
+        fails here naming the field instead of as a shape error in the router."""
+        if self.router_scoring not in ROUTER_SCORINGS:
+            raise ValueError(f"ModelConfig.router_scoring={self.router_scoring!r}; expected one of {ROUTER_SCORINGS}")
+        for name in ("n_experts", "n_experts_per_tok", "n_shared_experts", "first_dense_layers", "n_mtp_layers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ModelConfig.{name} must not be negative, got {getattr(self, name)}")
+        for name in ("n_group", "topk_group"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ModelConfig.{name} must be at least 1, got {getattr(self, name)}")
+        if self.routed_scaling_factor <= 0:
+            raise ValueError(f"ModelConfig.routed_scaling_factor must be positive, got {self.routed_scaling_factor}")
+        if self.moe_ffn_dim is not None and self.moe_ffn_dim <= 0:
+            raise ValueError(f"ModelConfig.moe_ffn_dim must be positive, got {self.moe_ffn_dim}")
+        if not self.rope_interleave and self.position != "rope_partial":
+            raise ValueError(f"ModelConfig.rope_interleave=false applies only to position='rope_partial', "
+                             f"not {self.position!r}; set it true")
+        E, k = self.n_experts, self.n_experts_per_tok
+        if E == 0:
+            moe_only = {"n_experts_per_tok": 0, "n_shared_experts": 0, "moe_ffn_dim": None, "first_dense_layers": 0,
+                        "n_group": 1, "topk_group": 1}
+            set_ = [f"{n}={getattr(self, n)}" for n, v in moe_only.items() if getattr(self, n) != v]
+            if set_:
+                raise ValueError(f"ModelConfig: {', '.join(set_)} apply only to a mixture of experts; set n_experts "
+                                 "(or leave them at their defaults for a dense model)")
+            return
+        if self.mlp != "swiglu" or self.mlp_bias:
+            raise ValueError(f"ModelConfig.n_experts={E}: experts are SwiGLU MLPs without biases; "
+                             f"got mlp={self.mlp!r}, mlp_bias={self.mlp_bias}")
+        if self.moe_ffn_dim is None:
+            raise ValueError(f"ModelConfig.n_experts={E} needs moe_ffn_dim, the width of one expert")
+        if not 1 <= k <= E:
+            raise ValueError(f"ModelConfig.n_experts_per_tok must be in 1..n_experts={E}, got {k}")
+        if E % self.n_group:
+            raise ValueError(f"ModelConfig.n_group={self.n_group} does not divide n_experts={E}")
+        per = E // self.n_group
+        if self.n_group > 1 and per < 2:
+            raise ValueError(f"ModelConfig.n_group={self.n_group}: a group is scored by its two best experts, "
+                             f"so each needs at least 2 (n_experts={E})")
+        if self.topk_group > self.n_group:
+            raise ValueError(f"ModelConfig.topk_group={self.topk_group} exceeds n_group={self.n_group}")
+        if self.topk_group * per < k:
+            raise ValueError(f"ModelConfig: topk_group={self.topk_group} groups of {per} experts hold fewer than "
+                             f"n_experts_per_tok={k}")
+        if self.first_dense_layers > self.n_layers:
+            raise ValueError(f"ModelConfig.first_dense_layers={self.first_dense_layers} exceeds n_layers={self.n_layers}")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether block `layer` (n_layers.. for the multi-token-prediction layers) has routed experts."""
+        return self.n_experts > 0 and layer >= self.first_dense_layers
 
     def _check_rope_scaling(self):
         """rope_scaling names a known type with exactly its keys, each of the right kind, so a bad
@@ -328,7 +408,10 @@ class ModelConfig:
         return cls.from_dict(d)
 
     # ---- sizes ------------------------------------------------------------------------------------
-    def num_params(self, embeddings: bool = True) -> int:
+    def num_params(self, embeddings: bool = True, active: bool = False) -> int:
+        """Parameters of the model (without the multi-token-prediction layers, which forward does not run).
+        `active`: those one token's forward reads: every attention, norm and dense MLP, and in an MoE layer
+        the router, the shared expert and n_experts_per_tok routed experts (the embeddings count whole)."""
         C, H, K, D, F, V = self.dim, self.n_heads, self.n_kv_heads, self.head_dim, self.ffn_dim, self.vocab_size
         norm = C * (2 if self.norm == "layernorm" else 1)
         attn = C * (H + 2 * K) * D + (H + 2 * K) * D * self.qkv_bias + H * D * C + C * self.out_bias
@@ -337,15 +420,26 @@ class ModelConfig:
             q = C * H * D if Q is None else (C + 1 + H * D) * Q + Q * self.qkv_bias  # q, or q_a (+ bias), its norm, q_b
             kv = (C + self.qkv_bias) * (R + P) + R + R * H * (self.qk_nope_head_dim + Dv)  # kv_a, its norm, kv_b
             attn = q + kv + H * Dv * C + C * self.out_bias
+        attn += 2 * D * self.qk_norm
         up = F * (2 if self.mlp == "swiglu" else 1)
         mlp = C * up + F * C + (up + C) * self.mlp_bias
-        layer = attn + mlp + norm * (4 if self.sandwich_norm else 2)
+        layer = attn + norm * (4 if self.sandwich_norm else 2)
         n = self.n_layers * layer + norm
+        for i in range(self.n_layers):
+            n += self.moe_params(active) if self.is_moe_layer(i) else mlp
         if embeddings:
             n += V * C * (1 if self.tie_embeddings else 2)
             if self.position == "learned_2d":
                 n += 2 * self.max_seq_len * C
         return n
+
+
+    def moe_params(self, active: bool = False) -> int:
+        """Parameters of one MoE layer's MLP side: router and its bias, shared expert, routed experts (all,
+        or the n_experts_per_tok one token uses)."""
+        C, E = self.dim, self.n_experts
+        expert = 3 * C * (self.moe_ffn_dim or 0)  # [gate; up] and down, no biases
+        return E * C + E + self.n_shared_experts * expert + (self.n_experts_per_tok if active else E) * expert
 
 
 # annotation -> test, for _check_types. bool is an int subclass and int a valid float in JSON

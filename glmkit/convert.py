@@ -1,6 +1,6 @@
 """Checkpoint formats: read upstream GLM checkpoints into glmkit, write glmkit models back out.
 
-    glmkit convert SRC_DIR DST_DIR [--to glmkit|glm_hf|glm4_hf|glm4_moe_lite_hf|glm|chatglm|chatglm2] [--dtype bf16]
+    glmkit convert SRC_DIR DST_DIR [--to glmkit|glm_hf|glm4_hf|glm4_moe_hf|glm4_moe_lite_hf|glm|chatglm|chatglm2] [--dtype bf16]
     glmkit info PATH|PRESET
 
     model = glmkit.load("path/to/glm-4-9b-chat-hf", dtype=torch.bfloat16)
@@ -17,6 +17,8 @@ A checkpoint is a directory with `config.json` and weights (`model.safetensors`,
     glm_hf    transformers GlmForCausalLM (GLM-4-9B -hf checkpoints)
     glm4_hf   transformers Glm4ForCausalLM (GLM-4-0414: sandwich norms)
     glm4_moe_lite_hf  transformers Glm4MoeLiteForCausalLM (GLM-4.7-Flash: latent attention; dense layers only)
+    glm4_moe_hf  transformers Glm4MoeForCausalLM (GLM-4.5 / 4.6 / 4.7: mixture of experts, per-expert
+              tensors as released and as transformers saves them, the MTP layer as layer num_hidden_layers)
     glm       the original THUDM GLM remote code (glm-large-chinese, glm-10b-chinese, ...)
     chatglm   THUDM ChatGLM-6B remote code
     chatglm2  the later ChatGLMModel remote code: ChatGLM2-6B, ChatGLM3-6B, CodeGeeX2-6B, and
@@ -62,6 +64,7 @@ import torch
 from .chat import format_from_config
 from .config import _KIND_NAMES, PRESETS, ModelConfig, _show, get_preset
 from .errors import CheckpointError
+from .layers import ROUTER_FP32
 from .model import GLM
 
 
@@ -116,6 +119,8 @@ class Format:
     rules: Callable[[ModelConfig], list[Rule]]
     prefixes: tuple[str, ...] = ("",)  # key prefixes seen in the wild, stripped on read
     ignore: tuple[str, ...] = field(default=())  # non-parameter buffers some checkpoints carry
+    # (config, stored tensor names) -> config: what config.json cannot say alone (GLM-4.5's optional MTP layer)
+    fit: Callable[[ModelConfig, dict], ModelConfig] | None = None
 
 
 _REQUIRED = object()
@@ -424,6 +429,182 @@ GLM4_MOE_LITE_HF = Format(
 )
 
 
+# transformers Glm4MoeForCausalLM (GLM-4.5 / 4.6 / 4.7, -Air) -----------------------------------------
+def _count(d: dict, key: str, default: int) -> int:
+    """A config.json count that may be 0 (first_k_dense_replace, n_shared_experts, ...)."""
+    v = d.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ConfigError(f"field {key!r} must be a non-negative integer, got {_show(v)}")
+    return v
+
+
+def _dense_first(d: dict, n_layers: int, src: str) -> int:
+    """How many leading layers are dense: first_k_dense_replace, or transformers' `mlp_layer_types`
+    ("dense" then "sparse" per layer) where a config has it. Other orders are refused (we have no field)."""
+    types = d.get("mlp_layer_types")
+    if types is None:
+        return _count(d, "first_k_dense_replace", 1)
+    if not isinstance(types, list) or len(types) != n_layers or not set(types) <= {"dense", "sparse"}:
+        raise ConfigError(f"field 'mlp_layer_types' must list 'dense' or 'sparse' for each of the {n_layers} layers, "
+                          f"got {_show(types)}")
+    k = types.count("dense")
+    if types != ["dense"] * k + ["sparse"] * (n_layers - k):
+        raise ConfigError(f"field 'mlp_layer_types': {src} models in glmkit have their dense layers first, got {types}")
+    return k
+
+
+def moe_fields(d: dict, n_layers: int, src: str) -> dict:
+    """The ModelConfig mixture-of-experts fields of a transformers GLM MoE config (Glm4Moe; the same keys
+    in Glm4MoeLite), and its MTP layer count."""
+    experts = d.get("n_routed_experts", d.get("num_local_experts"))
+    return dict(
+        n_experts=_get({"n_routed_experts": experts}, "n_routed_experts", src=src),
+        n_experts_per_tok=_need(d, "num_experts_per_tok", src), n_shared_experts=_count(d, "n_shared_experts", 1),
+        moe_ffn_dim=_need(d, "moe_intermediate_size", src), first_dense_layers=_dense_first(d, n_layers, src),
+        n_group=_get(d, "n_group", 1), topk_group=_get(d, "topk_group", 1),
+        norm_topk_prob=_get(d, "norm_topk_prob", True, bool),
+        routed_scaling_factor=_get(d, "routed_scaling_factor", 1.0, float),
+        n_mtp_layers=_count(d, "num_nextn_predict_layers", _count(d, "num_mtp_layers", 0)),
+    )
+
+
+def moe_to_hf(cfg: ModelConfig) -> dict:
+    """The config.json keys of moe_fields, from a ModelConfig."""
+    return {
+        "n_routed_experts": cfg.n_experts, "num_experts_per_tok": cfg.n_experts_per_tok,
+        "n_shared_experts": cfg.n_shared_experts, "moe_intermediate_size": cfg.moe_ffn_dim,
+        "first_k_dense_replace": cfg.first_dense_layers, "n_group": cfg.n_group, "topk_group": cfg.topk_group,
+        "norm_topk_prob": cfg.norm_topk_prob, "routed_scaling_factor": cfg.routed_scaling_factor,
+        "num_nextn_predict_layers": cfg.n_mtp_layers,
+    }
+
+
+def _moe_from_dict(d: dict) -> ModelConfig:
+    src = "glm4_moe_hf"
+    if d.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"field 'hidden_act' is {d['hidden_act']!r}; the {src} format has SwiGLU experts (silu)")
+    H, C, L = _need(d, "num_attention_heads", src), _need(d, "hidden_size", src), _need(d, "num_hidden_layers", src)
+    max_pos = _get(d, "max_position_embeddings", 131072)
+    field_, rope = _hf_rope(d, max_pos)
+    try:
+        return ModelConfig(
+            vocab_size=_need(d, "vocab_size", src), dim=C, n_layers=L, n_heads=H,
+            # no head_dim: transformers' hidden_size // num_attention_heads, rounded down
+            n_kv_heads=_get(d, "num_key_value_heads", H), head_dim=_get(d, "head_dim", max(1, C // H)),
+            ffn_dim=_need(d, "intermediate_size", src), max_seq_len=max_pos, position="rope_partial", **rope,
+            norm="rmsnorm", norm_eps=_get(d, "rms_norm_eps", 1e-5, float), mlp="swiglu",
+            qkv_bias=_get(d, "attention_bias", False, bool), tie_embeddings=_get(d, "tie_word_embeddings", False, bool),
+            qk_norm=_get(d, "use_qk_norm", False, bool), rope_interleave=False, source=src, chat_format="glm4",
+            **moe_fields(d, L, src),
+        )
+    except ValueError as e:
+        raise ConfigError(str(e).replace("ModelConfig.rope_scaling", f"field {field_!r}")) from None
+
+
+def _moe_fit(cfg: ModelConfig, names: dict) -> ModelConfig:
+    """num_nextn_predict_layers counts MTP layers a checkpoint may not ship: transformers writes 1 and saves
+    none (its model has no MTP module). Without any of their tensors the model has none; a partial one is
+    still reported missing by name."""
+    if cfg.n_mtp_layers and not any(n.startswith(f"model.layers.{cfg.n_layers}.") for n in names):
+        return replace(cfg, n_mtp_layers=0)
+    return cfg
+
+
+def _moe_to_dict(cfg: ModelConfig) -> dict:
+    problems = []
+    if not cfg.n_experts:
+        problems.append("no experts (n_experts=0)")
+    if cfg.position != "rope_partial" or cfg.rope_interleave:
+        problems.append(f"position={cfg.position}, rope_interleave={cfg.rope_interleave} (it rotates half-split "
+                        "pairs on the first rope_fraction: rope_partial, rope_interleave=false)")
+    if cfg.norm != "rmsnorm" or cfg.residual != "pre_ln" or cfg.sandwich_norm or not cfg.final_norm:
+        problems.append(f"norm={cfg.norm}, residual={cfg.residual}, sandwich_norm={cfg.sandwich_norm}, "
+                        f"final_norm={cfg.final_norm}")
+    if cfg.out_bias or cfg.rope_fp16:
+        problems.append("out_bias or rope_fp16")
+    if problems:
+        raise CheckpointError(f"this model cannot be written as glm4_moe_hf: {'; '.join(problems)}. Write it in its "
+                              f"own layout with --to {cfg.source if cfg.source in FORMATS else 'glmkit'}")
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta, "partial_rotary_factor": cfg.rope_fraction,
+            **(cfg.rope_scaling or {})}
+    return {
+        "architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu", "attention_bias": cfg.qkv_bias, "attention_dropout": 0.0,
+        "tie_word_embeddings": cfg.tie_embeddings, "rope_parameters": rope, "use_qk_norm": cfg.qk_norm,
+        **moe_to_hf(cfg), "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
+    }
+
+
+def _gate_up_join(ts):
+    return torch.cat(ts, 0)  # [gate; up], our SwiGLU up's rows
+
+
+def _gate_up_split(t):
+    return list(t.chunk(2, 0))
+
+
+def _moe_block_rules(cfg: ModelConfig, o: str, t: str, layer: int) -> list[Rule]:
+    """Rules of one Glm4Moe decoder layer: ours under prefix `o`, theirs under `t` (block `layer`'s MLP kind)."""
+    H, K, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    rules = []
+    for kind in ("weight", "bias") if cfg.qkv_bias else ("weight",):
+        rules.append(Rule(o + f"attn.qkv.{kind}", tuple(t + f"self_attn.{p}_proj.{kind}" for p in "qkv"),
+                          lambda ts: torch.cat(ts, 0), lambda x: list(x.split((H * D, K * D, K * D), 0))))
+    rules += [Rule(o + "attn.out.weight", (t + "self_attn.o_proj.weight",)),
+              Rule(o + "norm1.weight", (t + "input_layernorm.weight",)),
+              Rule(o + "norm2.weight", (t + "post_attention_layernorm.weight",))]
+    if cfg.qk_norm:
+        rules += [Rule(o + f"attn.{p}_norm.weight", (t + f"self_attn.{p}_norm.weight",)) for p in "qk"]
+
+    return rules + moe_mlp_rules(cfg, o, t, layer)
+
+
+def moe_mlp_rules(cfg: ModelConfig, o: str, t: str, layer: int) -> list[Rule]:
+    """Rules of the MLP side of transformers' Glm4Moe / Glm4MoeLite decoder layer `layer` (ours under `o`,
+    theirs under `t`): the dense MLP, or router, correction bias, per-expert and shared-expert tensors."""
+    def mlp(ours, theirs):
+        return [Rule(ours + "up.weight", (theirs + "gate_proj.weight", theirs + "up_proj.weight"), _gate_up_join,
+                     _gate_up_split), Rule(ours + "down.weight", (theirs + "down_proj.weight",))]
+
+    if not cfg.is_moe_layer(layer):
+        return mlp(o + "mlp.", t + "mlp.")
+    rules = [Rule(o + "mlp.gate.weight", (t + "mlp.gate.weight",)),
+             Rule(o + "mlp.gate.e_score_correction_bias", (t + "mlp.gate.e_score_correction_bias",))]
+    for e in range(cfg.n_experts):
+        rules += mlp(o + f"mlp.experts.{e}.", t + f"mlp.experts.{e}.")
+    if cfg.n_shared_experts:
+        rules += mlp(o + "mlp.shared.", t + "mlp.shared_experts.")
+    return rules
+
+
+def _moe_rules(cfg: ModelConfig) -> list[Rule]:
+    rules = [Rule("embed.weight", ("model.embed_tokens.weight",)), Rule("norm.weight", ("model.norm.weight",))]
+    if not cfg.tie_embeddings:
+        rules.append(Rule("head.weight", ("lm_head.weight",)))
+    for i in range(cfg.n_layers):
+        rules += _moe_block_rules(cfg, f"layers.{i}.", f"model.layers.{i}.", i)
+    for i in range(cfg.n_mtp_layers):  # stored as layers n_layers, n_layers + 1, ... after the model's own
+        o, t, L = f"mtp.{i}.", f"model.layers.{cfg.n_layers + i}.", cfg.n_layers + i
+        rules += [Rule(o + "enorm.weight", (t + "enorm.weight",)), Rule(o + "hnorm.weight", (t + "hnorm.weight",)),
+                  Rule(o + "eh_proj.weight", (t + "eh_proj.weight",)),
+                  Rule(o + "shared_head_norm.weight", (t + "shared_head.norm.weight",))]
+        rules += _moe_block_rules(cfg, o + "block.", t, L)
+    return rules
+
+
+# The MTP layer's embed_tokens and shared_head.head, where a release ships them, are copies of the model's
+# embedding and head: skipped on read, not written.
+GLM4_MOE_HF = Format(
+    "glm4_moe_hf", ("Glm4MoeForCausalLM", "Glm4MoeModel"), _moe_from_dict, _moe_to_dict, _moe_rules,
+    ignore=("rotary_emb.inv_freq", "shared_head.head.weight", "embed_tokens.weight"), fit=_moe_fit,
+)
+
+
 # original THUDM GLM and ChatGLM-6B (remote code) ----------------------------------------------------
 def _megatron_layer_rules(cfg: ModelConfig, t_prefix: str, qkv: Rule | None) -> list[Rule]:
     """Per-layer names shared by the original GLM and ChatGLM-6B (Megatron lineage)."""
@@ -672,7 +853,7 @@ CHATGLM2 = Format(
     _chatglm2_rules, ignore=("rotary_pos_emb.inv_freq",),
 )
 
-FORMATS: dict[str, Format] = {f.name: f for f in (GLMKIT, GLM_HF, GLM4_HF, GLM4_MOE_LITE_HF, GLM_ORIG, CHATGLM,
+FORMATS: dict[str, Format] = {f.name: f for f in (GLMKIT, GLM_HF, GLM4_HF, GLM4_MOE_HF, GLM4_MOE_LITE_HF, GLM_ORIG, CHATGLM,
                                                    CHATGLM2)}
 
 
@@ -698,6 +879,8 @@ def detect_format(d: dict, src: str) -> Format:
         return GLM4_HF
     if d.get("model_type") == "glm4_moe_lite":
         return GLM4_MOE_LITE_HF
+    if d.get("model_type") == "glm4_moe":
+        return GLM4_MOE_HF
     if d.get("model_type") == "glm":  # HF's GlmConfig and THUDM's remote GLM share this name
         return GLM_ORIG if "num_layers" in d else GLM_HF
     if d.get("model_type") == "chatglm":
@@ -789,6 +972,11 @@ def config_of(path: str | Path) -> tuple[Format, ModelConfig]:
         cfg = fmt.config_from_hf(d)
     except (ValueError, TypeError) as e:  # _get's and ModelConfig's checks (for glmkit, its names are config.json's)
         raise ConfigError(f"{cfg_file}: {e}") from None
+    if fmt.fit:  # what the weights say beyond config.json (headers only); damaged files are reported later
+        try:
+            cfg = fmt.fit(cfg, WeightFiles(cfg_file.parent).where)
+        except CheckpointError:
+            pass
     if fmt is CHATGLM2 and cfg.chat_format is None:  # ChatGLM2 / 3 and CodeGeeX2 share config.json's fields
         cfg = replace(cfg, chat_format=format_from_config(d, *_tokenizer_hints(cfg_file.parent)))
     return fmt, cfg
@@ -1123,7 +1311,8 @@ def state_stream(path: str | Path, device=None, dtype=None, quant: dict | None =
                 yield r.ours, w.to(dtype)
                 yield from quantized("head", w)
                 continue
-            yield r.ours, _joined(r, [x.to(dtype) if x.is_floating_point() else x for x in ts], want, files, present)  # ints stay ints
+            dt = torch.float32 if r.ours.endswith(ROUTER_FP32) else dtype  # a bf16 router would reorder experts
+            yield r.ours, _joined(r, [x.to(dt) if x.is_floating_point() else x for x in ts], want, files, present)  # ints stay ints
 
     return (replace(cfg, quant=quant) if quant else cfg), tensors()
 
@@ -1331,7 +1520,7 @@ def main(argv=None):
     import argparse
 
     p = argparse.ArgumentParser(prog="glmkit convert", description="Convert a GLM-family checkpoint directory or GGUF file.")
-    p.add_argument("src", help="checkpoint directory (glmkit, GlmForCausalLM, Glm4ForCausalLM, THUDM GLM, ChatGLM-6B, "
+    p.add_argument("src", help="checkpoint directory (glmkit, GlmForCausalLM, Glm4ForCausalLM, Glm4MoeForCausalLM, THUDM GLM, ChatGLM-6B, "
                    "ChatGLM2/3, GLM-4 / CodeGeeX remote code) or a GGUF file (llama.cpp's chatglm or glm4 architecture)")
     p.add_argument("dst", help="new output directory")
     p.add_argument("--to", default="glmkit", choices=list(FORMATS), help="output layout (default: glmkit)")

@@ -70,6 +70,12 @@ class _Plan:
         cfg = model.cfg
         if cfg.attention != "mha":  # the kernel knows q/k/v heads; a latent cache decodes eagerly (absorbed form)
             raise _Unsupported(f"attention={cfg.attention!r}")
+        # decode.cpp knows one dense MLP per layer, interleaved partial rotary and no q/k norms: GLM-4.5's
+        # experts, qk_norm and half-split rotary run eager (GLM.step falls back on None)
+        if cfg.n_experts:
+            raise _Unsupported("a mixture of experts (n_experts > 0)")
+        if cfg.qk_norm or not cfg.rope_interleave:
+            raise _Unsupported("qk_norm or rope_partial with rope_interleave=false")
 
         def tensor(owner, name, fp32=False):
             t = getattr(owner, name)

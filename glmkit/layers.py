@@ -1,5 +1,6 @@
 """The Transformer's building blocks: norms, the rotary schemes, attention (heads of q/k/v, or the
-latent attention of Glm4MoeLite, `LatentAttention`), the MLP and the block.
+latent attention of Glm4MoeLite, `LatentAttention`), the MLP (dense, or GLM-4.5's mixture of experts:
+`Router`, `MoE`), the block, and GLM-4.5's multi-token-prediction layer (`MTPLayer`).
 
 `model.GLM` stacks them; `fused` reads their weights for the native decode step. They know nothing of
 the KV cache beyond the one method Attention calls, `cache.update(layer, slots, k, v, extent)` (see
@@ -144,7 +145,7 @@ class Rotary:
     """
 
     def __init__(self, cfg: ModelConfig, pos: torch.Tensor, block: torch.Tensor, dtype: torch.dtype):
-        self.kind, self.r = cfg.position, cfg.rotary_dim
+        self.kind, self.r, self.interleave = cfg.position, cfg.rotary_dim, cfg.rope_interleave
         if self.kind in ("rope_2d", "rope_partial"):
             inv_freq, scale = rope_frequencies(cfg, pos.device)
             self.pos = rope_cos_sin(pos, inv_freq, dtype, scale)
@@ -156,7 +157,8 @@ class Rotary:
             x1, x2 = x.chunk(2, dim=-1)
             return torch.cat((rotate_halves(x1, *self.pos), rotate_halves(x2, *self.block)), dim=-1)
         if self.kind == "rope_partial":
-            return torch.cat((rotate_interleaved(x[..., : self.r], *self.pos), x[..., self.r :]), dim=-1)
+            rotate = rotate_interleaved if self.interleave else rotate_halves
+            return torch.cat((rotate(x[..., : self.r], *self.pos), x[..., self.r :]), dim=-1)
         return x
 
 
@@ -180,6 +182,10 @@ class Attention(nn.Module):
         # one fused projection, rows laid out [Q (H*D) | K (K*D) | V (K*D)]
         self.qkv = kernels.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=cfg.qkv_bias)
         self.out = kernels.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.out_bias)
+        if cfg.qk_norm:  # GLM-4.5's use_qk_norm: one norm over each head's D, shared by the heads
+            self.q_norm = Norm(cfg.head_dim, cfg.norm, cfg.norm_eps)
+            self.k_norm = Norm(cfg.head_dim, cfg.norm, cfg.norm_eps)
+        self.qk_norm = cfg.qk_norm
 
     def forward(self, x, rotary: Rotary, mask: torch.Tensor | None, cache=None, layer=0, slots=None, extent=None):
         return self.out(self._attend(self.qkv(x), rotary, mask, cache, layer, slots, extent))
@@ -196,8 +202,11 @@ class Attention(nn.Module):
         B, T, _ = qkv.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = qkv.split((H * D, K * D, K * D), dim=-1)
-        q = rotary(q.view(B, T, H, D)).transpose(1, 2)  # (B, H, T, D)
-        k = rotary(k.view(B, T, K, D)).transpose(1, 2)  # (B, K, T, D)
+        q, k = q.view(B, T, H, D), k.view(B, T, K, D)
+        if self.qk_norm:  # before rotary, as transformers' Glm4MoeAttention
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = rotary(q).transpose(1, 2)  # (B, H, T, D)
+        k = rotary(k).transpose(1, 2)  # (B, K, T, D)
         v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
         if cache is not None:  # write at `slots` (B, T); read the keys of slots < extent
             k, v = cache.update(layer, slots, k, v, extent)  # (B, K, S, D)
@@ -295,12 +304,15 @@ class LatentAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """The dense MLP (width `ffn_dim`, default the config's); an MoE's experts are SwiGLU MLPs of this class."""
+
+    def __init__(self, cfg: ModelConfig, ffn_dim: int | None = None):
         super().__init__()
+        F_ = ffn_dim or cfg.ffn_dim
         self.swiglu, self.gelu = cfg.mlp == "swiglu", "none" if cfg.mlp == "gelu_exact" else "tanh"
         # swiglu: rows [gate (F) | up (F)], as HF GLM's gate_up_proj
-        self.up = kernels.Linear(cfg.dim, cfg.ffn_dim * (2 if self.swiglu else 1), bias=cfg.mlp_bias)
-        self.down = kernels.Linear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias)
+        self.up = kernels.Linear(cfg.dim, F_ * (2 if self.swiglu else 1), bias=cfg.mlp_bias)
+        self.down = kernels.Linear(F_, cfg.dim, bias=cfg.mlp_bias)
 
     def forward(self, x):
         if self.swiglu:
@@ -309,14 +321,101 @@ class MLP(nn.Module):
         return self.down(F.gelu(self.up(x), approximate=self.gelu))
 
 
-class Block(nn.Module):
+# the router's tensors, by name suffix: kept in fp32 by Router, and read in fp32 by the checkpoint loader
+ROUTER_FP32 = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
+
+
+class Router(nn.Module):
+    """GLM-4.5's sigmoid top-k router (transformers' Glm4MoeTopkRouter): x (N, C) -> (weights (N, k) fp32,
+    expert ids (N, k) long), best first. Computed in fp32 and kept in fp32 whatever the model's dtype
+    (as transformers keeps `gate.weight` and `e_score_correction_bias`): the choice is discrete, and a
+    bf16 bias (values near 1 apart by less than bf16's 1/128 step) would reorder experts."""
+
     def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E = cfg.n_experts
+        self.weight = nn.Parameter(torch.zeros(E, cfg.dim, dtype=torch.float32))
+        self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32))
+        self.k, self.groups, self.topk_group = cfg.n_experts_per_tok, cfg.n_group, cfg.topk_group
+        self.normalize, self.scale = cfg.norm_topk_prob, cfg.routed_scaling_factor
+
+    def _apply(self, fn, recurse=True):  # .to(dtype) moves the router but leaves it fp32
+        super()._apply(fn, recurse)
+        for t in (self.weight, self.e_score_correction_bias):
+            if t.is_floating_point() and t.dtype != torch.float32:
+                t.data = t.data.float()
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for n in ("weight", "e_score_correction_bias"):
+            if prefix + n in state_dict and state_dict[prefix + n].is_floating_point():
+                state_dict[prefix + n] = state_dict[prefix + n].float()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # (N, E)
+        choice = scores + self.e_score_correction_bias.float()  # the bias steers the choice, not the weights
+        N, E = choice.shape
+        if self.groups > 1:  # only experts of the topk_group groups with the best two-expert sums compete
+            grouped = choice.view(N, self.groups, E // self.groups)  # (N, G, E/G)
+            best = grouped.topk(2, dim=-1).values.sum(-1).topk(self.topk_group, dim=-1).indices  # (N, topk_group)
+            keep = torch.zeros(N, self.groups, dtype=torch.bool, device=x.device).scatter_(1, best, True)
+            choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(N, E)
+        ids = choice.topk(self.k, dim=-1).indices  # (N, k)
+        w = scores.gather(1, ids)
+        if self.normalize:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+        return w * self.scale, ids
+
+
+class MoE(nn.Module):
+    """Routed SwiGLU experts plus a shared one (GLM-4.5's MoE layer): y = sum_j w_j expert_{e_j}(x) + shared(x).
+
+    Tokens are grouped by expert: one product per expert in use, over the tokens routed to it, added back
+    at their rows, so a decode step of a few rows reads only the chosen experts' weights. The experts are
+    plain `MLP`s of kernels.Linear, so quantization (`mlp.experts.E.up` / `.down`) and the native few-row
+    kernels apply to each as to a dense MLP."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = nn.ModuleList(MLP(cfg, cfg.moe_ffn_dim) for _ in range(cfg.n_experts))
+        if cfg.n_shared_experts:
+            self.shared = MLP(cfg, cfg.n_shared_experts * cfg.moe_ffn_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (N, C)
+        w, ids = self.gate(x)  # (N, k) each
+        k = ids.shape[1]
+        flat = ids.flatten()  # (N k,): token t's j-th choice at t * k + j
+        order = flat.argsort(stable=True)  # the (token, choice) pairs grouped by expert
+        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        out = torch.zeros_like(x)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            pairs = order[start:start + n]
+            start += n
+            rows = pairs // k  # the tokens routed to expert e
+            y = self.experts[e](x[rows]) * w.flatten()[pairs, None]  # (n, C), fp32 by the weights
+            # index_put_ accumulating, not index_add_: the same sums (a token picks an expert once), but
+            # index_add_ on CPU costs milliseconds per call when its threads are contended
+            out.index_put_((rows,), y.to(x.dtype), accumulate=True)
+        if hasattr(self, "shared"):
+            out = out + self.shared(x)
+        return out.view(shape)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.deepnorm, self.alpha = cfg.residual != "pre_ln", cfg.residual_alpha  # normed: alpha 1
         self.norm1 = Norm(cfg.dim, cfg.norm, cfg.norm_eps)
         self.attn = LatentAttention(cfg) if cfg.attention == "mla" else Attention(cfg)
         self.norm2 = Norm(cfg.dim, cfg.norm, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg)
         if cfg.sandwich_norm:
             self.post_attn_norm = Norm(cfg.dim, cfg.norm, cfg.norm_eps)
             self.post_mlp_norm = Norm(cfg.dim, cfg.norm, cfg.norm_eps)
@@ -341,3 +440,24 @@ class Block(nn.Module):
         if self.sandwich:
             m = self.post_mlp_norm(m)
         return (h * self.alpha if self.deepnorm else x) + m
+
+
+class MTPLayer(nn.Module):
+    """One multi-token-prediction layer as GLM-4.5 ships it (DeepSeek-V3's design): from the model's final
+    hidden state h_t and the embedding of token t+1 it predicts token t+2:
+    block(eh_proj([enorm(embed(x_{t+1})); hnorm(h_t)])), then shared_head_norm and the model's head.
+    Its block is the kind of layer `n_layers + i` would be (an MoE layer). Not run by the model's forward:
+    `GLM.mtp_logits` runs it, to draft tokens."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.enorm = Norm(cfg.dim, cfg.norm, cfg.norm_eps)
+        self.hnorm = Norm(cfg.dim, cfg.norm, cfg.norm_eps)
+        self.eh_proj = kernels.Linear(2 * cfg.dim, cfg.dim, bias=False)
+        self.block = Block(cfg, layer)
+        self.shared_head_norm = Norm(cfg.dim, cfg.norm, cfg.norm_eps)
+
+    def forward(self, h: torch.Tensor, next_embeds: torch.Tensor, rotary: Rotary, mask) -> torch.Tensor:
+        """h, next_embeds (B, T, C) -> normed hidden states (B, T, C) for the head."""
+        x = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(h)), dim=-1))  # (B, T, 2C) -> (B, T, C)
+        return self.shared_head_norm(self.block(x, rotary, mask))

@@ -12,7 +12,10 @@
 
 One module covers the original GLM (learned 2D positions, LayerNorm, GELU), ChatGLM-6B (2D RoPE,
 alpha-scaled residual on the normed input), GLM-4 (partial interleaved RoPE, RMSNorm, SwiGLU, GQA,
-q/k/v bias) and GLM-4-0414 (sandwich norms); the switches live in `ModelConfig`, the blocks in `layers`.
+q/k/v bias), GLM-4-0414 (sandwich norms) and GLM-4.5 / 4.6 / 4.7 (routed experts with a shared one after
+dense first layers, q/k norms, half-split partial rotary, and multi-token-prediction layers kept in
+`mtp` that forward does not run: `mtp_logits` drafts with them); the switches live in `ModelConfig`,
+the blocks in `layers`.
 
 Attention follows GLM's blank-infilling mask, written once (`visible`): key k is visible to the query
 at slot q when it is valid (not padding) and `k < sep` (Part A, read bidirectionally) or `k <= q`
@@ -61,7 +64,7 @@ import torch.nn as nn
 
 from . import fused, kernels
 from .config import ModelConfig
-from .layers import Block, Norm, Rotary, Segment
+from .layers import Block, MTPLayer, Norm, Rotary, Segment
 
 
 class KVCache:
@@ -356,7 +359,9 @@ class GLM(nn.Module):
         if cfg.position == "learned_2d":
             self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.dim)
             self.block_pos_embed = nn.Embedding(cfg.max_seq_len, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        # GLM-4.5's multi-token-prediction layers: weights kept with the model, run only by mtp_logits
+        self.mtp = nn.ModuleList(MTPLayer(cfg, cfg.n_layers + i) for i in range(cfg.n_mtp_layers))
         self.norm = Norm(cfg.dim, cfg.norm, cfg.norm_eps) if cfg.final_norm else nn.Identity()
         if not cfg.tie_embeddings:
             self.head = kernels.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -376,7 +381,7 @@ class GLM(nn.Module):
             elif "norm" in name:
                 p.fill_(1.0)
             else:
-                s = std / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("attn.out.weight", "mlp.down.weight")) else std
+                s = std / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("attn.out.weight", "down.weight")) else std
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * s)
 
     # ---- inputs -------------------------------------------------------------------------------
@@ -424,6 +429,18 @@ class GLM(nn.Module):
         """Output head over final hidden states (..., C) -> (..., V)."""
         # a tied model has no `head` unless quantization gave it a quantized copy of the embedding
         return self.head(h) if hasattr(self, "head") else kernels.linear(h, self.embed.weight)
+
+    def mtp_logits(self, hidden: torch.Tensor, next_ids: torch.Tensor, position_ids=None, depth: int = 0) -> torch.Tensor:
+        """Draft logits (B, T, V) of multi-token-prediction layer `depth` over a whole sequence, causal, no
+        cache: position t, from the final hidden state hidden[:, t] (B, T, C: forward's `hidden_only`
+        output, after the final norm, as vLLM feeds its MTP layers) and the next token next_ids[:, t],
+        predicts the token after that."""
+        if depth >= len(self.mtp):
+            raise ValueError(f"this model has {len(self.mtp)} multi-token-prediction layer(s) (n_mtp_layers); "
+                             f"depth {depth} does not exist")
+        pos, block = self._positions(next_ids, position_ids)
+        x = self._embed(next_ids, pos, block)
+        return self.logits(self.mtp[depth](hidden, x, Rotary(self.cfg, pos, block, x.dtype), None))
 
     # ---- entry points -------------------------------------------------------------------------
     def forward(self, input_ids, position_ids=None, sep=None, attention_mask=None, hidden_only=False):

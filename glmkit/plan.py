@@ -184,17 +184,52 @@ def _linear_bytes(N: int, K: int, bias: bool, a: int, quant: dict | None) -> int
     return N * (K // 2) + 2 * N * G * a + b
 
 
+def _mlp_linears(cfg, layer: int) -> list[tuple[int, int, bool]]:  # _linears' last two are the dense MLP's
+    """(out N, in K, bias) of block `layer`'s MLP side: the dense MLP's up and down, or every expert's and the
+    shared expert's (an MoE layer; its router is counted apart, it stays fp32)."""
+    if not cfg.is_moe_layer(layer):
+        return _linears(cfg)[-2:]
+    F, S, C = cfg.moe_ffn_dim, cfg.moe_ffn_dim * cfg.n_shared_experts, cfg.dim
+    return [(2 * F, C, False), (C, F, False)] * cfg.n_experts + ([(2 * S, C, False), (C, S, False)] if S else [])
+
+
+def _block_bytes(cfg, layer: int, a: int, quant: dict | None) -> int:
+    """Bytes of block `layer`: its linears, norms (qk norms included) and an MoE layer's fp32 router and bias."""
+    norm = cfg.dim * (2 if cfg.norm == "layernorm" else 1) * a
+    lins = _linears(cfg)[:-2] + _mlp_linears(cfg, layer)
+    router = (cfg.n_experts * cfg.dim + cfg.n_experts) * 4 if cfg.is_moe_layer(layer) else 0
+    qk = 2 * cfg.head_dim * a * (2 if cfg.norm == "layernorm" else 1) if cfg.qk_norm else 0
+    return (sum(_linear_bytes(N, K, b, a, quant) for N, K, b in lins) + norm * (4 if cfg.sandwich_norm else 2) + router + qk
+            + _latent_bytes(cfg, a))
+
+
 def weight_bytes(cfg, dtype: torch.dtype, quant: dict | None = None) -> dict[str, int]:
-    """Bytes of the model's tensors by part: embeddings, layers, norm, head (0 for a float tied model)."""
+    """Bytes of the model's tensors by part: embeddings, layers (every expert of an MoE), norm, head (0 for a
+    float tied model), and the multi-token-prediction layers (GLM-4.5's; loaded though forward skips them)."""
     quant = quant or getattr(cfg, "quant", None)
     a, C, V = _size(dtype), cfg.dim, cfg.vocab_size
     norm = C * (2 if cfg.norm == "layernorm" else 1) * a
     emb = V * C * a + (2 * cfg.max_seq_len * C * a if cfg.position == "learned_2d" else 0)
-    layer = sum(_linear_bytes(N, K, bias, a, quant) for N, K, bias in _linears(cfg)) + norm * (4 if cfg.sandwich_norm else 2)
-    layer += _latent_bytes(cfg, a)
+    layers = sum(_block_bytes(cfg, i, a, quant) for i in range(cfg.n_layers))
     head_quant = quant if quant and quant.get("head") else None
     head = 0 if cfg.tie_embeddings and head_quant is None else _linear_bytes(V, C, False, a, head_quant)
-    return {"embeddings": emb, "layers": cfg.n_layers * layer, "norm": norm if cfg.final_norm else 0, "head": head}
+    mtp = sum(_block_bytes(cfg, cfg.n_layers + i, a, quant) + 3 * norm + 2 * C * C * a for i in range(cfg.n_mtp_layers))
+    return {"embeddings": emb, "layers": layers, "norm": norm if cfg.final_norm else 0, "head": head, "mtp": mtp}
+
+
+def active_weight_bytes(cfg, dtype: torch.dtype, quant: dict | None = None) -> int:
+    """Bytes of weights one token's forward reads: weight_bytes without the routed experts it does not use
+    (an MoE layer reads n_experts_per_tok of n_experts) and without the MTP layers; the embedding table
+    counts whole (one row is read, but the tied head reads it all)."""
+    w = weight_bytes(cfg, dtype, quant)
+    quant = quant or getattr(cfg, "quant", None)
+    total = sum(w.values()) - w["mtp"]
+    if cfg.n_experts:
+        F, C, a = cfg.moe_ffn_dim, cfg.dim, _size(dtype)
+        expert = _linear_bytes(2 * F, C, False, a, quant) + _linear_bytes(C, F, False, a, quant)
+        moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
+        total -= moe_layers * (cfg.n_experts - cfg.n_experts_per_tok) * expert
+    return total
 
 
 def _tiled(quant: dict | None) -> bool:
@@ -213,7 +248,7 @@ def kernel_copies_bytes(cfg, dtype: torch.dtype, quant: dict | None = None, pref
     a, C, V, L = _size(dtype), cfg.dim, cfg.vocab_size, cfg.n_layers
     fp32 = dtype != torch.float32
     head_quant = quant if quant and quant.get("head") else None
-    lins = [(N, K, bias, quant, False) for N, K, bias in _linears(cfg)] * L
+    lins = [(N, K, bias, quant, False) for i in range(L) for N, K, bias in _linears(cfg)[:-2] + _mlp_linears(cfg, i)]
     if not cfg.tie_embeddings or head_quant:
         lins.append((V, C, False, head_quant, True))
     norms = (L * (4 if cfg.sandwich_norm else 2) + 1) * C * (2 if cfg.norm == "layernorm" else 1)
@@ -228,8 +263,8 @@ def kernel_copies_bytes(cfg, dtype: torch.dtype, quant: dict | None = None, pref
             decode += N * G * 2 * (a if dtype == torch.bfloat16 else 4)
             if prefill and N % 16 == 0 and not head and not _tiled(q):  # the head runs on few rows (last-token logits)
                 many_rows += N * (K // 2) + G * N * 2 * 4
-    if not _native_shapes(cfg, quant) or cfg.attention != "mha":
-        decode = 0  # the native step does not take this int4 shape or latent attention: no decode plan, no copies
+    if not _native_shapes(cfg, quant) or not _native_model(cfg):
+        decode = 0  # the native step does not take this model: no decode plan, no copies
     return {"decode copies": decode, "int4 prefill layout": many_rows}
 
 
@@ -243,12 +278,17 @@ def _native_shapes(cfg, quant: dict | None) -> bool:
     return not any(K % 64 or K % g or g % 32 for K in ks)
 
 
+def _native_model(cfg) -> bool:
+    """Whether fused.decode_step takes this architecture (not GLM-4.5's experts, qk norms, half-split rotary)."""
+    return cfg.attention == "mha" and not cfg.n_experts and not cfg.qk_norm and cfg.rope_interleave
+
+
 def _native_decode(cfg, dtype: torch.dtype, quant: dict | None, device, rows: int) -> bool:
     """Whether a decode step of `rows` rows runs natively (`fused.decode_step`), reading the pool in place."""
     from . import kernels
 
     return (torch.device(device).type == "cpu" and rows <= kernels.MAX_ROWS and dtype in (torch.float32, torch.bfloat16)
-            and cfg.attention == "mha" and _native_shapes(cfg, quant) and kernels.available())
+            and _native_shapes(cfg, quant) and _native_model(cfg) and kernels.available())
 
 
 # ---- KV cache -------------------------------------------------------------------------------------------------

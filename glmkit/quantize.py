@@ -34,6 +34,7 @@ third to a half of a small model's decode bandwidth, the embedding lookup stays 
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import torch
@@ -41,8 +42,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import kernels
+from .layers import ROUTER_FP32
 
 TARGETS = ("attn.qkv", "attn.out", "mlp.up", "mlp.down")
+# an MoE layer's experts and shared expert: mlp.experts.E.up, mlp.shared.down, ...
+_MOE_TARGET = re.compile(r"(^|\.)mlp\.(experts\.\d+|shared)\.(up|down)$")
+
+
+def is_target(name: str) -> bool:
+    """Whether the linear named `name` (a module path in a GLM) is quantized: attention and MLP products,
+    every expert's included. The router (mlp.gate) stays float: it decides which weights are read."""
+    return name.endswith(TARGETS) or _MOE_TARGET.search(name) is not None
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,7 +200,7 @@ def _weight_only_kernel(x: torch.Tensor) -> bool:
 
 def _targets(model: nn.Module, quant: dict):
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and name.endswith(TARGETS):
+        if isinstance(mod, nn.Linear) and is_target(name):
             yield name, mod
     if quant.get("head") and isinstance(getattr(model, "head", None), nn.Linear):
         yield "head", model.head
@@ -228,9 +238,12 @@ def quant_spec(bits: int, group_size: int = 64, head: bool = True) -> dict:
 
 
 def cast_floats(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Floating parameters and buffers (scales, mins) to `dtype`; integer weights stay as they are."""
-    for t in list(model.parameters()) + [b for _, b in model.named_buffers() if b.is_floating_point()]:
-        t.data = t.data.to(dtype)
+    """Floating parameters and buffers (scales, mins) to `dtype`; integer weights stay as they are, and so
+    does an MoE router (fp32, layers.Router)."""
+    tensors = list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
+    for name, t in tensors:
+        if not name.endswith(ROUTER_FP32):
+            t.data = t.data.to(dtype)
     return model
 
 
