@@ -1,0 +1,214 @@
+"""A GLM-4.7-Flash-shaped mixture of experts on this machine: written in int4, loaded, decoded, prefilled.
+
+    .venv/bin/python bench/moe.py --out /tmp/flash-int4                 # the whole model (~17 GiB in int4)
+    .venv/bin/python bench/moe.py --out /tmp/flash-4l --layers 4        # a 4-layer slice: minutes
+    .venv/bin/python bench/moe.py --model DIR                           # an existing checkpoint, as it is
+    .venv/bin/python bench/moe.py --out /tmp/x --arch glm4_moe --tiny   # a tiny model (checks the script)
+
+The shape is transformers' `Glm4MoeLiteConfig()` default, which is GLM-4.7-Flash's (47 layers, 2048 hidden,
+latent attention with a 512 + 64 latent KV, 64 routed experts of which 4 per token plus 1 shared, the first
+layer dense, vocabulary 154,880): 30B parameters, about 3B active per token. Its bf16 checkpoint (60 GB) would
+not fit this machine's disk, so it is written directly in glmkit's int4 layout (`--bits 4`, groups of 64; the
+output head too), tensor by tensor through `convert.write_stream`: random nibbles with scales and mins of an
+N(0, 0.02) weight's range, random N(0, 0.02) float tensors (attention's latent projections and the router stay
+float, as `glmkit quantize` leaves them), norms at 1. Nothing holds the model in memory while it is written.
+
+Measured in a child process (so its peak resident memory is the model's alone):
+  load        seconds of `glmkit.load(dir)` and the resident memory after it
+  prefill     prompt tokens / seconds for a --prefill-token prompt (one new token)
+  decode      B / the median time between steps of a stream of --new-tokens tokens, greedy, per batch B
+  bound       the bandwidth bound: measured memory bandwidth / bytes one token's forward reads (attention,
+              dense and shared MLPs, router, n_experts_per_tok routed experts per MoE layer, the head; one
+              embedding row), and decode at batch 1 as a fraction of it
+  kv          bytes of KV cache per token (the latent width for latent attention)
+Random weights route tokens uniformly at random, a trained model less so: batch-4 decode reads up to
+4 x 4 experts per layer here. Report the CPU beside any figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+ARCHS = {  # transformers config class, glmkit format, the tiny variant's overrides (--tiny)
+    "glm4_moe_lite": ("Glm4MoeLiteConfig", "glm4_moe_lite_hf",
+                      dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                           num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2,
+                           kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+                           vocab_size=512, mlp_layer_types=["dense", "sparse", "sparse"])),
+    "glm4_moe": ("Glm4MoeConfig", "glm4_moe_hf",
+                 dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, n_routed_experts=8,
+                      num_experts_per_tok=2, vocab_size=512, num_nextn_predict_layers=0)),
+}
+
+
+def model_config(arch: str, layers: int | None, tiny: bool, bits: int):
+    """glmkit's config of the architecture's default (released-size) shape, read through its format."""
+    import transformers
+
+    from glmkit.convert import FORMATS
+    from glmkit.quantize import quant_spec
+
+    cls, fmt, small = ARCHS[arch]
+    d = getattr(transformers, cls)(**(small if tiny else {})).to_dict()
+    if layers:
+        d["num_hidden_layers"] = layers
+        if d.get("mlp_layer_types"):
+            d["mlp_layer_types"] = d["mlp_layer_types"][:layers]
+    d["num_nextn_predict_layers"] = 0  # the MTP layer is not part of decoding
+    d["architectures"] = [cls.replace("Config", "ForCausalLM")]
+    from dataclasses import replace
+
+    cfg = FORMATS[fmt].config_from_hf(d)
+    return replace(cfg, chat_format=None, quant=quant_spec(bits, 64 if not tiny else 32, head=True) if bits else None)
+
+
+def write_model(cfg, out: Path) -> int:
+    """Random weights of `cfg` (quantized ones as int4 / int8 codes) written tensor by tensor; returns bytes."""
+    from glmkit.convert import _meta_model, write_stream
+
+    gen = torch.Generator().manual_seed(0)
+    meta = _meta_model(cfg).state_dict()
+    scale = 0.02 * 3 / 7.5  # an N(0, 0.02) weight spans about +-3 sigma over 15 int4 steps
+
+    def tensors():
+        for name, m in meta.items():
+            if m.dtype == torch.uint8:  # packed int4 codes
+                t = torch.randint(0, 256, m.shape, dtype=torch.uint8, generator=gen)
+            elif m.dtype == torch.int8:
+                t = torch.randint(-127, 128, m.shape, dtype=torch.int8, generator=gen)
+            elif name.endswith(".scales"):
+                t = torch.full(m.shape, scale if cfg.quant["bits"] == 4 else 0.02 * 3 / 127, dtype=torch.bfloat16)
+            elif name.endswith(".mins"):
+                t = torch.full(m.shape, -7.5 * scale, dtype=torch.bfloat16)
+            elif "norm" in name:
+                t = torch.ones(m.shape, dtype=torch.bfloat16)
+            elif name.endswith("e_score_correction_bias"):
+                t = torch.zeros(m.shape, dtype=m.dtype)
+            else:
+                t = (torch.randn(m.shape, generator=gen) * 0.02).to(torch.float32 if m.dtype == torch.float32 else torch.bfloat16)
+            yield name, t
+
+    return write_stream(cfg, tensors(), out)[1]
+
+
+def bandwidth_gbs() -> float:
+    x = torch.ones(1 << 28)  # 1 GiB of fp32
+    x.sum()
+    t = time.perf_counter()
+    for _ in range(3):
+        x.sum()
+    return 3 * x.numel() * 4 / (time.perf_counter() - t) / 1e9
+
+
+def read_bytes_per_token(cfg) -> int:
+    """Bytes one decoded token's forward reads: the active weights, one embedding row instead of the table."""
+    from glmkit.plan import active_weight_bytes, weight_bytes
+
+    w = weight_bytes(cfg, torch.bfloat16)
+    return active_weight_bytes(cfg, torch.bfloat16) - (w["embeddings"] - cfg.dim * 2 if not cfg.tie_embeddings else 0)
+
+
+def rss_gib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 2**20
+
+
+def child(a) -> None:
+    import resource
+
+    import glmkit
+    from glmkit.generate import generate, stream
+    from glmkit.model import BlockPool
+    from glmkit.sampling import SamplingParams
+
+    torch.manual_seed(0)
+    t = time.perf_counter()
+    model = glmkit.load(a.child, dtype=torch.bfloat16).eval()
+    cfg = model.cfg
+    res = {"load_s": time.perf_counter() - t, "rss_after_load_gib": rss_gib(),
+           "params_b": cfg.num_params() / 1e9, "active_params_b": cfg.num_params(active=True) / 1e9,
+           "kv_bytes_per_token": BlockPool.block_bytes(cfg, 1, torch.bfloat16),
+           "read_gib_per_token": read_bytes_per_token(cfg) / 2**30}
+    V = cfg.vocab_size
+
+    def run(prompts, n):
+        t = time.perf_counter()
+        generate(model, prompts, SamplingParams(max_new_tokens=n, temperature=0))
+        return time.perf_counter() - t
+
+    run([torch.randint(0, V, (16,)).tolist()], 2)  # warm-up
+    for B in a.batches:
+        prompts = [torch.randint(0, V, (32,)).tolist() for _ in range(B)]
+        run(prompts, 2)
+        stamps = []
+        for chunk in stream(model, prompts, SamplingParams(max_new_tokens=a.new_tokens, temperature=0)):
+            if chunk.index == B - 1:
+                stamps.append(time.perf_counter())
+        gaps = sorted(y - x for x, y in zip(stamps, stamps[1:]))
+        res[f"decode_b{B}_tok_s"] = B / gaps[len(gaps) // 2]
+    if a.prefill:
+        ids = torch.randint(0, V, (a.prefill,)).tolist()
+        res["prefill_tok_s"] = a.prefill / run([ids], 1)
+    res["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print("RESULT " + json.dumps(res))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, help="write a random checkpoint here first (a new directory)")
+    p.add_argument("--model", type=Path, help="measure this checkpoint instead")
+    p.add_argument("--arch", default="glm4_moe_lite", choices=list(ARCHS))
+    p.add_argument("--layers", type=int, default=None, help="only the first N layers (a slice)")
+    p.add_argument("--bits", type=int, default=4, choices=[0, 4, 8], help="0: bf16 (needs 2 bytes a weight on disk)")
+    p.add_argument("--tiny", action="store_true", help="a tiny model of the architecture (checks this script)")
+    p.add_argument("--batches", default="1,4")
+    p.add_argument("--new-tokens", type=int, default=24)
+    p.add_argument("--prefill", type=int, default=2048)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    a.batches = [int(b) for b in str(a.batches).split(",")]
+    if a.child:
+        return child(a)
+    torch.set_num_threads(torch.get_num_threads())
+    info = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    try:
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    model = a.model
+    if model is None:
+        if a.out is None:
+            p.error("give --out (to write a random checkpoint) or --model")
+        cfg = model_config(a.arch, a.layers, a.tiny, a.bits)
+        t = time.perf_counter()
+        nbytes = write_model(cfg, a.out)
+        info.update(write_s=time.perf_counter() - t, written_gib=nbytes / 2**30)
+        model = a.out
+    info["bandwidth_gbs"] = bandwidth_gbs()
+    cmd = [sys.executable, __file__, "--child", str(model), "--batches", ",".join(map(str, a.batches)),
+           "--new-tokens", str(a.new_tokens), "--prefill", str(a.prefill)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"the measuring process failed:\n{r.stderr[-3000:]}")
+    res = json.loads(next(line[7:] for line in r.stdout.splitlines() if line.startswith("RESULT ")))
+    info.update(res)
+    bound = info["bandwidth_gbs"] * 1e9 / (res["read_gib_per_token"] * 2**30)
+    info["bound_b1_tok_s"] = bound
+    info["decode_b1_of_bound"] = res["decode_b1_tok_s"] / bound if "decode_b1_tok_s" in res else None
+    for k, v in info.items():
+        print(f"{k:24s} {v:.4g}" if isinstance(v, float) else f"{k:24s} {v}")
+
+
+if __name__ == "__main__":
+    main()
