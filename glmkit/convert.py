@@ -1,6 +1,6 @@
 """Checkpoint formats: read upstream GLM checkpoints into glmkit, write glmkit models back out.
 
-    glmkit convert SRC_DIR DST_DIR [--to glmkit|glm_hf|glm4_hf|glm4_moe_hf|glm4_moe_lite_hf|glm|chatglm|chatglm2] [--dtype bf16]
+    glmkit convert SRC_DIR DST_DIR [--to glmkit|glm_hf|glm4_hf|glm4_moe_hf|glm4_moe_lite_hf|glm_moe_dsa_hf|glm|chatglm|chatglm2] [--dtype bf16]
     glmkit info PATH|PRESET
 
     model = glmkit.load("path/to/glm-4-9b-chat-hf", dtype=torch.bfloat16)
@@ -17,6 +17,8 @@ A checkpoint is a directory with `config.json` and weights (`model.safetensors`,
     glm_hf    transformers GlmForCausalLM (GLM-4-9B -hf checkpoints)
     glm4_hf   transformers Glm4ForCausalLM (GLM-4-0414: sandwich norms)
     glm4_moe_lite_hf  transformers Glm4MoeLiteForCausalLM (GLM-4.7-Flash: latent attention, experts)
+    glm_moe_dsa_hf    transformers GlmMoeDsaForCausalLM (GLM-5: glm4_moe_lite_hf plus the sparse
+              attention indexer, self_attn.indexer.*)
     glm4_moe_hf  transformers Glm4MoeForCausalLM (GLM-4.5 / 4.6 / 4.7: mixture of experts, per-expert
               tensors as released and as transformers saves them, the MTP layer as layer num_hidden_layers)
     glm       the original THUDM GLM remote code (glm-large-chinese, glm-10b-chinese, ...)
@@ -380,6 +382,10 @@ def _lite_to_dict(cfg: ModelConfig, fmt: str = "glm4_moe_lite_hf") -> dict:
         problems.append("biases other than attention_bias (q_a, kv_a and o_proj together)")
     if cfg.rope_fp16 or cfg.qk_norm:
         problems.append("rope_fp16 or qk_norm")
+    if bool(cfg.index_n_heads) != (fmt == "glm_moe_dsa_hf"):
+        problems.append(f"index_n_heads={cfg.index_n_heads} (the sparse attention indexer is GLM-5's: glm_moe_dsa_hf)")
+    if fmt == "glm_moe_dsa_hf" and not cfg.rope_interleave:
+        problems.append("rope_interleave=false (GlmMoeDsa rotates interleaved pairs)")
     if problems:
         raise CheckpointError(f"this model cannot be written as {fmt}: {'; '.join(problems)}. "
                               f"Write it with --to glmkit")
@@ -429,6 +435,74 @@ def _lite_rules(cfg: ModelConfig, block_rules=_lite_block_rules) -> list[Rule]:
     for i in range(cfg.n_layers):
         rules += block_rules(cfg, f"layers.{i}.", f"model.layers.{i}.", i)
     return rules + mtp_rules(cfg, block_rules)
+
+
+# transformers GlmMoeDsaForCausalLM (GLM-5): Glm4MoeLite's layout plus the sparse attention indexer ----------
+_DSA_DEFAULTS = {  # transformers' GlmMoeDsaConfig defaults where they differ from Glm4MoeLite's (GLM-5's sizes)
+    "num_hidden_layers": 78, "num_attention_heads": 64, "hidden_size": 6144, "intermediate_size": 12288,
+    "q_lora_rank": 2048, "rope_interleave": True,
+    "moe": {"n_routed_experts": 256, "num_experts_per_tok": 8, "moe_intermediate_size": 2048,
+            "routed_scaling_factor": 2.5},
+}
+
+
+def _dsa_pattern(d: dict, L: int) -> str:
+    """index_pattern from indexer_types ("full" / "shared" per layer), else index_topk_pattern ("F"/"S" string
+    or list), else transformers' default from index_topk_freq / index_skip_topk_offset (every layer "F")."""
+    types = d.get("indexer_types")
+    if types is None and d.get("index_topk_pattern") is not None:
+        pat = d["index_topk_pattern"]
+        types = [{"F": "full", "S": "shared"}.get(c, c) for c in pat]
+    if types is None:
+        freq, offset = max(_count(d, "index_topk_freq", 1), 1), _count(d, "index_skip_topk_offset", 2)
+        types = ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(L)]
+    if not isinstance(types, list) or len(types) != L or not set(types) <= {"full", "shared"} or types[0] != "full":
+        raise ConfigError(f"field 'indexer_types' must list 'full' or 'shared' for each of the {L} layers, the first "
+                          f"'full', got {_show(types)}")
+    return "".join("F" if t == "full" else "S" for t in types)
+
+
+def _dsa_from_dict(d: dict) -> ModelConfig:
+    src = "glm_moe_dsa_hf"
+    if d.get("rope_interleave") is False:
+        raise ConfigError(f"field 'rope_interleave' is false; {src} (GlmMoeDsa) always rotates interleaved pairs")
+    L = _get(d, "num_hidden_layers", 78)
+    if d.get("mlp_layer_types") is None:  # transformers: first_k_dense_replace dense layers, then experts
+        k = min(_count(d, "first_k_dense_replace", 3), L)
+        d = {**d, "mlp_layer_types": ["dense"] * k + ["sparse"] * (L - k)}
+    if "q_lora_rank" in d and d["q_lora_rank"] is None:
+        raise ConfigError(f"field 'q_lora_rank' is null; {src}'s indexer reads the compressed query")
+    pattern = _dsa_pattern(d, L)
+    extra = {"index_n_heads": _get(d, "index_n_heads", 32), "index_head_dim": _get(d, "index_head_dim", 128),
+             "index_topk": _get(d, "index_topk", 2048), "index_pattern": None if set(pattern) == {"F"} else pattern}
+    return _lite_from_dict(d, src, {**_DSA_DEFAULTS, "extra": extra})
+
+
+def _dsa_to_dict(cfg: ModelConfig) -> dict:
+    d = _lite_to_dict(cfg, "glm_moe_dsa_hf")
+    del d["rope_interleave"]  # not a GlmMoeDsa field: it always interleaves
+    d.update({"architectures": ["GlmMoeDsaForCausalLM"], "model_type": "glm_moe_dsa",
+              "index_n_heads": cfg.index_n_heads, "index_head_dim": cfg.index_head_dim, "index_topk": cfg.index_topk,
+              "indexer_types": ["full" if cfg.has_indexer(i) else "shared" for i in range(cfg.n_layers)]})
+    if "first_k_dense_replace" not in d:  # all dense: transformers would read its default 3 without it
+        d["first_k_dense_replace"] = cfg.n_layers
+    return d
+
+
+def _dsa_block_rules(cfg: ModelConfig, o: str, t: str, layer: int) -> list[Rule]:
+    rules = _lite_block_rules(cfg, o, t, layer)
+    if cfg.has_indexer(layer):
+        i, j = o + "attn.indexer.", t + "self_attn.indexer."
+        rules += [Rule(i + n, (j + n,)) for n in ("wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias",
+                                                   "weights_proj.weight")]
+    return rules
+
+
+GLM_MOE_DSA_HF = Format(
+    "glm_moe_dsa_hf", ("GlmMoeDsaForCausalLM", "GlmMoeDsaModel"), _dsa_from_dict, _dsa_to_dict,
+    lambda c: _lite_rules(c, _dsa_block_rules),
+    ignore=("rotary_emb.inv_freq", "shared_head.head.weight", "embed_tokens.weight"), fit=lambda c, n: _moe_fit(c, n),
+)
 
 
 GLM4_MOE_LITE_HF = Format(
@@ -868,7 +942,8 @@ CHATGLM2 = Format(
     _chatglm2_rules, ignore=("rotary_pos_emb.inv_freq",),
 )
 
-FORMATS: dict[str, Format] = {f.name: f for f in (GLMKIT, GLM_HF, GLM4_HF, GLM4_MOE_HF, GLM4_MOE_LITE_HF, GLM_ORIG, CHATGLM,
+FORMATS: dict[str, Format] = {f.name: f for f in (GLMKIT, GLM_HF, GLM4_HF, GLM4_MOE_HF, GLM4_MOE_LITE_HF, GLM_MOE_DSA_HF,
+                                                   GLM_ORIG, CHATGLM,
                                                    CHATGLM2)}
 
 
@@ -894,6 +969,8 @@ def detect_format(d: dict, src: str) -> Format:
         return GLM4_HF
     if d.get("model_type") == "glm4_moe_lite":
         return GLM4_MOE_LITE_HF
+    if d.get("model_type") == "glm_moe_dsa":
+        return GLM_MOE_DSA_HF
     if d.get("model_type") == "glm4_moe":
         return GLM4_MOE_HF
     if d.get("model_type") == "glm":  # HF's GlmConfig and THUDM's remote GLM share this name
