@@ -199,6 +199,8 @@ def test_round_trip_bit_identical_with_mtp_layer(hf_dirs, tmp_path):
                                                              experts_implementation="eager").eval()
     ids = torch.randint(0, V, (2, 9))
     assert_close(again(ids).logits, hf_dsa(PATTERNS["full-shared-full"])(ids).logits, 0.0, "transformers on our export")
+    draft = ours.mtp_logits(ours(ids, hidden_only=True)[:, :-1], ids[:, 1:])  # its block runs its own indexer
+    assert draft.shape == (2, 8, V) and torch.isfinite(draft).all()
     with pytest.raises(CheckpointError, match="index_n_heads=5"):
         write_checkpoint(ours, tmp_path / "lite", "glm4_moe_lite_hf")
 
