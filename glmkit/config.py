@@ -138,6 +138,18 @@ class ModelConfig:
     # written with the model, never run by forward (GLM.mtp_logits drafts with them)
     n_mtp_layers: int = 0
 
+    # ---- sparse attention indexer (GLM-5: transformers' GlmMoeDsaForCausalLM) ----
+    # With latent attention and q_lora_rank, index_n_heads > 0 adds DeepSeek-V3.2's indexer: per token a key
+    # LayerNorm(wk x) of index_head_dim (its first qk_rope_head_dim channels rotated, interleaved), cached
+    # beside the latent; per query index_n_heads heads q = wq_b(q_norm(q_a x)) and head weights
+    # weights_proj(x) / sqrt(index_n_heads). A key scores sum_h w_h relu(q_h . k / sqrt(index_head_dim)); the
+    # query attends only to the index_topk best of the keys its mask shows. index_pattern: per layer "F" (runs
+    # its own indexer) or "S" (reuses the previous "F" layer's choice, no indexer weights); None: all "F".
+    index_n_heads: int = 0
+    index_head_dim: int | None = None
+    index_topk: int = 0
+    index_pattern: str | None = None
+
     # derived in __post_init__ (not serialized)
     residual_alpha: float = 1.0
 
@@ -185,6 +197,7 @@ class ModelConfig:
                              "not learned_2d; set it false")
         self._check_rope_scaling()
         self._check_moe()
+        self._check_indexer()
         layers = self.deepnorm_layers or self.n_layers
         self.residual_alpha = math.sqrt(2 * layers) if self.residual == "deepnorm" else 1.0
 
@@ -265,6 +278,33 @@ class ModelConfig:
                              f"n_experts_per_tok={k}")
         if self.first_dense_layers > self.n_layers:
             raise ValueError(f"ModelConfig.first_dense_layers={self.first_dense_layers} exceeds n_layers={self.n_layers}")
+
+    def _check_indexer(self):
+        """The indexer's fields agree with each other and with latent attention (defaults: no indexer)."""
+        if not self.index_n_heads:
+            given = [n for n, v in (("index_head_dim", self.index_head_dim), ("index_topk", self.index_topk),
+                                    ("index_pattern", self.index_pattern)) if v]
+            if given:
+                raise ValueError(f"ModelConfig: {', '.join(given)} apply only to the sparse attention indexer; set "
+                                 "index_n_heads or remove them")
+            return
+        if self.index_n_heads < 0 or self.attention != "mla" or self.q_lora_rank is None:
+            raise ValueError(f"ModelConfig.index_n_heads={self.index_n_heads}: the indexer needs a positive head count, "
+                             "attention='mla' and q_lora_rank (its queries read q_norm(q_a x))")
+        if not self.index_head_dim or self.index_head_dim < self.qk_rope_head_dim:
+            raise ValueError(f"ModelConfig.index_head_dim={self.index_head_dim} must be at least qk_rope_head_dim="
+                             f"{self.qk_rope_head_dim} (its first channels are rotated)")
+        if self.index_topk <= 0:
+            raise ValueError(f"ModelConfig.index_topk must be positive with an indexer, got {self.index_topk}")
+        p = self.index_pattern
+        if p is not None and (len(p) != self.n_layers or set(p) - {"F", "S"} or p[0] != "F"):
+            raise ValueError(f"ModelConfig.index_pattern={p!r} must hold 'F' or 'S' for each of the {self.n_layers} "
+                             "layers, starting with 'F' (an 'S' layer reuses the previous 'F' layer's choice)")
+
+    def has_indexer(self, layer: int) -> bool:
+        """Whether block `layer` runs its own sparse attention indexer (the MTP layers, n_layers.., do)."""
+        p = self.index_pattern
+        return self.index_n_heads > 0 and (p is None or layer >= self.n_layers or p[layer] == "F")
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether block `layer` (n_layers.. for the multi-token-prediction layers) has routed experts."""
@@ -354,8 +394,8 @@ class ModelConfig:
         """(heads, key width, value width) of what one layer caches per token: n_kv_heads keys and values
         of head_dim; for "mla" one latent [c ; k_pe] as the key (kv_lora_rank + qk_rope_head_dim: 576
         values for GLM-4.7-Flash) and nothing as the value, which attention reads from c."""
-        if self.attention == "mla":
-            return 1, self.kv_lora_rank + self.qk_rope_head_dim, 0
+        if self.attention == "mla":  # GLM-5's indexer adds its key (index_head_dim) to every layer's latent
+            return 1, self.kv_lora_rank + self.qk_rope_head_dim + (self.index_head_dim if self.index_n_heads else 0), 0
         return self.n_kv_heads, self.head_dim, self.head_dim
 
     @property
@@ -427,12 +467,18 @@ class ModelConfig:
         n = self.n_layers * layer + norm
         for i in range(self.n_layers):
             n += self.moe_params(active) if self.is_moe_layer(i) else mlp
+            n += self.indexer_params() if self.has_indexer(i) else 0
         if embeddings:
             n += V * C * (1 if self.tie_embeddings else 2)
             if self.position == "learned_2d":
                 n += 2 * self.max_seq_len * C
         return n
 
+
+    def indexer_params(self) -> int:
+        """Parameters of one layer's sparse attention indexer: wq_b, wk, k_norm (weight and bias), weights_proj."""
+        Hi, Di = self.index_n_heads, self.index_head_dim or 0
+        return (self.q_lora_rank or 0) * Hi * Di + self.dim * Di + 2 * Di + self.dim * Hi
 
     def moe_params(self, active: bool = False) -> int:
         """Parameters of one MoE layer's MLP side: router and its bias, shared expert, routed experts (all,

@@ -1,6 +1,6 @@
 """Checkpoint formats: read upstream GLM checkpoints into glmkit, write glmkit models back out.
 
-    glmkit convert SRC_DIR DST_DIR [--to glmkit|glm_hf|glm4_hf|glm4_moe_hf|glm4_moe_lite_hf|glm|chatglm|chatglm2] [--dtype bf16]
+    glmkit convert SRC_DIR DST_DIR [--to glmkit|glm_hf|glm4_hf|glm4_moe_hf|glm4_moe_lite_hf|glm_moe_dsa_hf|glm|chatglm|chatglm2] [--dtype bf16]
     glmkit info PATH|PRESET
 
     model = glmkit.load("path/to/glm-4-9b-chat-hf", dtype=torch.bfloat16)
@@ -16,7 +16,9 @@ A checkpoint is a directory with `config.json` and weights (`model.safetensors`,
     glmkit    our own: ModelConfig fields in config.json, our parameter names
     glm_hf    transformers GlmForCausalLM (GLM-4-9B -hf checkpoints)
     glm4_hf   transformers Glm4ForCausalLM (GLM-4-0414: sandwich norms)
-    glm4_moe_lite_hf  transformers Glm4MoeLiteForCausalLM (GLM-4.7-Flash: latent attention; dense layers only)
+    glm4_moe_lite_hf  transformers Glm4MoeLiteForCausalLM (GLM-4.7-Flash: latent attention, experts)
+    glm_moe_dsa_hf    transformers GlmMoeDsaForCausalLM (GLM-5: glm4_moe_lite_hf plus the sparse
+              attention indexer, self_attn.indexer.*)
     glm4_moe_hf  transformers Glm4MoeForCausalLM (GLM-4.5 / 4.6 / 4.7: mixture of experts, per-expert
               tensors as released and as transformers saves them, the MTP layer as layer num_hidden_layers)
     glm       the original THUDM GLM remote code (glm-large-chinese, glm-10b-chinese, ...)
@@ -323,17 +325,23 @@ GLM4_HF = Format(
 
 
 # transformers Glm4MoeLiteForCausalLM (GLM-4.7-Flash): latent attention ------------------------------------
-def _lite_from_dict(d: dict) -> ModelConfig:
-    """The config of a Glm4MoeLite checkpoint, with transformers' defaults for absent fields (its class's
-    defaults are GLM-4.7-Flash's sizes). Only its all-dense form is read here: "sparse" layers in
-    mlp_layer_types (by default every layer after the first) are mixture-of-experts layers."""
-    src = "glm4_moe_lite_hf"
-    L = _get(d, "num_hidden_layers", 47)
-    H = _get(d, "num_attention_heads", 20)
-    kinds = _get(d, "mlp_layer_types", ["dense"] + ["sparse"] * (L - 1), list)
-    if kinds != ["dense"] * L:
-        raise ConfigError(f"mlp_layer_types {kinds} has mixture-of-experts ('sparse') layers, which the {src} "
-                          "format does not read yet; only checkpoints whose every layer is 'dense' load")
+# transformers' Glm4MoeLiteConfig defaults for the expert fields (GLM-4.7-Flash: 64 experts, 4 routed, 1 shared)
+_LITE_MOE_DEFAULTS = {"n_routed_experts": 64, "num_experts_per_tok": 4, "moe_intermediate_size": 1536,
+                      "n_shared_experts": 1, "routed_scaling_factor": 1.8}
+
+
+def _lite_from_dict(d: dict, src: str = "glm4_moe_lite_hf", defaults: dict | None = None) -> ModelConfig:
+    """The config of a Glm4MoeLite checkpoint (latent attention; experts in the "sparse" layers of
+    mlp_layer_types, by default every layer after the first, as transformers; it reads no
+    first_k_dense_replace), with transformers' defaults for absent fields (its class's defaults are
+    GLM-4.7-Flash's sizes; `defaults` overrides them for GlmMoeDsa, which shares this layout)."""
+    defaults = defaults or {}
+    L = _get(d, "num_hidden_layers", defaults.get("num_hidden_layers", 47))
+    H = _get(d, "num_attention_heads", defaults.get("num_attention_heads", 20))
+    kinds = d.get("mlp_layer_types") or defaults.get("mlp_layer_types") or ["dense"] + ["sparse"] * (L - 1)
+    moe = {} if kinds == ["dense"] * L else moe_fields(
+        {**_LITE_MOE_DEFAULTS, **defaults.get("moe", {}), **{k: v for k, v in d.items() if v is not None},
+         "mlp_layer_types": kinds}, L, src)
     if _get(d, "num_key_value_heads", H) != H:  # transformers expands one latent into every head's keys
         raise ConfigError(f"field 'num_key_value_heads' must equal num_attention_heads ({H}) in {src}")
     if _get(d, "hidden_act", "silu", str) != "silu":
@@ -346,21 +354,24 @@ def _lite_from_dict(d: dict) -> ModelConfig:
     bias = _get(d, "attention_bias", False, bool)
     try:
         return ModelConfig(
-            vocab_size=_get(d, "vocab_size", 154880), dim=_get(d, "hidden_size", 2048), n_layers=L, n_heads=H,
-            ffn_dim=_get(d, "intermediate_size", 10240), max_seq_len=max_pos, position="rope_partial",
+            vocab_size=_get(d, "vocab_size", 154880), dim=_get(d, "hidden_size", defaults.get("hidden_size", 2048)),
+            n_layers=L, n_heads=H, ffn_dim=_get(d, "intermediate_size", defaults.get("intermediate_size", 10240)),
+            max_seq_len=max_pos, position="rope_partial",
             rope_theta=rope["rope_theta"], rope_scaling=rope["rope_scaling"], norm="rmsnorm",
             norm_eps=_get(d, "rms_norm_eps", 1e-5, float), mlp="swiglu", qkv_bias=bias, out_bias=bias,
             tie_embeddings=_get(d, "tie_word_embeddings", False, bool), source=src,
-            attention="mla", q_lora_rank=_get(d, "q_lora_rank", None) if "q_lora_rank" in d else 768,  # null: no q compression
+            attention="mla",  # q_lora_rank null: no q compression
+            q_lora_rank=_get(d, "q_lora_rank", None) if "q_lora_rank" in d else defaults.get("q_lora_rank", 768),
             kv_lora_rank=_get(d, "kv_lora_rank", 512), qk_nope_head_dim=_get(d, "qk_nope_head_dim", 192),
             qk_rope_head_dim=_get(d, "qk_rope_head_dim", 64), v_head_dim=_get(d, "v_head_dim", 256),
-            rope_interleave=_get(d, "rope_interleave", True, bool),
+            rope_interleave=_get(d, "rope_interleave", True, bool) if "rope_interleave" not in defaults
+            else defaults["rope_interleave"], **moe, **defaults.get("extra", {}),
         )
     except ValueError as e:
         raise ConfigError(str(e).replace("ModelConfig.rope_scaling", f"field {field!r}")) from None
 
 
-def _lite_to_dict(cfg: ModelConfig) -> dict:
+def _lite_to_dict(cfg: ModelConfig, fmt: str = "glm4_moe_lite_hf") -> dict:
     problems = []
     if cfg.attention != "mla":
         problems.append(f"attention={cfg.attention} (this layout is latent attention)")
@@ -369,10 +380,14 @@ def _lite_to_dict(cfg: ModelConfig) -> dict:
                         f"final_norm={cfg.final_norm}")
     if cfg.qkv_bias != cfg.out_bias or cfg.mlp_bias:
         problems.append("biases other than attention_bias (q_a, kv_a and o_proj together)")
-    if cfg.rope_fp16:
-        problems.append("rope_fp16")
+    if cfg.rope_fp16 or cfg.qk_norm:
+        problems.append("rope_fp16 or qk_norm")
+    if bool(cfg.index_n_heads) != (fmt == "glm_moe_dsa_hf"):
+        problems.append(f"index_n_heads={cfg.index_n_heads} (the sparse attention indexer is GLM-5's: glm_moe_dsa_hf)")
+    if fmt == "glm_moe_dsa_hf" and not cfg.rope_interleave:
+        problems.append("rope_interleave=false (GlmMoeDsa rotates interleaved pairs)")
     if problems:
-        raise CheckpointError(f"this model cannot be written as glm4_moe_lite_hf: {'; '.join(problems)}. "
+        raise CheckpointError(f"this model cannot be written as {fmt}: {'; '.join(problems)}. "
                               f"Write it with --to glmkit")
     d = {
         "architectures": ["Glm4MoeLiteForCausalLM"], "model_type": "glm4_moe_lite",
@@ -380,12 +395,15 @@ def _lite_to_dict(cfg: ModelConfig) -> dict:
         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_heads,
         "q_lora_rank": cfg.q_lora_rank, "kv_lora_rank": cfg.kv_lora_rank, "qk_nope_head_dim": cfg.qk_nope_head_dim,
         "qk_rope_head_dim": cfg.qk_rope_head_dim, "v_head_dim": cfg.v_head_dim, "rope_interleave": cfg.rope_interleave,
-        "mlp_layer_types": ["dense"] * cfg.n_layers,
+        "mlp_layer_types": ["sparse" if cfg.is_moe_layer(i) else "dense" for i in range(cfg.n_layers)],
         "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu",
         "attention_bias": cfg.qkv_bias, "attention_dropout": 0.0, "tie_word_embeddings": cfg.tie_embeddings,
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {})},
         "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
     }
+    if cfg.n_experts:
+        d.update(moe_to_hf(cfg))
+        del d["first_k_dense_replace"]  # transformers reads mlp_layer_types only; written there
     return d
 
 
@@ -404,28 +422,92 @@ def _latent_attention_rules(cfg: ModelConfig, o: str, t: str) -> list[Rule]:
     return rules
 
 
-def _dense_mlp_rules(o: str, t: str) -> list[Rule]:
-    """A dense SwiGLU MLP stored as separate gate_proj / up_proj (our mlp.up is rows [gate | up])."""
-    return [Rule(o + "mlp.up.weight", (t + "mlp.gate_proj.weight", t + "mlp.up_proj.weight"),
-                 lambda ts: torch.cat(ts, 0), lambda w: list(w.chunk(2, 0))),
-            Rule(o + "mlp.down.weight", (t + "mlp.down_proj.weight",))]
+def _lite_block_rules(cfg: ModelConfig, o: str, t: str, layer: int) -> list[Rule]:
+    return _latent_attention_rules(cfg, o, t) + moe_mlp_rules(cfg, o, t, layer) + [
+        Rule(o + "norm1.weight", (t + "input_layernorm.weight",)),
+        Rule(o + "norm2.weight", (t + "post_attention_layernorm.weight",))]
 
 
-def _lite_rules(cfg: ModelConfig) -> list[Rule]:
+def _lite_rules(cfg: ModelConfig, block_rules=_lite_block_rules) -> list[Rule]:
     rules = [Rule("embed.weight", ("model.embed_tokens.weight",)), Rule("norm.weight", ("model.norm.weight",))]
     if not cfg.tie_embeddings:
         rules.append(Rule("head.weight", ("lm_head.weight",)))
     for i in range(cfg.n_layers):
-        o, t = f"layers.{i}.", f"model.layers.{i}."
-        rules += _latent_attention_rules(cfg, o, t) + _dense_mlp_rules(o, t) + [
-            Rule(o + "norm1.weight", (t + "input_layernorm.weight",)),
-            Rule(o + "norm2.weight", (t + "post_attention_layernorm.weight",))]
+        rules += block_rules(cfg, f"layers.{i}.", f"model.layers.{i}.", i)
+    return rules + mtp_rules(cfg, block_rules)
+
+
+# transformers GlmMoeDsaForCausalLM (GLM-5): Glm4MoeLite's layout plus the sparse attention indexer ----------
+_DSA_DEFAULTS = {  # transformers' GlmMoeDsaConfig defaults where they differ from Glm4MoeLite's (GLM-5's sizes)
+    "num_hidden_layers": 78, "num_attention_heads": 64, "hidden_size": 6144, "intermediate_size": 12288,
+    "q_lora_rank": 2048, "rope_interleave": True,
+    "moe": {"n_routed_experts": 256, "num_experts_per_tok": 8, "moe_intermediate_size": 2048,
+            "routed_scaling_factor": 2.5},
+}
+
+
+def _dsa_pattern(d: dict, L: int) -> str:
+    """index_pattern from indexer_types ("full" / "shared" per layer), else index_topk_pattern ("F"/"S" string
+    or list), else transformers' default from index_topk_freq / index_skip_topk_offset (every layer "F")."""
+    types = d.get("indexer_types")
+    if types is None and d.get("index_topk_pattern") is not None:
+        pat = d["index_topk_pattern"]
+        types = [{"F": "full", "S": "shared"}.get(c, c) for c in pat]
+    if types is None:
+        freq, offset = max(_count(d, "index_topk_freq", 1), 1), _count(d, "index_skip_topk_offset", 2)
+        types = ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(L)]
+    if not isinstance(types, list) or len(types) != L or not set(types) <= {"full", "shared"} or types[0] != "full":
+        raise ConfigError(f"field 'indexer_types' must list 'full' or 'shared' for each of the {L} layers, the first "
+                          f"'full', got {_show(types)}")
+    return "".join("F" if t == "full" else "S" for t in types)
+
+
+def _dsa_from_dict(d: dict) -> ModelConfig:
+    src = "glm_moe_dsa_hf"
+    if d.get("rope_interleave") is False:
+        raise ConfigError(f"field 'rope_interleave' is false; {src} (GlmMoeDsa) always rotates interleaved pairs")
+    L = _get(d, "num_hidden_layers", 78)
+    if d.get("mlp_layer_types") is None:  # transformers: first_k_dense_replace dense layers, then experts
+        k = min(_count(d, "first_k_dense_replace", 3), L)
+        d = {**d, "mlp_layer_types": ["dense"] * k + ["sparse"] * (L - k)}
+    if "q_lora_rank" in d and d["q_lora_rank"] is None:
+        raise ConfigError(f"field 'q_lora_rank' is null; {src}'s indexer reads the compressed query")
+    pattern = _dsa_pattern(d, L)
+    extra = {"index_n_heads": _get(d, "index_n_heads", 32), "index_head_dim": _get(d, "index_head_dim", 128),
+             "index_topk": _get(d, "index_topk", 2048), "index_pattern": None if set(pattern) == {"F"} else pattern}
+    return _lite_from_dict(d, src, {**_DSA_DEFAULTS, "extra": extra})
+
+
+def _dsa_to_dict(cfg: ModelConfig) -> dict:
+    d = _lite_to_dict(cfg, "glm_moe_dsa_hf")
+    del d["rope_interleave"]  # not a GlmMoeDsa field: it always interleaves
+    d.update({"architectures": ["GlmMoeDsaForCausalLM"], "model_type": "glm_moe_dsa",
+              "index_n_heads": cfg.index_n_heads, "index_head_dim": cfg.index_head_dim, "index_topk": cfg.index_topk,
+              "indexer_types": ["full" if cfg.has_indexer(i) else "shared" for i in range(cfg.n_layers)]})
+    if "first_k_dense_replace" not in d:  # all dense: transformers would read its default 3 without it
+        d["first_k_dense_replace"] = cfg.n_layers
+    return d
+
+
+def _dsa_block_rules(cfg: ModelConfig, o: str, t: str, layer: int) -> list[Rule]:
+    rules = _lite_block_rules(cfg, o, t, layer)
+    if cfg.has_indexer(layer):
+        i, j = o + "attn.indexer.", t + "self_attn.indexer."
+        rules += [Rule(i + n, (j + n,)) for n in ("wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias",
+                                                   "weights_proj.weight")]
     return rules
+
+
+GLM_MOE_DSA_HF = Format(
+    "glm_moe_dsa_hf", ("GlmMoeDsaForCausalLM", "GlmMoeDsaModel"), _dsa_from_dict, _dsa_to_dict,
+    lambda c: _lite_rules(c, _dsa_block_rules),
+    ignore=("rotary_emb.inv_freq", "shared_head.head.weight", "embed_tokens.weight"), fit=lambda c, n: _moe_fit(c, n),
+)
 
 
 GLM4_MOE_LITE_HF = Format(
     "glm4_moe_lite_hf", ("Glm4MoeLiteForCausalLM", "Glm4MoeLiteModel"), _lite_from_dict, _lite_to_dict, _lite_rules,
-    ignore=("rotary_emb.inv_freq",),
+    ignore=("rotary_emb.inv_freq", "shared_head.head.weight", "embed_tokens.weight"), fit=lambda c, n: _moe_fit(c, n),
 )
 
 
@@ -588,12 +670,19 @@ def _moe_rules(cfg: ModelConfig) -> list[Rule]:
         rules.append(Rule("head.weight", ("lm_head.weight",)))
     for i in range(cfg.n_layers):
         rules += _moe_block_rules(cfg, f"layers.{i}.", f"model.layers.{i}.", i)
-    for i in range(cfg.n_mtp_layers):  # stored as layers n_layers, n_layers + 1, ... after the model's own
+    return rules + mtp_rules(cfg, _moe_block_rules)
+
+
+def mtp_rules(cfg: ModelConfig, block_rules) -> list[Rule]:
+    """The multi-token-prediction layers, stored as layers n_layers, n_layers + 1, ... after the model's own;
+    `block_rules(cfg, ours, theirs, layer)` names the decoder layer inside each."""
+    rules = []
+    for i in range(cfg.n_mtp_layers):
         o, t, L = f"mtp.{i}.", f"model.layers.{cfg.n_layers + i}.", cfg.n_layers + i
         rules += [Rule(o + "enorm.weight", (t + "enorm.weight",)), Rule(o + "hnorm.weight", (t + "hnorm.weight",)),
                   Rule(o + "eh_proj.weight", (t + "eh_proj.weight",)),
                   Rule(o + "shared_head_norm.weight", (t + "shared_head.norm.weight",))]
-        rules += _moe_block_rules(cfg, o + "block.", t, L)
+        rules += block_rules(cfg, o + "block.", t, L)
     return rules
 
 
@@ -853,7 +942,8 @@ CHATGLM2 = Format(
     _chatglm2_rules, ignore=("rotary_pos_emb.inv_freq",),
 )
 
-FORMATS: dict[str, Format] = {f.name: f for f in (GLMKIT, GLM_HF, GLM4_HF, GLM4_MOE_HF, GLM4_MOE_LITE_HF, GLM_ORIG, CHATGLM,
+FORMATS: dict[str, Format] = {f.name: f for f in (GLMKIT, GLM_HF, GLM4_HF, GLM4_MOE_HF, GLM4_MOE_LITE_HF, GLM_MOE_DSA_HF,
+                                                   GLM_ORIG, CHATGLM,
                                                    CHATGLM2)}
 
 
@@ -879,6 +969,8 @@ def detect_format(d: dict, src: str) -> Format:
         return GLM4_HF
     if d.get("model_type") == "glm4_moe_lite":
         return GLM4_MOE_LITE_HF
+    if d.get("model_type") == "glm_moe_dsa":
+        return GLM_MOE_DSA_HF
     if d.get("model_type") == "glm4_moe":
         return GLM4_MOE_HF
     if d.get("model_type") == "glm":  # HF's GlmConfig and THUDM's remote GLM share this name

@@ -219,6 +219,39 @@ class Attention(nn.Module):
 LATENT_NORM_EPS = 1e-6
 
 
+class Indexer(nn.Module):
+    """GLM-5's sparse attention indexer (DeepSeek-V3.2's; ModelConfig's indexer fields): which keys each query
+    attends to. Letters: Hi index heads of Di channels, Q the q_lora_rank. Its key (per token, cached beside the
+    latent) and its per-query scores are computed as transformers' GlmMoeDsaIndexer does, in fp32."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.Hi, self.Di, self.P, self.topk = cfg.index_n_heads, cfg.index_head_dim, cfg.qk_rope_head_dim, cfg.index_topk
+        self.wq_b = kernels.Linear(cfg.q_lora_rank, self.Hi * self.Di, bias=False)  # from q_norm(q_a(x))
+        self.wk = kernels.Linear(cfg.dim, self.Di, bias=False)
+        self.k_norm = Norm(self.Di, "layernorm", 1e-6)
+        self.weights_proj = kernels.Linear(cfg.dim, self.Hi, bias=False)  # read in fp32, as transformers keeps it
+
+    def project(self, x: torch.Tensor, q_resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (..., C), q_resid (..., Q) -> keys (..., Di), nothing rotated yet, and the query side
+        (..., Hi Di + Hi): queries, then head weights."""
+        w = F.linear(x.float(), self.weights_proj.weight.float()) * self.Hi ** -0.5
+        return self.k_norm(self.wk(x)), torch.cat((self.wq_b(q_resid).float(), w), dim=-1)
+
+    def choose(self, queries: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, rotate, cos, sin) -> torch.Tensor:
+        """queries (B, T, Hi Di + Hi) from `project`, keys (B, S, Di) rotated, mask (B, 1, T, S) of the keys
+        each query may see -> (B, T, S) bool: the index_topk best of them (fewer where fewer are visible)."""
+        B, T = queries.shape[:2]
+        q, w = queries.split((self.Hi * self.Di, self.Hi), dim=-1)
+        q = q.view(B, T, self.Hi, self.Di)
+        q = torch.cat((rotate(q[..., :self.P], cos.float(), sin.float()), q[..., self.P:]), dim=-1)
+        scores = torch.einsum("bthd,bsd->bths", q, keys.float()) * self.Di ** -0.5  # (B, T, Hi, S)
+        index = torch.einsum("bth,bths->bts", w, scores.relu()).masked_fill(~mask[:, 0], float("-inf"))  # (B, T, S)
+        # with fewer than index_topk visible keys some chosen ones are masked: the mask still hides them
+        top = index.topk(min(self.topk, index.shape[-1]), dim=-1).indices
+        return torch.zeros_like(index, dtype=torch.bool).scatter_(-1, top, True)
+
+
 class LatentAttention(nn.Module):
     """Multi-head latent attention (ModelConfig.attention "mla"; its fields there). Letters: R the latent
     width kv_lora_rank, P the rope channels, Dn / Dv the per-head no-rope key / value widths.
@@ -234,9 +267,15 @@ class LatentAttention(nn.Module):
     `absorb` None picks the form with fewer multiply-adds for T queries over S keys: absorbed while
     (S - T) R (Dn + Dv) > T S (2R - Dn - Dv), i.e. decode steps and short chunks over a longer cache;
     expanded for a whole sequence at once (S = T) when 2R > Dn + Dv. True / False force one.
+
+    With GLM-5's indexer (ModelConfig.index_n_heads) a token's cache entry is [c ; k_pe ; index key (Di)]
+    (zeros in layers without an indexer, so every layer's cache has one width) and each query's mask keeps
+    only the keys its indexer chose (`Indexer.choose`). A layer of index_pattern "S" reuses the choice the
+    previous "F" layer made in the same forward: `choice` is one dict shared by the model's layers, keyed
+    by segment (the ragged path's parts), written by "F" layers and read by "S" ones, which run after.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         H, Q, R, P = cfg.n_heads, cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_rope_head_dim
         self.H, self.R, self.P, self.Dn, self.Dv = H, R, P, cfg.qk_nope_head_dim, cfg.v_head_dim
@@ -257,36 +296,60 @@ class LatentAttention(nn.Module):
         self.out = kernels.Linear(H * self.Dv, cfg.dim, bias=cfg.out_bias)
         self.rotate = rotate_interleaved if cfg.rope_interleave else rotate_halves
         self.absorb: bool | None = None
+        self.Di = cfg.index_head_dim if cfg.index_n_heads else 0
+        if cfg.has_indexer(layer):
+            self.indexer = Indexer(cfg)
+        self.choice: dict = {}  # the model shares one among its layers (see the class docstring)
 
     def forward(self, x, rotary: Rotary, mask: torch.Tensor | None, cache=None, layer=0, slots=None, extent=None):
-        return self.out(self._attend(*self._project(x), rotary, mask, cache, layer, slots, extent))
+        q, latent, *index_q = self._project(x)
+        return self.out(self._attend(q, latent, rotary, mask, cache, layer, slots, extent, *index_q))
 
     def ragged(self, x: torch.Tensor, segments: list[Segment], layer: int) -> torch.Tensor:
         """x (N, C): the tokens of every segment, in order; the projections see all of them at once."""
         sizes = [s.n * s.T for s in segments]
-        y = [self._attend(q.view(s.n, s.T, *q.shape[1:]), lat.view(s.n, s.T, -1), s.rotary, s.mask, s.cache, layer,
-                          s.slots, s.extent).flatten(0, 1)
-             for s, q, lat in zip(segments, *(t.split(sizes) for t in self._project(x)))]
+        parts = [t.split(sizes) for t in self._project(x)]  # queries, latents, and the indexer's queries if any
+        y = [self._attend(*(p[i].view(s.n, s.T, *p[i].shape[1:]) for p in parts[:1]),
+                          *(p[i].view(s.n, s.T, -1) for p in parts[1:2]), s.rotary, s.mask, s.cache, layer, s.slots,
+                          s.extent, *(p[i].view(s.n, s.T, -1) for p in parts[2:]), seg=i).flatten(0, 1)
+             for i, s in enumerate(segments)]
         return self.out(torch.cat(y))  # (N, C)
 
-    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (..., C) -> queries (..., H, Dn + P) and latents (..., R + P) with c normed, nothing rotated yet."""
-        q = self.q(x) if hasattr(self, "q") else self.q_b(self.q_norm(self.q_a(x)))
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x (..., C) -> queries (..., H, Dn + P) and latents (..., R + P [+ Di]) with c normed, nothing rotated
+        yet; with an indexer also its query side (Indexer.project)."""
+        if hasattr(self, "q"):
+            q = self.q(x)
+        else:
+            q_resid = self.q_norm(self.q_a(x))
+            q = self.q_b(q_resid)
         c, k_pe = self.kv_a(x).split((self.R, self.P), dim=-1)
-        return q.unflatten(-1, (self.H, -1)), torch.cat((self.kv_norm(c), k_pe), dim=-1)
+        latent = [self.kv_norm(c), k_pe]
+        if hasattr(self, "indexer"):
+            keys, queries = self.indexer.project(x, q_resid)
+            return q.unflatten(-1, (self.H, -1)), torch.cat(latent + [keys], dim=-1), queries
+        if self.Di:  # a layer reusing another's choice caches no index key of its own
+            latent.append(c.new_zeros(*c.shape[:-1], self.Di))
+        return q.unflatten(-1, (self.H, -1)), torch.cat(latent, dim=-1)
 
-    def _attend(self, q, latent, rotary, mask, cache, layer, slots, extent):
-        """Attention of one batch: q (B, T, H, Dn + P), latent (B, T, R + P) -> (B, T, H Dv)."""
+    def _attend(self, q, latent, rotary, mask, cache, layer, slots, extent, index_q=None, seg=0):
+        """Attention of one batch: q (B, T, H, Dn + P), latent (B, T, R + P [+ Di]) -> (B, T, H Dv)."""
         B, T, H = q.shape[:3]
         R, P, Dn, Dv = self.R, self.P, self.Dn, self.Dv
         cos, sin = rotary.pos  # (B, T, 1, P/2)
         q_nope, q_pe = q.split((Dn, P), dim=-1)
         q_pe = self.rotate(q_pe, cos, sin).transpose(1, 2)  # (B, H, T, P)
-        k_pe = self.rotate(latent[..., None, R:], cos, sin)  # (B, T, 1, P)
-        latent = torch.cat((latent[..., None, :R], k_pe), dim=-1).transpose(1, 2)  # (B, 1, T, R + P)
+        parts = [latent[..., None, :R], self.rotate(latent[..., None, R:R + P], cos, sin)]  # c, k_pe (B, T, 1, P)
+        if self.Di:  # the index key, its first P channels rotated as k_pe
+            ik = latent[..., None, R + P:]
+            parts += [self.rotate(ik[..., :P], cos, sin), ik[..., P:]]
+        latent = torch.cat(parts, dim=-1).transpose(1, 2)  # (B, 1, T, R + P [+ Di])
         if cache is not None:  # the latent is the key, of one head; there is no value
-            latent, _ = cache.update(layer, slots, latent, latent[..., :0], extent)  # (B, 1, S, R + P)
+            latent, _ = cache.update(layer, slots, latent, latent[..., :0], extent)  # (B, 1, S, R + P [+ Di])
         S = latent.shape[2]
+        if self.Di:
+            mask = self._sparse_mask(index_q, latent[:, 0, :, R + P:], mask, seg, T, S, cos, sin)
+            latent = latent[..., :R + P]
         absorb = self.absorb
         if absorb is None:  # kv_b over S - T more tokens (expanded) vs wider q.k and values (absorbed)
             absorb = (S - T) * R * (Dn + Dv) > T * S * (2 * R - Dn - Dv)
@@ -301,6 +364,19 @@ class LatentAttention(nn.Module):
         y = kernels.attention(torch.cat((q_nope.transpose(1, 2), q_pe), dim=-1), k, kv[..., Dn:], mask,
                               enable_gqa=False, scale=self.scale)  # (B, H, T, Dv)
         return y.transpose(1, 2).reshape(B, T, H * Dv)
+
+    def _sparse_mask(self, index_q, keys, mask, seg, T, S, cos, sin) -> torch.Tensor:
+        """The mask (B, 1, T, S) narrowed to the keys the indexer chose (this layer's, or for an "S" layer
+        the previous "F" layer's, kept in `choice`). No mask means causal over S = T keys: built here,
+        because the indexer must not choose a future key."""
+        if mask is None:
+            mask = torch.ones(T, S, dtype=torch.bool, device=keys.device).tril(S - T)[None, None]
+        if hasattr(self, "indexer"):
+            mask = mask.expand(keys.shape[0], 1, T, S)
+            self.choice[seg] = self.indexer.choose(index_q, keys, mask, self.rotate, cos, sin)
+        elif seg not in self.choice:
+            raise RuntimeError("a layer that reuses the indexer's choice (index_pattern 'S') ran before any 'F' layer")
+        return mask & self.choice[seg][:, None]
 
 
 class MLP(nn.Module):
@@ -413,7 +489,7 @@ class Block(nn.Module):
         super().__init__()
         self.deepnorm, self.alpha = cfg.residual != "pre_ln", cfg.residual_alpha  # normed: alpha 1
         self.norm1 = Norm(cfg.dim, cfg.norm, cfg.norm_eps)
-        self.attn = LatentAttention(cfg) if cfg.attention == "mla" else Attention(cfg)
+        self.attn = LatentAttention(cfg, layer) if cfg.attention == "mla" else Attention(cfg)
         self.norm2 = Norm(cfg.dim, cfg.norm, cfg.norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg)
         if cfg.sandwich_norm:

@@ -360,6 +360,10 @@ class GLM(nn.Module):
             self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.dim)
             self.block_pos_embed = nn.Embedding(cfg.max_seq_len, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        if cfg.index_n_heads:  # GLM-5: "S" layers reuse the choice of the "F" layer before them (LatentAttention)
+            choice = {}
+            for block in self.layers:
+                block.attn.choice = choice
         # GLM-4.5's multi-token-prediction layers: weights kept with the model, run only by mtp_logits
         self.mtp = nn.ModuleList(MTPLayer(cfg, cfg.n_layers + i) for i in range(cfg.n_mtp_layers))
         self.norm = Norm(cfg.dim, cfg.norm, cfg.norm_eps) if cfg.final_norm else nn.Identity()

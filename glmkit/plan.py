@@ -199,8 +199,9 @@ def _block_bytes(cfg, layer: int, a: int, quant: dict | None) -> int:
     lins = _linears(cfg)[:-2] + _mlp_linears(cfg, layer)
     router = (cfg.n_experts * cfg.dim + cfg.n_experts) * 4 if cfg.is_moe_layer(layer) else 0
     qk = 2 * cfg.head_dim * a * (2 if cfg.norm == "layernorm" else 1) if cfg.qk_norm else 0
+    indexer = cfg.indexer_params() * a if cfg.has_indexer(layer) else 0  # GLM-5's, float like the latent projections
     return (sum(_linear_bytes(N, K, b, a, quant) for N, K, b in lins) + norm * (4 if cfg.sandwich_norm else 2) + router + qk
-            + _latent_bytes(cfg, a))
+            + _latent_bytes(cfg, a) + indexer)
 
 
 def weight_bytes(cfg, dtype: torch.dtype, quant: dict | None = None) -> dict[str, int]:

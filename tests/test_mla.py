@@ -238,6 +238,8 @@ def test_config_checks_and_serialization(tmp_path):
         ModelConfig(vocab_size=V, kv_lora_rank=20)
     hf = json.loads((tmp_path / "config.json").read_text())
     assert hf["attention"] == "mla" and hf["q_lora_rank"] is None
-    from glmkit.convert import ConfigError, _lite_from_dict
-    with pytest.raises(ConfigError, match="mixture-of-experts"):
-        _lite_from_dict({"num_hidden_layers": 3})
+    from glmkit.convert import _lite_from_dict
+    # transformers' defaults: every layer after the first has GLM-4.7-Flash's experts
+    c = _lite_from_dict({"num_hidden_layers": 3})
+    assert (c.n_experts, c.n_experts_per_tok, c.moe_ffn_dim, c.first_dense_layers, c.routed_scaling_factor) == (
+        64, 4, 1536, 1, 1.8)
