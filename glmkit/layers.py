@@ -452,7 +452,8 @@ class MTPLayer(nn.Module):
     h_t is the model's output after its final norm, the hidden state its head reads: what vLLM's
     glm4_moe_mtp, SGLang's glm4_moe_nextn and the llama.cpp GLM-4.5 MTP graphs feed. The concatenation
     is [embedding; hidden] in all three (DeepSeek-V3's paper writes [h; e]; the checkpoints follow the
-    code). A chained draft feeds the layer's own output back as h, before shared_head_norm, as vLLM does."""
+    code). A chained draft feeds the layer's own output back as h, before shared_head_norm, as vLLM does.
+    vLLM also zeroes the embedding of the pair at position 0; SGLang and llama.cpp do not, nor do we."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()

@@ -14,8 +14,8 @@ One module covers the original GLM (learned 2D positions, LayerNorm, GELU), Chat
 alpha-scaled residual on the normed input), GLM-4 (partial interleaved RoPE, RMSNorm, SwiGLU, GQA,
 q/k/v bias), GLM-4-0414 (sandwich norms) and GLM-4.5 / 4.6 / 4.7 (routed experts with a shared one after
 dense first layers, q/k norms, half-split partial rotary, and multi-token-prediction layers kept in
-`mtp` that forward does not run: `mtp_logits` drafts with them); the switches live in `ModelConfig`,
-the blocks in `layers`.
+`mtp` that forward does not run: `mtp_logits` drafts with them, `mtp_step` through a cache of their own
+for `speculative`); the switches live in `ModelConfig`, the blocks in `layers`.
 
 Attention follows GLM's blank-infilling mask, written once (`visible`): key k is visible to the query
 at slot q when it is valid (not padding) and `k < sep` (Part A, read bidirectionally) or `k <= q`
