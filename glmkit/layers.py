@@ -523,7 +523,13 @@ class MTPLayer(nn.Module):
     hidden state h_t and the embedding of token t+1 it predicts token t+2:
     block(eh_proj([enorm(embed(x_{t+1})); hnorm(h_t)])), then shared_head_norm and the model's head.
     Its block is the kind of layer `n_layers + i` would be (an MoE layer). Not run by the model's forward:
-    `GLM.mtp_logits` runs it, to draft tokens."""
+    `GLM.mtp_logits` and `GLM.mtp_step` run it, to draft tokens.
+
+    h_t is the model's output after its final norm, the hidden state its head reads: what vLLM's
+    glm4_moe_mtp, SGLang's glm4_moe_nextn and the llama.cpp GLM-4.5 MTP graphs feed. The concatenation
+    is [embedding; hidden] in all three (DeepSeek-V3's paper writes [h; e]; the checkpoints follow the
+    code). A chained draft feeds the layer's own output back as h, before shared_head_norm, as vLLM does.
+    vLLM also zeroes the embedding of the pair at position 0; SGLang and llama.cpp do not, nor do we."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -533,7 +539,8 @@ class MTPLayer(nn.Module):
         self.block = Block(cfg, layer)
         self.shared_head_norm = Norm(cfg.dim, cfg.norm, cfg.norm_eps)
 
-    def forward(self, h: torch.Tensor, next_embeds: torch.Tensor, rotary: Rotary, mask) -> torch.Tensor:
-        """h, next_embeds (B, T, C) -> normed hidden states (B, T, C) for the head."""
+    def forward(self, h: torch.Tensor, next_embeds: torch.Tensor, rotary: Rotary, mask, *cached) -> torch.Tensor:
+        """h, next_embeds (B, T, C) -> the block's output (B, T, C), before shared_head_norm (what a chained
+        draft feeds back as h). cached: (cache, layer, slots, extent), or nothing, as `Block`."""
         x = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(h)), dim=-1))  # (B, T, 2C) -> (B, T, C)
-        return self.shared_head_norm(self.block(x, rotary, mask))
+        return self.block(x, rotary, mask, *cached)

@@ -14,8 +14,8 @@ One module covers the original GLM (learned 2D positions, LayerNorm, GELU), Chat
 alpha-scaled residual on the normed input), GLM-4 (partial interleaved RoPE, RMSNorm, SwiGLU, GQA,
 q/k/v bias), GLM-4-0414 (sandwich norms) and GLM-4.5 / 4.6 / 4.7 (routed experts with a shared one after
 dense first layers, q/k norms, half-split partial rotary, and multi-token-prediction layers kept in
-`mtp` that forward does not run: `mtp_logits` drafts with them); the switches live in `ModelConfig`,
-the blocks in `layers`.
+`mtp` that forward does not run: `mtp_logits` drafts with them, `mtp_step` through a cache of their own
+for `speculative`); the switches live in `ModelConfig`, the blocks in `layers`.
 
 Attention follows GLM's blank-infilling mask, written once (`visible`): key k is visible to the query
 at slot q when it is valid (not padding) and `k < sep` (Part A, read bidirectionally) or `k <= q`
@@ -437,14 +437,39 @@ class GLM(nn.Module):
     def mtp_logits(self, hidden: torch.Tensor, next_ids: torch.Tensor, position_ids=None, depth: int = 0) -> torch.Tensor:
         """Draft logits (B, T, V) of multi-token-prediction layer `depth` over a whole sequence, causal, no
         cache: position t, from the final hidden state hidden[:, t] (B, T, C: forward's `hidden_only`
-        output, after the final norm, as vLLM feeds its MTP layers) and the next token next_ids[:, t],
+        output, after the final norm, as vLLM, SGLang and llama.cpp feed GLM-4.5's: see layers.MTPLayer) and
+        the next token next_ids[:, t],
         predicts the token after that."""
-        if depth >= len(self.mtp):
-            raise ValueError(f"this model has {len(self.mtp)} multi-token-prediction layer(s) (n_mtp_layers); "
-                             f"depth {depth} does not exist")
+        self._check_depth(depth)
         pos, block = self._positions(next_ids, position_ids)
         x = self._embed(next_ids, pos, block)
-        return self.logits(self.mtp[depth](hidden, x, Rotary(self.cfg, pos, block, x.dtype), None))
+        layer = self.mtp[depth]
+        return self.logits(layer.shared_head_norm(layer(hidden, x, Rotary(self.cfg, pos, block, x.dtype), None)))
+
+    def mtp_step(self, hidden, next_ids, position_ids, cache, slots, *, valid=None, extent=None, depth: int = 0):
+        """`mtp_logits` through a KV cache of the MTP layers (`new_mtp_cache`), as `step` is forward's: the
+        pairs (hidden[:, t], next_ids[:, t]) (n, T, C) and (n, T) of rows [:n] at position_ids (n, T),
+        their keys written at `slots` (n, T) of layer `depth`; `valid` (n, T): 0 marks padding; attention
+        over slots [0, extent). Returns (logits (n, T, V), the block's output (n, T, C) before the
+        layer's head norm: the h a chained draft feeds back)."""
+        self._check_depth(depth)
+        pos, block = self._positions(next_ids, position_ids)
+        x = self._embed(next_ids, pos, block)
+        mask = visible(*cache.begin(slots, valid, extent), slots)
+        layer = self.mtp[depth]
+        out = layer(hidden, x, Rotary(self.cfg, pos, block, x.dtype), mask, cache, depth, slots, extent)
+        return self.logits(layer.shared_head_norm(out)), out
+
+    def new_mtp_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """A KVCache for the MTP layers (layer i of it is mtp[i]'s attention), shaped as `new_cache`'s."""
+        if not len(self.mtp):
+            raise ValueError("this model has no multi-token-prediction layer (n_mtp_layers = 0): nothing to cache")
+        return self.new_cache(batch_size, max_len, n_layers=len(self.mtp))
+
+    def _check_depth(self, depth: int):
+        if not 0 <= depth < len(self.mtp):
+            raise ValueError(f"this model has {len(self.mtp)} multi-token-prediction layer(s) (n_mtp_layers); "
+                             f"depth {depth} does not exist")
 
     # ---- entry points -------------------------------------------------------------------------
     def forward(self, input_ids, position_ids=None, sep=None, attention_mask=None, hidden_only=False):
@@ -465,24 +490,29 @@ class GLM(nn.Module):
             mask = visible(valid, self._sep(sep, B, dev), torch.arange(T, device=dev).expand(B, T))
         return self._run(input_ids, pos, block, mask, hidden_only=hidden_only)
 
-    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int | None = None, n_layers: int | None = None) -> KVCache:
+        """A KVCache of batch_size rows and max_len slots (default max_seq_len) for the model's layers
+        (`n_layers`: that many, for `new_mtp_cache`)."""
         p, cfg, S = self.embed.weight, self.cfg, max_len or self.cfg.max_seq_len
+        L = cfg.n_layers if n_layers is None else n_layers
         K, Dk, Dv = cfg.kv_layout  # latent attention: one key head of the latent, values of width 0
         if Dk == Dv:  # keys and values in one allocation
-            kv = torch.zeros(2, cfg.n_layers, batch_size, K, S, Dk, device=p.device, dtype=p.dtype)
+            kv = torch.zeros(2, L, batch_size, K, S, Dk, device=p.device, dtype=p.dtype)
             k, v = kv[0], kv[1]  # indexed, not unpacked: views of unbind may not be written in place
         else:
-            k = torch.zeros(cfg.n_layers, batch_size, K, S, Dk, device=p.device, dtype=p.dtype)
-            v = torch.zeros(cfg.n_layers, batch_size, K, S, Dv, device=p.device, dtype=p.dtype)
+            k = torch.zeros(L, batch_size, K, S, Dk, device=p.device, dtype=p.dtype)
+            v = torch.zeros(L, batch_size, K, S, Dv, device=p.device, dtype=p.dtype)
         return KVCache(k, v, torch.zeros(batch_size, S, dtype=torch.bool, device=p.device),
                        torch.zeros(batch_size, dtype=torch.long, device=p.device))
 
-    def step(self, input_ids, position_ids, cache, slots, *, valid=None, extent=None, last_only=False, plan=None):
+    def step(self, input_ids, position_ids, cache, slots, *, valid=None, extent=None, last_only=False, plan=None,
+             hidden_only=False):
         """The one cached forward: input_ids (n, T) of rows [:n] of `cache` at position_ids (n, T) or
         (n, 2, T), their keys and values written at `slots` (n, T) long, each row its own (prefill: T
         consecutive slots; a decode step: one per row). `valid` (n, T): 0 marks padding; `extent`:
         attend over slots [0, extent) only, which must hold every slot written (None: the whole cache,
-        static shapes). Returns logits (n, T, V), or (n, 1, V) with `last_only`.
+        static shapes). Returns logits (n, T, V), or (n, 1, V) with `last_only`; with `hidden_only` the final
+        hidden states (n, T, C) instead (what the MTP layers read; `logits` turns them into logits).
 
         A decode step (T = 1) of a few rows on CPU runs as one native call (`fused.decode_step`) when
         it applies; `plan`: fused.decode_plan(model), got once by a loop whose model does not change.
@@ -490,7 +520,7 @@ class GLM(nn.Module):
         step computes, another cache keeps its keys elsewhere.
         """
         pos, block = self._positions(input_ids, position_ids)
-        if input_ids.shape[1] == 1 and valid is None and type(self) is GLM and type(cache) in (KVCache, PagedKVCache):
+        if input_ids.shape[1] == 1 and valid is None and not hidden_only and type(self) is GLM and type(cache) in (KVCache, PagedKVCache):
             if type(cache) is PagedKVCache:  # the kernel writes through the table: blocks first
                 for row, s in enumerate(slots[:, 0].tolist()):
                     cache.reserve(row, s, s + 1)
@@ -498,7 +528,7 @@ class GLM(nn.Module):
             if logits is not None:
                 return logits[:, None]
         mask = visible(*cache.begin(slots, valid, extent), slots)
-        return self._run(input_ids, pos, block, mask, cache, slots, extent, last_only=last_only)
+        return self._run(input_ids, pos, block, mask, cache, slots, extent, hidden_only=hidden_only, last_only=last_only)
 
     def step_many(self, parts: list[Part]) -> list[torch.Tensor]:
         """Several `step`s as one forward: every part's tokens go through the linears, norms and MLPs as
