@@ -14,8 +14,11 @@ N(0, 0.02) weight's range, random N(0, 0.02) float tensors (attention's latent p
 float, as `glmkit quantize` leaves them), norms at 1. Nothing holds the model in memory while it is written.
 
 Measured in a child process (so its peak resident memory is the model's alone):
-  load        seconds of `glmkit.load(dir)` and the resident memory after it
-  prefill     prompt tokens / seconds for a --prefill-token prompt (one new token)
+  load        seconds of `glmkit.load(dir)` and the resident memory after it (the files are memory-mapped:
+              weights become resident as they are first read)
+  prefill     prompt tokens / seconds for a --prefill-token prompt (one new token), run first: it routes to
+              every expert, so the decode figures below are of resident weights; then a batch-16 decode
+              warm-up, after which every expert's int4 kernel has built its [scale, min] pairs
   decode      B / the median time between steps of a stream of --new-tokens tokens, greedy, per batch B
   bound       the bandwidth bound: measured memory bandwidth / bytes one token's forward reads (attention,
               dense and shared MLPs, router, n_experts_per_tok routed experts per MoE layer, the head; one
@@ -148,6 +151,16 @@ def child(a) -> None:
         return time.perf_counter() - t
 
     run([torch.randint(0, V, (16,)).tolist()], 2)  # warm-up
+    if a.prefill:  # first: a long prompt routes to every expert, so decode below reads resident weights, not the disk
+        ids = torch.randint(0, V, (a.prefill,)).tolist()
+        res["prefill_tok_s"] = a.prefill / run([ids], 1)
+        res["rss_after_prefill_gib"] = rss_gib()
+    # decode-mode warm-up over every expert: each int4 linear builds its kernel's [scale, min] pairs on its first
+    # few-row call (kept after), so the first decode tokens of a fresh model are slower than the steady state
+    t = time.perf_counter()
+    run([torch.randint(0, V, (8,)).tolist() for _ in range(16)], 8)
+    res["warmup_b16x8_s"] = time.perf_counter() - t
+    res["rss_after_warmup_gib"] = rss_gib()
     for B in a.batches:
         prompts = [torch.randint(0, V, (32,)).tolist() for _ in range(B)]
         run(prompts, 2)
@@ -157,9 +170,6 @@ def child(a) -> None:
                 stamps.append(time.perf_counter())
         gaps = sorted(y - x for x, y in zip(stamps, stamps[1:]))
         res[f"decode_b{B}_tok_s"] = B / gaps[len(gaps) // 2]
-    if a.prefill:
-        ids = torch.randint(0, V, (a.prefill,)).tolist()
-        res["prefill_tok_s"] = a.prefill / run([ids], 1)
     res["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print("RESULT " + json.dumps(res))
 
