@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.big_model import bandwidth_gbs  # the same measurement as the dense benchmark
 
 ARCHS = {  # transformers config class, glmkit format, the tiny variant's overrides (--tiny)
     "glm4_moe_lite": ("Glm4MoeLiteConfig", "glm4_moe_lite_hf",
@@ -103,15 +104,6 @@ def write_model(cfg, out: Path) -> int:
             yield name, t
 
     return write_stream(cfg, tensors(), out)[1]
-
-
-def bandwidth_gbs() -> float:
-    x = torch.ones(1 << 28)  # 1 GiB of fp32
-    x.sum()
-    t = time.perf_counter()
-    for _ in range(3):
-        x.sum()
-    return 3 * x.numel() * 4 / (time.perf_counter() - t) / 1e9
 
 
 def read_bytes_per_token(cfg) -> int:

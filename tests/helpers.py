@@ -170,3 +170,65 @@ def run_all(engine, arrivals):
             engine.submit(r)
         engine.step()
         step += 1
+
+
+def left_padded(vocab: int, lengths, T: int, seed: int = 0, pad_id: int | None = None):
+    """A left-padded batch (ids, attention mask, position ids) of random tokens: row b's last lengths[b]
+    tokens are real. With `pad_id`, real tokens avoid id 0 and the padding holds `pad_id`."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0 if pad_id is None else 1, vocab, (len(lengths), T), generator=g)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        mask[b, T - n:] = 1
+        if pad_id is not None:
+            ids[b, : T - n] = pad_id
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def randomize_moe(model, scale: float = 0.3):
+    """Weights larger than a transformers init's (norms near 1), and a random router correction bias, so
+    routing, rotary and an indexer's choices matter in a tiny model."""
+    for n, p in model.named_parameters():
+        p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in n else scale * torch.randn_like(p))
+    for n, b in model.named_buffers():
+        if "e_score_correction_bias" in n:
+            b.normal_(0, scale)
+    return model
+
+
+@torch.no_grad()
+def mtp_round_trip(hf_dir: Path, tmp_path: Path, sd: dict, last: int, dim: int):
+    """Add an MTP layer (a perturbed copy of layer `last`, plus eh_proj and its norms) to the checkpoint
+    `hf_dir`'s tensors `sd`, as a release ships it at index num_hidden_layers; read it, write it back in the
+    layout it came from, and check every tensor (and the config) round-trips bit for bit. Returns the
+    written config.json and the model read."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from glmkit.convert import read_checkpoint, write_checkpoint
+    from glmkit.layers import MoE
+
+    src = tmp_path / "hf-mtp"
+    src.mkdir()
+    g = torch.Generator().manual_seed(3)
+    for n in [n for n in sd if n.startswith(f"model.layers.{last}.")]:
+        sd[n.replace(f"layers.{last}.", f"layers.{last + 1}.")] = sd[n] + 0.1 * torch.randn(sd[n].shape, generator=g)
+    t = f"model.layers.{last + 1}."
+    sd[t + "eh_proj.weight"] = 0.1 * torch.randn(dim, 2 * dim, generator=g)
+    for n in ("enorm", "hnorm", "shared_head.norm"):
+        sd[t + n + ".weight"] = 1 + 0.2 * torch.randn(dim, generator=g)
+    save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
+    c = json.loads((hf_dir / "config.json").read_text())
+    c["num_nextn_predict_layers"] = 1
+    (src / "config.json").write_text(json.dumps(c))
+    ours = read_checkpoint(src)
+    assert ours.cfg.n_mtp_layers == 1 and isinstance(ours.mtp[0].block.mlp, MoE)
+    write_checkpoint(ours, tmp_path / "back")  # the layout it came from
+    back = load_file(tmp_path / "back" / "model.safetensors")
+    assert sorted(back) == sorted(sd)
+    for n in back:
+        assert back[n].dtype == sd[n].dtype and torch.equal(back[n], sd[n]), n
+    assert read_checkpoint(tmp_path / "back").cfg == ours.cfg
+    return json.loads((tmp_path / "back" / "config.json").read_text()), ours

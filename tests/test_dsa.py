@@ -8,7 +8,7 @@ matters (all keys instead changes the logits), the cache path and the serving en
 full forward), the cache's width and the plan's counts, the format both ways bit for bit with an MTP layer.
 """
 
-import json
+import functools
 
 import pytest
 import torch
@@ -16,13 +16,13 @@ import torch
 import glmkit
 from glmkit import fused, plan
 from glmkit.config import ModelConfig
-from glmkit.convert import CheckpointError, ConfigError, _dsa_from_dict, read_checkpoint, write_checkpoint
+from glmkit.convert import CheckpointError, ConfigError, _dsa_from_dict, write_checkpoint
 from glmkit.engine import Engine, Request
 from glmkit.generate import generate
-from glmkit.layers import MoE
 from glmkit.model import GLM
 from glmkit.sampling import SamplingParams
-from tests.helpers import assert_close, run_all
+from tests.helpers import assert_close, mtp_round_trip, randomize_moe, run_all
+from tests.helpers import left_padded as left_padded_batch
 
 transformers = pytest.importorskip("transformers")
 
@@ -44,22 +44,10 @@ def hf_dsa(indexer_types=None, seed=0, layers=3):
     cfg._experts_implementation = "eager"  # the grouped-matmul default needs 16-byte strides; our sizes are odd
     torch.manual_seed(seed)
     model = transformers.GlmMoeDsaForCausalLM(cfg).eval()
-    with torch.no_grad():  # larger than the init's, so routing, rotary and the indexer's choice matter
-        for n, p in model.named_parameters():
-            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in n else 0.3 * torch.randn_like(p))
-        for n, b in model.named_buffers():
-            if "e_score_correction_bias" in n:
-                b.normal_(0, 0.3)
-    return model
+    return randomize_moe(model)  # larger than the init's, so routing, rotary and the indexer's choice matter
 
 
-def left_padded(lengths, T, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, V, (len(lengths), T), generator=g)
-    mask = torch.zeros(len(lengths), T, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        mask[i, T - n:] = 1
-    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+left_padded = functools.partial(left_padded_batch, V)
 
 
 @pytest.fixture(scope="module")
@@ -167,34 +155,13 @@ def test_cache_width_and_plan_count_the_index_key():
 
 @torch.no_grad()
 def test_round_trip_bit_identical_with_mtp_layer(hf_dirs, tmp_path):
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
-    src, hf_dir = tmp_path / "hf", hf_dirs["full-shared-full"]
-    src.mkdir()
+    hf_dir = hf_dirs["full-shared-full"]
     sd = load_file(hf_dir / "model.safetensors")
     assert "model.layers.2.self_attn.indexer.wq_b.weight" in sd and not any(".1.self_attn.indexer" in n for n in sd)
-    g = torch.Generator().manual_seed(3)
-    for n in [n for n in sd if n.startswith("model.layers.2.")]:  # the MTP layer: a full layer, indexer included
-        sd[n.replace("layers.2.", "layers.3.")] = sd[n] + 0.1 * torch.randn(sd[n].shape, generator=g)
-    t = "model.layers.3."
-    sd[t + "eh_proj.weight"] = 0.1 * torch.randn(44, 88, generator=g)
-    for n in ("enorm", "hnorm", "shared_head.norm"):
-        sd[t + n + ".weight"] = 1 + 0.2 * torch.randn(44, generator=g)
-    save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
-    c = json.loads((hf_dir / "config.json").read_text())
-    c["num_nextn_predict_layers"] = 1
-    (src / "config.json").write_text(json.dumps(c))
-
-    ours = read_checkpoint(src)
-    assert ours.cfg.n_mtp_layers == 1 and isinstance(ours.mtp[0].block.mlp, MoE)
-    write_checkpoint(ours, tmp_path / "back")  # the layout it came from
-    back = load_file(tmp_path / "back" / "model.safetensors")
-    assert sorted(back) == sorted(sd)
-    for n in back:
-        assert back[n].dtype == sd[n].dtype and torch.equal(back[n], sd[n]), n
-    d = json.loads((tmp_path / "back" / "config.json").read_text())
+    d, ours = mtp_round_trip(hf_dir, tmp_path, sd, 2, 44)  # the MTP layer: a full layer, indexer included
     assert d["indexer_types"] == ["full", "shared", "full"] and d["index_topk"] == TOPK
-    assert read_checkpoint(tmp_path / "back").cfg == ours.cfg
     again = transformers.GlmMoeDsaForCausalLM.from_pretrained(tmp_path / "back", attn_implementation="eager",
                                                              experts_implementation="eager").eval()
     ids = torch.randint(0, V, (2, 9))

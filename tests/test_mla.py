@@ -5,6 +5,7 @@ the mixture-of-experts layers are another module's), read through glmkit.load; t
 a cache for the cache paths; the expanded form for the absorbed one.
 """
 
+import functools
 import json
 
 import pytest
@@ -19,6 +20,7 @@ from glmkit.generate import generate
 from glmkit.model import GLM, BlockPool
 from glmkit.sampling import SamplingParams
 from tests.helpers import assert_close, run_all
+from tests.helpers import left_padded as _left_padded
 
 transformers = pytest.importorskip("transformers")
 
@@ -58,14 +60,7 @@ def hf_dir(tmp_path_factory):
     return d
 
 
-def left_padded_batch(lengths, T, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, V, (len(lengths), T), generator=g)
-    mask = torch.zeros(len(lengths), T, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        mask[b, T - n:] = 1
-        ids[b, : T - n] = 0
-    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+left_padded_batch = functools.partial(_left_padded, V, pad_id=0)
 
 
 def set_absorb(model, absorb):

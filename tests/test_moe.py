@@ -7,6 +7,7 @@ token, quantized experts == their dequantized product, the format both ways bit 
 included), and the loader's error for a missing expert.
 """
 
+import functools
 import json
 from dataclasses import replace
 
@@ -22,6 +23,7 @@ from glmkit.model import GLM
 from glmkit.plan import active_weight_bytes, weight_bytes
 from glmkit.quantize import Int4Linear, Int8Linear, quantize_model
 from tests.helpers import assert_close
+from tests.helpers import left_padded as left_padded_batch
 
 transformers = pytest.importorskip("transformers")
 
@@ -51,13 +53,7 @@ def hf_moe(qk_norm=True, mtp=0, seed=0, hidden_size=48, head_dim=12, moe_interme
     return model
 
 
-def left_padded(lengths, T, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, V, (len(lengths), T), generator=g)
-    mask = torch.zeros(len(lengths), T, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        mask[i, T - n:] = 1
-    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+left_padded = functools.partial(left_padded_batch, V)
 
 
 @pytest.mark.parametrize("qk_norm", [True, False])

@@ -6,15 +6,16 @@ biases randomised. Checked: logits on a left-padded batch (expanded and absorbed
 path (prefill + decode steps == full forward), and the format both ways bit for bit with an MTP layer.
 """
 
-import json
+import functools
 
 import pytest
 import torch
 
 import glmkit
-from glmkit.convert import read_checkpoint, write_checkpoint
+from glmkit.convert import read_checkpoint
 from glmkit.layers import MoE
-from tests.helpers import assert_close
+from tests.helpers import assert_close, mtp_round_trip, randomize_moe
+from tests.helpers import left_padded as left_padded_batch
 
 transformers = pytest.importorskip("transformers")
 
@@ -35,22 +36,10 @@ def hf_lite(seed=0, layers=3):
     cfg._experts_implementation = "eager"  # the grouped-matmul default needs 16-byte strides; our sizes are odd
     torch.manual_seed(seed)
     model = transformers.Glm4MoeLiteForCausalLM(cfg).eval()
-    with torch.no_grad():  # larger than the init's, so routing and rotary matter
-        for n, p in model.named_parameters():
-            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in n else 0.3 * torch.randn_like(p))
-        for n, b in model.named_buffers():
-            if "e_score_correction_bias" in n:
-                b.normal_(0, 0.3)
-    return model
+    return randomize_moe(model)  # larger than the init's, so routing and rotary matter
 
 
-def left_padded(lengths, T, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, V, (len(lengths), T), generator=g)
-    mask = torch.zeros(len(lengths), T, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        mask[i, T - n:] = 1
-    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+left_padded = functools.partial(left_padded_batch, V)
 
 
 @pytest.fixture(scope="module")
@@ -91,34 +80,12 @@ def test_logits_and_cache_match_transformers(hf_dir):
 def test_round_trip_bit_identical_with_mtp_layer(hf_dir, tmp_path):
     """Per-expert tensor names as transformers saves them (model.layers.N.mlp.experts.E.gate_proj.weight),
     plus an MTP layer at index num_hidden_layers as the release ships it (transformers saves none)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
-    src_dir = tmp_path / "hf"
-    src_dir.mkdir()
     sd = load_file(hf_dir / "model.safetensors")
     assert "model.layers.1.mlp.experts.7.gate_proj.weight" in sd  # per-expert names on disk
-    g = torch.Generator().manual_seed(3)
-    for n in [n for n in sd if n.startswith("model.layers.2.")]:
-        sd[n.replace("layers.2.", "layers.3.")] = sd[n] + 0.1 * torch.randn(sd[n].shape, generator=g)
-    t = "model.layers.3."
-    sd[t + "eh_proj.weight"] = 0.1 * torch.randn(44, 88, generator=g)
-    for n in ("enorm", "hnorm", "shared_head.norm"):
-        sd[t + n + ".weight"] = 1 + 0.2 * torch.randn(44, generator=g)
-    save_file(sd, src_dir / "model.safetensors", metadata={"format": "pt"})
-    c = json.loads((hf_dir / "config.json").read_text())
-    c["num_nextn_predict_layers"] = 1
-    (src_dir / "config.json").write_text(json.dumps(c))
-
-    ours = read_checkpoint(src_dir)
-    assert ours.cfg.n_mtp_layers == 1 and isinstance(ours.mtp[0].block.mlp, MoE)
-    write_checkpoint(ours, tmp_path / "back")  # the layout it came from
-    back = load_file(tmp_path / "back" / "model.safetensors")
-    assert sorted(back) == sorted(sd)
-    for n in back:
-        assert back[n].dtype == sd[n].dtype and torch.equal(back[n], sd[n]), n
-    d = json.loads((tmp_path / "back" / "config.json").read_text())
+    d, ours = mtp_round_trip(hf_dir, tmp_path, sd, 2, 44)
     assert d["mlp_layer_types"] == ["dense", "sparse", "sparse"] and d["n_routed_experts"] == 8
-    assert read_checkpoint(tmp_path / "back").cfg == ours.cfg
     again = transformers.Glm4MoeLiteForCausalLM.from_pretrained(tmp_path / "back", attn_implementation="eager",
                                                                     experts_implementation="eager").eval()
     ids = torch.randint(0, V, (2, 9))
