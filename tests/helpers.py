@@ -232,3 +232,25 @@ def mtp_round_trip(hf_dir: Path, tmp_path: Path, sd: dict, last: int, dim: int):
         assert back[n].dtype == sd[n].dtype and torch.equal(back[n], sd[n]), n
     assert read_checkpoint(tmp_path / "back").cfg == ours.cfg
     return json.loads((tmp_path / "back" / "config.json").read_text()), ours
+
+
+@torch.no_grad()
+def assert_decodes_as_full_forwards(model, prompts: list[list[int]], n: int, arrivals: dict[int, slice]) -> None:
+    """`generate` and the serving engine (paged pool; requests joining at the steps `arrivals` names, as slices
+    of `prompts`) give, for each prompt, the n greedy tokens of repeated full forwards."""
+    from glmkit.engine import Engine, Request
+    from glmkit.generate import generate
+    from glmkit.sampling import SamplingParams
+
+    want = []
+    for p in prompts:
+        ids = list(p)
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+        want.append(ids[len(p):])
+    greedy = SamplingParams(max_new_tokens=n, temperature=0)
+    assert [c.token_ids for c in generate(model, prompts, greedy)] == want
+    engine = Engine(model, max_batch=2, max_len=32)
+    reqs = [Request(p, greedy) for p in prompts]
+    run_all(engine, {step: reqs[sl] for step, sl in arrivals.items()})
+    assert [r.output_ids for r in reqs] == want

@@ -17,11 +17,8 @@ import glmkit
 from glmkit import fused, plan
 from glmkit.config import ModelConfig
 from glmkit.convert import CheckpointError, ConfigError, _dsa_from_dict, write_checkpoint
-from glmkit.engine import Engine, Request
-from glmkit.generate import generate
 from glmkit.model import GLM
-from glmkit.sampling import SamplingParams
-from tests.helpers import assert_close, mtp_round_trip, randomize_moe, run_all
+from tests.helpers import assert_close, assert_decodes_as_full_forwards, mtp_round_trip, randomize_moe
 from tests.helpers import left_padded as left_padded_batch
 
 transformers = pytest.importorskip("transformers")
@@ -118,19 +115,8 @@ def test_engine_and_generate_decode_as_full_forwards(hf_dirs):
     indexer choice) give the greedy tokens of full forwards; the native decode step declines the model."""
     model = glmkit.load(str(hf_dirs["full-shared-full"])).eval()
     assert fused.decode_plan(model) is None
-    prompts = [[5, 6, 7, 8, 9, 10], [9, 10], [11, 12, 13, 14, 15, 16, 17]]
-    want = []
-    for p in prompts:
-        ids = list(p)
-        for _ in range(6):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-        want.append(ids[len(p):])
-    greedy = SamplingParams(max_new_tokens=6, temperature=0)
-    assert [c.token_ids for c in generate(model, prompts, greedy)] == want
-    engine = Engine(model, max_batch=2, max_len=32)
-    reqs = [Request(p, greedy) for p in prompts]
-    run_all(engine, {0: [reqs[0]], 2: [reqs[1], reqs[2]]})
-    assert [r.output_ids for r in reqs] == want
+    assert_decodes_as_full_forwards(model, [[5, 6, 7, 8, 9, 10], [9, 10], [11, 12, 13, 14, 15, 16, 17]], 6,
+                                    {0: slice(0, 1), 2: slice(1, 3)})
 
 
 def test_cache_width_and_plan_count_the_index_key():

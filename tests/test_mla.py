@@ -15,11 +15,8 @@ import glmkit
 from glmkit import fused, plan
 from glmkit.config import ModelConfig
 from glmkit.convert import CheckpointError, read_checkpoint, write_checkpoint
-from glmkit.engine import Engine, Request
-from glmkit.generate import generate
 from glmkit.model import GLM, BlockPool
-from glmkit.sampling import SamplingParams
-from tests.helpers import assert_close, run_all
+from tests.helpers import assert_close, assert_decodes_as_full_forwards
 from tests.helpers import left_padded as _left_padded
 
 transformers = pytest.importorskip("transformers")
@@ -169,19 +166,8 @@ def test_engine_on_the_paged_latent_pool_equals_full_forwards(hf_dir):
     tokens of full forwards; the native decode step declines latent attention, so they run eagerly."""
     model = glmkit.load(str(hf_dir)).eval()
     assert fused.decode_plan(model) is None and "mla" in fused._plans[model]
-    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16, 17]]
-    want = []
-    for p in prompts:
-        ids = list(p)
-        for _ in range(8):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-        want.append(ids[len(p):])
-    greedy = SamplingParams(max_new_tokens=8, temperature=0)
-    assert [c.token_ids for c in generate(model, prompts, greedy)] == want
-    engine = Engine(model, max_batch=2, max_len=32)
-    reqs = [Request(p, greedy) for p in prompts]
-    run_all(engine, {0: [reqs[0]], 2: [reqs[1], reqs[2]]})
-    assert [r.output_ids for r in reqs] == want
+    assert_decodes_as_full_forwards(model, [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16, 17]], 8,
+                                    {0: slice(0, 1), 2: slice(1, 3)})
 
 
 @torch.no_grad()

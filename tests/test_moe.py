@@ -22,7 +22,7 @@ from glmkit.layers import MoE
 from glmkit.model import GLM
 from glmkit.plan import active_weight_bytes, weight_bytes
 from glmkit.quantize import Int4Linear, Int8Linear, quantize_model
-from tests.helpers import assert_close
+from tests.helpers import assert_close, assert_decodes_as_full_forwards
 from tests.helpers import left_padded as left_padded_batch
 
 transformers = pytest.importorskip("transformers")
@@ -313,23 +313,7 @@ def test_generate_and_engine_decode_as_full_forwards(tmp_path):
     """A MoE model through generate (left-padded batch, contiguous cache) and the serving engine (paged
     cache, ragged steps of several requests): greedy tokens equal those of full forwards, one prompt at
     a time. The model is int4-quantized as it loads, so the experts run in the quantized kernels."""
-    from glmkit.engine import Engine, Request
-    from glmkit.generate import generate
-    from glmkit.sampling import SamplingParams
-    from tests.helpers import run_all
-
     hf_moe(hidden_size=64, head_dim=16, moe_intermediate_size=64, intermediate_size=128).save_pretrained(tmp_path / "hf")
     model = glmkit.load(str(tmp_path / "hf"), quantize="int4", group_size=32).eval()
-    prompts, n = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16, 17]], 6
-    want = []
-    for p in prompts:
-        ids = list(p)
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-        want.append(ids[len(p):])
-    greedy = SamplingParams(max_new_tokens=n, temperature=0)
-    assert [c.token_ids for c in generate(model, prompts, greedy)] == want
-    engine = Engine(model, max_batch=2, max_len=32)
-    reqs = [Request(p, greedy) for p in prompts]
-    run_all(engine, {0: reqs[:2], 2: reqs[2:]})
-    assert [r.output_ids for r in reqs] == want
+    assert_decodes_as_full_forwards(model, [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16, 17]], 6,
+                                    {0: slice(0, 2), 2: slice(2, 3)})
