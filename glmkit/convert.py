@@ -429,6 +429,8 @@ def _lite_block_rules(cfg: ModelConfig, o: str, t: str, layer: int) -> list[Rule
 
 
 def _lite_rules(cfg: ModelConfig, block_rules=_lite_block_rules) -> list[Rule]:
+    """transformers' MoE layouts (Glm4Moe, Glm4MoeLite, GlmMoeDsa): embeddings, final norm, untied head,
+    `block_rules` for each layer and for the multi-token-prediction layers after them."""
     rules = [Rule("embed.weight", ("model.embed_tokens.weight",)), Rule("norm.weight", ("model.norm.weight",))]
     if not cfg.tie_embeddings:
         rules.append(Rule("head.weight", ("lm_head.weight",)))
@@ -665,12 +667,7 @@ def moe_mlp_rules(cfg: ModelConfig, o: str, t: str, layer: int) -> list[Rule]:
 
 
 def _moe_rules(cfg: ModelConfig) -> list[Rule]:
-    rules = [Rule("embed.weight", ("model.embed_tokens.weight",)), Rule("norm.weight", ("model.norm.weight",))]
-    if not cfg.tie_embeddings:
-        rules.append(Rule("head.weight", ("lm_head.weight",)))
-    for i in range(cfg.n_layers):
-        rules += _moe_block_rules(cfg, f"layers.{i}.", f"model.layers.{i}.", i)
-    return rules + mtp_rules(cfg, _moe_block_rules)
+    return _lite_rules(cfg, _moe_block_rules)  # Glm4MoeLite's layout with Glm4Moe's blocks
 
 
 def mtp_rules(cfg: ModelConfig, block_rules) -> list[Rule]:
