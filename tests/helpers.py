@@ -254,3 +254,9 @@ def assert_decodes_as_full_forwards(model, prompts: list[list[int]], n: int, arr
     reqs = [Request(p, greedy) for p in prompts]
     run_all(engine, {step: reqs[sl] for step, sl in arrivals.items()})
     assert [r.output_ids for r in reqs] == want
+
+
+def set_absorb(model, absorb: bool | None) -> None:
+    """Force every latent-attention layer's decode form (True: absorbed, False: expanded; None: by cost)."""
+    for layer in model.layers:
+        layer.attn.absorb = absorb

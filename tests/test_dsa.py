@@ -18,7 +18,7 @@ from glmkit import fused, plan
 from glmkit.config import ModelConfig
 from glmkit.convert import CheckpointError, ConfigError, _dsa_from_dict, write_checkpoint
 from glmkit.model import GLM
-from tests.helpers import assert_close, assert_decodes_as_full_forwards, mtp_round_trip, randomize_moe
+from tests.helpers import assert_close, assert_decodes_as_full_forwards, mtp_round_trip, randomize_moe, set_absorb
 from tests.helpers import left_padded as left_padded_batch
 
 transformers = pytest.importorskip("transformers")
@@ -54,11 +54,6 @@ def hf_dirs(tmp_path_factory):
         out[name] = tmp_path_factory.mktemp("dsa") / name
         hf_dsa(types).save_pretrained(out[name])
     return out
-
-
-def set_absorb(model, absorb):
-    for layer in model.layers:
-        layer.attn.absorb = absorb
 
 
 @pytest.mark.parametrize("pattern", list(PATTERNS))

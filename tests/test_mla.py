@@ -16,7 +16,7 @@ from glmkit import fused, plan
 from glmkit.config import ModelConfig
 from glmkit.convert import CheckpointError, read_checkpoint, write_checkpoint
 from glmkit.model import GLM, BlockPool
-from tests.helpers import assert_close, assert_decodes_as_full_forwards
+from tests.helpers import assert_close, assert_decodes_as_full_forwards, set_absorb
 from tests.helpers import left_padded as _left_padded
 
 transformers = pytest.importorskip("transformers")
@@ -58,11 +58,6 @@ def hf_dir(tmp_path_factory):
 
 
 left_padded_batch = functools.partial(_left_padded, V, pad_id=0)
-
-
-def set_absorb(model, absorb):
-    for layer in model.layers:
-        layer.attn.absorb = absorb
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
