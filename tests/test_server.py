@@ -85,6 +85,22 @@ def test_usage_equals_token_counts(client, tok, model):
     assert all(0 < x.compute_s <= x.latency_s and x.status == 200 for x in ledger)
 
 
+def test_a_cached_prompt_that_stops_at_once_is_billed_as_answered(client, monkeypatch):
+    """A prompt served whole from the prompt cache whose first token is a stop id: no compute time, no output,
+    yet the client is told its prompt tokens, and the ledger row must say the same (it said 0: a kill -9
+    test met it by chance, the first token of a sampled reply being the stop id)."""
+    server = client.app.state.server
+    monkeypatch.setattr(server, "completion_stop_ids", lambda suffix=False: tuple(range(server.model.cfg.vocab_size)))
+    body = {"prompt": "The quick brown fox", "max_tokens": 4, "temperature": 0}
+    first, again = (client.post("/v1/completions", json=body).json() for _ in range(2))
+    assert [r["choices"][0]["finish_reason"] for r in (first, again)] == ["stop", "stop"]
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == again["usage"]["prompt_tokens"] > 0
+    assert again["usage"]["completion_tokens"] == 0
+    assert [(x.prompt_tokens, x.completion_tokens, x.cached_tokens) for x in rows(client.app)] == [
+        (u["prompt_tokens"], u["completion_tokens"], u["prompt_tokens_details"]["cached_tokens"])
+        for u in (first["usage"], again["usage"])]
+
+
 def test_n_choices_seeds_and_prompt_lists(client, tok):
     body = {"prompt": ["The quick", "Hello there"], "n": 3, "max_tokens": 6, "temperature": 1.0, "seed": 11}
     r = client.post("/v1/completions", json=body).json()

@@ -227,11 +227,13 @@ class Call:
                 "prompt_tokens_details": {"cached_tokens": sum(cached.values())}}
 
     def worked(self) -> bool:
-        """Whether work was done, which is all that is billed: an engine request was prefilled (a request
-        cancelled while queued, as after a 503 or a client that left, was not), or the handler's own
-        work started (or, for a handler that did not say so, finished with compute time)."""
+        """Whether work was done, which is all that is billed: an engine request was prefilled or had a
+        token drawn (a prompt served whole from the prompt cache whose first token is a stop id has
+        neither compute time nor output, and is billed like any other; a request cancelled while
+        queued, as after a 503 or a client that left, was not), or the handler's own work started (or,
+        for a handler that did not say so, finished with compute time)."""
         if self.jobs:
-            return any(r.compute_s > 0 or r.output_ids for _, r in self.jobs)
+            return any(r.compute_s > 0 or r.output_ids or r.t_first is not None for _, r in self.jobs)
         return self.started or self.compute_s > 0
 
     def record(self, admitted: bool = True):
