@@ -213,7 +213,14 @@ def exponential_noise(key, step, vocab: int):
     """E ~ Exp(1) (B, V) for rows with keys (B, 2) at steps (B,): a function of (key, step, token id) only."""
     row = _mix32(key[:, 1] ^ _mix32(key[:, 0] ^ _mix32(step & _M32)))  # (B,)
     h = _mix32(row[:, None] ^ _mix32(torch.arange(vocab, device=key.device)))  # (B, V) in [0, 2**32)
-    u = ((h >> 8).float() + 0.5) * 2.0**-24  # 24 bits, in (0, 1): never log(0)
+    return _exponential(h)
+
+
+def _exponential(h):
+    """-log(u) of u uniform in (0, 1) from 32-bit hashes h: 23 bits, (k + 0.5) / 2**23, so that u is exact in
+    float32 and below 1 (24 bits put (2**24 - 0.5) / 2**24 on 1.0 once in 2**24 tokens: E = 0 there, and the
+    race p / E then drew that token whatever its probability, or NaN for a masked one)."""
+    u = ((h >> 9).float() + 0.5) * 2.0**-23
     return u.log_().neg_()
 
 

@@ -17,7 +17,7 @@ from glmkit.config import ModelConfig
 from glmkit.engine import Engine, Request
 from glmkit.generate import fill, generate
 from glmkit.model import GLM
-from glmkit.sampling import COLUMNS, Sampler, SamplingParams, apply_penalties, exponential_noise, param_rows, process_logits, stream_key
+from glmkit.sampling import COLUMNS, Sampler, SamplingParams, _exponential, apply_penalties, exponential_noise, param_rows, process_logits, stream_key
 from tests.helpers import assert_close, run_all
 
 N = 12
@@ -253,3 +253,13 @@ def test_streams_are_keyed_by_seed_and_step_only():
     assert torch.equal(e[1], exponential_noise(key[1:], torch.tensor([3]), 64)[0])
     assert not torch.equal(e[0], exponential_noise(key[:1], torch.tensor([1]), 64)[0])
     assert (e > 0).all() and torch.isfinite(e).all()
+
+
+def test_the_noise_is_positive_at_the_extreme_hashes():
+    """E = 0 would make the race p / E draw its token whatever p (one token in 2**24 per step did: about one
+    step in 110 at GLM-4's 151,552 tokens), or NaN where p = 0 (a token a constraint masks)."""
+    h = torch.tensor([0, 1, 2**31, 2**32 - 512, 2**32 - 2, 2**32 - 1])
+    e = _exponential(h)
+    assert (e > 0).all() and torch.isfinite(e).all(), e.tolist()
+    p = torch.tensor([0.0, 0.5, 0.0, 0.25, 0.0, 0.25])
+    assert not torch.isnan(p / e).any() and int((p / e).argmax()) in (1, 3, 5), (p / e).tolist()
