@@ -25,7 +25,8 @@ import torch
 from ..chat import chat_format
 from ..engine import Engine, EngineFull, Request
 from ..errors import ContextLengthError
-from ..infill import SPAN_STEP, blank_prompt
+from ..generate import Blank
+from ..infill import SPAN_STEP, BlankPrompt, blank_prompt
 from ..sampling import SamplingParams, StopText
 from .maas import KeyRecord, LimitError, MaaS
 from .metering import Call, Metrics
@@ -231,6 +232,36 @@ class Server:
         return Request(p.ids, params, position_ids=p.position_ids, sep=p.sep, gen_start=p.span_position(0, 1),
                        gen_step=SPAN_STEP)
 
+    def fill_request(self, prompt: BlankPrompt, j: int, filled: list[list[int]], params: SamplingParams) -> Request:
+        """Blank j of a fill (`BlankPrompt.blank`): Part A and the spans of blanks 0..j-1 as `fill` holds them in
+        its cache, read with sep = len(Part A), then blank j's <sop>; its span goes at its mask's position."""
+        ids, pos = prompt.blank(j, filled)
+        return Request(ids, params, position_ids=pos, sep=prompt.sep, gen_start=prompt.span_position(j, 1),
+                       gen_step=SPAN_STEP)
+
+    def typed_blanks(self, blanks, masks: int) -> list[Blank | None]:
+        """A fill body's `blanks` (schemas.FillBlank, one per mask in order) as `generate.Blank`s, one per mask
+        (None: untyped); 400 naming the field for more blanks than masks or a constraint the grammar engine
+        cannot build. Compiles each grammar once: call it off the event loop (`prepare`)."""
+        from ..constrain import Constraint
+
+        blanks = list(blanks or ())
+        if len(blanks) > masks:
+            raise APIError(400, f"blanks: {len(blanks)} given for a text with {masks} blanks; give at most one per "
+                           "[MASK] / [sMASK] / [gMASK], in order", param="blanks")
+        out: list[Blank | None] = []
+        for j, b in enumerate(blanks):
+            constraint, field = None, next((f for f in ("choices", "regex", "json_schema") if getattr(b, f) is not None), None)
+            if field is not None:
+                make = {"choices": Constraint.choice, "regex": Constraint.regex, "json_schema": Constraint.json_schema}[field]
+                try:
+                    constraint = make(getattr(b, field))
+                    constraint.check()
+                except ValueError as e:
+                    raise APIError(400, f"blanks.{j}.{field}: {e}", param=f"blanks.{j}.{field}") from None
+            out.append(Blank(constraint, b.max_tokens, None if b.stop is None else self.stops(b.stop)))
+        return out + [None] * (masks - len(out))
+
     @property
     def sees_suffix(self) -> bool:
         """Whether a completion's suffix reaches the model: a GLM model reads prompt [MASK] suffix, a causal
@@ -262,7 +293,7 @@ class Server:
             return self.blank_request(ids[:-2], "gmask", [], params)
         return Request(ids, params)
 
-    def submit_all(self, call: Call, choices: list[Choice], max_tokens: int):
+    def submit_all(self, call: Call, choices: list[Choice], max_tokens: int | None):
         """Submit every choice's request; all or nothing: each is checked (400) before any is queued, then
         the call reserves its prompt tokens + max_tokens per choice against the key's limits (429)."""
         try:
@@ -276,7 +307,8 @@ class Server:
             # checked and submitted on the event loop with no await between: no other request of the key interleaves
             raise LimitError(f"this key's requests already fill its share of the waiting queue ({self.waiting_per_key} "
                              "sequences); retry when they start", "requests", "rate_limit_exceeded", 1)
-        call.reserve(call.prompt_tokens + max_tokens * len(choices))
+        if max_tokens is not None:  # None: the call reserved what it may use already (a fill's later blanks)
+            call.reserve(call.prompt_tokens + max_tokens * len(choices))
         try:
             for c in choices:
                 call.submit(c)
