@@ -41,7 +41,8 @@ import torch
 
 from . import fused
 from .chat import chat_format
-from .errors import ContextLengthError
+from .constrain import Constraint
+from .errors import ContextLengthError, ParameterError
 from .infill import SPAN_STEP, blank_prompt
 from .sampling import Sampler, SamplingParams, StopText, eos_ids, ngram_bans
 
@@ -417,9 +418,29 @@ class Blank:
     choices, a regex, a JSON schema), `max_new_tokens` and `stop` strings; None: the fill's params.
     The template around the blanks is never generated, so a constrained form always keeps its shape."""
 
-    constraint: object | None = None  # constrain.Constraint
+    constraint: Constraint | None = None
     max_new_tokens: int | None = None
     stop: tuple[str, ...] | None = None
+
+    @classmethod
+    def of(cls, choices=None, regex=None, json_schema=None, max_new_tokens=None, stop=None) -> Blank:
+        """A Blank from plain values (/v1/fill's and `glmkit fill --blank`'s fields): at most one of
+        `choices` (strings), `regex`, `json_schema` (a dict), each checked by the grammar engine now;
+        ParameterError naming the field otherwise."""
+        given = {k: v for k, v in (("choices", choices), ("regex", regex), ("json_schema", json_schema)) if v is not None}
+        if len(given) > 1:
+            raise ParameterError(next(iter(given)), f"give at most one of choices, regex, json_schema per blank (got {', '.join(given)})")
+        constraint = None
+        for field_, value in given.items():
+            make = {"choices": Constraint.choice, "regex": Constraint.regex, "json_schema": Constraint.json_schema}[field_]
+            try:
+                constraint = make(value)
+                constraint.check()
+            except ValueError as e:
+                raise ParameterError(field_, str(e)) from None
+        if isinstance(stop, str):
+            stop = (stop,)
+        return cls(constraint, max_new_tokens, None if stop is None else tuple(stop))
 
 
 def blank_params(tokenizer, params: SamplingParams, blank: Blank | None, j: int) -> SamplingParams:

@@ -24,7 +24,7 @@ import torch
 
 from ..chat import chat_format
 from ..engine import Engine, EngineFull, Request
-from ..errors import ContextLengthError
+from ..errors import ContextLengthError, ParameterError
 from ..generate import Blank
 from ..infill import SPAN_STEP, BlankPrompt, blank_prompt
 from ..sampling import SamplingParams, StopText
@@ -133,7 +133,7 @@ class Server:
         self.metrics = Metrics(self.engine)
         self.causal = not model.cfg.prefix_lm
         self.chat = chat_format(model.cfg, tokenizer)  # the family's chat layout, stop ids and code infilling prompt
-        self.work_lock = threading.Lock()  # fill / classify: one at a time, beside the engine
+        self.work_lock = threading.Lock()  # classify: one at a time, beside the engine
         self.created = int(time.time())
         if default_max_tokens < 1:
             raise ValueError(f"default_max_tokens={default_max_tokens}: must be >= 1")
@@ -243,23 +243,16 @@ class Server:
         """A fill body's `blanks` (schemas.FillBlank, one per mask in order) as `generate.Blank`s, one per mask
         (None: untyped); 400 naming the field for more blanks than masks or a constraint the grammar engine
         cannot build. Compiles each grammar once: call it off the event loop (`prepare`)."""
-        from ..constrain import Constraint
-
         blanks = list(blanks or ())
         if len(blanks) > masks:
             raise APIError(400, f"blanks: {len(blanks)} given for a text with {masks} blanks; give at most one per "
                            "[MASK] / [sMASK] / [gMASK], in order", param="blanks")
         out: list[Blank | None] = []
         for j, b in enumerate(blanks):
-            constraint, field = None, next((f for f in ("choices", "regex", "json_schema") if getattr(b, f) is not None), None)
-            if field is not None:
-                make = {"choices": Constraint.choice, "regex": Constraint.regex, "json_schema": Constraint.json_schema}[field]
-                try:
-                    constraint = make(getattr(b, field))
-                    constraint.check()
-                except ValueError as e:
-                    raise APIError(400, f"blanks.{j}.{field}: {e}", param=f"blanks.{j}.{field}") from None
-            out.append(Blank(constraint, b.max_tokens, None if b.stop is None else self.stops(b.stop)))
+            try:
+                out.append(Blank.of(b.choices, b.regex, b.json_schema, b.max_tokens, b.stop))
+            except ParameterError as e:
+                raise APIError(400, f"blanks.{j}.{e.param}: {e}", param=f"blanks.{j}.{e.param}") from None
         return out + [None] * (masks - len(out))
 
     @property
