@@ -260,3 +260,76 @@ def test_bad_blanks_are_400_naming_the_field_before_any_work(app, blanks, param,
     assert app.state.server.engine.stats["prefill_tokens"] == 0
     (row,) = rows(app)
     assert (row.status, row.prompt_tokens, row.completion_tokens, row.compute_s) == (400, 0, 0, 0.0), row
+
+
+# ---- typed blanks --------------------------------------------------------------------------------------------
+FORM = '{"发文机关": "[MASK]", "成文日期": "[MASK]", "备注": "[MASK]"}'
+AGENCIES = ["国务院", "国务院办公厅", "教育部"]
+DATE = r"(19|20)\d{2}年(1[0-2]|[1-9])月(3[01]|[12]\d|[1-9])日"
+JSON_SAFE = r'[^"\\\x00-\x1f]{0,6}'  # a JSON string's characters, no escapes needed
+FORM_BLANKS = [{"choices": AGENCIES, "max_tokens": 24}, {"regex": DATE, "max_tokens": 24}, {"regex": JSON_SAFE, "max_tokens": 30}]
+
+
+def library_blanks(blanks: list[dict]) -> list[Blank]:
+    return [Blank.of(b.get("choices"), b.get("regex"), b.get("json_schema"), b.get("max_tokens"), b.get("stop")) for b in blanks]
+
+
+def test_typed_blanks_hold_at_temperature_one(app, filler, tok):
+    """A form whose first blank is one of three agencies, whose second only admits dates and whose third
+    JSON-string-safe text: at temperature 1, over many seeds, every span obeys its blank, the template
+    around them is unchanged, `json.loads` reads the result, and the spans are the library's."""
+    seeds = range(24)
+    with TestClient(app) as c:
+        got = [c.post("/v1/fill", json={"text": FORM, "blanks": FORM_BLANKS, "temperature": 1.0, "seed": s}).json()
+               for s in seeds]
+    template = FORM.split("[MASK]")
+    bad, agencies = [], set()
+    for s, r in zip(seeds, got):
+        spans = [x["text"] for x in r["spans"]]
+        ok = (spans[0] in AGENCIES and re.fullmatch(DATE, spans[1]) is not None and re.fullmatch(JSON_SAFE, spans[2]) is not None
+              and all(x["finish_reason"] == "stop" for x in r["spans"])
+              and r["text"] == "".join(t + x for t, x in zip(template, spans + [""]))
+              and json.loads(r["text"]) == {"发文机关": spans[0], "成文日期": spans[1], "备注": spans[2]})
+        agencies.add(spans[0])
+        if not ok:
+            bad.append((s, r["text"], [(x["text"], x["finish_reason"]) for x in r["spans"]]))
+    assert not bad, f"{len(bad)} of {len(seeds)} typed fills broke their blanks:\n" + "\n".join(map(repr, bad[:5]))
+    assert len(agencies) > 1, f"temperature 1 over {len(seeds)} seeds chose one agency only: {agencies}"
+    for s in (0, 1):
+        ref = fill(filler, tok, FORM, SamplingParams(temperature=1.0, seed=s), blanks=library_blanks(FORM_BLANKS))
+        check_same(got[s], ref, f"typed form, seed {s}")
+
+
+def test_json_schema_blank_and_untyped_neighbours_match_the_library(app, filler, tok):
+    """A JSON-schema blank between an untyped blank and a typed one: greedy and seeded, the server's spans are
+    the library's, and the schema blank parses and validates."""
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                               "ok": {"type": "boolean"}}, "required": ["n", "ok"], "additionalProperties": False}
+    text = "note: [MASK]; data: [MASK]; flag: [MASK]."
+    blanks = [{}, {"json_schema": schema, "max_tokens": 40}, {"choices": ["yes", "no"]}]
+    with TestClient(app) as c:
+        for temperature, seed in ((0.0, None), (1.0, 5), (1.0, 6)):
+            r = c.post("/v1/fill", json={"text": text, "blanks": blanks, "max_tokens": 5, "temperature": temperature,
+                                         "seed": seed}).json()
+            ref = fill(filler, tok, text, SamplingParams(max_new_tokens=5, temperature=temperature, seed=seed),
+                       blanks=library_blanks(blanks))
+            check_same(r, ref, f"schema blank T={temperature} seed={seed}")
+            jsonschema.validate(json.loads(r["spans"][1]["text"]), schema)
+            assert r["spans"][2]["text"] in ("yes", "no"), r["spans"]
+
+
+def test_cli_fill_takes_typed_blanks(tmp_path, filler, tok, capsys):
+    from glmkit import cli
+    from glmkit.convert import write_checkpoint
+
+    tok.save(tmp_path / "tok")
+    write_checkpoint(filler, tmp_path / "m", extra_files=[tmp_path / "tok" / "tokenizer.json"])
+    argv = [FORM, "--model", str(tmp_path / "m"), "--device", "cpu", "--temperature", "1", "--seed", "3"]
+    assert cli.fill_main(argv + sum((["--blank", json.dumps(b)] for b in FORM_BLANKS), [])) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["发文机关"] in AGENCIES and re.fullmatch(DATE, out["成文日期"]), out
+    with pytest.raises(ValueError, match="--blank .*regex"):
+        cli.fill_main(argv + ["--blank", '{"regex": "(unclosed"}'])
+    with pytest.raises(ValueError, match="--blank .*JSON object"):
+        cli.fill_main(argv + ["--blank", '{"choice": ["a"]}'])
