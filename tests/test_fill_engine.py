@@ -265,7 +265,8 @@ def test_bad_blanks_are_400_naming_the_field_before_any_work(app, blanks, param,
 # ---- typed blanks --------------------------------------------------------------------------------------------
 FORM = '{"发文机关": "[MASK]", "成文日期": "[MASK]", "备注": "[MASK]"}'
 AGENCIES = ["国务院", "国务院办公厅", "教育部"]
-DATE = r"(19|20)\d{2}年(1[0-2]|[1-9])月(3[01]|[12]\d|[1-9])日"
+# [0-9], not \d: the grammar engine's \d is any Unicode digit (Rust regex), newer tables than Python's `re`
+DATE = r"(19|20)[0-9]{2}年(1[0-2]|[1-9])月(3[01]|[12][0-9]|[1-9])日"
 JSON_SAFE = r'[^"\\\x00-\x1f]{0,6}'  # a JSON string's characters, no escapes needed
 FORM_BLANKS = [{"choices": AGENCIES, "max_tokens": 24}, {"regex": DATE, "max_tokens": 24}, {"regex": JSON_SAFE, "max_tokens": 30}]
 

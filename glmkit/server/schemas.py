@@ -201,7 +201,8 @@ class FillBlank(_Body):
 
     choices: Annotated[list[NonEmpty], Field(min_length=1, max_length=1024)] | None = Field(
         None, description="the span is exactly one of these strings")
-    regex: NonEmpty | None = Field(None, description="the span fullmatches this regular expression")
+    regex: NonEmpty | None = Field(None, description="the span fullmatches this regular expression (the grammar "
+                                   "engine's syntax, Rust's regex: \\d is any Unicode digit, write [0-9] for ASCII ones)")
     json_schema: dict | bool | None = Field(None, description="the span is JSON (compact, as json.dumps writes it) "
                                             "valid against this schema")
     max_tokens: int | None = Field(None, ge=1, description="this blank's limit (default: the request's max_tokens)")

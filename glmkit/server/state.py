@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..chat import chat_format
+from ..constrain import ConstraintVocab
 from ..engine import Engine, EngineFull, Request
 from ..errors import ContextLengthError, ParameterError
 from ..generate import Blank
@@ -127,8 +128,12 @@ class Server:
                  waiting_per_key: int | None = None, kv_memory: int | None = None,
                  prefill_chunk: int | str | None = "auto", kv_dtype=None):
         self.model, self.tok, self.name, self.maas = model, tokenizer, model_name, maas
+        try:  # the grammar engine's view of the vocabulary (built at the first constrained request)
+            vocab, self.no_constraints = ConstraintVocab.of(tokenizer, model.cfg.vocab_size), None
+        except ValueError as e:
+            vocab, self.no_constraints = None, str(e)
         self.engine = Engine(model, max_batch=max_batch, max_len=max_len, max_waiting=max_waiting, kv_memory=kv_memory,
-                             prefill_chunk=prefill_chunk, kv_dtype=kv_dtype)
+                             prefill_chunk=prefill_chunk, kv_dtype=kv_dtype, constraint_vocab=vocab)
         self.runner = EngineRunner(self.engine)
         self.metrics = Metrics(self.engine)
         self.causal = not model.cfg.prefix_lm
@@ -253,6 +258,11 @@ class Server:
                 out.append(Blank.of(b.choices, b.regex, b.json_schema, b.max_tokens, b.stop))
             except ParameterError as e:
                 raise APIError(400, f"blanks.{j}.{e.param}: {e}", param=f"blanks.{j}.{e.param}") from None
+            if out[-1].constraint is not None:
+                if self.no_constraints:
+                    raise APIError(400, f"blanks.{j}: constrained decoding is not available with this model "
+                                   f"({self.no_constraints})", param=f"blanks.{j}", code="unsupported_parameter")
+                self.engine.sampler.constraint_vocab.lltokenizer  # noqa: B018 - built here, not in the engine's thread
         return out + [None] * (masks - len(out))
 
     @property
