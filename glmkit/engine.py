@@ -41,9 +41,8 @@ Prompt KV reuse. A GLM-objective model reads its prompt's first `sep` tokens bid
 A), so their KV depends on all of Part A: a cached prompt is reused as a prefix only when it holds
 the same Part A whole (same sep, same positions), as when a fill's next blank extends the previous
 blank's prompt by its span; then only the rest is prefilled. Causal models (GLM-4) can reuse any
-cached prefix. Entries are scoped by `cache_scope` (the API
-key): one customer's prompt never warms another's cache, so timing cannot leak prompts, and each
-scope has its own LRU of `prompt_cache_entries`, so one customer's new prompts never evict another's
+cached prefix. Entries are scoped by `cache_scope` (the API key): one customer's prompt never
+warms another's cache, so timing cannot leak prompts, and each scope has its own LRU of `prompt_cache_entries`, so one customer's new prompts never evict another's
 (eviction would tell a tenant that someone else is active). The number of scopes kept is bounded
 too (`prompt_cache_scopes`, least recently used scope dropped whole): that bounds memory, and what
 it can reveal is only that many other keys were active, not when or what they sent. A cached
