@@ -280,8 +280,10 @@ async def chat_completions(body: ChatRequest, request: HTTPRequest, server: Serv
 async def fill_blanks(body: FillRequest, request: HTTPRequest, server: ServerDep):
     """GLM blank filling through the engine: blank j is one engine request (`Server.fill_request`) whose prompt
     is Part A and the spans filled before it, so blanks run one after the other while other requests share
-    the batch. Billed once: prompt tokens are blank 0's prompt (Part A and its <sop>), completion tokens the
-    spans; the later blanks' re-reads of earlier spans (mostly served from the prompt cache) count in compute_s."""
+    the batch. Billed once: prompt tokens are blank 0's prompt (Part A and its <sop>), as /v1/completions counts
+    a blank's prompt; cached tokens the fewest any blank had from the prompt cache (all blanks are one prompt
+    group: blank 0's, as the later ones reuse at least that); completion tokens the spans. The later blanks'
+    re-reads of earlier spans (Part A comes from the prompt cache) count in compute_s only."""
     from ..generate import blank_params
     from ..infill import blank_prompt
 
