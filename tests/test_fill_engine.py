@@ -18,10 +18,12 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
 from fastapi.testclient import TestClient  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 from glmkit.engine import Engine, Request  # noqa: E402
 from glmkit.generate import Blank, fill  # noqa: E402
-from glmkit.infill import SPAN_STEP, blank_prompt  # noqa: E402
+from glmkit.infill import SPAN_STEP, SpecialIds, assemble, blank_prompt  # noqa: E402
 from glmkit.sampling import SamplingParams  # noqa: E402
 from glmkit.server.app import create_app  # noqa: E402
 from tests.serving import assert_error, make_model, rows, serve  # noqa: E402
@@ -53,6 +55,33 @@ def check_same(r: dict, ref, what: str):
     assert r["text"] == ref.text and spans_of(r) == ref_spans(ref), (
         f"{what}: server vs library\n  server:  {r['text']!r} {spans_of(r)}\n  library: {ref.text!r} {ref_spans(ref)}")
     assert r["usage"]["completion_tokens"] == sum(len(s.token_ids) for s in ref.spans), (what, r["usage"])
+
+
+# ---- blank j's prompt is the training layout, cut after blank j's <sop> ---------------------------------------
+@settings(max_examples=100, deadline=None)
+@given(st.data())
+def test_blank_prompt_j_is_assembles_layout_in_order(data):
+    """`BlankPrompt.blank(j, spans before it)` is what `infill.assemble` trains on with Part B in text order,
+    up to and including blank j's <sop>: ids, positions and block positions, read with sep = len(Part A)."""
+    special = SpecialIds(mask=90, smask=91, gmask=92, sop=93, eop=94, eos=95, pad=96)
+    k = data.draw(st.integers(1, 4), "blanks")
+    pieces = [data.draw(st.lists(st.integers(0, 89), max_size=4), f"piece {i}") for i in range(k + 1)]
+    fillers = [data.draw(st.lists(st.integers(0, 89), min_size=1, max_size=4), f"span {j}") for j in range(k)]
+    masks = [data.draw(st.sampled_from([special.mask, special.smask, special.gmask])) for _ in range(k)]
+    tokens, spans = list(pieces[0]), []
+    for filler, piece in zip(fillers, pieces[1:]):
+        spans.append((len(tokens), len(tokens) + len(filler)))
+        tokens += filler + piece
+    ex = assemble(tokens, spans, masks, list(range(k)), special)
+    p = blank_prompt(pieces, masks, special.sop)
+    assert p.sep == ex.sep
+    for j in range(k):
+        ids, pos = p.blank(j, fillers[:j])
+        T = ex.sep + sum(len(f) + 1 for f in fillers[:j]) + 1
+        assert ids == ex.input_ids[:T].tolist(), (j, ids, ex.input_ids[:T].tolist())
+        assert pos == ex.position_ids[:, :T].tolist(), (j, pos, ex.position_ids[:, :T].tolist())
+    with pytest.raises(ValueError, match="needs the"):
+        p.blank(k - 1, fillers[: k - 2] if k > 1 else [[1]])
 
 
 # ---- the engine's fill is the library's fill --------------------------------------------------------------
