@@ -7,6 +7,7 @@
     outs[0].token_ids, outs[0].text, outs[0].finish_reason          # "stop" | "length"
     for chunk in stream(model, [ids], params, tokenizer=tok): print(chunk.text, end="")
     fill(model, tok, "床前明月光，[MASK]。", SamplingParams(temperature=0)).text
+    fill(model, tok, '{"day": "[MASK]"}', blanks=[Blank.of(regex=r"[0-9]{4}-[0-9]{2}-[0-9]{2}")])  # typed blanks
     chat(model, tok, [{"role": "user", "content": "你好"}], params).text
 
     glmkit fill "床前明月光，[MASK]。" --model DIR
