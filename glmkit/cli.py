@@ -331,15 +331,39 @@ def fill_main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="glmkit fill", description="Fill the [MASK], [sMASK] and [gMASK] blanks of a text, left to right.")
     p.add_argument("text", help='e.g. "床前明月光，[MASK]。"')
+    p.add_argument("--blank", action="append", default=[], metavar="JSON",
+                   help='a typed blank, repeatable, one per mask in order (the rest untyped), as in /v1/fill\'s "blanks": '
+                        '{"choices": [...]} | {"regex": "..."} | {"json_schema": {...}}, with "max_tokens" and "stop"; '
+                        '{} for an untyped one')
     add_sampling_args(p, temperature=0.0, max_new_tokens=64)
     a = p.parse_args(argv)
     params = params_from_args(a)  # validate flags before loading anything
+    blanks = [blank_arg(b) for b in a.blank]
     model, tok = load_for_cli(a, "fill")
-    res = fill(model, tok, a.text, params, compile=a.compile)
+    res = fill(model, tok, a.text, params, blanks=blanks, compile=a.compile)
     print(res.text)
     for s in res.spans:
         print(f"  {s.mask} -> {s.text!r} ({s.finish_reason})", file=sys.stderr)
     return 0
+
+
+def blank_arg(text: str):
+    """`glmkit fill --blank JSON` -> generate.Blank (ValueError naming what is wrong)."""
+    import json
+
+    from .generate import Blank
+
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--blank {text!r} is not JSON ({e}); e.g. --blank '{{\"choices\": [\"yes\", \"no\"]}}'") from None
+    fields = ("choices", "regex", "json_schema", "max_tokens", "stop")
+    if not isinstance(d, dict) or set(d) - set(fields):
+        raise ValueError(f"--blank {text!r}: give a JSON object with some of {', '.join(fields)}")
+    try:
+        return Blank.of(d.get("choices"), d.get("regex"), d.get("json_schema"), d.get("max_tokens"), d.get("stop"))
+    except ValueError as e:
+        raise ValueError(f"--blank {text!r}: {e}") from None
 
 
 def generate_main(argv=None) -> int:

@@ -37,11 +37,12 @@ keys), so a step runs on rows `[:n]`; each row writes its key/value at its own p
 gathers each row's keys through its table (one copy of the keys read per layer and step: the eager
 step's cost of paging).
 
-Prompt KV reuse. A GLM-objective model reads its prompt bidirectionally (Part A), so a prompt's KV
-depends on the whole prompt: it is reused only for an identical prompt. Causal models (GLM-4) can
-reuse any cached prefix and prefill only the rest. Entries are scoped by `cache_scope` (the API
-key): one customer's prompt never warms another's cache, so timing cannot leak prompts, and each
-scope has its own LRU of `prompt_cache_entries`, so one customer's new prompts never evict another's
+Prompt KV reuse. A GLM-objective model reads its prompt's first `sep` tokens bidirectionally (Part
+A), so their KV depends on all of Part A: a cached prompt is reused as a prefix only when it holds
+the same Part A whole (same sep, same positions), as when a fill's next blank extends the previous
+blank's prompt by its span; then only the rest is prefilled. Causal models (GLM-4) can reuse any
+cached prefix. Entries are scoped by `cache_scope` (the API key): one customer's prompt never
+warms another's cache, so timing cannot leak prompts, and each scope has its own LRU of `prompt_cache_entries`, so one customer's new prompts never evict another's
 (eviction would tell a tenant that someone else is active). The number of scopes kept is bounded
 too (`prompt_cache_scopes`, least recently used scope dropped whole): that bounds memory, and what
 it can reveal is only that many other keys were active, not when or what they sent. A cached
@@ -393,14 +394,26 @@ class Engine:
         if full in entries:
             entries.move_to_end(full)
             return entries[full]
-        if not self.causal or req.position_ids is not None or req.sep:
-            return None
-        best = None  # causal: the longest cached prompt that is a prefix of this one
-        for (ids, _, _), entry in entries.items():
-            if len(ids) < len(req.prompt_ids) and tuple(req.prompt_ids[: len(ids)]) == ids:
-                if best is None or len(ids) > best[0]:
+        best = None  # the longest cached prompt that is a prefix of this one, where its keys are this one's
+        pos = tuple(map(tuple, req.position_ids or ()))
+        for (ids, sep, p), entry in entries.items():
+            n = len(ids)
+            if n < len(req.prompt_ids) and self._reusable(req, n, sep, p, pos) and tuple(req.prompt_ids[:n]) == ids:
+                if best is None or n > best[0]:
                     best = entry
         return best
+
+    def _reusable(self, req: Request, n: int, sep: int, p: tuple, pos: tuple) -> bool:
+        """Whether a cached prompt of n tokens (prefix length `sep`, positions `p`) can be the first n tokens
+        of `req`, whose ids start with it. A key depends only on the keys it attends to: those of the
+        bidirectional prefix (all `sep` of them) or those before it. So the same sep, covered whole by
+        the entry, and the same positions: Part A plus the spans of earlier blanks is reused by the next
+        blank of a fill. A causal model (which ignores sep and block positions) reuses any plain prefix."""
+        if self.causal:
+            return not (req.position_ids is not None or req.sep or sep or p)
+        if sep != req.sep or n < sep or bool(p) != bool(pos):
+            return False
+        return not p or all(a == b[:n] for a, b in zip(p, pos))
 
     def _remember(self, req: Request, entry):
         """Keep a prompt's KV in its scope's LRU; evicts only within that scope (or a whole idle scope)."""

@@ -7,6 +7,7 @@
     outs[0].token_ids, outs[0].text, outs[0].finish_reason          # "stop" | "length"
     for chunk in stream(model, [ids], params, tokenizer=tok): print(chunk.text, end="")
     fill(model, tok, "床前明月光，[MASK]。", SamplingParams(temperature=0)).text
+    fill(model, tok, '{"day": "[MASK]"}', blanks=[Blank.of(regex=r"[0-9]{4}-[0-9]{2}-[0-9]{2}")])  # typed blanks
     chat(model, tok, [{"role": "user", "content": "你好"}], params).text
 
     glmkit fill "床前明月光，[MASK]。" --model DIR
@@ -41,8 +42,8 @@ import torch
 
 from . import fused
 from .chat import chat_format
-from .constrain import ConstraintVocab
-from .errors import ContextLengthError
+from .constrain import Constraint, ConstraintVocab
+from .errors import ContextLengthError, ParameterError
 from .infill import SPAN_STEP, blank_prompt
 from .sampling import Sampler, SamplingParams, StopText, check_constrainable, eos_ids, ngram_bans
 
@@ -434,6 +435,54 @@ class FillResult:
     spans: list[Span] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Blank:
+    """What one blank may hold (typed blanks): its own `constraint` (a `constrain.Constraint`:
+    choices, a regex, a JSON schema), `max_new_tokens` and `stop` strings; None: the fill's params.
+    The template around the blanks is never generated, so a constrained form always keeps its shape."""
+
+    constraint: Constraint | None = None
+    max_new_tokens: int | None = None
+    stop: tuple[str, ...] | None = None
+
+    @classmethod
+    def of(cls, choices=None, regex=None, json_schema=None, max_new_tokens=None, stop=None) -> Blank:
+        """A Blank from plain values (/v1/fill's and `glmkit fill --blank`'s fields): at most one of
+        `choices` (strings), `regex`, `json_schema` (a dict), each checked by the grammar engine now;
+        ParameterError naming the field otherwise."""
+        given = {k: v for k, v in (("choices", choices), ("regex", regex), ("json_schema", json_schema)) if v is not None}
+        if len(given) > 1:
+            raise ParameterError(next(iter(given)), f"give at most one of choices, regex, json_schema per blank (got {', '.join(given)})")
+        constraint = None
+        for field_, value in given.items():
+            make = {"choices": Constraint.choice, "regex": Constraint.regex, "json_schema": Constraint.json_schema}[field_]
+            try:
+                constraint = make(value)
+                constraint.check()
+            except ValueError as e:
+                raise ParameterError(field_, str(e)) from None
+        if isinstance(stop, str):
+            stop = (stop,)
+        return cls(constraint, max_new_tokens, None if stop is None else tuple(stop))
+
+
+def blank_params(tokenizer, params: SamplingParams, blank: Blank | None, j: int) -> SamplingParams:
+    """Blank j's sampling parameters: the fill's, with the blank's own constraint, max_new_tokens and
+    stop strings where it gives them; seed + j (as choice j of a request: blanks draw unrelated
+    noise); <eop>, the params' stop ids and the end of text as stop ids (a span never contains a
+    document end). `fill` and the server's /v1/fill both take each blank's parameters from here."""
+    kw = {"stop_ids": (tokenizer.special("eop"), *params.stop_ids, *eos_ids(tokenizer)),
+          "seed": None if params.seed is None else params.seed + j}
+    if blank is not None:
+        if blank.max_new_tokens is not None:
+            kw["max_new_tokens"] = blank.max_new_tokens
+        if blank.stop is not None:
+            kw["stop"] = tuple(blank.stop)
+        if blank.constraint is not None:
+            kw["constraint"] = blank.constraint
+    return dataclasses.replace(params, **kw)
+
+
 def _require_prefix_lm(model, what: str):
     if not model.cfg.prefix_lm:
         raise ValueError(f"{what} needs a model trained with GLM's blank-infilling objective; this one is causal "
@@ -441,35 +490,54 @@ def _require_prefix_lm(model, what: str):
                          "infill(), which falls back to continuing the prefix")
 
 
+def _check_blanks(blanks, k: int) -> list[Blank | None]:
+    blanks = list(blanks or ())
+    if len(blanks) > k:
+        raise ValueError(f"{len(blanks)} blanks given for a text with {k} masks: give at most one per mask, in order")
+    if not all(b is None or isinstance(b, Blank) for b in blanks):
+        raise ValueError("blanks must be generate.Blank values (or None for an untyped blank)")
+    return blanks + [None] * (k - len(blanks))
+
+
 @torch.inference_mode()
-def _fill_ids(model, tokenizer, pieces: list[list[int]], marks: list[str], params: SamplingParams, compile: bool) -> list[Span]:
+def _fill_ids(model, tokenizer, pieces: list[list[int]], marks: list[str], params: SamplingParams, compile: bool,
+              blanks=None) -> list[Span]:
     """Part A = pieces[0] marks[0] pieces[1] marks[1] ... pieces[-1] (marks: "[MASK]" etc., taken
-    from the tokenizer by name; `infill.blank_prompt` lays it out); fill each blank left to right."""
-    if params.constraint is not None:
-        raise ValueError("a constraint on GLM blank filling is not supported: constrain a causal continuation "
-                         "(generate / chat) instead")
-    sop, eop = tokenizer.special("sop"), tokenizer.special("eop")
+    from the tokenizer by name; `infill.blank_prompt` lays it out); fill each blank left to right,
+    blank j with `blank_params(..., blanks[j], j)` and a sampler of its own that has seen blank j's
+    prompt (`BlankPrompt.blank`), as the engine serves it. A constraint in `params` types every blank
+    that does not give its own."""
+    sop = tokenizer.special("sop")
     prompt = blank_prompt(pieces, [tokenizer.special(MASK_STRINGS[m]) for m in marks], sop)
-    A, k, N = prompt.sep, len(marks), params.max_new_tokens
+    blanks = _check_blanks(blanks, len(marks))
+    bparams = [blank_params(tokenizer, params, b, j) for j, b in enumerate(blanks)]
+    vocab = ConstraintVocab.of(tokenizer, model.cfg.vocab_size) if any(p.constraint for p in bparams) else None
+    for p in bparams:
+        if p.constraint is not None:
+            check_constrainable(p, vocab)  # before any model work
+    A, N = prompt.sep, max(p.max_new_tokens for p in bparams)
     if model.cfg.position == "learned_2d" and max(A, N + 2) > model.cfg.max_seq_len:
         raise ContextLengthError(f"the text ({A} tokens) or max_new_tokens={N} exceeds the model's {model.cfg.max_seq_len} positions")
     dev = _device(model)
-    stop_ids = (eop, *params.stop_ids, *eos_ids(tokenizer))  # spans never contain a document end
-    cache = model.new_cache(1, A + k * (N + 1))
+    cache = model.new_cache(1, A + sum(p.max_new_tokens + 1 for p in bparams))
     ids = torch.tensor([prompt.ids[:A]], device=dev)
     pos = torch.tensor(prompt.position_ids, device=dev)[None, :, :A]  # (1, 2, A)
     model.prefill(ids, cache, position_ids=pos, sep=A, last_only=True)  # Part A, read bidirectionally (logits unused)
-    sampler = Sampler.batch(params, [prompt.ids[:A] + [sop]], model.cfg.vocab_size, dev)  # seen: the input, as in the engine
-    spans = []
+    spans, filled = [], []
     delta = torch.tensor(SPAN_STEP, device=dev).view(1, 2, 1)
-    for j, mark in enumerate(marks):
+    for j, (mark, p) in enumerate(zip(marks, bparams)):
+        seen, _ = prompt.blank(j, filled)  # what the cache holds once <sop> is in: the sampler's input
+        sampler = Sampler.batch(p, [seen], model.cfg.vocab_size, dev, vocab)
+        before = cache.length
         start = torch.tensor(prompt.span_position(j, 0), device=dev).view(1, 2, 1)  # <sop>
         logits = model.prefill(torch.tensor([[sop]], device=dev), cache, position_ids=start)[:, -1]  # (1, V)
         position = start + delta
-        rows = _drain(_decode_loop(model, cache, logits, position, delta, params, sampler, [_Row(tokenizer, params)],
-                                   stop_ids, compile=compile, stream=False, feed_last=True))
-        c = _completion(rows[0], tokenizer, params)
+        rows = _drain(_decode_loop(model, cache, logits, position, delta, p, sampler, [_Row(tokenizer, p)],
+                                   p.stop_ids, compile=compile, stream=False, feed_last=True))
+        c = _completion(rows[0], tokenizer, p)
         spans.append(Span(mark, c.text, c.token_ids, c.finish_reason))
+        # the span as the cache holds it: all its tokens, but the last one when a stop string ended it
+        filled.append(c.token_ids[: cache.length - before - 1])
     return spans
 
 
@@ -481,7 +549,8 @@ def _assemble_text(texts: list[str], spans: list[Span]) -> FillResult:
     return FillResult(out, spans)
 
 
-def fill(model, tokenizer, text: str, params: SamplingParams | None = None, *, compile: bool = False) -> FillResult:
+def fill(model, tokenizer, text: str, params: SamplingParams | None = None, *, blanks=None,
+         compile: bool = False) -> FillResult:
     """Fill every "[MASK]", "[sMASK]" and "[gMASK]" in `text`, left to right (GLM blank infilling).
 
     The text is split on the literal mask strings, the pieces encoded as plain text and the masks
@@ -491,6 +560,10 @@ def fill(model, tokenizer, text: str, params: SamplingParams | None = None, *, c
     stop, or max_new_tokens per blank). A filled span stays in the cache, so later blanks see it:
     Part B spans attend causally to earlier ones, as in training. Needs a model trained with the
     GLM objective (not GLM-4). Returns the filled text and the spans.
+
+    `blanks`: typed blanks, one `Blank` (or None) per mask in order, fewer for untyped rest: each
+    may constrain its span and set its own max_new_tokens and stop strings. Blank j samples with
+    seed params.seed + j (`blank_params`), so a seeded fill gives the server's tokens.
     """
     params = params or SamplingParams()
     _require_prefix_lm(model, "fill")
@@ -499,7 +572,7 @@ def fill(model, tokenizer, text: str, params: SamplingParams | None = None, *, c
     if not marks:
         raise ValueError(f"no [MASK], [sMASK] or [gMASK] in {text[:60]!r}: mark each blank to fill with one of them")
     pieces = [tokenizer.encode(t) if t else [] for t in texts]
-    return _assemble_text(texts, _fill_ids(model, tokenizer, pieces, marks, params, compile))
+    return _assemble_text(texts, _fill_ids(model, tokenizer, pieces, marks, params, compile, blanks))
 
 
 def infill(model, tokenizer, prefix: str, suffix: str, params: SamplingParams | None = None, *,

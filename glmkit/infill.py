@@ -189,6 +189,24 @@ class BlankPrompt:
         """(position, block position) of token k of blank j's span (k = 0: its `<sop>`)."""
         return self.mask_pos[j], k + 1
 
+    def blank(self, j: int, filled: list[list[int]]) -> tuple[list[int], list[list[int]]]:
+        """Blank j's prompt when blanks 0..j-1 were filled left to right: (ids, position_ids (2, T)).
+
+        Part A, then each earlier blank i as `<sop> filled[i]` at its mask's position (block
+        positions 1, 2, ...), then blank j's `<sop>`: what a decoder that filled them in order holds in
+        its cache (`filled[i]`: the span tokens it fed, without the ending <eop>), the Part B order
+        training uses too. Read with sep = self.sep: the spans attend to Part A and causally to each other.
+        """
+        if not 0 <= j < len(self.mask_pos) or len(filled) != j:
+            raise ValueError(f"blank {j} of {len(self.mask_pos)} needs the {j} spans before it, got {len(filled)}")
+        sop, A = self.ids[self.sep], self.sep
+        ids, pos, block = self.ids[:A], list(range(A)), [0] * A
+        for i, span in enumerate([*filled, []]):
+            ids = ids + [sop, *span]
+            pos += [self.mask_pos[i]] * (len(span) + 1)
+            block += list(range(1, len(span) + 2))
+        return ids, [pos, block]
+
 
 def blank_prompt(pieces: list[list[int]], mask_ids: list[int], sop: int) -> BlankPrompt:
     """Part A = pieces[0] mask_ids[0] pieces[1] ... mask_ids[-1] pieces[-1], then the first blank's `<sop>`."""

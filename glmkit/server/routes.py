@@ -278,37 +278,54 @@ async def chat_completions(body: ChatRequest, request: HTTPRequest, server: Serv
 # ---- GLM-native ----
 @router.post("/v1/fill")
 async def fill_blanks(body: FillRequest, request: HTTPRequest, server: ServerDep):
-    from ..generate import fill
+    """GLM blank filling through the engine: blank j is one engine request (`Server.fill_request`) whose prompt
+    is Part A and the spans filled before it, so blanks run one after the other while other requests share
+    the batch. Billed once: prompt tokens are blank 0's prompt (Part A and its <sop>), as /v1/completions counts
+    a blank's prompt; cached tokens the fewest any blank had from the prompt cache (all blanks are one prompt
+    group: blank 0's, as the later ones reuse at least that); completion tokens the spans. The later blanks'
+    re-reads of earlier spans (Part A comes from the prompt cache) count in compute_s only."""
+    from ..generate import blank_params
+    from ..infill import blank_prompt
 
     call = server.check_model(request, body.model)
     if server.causal:
         raise APIError(400, "/v1/fill needs a model trained with GLM's blank-infilling objective; this one is causal "
                        "(GLM-4 family): use /v1/completions", param="model", code="unsupported_model")
     parts = re.split(r"(\[MASK\]|\[sMASK\]|\[gMASK\])", body.text)
-    marks = parts[1::2]  # at least one: the schema's pattern
-    for m in set(marks):
-        server.special(MASK_STRINGS[m])
-    part_a = await server.prepare(lambda: sum(len(server.encode(t, "text")) for t in parts[0::2] if t) + len(marks))
-    need = part_a + len(marks) * (body.max_tokens + 1)
+    texts, marks = parts[0::2], parts[1::2]  # at least one mark: the schema's pattern
+    mask_ids, sop = [server.special(MASK_STRINGS[m]) for m in marks], server.special("sop")
+    server.special("eop")
+
+    def build():  # in a worker thread: tokenizing, compiling the blanks' grammars
+        blanks = server.typed_blanks(body.blanks, len(marks))
+        return blank_prompt([server.encode(t, "text") if t else [] for t in texts], mask_ids, sop), blanks
+
+    prompt, blanks = await server.prepare(build)
+    base = server.sampling(body, body.max_tokens, (), 0, stops=server.stops(body.stop))
+    params = [blank_params(server.tok, base, b, j) for j, b in enumerate(blanks)]
+    need = prompt.sep + sum(p.max_new_tokens + 1 for p in params)
     if need > server.engine.max_len:
-        raise APIError(400, f"the text ({part_a} tokens) plus {len(marks)} blanks of up to max_tokens={body.max_tokens} "
-                       f"need {need} positions; the context is {server.engine.max_len}", param="text",
-                       code="context_length_exceeded")
-    params = server.sampling(body, body.max_tokens, (), 0, stops=server.stops(body.stop))
-    call.prompt_tokens = part_a
-    call.reserve(part_a + len(marks) * body.max_tokens)
-    call.start()
-    try:
-        res, dt = await server.locked(fill, server.model, server.tok, body.text, params)
-    except ValueError as e:
-        raise APIError(400, str(e), param="text") from None
-    call.compute_s, call.completion_tokens = dt, sum(len(s.token_ids) for s in res.spans)
-    call.finish_reason = ",".join(sorted({s.finish_reason for s in res.spans}))
+        raise APIError(400, f"the text ({prompt.sep} tokens) plus {len(marks)} blanks of up to "
+                       f"{'/'.join(str(p.max_new_tokens) for p in params)} tokens need {need} positions; the context is "
+                       f"{server.engine.max_len}", param="text", code="context_length_exceeded")
+    call.prompt_tokens = len(prompt.ids)
+    filled, reserve = [], sum(p.max_new_tokens for p in params)
+    for j, p in enumerate(params):  # one choice in flight at a time on the call's queue
+        ch = Choice(0, 0, server.fill_request(prompt, j, filled, p), StopText(server.tok, p.stop))
+        server.submit_all(call, [ch], reserve if j == 0 else None)
+        await server.collect(request, call, [ch])
+        if ch.finish_reason == "cancelled":
+            raise APIError(503, f"the fill was cancelled at blank {j} (the client left or the server is stopping)",
+                           "server_error", code="cancelled")
+        ids = [t for t, *_ in ch.entries]
+        filled.append(ids[:-1] if ch.matched else ids)  # as `fill` holds a span: not the token that completed a stop
+    out, spans = texts[0], []
+    for ch, mark, t in zip(call.choices, marks, texts[1:]):
+        spans.append({"mask": mark, "text": ch.text, "start": len(out), "tokens": len(ch.entries),
+                      "finish_reason": ch.finish_reason})
+        out += ch.text + t
     return {"id": "fill-" + call.id, "object": "fill", "created": int(time.time()), "model": server.name,
-            "text": res.text,
-            "spans": [{"mask": s.mask, "text": s.text, "start": s.start, "tokens": len(s.token_ids),
-                       "finish_reason": s.finish_reason} for s in res.spans],
-            "usage": call.usage()}
+            "text": out, "spans": spans, "usage": call.usage()}
 
 
 @router.post("/infill")

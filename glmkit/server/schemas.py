@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..sampling import GREEDY_BELOW, REPETITION_PENALTY_RANGE
 from ..tokenizer import check_unicode
@@ -196,13 +196,36 @@ class ChatRequest(_Sampling):
     response_format: ResponseFormat | None = None
 
 
+class FillBlank(_Body):
+    """A typed blank: what its span may be (at most one of choices, regex, json_schema) and its own limits."""
+
+    choices: Annotated[list[NonEmpty], Field(min_length=1, max_length=1024)] | None = Field(
+        None, description="the span is exactly one of these strings")
+    regex: NonEmpty | None = Field(None, description="the span fullmatches this regular expression (the grammar "
+                                   "engine's syntax, Rust's regex: \\d is any Unicode digit, write [0-9] for ASCII ones)")
+    json_schema: dict | bool | None = Field(None, description="the span is JSON (compact, as json.dumps writes it) "
+                                            "valid against this schema")
+    max_tokens: int | None = Field(None, ge=1, description="this blank's limit (default: the request's max_tokens)")
+    stop: Stops = Field(None, description="this blank's stop strings (default: the request's stop)")
+
+    @model_validator(mode="after")
+    def _one_constraint(self):
+        given = [f for f in ("choices", "regex", "json_schema") if getattr(self, f) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give at most one of choices, regex, json_schema per blank (got {', '.join(given)})")
+        return self
+
+
 class FillRequest(_Body):
     model: str | None = None
     text: str = Field(..., pattern=r"\[(MASK|sMASK|gMASK)\]", description="text with one or more [MASK], [sMASK] or [gMASK] blanks")
+    blanks: list[FillBlank] | None = Field(
+        None, description="typed blanks: one per mask, in order (fewer: the rest untyped); the text around the "
+        "blanks is never generated, so a constrained form keeps its shape")
     max_tokens: int = Field(32, ge=1, description="per blank")
     temperature: float = Field(0.0, ge=0, le=2, description="default greedy, as `glmkit fill`; " + TEMPERATURE_NOTE)
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="blank j samples with seed + j")
     stop: Stops = None
 
 

@@ -23,9 +23,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ..chat import chat_format
+from ..constrain import ConstraintVocab
 from ..engine import Engine, EngineFull, Request
-from ..errors import ContextLengthError
-from ..infill import SPAN_STEP, blank_prompt
+from ..errors import ContextLengthError, ParameterError
+from ..generate import Blank
+from ..infill import SPAN_STEP, BlankPrompt, blank_prompt
 from ..sampling import SamplingParams, StopText
 from .maas import KeyRecord, LimitError, MaaS
 from .metering import Call, Metrics
@@ -126,13 +128,17 @@ class Server:
                  waiting_per_key: int | None = None, kv_memory: int | None = None,
                  prefill_chunk: int | str | None = "auto", kv_dtype=None):
         self.model, self.tok, self.name, self.maas = model, tokenizer, model_name, maas
+        try:  # the grammar engine's view of the vocabulary (built at the first constrained request)
+            vocab, self.no_constraints = ConstraintVocab.of(tokenizer, model.cfg.vocab_size), None
+        except ValueError as e:
+            vocab, self.no_constraints = None, str(e)
         self.engine = Engine(model, max_batch=max_batch, max_len=max_len, max_waiting=max_waiting, kv_memory=kv_memory,
-                             prefill_chunk=prefill_chunk, kv_dtype=kv_dtype)
+                             prefill_chunk=prefill_chunk, kv_dtype=kv_dtype, constraint_vocab=vocab)
         self.runner = EngineRunner(self.engine)
         self.metrics = Metrics(self.engine)
         self.causal = not model.cfg.prefix_lm
         self.chat = chat_format(model.cfg, tokenizer)  # the family's chat layout, stop ids and code infilling prompt
-        self.work_lock = threading.Lock()  # fill / classify: one at a time, beside the engine
+        self.work_lock = threading.Lock()  # classify: one at a time, beside the engine
         self.created = int(time.time())
         if default_max_tokens < 1:
             raise ValueError(f"default_max_tokens={default_max_tokens}: must be >= 1")
@@ -231,6 +237,34 @@ class Server:
         return Request(p.ids, params, position_ids=p.position_ids, sep=p.sep, gen_start=p.span_position(0, 1),
                        gen_step=SPAN_STEP)
 
+    def fill_request(self, prompt: BlankPrompt, j: int, filled: list[list[int]], params: SamplingParams) -> Request:
+        """Blank j of a fill (`BlankPrompt.blank`): Part A and the spans of blanks 0..j-1 as `fill` holds them in
+        its cache, read with sep = len(Part A), then blank j's <sop>; its span goes at its mask's position."""
+        ids, pos = prompt.blank(j, filled)
+        return Request(ids, params, position_ids=pos, sep=prompt.sep, gen_start=prompt.span_position(j, 1),
+                       gen_step=SPAN_STEP)
+
+    def typed_blanks(self, blanks, masks: int) -> list[Blank | None]:
+        """A fill body's `blanks` (schemas.FillBlank, one per mask in order) as `generate.Blank`s, one per mask
+        (None: untyped); 400 naming the field for more blanks than masks or a constraint the grammar engine
+        cannot build. Compiles each grammar once: call it off the event loop (`prepare`)."""
+        blanks = list(blanks or ())
+        if len(blanks) > masks:
+            raise APIError(400, f"blanks: {len(blanks)} given for a text with {masks} blanks; give at most one per "
+                           "[MASK] / [sMASK] / [gMASK], in order", param="blanks")
+        out: list[Blank | None] = []
+        for j, b in enumerate(blanks):
+            try:
+                out.append(Blank.of(b.choices, b.regex, b.json_schema, b.max_tokens, b.stop))
+            except ParameterError as e:
+                raise APIError(400, f"blanks.{j}.{e.param}: {e}", param=f"blanks.{j}.{e.param}") from None
+            if out[-1].constraint is not None:
+                if self.no_constraints:
+                    raise APIError(400, f"blanks.{j}: constrained decoding is not available with this model "
+                                   f"({self.no_constraints})", param=f"blanks.{j}", code="unsupported_parameter")
+                self.engine.sampler.constraint_vocab.lltokenizer  # noqa: B018 - built here, not in the engine's thread
+        return out + [None] * (masks - len(out))
+
     @property
     def sees_suffix(self) -> bool:
         """Whether a completion's suffix reaches the model: a GLM model reads prompt [MASK] suffix, a causal
@@ -262,7 +296,7 @@ class Server:
             return self.blank_request(ids[:-2], "gmask", [], params)
         return Request(ids, params)
 
-    def submit_all(self, call: Call, choices: list[Choice], max_tokens: int):
+    def submit_all(self, call: Call, choices: list[Choice], max_tokens: int | None):
         """Submit every choice's request; all or nothing: each is checked (400) before any is queued, then
         the call reserves its prompt tokens + max_tokens per choice against the key's limits (429)."""
         try:
@@ -276,7 +310,8 @@ class Server:
             # checked and submitted on the event loop with no await between: no other request of the key interleaves
             raise LimitError(f"this key's requests already fill its share of the waiting queue ({self.waiting_per_key} "
                              "sequences); retry when they start", "requests", "rate_limit_exceeded", 1)
-        call.reserve(call.prompt_tokens + max_tokens * len(choices))
+        if max_tokens is not None:  # None: the call reserved what it may use already (a fill's later blanks)
+            call.reserve(call.prompt_tokens + max_tokens * len(choices))
         try:
             for c in choices:
                 call.submit(c)
