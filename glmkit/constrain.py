@@ -4,9 +4,12 @@ could not continue it, so the output always matches.
 
     from glmkit.constrain import Constraint
     c = Constraint.json_schema({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]})
-    params = SamplingParams(max_new_tokens=64, constraint=c)   # generate, the engine, the server
+    params = SamplingParams(max_new_tokens=64, constraint=c)
+    generate(model, [ids], params, tokenizer=tok)              # the tokenizer's end of text ends it
+    Engine(model, constraint_vocab=ConstraintVocab.of(tok, model.cfg.vocab_size))   # the engine: stop_ids needed
     Constraint.choice(["positive", "negative"]); Constraint.regex(r"\\d{4}-\\d{2}-\\d{2}")
     Constraint.lark('start: "yes" | "no"')
+    # the server: response_format (json_object, json_schema), guided_json / _regex / _choice / _grammar
 
 Built on llguidance (its Earley parser over a derivative-based lexer, from PyPI): chosen over
 xgrammar after measuring both on a 151,552-token vocabulary (bench/constrained.py): masks in tens of
