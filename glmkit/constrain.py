@@ -171,8 +171,15 @@ class ConstraintVocab:
 
     @cached_property
     def lltokenizer(self):
+        """llguidance's tokenizer, read from the `tokenizers` JSON. ValueError when llguidance cannot read it
+        (it knows byte-level BPE, GLM-4's, and SentencePiece BPE with byte fallback, ChatGLM2/3's; not a
+        SentencePiece unigram's Metaspace decoder, original GLM's and ChatGLM-6B's)."""
         llg = _llguidance()
-        return llg.LLTokenizer(self.tokenizer.tok.to_str(), n_vocab=self.n_vocab, eos_token=self.eos)
+        try:
+            return llg.LLTokenizer(self.tokenizer.tok.to_str(), n_vocab=self.n_vocab, eos_token=self.eos)
+        except Exception as e:  # a ValueError or a Rust panic, for a tokenizer it cannot read
+            raise ValueError(f"the grammar engine (llguidance) cannot read this tokenizer ({e}), so constrained "
+                             "decoding is not available with it") from None
 
     @cached_property
     def _executor(self):

@@ -386,6 +386,7 @@ def check_constrainable(params: SamplingParams, constraint_vocab) -> None:
     if not params.stop_ids:
         raise ValueError("a constrained sequence needs stop_ids: the tokens that end it once the constraint is complete")
     params.constraint.check()
+    constraint_vocab.lltokenizer  # noqa: B018 - built (once) here, or refused: the tokenizer is one llguidance cannot read
 
 
 def ngram_bans(histories, sizes):

@@ -310,3 +310,44 @@ def test_official_openai_client_structured_output(causal, tok):
         assert r.choices[0].text in ("on", "off")
         with pytest.raises(openai.BadRequestError, match="guided_regex"):
             client.completions.create(model="glm4-tiny", prompt="Hi", extra_body={"guided_regex": "("})
+
+
+def sentencepiece(kind: str):
+    """A SentencePiece model trained here (byte fallback, as ChatGLM2/3's BPE), read by glmkit, with an end of text."""
+    import io
+
+    import sentencepiece as spm
+
+    from glmkit.tokenizer import Tokenizer
+    from tests.serving import TEXTS
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXTS + ['{"temp": 21} 12 34'] * 5), model_writer=buf, vocab_size=400,
+                                   model_type=kind, byte_fallback=True, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, character_coverage=1.0, hard_vocab_limit=False, minloglevel=2)
+    return Tokenizer.from_sentencepiece(buf.getvalue(), extra_specials=("<|endoftext|>",))
+
+
+def test_sentencepiece_vocabularies_bpe_constrained_unigram_refused_clearly():
+    """ChatGLM2/3's SentencePiece BPE (spaces as "▁", byte fallback) is read by the grammar engine: a
+    constrained draw from random logits decodes to the pattern. A unigram model's decoder (original GLM's,
+    ChatGLM-6B's) is not: refused with a ValueError that says so, before any row starts."""
+    from glmkit.sampling import check_constrainable
+
+    tok = sentencepiece("bpe")
+    V, eos = tok.vocab_size, tok.special("eos")
+    s = Sampler(1, V, "cpu", ConstraintVocab.of(tok, V))
+    pattern = r"[a-z]+ [0-9]{2}"
+    s.join(SamplingParams(temperature=1.0, constraint=Constraint.regex(pattern), stop_ids=(eos,)), [1], 0)
+    out, g = [], torch.Generator().manual_seed(0)
+    for _ in range(40):
+        t = s(torch.randn(1, V, generator=g) * 3).tokens
+        if t.item() == eos:
+            break
+        out.append(t.item())
+        s.update(t)
+    assert t.item() == eos and re.fullmatch(pattern, tok.decode(out)), (out, tok.decode(out))
+    uni = sentencepiece("unigram")
+    params = SamplingParams(constraint=Constraint.json_object(), stop_ids=(uni.special("eos"),))
+    with pytest.raises(ValueError, match="cannot read this tokenizer"):
+        check_constrainable(params, ConstraintVocab.of(uni, uni.vocab_size))

@@ -225,7 +225,11 @@ class Server:
             c.check()
         except ValueError as e:
             raise APIError(400, f"{name}: {e}", param=name, code="invalid_value") from None
-        self.engine.sampler.constraint_vocab.lltokenizer  # noqa: B018 - built here, not in the engine's thread
+        try:
+            self.engine.sampler.constraint_vocab.lltokenizer  # noqa: B018 - built here, not in the engine's thread
+        except ValueError as e:
+            self.no_constraints = str(e)
+            raise APIError(400, f"{name}: {e}", param=name, code="unsupported_parameter") from None
         return c
 
     @staticmethod
