@@ -24,6 +24,7 @@ whitespace would let a sampled model pad forever.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import weakref
@@ -49,11 +50,13 @@ def _llguidance():
 class Constraint:
     """What a sequence must match. `kind` is one of KINDS; `spec` its canonical text (the schema as
     JSON text, the pattern, the choices as a JSON list, the Lark grammar); `strict` (JSON schemas):
-    refuse keywords the engine cannot enforce rather than ignore them."""
+    refuse keywords the engine cannot enforce rather than ignore them; `newline_first`: one newline may
+    come before the match (`after_newline`)."""
 
     kind: str
     spec: str
     strict: bool = True
+    newline_first: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -96,12 +99,30 @@ class Constraint:
             raise ValueError("a grammar constraint needs a non-empty Lark grammar")
         return cls("lark", grammar)
 
+    def after_newline(self) -> Constraint:
+        """This constraint with one optional newline before it: GLM-4's chat replies start with "\\n" after
+        <|assistant|> (the chat layer drops it), and forbidding it would push the model off its own first
+        token. Compact JSON has no other room for whitespace."""
+        return dataclasses.replace(self, newline_first=True)
+
     # ---- to the engine ----
     def grammar(self) -> str:
         """llguidance's grammar text for this constraint (cached: rows sharing a constraint compile it once)."""
         return _grammar(self)
 
     def _build_grammar(self) -> str:
+        body = self._body_grammar()
+        if not self.newline_first:
+            return body
+        # llguidance composes grammars: a Lark rule refers to another grammar of the list as @name
+        try:  # llguidance's JSON form (schemas, regexes), or Lark text (grammars, choices)
+            inner = json.loads(body)["grammars"]
+        except (ValueError, TypeError, KeyError):
+            inner = [{"lark_grammar": body}]
+        inner[0]["name"] = "body"
+        return json.dumps({"grammars": [{"name": "lead", "lark_grammar": 'start: "\\n"? @body'}] + inner})
+
+    def _body_grammar(self) -> str:
         llg = _llguidance()
         M = llg.LLMatcher
         if self.kind == "json_schema":

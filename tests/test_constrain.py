@@ -351,3 +351,30 @@ def test_sentencepiece_vocabularies_bpe_constrained_unigram_refused_clearly():
     params = SamplingParams(constraint=Constraint.json_object(), stop_ids=(uni.special("eos"),))
     with pytest.raises(ValueError, match="cannot read this tokenizer"):
         check_constrainable(params, ConstraintVocab.of(uni, uni.vocab_size))
+
+
+def test_a_chat_reply_may_open_with_its_template_newline(causal_client, tok, vocab, monkeypatch):
+    """GLM-4's replies start with "\\n" after <|assistant|> (the chat layer drops it): a constraint in a
+    chat keeps that newline allowed, once, before the match; compact JSON allows no other whitespace."""
+    nl, brace = tok.encode("\n")[0], tok.encode("{")[0]
+    eos = (tok.special("eos"),)
+    V = vocab.n_vocab
+    drawn = {}
+    for c in (Constraint.json_object(), Constraint.json_object().after_newline()):
+        s = Sampler(1, V, "cpu", vocab)
+        s.join(SamplingParams(temperature=0, constraint=c, stop_ids=eos), [1], 0)
+        out = []
+        for _ in range(2):
+            logits = torch.zeros(1, V)
+            logits[0, nl], logits[0, brace] = 9.0, 1.0  # the model wants its newline, every time
+            out.append(s(logits).tokens.item())
+            s.update(torch.tensor(out[-1:]))
+        drawn[c.newline_first] = out
+    assert drawn[True] == [nl, brace] and drawn[False][0] == brace and nl not in drawn[False], drawn
+    seen = []  # the chat route asks for the newline-first form of the request's constraint; completions do not
+    engine = causal_client.app.state.server.engine
+    submit = engine.submit
+    monkeypatch.setattr(engine, "submit", lambda req: seen.append(req.params.constraint) or submit(req))
+    causal_client.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 5, "guided_regex": "[0-9]+"})
+    causal_client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 5, "guided_regex": "[0-9]+"})
+    assert [c.newline_first for c in seen] == [True, False], seen
