@@ -233,7 +233,6 @@ class Sampler:
 
     def __init__(self, capacity: int, vocab: int, device, constraint_vocab=None):
         self.device = device
-        self.vocab = vocab
         self.constraint_vocab = constraint_vocab  # constrain.ConstraintVocab: needed by rows with a constraint
         self.matchers: list = []  # each row's grammar matcher, None for an unconstrained row
         self.errors: list[str | None] = []  # why a constrained row cannot go on (its matcher failed)
