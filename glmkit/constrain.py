@@ -4,9 +4,12 @@ could not continue it, so the output always matches.
 
     from glmkit.constrain import Constraint
     c = Constraint.json_schema({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]})
-    params = SamplingParams(max_new_tokens=64, constraint=c)   # generate, the engine, the server
+    params = SamplingParams(max_new_tokens=64, constraint=c)
+    generate(model, [ids], params, tokenizer=tok)              # the tokenizer's end of text ends it
+    Engine(model, constraint_vocab=ConstraintVocab.of(tok, model.cfg.vocab_size))   # the engine: stop_ids needed
     Constraint.choice(["positive", "negative"]); Constraint.regex(r"\\d{4}-\\d{2}-\\d{2}")
     Constraint.lark('start: "yes" | "no"')
+    # the server: response_format (json_object, json_schema), guided_json / _regex / _choice / _grammar
 
 Built on llguidance (its Earley parser over a derivative-based lexer, from PyPI): chosen over
 xgrammar after measuring both on a 151,552-token vocabulary (bench/constrained.py): masks in tens of
@@ -21,6 +24,7 @@ whitespace would let a sampled model pad forever.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import weakref
@@ -46,11 +50,13 @@ def _llguidance():
 class Constraint:
     """What a sequence must match. `kind` is one of KINDS; `spec` its canonical text (the schema as
     JSON text, the pattern, the choices as a JSON list, the Lark grammar); `strict` (JSON schemas):
-    refuse keywords the engine cannot enforce rather than ignore them."""
+    refuse keywords the engine cannot enforce rather than ignore them; `newline_first`: one newline may
+    come before the match (`after_newline`)."""
 
     kind: str
     spec: str
     strict: bool = True
+    newline_first: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -93,12 +99,30 @@ class Constraint:
             raise ValueError("a grammar constraint needs a non-empty Lark grammar")
         return cls("lark", grammar)
 
+    def after_newline(self) -> Constraint:
+        """This constraint with one optional newline before it: GLM-4's chat replies start with "\\n" after
+        <|assistant|> (the chat layer drops it), and forbidding it would push the model off its own first
+        token. Compact JSON has no other room for whitespace."""
+        return dataclasses.replace(self, newline_first=True)
+
     # ---- to the engine ----
     def grammar(self) -> str:
         """llguidance's grammar text for this constraint (cached: rows sharing a constraint compile it once)."""
         return _grammar(self)
 
     def _build_grammar(self) -> str:
+        body = self._body_grammar()
+        if not self.newline_first:
+            return body
+        # llguidance composes grammars: a Lark rule refers to another grammar of the list as @name
+        try:  # llguidance's JSON form (schemas, regexes), or Lark text (grammars, choices)
+            inner = json.loads(body)["grammars"]
+        except (ValueError, TypeError, KeyError):
+            inner = [{"lark_grammar": body}]
+        inner[0]["name"] = "body"
+        return json.dumps({"grammars": [{"name": "lead", "lark_grammar": 'start: "\\n"? @body'}] + inner})
+
+    def _body_grammar(self) -> str:
         llg = _llguidance()
         M = llg.LLMatcher
         if self.kind == "json_schema":
@@ -168,8 +192,15 @@ class ConstraintVocab:
 
     @cached_property
     def lltokenizer(self):
+        """llguidance's tokenizer, read from the `tokenizers` JSON. ValueError when llguidance cannot read it
+        (it knows byte-level BPE, GLM-4's, and SentencePiece BPE with byte fallback, ChatGLM2/3's; not a
+        SentencePiece unigram's Metaspace decoder, original GLM's and ChatGLM-6B's)."""
         llg = _llguidance()
-        return llg.LLTokenizer(self.tokenizer.tok.to_str(), n_vocab=self.n_vocab, eos_token=self.eos)
+        try:
+            return llg.LLTokenizer(self.tokenizer.tok.to_str(), n_vocab=self.n_vocab, eos_token=self.eos)
+        except Exception as e:  # a ValueError or a Rust panic, for a tokenizer it cannot read
+            raise ValueError(f"the grammar engine (llguidance) cannot read this tokenizer ({e}), so constrained "
+                             "decoding is not available with it") from None
 
     @cached_property
     def _executor(self):

@@ -631,7 +631,10 @@ def _chat_prompt(model, tokenizer, messages: list[dict], params: SamplingParams 
         raise ValueError(f"the {fmt.name} chat format needs a model trained with GLM's blank infilling; this one is causal")
     ids, _ = fmt.render(tokenizer, messages, add_generation_prompt=True)
     params = params or SamplingParams()
-    return fmt, ids, dataclasses.replace(params, stop_ids=tuple(params.stop_ids) + tuple(fmt.stop_ids(tokenizer)))
+    params = dataclasses.replace(params, stop_ids=tuple(params.stop_ids) + tuple(fmt.stop_ids(tokenizer)))
+    if params.constraint is not None and fmt.strip_newline:  # the reply's own first newline stays allowed
+        params = dataclasses.replace(params, constraint=params.constraint.after_newline())
+    return fmt, ids, params
 
 
 def chat(model, tokenizer, messages: list[dict], params: SamplingParams | None = None, *, compile: bool = False) -> Completion:

@@ -240,7 +240,6 @@ class Sampler:
 
     def __init__(self, capacity: int, vocab: int, device, constraint_vocab=None):
         self.device = device
-        self.vocab = vocab
         self.constraint_vocab = constraint_vocab  # constrain.ConstraintVocab: needed by rows with a constraint
         self.matchers: list = []  # each row's grammar matcher, None for an unconstrained row
         self.errors: list[str | None] = []  # why a constrained row cannot go on (its matcher failed)
@@ -288,7 +287,10 @@ class Sampler:
     def penalized(self, logits, banned=None):
         """logits (B, V) of the first B rows, any float dtype -> a float32 copy with n-gram bans
         ((rows, ids) or None) and penalties applied. Beam search ranks these."""
-        x = logits.to(torch.float32, copy=True)
+        return self._penalize(logits.to(torch.float32, copy=True), banned)
+
+    def _penalize(self, x, banned=None):
+        """n-gram bans and penalties on x (B, V) float32 in place."""
         if banned is not None:
             x[banned] = float("-inf")
         B = x.shape[0]
@@ -301,13 +303,15 @@ class Sampler:
         B = logits.shape[0]
         lp = top = None
         if any(m is not None for m in self.matchers[:B]):
-            logits = self._constrain(logits)  # a float32 copy; the caller's logits (a cached prompt's) stay
+            x = self._constrain(logits)  # a float32 copy; the caller's logits (a cached prompt's) stay as they are
+        else:
+            x = logits.to(torch.float32, copy=True)
         if self._any("logprobs"):
-            logp = torch.log_softmax(logits.float(), dim=-1)  # before penalties and filters: the model's own
+            logp = torch.log_softmax(x, dim=-1)  # before penalties and filters: the (masked) model's own
             n_top = max(p.top_logprobs for p in self.params)
             top = logp.topk(n_top, dim=-1) if n_top else None
         filters = (self._any("top_k") or any(p.top_p < 1 for p in self.params), self._any("min_p"))
-        x = process_logits(self.penalized(logits, banned), self.rows[:B], None, None, filters)
+        x = process_logits(self._penalize(x, banned), self.rows[:B], None, None, filters)
         tok = x.argmax(-1)
         if self._any("temperature"):
             race = x.softmax(-1).div_(exponential_noise(self.key[:B], self.step[:B], x.shape[-1])).argmax(-1)
@@ -357,14 +361,17 @@ class Sampler:
                 for s in self.params[b].stop_ids:
                     if s < V:
                         words[k, s // 32] |= np.uint32(1 << (s % 32))
-        bits = torch.arange(32, dtype=torch.int32, device=logits.device)
-        m = mask.to(logits.device, non_blocking=True)
-        allowed = ((m[:, :, None] >> bits) & 1).view(len(rows), -1)[:, :V].bool()  # (n, V)
+        if logits.device.type == "cpu":  # bits to bools: numpy's unpackbits reads the words' bytes, lowest bit first
+            allowed = torch.from_numpy(np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, :V]).view(torch.bool)
+        else:  # the words travel (32x smaller) and are unpacked on the device
+            bits = torch.arange(32, dtype=torch.int32, device=logits.device)
+            m = mask.to(logits.device, non_blocking=True)
+            allowed = ((m[:, :, None] >> bits) & 1).view(len(rows), -1)[:, :V].bool()  # (n, V)
+        if len(rows) == B:  # one pass: the float32 copy is the masked one
+            return torch.where(allowed, logits.float(), float("-inf"))
         x = logits.to(torch.float32, copy=True)
-        if len(rows) == B:
-            return x.masked_fill_(~allowed, float("-inf"))
         idx = torch.tensor(rows, device=logits.device)
-        x[idx] = x[idx].masked_fill_(~allowed, float("-inf"))
+        x[idx] = torch.where(allowed, x[idx], float("-inf"))
         return x
 
     @property
@@ -385,6 +392,7 @@ def check_constrainable(params: SamplingParams, constraint_vocab) -> None:
     if not params.stop_ids:
         raise ValueError("a constrained sequence needs stop_ids: the tokens that end it once the constraint is complete")
     params.constraint.check()
+    constraint_vocab.lltokenizer  # noqa: B018 - built (once) here, or refused: the tokenizer is one llguidance cannot read
 
 
 def ngram_bans(histories, sizes):

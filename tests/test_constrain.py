@@ -16,6 +16,7 @@ from glmkit.engine import Engine, Request
 from glmkit.errors import ParameterError
 from glmkit.generate import generate
 from glmkit.sampling import Sampler, SamplingParams
+from tests.serving import CHAT, assert_error, make_model, serve
 
 # bounded, so a random model always reaches the end within max_new_tokens
 SCHEMAS = {
@@ -205,3 +206,175 @@ def test_refusals_name_what_is_wrong(model, tok, vocab):
         Engine(model, max_batch=1).submit(Request(ids[0], SamplingParams(constraint=c, stop_ids=(0,))))
     with pytest.raises(ValueError, match="stop_ids"):
         Engine(model, max_batch=1, constraint_vocab=vocab).submit(Request(ids[0], SamplingParams(constraint=c)))
+
+
+# ---- the server ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def causal(tok):
+    return make_model(tok, "rope_partial")  # GLM-4's layout: completions read [gMASK] <sop> prompt, chat its template
+
+
+@pytest.fixture()
+def causal_client(causal, tok):
+    from fastapi.testclient import TestClient
+
+    from glmkit.server.app import create_app
+
+    with TestClient(create_app(causal, tok, "glm4-tiny")) as c:
+        yield c
+
+
+def test_server_constraints_equal_generate_and_hold_per_choice(causal_client, causal, tok):
+    c, eos = causal_client, (tok.special("eos"),)
+    schema = SCHEMAS["enum_and_range"]
+    # greedy: the server's text is generate()'s on the same layout (the engine's equality is tested above)
+    r = c.post("/v1/completions", json={"prompt": "Hello there", "max_tokens": 40, "temperature": 0, "guided_json": schema}).json()
+    (want,) = generate(causal, [[tok.special("gmask"), tok.special("sop")] + tok.encode("Hello there")],
+                       SamplingParams(max_new_tokens=40, temperature=0, stop_ids=eos, constraint=Constraint.json_schema(schema)), tok)
+    assert r["choices"][0]["text"] == want.text and r["choices"][0]["finish_reason"] == "stop", (r, want.text)
+    jsonschema_rs.validate(schema, json.loads(want.text))
+    chat = c.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 40, "temperature": 0, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "pick", "schema": schema, "strict": True}}}).json()
+    want = chat_reply(causal, tok, CHAT, SamplingParams(max_new_tokens=40, temperature=0, constraint=Constraint.json_schema(schema)))
+    assert chat["choices"][0]["message"]["content"] == want.text, (chat, want.text)
+    # sampled: each of n choices and each prompt of a batch has its own matcher
+    pattern = r"[0-9]{2,4}-(ab|cd)"
+    r = c.post("/v1/completions", json={"prompt": ["Hi", "The quick"], "n": 3, "max_tokens": 20, "temperature": 1.0,
+                                        "seed": 4, "guided_regex": pattern}).json()
+    assert len(r["choices"]) == 6 and all(re.fullmatch(pattern, ch["text"]) for ch in r["choices"]), r["choices"]
+    options = ["alpha", "beta", "gamma"]
+    r = c.post("/v1/chat/completions", json={"messages": CHAT, "n": 4, "max_tokens": 10, "seed": 1,
+                                             "structured_outputs": {"choice": options}}).json()
+    assert all(ch["message"]["content"] in options and ch["finish_reason"] == "stop" for ch in r["choices"]), r
+    r = c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 10, "guided_grammar": 'start: ("yes" | "no") "!"'}).json()
+    assert r["choices"][0]["text"] in ("yes!", "no!"), r
+    r = c.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 30, "temperature": 0,
+                                             "response_format": {"type": "json_object"}}).json()
+    assert isinstance(json.loads(r["choices"][0]["message"]["content"]), dict), r
+    # a constraint cut by max_tokens ends "length", as OpenAI's does
+    r = c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "guided_json": {"type": "object", "properties": {
+        "s": {"type": "string", "minLength": 10}}, "required": ["s"]}}).json()
+    assert r["choices"][0]["finish_reason"] == "length", r
+
+
+def chat_reply(model, tok, messages, params):
+    from glmkit.generate import chat
+
+    return chat(model, tok, messages, params)
+
+
+def test_server_refuses_bad_or_several_constraints_before_any_work(causal_client, monkeypatch):
+    c = causal_client
+    chat = lambda **kw: c.post("/v1/chat/completions", json={"messages": CHAT, **kw})
+    done = lambda **kw: c.post("/v1/completions", json={"prompt": "Hi", **kw})
+    monkeypatch.setattr(c.app.state.server.tok, "encode", lambda *a, **k: pytest.fail("tokenized a refused request"))
+    err = assert_error(done(guided_json={"type": "foo"}), 400, param="guided_json")
+    assert "Invalid type: foo" in err["message"], err
+    err = assert_error(chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "integer", "minimum": 5, "maximum": 1}}}), 400, param="response_format")
+    assert "minimum" in err["message"], err
+    assert_error(chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "strict": True, "schema": {
+        "type": "string", "format": "made-up"}}}), 400, param="response_format")  # strict: an unknown format is refused
+    assert "regex" in assert_error(done(guided_regex="(unclosed"), 400, param="guided_regex")["message"]
+    assert "undefined_rule" in assert_error(done(guided_grammar="start: undefined_rule"), 400, param="guided_grammar")["message"]
+    assert "undefined_rule" in assert_error(done(structured_outputs={"grammar": "start: undefined_rule"}), 400,
+                                            param="structured_outputs.grammar")["message"]
+    err = assert_error(chat(response_format={"type": "json_object"}, guided_regex="a+"), 400, param="guided_regex")
+    assert "response_format" in err["message"] and "guided_regex" in err["message"], err
+    err = assert_error(done(guided_choice=["a"], structured_outputs={"regex": "b"}), 400)
+    assert "guided_choice" in err["message"] and "structured_outputs.regex" in err["message"], err
+    assert_error(done(structured_outputs={}), 400, param="structured_outputs")
+    assert_error(chat(response_format={"type": "json_schema"}), 400, param="response_format")
+    assert_error(chat(response_format={"type": "xml"}), 400)
+
+
+def test_official_openai_client_structured_output(causal, tok):
+    import openai
+
+    from glmkit.server.app import create_app
+
+    schema = SCHEMAS["nested"]
+    fmt = {"type": "json_schema", "json_schema": {"name": "shape", "schema": schema, "strict": True}}
+    with serve(create_app(causal, tok, "glm4-tiny")) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        r = client.chat.completions.create(model="glm4-tiny", messages=CHAT, max_tokens=60, temperature=1.0, seed=3, n=2,
+                                           response_format=fmt)
+        for ch in r.choices:
+            assert ch.finish_reason == "stop", ch
+            jsonschema_rs.validate(schema, json.loads(ch.message.content))
+        stream = client.chat.completions.create(model="glm4-tiny", messages=CHAT, max_tokens=60, temperature=1.0, seed=3,
+                                                response_format=fmt, stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert text == r.choices[0].message.content  # choice 0 of the same seed, streamed
+        r = client.completions.create(model="glm4-tiny", prompt="Hi", max_tokens=10, extra_body={"guided_choice": ["on", "off"]})
+        assert r.choices[0].text in ("on", "off")
+        with pytest.raises(openai.BadRequestError, match="guided_regex"):
+            client.completions.create(model="glm4-tiny", prompt="Hi", extra_body={"guided_regex": "("})
+
+
+def sentencepiece(kind: str):
+    """A SentencePiece model trained here (byte fallback, as ChatGLM2/3's BPE), read by glmkit, with an end of text."""
+    import io
+
+    import sentencepiece as spm
+
+    from glmkit.tokenizer import Tokenizer
+    from tests.serving import TEXTS
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXTS + ['{"temp": 21} 12 34'] * 5), model_writer=buf, vocab_size=400,
+                                   model_type=kind, byte_fallback=True, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, character_coverage=1.0, hard_vocab_limit=False, minloglevel=2)
+    return Tokenizer.from_sentencepiece(buf.getvalue(), extra_specials=("<|endoftext|>",))
+
+
+def test_sentencepiece_vocabularies_bpe_constrained_unigram_refused_clearly():
+    """ChatGLM2/3's SentencePiece BPE (spaces as "▁", byte fallback) is read by the grammar engine: a
+    constrained draw from random logits decodes to the pattern. A unigram model's decoder (original GLM's,
+    ChatGLM-6B's) is not: refused with a ValueError that says so, before any row starts."""
+    from glmkit.sampling import check_constrainable
+
+    tok = sentencepiece("bpe")
+    V, eos = tok.vocab_size, tok.special("eos")
+    s = Sampler(1, V, "cpu", ConstraintVocab.of(tok, V))
+    pattern = r"[a-z]+ [0-9]{2}"
+    s.join(SamplingParams(temperature=1.0, constraint=Constraint.regex(pattern), stop_ids=(eos,)), [1], 0)
+    out, g = [], torch.Generator().manual_seed(0)
+    for _ in range(40):
+        t = s(torch.randn(1, V, generator=g) * 3).tokens
+        if t.item() == eos:
+            break
+        out.append(t.item())
+        s.update(t)
+    assert t.item() == eos and re.fullmatch(pattern, tok.decode(out)), (out, tok.decode(out))
+    uni = sentencepiece("unigram")
+    params = SamplingParams(constraint=Constraint.json_object(), stop_ids=(uni.special("eos"),))
+    with pytest.raises(ValueError, match="cannot read this tokenizer"):
+        check_constrainable(params, ConstraintVocab.of(uni, uni.vocab_size))
+
+
+def test_a_chat_reply_may_open_with_its_template_newline(causal_client, tok, vocab, monkeypatch):
+    """GLM-4's replies start with "\\n" after <|assistant|> (the chat layer drops it): a constraint in a
+    chat keeps that newline allowed, once, before the match; compact JSON allows no other whitespace."""
+    nl, brace = tok.encode("\n")[0], tok.encode("{")[0]
+    eos = (tok.special("eos"),)
+    V = vocab.n_vocab
+    drawn = {}
+    for c in (Constraint.json_object(), Constraint.json_object().after_newline()):
+        s = Sampler(1, V, "cpu", vocab)
+        s.join(SamplingParams(temperature=0, constraint=c, stop_ids=eos), [1], 0)
+        out = []
+        for _ in range(2):
+            logits = torch.zeros(1, V)
+            logits[0, nl], logits[0, brace] = 9.0, 1.0  # the model wants its newline, every time
+            out.append(s(logits).tokens.item())
+            s.update(torch.tensor(out[-1:]))
+        drawn[c.newline_first] = out
+    assert drawn[True] == [nl, brace] and drawn[False][0] == brace and nl not in drawn[False], drawn
+    seen = []  # the chat route asks for the newline-first form of the request's constraint; completions do not
+    engine = causal_client.app.state.server.engine
+    submit = engine.submit
+    monkeypatch.setattr(engine, "submit", lambda req: seen.append(req.params.constraint) or submit(req))
+    causal_client.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 5, "guided_regex": "[0-9]+"})
+    causal_client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 5, "guided_regex": "[0-9]+"})
+    assert [c.newline_first for c in seen] == [True, False], seen

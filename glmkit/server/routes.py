@@ -150,6 +150,7 @@ async def completions(body: CompletionRequest, request: HTTPRequest, server: Ser
     lp = body.logprobs is not None
 
     def build() -> list[Choice]:  # in a worker thread
+        constraint = server.constraint(body)  # first: a bad one is refused before any tokenizing
         stops = server.stops(body.stop)
         stop_ids = server.completion_stop_ids(body.suffix is not None)
         suffix_ids = server.encode(body.suffix, "suffix") if body.suffix is not None else None
@@ -160,7 +161,7 @@ async def completions(body: CompletionRequest, request: HTTPRequest, server: Ser
             ids = server.encode_prompt(prompt, "prompt")
             echo = (prompt if isinstance(prompt, str) else server.tok.decode(ids)) if body.echo else ""
             for k in range(body.n):
-                params = server.sampling(body, body.max_tokens, stop_ids, k, lp, body.logprobs or 0, stops)
+                params = server.sampling(body, body.max_tokens, stop_ids, k, lp, body.logprobs or 0, stops, constraint)
                 req = server.completion_request(ids, suffix_ids, params)
                 choices.append(Choice(len(choices), g, req, StopText(server.tok, stops), prefix=echo))
         return choices
@@ -219,6 +220,7 @@ async def chat_completions(body: ChatRequest, request: HTTPRequest, server: Serv
     lp, top = body.logprobs, body.top_logprobs or 0
 
     def build() -> list[Choice]:  # in a worker thread
+        constraint = server.constraint(body)  # first: a bad one is refused before any rendering
         fmt = server.chat
         try:
             ids, _ = fmt.render(server.tok, messages, add_generation_prompt=True)
@@ -228,9 +230,11 @@ async def chat_completions(body: ChatRequest, request: HTTPRequest, server: Serv
                            "use /v1/completions") from None
         except ValueError as e:
             raise APIError(400, f"messages: {e}", param="messages") from None
+        if constraint is not None and fmt.strip_newline:  # the reply's own first newline stays allowed (emit drops it)
+            constraint = constraint.after_newline()
         stops = server.stops(body.stop)
         max_tokens = body.max_completion_tokens or body.max_tokens or server.rest_of_context(len(ids))
-        return [Choice(k, 0, server.chat_request(ids, server.sampling(body, max_tokens, stop_ids, k, lp, top, stops)),
+        return [Choice(k, 0, server.chat_request(ids, server.sampling(body, max_tokens, stop_ids, k, lp, top, stops, constraint)),
                         StopText(server.tok, stops), strip_newline=fmt.strip_newline) for k in range(body.n)]
 
     choices = await server.prepare(build)

@@ -138,6 +138,20 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+GUIDED = ("the output is constrained to match (constrained decoding: tokens that could not continue it are never "
+          "drawn); at most one of response_format (json_object, json_schema), guided_json, guided_regex, "
+          "guided_choice, guided_grammar and structured_outputs per request")
+
+
+class StructuredOutputs(_Body):
+    """vLLM's `structured_outputs` object: one of its fields."""
+
+    json_: dict | str | None = Field(None, alias="json", description="a JSON schema (an object, or its JSON text)")
+    regex: NonEmpty | None = Field(None, description="a regular expression the whole output matches")
+    choice: Annotated[list[NonEmpty], Field(min_length=1)] | None = Field(None, description="the output is one of these")
+    grammar: NonEmpty | None = Field(None, description="a Lark grammar (its `start` rule)")
+
+
 class _Sampling(_Body):
     """Sampling fields shared by the OpenAI endpoints (vLLM's extras top_k, min_p, repetition_penalty too)."""
 
@@ -156,6 +170,14 @@ class _Sampling(_Body):
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = Field(None, max_length=0, description="not supported: must be empty")
     user: str | None = None
+    # vLLM's request fields for constrained decoding (glmkit.constrain); JSON comes out as json.dumps writes it
+    guided_json: dict | str | None = Field(None, description="a JSON schema (an object, or its JSON text): " + GUIDED)
+    guided_regex: NonEmpty | None = Field(None, description="a regular expression the whole output matches: " + GUIDED)
+    guided_choice: Annotated[list[NonEmpty], Field(min_length=1)] | None = Field(
+        None, description="the output is exactly one of these strings: " + GUIDED)
+    guided_grammar: NonEmpty | None = Field(None, description="a Lark grammar (its `start` rule): " + GUIDED)
+    structured_outputs: StructuredOutputs | None = Field(
+        None, description="vLLM's newer form of the guided_* fields, {json | regex | choice | grammar}: " + GUIDED)
 
 
 class CompletionRequest(_Sampling):
@@ -180,8 +202,24 @@ class ChatMessage(_Body):
     name: str | None = None
 
 
+class JSONSchemaFormat(_Body):
+    """OpenAI's `response_format.json_schema`."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$", description="the schema's name (letters, digits, _ and -, "
+                      "at most 64)")
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema", description="the JSON schema the output validates against "
+                                 "(none: any JSON value)")
+    strict: bool | None = Field(False, description="true: keywords the engine cannot enforce are refused (400); "
+                                "false: they are ignored")
+
+
 class ResponseFormat(_Body):
-    type: Literal["text"] = Field("text", description="only text (json_object and json_schema are not supported yet)")
+    """OpenAI's `response_format`: text (no constraint), any JSON object, or JSON valid under a schema."""
+
+    type: Literal["text", "json_object", "json_schema"] = Field("text", description=(
+        "text: free text; json_object: a JSON object; json_schema: JSON valid under json_schema.schema: " + GUIDED))
+    json_schema: JSONSchemaFormat | None = Field(None, description="with type json_schema (and only then)")
 
 
 class ChatRequest(_Sampling):

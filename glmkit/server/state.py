@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..chat import chat_format
-from ..constrain import ConstraintVocab
+from ..constrain import Constraint, ConstraintVocab
 from ..engine import Engine, EngineFull, Request
 from ..errors import ContextLengthError, ParameterError
 from ..generate import Blank
@@ -179,12 +179,59 @@ class Server:
                            code="invalid_value") from None
 
     def sampling(self, body, max_tokens: int, stop_ids, i: int, logprobs: bool = False, top: int = 0,
-                 stops=()) -> SamplingParams:
+                 stops=(), constraint: Constraint | None = None) -> SamplingParams:
         """SamplingParams of choice i from an OpenAI-style body (fields it lacks keep their defaults)."""
         kw = {k: getattr(body, k) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                                             "presence_penalty", "frequency_penalty") if hasattr(body, k)}
         return self.params(max_new_tokens=max_tokens, seed=None if body.seed is None else body.seed + i,
-                           stop=tuple(stops), stop_ids=tuple(stop_ids), logprobs=logprobs, top_logprobs=top, **kw)
+                           stop=tuple(stops), stop_ids=tuple(stop_ids), logprobs=logprobs, top_logprobs=top,
+                           constraint=constraint, **kw)
+
+    def constraint(self, body) -> Constraint | None:
+        """The one constraint a body asks for (chat's response_format; vLLM's guided_json, guided_regex,
+        guided_choice, guided_grammar or structured_outputs), checked by the grammar engine; None for none.
+        400 naming the fields when there are two, naming the field and the reason when the engine cannot
+        build it. Call it off the event loop (`prepare`): compiling a large schema takes a while."""
+        given = []  # (field, a function making the Constraint)
+        rf = getattr(body, "response_format", None)
+        if rf is not None and rf.type == "json_object":
+            given.append(("response_format", Constraint.json_object))
+        elif rf is not None and rf.type == "json_schema":
+            js = rf.json_schema
+            if js is None:
+                raise APIError(400, "response_format of type json_schema needs its json_schema: {\"name\": ..., "
+                               "\"schema\": {...}, \"strict\": true}", param="response_format")
+            given.append(("response_format", lambda: Constraint.json_schema(True if js.schema_ is None else js.schema_,
+                                                                            strict=bool(js.strict))))
+        kinds = {"json": Constraint.json_schema, "regex": Constraint.regex, "choice": Constraint.choice, "grammar": Constraint.lark}
+        fields = [("guided_" + k, k, getattr(body, "guided_" + k)) for k in kinds]  # (field, kind, value)
+        so = body.structured_outputs
+        if so is not None:
+            named = [("structured_outputs." + k, k, getattr(so, "json_" if k == "json" else k)) for k in kinds]
+            if all(v is None for *_, v in named):
+                raise APIError(400, "structured_outputs needs one of json, regex, choice, grammar", param="structured_outputs")
+            fields += named
+        given += [(name, lambda k=k, v=v: kinds[k](v)) for name, k, v in fields if v is not None]
+        if len(given) > 1:
+            names = [name for name, _ in given]
+            raise APIError(400, f"at most one constraint per request; this one has {', '.join(names)}", param=names[1])
+        if not given:
+            return None
+        name, build = given[0]
+        if self.no_constraints:
+            raise APIError(400, f"{name}: constrained decoding is not available with this model ({self.no_constraints})",
+                           param=name, code="unsupported_parameter")
+        try:
+            c = build()
+            c.check()
+        except ValueError as e:
+            raise APIError(400, f"{name}: {e}", param=name, code="invalid_value") from None
+        try:
+            self.engine.sampler.constraint_vocab.lltokenizer  # noqa: B018 - built here, not in the engine's thread
+        except ValueError as e:
+            self.no_constraints = str(e)
+            raise APIError(400, f"{name}: {e}", param=name, code="unsupported_parameter") from None
+        return c
 
     @staticmethod
     def stops(stop) -> tuple[str, ...]:
