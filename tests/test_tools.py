@@ -366,3 +366,100 @@ def test_grammar_layout_options():
     assert g.startswith("start: call\n") and json.dumps(JSON_OPTIONS["item_separator"]) in g
     with pytest.raises(ValueError, match="property 'a-b' cannot be a Python keyword"):
         tools.forced_grammar("chatglm3", [{"name": "f", "parameters": {"type": "object", "properties": {"a-b": {}}}}])
+
+
+# ---- the server ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def glm4_model(tok):
+    """A random GLM-4-shaped model with room for the tools' system turn (its Chinese costs the tiny BPE
+    several hundred tokens)."""
+    import torch
+
+    from glmkit.config import ModelConfig
+    from glmkit.model import GLM
+
+    torch.manual_seed(0)
+    m = GLM(ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, position="rope_partial",
+                        max_seq_len=2048, chat_format="glm4")).eval()
+    m.init_weights(seed=3)
+    return m
+
+
+@pytest.fixture()
+def tool_client(glm4_model, tok):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from glmkit.server.app import create_app
+
+    with TestClient(create_app(glm4_model, tok, "tiny")) as c:
+        yield c
+
+
+def openai_messages(conv):
+    """CONV as a client sends it: tool results are role "tool" with the id of their call."""
+    return [{"role": "tool", "tool_call_id": f"call_{i}", "content": m["content"]} if m["role"] == "observation" else m
+            for i, m in enumerate(conv)]
+
+
+def chunks_of(r) -> list:
+    from tests.serving import sse
+
+    assert r.status_code == 200, r.text
+    return sse(r.text)
+
+
+def test_server_tool_choice_none_and_auto(tool_client, tok):
+    """none: the prompt has no tools and the reply is what the same request without tools gives; auto: the
+    tools' turn is in the prompt (token counts as the renderer's), and streaming adds up to the same reply."""
+    messages, fns = openai_messages(CONV), tools.check_tools(TOOLS)
+    base = {"messages": messages, "max_tokens": 12, "temperature": 1.0, "seed": 4}
+    plain = tool_client.post("/v1/chat/completions", json=base).json()
+    none = tool_client.post("/v1/chat/completions", json={**base, "tools": TOOLS, "tool_choice": "none"}).json()
+    assert none["choices"] == plain["choices"] and none["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"]
+    assert plain["usage"]["prompt_tokens"] == len(tools.render(FORMATS["glm4"], tok, CONV, [], True)[0])
+    auto = tool_client.post("/v1/chat/completions", json={**base, "tools": TOOLS}).json()
+    assert auto["usage"]["prompt_tokens"] == len(tools.render(FORMATS["glm4"], tok, CONV, fns, True)[0])
+    (ch,) = auto["choices"]
+    assert ch["message"]["role"] == "assistant" and ch["finish_reason"] in ("stop", "length", "tool_calls")
+    chunks = chunks_of(tool_client.post("/v1/chat/completions", json={**base, "tools": TOOLS, "stream": True}))
+    deltas = [c["choices"][0]["delta"] for c in chunks[1:-1]]
+    content, calls = tools.merge(deltas)
+    assert (content or "", calls) == (ch["message"]["content"] or "", ch["message"].get("tool_calls", []))
+    assert chunks[-1]["choices"][0]["finish_reason"] == ch["finish_reason"]
+
+
+def test_server_refuses_what_does_not_fit(tool_client, tok):
+    from tests.serving import assert_error
+
+    msgs = [{"role": "user", "content": "hi"}]
+    post = tool_client.post
+    assert_error(post("/v1/chat/completions", json={"messages": msgs, "tool_choice": "required"}), 400, param="tool_choice")
+    assert_error(post("/v1/chat/completions", json={"messages": msgs, "tools": TOOLS, "tool_choice": "always"}), 400,
+                 param="tool_choice")
+    named = {"type": "function", "function": {"name": "nope"}}
+    err = assert_error(post("/v1/chat/completions", json={"messages": msgs, "tools": TOOLS, "tool_choice": named}), 400,
+                       param="tool_choice")
+    assert "not in tools" in err["message"]
+    assert_error(post("/v1/chat/completions", json={"messages": msgs, "tools": TOOLS + TOOLS[:1]}), 400, param="tools")
+    bad = [{"type": "function", "function": {"name": "a\nb"}}]
+    assert_error(post("/v1/chat/completions", json={"messages": msgs, "tools": bad}), 400, param="tools.0.function.name")
+    user_calls = [{"role": "user", "content": "x", "tool_calls": CONV[2]["tool_calls"]}]
+    assert_error(post("/v1/chat/completions", json={"messages": user_calls}), 400, param="messages")
+
+
+def test_server_without_tool_calling_says_so(tok):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from glmkit.config import ModelConfig
+    from glmkit.model import GLM
+    from glmkit.server.app import create_app
+    from tests.serving import assert_error
+
+    model = GLM(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, position="rope_partial",
+                            max_seq_len=256, chat_format="chatglm2")).eval()
+    with TestClient(create_app(model, tok, "tiny")) as c:
+        err = assert_error(c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                                "tools": TOOLS}), 400, param="tools")
+        assert "chatglm2 chat format has no tool calling" in err["message"]
