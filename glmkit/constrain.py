@@ -22,7 +22,12 @@ whitespace would let a sampled model pad forever.
 from __future__ import annotations
 
 import json
+import threading
+import weakref
 from dataclasses import dataclass
+from functools import cached_property, lru_cache
+
+import torch
 
 KINDS = ("json_schema", "json_object", "regex", "choice", "lark")
 # llguidance's JSON compiler options: json.dumps's separators, no free whitespace
@@ -63,7 +68,7 @@ class Constraint:
                 raise ValueError(f"the JSON schema is not JSON: {e}") from None
         if not isinstance(schema, (dict, bool)):
             raise ValueError(f"a JSON schema is an object (or true / false), got {type(schema).__name__}")
-        return cls("json_schema", json.dumps(schema, sort_keys=True, ensure_ascii=False), strict)
+        return cls("json_schema", json.dumps(schema, ensure_ascii=False), strict)  # key order kept: properties come out in it
 
     @classmethod
     def json_object(cls) -> Constraint:
@@ -90,7 +95,10 @@ class Constraint:
 
     # ---- to the engine ----
     def grammar(self) -> str:
-        """llguidance's grammar text for this constraint."""
+        """llguidance's grammar text for this constraint (cached: rows sharing a constraint compile it once)."""
+        return _grammar(self)
+
+    def _build_grammar(self) -> str:
         llg = _llguidance()
         M = llg.LLMatcher
         if self.kind == "json_schema":
@@ -104,10 +112,84 @@ class Constraint:
         return M.grammar_from_lark(self.spec)
 
     def check(self) -> None:
-        """ValueError naming the problem when the grammar engine cannot build this constraint."""
-        try:
-            err = _llguidance().LLMatcher.validate_grammar(self.grammar())
-        except ValueError as e:
-            err = str(e)
+        """ValueError naming the problem when the grammar engine cannot build this constraint (the
+        verdict is cached: the server checks at its boundary, the engine again at submit)."""
+        err = _validation_error(self)
         if err:
             raise ValueError(f"invalid {self.kind.replace('_', ' ')} constraint: {err}")
+
+
+@lru_cache(maxsize=256)
+def _grammar(c: Constraint) -> str:
+    return c._build_grammar()
+
+
+@lru_cache(maxsize=256)
+def _validation_error(c: Constraint) -> str:
+    try:
+        return _llguidance().LLMatcher.validate_grammar(c.grammar())
+    except ValueError as e:
+        return str(e)
+
+
+class ConstraintVocab:
+    """A tokenizer's vocabulary as the grammar engine reads it: llguidance's tokenizer over the model's
+    `n_vocab` ids (an embedding may be padded past the tokenizer's; those ids are never allowed), built
+    on first use and shared by every row (`of` keeps one per tokenizer and size). It makes each row's
+    matcher (`matcher`) and fills the rows' allowed-token bitmasks (`fill`).
+
+    llguidance marks "the constraint may end here" with the bit of its end-of-sequence token, the
+    tokenizer's end of text; the sampler moves that bit to each row's own stop ids (a chat format has
+    several). Special tokens never match a constraint's text, so they appear only as such stops."""
+
+    _shared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+    _lock = threading.Lock()
+
+    def __init__(self, tokenizer, n_vocab: int):
+        if n_vocab < tokenizer.vocab_size:
+            raise ValueError(f"n_vocab={n_vocab} is smaller than the tokenizer's {tokenizer.vocab_size} tokens")
+        try:
+            self.eos = tokenizer.special("eos")
+        except KeyError:
+            raise ValueError("constrained decoding needs the tokenizer's end-of-text token, which marks where a "
+                             "constraint may end; this tokenizer has none") from None
+        self.tokenizer, self.n_vocab = tokenizer, n_vocab
+        self.words = (n_vocab + 31) // 32  # int32 words of one row's bitmask
+
+    @classmethod
+    def of(cls, tokenizer, n_vocab: int) -> ConstraintVocab:
+        """The one ConstraintVocab of this tokenizer and vocabulary size (llguidance's tokenizer over
+        151,552 ids takes a while to build: once per process)."""
+        with cls._lock:
+            per = cls._shared.setdefault(tokenizer, {})
+            if n_vocab not in per:
+                per[n_vocab] = cls(tokenizer, n_vocab)
+            return per[n_vocab]
+
+    @cached_property
+    def lltokenizer(self):
+        llg = _llguidance()
+        return llg.LLTokenizer(self.tokenizer.tok.to_str(), n_vocab=self.n_vocab, eos_token=self.eos)
+
+    @cached_property
+    def _executor(self):
+        return _llguidance().LLExecutor()
+
+    def matcher(self, constraint: Constraint):
+        """A fresh llguidance matcher for one row (quiet: an error shows in its state, read by the sampler)."""
+        return _llguidance().LLMatcher(self.lltokenizer, constraint.grammar(), log_level=0)
+
+    def fill(self, matchers: list, bitmask) -> None:
+        """Each matcher's allowed next tokens into row k of `bitmask` (n, words) int32, on the CPU and
+        contiguous: bit i of word j allows token 32 j + i. Several rows in parallel (llguidance's threads).
+        Through the matchers' own calls, not `llguidance.torch`: importing that compiles a kernel with
+        torch.compile (seconds at first use) that we do not need."""
+        if bitmask.dtype != torch.int32 or bitmask.device.type != "cpu" or not bitmask.is_contiguous() or \
+                tuple(bitmask.shape) != (len(matchers), self.words):
+            raise ValueError(f"the bitmask must be a contiguous CPU int32 tensor of shape ({len(matchers)}, {self.words})")
+        row_bytes = self.words * 4
+        if len(matchers) == 1:
+            matchers[0].unsafe_compute_mask_ptr(bitmask.data_ptr(), row_bytes)
+        else:
+            self._executor.unsafe_compute_mask_ptr([(m, k) for k, m in enumerate(matchers)], bitmask.data_ptr(),
+                                                   row_bytes, len(matchers))

@@ -52,7 +52,10 @@ waits: the pool's size is the one bound that every tenant shares.
 
 Sampling. One `sampling.Sampler` holds the running rows' parameters, penalty state and random
 streams, in the rows' order; one call draws every row's token as the row would draw alone, so a
-request gives the tokens `generate` gives with the same seed, whatever runs beside it.
+request gives the tokens `generate` gives with the same seed, whatever runs beside it. A request
+whose parameters carry a constraint gets its grammar matcher when its row joins (the engine needs
+`constraint_vocab`, the tokenizer's vocabulary as the grammar engine reads it: token ids still);
+a matcher that fails ends its row alone with "error".
 
 Faults stay in their row. A request that cannot be admitted, or whose logits are not finite (after
 its sampling parameters), ends alone with finish_reason "error" and `req.error` saying why; the
@@ -88,7 +91,7 @@ from . import kernels
 from .errors import ContextLengthError
 from .model import BlockPool, PagedKVCache, Part, PoolExhausted
 from .plan import check_kv_fits
-from .sampling import Sampler, SamplingParams, ngram_bans
+from .sampling import Sampler, SamplingParams, check_constrainable, ngram_bans
 
 
 class EngineFull(RuntimeError):
@@ -207,7 +210,7 @@ class Engine:
     def __init__(self, model, max_batch: int = 8, max_len: int | None = None, max_waiting: int = 64,
                  prompt_cache_entries: int = 8, prompt_cache_scopes: int = 64, kv_memory: int | None = None,
                  kv_blocks: int | None = None, block_size: int = 16, prefill_chunk: int | str | None = "auto",
-                 kv_dtype: torch.dtype | None = None):
+                 kv_dtype: torch.dtype | None = None, constraint_vocab=None):
         if not (prefill_chunk is None or prefill_chunk == "auto" or (isinstance(prefill_chunk, int) and prefill_chunk > 0)):
             raise ValueError(f"prefill_chunk={prefill_chunk!r}: give a number of tokens > 0, 'auto' (sized by "
                              "measured step times) or None (whole prompts)")
@@ -230,7 +233,8 @@ class Engine:
             check_kv_fits(cfg, 1, kv_blocks * block_size, kv, p.device)
         self.pool = BlockPool.for_model(model, kv_blocks, block_size, kv)
         self.cache = PagedKVCache(self.pool, max_batch, self.max_len)  # row b: the b-th running request
-        self.sampler = Sampler(max_batch, cfg.vocab_size, p.device)  # row i: the state of self.rows[i]
+        # row i: the state of self.rows[i]; constraint_vocab (constrain.ConstraintVocab): for constrained requests
+        self.sampler = Sampler(max_batch, cfg.vocab_size, p.device, constraint_vocab)
         self.rows: list[_Row] = []
         self.prefilling: list[_Prefill] = []  # admitted, prompt not yet prefilled (chunked prefill)
         self.prefill_chunk = prefill_chunk
@@ -254,6 +258,8 @@ class Engine:
                                      f"of {self.max_len} tokens")
         if req.params.num_beams > 1:
             raise ValueError("beam search is not served by the batching engine")
+        if req.params.constraint is not None:
+            check_constrainable(req.params, self.sampler.constraint_vocab)
         if not 0 <= req.sep <= T:
             raise ValueError(f"sep={req.sep} outside the prompt of {T} tokens")
         if self._blocks(T) > self.pool.n_blocks:
@@ -560,6 +566,7 @@ class Engine:
         rows = self.rows
         banned = ngram_bans([r.req.output_ids for r in rows], [r.req.params.no_repeat_ngram_size for r in rows])
         tok, logprob, top, finite = self.sampler(torch.stack([r.next_logits for r in rows]), banned)
+        errors = list(self.sampler.errors)  # why a constrained row could not draw (before update feeds its matcher)
         self.sampler.update(tok)
         tok, finite = tok.tolist(), finite.tolist()
         logprob = logprob.tolist() if logprob is not None else None
@@ -571,7 +578,8 @@ class Engine:
                 continue
             if not finite[b]:  # this row's numbers: it ends alone (retired below), the batch goes on
                 req.finish_reason = "error"
-                req.error = "sampling failed: the row's logits are not finite after its sampling parameters were applied"
+                req.error = errors[b] or \
+                    "sampling failed: the row's logits are not finite after its sampling parameters were applied"
                 continue
             t = tok[b]
             if req.t_first is None:

@@ -41,9 +41,10 @@ import torch
 
 from . import fused
 from .chat import chat_format
+from .constrain import ConstraintVocab
 from .errors import ContextLengthError
 from .infill import SPAN_STEP, blank_prompt
-from .sampling import Sampler, SamplingParams, StopText, eos_ids, ngram_bans
+from .sampling import Sampler, SamplingParams, StopText, check_constrainable, eos_ids, ngram_bans
 
 MASK_STRINGS = {"[MASK]": "mask", "[sMASK]": "smask", "[gMASK]": "gmask"}  # literal text -> tokenizer role
 
@@ -54,13 +55,14 @@ class Completion:
     """One generated sequence. `text` only when a tokenizer was given (cut at a stop string)."""
 
     token_ids: list[int]
-    finish_reason: str  # "stop" (stop id, stop string, or <eop> in fill) | "length"
+    finish_reason: str  # "stop" (stop id, stop string, or <eop> in fill) | "length" | "error" (a constraint failed)
     stop_reason: int | str | None = None  # the stop id or stop string that ended it
     text: str | None = None
     logprobs: list[float] | None = None
     top_logprobs: list[dict[int, float]] | None = None
     score: float | None = None  # beam search: sum of log-probabilities / length**length_penalty
     prompt_tokens: int = 0
+    error: str | None = None  # why, when finish_reason is "error"
 
 
 @dataclass
@@ -140,7 +142,7 @@ class _Row:
         self.ids: list[int] = []
         self.host = False  # whether the loop fed ids / text token by token
         self.end = None  # number of generated tokens that belong to the output
-        self.finish = self.stop_reason = None
+        self.finish = self.stop_reason = self.error = None
         stops = params.stop if stops is None else stops
         self.text = StopText(tokenizer, stops, params.skip_special_tokens) if tokenizer is not None else None
 
@@ -162,29 +164,33 @@ def _decode_loop(model, cache, logits, position, delta, params, sampler, rows, s
     top_v = torch.empty(B, N, n_top, device=dev) if n_top else None
     top_i = torch.empty(B, N, n_top, dtype=torch.long, device=dev) if n_top else None
     stop_set = set(stop_ids)
-    # tokens come to the host each step only when something there needs them
-    host = bool(stream or stop_set or params.stop or params.no_repeat_ngram_size)
+    # tokens come to the host each step only when something there needs them (a constraint's matcher does)
+    host = bool(stream or stop_set or params.stop or params.no_repeat_ngram_size or sampler.constrained)
     steps = 0
     plan = None if compile else fused.decode_plan(model)  # the model does not change during the loop
     for step in range(N):
         banned = ngram_bans([r.ids for r in rows], [params.no_repeat_ngram_size] * B)  # None when off
-        tok, lp, top, _ = sampler(logits, banned)  # (B,)
+        tok, lp, top, finite = sampler(logits, banned)  # (B,)
         out[:, step] = tok
         if lp is not None:
             out_lp[:, step] = lp
         if top is not None:
             top_v[:, step], top_i[:, step] = top
+        errors = list(sampler.errors)  # why a constrained row could not draw (before update feeds its matcher)
         sampler.update(tok)
         steps = step + 1
         if host:
             toks = tok.tolist()  # the one host sync of the step, for the whole batch
             step_lp = out_lp[:, step].tolist() if stream and params.logprobs else None
+            ok = finite.tolist() if params.constraint is not None else None  # only a failed constraint empties a row
             chunks = []
             for b, (row, t) in enumerate(zip(rows, toks)):
                 if row.finish is not None:
                     continue
                 chunk = Chunk(b, [t])
-                if t in stop_set:
+                if ok is not None and not ok[b]:
+                    row.finish, row.end, row.error, chunk.token_ids = "error", step, errors[b], []
+                elif t in stop_set:
                     row.finish, row.stop_reason, row.end, chunk.token_ids = "stop", t, step, []
                 else:
                     row.ids.append(t)
@@ -234,7 +240,8 @@ def _completion(row: _Row, tokenizer, params, prompt_tokens=0) -> Completion:
     text = None
     if row.text is not None:  # grown token by token when the loop ran host checks, else decoded once here
         text = row.text.text if row.host else tokenizer.decode(row.ids, skip_special_tokens=params.skip_special_tokens)
-    return Completion(row.ids, row.finish, row.stop_reason, text, row.logprobs, row.top_logprobs, None, prompt_tokens)
+    return Completion(row.ids, row.finish, row.stop_reason, text, row.logprobs, row.top_logprobs, None, prompt_tokens,
+                      row.error)
 
 
 def _left_pad(prompts, device):
@@ -247,9 +254,25 @@ def _left_pad(prompts, device):
     return ids.to(device), mask.to(device)
 
 
+def _constraint_vocab(model, params: SamplingParams, tokenizer):
+    """(params, the ConstraintVocab) for a constrained run: the tokenizer's end of text becomes the stop id
+    of params that have none (something must end the sequence once the constraint is complete)."""
+    if params.constraint is None:
+        return params, None
+    if tokenizer is None:
+        raise ValueError("a constraint needs the tokenizer (its vocabulary is what the grammar engine masks): "
+                         "pass tokenizer=...")
+    if not params.stop_ids:
+        params = dataclasses.replace(params, stop_ids=eos_ids(tokenizer))
+    vocab = ConstraintVocab.of(tokenizer, model.cfg.vocab_size)
+    check_constrainable(params, vocab)  # before any model work
+    return params, vocab
+
+
 def _run_batch(model, prompts, params: SamplingParams, tokenizer, compile, stream):
     if params.stop and tokenizer is None:
         raise ValueError("stop strings need a tokenizer: pass tokenizer=... (or use stop_ids)")
+    params, constraint_vocab = _constraint_vocab(model, params, tokenizer)
     prompts = _check_prompts(model, prompts, params.max_new_tokens)
     dev = _device(model)
     B, T = len(prompts), max(map(len, prompts))
@@ -259,7 +282,7 @@ def _run_batch(model, prompts, params: SamplingParams, tokenizer, compile, strea
     position = torch.zeros(B, 2, 1, dtype=torch.long, device=dev)
     position[:, 0, 0] = mask.sum(-1)  # the next token's position: each row's own length
     delta = torch.tensor([[[1], [0]]], device=dev)
-    sampler = Sampler.batch(params, prompts, logits.shape[-1], dev)
+    sampler = Sampler.batch(params, prompts, logits.shape[-1], dev, constraint_vocab)
     rows = [_Row(tokenizer, params) for _ in prompts]
     rows = yield from _decode_loop(model, cache, logits, position, delta, params, sampler, rows, params.stop_ids,
                                    compile=compile, stream=stream)
@@ -422,6 +445,9 @@ def _require_prefix_lm(model, what: str):
 def _fill_ids(model, tokenizer, pieces: list[list[int]], marks: list[str], params: SamplingParams, compile: bool) -> list[Span]:
     """Part A = pieces[0] marks[0] pieces[1] marks[1] ... pieces[-1] (marks: "[MASK]" etc., taken
     from the tokenizer by name; `infill.blank_prompt` lays it out); fill each blank left to right."""
+    if params.constraint is not None:
+        raise ValueError("a constraint on GLM blank filling is not supported: constrain a causal continuation "
+                         "(generate / chat) instead")
     sop, eop = tokenizer.special("sop"), tokenizer.special("eop")
     prompt = blank_prompt(pieces, [tokenizer.special(MASK_STRINGS[m]) for m in marks], sop)
     A, k, N = prompt.sep, len(marks), params.max_new_tokens

@@ -14,6 +14,12 @@ a hash of (row key, row step, token id) for the whole batch at once: the key com
 seed, the step counts its draws, so a seeded row draws the same noise alone, in a batch, or among
 the engine's rows. A row without a seed takes its key from torch's global RNG when it joins
 (`torch.manual_seed` reproduces a run). The hash is murmur3's 32-bit finaliser, exact in int64.
+
+A row whose parameters carry a `constraint` (glmkit.constrain) has a grammar matcher: before
+anything else its disallowed tokens get logit -inf (so greedy and sampled rows alike pick allowed
+tokens, and logprobs are the masked model's, as vLLM reports them), its stop ids are allowed exactly
+when the constraint may end, and `update` feeds it the drawn token. The masks are computed on the
+host (llguidance) for the constrained rows only; a batch without one does no mask work.
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ import random
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
+from .constrain import Constraint
 from .errors import ParameterError
 
 GREEDY_BELOW = 1e-5  # temperatures below this sample greedily
@@ -56,6 +64,11 @@ class SamplingParams:
     length counting generated tokens including the stop token. `no_repeat_ngram_size` n forbids
     any n-gram of generated tokens from occurring twice (the prompt is not counted: it plays the
     part of a seq2seq source); it works with sampling too.
+    `constraint` (glmkit.constrain.Constraint): the sequence must match it (a JSON schema, a regex, a
+    choice, a grammar); tokens that could not continue it are never drawn, and the sequence ends at
+    a stop id once the constraint is complete (only a stop id may follow then). It needs stop ids
+    (`generate` adds the tokenizer's end of text when there are none) and cannot go with beam search.
+    A sequence cut by max_new_tokens ends "length", unfinished.
     """
 
     max_new_tokens: int = 128
@@ -75,6 +88,7 @@ class SamplingParams:
     length_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     skip_special_tokens: bool = True  # in returned / streamed text
+    constraint: Constraint | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -108,6 +122,10 @@ class SamplingParams:
             ("stop", self.num_beams == 1 or not self.stop, "stop strings are not supported with beam search; use stop_ids"),
             ("no_repeat_ngram_size", self.no_repeat_ngram_size >= 0, "must be >= 0 (0 = off)"),
             ("length_penalty", -10 <= self.length_penalty <= 10, "must be in [-10, 10] (1 = average log-probability per token)"),
+            ("constraint", self.constraint is None or isinstance(self.constraint, Constraint),
+             "must be a glmkit.constrain.Constraint or None"),
+            ("constraint", self.num_beams == 1 or self.constraint is None,
+             "constrained decoding is not supported with beam search (num_beams > 1): use sampling or greedy"),
         ):
             if not ok:
                 bad(name, want)
@@ -213,8 +231,13 @@ class Sampler:
     the front (rows leave, beams reorder). `__call__` draws a token for each of the first B rows,
     `update` records them."""
 
-    def __init__(self, capacity: int, vocab: int, device):
+    def __init__(self, capacity: int, vocab: int, device, constraint_vocab=None):
         self.device = device
+        self.vocab = vocab
+        self.constraint_vocab = constraint_vocab  # constrain.ConstraintVocab: needed by rows with a constraint
+        self.matchers: list = []  # each row's grammar matcher, None for an unconstrained row
+        self.errors: list[str | None] = []  # why a constrained row cannot go on (its matcher failed)
+        self._bitmask = None  # (capacity, words) int32 on the host: the constrained rows' allowed tokens
         self.params: list[SamplingParams] = []  # host copy of each row's parameters: which work a step needs
         self.rows = torch.zeros(capacity, len(COLUMNS), device=device)
         self.key = torch.zeros(capacity, 2, dtype=torch.long, device=device)
@@ -223,25 +246,34 @@ class Sampler:
         self.seen = torch.zeros(capacity, vocab, dtype=torch.bool, device=device)  # prompt or generated tokens
 
     @classmethod
-    def batch(cls, params: SamplingParams, prompts: list[list[int]], vocab: int, device) -> Sampler:
+    def batch(cls, params: SamplingParams, prompts: list[list[int]], vocab: int, device, constraint_vocab=None) -> Sampler:
         """One row per prompt; row b seeded params.seed + b."""
-        s = cls(len(prompts), vocab, device)
+        s = cls(len(prompts), vocab, device, constraint_vocab)
         for b, p in enumerate(prompts):
             s.join(params, p, None if params.seed is None else params.seed + b)
         return s
 
     def join(self, params: SamplingParams, prompt_ids, seed: int | None):
-        """A row joins at index n; `seed` keys its random stream (None: a key from torch's global RNG)."""
+        """A row joins at index n; `seed` keys its random stream (None: a key from torch's global RNG).
+        A constrained row gets its matcher here (ValueError without the sampler's constraint_vocab or
+        without stop ids: nothing could end it)."""
+        matcher = None
+        if params.constraint is not None:
+            check_constrainable(params, self.constraint_vocab)
+            matcher = self.constraint_vocab.matcher(params.constraint)
         b = len(self.params)
         seed = int(torch.randint(0, 2**62, ())) if seed is None else seed
         self.rows[b], self.key[b], self.step[b] = param_rows([params])[0], torch.tensor(stream_key(seed)), 0
         self.counts[b], self.seen[b] = 0, False
         self.seen[b, torch.as_tensor(prompt_ids, dtype=torch.long, device=self.device)] = True
         self.params.append(params)
+        self.matchers.append(matcher)
+        self.errors.append(f"the constraint failed to start: {matcher.get_error()}" if matcher is not None and matcher.is_error() else None)
 
     def keep(self, idx: list[int]):
         """Rows idx (in that order) become rows 0..len(idx)-1; the others leave."""
         self.params = [self.params[i] for i in idx]
+        self.matchers, self.errors = [self.matchers[i] for i in idx], [self.errors[i] for i in idx]
         m, i = len(idx), torch.tensor(idx, dtype=torch.long, device=self.device)
         for t in (self.rows, self.key, self.step, self.counts, self.seen):
             t[:m] = t[i]
@@ -261,6 +293,8 @@ class Sampler:
         """logits (B, V) of rows 0..B-1, any float dtype; banned: (rows, token ids) to forbid, or None."""
         B = logits.shape[0]
         lp = top = None
+        if any(m is not None for m in self.matchers[:B]):
+            logits = self._constrain(logits)  # a float32 copy; the caller's logits (a cached prompt's) stay
         if self._any("logprobs"):
             logp = torch.log_softmax(logits.float(), dim=-1)  # before penalties and filters: the model's own
             n_top = max(p.top_logprobs for p in self.params)
@@ -276,14 +310,74 @@ class Sampler:
         return Draw(tok, lp, None if top is None else (top.values, top.indices), torch.isfinite(x.amax(-1)))
 
     def update(self, tok):
-        """Record the tokens (B,) just drawn by rows 0..B-1."""
+        """Record the tokens (B,) just drawn by rows 0..B-1; each constrained row's matcher takes its token
+        (a row that drew a stop id is done: its matcher is dropped)."""
         B = tok.shape[0]
         self.step[:B] += 1
         self.counts[:B].scatter_add_(1, tok[:, None], torch.ones_like(tok[:, None], dtype=self.counts.dtype))
         self.seen[:B].scatter_(1, tok[:, None], True)
+        rows = [b for b, m in enumerate(self.matchers[:B]) if m is not None]
+        if rows:
+            for b, t in zip(rows, tok[rows].tolist()):  # one host read for the constrained rows
+                m = self.matchers[b]
+                if t in self.params[b].stop_ids:
+                    self.matchers[b] = None
+                elif self.errors[b] is None and not m.consume_token(t):
+                    self.errors[b] = f"the constraint could not take token {t}: {m.get_error()}"
+
+    def _constrain(self, logits):
+        """logits (B, V) -> a float32 copy where each constrained row's disallowed tokens are -inf. The end of
+        the constraint (llguidance's end-of-text bit) becomes the row's stop ids; a row in error allows nothing
+        (its draw is not finite: the engine ends it with the error)."""
+        B, V = logits.shape
+        vocab = self.constraint_vocab
+        rows = [b for b, m in enumerate(self.matchers[:B]) if m is not None]
+        if self._bitmask is None:
+            self._bitmask = torch.zeros(len(self.rows), vocab.words, dtype=torch.int32,
+                                        pin_memory=torch.device(self.device).type == "cuda")
+        mask = self._bitmask[: len(rows)]  # (n, words)
+        vocab.fill([self.matchers[b] for b in rows], mask)
+        words = mask.numpy().view(np.uint32)
+        w, bit = divmod(vocab.eos, 32)
+        ends = (words[:, w] >> bit) & 1
+        words[:, w] &= ~np.uint32(1 << bit)
+        for k, b in enumerate(rows):
+            if self.errors[b] is None and self.matchers[b].is_error():
+                self.errors[b] = f"the constraint failed: {self.matchers[b].get_error()}"
+            if self.errors[b] is not None:
+                words[k] = 0
+            elif ends[k]:
+                for s in self.params[b].stop_ids:
+                    if s < V:
+                        words[k, s // 32] |= np.uint32(1 << (s % 32))
+        bits = torch.arange(32, dtype=torch.int32, device=logits.device)
+        m = mask.to(logits.device, non_blocking=True)
+        allowed = ((m[:, :, None] >> bits) & 1).view(len(rows), -1)[:, :V].bool()  # (n, V)
+        x = logits.to(torch.float32, copy=True)
+        if len(rows) == B:
+            return x.masked_fill_(~allowed, float("-inf"))
+        idx = torch.tensor(rows, device=logits.device)
+        x[idx] = x[idx].masked_fill_(~allowed, float("-inf"))
+        return x
+
+    @property
+    def constrained(self) -> bool:
+        """Whether any row has a constraint still running."""
+        return any(m is not None for m in self.matchers)
 
     def _any(self, *names) -> bool:
         return any(getattr(p, name) for p in self.params for name in names)
+
+
+def check_constrainable(params: SamplingParams, constraint_vocab) -> None:
+    """ValueError unless a row with params.constraint can run: a ConstraintVocab to build its matcher, stop
+    ids to end it with, and a constraint the grammar engine accepts."""
+    if constraint_vocab is None:
+        raise ValueError("a constrained row needs the tokenizer's vocabulary: pass "
+                         "constraint_vocab=glmkit.constrain.ConstraintVocab.of(tokenizer, model.cfg.vocab_size)")
+    if not params.stop_ids:
+        raise ValueError("a constrained sequence needs stop_ids: the tokens that end it once the constraint is complete")
+    params.constraint.check()
 
 
 def ngram_bans(histories, sizes):

@@ -75,6 +75,7 @@ _UNSUPPORTED = (  # (field, value that means "off", what to say)
     ("frequency_penalty", 0.0, "a penalty changes the model's distribution with every accepted token"),
     ("no_repeat_ngram_size", 0, "n-gram bans depend on every accepted token"),
     ("top_logprobs", 0, "only the chosen tokens' logprobs are reported"),
+    ("constraint", None, "a grammar would have to check every drafted token"),
 )
 
 

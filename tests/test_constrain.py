@@ -1,0 +1,207 @@
+"""Constrained decoding (glmkit.constrain over llguidance): the sampler's masks, generate, the engine.
+
+The tiny random model of tests.serving samples at temperature 1, so whatever it writes comes from the
+mask alone: every output must parse and validate (`jsonschema_rs` is the reference for JSON
+schemas, Python's `re` for regular expressions)."""
+
+import json
+import re
+
+import jsonschema_rs
+import pytest
+import torch
+
+from glmkit.constrain import Constraint, ConstraintVocab
+from glmkit.engine import Engine, Request
+from glmkit.errors import ParameterError
+from glmkit.generate import generate
+from glmkit.sampling import Sampler, SamplingParams
+
+# bounded, so a random model always reaches the end within max_new_tokens
+SCHEMAS = {
+    "enum_and_range": {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]},
+                                                       "n": {"type": "integer", "minimum": -5, "maximum": 120}},
+                       "required": ["colour", "n"], "additionalProperties": False},
+    "nested": {"type": "object", "properties": {
+        "point": {"type": "object", "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 9},
+                                                   "ok": {"type": "boolean"}},
+                  "required": ["x", "ok"], "additionalProperties": False},
+        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}},
+        "required": ["point", "tags"], "additionalProperties": False},
+    "strings": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
+                                                 "code": {"type": "string", "pattern": "^[A-Z]{2}[0-9]{1,3}$"},
+                                                 "after": {"enum": ["x"]}},
+                "required": ["name", "code", "after"], "additionalProperties": False},
+}
+
+
+def run(model, tok, constraint, seeds=(0, 1), rows=4, max_new_tokens=60, finished=True, **kw):
+    """Texts of `rows` sampled sequences per seed (one generate batch each), all of which must have stopped
+    (`finished`; else only those that did)."""
+    ids = tok.encode("Hello there")
+    texts = []
+    for seed in seeds:
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed, constraint=constraint, **kw)
+        for c in generate(model, [ids] * rows, params, tok):
+            assert c.finish_reason == "stop" or (not finished and c.finish_reason == "length"), (c.finish_reason, c.text, c.error)
+            if c.finish_reason == "stop":
+                texts.append(c.text)
+    return texts
+
+
+@pytest.mark.parametrize("name", list(SCHEMAS))
+def test_sampled_json_validates_against_its_schema(model, tok, name):
+    schema = SCHEMAS[name]
+    texts = run(model, tok, Constraint.json_schema(schema), seeds=(0,), rows=6)
+    for text in texts:
+        jsonschema_rs.validate(schema, json.loads(text))  # raises, naming the fault
+    # properties come out in the schema's order (as OpenAI's strict mode writes them), not sorted
+    assert all(t.startswith('{"' + next(iter(schema["properties"])) + '": ') for t in texts), texts
+
+
+def test_json_object_regex_and_choice_outputs_match(model, tok):
+    # any JSON object: nothing bounds its strings, so a random model may run to max_new_tokens; those that end parse
+    texts = run(model, tok, Constraint.json_object(), seeds=(0,), max_new_tokens=30, finished=False)
+    for p in ("The quick", "def add", "床前明月光"):  # and greedy, which the random model ends quickly
+        (c,) = generate(model, [tok.encode(p)], SamplingParams(max_new_tokens=30, temperature=0,
+                                                                 constraint=Constraint.json_object()), tok)
+        texts += [c.text] if c.finish_reason == "stop" else []
+    assert len(texts) >= 2, texts
+    for text in texts:
+        assert isinstance(json.loads(text), dict), text
+    pattern = r"[0-9]{2,4}-(ab|cd)"
+    for text in run(model, tok, Constraint.regex(pattern)):
+        assert re.fullmatch(pattern, text), text
+    options = ["positive", "negative", "neutral"]
+    texts = run(model, tok, Constraint.choice(options), seeds=(0, 1))
+    assert set(texts) <= set(options) and len(set(texts)) > 1, texts  # sampled, and only ever a choice
+
+
+@pytest.fixture(scope="module")
+def vocab(model, tok):
+    return ConstraintVocab.of(tok, model.cfg.vocab_size)
+
+
+def test_a_forbidden_token_is_never_drawn_however_the_logits_prefer_it(tok, vocab):
+    """Logits that put all their mass on one token the grammar forbids (and on a padded id past the
+    tokenizer's vocabulary): greedy and sampled rows draw allowed tokens only, the logprobs are those of
+    the masked logits, and the row follows the grammar to its end, then to its stop ids and nothing else."""
+    V = vocab.n_vocab + 20  # a model whose embedding is padded past the tokenizer
+    vocab = ConstraintVocab.of(tok, V)
+    digit = tok.encode("7")[0]
+    letter = tok.encode("x")[0]
+    stops = (tok.special("eos"), tok.special("user"), tok.special("observation"))  # a chat format's several
+    c = Constraint.regex("[0-9]{3}")
+    s = Sampler(2, V, "cpu", vocab)
+    s.join(SamplingParams(temperature=0, constraint=c, stop_ids=stops, logprobs=True), [1], 0)
+    s.join(SamplingParams(temperature=1.0, constraint=c, stop_ids=stops, logprobs=True), [1], 0)
+    for step in range(4):
+        logits = torch.zeros(2, V)
+        logits[:, letter] = 50.0  # what the model "wants"
+        logits[:, V - 1] = 60.0  # a padded id no tokenizer token stands for
+        logits[:, digit] = 1.0
+        masked = s._constrain(logits)  # what the draw sees (the matchers are only read)
+        drawn, lp, _, finite = s(logits)
+        assert finite.all()
+        want = torch.log_softmax(masked, -1).gather(-1, drawn[:, None])[:, 0]
+        torch.testing.assert_close(lp, want)  # the masked model's log-probabilities, before temperature
+        if step < 3:
+            assert all(tok.decode([t]).isdigit() for t in drawn.tolist()), (step, drawn.tolist())
+            assert drawn[0] == digit  # greedy: the best allowed token
+        else:  # three digits written: only the stop ids remain
+            for row in masked:
+                assert set(torch.isfinite(row).nonzero().flatten().tolist()) == set(stops), row
+            assert set(drawn.tolist()) <= set(stops)
+        s.update(drawn)
+    # the same logits without a constraint draw the forbidden letter: the mask is what kept it out
+    free = Sampler(1, V, "cpu")
+    free.join(SamplingParams(temperature=0), [1], 0)
+    logits = torch.zeros(1, V)
+    logits[:, letter] = 50.0
+    assert free(logits).tokens.tolist() == [letter]
+
+
+def test_constrained_and_unconstrained_rows_in_one_engine_batch(model, tok, vocab):
+    """A constrained row beside an unconstrained one: the constrained tokens equal generate()'s (greedy and
+    seeded), and the unconstrained row's equal what it draws alone."""
+    ids, other = tok.encode("Hello there"), tok.encode("The quick brown")
+    schema = SCHEMAS["enum_and_range"]
+    eos = (tok.special("eos"),)
+    cons = [SamplingParams(max_new_tokens=40, temperature=t, seed=5, constraint=Constraint.json_schema(schema), stop_ids=eos)
+            for t in (0.0, 1.0)]
+    free = SamplingParams(max_new_tokens=12, temperature=1.0, seed=9)
+    alone = generate(model, [other], free)[0].token_ids
+    expect = [generate(model, [ids], p, tok)[0].token_ids for p in cons]
+    eng = Engine(model, max_batch=4, constraint_vocab=vocab)
+    reqs = [eng.submit(Request(ids, cons[0])), eng.submit(Request(other, free)), eng.submit(Request(ids, cons[1]))]
+    while eng.has_work():
+        eng.step()
+    assert [r.finish_reason for r in reqs] == ["stop", "length", "stop"], [(r.finish_reason, r.error) for r in reqs]
+    assert reqs[1].output_ids == alone
+    for r, want in zip((reqs[0], reqs[2]), expect):
+        assert r.output_ids == want, (tok.decode(r.output_ids), tok.decode(want))
+        jsonschema_rs.validate(schema, json.loads(tok.decode(r.output_ids)))
+
+
+def test_a_row_from_the_prompt_cache_is_constrained_too(model, tok, vocab):
+    """The second request's prompt is served whole from the prompt cache (its logits kept from the first
+    prefill): its first token is masked all the same, and the cached logits are not written over."""
+    ids = tok.encode("Hello there")
+    p = SamplingParams(max_new_tokens=30, temperature=0, constraint=Constraint.choice(["yes", "no"]),
+                       stop_ids=(tok.special("eos"),))
+    eng = Engine(model, max_batch=2, constraint_vocab=vocab)
+    first = eng.submit(Request(ids, p, cache_scope="k"))
+    while eng.has_work():
+        eng.step()
+    second = eng.submit(Request(ids, p, cache_scope="k"))
+    while eng.has_work():
+        eng.step()
+    assert second.cached_tokens == len(ids)
+    assert tok.decode(first.output_ids) in ("yes", "no") and second.output_ids == first.output_ids
+    free = eng.submit(Request(ids, SamplingParams(max_new_tokens=1, temperature=0), cache_scope="k"))
+    while eng.has_work():
+        eng.step()
+    assert free.output_ids == generate(model, [ids], SamplingParams(max_new_tokens=1, temperature=0))[0].token_ids
+
+
+def test_max_tokens_cuts_a_constrained_sequence_with_length(model, tok):
+    schema = {"type": "object", "properties": {"s": {"type": "string", "minLength": 20, "maxLength": 30}}, "required": ["s"]}
+    (c,) = generate(model, [tok.encode("Hi")], SamplingParams(max_new_tokens=4, temperature=1.0, seed=0,
+                                                              constraint=Constraint.json_schema(schema)), tok)
+    assert c.finish_reason == "length" and len(c.token_ids) == 4 and c.text.startswith('{"s"'), c
+
+
+def test_a_failed_matcher_ends_its_row_alone_with_error(model, tok, vocab):
+    ids = tok.encode("Hello there")
+    eos = (tok.special("eos"),)
+    eng = Engine(model, max_batch=2, constraint_vocab=vocab)
+    bad = eng.submit(Request(ids, SamplingParams(max_new_tokens=20, temperature=0, constraint=Constraint.regex("[a-z]+"),
+                                                 stop_ids=eos)))
+    good = eng.submit(Request(ids, SamplingParams(max_new_tokens=8, temperature=0)))
+    eng.step()
+    eng.step()
+    eng.sampler.matchers[0].consume_token(tok.encode("7")[0])  # a digit the grammar forbids: llguidance's error state
+    while eng.has_work():
+        eng.step()
+    assert bad.finish_reason == "error" and "constraint" in bad.error and "7" in bad.error, (bad.finish_reason, bad.error)
+    assert good.finish_reason == "length" and len(good.output_ids) == 8
+
+
+def test_refusals_name_what_is_wrong(model, tok, vocab):
+    c = Constraint.json_object()
+    with pytest.raises(ParameterError, match="beam search") as e:
+        SamplingParams(num_beams=2, constraint=c)
+    assert e.value.param == "constraint"
+    with pytest.raises(ParameterError, match="Constraint"):
+        SamplingParams(constraint={"type": "object"})
+    ids = [tok.encode("Hi")]
+    with pytest.raises(ValueError, match="tokenizer"):
+        generate(model, ids, SamplingParams(constraint=c))
+    with pytest.raises(ValueError, match="invalid regex constraint"):
+        generate(model, ids, SamplingParams(constraint=Constraint.regex("(unclosed")), tok)
+    with pytest.raises(ValueError, match="invalid lark constraint"):
+        generate(model, ids, SamplingParams(constraint=Constraint.lark("start: undefined_rule")), tok)
+    with pytest.raises(ValueError, match="constraint_vocab"):
+        Engine(model, max_batch=1).submit(Request(ids[0], SamplingParams(constraint=c, stop_ids=(0,))))
+    with pytest.raises(ValueError, match="stop_ids"):
+        Engine(model, max_batch=1, constraint_vocab=vocab).submit(Request(ids[0], SamplingParams(constraint=c)))
