@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..chat import chat_format
+from ..constrain import ConstraintVocab
 from ..engine import Engine, EngineFull, Request
 from ..errors import ContextLengthError
 from ..infill import SPAN_STEP, blank_prompt
@@ -126,8 +127,12 @@ class Server:
                  waiting_per_key: int | None = None, kv_memory: int | None = None,
                  prefill_chunk: int | str | None = "auto", kv_dtype=None):
         self.model, self.tok, self.name, self.maas = model, tokenizer, model_name, maas
+        try:  # constrained rows (forced tool calls) need the vocabulary as the grammar engine reads it; built lazily
+            vocab = ConstraintVocab.of(tokenizer, model.cfg.vocab_size)
+        except ValueError:  # a tokenizer without an end-of-text token: constraints are refused per request
+            vocab = None
         self.engine = Engine(model, max_batch=max_batch, max_len=max_len, max_waiting=max_waiting, kv_memory=kv_memory,
-                             prefill_chunk=prefill_chunk, kv_dtype=kv_dtype)
+                             prefill_chunk=prefill_chunk, kv_dtype=kv_dtype, constraint_vocab=vocab)
         self.runner = EngineRunner(self.engine)
         self.metrics = Metrics(self.engine)
         self.causal = not model.cfg.prefix_lm
