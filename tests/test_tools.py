@@ -62,6 +62,10 @@ TIME_JSON = """{
         "additionalProperties": false
     }
 }"""
+NOTE = "\n在调用上述函数时，请使用 Json 格式表示调用的参数。"
+GLM4_TOOLS_TURN = ("<|system|>\n你是一个名为 ChatGLM 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，"
+                   "你的任务是针对用户的问题和要求提供适当的答复和支持。\n\n# 可用工具"
+                   f"\n\n## get_weather\n\n{WEATHER_JSON}{NOTE}\n\n## get_time\n\n{TIME_JSON}{NOTE}")
 # a conversation with a system prompt, two parallel calls, their two results, and a question after them
 CONV = [{"role": "system", "content": "简短回答"}, {"role": "user", "content": "北京和上海的天气?"},
         {"role": "assistant", "content": "", "tool_calls": [
@@ -82,11 +86,7 @@ def test_glm4_tools_prompt_is_the_published_template(tok):
     `<|assistant|>name\\n{arguments}` turn, each result its own `<|observation|>\\n` turn."""
     fmt = FORMATS["glm4"]
     ids, mask = tools.render(fmt, tok, CONV, tools.check_tools(TOOLS), add_generation_prompt=True)
-    note = "\n在调用上述函数时，请使用 Json 格式表示调用的参数。"
-    text = ("[gMASK]<sop><|system|>\n你是一个名为 ChatGLM 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，"
-            "你的任务是针对用户的问题和要求提供适当的答复和支持。\n\n# 可用工具"
-            f"\n\n## get_weather\n\n{WEATHER_JSON}{note}\n\n## get_time\n\n{TIME_JSON}{note}"
-            "<|system|>\n简短回答<|user|>\n北京和上海的天气?"
+    text = ("[gMASK]<sop>" + GLM4_TOOLS_TURN + "<|system|>\n简短回答<|user|>\n北京和上海的天气?"
             '<|assistant|>get_weather\n{"city": "北京"}<|assistant|>get_weather\n{"city": "上海", "days": 2}'
             '<|observation|>\n{"temp": 21}<|observation|>\n{"temp": 25}<|assistant|>')
     want = tok.encode(text, allow_special=True)
@@ -411,6 +411,8 @@ def test_server_tool_choice_none_and_auto(tool_client, tok):
     assert plain["usage"]["prompt_tokens"] == len(tools.render(FORMATS["glm4"], tok, CONV, [], True)[0])
     auto = tool_client.post("/v1/chat/completions", json={**base, "tools": TOOLS}).json()
     assert auto["usage"]["prompt_tokens"] == len(tools.render(FORMATS["glm4"], tok, CONV, fns, True)[0])
+    # the tools' turn, as written out above, is what was added (a special token bounds it on both sides)
+    assert auto["usage"]["prompt_tokens"] - plain["usage"]["prompt_tokens"] == len(tok.encode(GLM4_TOOLS_TURN, allow_special=True))
     (ch,) = auto["choices"]
     assert ch["message"]["role"] == "assistant" and ch["finish_reason"] in ("stop", "length", "tool_calls")
     chunks = chunks_of(tool_client.post("/v1/chat/completions", json={**base, "tools": TOOLS, "stream": True}))
@@ -498,11 +500,16 @@ def test_official_client_round_trip_with_a_forced_call(glm4_model, tok):
             assert (content, finish) == (None, "tool_calls")
             assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
                 ("get_weather", call.function.arguments)]
-        # "required" may call any function, several in one reply
-        r = client.chat.completions.create(messages=user, tool_choice="required", seed=7, **ask)
-        assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.tool_calls
-        for c in r.choices[0].message.tool_calls:
-            assert valid(json.loads(c.function.arguments), {"get_weather": WEATHER, "get_time": TIME}[c.function.name]["parameters"])
+        # "required" may call any function, several in one reply (separated by <|assistant|>): here some
+        # choices do; parallel_tool_calls false keeps the first
+        for parallel in (True, False):
+            r = client.chat.completions.create(messages=user, tool_choice="required", seed=1, n=8, parallel_tool_calls=parallel,
+                                               **{**ask, "max_tokens": 200})
+            assert {c.finish_reason for c in r.choices} == {"tool_calls"}
+            counts = [len(c.message.tool_calls) for c in r.choices]
+            assert max(counts) > 1 if parallel else set(counts) == {1}, counts
+            for c in (call for ch in r.choices for call in ch.message.tool_calls):
+                assert valid(json.loads(c.function.arguments), {"get_weather": WEATHER, "get_time": TIME}[c.function.name]["parameters"])
         # the result goes back; the answer's prompt holds the call turn and the observation turn
         history = user + [ch.message.model_dump(exclude_none=True),
                           {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 21}'}]
@@ -548,3 +555,20 @@ def test_chatglm3_forced_call_served(sp_model):  # noqa: F811
         chunks = chunks_of(c.post("/v1/chat/completions", json={**body, "stream": True}))
         content, calls = tools.merge([x["choices"][0]["delta"] for x in chunks[1:-1]])
         assert (content, calls_of(calls)) == (None, calls_of([call])) and chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_a_call_cut_by_a_stop_string(tool_client):
+    """A stop string that cuts a forced call: before its arguments began, the reply is plain content, streamed
+    or not (the held-back name comes out at the end); after they began, the whole reply is content while the
+    stream, which already announced the call, ends with finish_reason "stop" rather than "tool_calls"."""
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    body = {"messages": [{"role": "user", "content": "hi"}], "tools": TOOLS, "tool_choice": named, "max_tokens": 60,
+            "temperature": 1.0, "seed": 1}
+    for stop, whole, streamed in (("\n", "get_weather", ("get_weather", [])),
+                                  ('"city"', "get_weather\n{", (None, [("get_weather", "{")]))):
+        r = tool_client.post("/v1/chat/completions", json={**body, "stop": stop}).json()
+        assert r["choices"][0]["message"] == {"role": "assistant", "content": whole}
+        assert r["choices"][0]["finish_reason"] == "stop"
+        chunks = chunks_of(tool_client.post("/v1/chat/completions", json={**body, "stop": stop, "stream": True}))
+        content, calls = tools.merge([c["choices"][0]["delta"] for c in chunks[1:-1]])
+        assert (content, calls_of(calls)) == streamed and chunks[-1]["choices"][0]["finish_reason"] == "stop"
