@@ -20,7 +20,8 @@ metadata line naming the function called; `chat.py` lays the turns out token for
       call    `<|assistant|>{name}\\n{arguments JSON}`, one turn per call (GLM-4's OpenAI server renders an
               assistant message's tool_calls so); the reply to parse is `name\\n{...}`, several calls
               separated by `<|assistant|>` (the model may open a further assistant turn itself)
-      result  `<|observation|>\\n{content}`, one turn per tool message
+      result  `<|observation|>\\n{content}`, one turn per tool message (no format carries call ids: results
+              follow their calls in order; `tool_call_id` is not rendered)
   chatglm3 (ChatGLM3-6B: its tokenizer's build_chat_input, its PROMPT.md and tools_using_demo)
       tools   a system turn: CHATGLM3_PREAMBLE + "\\n" + the list of function objects as JSON (indent 4,
               non-ASCII kept): bare {name, description, parameters} objects, the shape the demo asks for
@@ -167,6 +168,9 @@ def family_messages(syntax: str | None, messages: list[dict], fns: list[dict]) -
             out.append({"role": "assistant", "content": m["content"]})
         for j, c in enumerate(calls):
             f = c["function"]
+            if not NAME.match(f["name"]):  # it becomes the turn's metadata line
+                raise ValueError(f"messages[{n}].tool_calls[{j}].function.name: {f['name']!r} must be 1 to 64 letters, "
+                                 "digits, '_' or '-'")
             out.append({"role": "assistant", "metadata": f["name"],
                         "content": _call_body(syntax, f["name"], f["arguments"], f"messages[{n}].tool_calls[{j}]")})
     return out

@@ -148,6 +148,9 @@ def test_families_without_tools_and_bad_requests(tok):
         tools.check_choice({"type": "function", "function": {"name": "nope"}}, fns)
     with pytest.raises(ValueError, match="needs tools"):
         tools.check_choice("required", [])
+    bad = [{**CONV[2], "tool_calls": [{"id": "c", "type": "function", "function": {"name": "x\n{}", "arguments": "{}"}}]}]
+    with pytest.raises(ValueError, match=r"messages\[0\].tool_calls\[0\].function.name: 'x\\n{}'"):
+        tools.render(FORMATS["glm4"], tok, bad, [], True)
     with pytest.raises(ValueError, match="only assistant messages carry tool_calls"):
         tools.render(FORMATS["glm4"], tok, [{**CONV[2], "role": "user"}], [], True)
 
