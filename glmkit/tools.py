@@ -227,8 +227,10 @@ def forced_grammar(syntax: str, fns: list[dict], name: str | None = None, parall
         if syntax == "glm4":
             body = f"{_lark_str(f['name'] + chr(10))} %json " + json.dumps(_schema(f), ensure_ascii=False)
         else:
-            body = (_lark_str(f["name"] + "\n```python\ntool_call(") + " " + _chatglm3_kwargs(f) + " "
-                    + _lark_str(")\n```"))
+            # SentencePiece pieces start with "▁" (a space once decoded): ChatGLM3's own tokens for the name and
+            # the block (each encoded with its dummy prefix in its training layout) may carry one
+            body = (f'" "? {_lark_str(f["name"] + chr(10))} " "? ' + _lark_str("```python\ntool_call(") + " "
+                    + _chatglm3_kwargs(f) + " " + _lark_str(")\n```"))
         rules.append(f"c{i}: {body}")
     many = parallel and name is None
     return "\n".join([f"start: call{' (<|assistant|> call)*' if many else ''}",

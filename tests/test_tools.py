@@ -287,6 +287,10 @@ def test_forced_grammar_admits_exactly_valid_calls(syntax, matcher_for, tok):
     required = tools.forced_grammar(syntax, fns, None, True)
     assert accepts(matcher_for, required, tok, ok) and accepts(matcher_for, required, tok, two)
     assert accepts(matcher_for, required, tok, call("get_weather", {"city": "x"}))  # the optional one left out
+    if syntax == "chatglm3":  # SentencePiece's "▁" before the name and the block, as ChatGLM3's tokens decode
+        spaced = " " + ok.replace("\n```", "\n ```", 1)
+        assert accepts(matcher_for, required, tok, spaced)
+        assert calls_of(tools.parse_reply(spaced, syntax, NAMES)[1]) == [("get_weather", '{"city": "北京", "days": 7}')]
     for bad in (call("get_weather", {"city": "北京", "days": 8}),  # above maximum
                 call("get_weather", {"days": 2}),  # required city missing
                 call("get_weather", {"city": "123456789"}),  # over maxLength
