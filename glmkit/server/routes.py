@@ -220,9 +220,10 @@ async def chat_completions(body: ChatRequest, request: HTTPRequest, server: Serv
         messages.append({"role": role, "content": content})
         if m.tool_calls:
             messages[-1]["tool_calls"] = [c.model_dump() for c in m.tool_calls]
-    server.check_chars(sum(len(m["content"]) for m in messages), "messages")
-    lp, top = body.logprobs, body.top_logprobs or 0
     calling = _tool_calling(server, body)  # None, or what renders, forces and parses the calls
+    server.check_chars(sum(len(m["content"]) + sum(len(c["function"]["arguments"]) for c in m.get("tool_calls", ()))
+                           for m in messages) + (len(json.dumps(calling.fns)) if calling else 0), "messages")
+    lp, top = body.logprobs, body.top_logprobs or 0
 
     def build() -> list[Choice]:  # in a worker thread
         fmt = server.chat
@@ -236,10 +237,12 @@ async def chat_completions(body: ChatRequest, request: HTTPRequest, server: Serv
             raise APIError(400, f"messages: {e}", param="messages") from None
         stops = server.stops(body.stop)
         max_tokens = body.max_completion_tokens or body.max_tokens or server.rest_of_context(len(ids))
-        return [Choice(k, 0, server.chat_request(ids, calling.force(server.sampling(body, max_tokens, stop_ids, k, lp, top, stops))
-                                                 if calling else server.sampling(body, max_tokens, stop_ids, k, lp, top, stops)),
-                       StopText(server.tok, stops, skip_special_tokens=not calling),
-                       strip_newline=fmt.strip_newline and not calling) for k in range(body.n)]
+        params = [server.sampling(body, max_tokens, stop_ids, k, lp, top, stops) for k in range(body.n)]
+        if calling:  # the reply goes to the call parser whole: "<|assistant|>" (the next call) kept, no newline cut
+            return [Choice(k, 0, server.chat_request(ids, calling.force(p)), StopText(server.tok, stops, skip_special_tokens=False))
+                    for k, p in enumerate(params)]
+        return [Choice(k, 0, server.chat_request(ids, p), StopText(server.tok, stops), strip_newline=fmt.strip_newline)
+                for k, p in enumerate(params)]
 
     choices = await server.prepare(build)
     call.prompt_tokens = len(choices[0].req.prompt_ids)
