@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import ast
 import json
+import keyword
 import re
 import uuid
 
@@ -127,6 +128,11 @@ def _py(v) -> str:
     return "{" + ", ".join(f"{json.dumps(str(k), ensure_ascii=False)}: {_py(x)}" for k, x in v.items()) + "}"
 
 
+def _keyword_ok(k: str) -> bool:
+    """Whether `k` can be a Python keyword argument (ChatGLM3 calls functions as tool_call(k=v))."""
+    return k.isidentifier() and not keyword.iskeyword(k)
+
+
 def _call_body(syntax: str, name: str, arguments: str, where: str) -> str:
     """The content of an assistant turn whose metadata is `name`: the arguments as the family writes them."""
     if syntax == "glm4":
@@ -137,7 +143,7 @@ def _call_body(syntax: str, name: str, arguments: str, where: str) -> str:
         raise ValueError(f"{where}.function.arguments is not JSON ({e})") from None
     if not isinstance(args, dict):
         raise ValueError(f"{where}.function.arguments must be a JSON object, got {type(args).__name__}")
-    bad = [k for k in args if not k.isidentifier()]
+    bad = [k for k in args if not _keyword_ok(k)]
     if bad:
         raise ValueError(f"{where}.function.arguments: {bad[0]!r} cannot be a Python keyword argument (ChatGLM3 "
                          "calls functions as tool_call(name=value))")
@@ -202,7 +208,7 @@ def _chatglm3_kwargs(f: dict) -> str:
     props = schema.get("properties") or {}
     if schema.get("type", "object") != "object" or not isinstance(props, dict):
         raise ValueError(f"function {f['name']}: a forced ChatGLM3 call needs parameters of type object with properties")
-    bad = [k for k in props if not k.isidentifier()]
+    bad = [k for k in props if not _keyword_ok(k)]
     if bad:
         raise ValueError(f"function {f['name']}: property {bad[0]!r} cannot be a Python keyword argument")
     lenient = not f.get("strict", False)

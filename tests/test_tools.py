@@ -362,6 +362,8 @@ def test_valid_checks_the_keywords():
 def test_grammar_layout_options():
     g = tools.forced_grammar("glm4", tools.check_tools(TOOLS), "get_weather", True)
     assert g.startswith("start: call\n") and json.dumps(JSON_OPTIONS["item_separator"]) in g
+    with pytest.raises(ValueError, match="property 'from' cannot be a Python keyword"):
+        tools.forced_grammar("chatglm3", [{"name": "f", "parameters": {"type": "object", "properties": {"from": {}}}}])
     with pytest.raises(ValueError, match="property 'a-b' cannot be a Python keyword"):
         tools.forced_grammar("chatglm3", [{"name": "f", "parameters": {"type": "object", "properties": {"a-b": {}}}}])
 
