@@ -330,7 +330,8 @@ class _ToolCalling:
 
 def _tool_calling(server: Server, body: ChatRequest) -> _ToolCalling | None:
     """400 for tools the model's chat format cannot take, or a tool_choice that does not fit them; None
-    when no tool reaches the prompt (none sent, or tool_choice "none": as vLLM, the tools are not shown)."""
+    when no tool reaches the prompt: none sent, or tool_choice "none", where the tools are not shown (as
+    vLLM and GLM-4's own OpenAI server do; shown, they would invite a call the answer could not return)."""
     raw = [t.model_dump(exclude_unset=True) for t in body.tools or []]
     choice = body.tool_choice.model_dump() if hasattr(body.tool_choice, "model_dump") else body.tool_choice
     try:
