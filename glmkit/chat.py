@@ -64,12 +64,14 @@ class ChatFormat:
     """One family's chat layout. `blank`: the rendered prompt ends with [gMASK] <sop> and a prefix-LM
     reads all before them bidirectionally (lay it out with `infill.blank_prompt`); otherwise the ids are
     read causally as they are. `strip_newline`: a reply starts with the template's "\\n" (an empty
-    metadata line), which is not part of the reply's text. `infills`: has a code infilling prompt."""
+    metadata line), which is not part of the reply's text. `infills`: has a code infilling prompt.
+    `tools`: the family's tool-calling syntax (`glmkit.tools`), None for a family without tools."""
 
     name = ""
     blank = False
     strip_newline = False
     infills = False
+    tools: str | None = None
 
     def render(self, tok, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
         raise ValueError(self.no_chat)
@@ -124,6 +126,7 @@ class Glm4(RoleFormat):
     """GLM-4's chat template renders the text `<|role|>{metadata}\\n{content}` and encodes it whole."""
 
     name = "glm4"
+    tools = "glm4"
     prefix = (("[gMASK]",), ("<sop>",))
 
     def body(self, tok, metadata, content):
@@ -134,6 +137,7 @@ class ChatGLM3(RoleFormat):
     """ChatGLM3's build_single_message: encode(f"{metadata}\\n") and encode(content), two calls."""
 
     name = "chatglm3"
+    tools = "chatglm3"
     prefix = (("[gMASK]",), ("sop", "<sop>"))
 
     def body(self, tok, metadata, content):

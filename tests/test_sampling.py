@@ -17,7 +17,17 @@ from glmkit.config import ModelConfig
 from glmkit.engine import Engine, Request
 from glmkit.generate import fill, generate
 from glmkit.model import GLM
-from glmkit.sampling import COLUMNS, Sampler, SamplingParams, _exponential, apply_penalties, exponential_noise, param_rows, process_logits, stream_key
+from glmkit.sampling import (
+    COLUMNS,
+    Sampler,
+    SamplingParams,
+    _exponential,
+    apply_penalties,
+    exponential_noise,
+    param_rows,
+    process_logits,
+    stream_key,
+)
 from tests.helpers import assert_close, run_all
 
 N = 12

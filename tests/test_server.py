@@ -240,7 +240,7 @@ def test_error_statuses_and_shapes(client):
     assert_error(client.post("/v1/completions", json={"prompt": [10**6]}), 400, param="prompt")
     # one prompt of a list too long: a 400 and nothing queued (all or nothing)
     assert_error(client.post("/v1/completions", json={"prompt": [[5], [5] * 250], "max_tokens": 16}), 400, code="context_length_exceeded")
-    assert_error(client.post("/v1/chat/completions", json={"messages": CHAT, "tools": [{"type": "function"}]}), 400, param="tools")
+    assert_error(client.post("/v1/chat/completions", json={"messages": CHAT, "tools": [{"type": "function"}]}), 400, param="tools.0.function")
     assert_error(client.post("/v1/completions", json={"prompt": "x", "model": "gpt-4"}), 404, code="model_not_found", param="model")
     assert_error(client.get("/v1/nothing-here"), 404)
     statuses = [r.status for r in rows(client.app)]

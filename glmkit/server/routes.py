@@ -8,6 +8,7 @@ the answer (JSON, or server-sent events for "stream": true).
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import json
 import re
@@ -19,6 +20,8 @@ from fastapi import APIRouter, Depends
 from fastapi import Request as HTTPRequest
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
+from .. import tools
+from ..constrain import Constraint
 from ..engine import Request
 from ..generate import MASK_STRINGS, causal_infill_stops
 from ..sampling import StopText
@@ -216,14 +219,18 @@ async def chat_completions(body: ChatRequest, request: HTTPRequest, server: Serv
             content = "".join(part.text for part in content)
         role = {"developer": "system", "tool": "observation"}.get(m.role, m.role)
         messages.append({"role": role, "content": content})
-    server.check_chars(sum(len(m["content"]) for m in messages), "messages")
+        if m.tool_calls:
+            messages[-1]["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+    calling = _tool_calling(server, body)  # None, or what renders, forces and parses the calls
+    server.check_chars(sum(len(m["content"]) + sum(len(c["function"]["arguments"]) for c in m.get("tool_calls", ()))
+                           for m in messages) + (len(json.dumps(calling.fns)) if calling else 0), "messages")
     lp, top = body.logprobs, body.top_logprobs or 0
 
     def build() -> list[Choice]:  # in a worker thread
         constraint = server.constraint(body)  # first: a bad one is refused before any rendering
         fmt = server.chat
         try:
-            ids, _ = fmt.render(server.tok, messages, add_generation_prompt=True)
+            ids, _ = tools.render(fmt, server.tok, messages, calling.fns if calling else [], add_generation_prompt=True)
             stop_ids = tuple(fmt.stop_ids(server.tok))
         except KeyError as e:
             raise APIError(400, f"this model's tokenizer lacks the {fmt.name} chat format's tokens ({e}); "
@@ -234,8 +241,16 @@ async def chat_completions(body: ChatRequest, request: HTTPRequest, server: Serv
             constraint = constraint.after_newline()
         stops = server.stops(body.stop)
         max_tokens = body.max_completion_tokens or body.max_tokens or server.rest_of_context(len(ids))
-        return [Choice(k, 0, server.chat_request(ids, server.sampling(body, max_tokens, stop_ids, k, lp, top, stops, constraint)),
-                        StopText(server.tok, stops), strip_newline=fmt.strip_newline) for k in range(body.n)]
+        if calling and calling.constraint is not None and constraint is not None:
+            raise APIError(400, "a forced tool call (tool_choice 'required' or a named function) already constrains the "
+                           "reply to the function's arguments; drop response_format / the guided fields, or use "
+                           "tool_choice 'auto'", param="tool_choice")
+        params = [server.sampling(body, max_tokens, stop_ids, k, lp, top, stops, constraint) for k in range(body.n)]
+        if calling:  # the reply goes to the call parser whole: "<|assistant|>" (the next call) kept, no newline cut
+            return [Choice(k, 0, server.chat_request(ids, calling.force(p)), StopText(server.tok, stops, skip_special_tokens=False))
+                    for k, p in enumerate(params)]
+        return [Choice(k, 0, server.chat_request(ids, p), StopText(server.tok, stops), strip_newline=fmt.strip_newline)
+                for k, p in enumerate(params)]
 
     choices = await server.prepare(build)
     call.prompt_tokens = len(choices[0].req.prompt_ids)
@@ -244,10 +259,16 @@ async def chat_completions(body: ChatRequest, request: HTTPRequest, server: Serv
 
     if not body.stream:
         await server.collect(request, call, choices)
+
+        def answer(c):  # (message, finish_reason)
+            if calling is None:
+                return {"role": "assistant", "content": c.text}, c.finish_reason
+            content, calls = calling.parse(c.text)
+            return ({"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})},
+                    "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason)
         return {"id": cid, "object": "chat.completion", "created": created, "model": server.name,
-                "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                             "logprobs": _chat_logprobs(server.tok, c.entries) if lp else None,
-                             "finish_reason": c.finish_reason} for c in choices],
+                "choices": [{"index": c.index, "message": msg, "logprobs": _chat_logprobs(server.tok, c.entries) if lp else None,
+                             "finish_reason": finish} for c in choices for msg, finish in [answer(c)]],
                 "usage": call.usage()}
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -263,11 +284,21 @@ async def chat_completions(body: ChatRequest, request: HTTPRequest, server: Serv
         for ch in choices:
             yield chunk(ch.index, {"role": "assistant", "content": ""})
         held: dict[int, list] = {c.index: [] for c in choices}  # logprob entries of tokens whose text is held back
+        parsers = {c.index: calling.parser() for c in choices} if calling else {}
         async for ch, piece, entries, done in server.events(call, choices):
             if done and ch.finish_reason == "error":
                 yield _sse_engine_error(ch.req)
                 return
             held[ch.index] += entries
+            if calling:  # the text goes through the call parser: content and tool_calls deltas
+                p = parsers[ch.index]
+                for delta in (p.feed(piece) if piece else []) + (p.finish() if done else []):
+                    yield chunk(ch.index, delta, held[ch.index])
+                    held[ch.index] = []
+                if done:
+                    yield chunk(ch.index, {}, held[ch.index], "tool_calls" if p.ok and ch.finish_reason == "stop"
+                                else ch.finish_reason)
+                continue
             if piece:
                 yield chunk(ch.index, {"content": piece}, held[ch.index])
                 held[ch.index] = []
@@ -277,6 +308,55 @@ async def chat_completions(body: ChatRequest, request: HTTPRequest, server: Serv
             yield event
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
+
+
+class _ToolCalling:
+    """A chat request's tools as the route uses them: the functions shown, the constraint that forces a
+    call (tool_choice "required" / a named function), the parser of the reply."""
+
+    def __init__(self, syntax: str, fns: list[dict], choice: str, parallel: bool):
+        self.syntax, self.fns, self.choice, self.parallel = syntax, fns, choice, parallel
+        self.names = [f["name"] for f in fns]
+        self.constraint = None
+        if choice != "auto":
+            name = None if choice == "required" else choice
+            try:
+                self.constraint = Constraint.lark(tools.forced_grammar(syntax, fns, name, parallel))
+                self.constraint.check()
+            except ValueError as e:
+                raise APIError(400, f"tools: the call cannot be forced ({e})", param="tools") from None
+
+    def force(self, params):
+        return dataclasses.replace(params, constraint=self.constraint) if self.constraint else params
+
+    def parser(self):
+        return tools.ToolParser(self.syntax, self.names, self.parallel)
+
+    def parse(self, text: str):
+        return tools.parse_reply(text, self.syntax, self.names, self.parallel)
+
+
+def _tool_calling(server: Server, body: ChatRequest) -> _ToolCalling | None:
+    """400 for tools the model's chat format cannot take, or a tool_choice that does not fit them; None
+    when no tool reaches the prompt: none sent, or tool_choice "none", where the tools are not shown (as
+    vLLM and GLM-4's own OpenAI server do; shown, they would invite a call the answer could not return)."""
+    raw = [t.model_dump(exclude_unset=True) for t in body.tools or []]
+    choice = body.tool_choice.model_dump() if hasattr(body.tool_choice, "model_dump") else body.tool_choice
+    try:
+        fns = tools.check_tools(raw)
+    except ValueError as e:
+        raise APIError(400, str(e), param="tools") from None
+    try:
+        choice = tools.check_choice(choice, fns)
+    except ValueError as e:
+        raise APIError(400, str(e), param="tool_choice") from None
+    if not fns:
+        return None
+    try:
+        syntax = tools.tool_syntax(server.chat)
+    except ValueError as e:
+        raise APIError(400, str(e), param="tools", code="unsupported_parameter") from None
+    return None if choice is None else _ToolCalling(syntax, fns, choice, body.parallel_tool_calls)
 
 
 # ---- GLM-native ----

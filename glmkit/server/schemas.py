@@ -196,10 +196,47 @@ class ContentPart(_Body):
     text: str
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: str = Field(..., description="the arguments as JSON text (an object)")
+
+
+class ToolCall(_Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "observation", "tool"]
     content: str | list[ContentPart] | None = ""
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="assistant messages: the calls it made")
+    tool_call_id: str | None = Field(None, description="tool messages: the call this is the result of")
+
+
+class FunctionDef(_Body):
+    """A function the model may call. Rendered into the prompt as the family's format prints it (GLM-4:
+    the object as JSON, in this field order)."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = Field(None, description="a JSON schema (type object); none: no arguments")
+    strict: bool | None = Field(None, description="forced calls: refuse schema keywords the grammar engine cannot enforce")
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class JSONSchemaFormat(_Body):
@@ -229,8 +266,12 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1, description="alias of max_tokens")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[dict] | None = Field(None, max_length=0, description="not supported yet: must be empty")
-    tool_choice: str | dict | None = None
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = Field(
+        None, description="functions the model may call (GLM-4, CodeGeeX4 and ChatGLM3 chat formats)")
+    tool_choice: str | NamedToolChoice | None = Field(
+        None, description="'none': tools are not shown to the model; 'auto' (the default with tools); 'required' or a "
+        "named function: the reply is forced, by constrained decoding, to be a call whose arguments match the schema")
+    parallel_tool_calls: bool = Field(True, description="false: at most one call per reply (the first)")
     response_format: ResponseFormat | None = None
 
 
