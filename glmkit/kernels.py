@@ -47,7 +47,7 @@ import torch.nn.functional as F
 MAX_ROWS = 16
 _lib = None
 _why: str | None = None  # why the library is unavailable (None: not tried yet, or available)
-_SRCS = [Path(__file__).parent / "csrc" / n for n in ("gemv.cpp", "decode.cpp")]
+_SRCS = [Path(__file__).parent / "csrc" / n for n in ("gemv.cpp", "decode.cpp", "noise.cpp")]
 _HEADERS = [Path(__file__).parent / "csrc" / "simd.h"]  # part of the source hash, not compiled alone
 _WTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 _FLAGS = {"avx2": ["-mavx2", "-mfma"],
@@ -194,8 +194,9 @@ def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.glmkit_decode_step.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, c_int]
     lib.glmkit_dequant_q8.argtypes = [ptr, ptr, i64, i64, ptr, c_int, c_int]
     lib.glmkit_dequant_int4.argtypes = [ptr, ptr, c_int, i64, i64, i64, ptr, c_int, c_int]
+    lib.glmkit_uniform_noise.argtypes = [ptr, i64, i64, ptr]
     for f in (lib.glmkit_gemv_dense, lib.glmkit_gemv_q8, lib.glmkit_gemv_int4, lib.glmkit_decode_step,
-              lib.glmkit_dequant_q8, lib.glmkit_dequant_int4):
+              lib.glmkit_dequant_q8, lib.glmkit_dequant_int4, lib.glmkit_uniform_noise):
         f.restype = c_int
     return lib
 
@@ -250,6 +251,17 @@ def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return False
     return _load() is not None
+
+
+def uniform_noise(row_hash: torch.Tensor, vocab: int) -> torch.Tensor | None:
+    """The sampler's uniforms (B, V) fp32 for rows whose (key, step) hash is row_hash (B,) int64 (csrc/noise.cpp,
+    the same bits as sampling's PyTorch path); None where the native library is not used (not CPU, unavailable)."""
+    if row_hash.device.type != "cpu" or _load() is None:
+        return None
+    rows = row_hash.to(torch.int64).contiguous()
+    out = torch.empty(rows.shape[0], vocab, dtype=torch.float32)
+    _check(_lib.glmkit_uniform_noise(rows.data_ptr(), rows.shape[0], vocab, out.data_ptr()), "uniform_noise")
+    return out
 
 
 def _check(rc: int, what: str):

@@ -273,3 +273,20 @@ def test_the_noise_is_positive_at_the_extreme_hashes():
     assert (e > 0).all() and torch.isfinite(e).all(), e.tolist()
     p = torch.tensor([0.0, 0.5, 0.0, 0.25, 0.0, 0.25])
     assert not torch.isnan(p / e).any() and int((p / e).argmax()) in (1, 3, 5), (p / e).tolist()
+
+
+def test_the_native_noise_is_the_pytorch_noise_bit_for_bit():
+    """csrc/noise.cpp computes the uniforms of `exponential_noise` in uint32; the PyTorch path (other devices,
+    no compiler) in int64 with split products: a seeded row must draw the same tokens on both."""
+    from glmkit import kernels
+    from glmkit.sampling import _exponential, _mix32, _token_hashes
+
+    if not kernels.available():
+        pytest.skip(f"native kernels unavailable: {kernels.why_unavailable()}")
+    key = torch.tensor([stream_key(s) for s in (0, 1, 2**40 + 3)])
+    step = torch.tensor([0, 7, 2**33 + 1])
+    V = 151552 + 5  # GLM-4's vocabulary, and a tail past a multiple of the kernel's 4096-token chunks
+    native = exponential_noise(key, step, V)
+    row = _mix32(key[:, 1] ^ _mix32(key[:, 0] ^ _mix32(step & 0xFFFFFFFF)))
+    reference = _exponential(_mix32(row[:, None] ^ _token_hashes(V, key.device)))
+    assert torch.equal(native, reference), (native != reference).sum().item()
