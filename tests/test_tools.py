@@ -533,9 +533,20 @@ def test_official_client_round_trip_with_a_forced_call(glm4_model, tok):
         assert (content, finish) == (a.choices[0].message.content, a.choices[0].finish_reason)
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason="constrain.ConstraintVocab cannot read a SentencePiece (Metaspace) "
-                   "tokenizer yet: llguidance says it cannot determine the decoder type; remove this mark once it can")
-def test_chatglm3_forced_call_served(sp_model):  # noqa: F811
+@pytest.fixture(scope="module")
+def chatglm3_tok():
+    """A SentencePiece BPE model with byte fallback, ChatGLM2/3's kind (the grammar engine reads its pieces; a
+    unigram model's it cannot), with ChatGLM3's specials appended."""
+    from glmkit.tokenizer import Tokenizer
+    from tests.test_tokenizer_upstream import CHATGLM_OPTIONS, _train_sp
+
+    return Tokenizer.from_sentencepiece(_train_sp(**CHATGLM_OPTIONS), CHATGLM3_SPECIALS)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="llguidance 1.9's mask admits a SentencePiece piece ('▁t') "
+                   "inside a forced literal that its own consume then refuses ('forced bytes: got \\n'), so the row ends "
+                   "with an engine error; GLM-4's byte-level BPE is not affected. Remove this mark once it passes")
+def test_chatglm3_forced_call_served(chatglm3_tok):
     """ChatGLM3 (SentencePiece, its own call syntax): a named call is forced, comes back as JSON arguments
     that match the schema, and the stream (which can announce a ChatGLM3 call only once its block is
     closed) adds up to the same call."""
@@ -547,7 +558,7 @@ def test_chatglm3_forced_call_served(sp_model):  # noqa: F811
     from glmkit.model import GLM
     from glmkit.server.app import create_app
 
-    tok, _, _ = sp_tokenizer(sp_model, CHATGLM3_SPECIALS)
+    tok = chatglm3_tok
     torch.manual_seed(0)
     model = GLM(ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, position="rope_partial",
                             max_seq_len=2048, chat_format="chatglm3")).eval()
@@ -557,6 +568,7 @@ def test_chatglm3_forced_call_served(sp_model):  # noqa: F811
             "max_tokens": 120, "temperature": 1.0, "seed": 3}
     with TestClient(create_app(model, tok, "tiny")) as c:
         r = c.post("/v1/chat/completions", json=body).json()
+        assert "choices" in r, r
         (ch,) = r["choices"]
         assert ch["finish_reason"] == "tool_calls" and ch["message"]["content"] is None, ch
         (call,) = ch["message"]["tool_calls"]
