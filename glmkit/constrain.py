@@ -74,6 +74,10 @@ class Constraint:
                 raise ValueError(f"the JSON schema is not JSON: {e}") from None
         if not isinstance(schema, (dict, bool)):
             raise ValueError(f"a JSON schema is an object (or true / false), got {type(schema).__name__}")
+        if schema is False:
+            raise ValueError("the JSON schema false admits no value: nothing could be generated")
+        if schema is True:  # any JSON value: the empty schema, which the grammar engine takes
+            schema = {}
         return cls("json_schema", json.dumps(schema, ensure_ascii=False), strict)  # key order kept: properties come out in it
 
     @classmethod
@@ -209,6 +213,20 @@ class ConstraintVocab:
     def matcher(self, constraint: Constraint):
         """A fresh llguidance matcher for one row (quiet: an error shows in its state, read by the sampler)."""
         return _llguidance().LLMatcher(self.lltokenizer, constraint.grammar(), log_level=0)
+
+    def check(self, constraint: Constraint) -> None:
+        """ValueError when `constraint` cannot start in this vocabulary: its matcher fails to build (a grammar
+        too large for the engine's limits, e.g. a{1000000}) or no token may begin it (a pattern that admits
+        no text). What `Constraint.check` cannot see without the tokenizer; one mask, milliseconds."""
+        constraint.check()
+        m = self.matcher(constraint)
+        mask = torch.zeros(1, self.words, dtype=torch.int32)
+        if not m.is_error():
+            self.fill([m], mask)
+        if m.is_error():
+            raise ValueError(f"invalid {constraint.kind.replace('_', ' ')} constraint: {m.get_error().splitlines()[0]}")
+        if not mask.any() and not m.is_accepting():
+            raise ValueError(f"the {constraint.kind.replace('_', ' ')} constraint admits no text: no token can begin it")
 
     def fill(self, matchers: list, bitmask) -> None:
         """Each matcher's allowed next tokens into row k of `bitmask` (n, words) int32, on the CPU and

@@ -286,6 +286,18 @@ def test_server_refuses_bad_or_several_constraints_before_any_work(causal_client
     assert_error(done(structured_outputs={}), 400, param="structured_outputs")
     assert_error(chat(response_format={"type": "json_schema"}), 400, param="response_format")
     assert_error(chat(response_format={"type": "xml"}), 400)
+    # what only the vocabulary shows: a pattern no token can begin (an empty language)
+    err = assert_error(done(guided_regex=r"[^\s\S]"), 400, param="guided_regex")
+    assert "constraint" in err["message"], err
+    assert_error(done(guided_json=False), 400, param="guided_json")  # the schema false admits nothing
+
+
+def test_the_schema_true_admits_any_json_value(causal_client):
+    r = causal_client.post("/v1/completions", json={"prompt": "Hi", "guided_json": True, "max_tokens": 40, "temperature": 0})
+    assert r.status_code == 200, r.text
+    (ch,) = r.json()["choices"]
+    if ch["finish_reason"] == "stop":
+        json.loads(ch["text"])
 
 
 def test_official_openai_client_structured_output(causal, tok):

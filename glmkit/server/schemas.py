@@ -146,7 +146,7 @@ GUIDED = ("the output is constrained to match (constrained decoding: tokens that
 class StructuredOutputs(_Body):
     """vLLM's `structured_outputs` object: one of its fields."""
 
-    json_: dict | str | None = Field(None, alias="json", description="a JSON schema (an object, or its JSON text)")
+    json_: dict | bool | str | None = Field(None, alias="json", description="a JSON schema (an object, true, or its JSON text)")
     regex: NonEmpty | None = Field(None, description="a regular expression the whole output matches")
     choice: Annotated[list[NonEmpty], Field(min_length=1)] | None = Field(None, description="the output is one of these")
     grammar: NonEmpty | None = Field(None, description="a Lark grammar (its `start` rule)")
@@ -171,7 +171,7 @@ class _Sampling(_Body):
     logit_bias: dict[str, float] | None = Field(None, max_length=0, description="not supported: must be empty")
     user: str | None = None
     # vLLM's request fields for constrained decoding (glmkit.constrain); JSON comes out as json.dumps writes it
-    guided_json: dict | str | None = Field(None, description="a JSON schema (an object, or its JSON text): " + GUIDED)
+    guided_json: dict | bool | str | None = Field(None, description="a JSON schema (an object, true, or its JSON text): " + GUIDED)
     guided_regex: NonEmpty | None = Field(None, description="a regular expression the whole output matches: " + GUIDED)
     guided_choice: Annotated[list[NonEmpty], Field(min_length=1)] | None = Field(
         None, description="the output is exactly one of these strings: " + GUIDED)

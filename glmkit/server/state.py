@@ -226,11 +226,16 @@ class Server:
             c.check()
         except ValueError as e:
             raise APIError(400, f"{name}: {e}", param=name, code="invalid_value") from None
+        vocab = self.engine.sampler.constraint_vocab
         try:
-            self.engine.sampler.constraint_vocab.lltokenizer  # noqa: B018 - built here, not in the engine's thread
+            vocab.lltokenizer  # noqa: B018 - built here, not in the engine's thread
         except ValueError as e:
             self.no_constraints = str(e)
             raise APIError(400, f"{name}: {e}", param=name, code="unsupported_parameter") from None
+        try:
+            vocab.check(c)  # what only the vocabulary shows: a grammar past the engine's limits, one no token begins
+        except ValueError as e:
+            raise APIError(400, f"{name}: {e}", param=name, code="invalid_value") from None
         return c
 
     @staticmethod
