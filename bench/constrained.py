@@ -64,7 +64,8 @@ RECORDS = {  # speed: long enough that no row completes before --new-tokens
                              "score": {"type": "number"}, "tags": {"type": "array", "maxItems": 3,
                                                                    "items": {"enum": ["a", "b", "c"]}}}},
 }
-SCHEMAS = {  # validity: bounded strings and arrays (a random model rarely closes an unbounded string)
+SCHEMAS = {  # validity: bounded strings, arrays and integers (a random model rarely closes an unbounded string,
+    # or ends a number's digits: a JSON number's fraction is unbounded even between a minimum and a maximum)
     "person": {"type": "object", "additionalProperties": False, "required": ["name", "age", "email", "tags"],
                "properties": {"name": {"type": "string", "maxLength": 20},
                               "age": {"type": "integer", "minimum": 0, "maximum": 150},
@@ -76,12 +77,13 @@ SCHEMAS = {  # validity: bounded strings and arrays (a random model rarely close
                                 "level": {"enum": ["公开", "内部", "秘密"]},
                                 "pages": {"type": "integer", "minimum": 1, "maximum": 999}}},
     "nested": {"type": "object", "additionalProperties": False, "required": ["items", "ok"],
-               "properties": {"ok": {"type": "boolean"}, "ratio": {"type": "number"},
+               "properties": {"ok": {"type": "boolean"}, "percent": {"type": "integer", "minimum": 0, "maximum": 100},
                               "items": {"type": "array", "minItems": 1, "maxItems": 3,
                                         "items": {"type": "object", "additionalProperties": False,
                                                   "required": ["k", "v"],
                                                   "properties": {"k": {"type": "string", "maxLength": 6},
-                                                                 "v": {"anyOf": [{"type": "integer"},
+                                                                 "v": {"anyOf": [{"type": "integer", "minimum": -999,
+                                                                                  "maximum": 999},
                                                                                  {"type": "null"}]}}}}}},
 }
 REGEX = r"\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"
@@ -224,7 +226,7 @@ def speed(model, tok, batches, new: int, repeats: int) -> list[dict]:
 
 
 # ---- validity ------------------------------------------------------------------------------------------
-def validity(model, tok, samples: int, max_new: int, label: str) -> list[dict]:
+def validity(model, tok, samples: int, max_new: int, label: str, only=None) -> list[dict]:
     import jsonschema_rs  # the tests' JSON schema validator (the test extra)
 
     cases = [(f"json_schema:{k}", Constraint.json_schema(s), lambda t, s=s: jsonschema_rs.validate(s, json.loads(t)))
@@ -232,6 +234,7 @@ def validity(model, tok, samples: int, max_new: int, label: str) -> list[dict]:
     cases += [("json_object", Constraint.json_object(), lambda t: isinstance(json.loads(t), dict) or 1 / 0),
               ("regex", Constraint.regex(REGEX), lambda t: re.fullmatch(REGEX, t) or 1 / 0),
               ("choice", Constraint.choice(CHOICES), lambda t: t in CHOICES or 1 / 0)]
+    cases = [c for c in cases if only is None or c[0] in only]
     eos = tok.special("eos")
     prompt = [tok.special("gmask"), tok.special("sop")] + tok.encode("答案：")
     out = []
@@ -279,6 +282,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--samples", type=int, default=200, help="per constraint and model")
     p.add_argument("--max-new", type=int, default=160, help="max tokens of a validity sample")
+    p.add_argument("--constraints", help="validity: only these, comma-separated (json_schema:person, ..., json_object, "
+                   "regex, choice)")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     a = p.parse_args(argv)
     parts = a.parts.split(",")
@@ -295,8 +300,9 @@ def main(argv=None):
                         "rows": speed(model, tok, [int(b) for b in a.batches.split(",")], a.new_tokens, a.repeats)}
     if "validity" in parts:
         default = glmkit.load(Path(glmkit.__file__).parent / "assets" / "default")
-        res["validity"] = validity(default, base, a.samples, a.max_new, "embedded default") + \
-            validity(model, tok, a.samples, a.max_new, f"random GLM-4 {a.size}")
+        only = a.constraints.split(",") if a.constraints else None
+        res["validity"] = validity(default, base, a.samples, a.max_new, "embedded default", only) + \
+            validity(model, tok, a.samples, a.max_new, f"random GLM-4 {a.size}", only)
     if a.out:
         a.out.write_text(json.dumps(res, ensure_ascii=False, indent=1))
 
