@@ -30,8 +30,20 @@ metadata line naming the function called; `chat.py` lays the turns out token for
               must be literals (JSON's true / false / null are read too)
       result  `<|observation|>\\n{content}`
 
-GLM-4.5+ (Glm4Moe: `<tool_call>name<arg_key>..</arg_key><arg_value>..</arg_value></tool_call>`) is not here:
-glmkit has no chat format for that family yet.
+  glm45 (GLM-4.5 / 4.6's chat_template.jinja; glm47: GLM-4.7 / 4.7-Flash / GLM-5's, the same with no
+    newlines between the pieces; `chat.Glm45` lays the turns out, the markup as its tokens)
+      tools   the first system turn: GLM45_TOOLS_HEAD, one line per tool (the whole tool object
+              {"type": "function", "function": {...}} as `tojson` writes it: ", " / ": ", non-ASCII kept),
+              GLM45_TOOLS_TAIL and an example call laid out as the family writes calls
+      call    inside the assistant turn, after its content: `\n<tool_call>{name}`, per argument
+              `\n<arg_key>{k}</arg_key>\n<arg_value>{v}</arg_value>` (a string value raw, any other as JSON),
+              then `\n</tool_call>`; several calls one after another
+      result  consecutive tool messages share one `<|observation|>` turn, each
+              `\n<tool_response>\n{content}\n</tool_response>`
+    The reply opens with the thinking block (`\n<think>...</think>`; glm47's prompt opens it already):
+    the parser keeps it out of the content (in `Glm45Parser.reasoning`, not sent), then content up to the
+    first `<tool_call>`. A call is announced whole when its `</tool_call>` arrives; its values are typed by
+    the function's schema (a property of type string stays text, others are read as JSON, text if not).
 
 Streaming (`ToolParser`): text that could still begin a call (a prefix of a function name, a tail that
 could become "<|assistant|>") is held back and flushed as content once it cannot. A GLM-4 call is
@@ -60,7 +72,8 @@ GLM4_FUNCTION_NOTE = "\n在调用上述函数时，请使用 Json 格式表示�
 CHATGLM3_PREAMBLE = "Answer the following questions as best as you can. You have access to the following tools:"
 SEP = "<|assistant|>"  # a further assistant turn inside one reply: the next call
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names (no newline, no markup)
-SYNTAXES = ("glm4", "chatglm3")
+SYNTAXES = ("glm4", "chatglm3", "glm45", "glm47")
+GLM45 = ("glm45", "glm47")  # the <tool_call> family: its own parser (Glm45Parser), its layout in chat.Glm45
 
 
 # ---- the request side ---------------------------------------------------------------------------------
@@ -112,7 +125,7 @@ def check_choice(choice, fns: list[dict]) -> str | None:
 def tool_syntax(fmt) -> str:
     """The tool syntax of a chat format (`ChatFormat.tools`); ValueError for a family without tools."""
     if fmt.tools is None:
-        raise ValueError(f"the {fmt.name} chat format has no tool calling (GLM-4, CodeGeeX4 and ChatGLM3 have); "
+        raise ValueError(f"the {fmt.name} chat format has no tool calling (GLM-4, CodeGeeX4, ChatGLM3 and GLM-4.5+ have); "
                          "send the request without tools, tool_calls and tool messages")
     return fmt.tools
 
@@ -158,6 +171,39 @@ def tools_turn(syntax: str, fns: list[dict]) -> str:
     return CHATGLM3_PREAMBLE + "\n" + json.dumps(fns, ensure_ascii=False, indent=4)
 
 
+GLM45_TOOLS_HEAD = "\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within "
+GLM45_TOOLS_TAIL = "\n\nFor each function call, output the function name and arguments within the following XML format:\n"
+
+
+def glm45_tools_turn(fns: list[dict], compact: bool = False) -> list:
+    """The tools' system turn of the GLM-4.5 family as `chat.Glm45` parts (str: text, 1-tuple: markup)."""
+    nl = "" if compact else "\n"
+    listed = "".join("\n" + json.dumps({"type": "function", "function": f}, ensure_ascii=False) for f in fns)
+    parts = [GLM45_TOOLS_HEAD, ("<tools>",), ("</tools>",), " XML tags:\n", ("<tools>",), listed + "\n", ("</tools>",),
+             GLM45_TOOLS_TAIL, ("<tool_call>",), "{function-name}"]
+    for i in (1, 2):
+        parts += [nl, ("<arg_key>",), f"{{arg-key-{i}}}", ("</arg_key>",), nl, ("<arg_value>",), f"{{arg-value-{i}}}",
+                  ("</arg_value>",)]
+    return parts + [nl + "..." + nl, ("</tool_call>",)]
+
+
+def glm45_call(name: str, arguments: str, nl: str, where: str) -> list:
+    """One call of an assistant message as `chat.Glm45` parts; `arguments` is OpenAI's JSON text."""
+    if not NAME.match(name):
+        raise ValueError(f"{where}.function.name: {name!r} must be 1 to 64 letters, digits, '_' or '-'")
+    try:
+        args = json.loads(arguments)
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ValueError(f"{where}.function.arguments is not JSON ({e})") from None
+    if not isinstance(args, dict):
+        raise ValueError(f"{where}.function.arguments must be a JSON object, got {type(args).__name__}")
+    parts = [nl, ("<tool_call>",), name]
+    for k, v in args.items():
+        parts += [nl, ("<arg_key>",), k, ("</arg_key>",), nl, ("<arg_value>",),
+                  v if isinstance(v, str) else json.dumps(v, ensure_ascii=False), ("</arg_value>",)]
+    return parts + [nl, ("</tool_call>",)]
+
+
 def family_messages(syntax: str | None, messages: list[dict], fns: list[dict]) -> list[dict]:
     """OpenAI-shaped messages (role system / user / assistant with optional `tool_calls` / observation for
     tool results) as the family's turns: the tools turn first (when `fns`), each call its own assistant
@@ -185,6 +231,8 @@ def family_messages(syntax: str | None, messages: list[dict], fns: list[dict]) -
 def render(fmt, tok, messages: list[dict], fns: list[dict], add_generation_prompt: bool = False):
     """`fmt.render` of a conversation with tools (`fns`, check_tools' output; [] for none) and tool calls."""
     needs = bool(fns) or any(m.get("tool_calls") for m in messages)
+    if fmt.tools in GLM45:  # the format lays tools and calls out itself: they live inside its turns
+        return fmt.render(tok, messages, add_generation_prompt, fns=fns)
     return fmt.render(tok, family_messages(tool_syntax(fmt) if needs else None, messages, fns), add_generation_prompt)
 
 
