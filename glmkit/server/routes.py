@@ -330,10 +330,10 @@ class _ToolCalling:
         return dataclasses.replace(params, constraint=self.constraint) if self.constraint else params
 
     def parser(self):
-        return tools.ToolParser(self.syntax, self.names, self.parallel)
+        return tools.make_parser(self.syntax, self.names, self.parallel, fns=self.fns)
 
     def parse(self, text: str):
-        return tools.parse_reply(text, self.syntax, self.names, self.parallel)
+        return tools.parse_reply(text, self.syntax, self.names, self.parallel, fns=self.fns)
 
 
 def _tool_calling(server: Server, body: ChatRequest) -> _ToolCalling | None:
