@@ -322,7 +322,8 @@ def _glm45_grammar(syntax: str, chosen: list[dict], many: bool) -> str:
     (required ones in order, then optional ones in property order). The markup is its tokens (`<think>`
     in llguidance's Lark: the token of that name), never its text."""
     nl = "" if syntax == "glm47" else "\n"
-    lit = (lambda t: _lark_str(t) + " ") if nl else (lambda t: "")
+    def lit(t):
+        return _lark_str(t) + " " if t else ""
     rules = []
     for i, f in enumerate(chosen):
         schema = f.get("parameters") or {}
@@ -331,7 +332,7 @@ def _glm45_grammar(syntax: str, chosen: list[dict], many: bool) -> str:
             raise ValueError(f"function {f['name']}: a forced GLM-4.5 call needs parameters of type object with properties")
         lenient = not f.get("strict", False)
 
-        def item(k, v):
+        def item(k, v, lenient=lenient):
             return (f"{lit(nl)}<arg_key> {_lark_str(k)} </arg_key> {lit(nl)}<arg_value> "
                     f"{_glm45_value(v if isinstance(v, dict) else {}, lenient)} </arg_value>")
         req = [k for k in props if k in set(schema.get("required") or ())]
