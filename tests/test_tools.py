@@ -755,3 +755,41 @@ def test_glm45_forced_grammar(syntax, glm45_tok):
             assert valid(json.loads(c["function"]["arguments"]), {"get_weather": WEATHER, "get_time": TIME}[c["function"]["name"]]["parameters"])
         done += 1
     assert done >= 10, done
+
+
+def test_glm45_served_round_trip(glm45_tok):
+    """The chat route on a tiny random model in the glm45 format: a named forced call is valid (the grammar
+    decides), streamed and not alike; its result goes back and the prompt is the renderer's."""
+    pytest.importorskip("fastapi")
+    import torch
+    from fastapi.testclient import TestClient
+
+    from glmkit.config import ModelConfig
+    from glmkit.model import GLM
+    from glmkit.server.app import create_app
+
+    tok, fns = glm45_tok, tools.check_tools(TOOLS)
+    torch.manual_seed(0)
+    model = GLM(ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, position="rope_partial",
+                            max_seq_len=2048, chat_format="glm45")).eval()
+    model.init_weights(seed=3)
+    user = [{"role": "user", "content": "北京天气?"}]
+    ask = {"messages": user, "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+           "max_tokens": 80, "temperature": 1.0}
+    with TestClient(create_app(model, tok, "tiny")) as c:
+        for seed in (1,):
+            r = c.post("/v1/chat/completions", json={**ask, "seed": seed}).json()
+            (ch,) = r["choices"]
+            assert ch["finish_reason"] == "tool_calls" and ch["message"]["content"] is None, ch
+            (call,) = ch["message"]["tool_calls"]
+            assert call["function"]["name"] == "get_weather" and valid(json.loads(call["function"]["arguments"]), WEATHER["parameters"])
+            assert r["usage"]["prompt_tokens"] == len(tools.render(FORMATS["glm45"], tok, user, fns, True)[0])
+            chunks = chunks_of(c.post("/v1/chat/completions", json={**ask, "seed": seed, "stream": True}))
+            content, calls = tools.merge([x["choices"][0]["delta"] for x in chunks[1:-1]])
+            assert (content, calls_of(calls)) == (None, calls_of([call]))
+            assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+        history = user + [ch["message"], {"role": "tool", "tool_call_id": call["id"], "content": '{"temp": 21}'}]
+        a = c.post("/v1/chat/completions", json={"messages": history, "tools": TOOLS, "max_tokens": 8, "seed": 5}).json()
+        rendered = user + [{"role": "assistant", "content": "", "tool_calls": [call]}, {"role": "observation", "content": '{"temp": 21}'}]
+        assert a["usage"]["prompt_tokens"] == len(tools.render(FORMATS["glm45"], tok, rendered, fns, True)[0])
+        assert "<think>" not in (a["choices"][0]["message"]["content"] or "")

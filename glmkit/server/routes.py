@@ -222,6 +222,8 @@ async def chat_completions(body: ChatRequest, request: HTTPRequest, server: Serv
         if m.tool_calls:
             messages[-1]["tool_calls"] = [c.model_dump() for c in m.tool_calls]
     calling = _tool_calling(server, body)  # None, or what renders, forces and parses the calls
+    if calling is None and server.chat.tools in tools.GLM45:  # the parser keeps the thinking block out of the content
+        calling = _ToolCalling(server.chat.tools, [], "auto", body.parallel_tool_calls)
     server.check_chars(sum(len(m["content"]) + sum(len(c["function"]["arguments"]) for c in m.get("tool_calls", ()))
                            for m in messages) + (len(json.dumps(calling.fns)) if calling else 0), "messages")
     lp, top = body.logprobs, body.top_logprobs or 0
