@@ -793,3 +793,24 @@ def test_glm45_served_round_trip(glm45_tok):
         rendered = user + [{"role": "assistant", "content": "", "tool_calls": [call]}, {"role": "observation", "content": '{"temp": 21}'}]
         assert a["usage"]["prompt_tokens"] == len(tools.render(FORMATS["glm45"], tok, rendered, fns, True)[0])
         assert "<think>" not in (a["choices"][0]["message"]["content"] or "")
+
+
+def test_glm45_chat_leaves_the_thinking_out(glm45_tok):
+    """generate.chat / chat_stream on a glm45 model whose reply a grammar fixes to a thinking block and an
+    answer: the answer alone comes back, whole and streamed."""
+    import torch
+
+    from glmkit.config import ModelConfig
+    from glmkit.constrain import Constraint
+    from glmkit.generate import chat, chat_stream
+    from glmkit.model import GLM
+    from glmkit.sampling import SamplingParams
+
+    torch.manual_seed(0)
+    model = GLM(ModelConfig(vocab_size=glm45_tok.vocab_size, dim=32, n_layers=1, n_heads=2, position="rope_partial",
+                            max_seq_len=256, chat_format="glm45")).eval()
+    params = SamplingParams(max_new_tokens=40, temperature=1.0, seed=1,
+                            constraint=Constraint.lark('start: "\\n" <think> "ab" </think> "\\nhi"'))
+    msgs = [{"role": "user", "content": "x"}]
+    assert chat(model, glm45_tok, msgs, params).text == "hi"
+    assert "".join(chat_stream(model, glm45_tok, msgs, params)) == "hi"
