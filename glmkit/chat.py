@@ -16,6 +16,9 @@ Each format renders token for token what its family's published remote code (`bu
     chatglm3   ChatGLM3-6B   [gMASK] sop, then per message <|role|> encode(metadata + "\\n") encode(content)
     glm4       GLM-4-9B      [gMASK] <sop>, then per message <|role|> encode(metadata + "\\n" + content)
     codegeex2  CodeGeeX2-6B  code completion only ("# language: Python\\n..."); no chat
+    glm45      GLM-4.5/4.6   [gMASK]<sop> <|role|> "\\n" content; assistant "\\n<think>..</think>\\n" content,
+                             calls as <tool_call> markup (glmkit.tools); the markup as its tokens
+    glm47      GLM-4.7/5     glm45 without the newlines; the prompt opens <think>
     codegeex4  CodeGeeX4     GLM-4's chat, and code infilling: <|user|> "\\n###PATH:...\\n###LANGUAGE:...\\n
                              ###MODE:BLOCK\\n" <|code_suffix|> suffix <|code_prefix|> prefix <|code_middle|>
                              <|assistant|> "\\n"

@@ -4,7 +4,7 @@ family's own published format, and the model's reply parsed back into calls, who
     from glmkit.tools import check_tools, render, ToolParser, forced_grammar
     fns = check_tools(body_tools)                            # the function objects, checked
     ids, _ = render(fmt, tok, messages, fns, add_generation_prompt=True)
-    p = ToolParser(tool_syntax(fmt), [f["name"] for f in fns]); deltas = p.feed(piece) + p.finish()
+    p = make_parser(tool_syntax(fmt), [f["name"] for f in fns], fns=fns); deltas = p.feed(piece) + p.finish()
     content, calls, ok = parse_reply(text, tool_syntax(fmt), names)
     Constraint.lark(forced_grammar(tool_syntax(fmt), fns, name=None, parallel=True))   # tool_choice "required"
 
