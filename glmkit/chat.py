@@ -85,6 +85,11 @@ class ChatFormat:
     def infill(self, tok, prefix: list[int], suffix: list[int]) -> list[int]:
         raise ValueError(f"the {self.name} format has no code infilling prompt")
 
+    def reply_constraint(self, constraint):
+        """A constraint on the reply's text as the constraint on what the model writes after the prompt:
+        the template's newline after <|assistant|> may come first (the chat layer drops it)."""
+        return constraint.after_newline() if self.strip_newline else constraint
+
     @property
     def no_chat(self) -> str:
         return f"the {self.name} format has no chat template"
@@ -267,6 +272,9 @@ class Glm47(Glm45):
     nl = ""
     empty_think = (("</think>",),)
     reply_opens = (("<think>",),)
+
+    def reply_constraint(self, constraint):
+        return constraint.after_thinking()  # the prompt opened <think>: closed at once, then the constrained text
 
 
 class RoundFormat(ChatFormat):

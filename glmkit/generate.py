@@ -633,8 +633,8 @@ def _chat_prompt(model, tokenizer, messages: list[dict], params: SamplingParams 
     ids, _ = fmt.render(tokenizer, messages, add_generation_prompt=True)
     params = params or SamplingParams()
     params = dataclasses.replace(params, stop_ids=tuple(params.stop_ids) + tuple(fmt.stop_ids(tokenizer)))
-    if params.constraint is not None and fmt.strip_newline:  # the reply's own first newline stays allowed
-        params = dataclasses.replace(params, constraint=params.constraint.after_newline())
+    if params.constraint is not None:  # the reply's own first newline stays allowed; GLM-4.7: after </think>
+        params = dataclasses.replace(params, constraint=fmt.reply_constraint(params.constraint))
     return fmt, ids, params
 
 

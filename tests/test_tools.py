@@ -7,7 +7,9 @@ function JSON with indent 4, the metadata line), then tokenized with the referen
 its special tokens recognized; SentencePiece called once per piece, as ChatGLM3's remote code calls it).
 """
 
+import dataclasses
 import json
+import re
 
 import pytest
 
@@ -814,3 +816,8 @@ def test_glm45_chat_leaves_the_thinking_out(glm45_tok):
     msgs = [{"role": "user", "content": "x"}]
     assert chat(model, glm45_tok, msgs, params).text == "hi"
     assert "".join(chat_stream(model, glm45_tok, msgs, params)) == "hi"
+    # glm47's prompt opens <think>: a constrained reply closes it first, so the constrained text is the answer
+    model.cfg = dataclasses.replace(model.cfg, chat_format="glm47")
+    params = dataclasses.replace(params, constraint=Constraint.regex("hi+"))
+    got = chat(model, glm45_tok, msgs, params)
+    assert re.fullmatch("hi+", got.text) and glm45_tok.decode(got.token_ids[:1]) == "</think>", (got.text, got.token_ids)

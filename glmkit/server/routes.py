@@ -239,8 +239,8 @@ async def chat_completions(body: ChatRequest, request: HTTPRequest, server: Serv
                            "use /v1/completions") from None
         except ValueError as e:
             raise APIError(400, f"messages: {e}", param="messages") from None
-        if constraint is not None and fmt.strip_newline:  # the reply's own first newline stays allowed (emit drops it)
-            constraint = constraint.after_newline()
+        if constraint is not None:  # the reply's own first newline stays allowed (emit drops it); GLM-4.7: after </think>
+            constraint = fmt.reply_constraint(constraint)
         stops = server.stops(body.stop)
         max_tokens = body.max_completion_tokens or body.max_tokens or server.rest_of_context(len(ids))
         if calling and calling.constraint is not None and constraint is not None:
