@@ -16,6 +16,9 @@ Each format renders token for token what its family's published remote code (`bu
     chatglm3   ChatGLM3-6B   [gMASK] sop, then per message <|role|> encode(metadata + "\\n") encode(content)
     glm4       GLM-4-9B      [gMASK] <sop>, then per message <|role|> encode(metadata + "\\n" + content)
     codegeex2  CodeGeeX2-6B  code completion only ("# language: Python\\n..."); no chat
+    glm45      GLM-4.5/4.6   [gMASK]<sop> <|role|> "\\n" content; assistant "\\n<think>..</think>\\n" content,
+                             calls as <tool_call> markup (glmkit.tools); the markup as its tokens
+    glm47      GLM-4.7/5     glm45 without the newlines; the prompt opens <think>
     codegeex4  CodeGeeX4     GLM-4's chat, and code infilling: <|user|> "\\n###PATH:...\\n###LANGUAGE:...\\n
                              ###MODE:BLOCK\\n" <|code_suffix|> suffix <|code_prefix|> prefix <|code_middle|>
                              <|assistant|> "\\n"
@@ -81,6 +84,11 @@ class ChatFormat:
 
     def infill(self, tok, prefix: list[int], suffix: list[int]) -> list[int]:
         raise ValueError(f"the {self.name} format has no code infilling prompt")
+
+    def reply_constraint(self, constraint):
+        """A constraint on the reply's text as the constraint on what the model writes after the prompt:
+        the template's newline after <|assistant|> may come first (the chat layer drops it)."""
+        return constraint.after_newline() if self.strip_newline else constraint
 
     @property
     def no_chat(self) -> str:
@@ -162,6 +170,111 @@ class CodeGeeX4(Glm4):
         return ([_first(tok, names) for names in self.prefix] + [tok.special("user")]
                 + tok.encode("\n###PATH:\n###LANGUAGE:\n###MODE:BLOCK\n") + marks[0] + list(suffix) + marks[1]
                 + list(prefix) + marks[2] + [tok.special("assistant")] + tok.encode("\n"))
+
+
+def _encode_parts(tok, parts) -> list[int]:
+    """Ids of a turn given as parts: an int is a token id, a 1-tuple `(markup,)` the template's markup
+    (`<think>`, `<tool_call>` ...: its token where the tokenizer has one, else its text), a str plain text.
+    Adjacent text is encoded in one call, as a chat template's text is tokenized between added tokens."""
+    ids, text = [], ""
+    for p in parts:
+        i = tok.tok.token_to_id(p[0]) if isinstance(p, tuple) else None
+        if isinstance(p, tuple) and i is None:
+            text += p[0]
+        elif isinstance(p, str):
+            text += p
+        else:
+            ids += tok.encode(text) if text else []
+            ids.append(p if isinstance(p, int) else i)
+            text = ""
+    return ids + (tok.encode(text) if text else [])
+
+
+class Glm45(ChatFormat):
+    """GLM-4.5 / 4.6 (Glm4Moe; its chat_template.jinja, GLM-4.6's identical in layout): [gMASK]<sop>, the
+    tools (when any) as the first system turn, then `<|role|>\n{content}` per message; an assistant turn
+    is `\n<think>{reasoning}</think>` (reasoning shown only after the last user message, else the empty
+    `\n<think></think>`), `\n{content}` when there is any, then its calls
+    `\n<tool_call>{name}\n<arg_key>k</arg_key>\n<arg_value>v</arg_value>...\n</tool_call>`; consecutive tool
+    results share one `<|observation|>` turn, each `\n<tool_response>\n{content}\n</tool_response>`.
+    Thinking is on (the template's default with enable_thinking unset): the prompt ends `<|assistant|>` and
+    the reply opens with `\n<think>`; `glmkit.tools`' parser takes the reasoning out of the reply's content.
+    Messages may carry OpenAI `tool_calls` (arguments a JSON object's text); `fns` are the tools shown."""
+
+    name = "glm45"
+    tools = "glm45"
+    strip_newline = True
+    nl = "\n"  # between the template's pieces (GLM-4.7's compact layout has none)
+    empty_think = ("\n", ("<think>",), ("</think>",))  # an assistant turn without shown reasoning
+    reply_opens: tuple = ()  # what the generation prompt adds after <|assistant|>
+
+    def render(self, tok, messages, add_generation_prompt=False, fns=()):
+        from .tools import glm45_call, glm45_tools_turn
+
+        _check(messages, ROLES, self.name)
+        nl, ids, mask = self.nl, [_first(tok, ("[gMASK]",)), _first(tok, ("<sop>",))], [False, False]
+        last_user = max((n for n, m in enumerate(messages) if m["role"] == "user"), default=-1)
+
+        def add(parts, learned):
+            body = _encode_parts(tok, parts)
+            ids.extend(body)
+            mask.extend([learned] * len(body))
+        if fns:
+            ids.append(tok.special("system"))
+            mask.append(False)
+            add(glm45_tools_turn(fns, compact=not nl), False)
+        for n, m in enumerate(messages):
+            role, content = m["role"], m["content"]
+            after_reply = n > 0 and messages[n - 1]["role"] == "assistant"
+            if m.get("tool_calls") and role != "assistant":
+                raise ValueError(f"message {n}: only assistant messages carry tool_calls, not {role} messages")
+            if not (role == "observation" and n > 0 and messages[n - 1]["role"] == "observation"):
+                ids.append(tok.special(role))
+                mask.append(after_reply)
+            if role == "observation":
+                add([nl, ("<tool_response>",), nl + content + nl, ("</tool_response>",)], False)
+            elif role != "assistant":
+                add([nl + content], False)
+            else:
+                reasoning = ""
+                if "</think>" in content:  # the template's split: reasoning before </think>, content after
+                    reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+                    content = content.split("</think>")[-1].lstrip("\n")
+                parts = list(self.empty_think) if not (n > last_user and reasoning) else \
+                    [nl, ("<think>",), reasoning.strip(), ("</think>",)]
+                if content.strip():
+                    parts.append(nl + content.strip())
+                for j, c in enumerate(m.get("tool_calls") or ()):
+                    parts += glm45_call(c["function"]["name"], c["function"]["arguments"], nl, f"messages[{n}].tool_calls[{j}]")
+                add(parts, True)
+        last_assistant = bool(messages) and messages[-1]["role"] == "assistant"
+        if last_assistant and not add_generation_prompt:  # end of the reply, for SFT (the template writes none)
+            ids.append(tok.special("eos"))
+            mask.append(True)
+        if add_generation_prompt:
+            ids.append(tok.special("assistant"))
+            mask.append(last_assistant)
+            add(list(self.reply_opens), False)
+        return ids, mask
+
+    def stop_ids(self, tok):
+        return [tok.special(r) for r in ("eos", "user", "observation")]
+
+
+class Glm47(Glm45):
+    """GLM-4.7 / GLM-4.7-Flash / GLM-5 (Glm4MoeLite, GlmMoeDsa; GLM-4.7-Flash's chat_template.jinja): GLM-4.5's
+    turns with no newlines between the pieces, an assistant turn without shown reasoning opens `</think>`,
+    and the generation prompt opens the thinking block itself: `<|assistant|><think>`."""
+
+    name = "glm47"
+    tools = "glm47"
+    strip_newline = False
+    nl = ""
+    empty_think = (("</think>",),)
+    reply_opens = (("<think>",),)
+
+    def reply_constraint(self, constraint):
+        return constraint.after_thinking()  # the prompt opened <think>: closed at once, then the constrained text
 
 
 class RoundFormat(ChatFormat):
@@ -251,7 +364,8 @@ class CodeGeeX2(ChatFormat):
                 "'# language: Python\\n# a function that adds two numbers\\ndef add('")
 
 
-FORMATS: dict[str, ChatFormat] = {f.name: f for f in (Glm4(), ChatGLM3(), ChatGLM2(), ChatGLM(), CodeGeeX2(), CodeGeeX4())}
+FORMATS: dict[str, ChatFormat] = {f.name: f for f in (Glm4(), ChatGLM3(), ChatGLM2(), ChatGLM(), CodeGeeX2(), CodeGeeX4(),
+                                                      Glm45(), Glm47())}
 
 
 def get_format(name: str) -> ChatFormat:

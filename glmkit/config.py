@@ -36,7 +36,7 @@ ROPE_SCALING = {
     "proportional": (set(), {"factor"}),
 }
 ROUTER_SCORINGS = ("sigmoid",)  # GLM-4.5's; the softmax routers of other families are not implemented
-CHAT_FORMATS = ("glm4", "chatglm3", "chatglm2", "chatglm", "codegeex2", "codegeex4")  # glmkit.chat.FORMATS
+CHAT_FORMATS = ("glm4", "chatglm3", "chatglm2", "chatglm", "codegeex2", "codegeex4", "glm45", "glm47")  # glmkit.chat.FORMATS
 
 
 @dataclass

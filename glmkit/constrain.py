@@ -51,12 +51,13 @@ class Constraint:
     """What a sequence must match. `kind` is one of KINDS; `spec` its canonical text (the schema as
     JSON text, the pattern, the choices as a JSON list, the Lark grammar); `strict` (JSON schemas):
     refuse keywords the engine cannot enforce rather than ignore them; `newline_first`: one newline may
-    come before the match (`after_newline`)."""
+    come before the match (`after_newline`); `think_first`: the `</think>` token comes first (`after_thinking`)."""
 
     kind: str
     spec: str
     strict: bool = True
     newline_first: bool = False
+    think_first: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -109,6 +110,11 @@ class Constraint:
         token. Compact JSON has no other room for whitespace."""
         return dataclasses.replace(self, newline_first=True)
 
+    def after_thinking(self) -> Constraint:
+        """This constraint after the `</think>` token: GLM-4.7's prompt opens the thinking block, which the
+        reply must close before its content (a reply still thinking is no answer yet)."""
+        return dataclasses.replace(self, think_first=True)
+
     # ---- to the engine ----
     def grammar(self) -> str:
         """llguidance's grammar text for this constraint (cached: rows sharing a constraint compile it once)."""
@@ -116,7 +122,7 @@ class Constraint:
 
     def _build_grammar(self) -> str:
         body = self._body_grammar()
-        if not self.newline_first:
+        if not (self.newline_first or self.think_first):
             return body
         # llguidance composes grammars: a Lark rule refers to another grammar of the list as @name
         try:  # llguidance's JSON form (schemas, regexes), or Lark text (grammars, choices)
@@ -124,7 +130,8 @@ class Constraint:
         except (ValueError, TypeError, KeyError):
             inner = [{"lark_grammar": body}]
         inner[0]["name"] = "body"
-        return json.dumps({"grammars": [{"name": "lead", "lark_grammar": 'start: "\\n"? @body'}] + inner})
+        lead = "start: </think> @body" if self.think_first else 'start: "\\n"? @body'
+        return json.dumps({"grammars": [{"name": "lead", "lark_grammar": lead}] + inner})
 
     def _body_grammar(self) -> str:
         llg = _llguidance()

@@ -63,7 +63,7 @@ from pathlib import Path
 
 import torch
 
-from .chat import format_from_config
+from .chat import _names, format_from_config
 from .config import _KIND_NAMES, PRESETS, ModelConfig, _show, get_preset
 from .errors import CheckpointError
 from .layers import ROUTER_FP32
@@ -359,7 +359,7 @@ def _lite_from_dict(d: dict, src: str = "glm4_moe_lite_hf", defaults: dict | Non
             max_seq_len=max_pos, position="rope_partial",
             rope_theta=rope["rope_theta"], rope_scaling=rope["rope_scaling"], norm="rmsnorm",
             norm_eps=_get(d, "rms_norm_eps", 1e-5, float), mlp="swiglu", qkv_bias=bias, out_bias=bias,
-            tie_embeddings=_get(d, "tie_word_embeddings", False, bool), source=src,
+            tie_embeddings=_get(d, "tie_word_embeddings", False, bool), source=src, chat_format="glm47",
             attention="mla",  # q_lora_rank null: no q compression
             q_lora_rank=_get(d, "q_lora_rank", None) if "q_lora_rank" in d else defaults.get("q_lora_rank", 768),
             kv_lora_rank=_get(d, "kv_lora_rank", 512), qk_nope_head_dim=_get(d, "qk_nope_head_dim", 192),
@@ -580,7 +580,9 @@ def _moe_from_dict(d: dict) -> ModelConfig:
             ffn_dim=_need(d, "intermediate_size", src), max_seq_len=max_pos, position="rope_partial", **rope,
             norm="rmsnorm", norm_eps=_get(d, "rms_norm_eps", 1e-5, float), mlp="swiglu",
             qkv_bias=_get(d, "attention_bias", False, bool), tie_embeddings=_get(d, "tie_word_embeddings", False, bool),
-            qk_norm=_get(d, "use_qk_norm", False, bool), rope_interleave=False, source=src, chat_format="glm4",
+            qk_norm=_get(d, "use_qk_norm", False, bool), rope_interleave=False, source=src,
+            # GLM-4.5 / 4.6's layout; GLM-4.7 (same architecture) writes GLM-4.7-Flash's compact one
+            chat_format="glm47" if "glm-4.7" in _names(d.get("_name_or_path")) else "glm45",
             **moe_fields(d, L, src),
         )
     except ValueError as e:

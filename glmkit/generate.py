@@ -46,6 +46,7 @@ from .constrain import Constraint, ConstraintVocab
 from .errors import ContextLengthError, ParameterError
 from .infill import SPAN_STEP, blank_prompt
 from .sampling import Sampler, SamplingParams, StopText, check_constrainable, eos_ids, ngram_bans
+from .tools import GLM45, make_parser
 
 MASK_STRINGS = {"[MASK]": "mask", "[sMASK]": "smask", "[gMASK]": "gmask"}  # literal text -> tokenizer role
 
@@ -632,8 +633,8 @@ def _chat_prompt(model, tokenizer, messages: list[dict], params: SamplingParams 
     ids, _ = fmt.render(tokenizer, messages, add_generation_prompt=True)
     params = params or SamplingParams()
     params = dataclasses.replace(params, stop_ids=tuple(params.stop_ids) + tuple(fmt.stop_ids(tokenizer)))
-    if params.constraint is not None and fmt.strip_newline:  # the reply's own first newline stays allowed
-        params = dataclasses.replace(params, constraint=params.constraint.after_newline())
+    if params.constraint is not None:  # the reply's own first newline stays allowed; GLM-4.7: after </think>
+        params = dataclasses.replace(params, constraint=fmt.reply_constraint(params.constraint))
     return fmt, ids, params
 
 
@@ -651,7 +652,15 @@ def chat(model, tokenizer, messages: list[dict], params: SamplingParams | None =
     (c,) = generate(model, [ids], p, tokenizer, compile=compile)
     if fmt.strip_newline and c.text and c.text.startswith("\n"):
         c.text = c.text[1:]
+    if fmt.tools in GLM45:  # GLM-4.5+: the thinking block is not the reply
+        c.text = _reply_text(fmt, c.text)
     return c
+
+
+def _reply_text(fmt, text: str) -> str:
+    """A GLM-4.5+ reply without its thinking block (`tools.Glm45Parser`)."""
+    p = make_parser(fmt.tools, [])
+    return "".join(d["content"] for d in p.feed(text) + p.finish())
 
 
 def chat_stream(model, tokenizer, messages: list[dict], params: SamplingParams | None = None, *, compile: bool = False) -> Iterator[str]:
@@ -665,9 +674,15 @@ def chat_stream(model, tokenizer, messages: list[dict], params: SamplingParams |
             yield span.text
         return
     started = not fmt.strip_newline
+    reply = make_parser(fmt.tools, []) if fmt.tools in GLM45 else None  # GLM-4.5+: the thinking block held out
     for chunk in stream(model, [ids], p, tokenizer, compile=compile):
         t = chunk.text
         if not started and t:
             t, started = (t[1:] if t.startswith("\n") else t), True
+        if reply is not None and t:
+            t = "".join(d["content"] for d in reply.feed(t))
         if t:
             yield t
+    rest = "".join(d["content"] for d in reply.finish()) if reply is not None else ""
+    if rest:
+        yield rest

@@ -4,7 +4,7 @@ family's own published format, and the model's reply parsed back into calls, who
     from glmkit.tools import check_tools, render, ToolParser, forced_grammar
     fns = check_tools(body_tools)                            # the function objects, checked
     ids, _ = render(fmt, tok, messages, fns, add_generation_prompt=True)
-    p = ToolParser(tool_syntax(fmt), [f["name"] for f in fns]); deltas = p.feed(piece) + p.finish()
+    p = make_parser(tool_syntax(fmt), [f["name"] for f in fns], fns=fns); deltas = p.feed(piece) + p.finish()
     content, calls, ok = parse_reply(text, tool_syntax(fmt), names)
     Constraint.lark(forced_grammar(tool_syntax(fmt), fns, name=None, parallel=True))   # tool_choice "required"
 
@@ -30,8 +30,20 @@ metadata line naming the function called; `chat.py` lays the turns out token for
               must be literals (JSON's true / false / null are read too)
       result  `<|observation|>\\n{content}`
 
-GLM-4.5+ (Glm4Moe: `<tool_call>name<arg_key>..</arg_key><arg_value>..</arg_value></tool_call>`) is not here:
-glmkit has no chat format for that family yet.
+  glm45 (GLM-4.5 / 4.6's chat_template.jinja; glm47: GLM-4.7 / 4.7-Flash / GLM-5's, the same with no
+    newlines between the pieces; `chat.Glm45` lays the turns out, the markup as its tokens)
+      tools   the first system turn: GLM45_TOOLS_HEAD, one line per tool (the whole tool object
+              {"type": "function", "function": {...}} as `tojson` writes it: ", " / ": ", non-ASCII kept),
+              GLM45_TOOLS_TAIL and an example call laid out as the family writes calls
+      call    inside the assistant turn, after its content: `\n<tool_call>{name}`, per argument
+              `\n<arg_key>{k}</arg_key>\n<arg_value>{v}</arg_value>` (a string value raw, any other as JSON),
+              then `\n</tool_call>`; several calls one after another
+      result  consecutive tool messages share one `<|observation|>` turn, each
+              `\n<tool_response>\n{content}\n</tool_response>`
+    The reply opens with the thinking block (`\n<think>...</think>`; glm47's prompt opens it already):
+    the parser keeps it out of the content (in `Glm45Parser.reasoning`, not sent), then content up to the
+    first `<tool_call>`. A call is announced whole when its `</tool_call>` arrives; its values are typed by
+    the function's schema (a property of type string stays text, others are read as JSON, text if not).
 
 Streaming (`ToolParser`): text that could still begin a call (a prefix of a function name, a tail that
 could become "<|assistant|>") is held back and flushed as content once it cannot. A GLM-4 call is
@@ -60,7 +72,8 @@ GLM4_FUNCTION_NOTE = "\n在调用上述函数时，请使用 Json 格式表示�
 CHATGLM3_PREAMBLE = "Answer the following questions as best as you can. You have access to the following tools:"
 SEP = "<|assistant|>"  # a further assistant turn inside one reply: the next call
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names (no newline, no markup)
-SYNTAXES = ("glm4", "chatglm3")
+SYNTAXES = ("glm4", "chatglm3", "glm45", "glm47")
+GLM45 = ("glm45", "glm47")  # the <tool_call> family: its own parser (Glm45Parser), its layout in chat.Glm45
 
 
 # ---- the request side ---------------------------------------------------------------------------------
@@ -112,7 +125,7 @@ def check_choice(choice, fns: list[dict]) -> str | None:
 def tool_syntax(fmt) -> str:
     """The tool syntax of a chat format (`ChatFormat.tools`); ValueError for a family without tools."""
     if fmt.tools is None:
-        raise ValueError(f"the {fmt.name} chat format has no tool calling (GLM-4, CodeGeeX4 and ChatGLM3 have); "
+        raise ValueError(f"the {fmt.name} chat format has no tool calling (GLM-4, CodeGeeX4, ChatGLM3 and GLM-4.5+ have); "
                          "send the request without tools, tool_calls and tool messages")
     return fmt.tools
 
@@ -158,6 +171,39 @@ def tools_turn(syntax: str, fns: list[dict]) -> str:
     return CHATGLM3_PREAMBLE + "\n" + json.dumps(fns, ensure_ascii=False, indent=4)
 
 
+GLM45_TOOLS_HEAD = "\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within "
+GLM45_TOOLS_TAIL = "\n\nFor each function call, output the function name and arguments within the following XML format:\n"
+
+
+def glm45_tools_turn(fns: list[dict], compact: bool = False) -> list:
+    """The tools' system turn of the GLM-4.5 family as `chat.Glm45` parts (str: text, 1-tuple: markup)."""
+    nl = "" if compact else "\n"
+    listed = "".join("\n" + json.dumps({"type": "function", "function": f}, ensure_ascii=False) for f in fns)
+    parts = [GLM45_TOOLS_HEAD, ("<tools>",), ("</tools>",), " XML tags:\n", ("<tools>",), listed + "\n", ("</tools>",),
+             GLM45_TOOLS_TAIL, ("<tool_call>",), "{function-name}"]
+    for i in (1, 2):
+        parts += [nl, ("<arg_key>",), f"{{arg-key-{i}}}", ("</arg_key>",), nl, ("<arg_value>",), f"{{arg-value-{i}}}",
+                  ("</arg_value>",)]
+    return parts + [nl + "..." + nl, ("</tool_call>",)]
+
+
+def glm45_call(name: str, arguments: str, nl: str, where: str) -> list:
+    """One call of an assistant message as `chat.Glm45` parts; `arguments` is OpenAI's JSON text."""
+    if not NAME.match(name):
+        raise ValueError(f"{where}.function.name: {name!r} must be 1 to 64 letters, digits, '_' or '-'")
+    try:
+        args = json.loads(arguments)
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ValueError(f"{where}.function.arguments is not JSON ({e})") from None
+    if not isinstance(args, dict):
+        raise ValueError(f"{where}.function.arguments must be a JSON object, got {type(args).__name__}")
+    parts = [nl, ("<tool_call>",), name]
+    for k, v in args.items():
+        parts += [nl, ("<arg_key>",), k, ("</arg_key>",), nl, ("<arg_value>",),
+                  v if isinstance(v, str) else json.dumps(v, ensure_ascii=False), ("</arg_value>",)]
+    return parts + [nl, ("</tool_call>",)]
+
+
 def family_messages(syntax: str | None, messages: list[dict], fns: list[dict]) -> list[dict]:
     """OpenAI-shaped messages (role system / user / assistant with optional `tool_calls` / observation for
     tool results) as the family's turns: the tools turn first (when `fns`), each call its own assistant
@@ -185,6 +231,8 @@ def family_messages(syntax: str | None, messages: list[dict], fns: list[dict]) -
 def render(fmt, tok, messages: list[dict], fns: list[dict], add_generation_prompt: bool = False):
     """`fmt.render` of a conversation with tools (`fns`, check_tools' output; [] for none) and tool calls."""
     needs = bool(fns) or any(m.get("tool_calls") for m in messages)
+    if fmt.tools in GLM45:  # the format lays tools and calls out itself: they live inside its turns
+        return fmt.render(tok, messages, add_generation_prompt, fns=fns)
     return fmt.render(tok, family_messages(tool_syntax(fmt) if needs else None, messages, fns), add_generation_prompt)
 
 
@@ -228,6 +276,8 @@ def forced_grammar(syntax: str, fns: list[dict], name: str | None = None, parall
     valid call in the family's syntax: of `name`, or of any of `fns` (several, separated by the
     <|assistant|> special token, when `parallel` and no name is forced)."""
     chosen = [f for f in fns if name is None or f["name"] == name]
+    if syntax in GLM45:
+        return _glm45_grammar(syntax, chosen, parallel and name is None)
     rules = []
     for i, f in enumerate(chosen):
         if syntax == "glm4":
@@ -240,6 +290,57 @@ def forced_grammar(syntax: str, fns: list[dict], name: str | None = None, parall
         rules.append(f"c{i}: {body}")
     many = parallel and name is None
     return "\n".join([f"start: call{' (<|assistant|> call)*' if many else ''}",
+                      "call: " + " | ".join(f"c{i}" for i in range(len(chosen)))] + rules) + "\n"
+
+
+def _glm45_string(schema) -> bool:
+    """Whether a property's value is written raw (as text, not JSON): type string, or string-only enum / const."""
+    if not isinstance(schema, dict):
+        return False
+    if "type" in schema:
+        return schema["type"] == "string"
+    values = schema.get("enum", [schema["const"]] if "const" in schema else None)
+    return bool(values) and all(isinstance(v, str) for v in values)
+
+
+def _glm45_value(v: dict, lenient: bool) -> str:
+    """Lark for one argument's value: a string property as raw text (its enum / const as literals, else any
+    text without "<" within minLength..maxLength; `pattern` and `format` are not enforced), any other
+    value as JSON against its schema."""
+    if _glm45_string(v):
+        values = v.get("enum", [v["const"]] if "const" in v else None)
+        if values:
+            return "(" + " | ".join(_lark_str(x) for x in values) + ")"
+        lo, hi = v.get("minLength", 0), v.get("maxLength")
+        return f"/[^<]{{{lo},{'' if hi is None else hi}}}/"
+    return "%json " + json.dumps({**v, "x-guidance": {**JSON_OPTIONS, "lenient": lenient}}, ensure_ascii=False)
+
+
+def _glm45_grammar(syntax: str, chosen: list[dict], many: bool) -> str:
+    """GLM-4.5 family: the empty thinking block (glm45: `\n<think></think>`; glm47's prompt opened it:
+    `</think>`), then the calls; each declared property `<arg_key>k</arg_key><arg_value>v</arg_value>`
+    (required ones in order, then optional ones in property order). The markup is its tokens (`<think>`
+    in llguidance's Lark: the token of that name), never its text."""
+    nl = "" if syntax == "glm47" else "\n"
+    def lit(t):
+        return _lark_str(t) + " " if t else ""
+    rules = []
+    for i, f in enumerate(chosen):
+        schema = f.get("parameters") or {}
+        props = schema.get("properties") or {}
+        if schema.get("type", "object") != "object" or not isinstance(props, dict):
+            raise ValueError(f"function {f['name']}: a forced GLM-4.5 call needs parameters of type object with properties")
+        lenient = not f.get("strict", False)
+
+        def item(k, v, lenient=lenient):
+            return (f"{lit(nl)}<arg_key> {_lark_str(k)} </arg_key> {lit(nl)}<arg_value> "
+                    f"{_glm45_value(v if isinstance(v, dict) else {}, lenient)} </arg_value>")
+        req = [k for k in props if k in set(schema.get("required") or ())]
+        opt = [k for k in props if k not in req]
+        body = " ".join(item(k, props[k]) for k in req) + "".join(f" ({item(k, props[k])})?" for k in opt)
+        rules.append(f"c{i}: {lit(nl)}<tool_call> {_lark_str(f['name'])} {body} {lit(nl)}</tool_call>")
+    think = '"\\n" <think> </think>' if nl else "</think>"
+    return "\n".join([f"start: {think} call{' call*' if many else ''}",
                       "call: " + " | ".join(f"c{i}" for i in range(len(chosen)))] + rules) + "\n"
 
 
@@ -303,8 +404,8 @@ class ToolParser:
     a call. Anything else: the turn's text as it is. `parallel=False`: what follows the first call is dropped."""
 
     def __init__(self, syntax: str, names, parallel: bool = True, new_id=new_call_id):
-        if syntax not in SYNTAXES:
-            raise ValueError(f"tool syntax {syntax!r} is not one of {SYNTAXES}")
+        if syntax not in SYNTAXES or syntax in GLM45:
+            raise ValueError(f"tool syntax {syntax!r} is not one of {SYNTAXES[:2]} (make_parser picks the parser)")
         self.syntax, self.names, self.parallel, self.new_id = syntax, frozenset(names), parallel, new_id
         self.calls: list[dict] = []  # {"id", "type", "function": {"name", "arguments"}}
         self.broken = False
@@ -410,6 +511,140 @@ class ToolParser:
         return bool(self.calls) and not self.broken
 
 
+class Glm45Parser:
+    """`ToolParser`'s contract for the GLM-4.5 family: the thinking block first (kept in `reasoning`),
+    then content up to `<tool_call>`, then calls, each announced whole (id, name and JSON arguments in
+    one delta) at its `</tool_call>`. Whitespace between the pieces is the template's, not content. A
+    call that does not parse (unknown name, stray text) is content as written."""
+
+    OPEN, CLOSE, THINK_END = "<tool_call>", "</tool_call>", "</think>"
+
+    def __init__(self, syntax: str, names, parallel: bool = True, new_id=new_call_id, fns=()):
+        if syntax not in GLM45:
+            raise ValueError(f"tool syntax {syntax!r} is not one of {GLM45}")
+        self.names, self.parallel, self.new_id = frozenset(names), parallel, new_id
+        self.strings = {f["name"]: {k for k, v in ((f.get("parameters") or {}).get("properties") or {}).items()
+                                    if _glm45_string(v)} for f in fns}
+        self.calls: list[dict] = []
+        self.broken = False  # never: a call is sent only once whole
+        self.reasoning = ""
+        self.mode = "think" if syntax == "glm47" else "start"  # start / think / text / call / skip
+        self.buf = ""  # text not yet decided
+        self.started = False  # content sent
+
+    def _arguments(self, name: str, body: str) -> str | None:
+        m = re.fullmatch(r"\s*((?:<arg_key>.*?</arg_key>\s*<arg_value>.*?</arg_value>\s*)*)", body, re.S)
+        if m is None:
+            return None
+        args = {}
+        for k, v in re.findall(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", m.group(1), re.S):
+            if k.strip() in self.strings.get(name, ()):
+                args[k.strip()] = v
+                continue
+            try:
+                args[k.strip()] = json.loads(v)
+            except (json.JSONDecodeError, RecursionError):
+                args[k.strip()] = v
+        return json.dumps(args, ensure_ascii=False)
+
+    def _call(self, out: list, text: str):
+        """`text` is what lay between <tool_call> and </tool_call>."""
+        name, _, rest = text.partition("<arg_key>")
+        name = name.strip()
+        args = self._arguments(name, "<arg_key>" + rest if _ else "") if name in self.names else None
+        if args is None:
+            return self._content(out, self.OPEN + text + self.CLOSE)
+        if self.calls and not self.parallel:
+            return
+        k = len(self.calls)
+        self.calls.append({"id": self.new_id(), "type": "function", "function": {"name": name, "arguments": args}})
+        out.append({"tool_calls": [{"index": k, "id": self.calls[k]["id"], "type": "function",
+                                    "function": {"name": name, "arguments": ""}}]})
+        out.append({"tool_calls": [{"index": k, "function": {"arguments": args}}]})
+
+    def _content(self, out: list, s: str):
+        if not self.started:
+            s = s.lstrip("\n")
+        if s:
+            self.started = True
+            out.append({"content": s})
+
+    @staticmethod
+    def _held(text: str, mark: str) -> int:
+        """How many characters at the end of `text` could begin `mark`."""
+        return next((k for k in range(min(len(mark) - 1, len(text)), 0, -1) if mark.startswith(text[-k:])), 0)
+
+    def _run(self, out: list, final: bool):
+        while True:
+            b = self.buf
+            if self.mode == "start":  # glm45: "\n<think>" may open the reply
+                t = b.lstrip("\n")
+                if t.startswith("<think>"):
+                    self.mode, self.buf = "think", t[len("<think>"):]
+                elif "<think>".startswith(t) and not final:
+                    return
+                else:
+                    self.mode = "text"
+            elif self.mode == "think":
+                i = b.find(self.THINK_END)
+                if i < 0:
+                    if final:  # the thinking never ended: what there is is reasoning
+                        self.reasoning, self.buf = self.reasoning + b, ""
+                    return
+                self.reasoning += b[:i]
+                self.mode, self.buf = "text", b[i + len(self.THINK_END):]
+            elif self.mode == "text":
+                i = b.find(self.OPEN)
+                if i >= 0:
+                    if b[:i].strip():
+                        self._content(out, b[:i].rstrip())
+                    self.mode, self.buf = "call", b[i + len(self.OPEN):]
+                    continue
+                if final:
+                    self._content(out, b.rstrip())  # the template strips the content
+                    self.buf = ""
+                    return
+                keep = self._held(b, self.OPEN)
+                head = b[:len(b) - keep]
+                stripped = head.rstrip()  # trailing whitespace waits: it may come before a call
+                if stripped.strip() or not self.calls:
+                    self._content(out, stripped)
+                self.buf = head[len(stripped):] + b[len(b) - keep:]
+                return
+            elif self.mode == "call":
+                i = b.find(self.CLOSE)
+                if i < 0:
+                    if final:
+                        self._content(out, self.OPEN + b)
+                        self.buf = ""
+                    return
+                self._call(out, b[:i])
+                self.mode, self.buf = "text", b[i + len(self.CLOSE):]
+
+    def feed(self, piece: str) -> list[dict]:
+        out: list[dict] = []
+        self.buf += piece
+        self._run(out, False)
+        return out
+
+    def finish(self) -> list[dict]:
+        out: list[dict] = []
+        self._run(out, True)
+        return out
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.calls)
+
+
+def make_parser(syntax: str, names, parallel: bool = True, new_id=new_call_id, fns=()):
+    """The incremental parser of a reply in `syntax`: `ToolParser`, or `Glm45Parser` (which also takes the
+    function objects `fns`, to type the values it reads)."""
+    if syntax in GLM45:
+        return Glm45Parser(syntax, names, parallel, new_id, fns)
+    return ToolParser(syntax, names, parallel, new_id)
+
+
 def merge(deltas: list[dict]) -> tuple[str | None, list[dict]]:
     """The content (None when empty) and complete tool calls that a list of deltas adds up to."""
     content, calls = "", []
@@ -423,10 +658,11 @@ def merge(deltas: list[dict]) -> tuple[str | None, list[dict]]:
     return content or None, calls
 
 
-def parse_reply(text: str, syntax: str, names, parallel: bool = True, new_id=new_call_id) -> tuple[str | None, list[dict]]:
+def parse_reply(text: str, syntax: str, names, parallel: bool = True, new_id=new_call_id, fns=()) -> tuple[str | None, list[dict]]:
     """A whole reply as (content, tool_calls): content None when the reply is calls only; a reply whose
-    calls do not all parse is plain content (its leading newline dropped, as a reply without tools)."""
-    p = ToolParser(syntax, names, parallel, new_id)
+    calls do not all parse is plain content (its leading newline dropped, as a reply without tools).
+    `fns`: the function objects (the GLM-4.5 family types argument values by their schemas)."""
+    p = make_parser(syntax, names, parallel, new_id, fns)
     content, calls = merge(p.feed(text) + p.finish())
     if p.broken:
         return (text[1:] if text.startswith("\n") else text), []

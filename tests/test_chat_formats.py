@@ -257,7 +257,14 @@ def test_readers_set_the_format_and_glmkit_keeps_it(tmp_path):
           "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2}
     chatglm = {"architectures": ["ChatGLMModel"], "model_type": "chatglm", "vocab_size": 64, "hidden_size": 32,
                "num_layers": 1, "num_attention_heads": 4, "position_encoding_2d": True}
-    for d, want in ((hf, "glm4"), (chatglm, "chatglm")):
+    # the GLM-4.5 family: Glm4Moe is GLM-4.5 / 4.6's layout unless named GLM-4.7; Glm4MoeLite (GLM-4.7-Flash) 4.7's
+    moe = {"architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe", "vocab_size": 64, "hidden_size": 32,
+           "intermediate_size": 64, "moe_intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "n_routed_experts": 4, "num_experts_per_tok": 2, "first_k_dense_replace": 1}
+    lite = {"architectures": ["Glm4MoeLiteForCausalLM"], "model_type": "glm4_moe_lite", "vocab_size": 64, "hidden_size": 32,
+            "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "mlp_layer_types": ["dense"]}
+    for d, want in ((hf, "glm4"), (chatglm, "chatglm"), (moe, "glm45"), ({**moe, "_name_or_path": "/m/GLM-4.7"}, "glm47"),
+                    (lite, "glm47")):
         (tmp_path / "config.json").write_text(json.dumps(d))
         assert config_of(tmp_path)[1].chat_format == want
     cfg = ModelConfig(chat_format="codegeex4")

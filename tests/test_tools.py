@@ -7,7 +7,9 @@ function JSON with indent 4, the metadata line), then tokenized with the referen
 its special tokens recognized; SentencePiece called once per piece, as ChatGLM3's remote code calls it).
 """
 
+import dataclasses
 import json
+import re
 
 import pytest
 
@@ -274,7 +276,7 @@ def accepts(make, grammar, tok, text) -> bool:
     return m.consume_tokens(ids) and m.is_accepting() and not m.is_error()
 
 
-@pytest.mark.parametrize("syntax", tools.SYNTAXES)
+@pytest.mark.parametrize("syntax", ["glm4", "chatglm3"])
 def test_forced_grammar_admits_exactly_valid_calls(syntax, matcher_for, tok):
     fns = tools.check_tools(TOOLS)
 
@@ -304,7 +306,7 @@ def test_forced_grammar_admits_exactly_valid_calls(syntax, matcher_for, tok):
     assert not accepts(matcher_for, named, tok, ok) and not accepts(matcher_for, named, tok, two)
 
 
-@pytest.mark.parametrize("syntax", tools.SYNTAXES)
+@pytest.mark.parametrize("syntax", ["glm4", "chatglm3"])
 def test_random_walks_through_the_grammar_are_valid_calls(syntax, matcher_for, tok):
     """Tokens drawn at random among those the grammar allows (a model with no idea): every finished
     walk parses back into calls whose arguments validate against their function's schema."""
@@ -593,3 +595,229 @@ def test_a_call_cut_by_a_stop_string(tool_client):
         chunks = chunks_of(tool_client.post("/v1/chat/completions", json={**body, "stop": stop, "stream": True}))
         content, calls = tools.merge([c["choices"][0]["delta"] for c in chunks[1:-1]])
         assert (content, calls_of(calls)) == streamed and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+# ---- the GLM-4.5 family (glm45: GLM-4.5 / 4.6; glm47: GLM-4.7 / 4.7-Flash / GLM-5) ----------------------------
+GLM45_MARKUP = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>",
+                "</arg_value>", "<tool_response>", "</tool_response>"]
+
+
+@pytest.fixture(scope="module")
+def glm45_tok():
+    """The test BPE with the family's markup added as tokens (not special: a chat template's text matches them)."""
+    from tokenizers import AddedToken
+
+    from glmkit.tokenizer import train_bpe
+    from tests.serving import TEXTS
+
+    t = train_bpe(texts=TEXTS, vocab_size=300)
+    t.tok.add_tokens([AddedToken(m, special=False, normalized=False) for m in GLM45_MARKUP])
+    return t
+
+
+def glm45_tools_text(nl):
+    """The tools' system turn as the published templates print it, written out by hand."""
+    example = (f"<tool_call>{{function-name}}{nl}<arg_key>{{arg-key-1}}</arg_key>{nl}<arg_value>{{arg-value-1}}</arg_value>{nl}"
+               f"<arg_key>{{arg-key-2}}</arg_key>{nl}<arg_value>{{arg-value-2}}</arg_value>{nl}...{nl}</tool_call>")
+    return ("<|system|>\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+            "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+            '{"type": "function", "function": {"name": "get_weather", "description": "查询天气", "parameters": {"type": "object", '
+            '"properties": {"city": {"type": "string", "maxLength": 8}, "days": {"type": "integer", "minimum": 1, "maximum": 7}}, '
+            '"required": ["city"], "additionalProperties": false}}}\n'
+            '{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {"tz": '
+            '{"enum": ["UTC", "CET"]}}, "additionalProperties": false}}}\n</tools>\n\n'
+            "For each function call, output the function name and arguments within the following XML format:\n" + example)
+
+
+GLM45_CONV = CONV[:2] + [{"role": "assistant", "content": "<think>旧的</think>\n我查一下", "tool_calls": CONV[2]["tool_calls"]}] + CONV[3:]
+
+
+@pytest.mark.parametrize("name", ["glm45", "glm47"])
+def test_glm45_prompt_is_the_published_template(name, glm45_tok):
+    """GLM-4.6's and GLM-4.7-Flash's chat_template.jinja (add_generation_prompt, enable_thinking unset): the
+    tools turn, the reasoning after the last user message kept (earlier: dropped), content then the calls (a string value raw,
+    others JSON), the two results in one <|observation|> turn; glm47 has no newlines and opens <think>."""
+    tok, fmt = glm45_tok, FORMATS[name]
+    ids, mask = tools.render(fmt, tok, GLM45_CONV, tools.check_tools(TOOLS), add_generation_prompt=True)
+    if name == "glm45":
+        text = ("[gMASK]<sop>" + glm45_tools_text("\n") + "<|system|>\n简短回答<|user|>\n北京和上海的天气?<|assistant|>\n"
+                "<think>旧的</think>\n我查一下\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>北京</arg_value>\n</tool_call>"
+                "\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>上海</arg_value>\n<arg_key>days</arg_key>\n"
+                "<arg_value>2</arg_value>\n</tool_call><|observation|>\n<tool_response>\n{\"temp\": 21}\n</tool_response>\n"
+                "<tool_response>\n{\"temp\": 25}\n</tool_response><|assistant|>")
+    else:
+        text = ("[gMASK]<sop>" + glm45_tools_text("") + "<|system|>简短回答<|user|>北京和上海的天气?<|assistant|><think>旧的</think>我查一下"
+                "<tool_call>get_weather<arg_key>city</arg_key><arg_value>北京</arg_value></tool_call><tool_call>get_weather"
+                "<arg_key>city</arg_key><arg_value>上海</arg_value><arg_key>days</arg_key><arg_value>2</arg_value></tool_call>"
+                "<|observation|><tool_response>{\"temp\": 21}</tool_response><tool_response>{\"temp\": 25}</tool_response>"
+                "<|assistant|><think>")
+    want = tok.encode(text, allow_special=True)
+    assert ids == want, show(ids, want)
+    assert tok.token_id("<tool_call>") in ids and tok.token_id("</tool_response>") in ids  # markup as its tokens
+    # reasoning after the last user message is shown; the reply is learned, ended by eos
+    last = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<think>\nr\n</think>\n\nok"}]
+    ids, mask = fmt.render(tok, last)
+    nl = "\n" if name == "glm45" else ""
+    want = tok.encode(f"[gMASK]<sop><|user|>{nl}hi<|assistant|>{nl}<think>r</think>{nl}ok<|endoftext|>", allow_special=True)
+    assert ids == want, show(ids, want)
+    assert tok.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False) == f"{nl}<think>r</think>{nl}ok<|endoftext|>"
+    ids, _ = fmt.render(tok, last + [{"role": "user", "content": "x"}], add_generation_prompt=True)
+    empty = "\n<think></think>\n" if nl else "</think>"
+    want = tok.encode(f"[gMASK]<sop><|user|>{nl}hi<|assistant|>{empty}ok<|user|>{nl}x<|assistant|>" + ("" if nl else "<think>"),
+                      allow_special=True)
+    assert ids == want, show(ids, want)
+    with pytest.raises(ValueError, match="arguments must be a JSON object"):
+        tools.render(fmt, tok, [{"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "get_time", "arguments": "[1]"}}]}], [], True)
+
+
+GLM45_REPLIES = {  # reply -> (content, [(name, arguments)]); glm45 writes the newlines
+    "\n<think>想想</think>\n好的": ("好的", []),
+    "\nHello": ("Hello", []),
+    "\n<think></think>\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>123</arg_value>\n<arg_key>days</arg_key>"
+    "\n<arg_value>2</arg_value>\n</tool_call>": (None, [("get_weather", '{"city": "123", "days": 2}')]),
+    "\n<think>x</think>\n我查一下\n<tool_call>get_time\n<arg_key>tz</arg_key>\n<arg_value>UTC</arg_value>\n</tool_call>"
+    "\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>北 京</arg_value>\n</tool_call>":
+        ("我查一下", [("get_time", '{"tz": "UTC"}'), ("get_weather", '{"city": "北 京"}')]),
+    "\n<tool_call>get_clock\n</tool_call>": ("<tool_call>get_clock\n</tool_call>", []),  # unknown function
+    "<tool_call>get_time\n<arg_key>tz": ("<tool_call>get_time\n<arg_key>tz", []),  # cut short
+    "<tool_call>get_time\nstray<arg_key>tz</arg_key><arg_value>1</arg_value></tool_call>":
+        ("<tool_call>get_time\nstray<arg_key>tz</arg_key><arg_value>1</arg_value></tool_call>", []),
+}
+
+
+def test_glm45_replies_whole_and_streamed_at_every_split():
+    """Thinking out of the content, calls typed by the schema (city is a string: "123" stays text), malformed
+    calls as content; every split in two and one character at a time add up to the whole parse; a call's
+    first delta carries id and name, the second its arguments."""
+    fns = tools.check_tools(TOOLS)
+    for syntax in ("glm45", "glm47"):
+        for text, (content, calls) in GLM45_REPLIES.items():
+            if syntax == "glm47":  # the prompt opened <think>; no newlines between pieces
+                text = (text.replace("\n<think>", "") if "<think>" in text else "</think>" + text).replace("\n", "")
+                content = content.replace("\n", "") if content else content
+            got = tools.parse_reply(text, syntax, NAMES, fns=fns, new_id=counter())
+            assert (got[0], calls_of(got[1])) == (content, calls), (syntax, text, got)
+            for pieces in [[text[:i], text[i:]] for i in range(len(text) + 1)] + [list(text)]:
+                p = tools.make_parser(syntax, NAMES, True, counter(), fns)
+                deltas = [d for piece in pieces for d in p.feed(piece)] + p.finish()
+                assert tools.merge(deltas) == (got[0] or None, got[1]), (syntax, pieces)
+                assert p.ok == bool(calls)
+                for d in deltas:
+                    assert set(d) in ({"content"}, {"tool_calls"}), d
+    p = tools.make_parser("glm45", NAMES, True, counter(), fns)
+    assert p.feed("\n<think>secret") == [] and p.feed("</think>\nok") == [{"content": "ok"}] and p.reasoning == "secret"
+    one = "<tool_call>get_time<arg_key>tz</arg_key><arg_value>UTC</arg_value></tool_call>"
+    assert len(tools.parse_reply("</think>" + one + one, "glm47", NAMES, parallel=False, fns=fns)[1]) == 1
+
+
+@pytest.mark.parametrize("syntax", ["glm45", "glm47"])
+def test_glm45_forced_grammar(syntax, glm45_tok):
+    """llguidance's matcher on the family's token ids: the empty thinking block then valid calls only, and
+    random walks through the grammar parse back into schema-valid calls."""
+    import random
+
+    llg = pytest.importorskip("llguidance")
+    tok, fns = glm45_tok, tools.check_tools(TOOLS)
+    llt = llg.LLTokenizer(tok.tok.to_str(), eos_token=tok.special("eos"))
+
+    def accepts(grammar, text):  # the markup as its tokens, as the model writes it
+        m = llg.LLMatcher(llt, llg.LLMatcher.grammar_from_lark(grammar))
+        return m.consume_tokens(tok.encode(text, allow_special=True)) and m.is_accepting() and not m.is_error()
+    nl = "\n" if syntax == "glm45" else ""
+    think = "\n<think></think>" if nl else "</think>"
+
+    def call(name, **args):
+        return (f"{nl}<tool_call>{name}" + "".join(f"{nl}<arg_key>{k}</arg_key>{nl}<arg_value>"
+                f"{v if isinstance(v, str) else json.dumps(v)}</arg_value>" for k, v in args.items()) + f"{nl}</tool_call>")
+    required = tools.forced_grammar(syntax, fns, None, True)
+    ok = think + call("get_weather", city="北京", days=7)
+    assert accepts(required, ok) and accepts(required, ok + call("get_time", tz="CET"))
+    assert accepts(required, think + call("get_weather", city="x"))
+    for bad in (think + call("get_weather", city="北京", days=8), think + call("get_weather", days=2),
+                think + call("get_weather", city="123456789"), think + call("get_time", tz="PST"),
+                think + call("get_clock"), call("get_weather", city="x"), think + "hello"):
+        assert not accepts(required, bad), bad
+    assert not accepts(tools.forced_grammar(syntax, fns, "get_time", True), ok)
+    assert not accepts(tools.forced_grammar(syntax, fns, None, False), ok + call("get_time", tz="CET"))
+    m0, rng, done = llg.LLMatcher(llt, llg.LLMatcher.grammar_from_lark(required)), random.Random(0), 0
+    for _ in range(20):
+        m, ids = m0.deep_copy(), []
+        while not m.is_stopped() and len(ids) < 150:
+            t = rng.choice([i for i, b in enumerate(m.compute_logit_bias()[:tok.vocab_size]) if b])
+            if t == tok.special("eos"):
+                break
+            assert m.consume_token(t), m.get_error()
+            ids.append(t)
+        if len(ids) >= 150:
+            continue
+        content, calls = tools.parse_reply(tok.decode(ids, skip_special_tokens=False), syntax, NAMES, fns=fns)
+        assert calls and content is None, tok.decode(ids)
+        for c in calls:
+            assert valid(json.loads(c["function"]["arguments"]), {"get_weather": WEATHER, "get_time": TIME}[c["function"]["name"]]["parameters"])
+        done += 1
+    assert done >= 10, done
+
+
+def test_glm45_served_round_trip(glm45_tok):
+    """The chat route on a tiny random model in the glm45 format: a named forced call is valid (the grammar
+    decides), streamed and not alike; its result goes back and the prompt is the renderer's."""
+    pytest.importorskip("fastapi")
+    import torch
+    from fastapi.testclient import TestClient
+
+    from glmkit.config import ModelConfig
+    from glmkit.model import GLM
+    from glmkit.server.app import create_app
+
+    tok, fns = glm45_tok, tools.check_tools(TOOLS)
+    torch.manual_seed(0)
+    model = GLM(ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, position="rope_partial",
+                            max_seq_len=2048, chat_format="glm45")).eval()
+    model.init_weights(seed=3)
+    user = [{"role": "user", "content": "北京天气?"}]
+    ask = {"messages": user, "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+           "max_tokens": 80, "temperature": 1.0}
+    with TestClient(create_app(model, tok, "tiny")) as c:
+        for seed in (1,):
+            r = c.post("/v1/chat/completions", json={**ask, "seed": seed}).json()
+            (ch,) = r["choices"]
+            assert ch["finish_reason"] == "tool_calls" and ch["message"]["content"] is None, ch
+            (call,) = ch["message"]["tool_calls"]
+            assert call["function"]["name"] == "get_weather" and valid(json.loads(call["function"]["arguments"]), WEATHER["parameters"])
+            assert r["usage"]["prompt_tokens"] == len(tools.render(FORMATS["glm45"], tok, user, fns, True)[0])
+            chunks = chunks_of(c.post("/v1/chat/completions", json={**ask, "seed": seed, "stream": True}))
+            content, calls = tools.merge([x["choices"][0]["delta"] for x in chunks[1:-1]])
+            assert (content, calls_of(calls)) == (None, calls_of([call]))
+            assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+        history = user + [ch["message"], {"role": "tool", "tool_call_id": call["id"], "content": '{"temp": 21}'}]
+        a = c.post("/v1/chat/completions", json={"messages": history, "tools": TOOLS, "max_tokens": 8, "seed": 5}).json()
+        rendered = user + [{"role": "assistant", "content": "", "tool_calls": [call]}, {"role": "observation", "content": '{"temp": 21}'}]
+        assert a["usage"]["prompt_tokens"] == len(tools.render(FORMATS["glm45"], tok, rendered, fns, True)[0])
+        assert "<think>" not in (a["choices"][0]["message"]["content"] or "")
+
+
+def test_glm45_chat_leaves_the_thinking_out(glm45_tok):
+    """generate.chat / chat_stream on a glm45 model whose reply a grammar fixes to a thinking block and an
+    answer: the answer alone comes back, whole and streamed."""
+    import torch
+
+    from glmkit.config import ModelConfig
+    from glmkit.constrain import Constraint
+    from glmkit.generate import chat, chat_stream
+    from glmkit.model import GLM
+    from glmkit.sampling import SamplingParams
+
+    torch.manual_seed(0)
+    model = GLM(ModelConfig(vocab_size=glm45_tok.vocab_size, dim=32, n_layers=1, n_heads=2, position="rope_partial",
+                            max_seq_len=256, chat_format="glm45")).eval()
+    params = SamplingParams(max_new_tokens=40, temperature=1.0, seed=1,
+                            constraint=Constraint.lark('start: "\\n" <think> "ab" </think> "\\nhi"'))
+    msgs = [{"role": "user", "content": "x"}]
+    assert chat(model, glm45_tok, msgs, params).text == "hi"
+    assert "".join(chat_stream(model, glm45_tok, msgs, params)) == "hi"
+    # glm47's prompt opens <think>: a constrained reply closes it first, so the constrained text is the answer
+    model.cfg = dataclasses.replace(model.cfg, chat_format="glm47")
+    params = dataclasses.replace(params, constraint=Constraint.regex("hi+"))
+    got = chat(model, glm45_tok, msgs, params)
+    assert re.fullmatch("hi+", got.text) and glm45_tok.decode(got.token_ids[:1]) == "</think>", (got.text, got.token_ids)

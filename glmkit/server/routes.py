@@ -222,6 +222,8 @@ async def chat_completions(body: ChatRequest, request: HTTPRequest, server: Serv
         if m.tool_calls:
             messages[-1]["tool_calls"] = [c.model_dump() for c in m.tool_calls]
     calling = _tool_calling(server, body)  # None, or what renders, forces and parses the calls
+    if calling is None and server.chat.tools in tools.GLM45:  # the parser keeps the thinking block out of the content
+        calling = _ToolCalling(server.chat.tools, [], "auto", body.parallel_tool_calls)
     server.check_chars(sum(len(m["content"]) + sum(len(c["function"]["arguments"]) for c in m.get("tool_calls", ()))
                            for m in messages) + (len(json.dumps(calling.fns)) if calling else 0), "messages")
     lp, top = body.logprobs, body.top_logprobs or 0
@@ -237,8 +239,8 @@ async def chat_completions(body: ChatRequest, request: HTTPRequest, server: Serv
                            "use /v1/completions") from None
         except ValueError as e:
             raise APIError(400, f"messages: {e}", param="messages") from None
-        if constraint is not None and fmt.strip_newline:  # the reply's own first newline stays allowed (emit drops it)
-            constraint = constraint.after_newline()
+        if constraint is not None:  # the reply's own first newline stays allowed (emit drops it); GLM-4.7: after </think>
+            constraint = fmt.reply_constraint(constraint)
         stops = server.stops(body.stop)
         max_tokens = body.max_completion_tokens or body.max_tokens or server.rest_of_context(len(ids))
         if calling and calling.constraint is not None and constraint is not None:
@@ -330,10 +332,10 @@ class _ToolCalling:
         return dataclasses.replace(params, constraint=self.constraint) if self.constraint else params
 
     def parser(self):
-        return tools.ToolParser(self.syntax, self.names, self.parallel)
+        return tools.make_parser(self.syntax, self.names, self.parallel, fns=self.fns)
 
     def parse(self, text: str):
-        return tools.parse_reply(text, self.syntax, self.names, self.parallel)
+        return tools.parse_reply(text, self.syntax, self.names, self.parallel, fns=self.fns)
 
 
 def _tool_calling(server: Server, body: ChatRequest) -> _ToolCalling | None:
