@@ -141,7 +141,9 @@ class Constraint:
         if self.kind == "json_object":
             return M.grammar_from_json_schema({"type": "object"}, defaults=JSON_OPTIONS)
         if self.kind == "regex":
-            return M.grammar_from_regex(self.spec)
+            # \d as [0-9] (llguidance's default for Lark; its bare regexes take Unicode digits, which its newer
+            # tables and Python's re disagree on, e.g. U+1E5F8); \w and \s stay Unicode (Chinese is a word)
+            return M.grammar_from_lark(f"start: /{llg.regex_to_lark(self.spec, 'd')}/")
         if self.kind == "choice":
             return M.grammar_from_lark("start: " + " | ".join(json.dumps(o, ensure_ascii=False) for o in json.loads(self.spec)))
         return M.grammar_from_lark(self.spec)

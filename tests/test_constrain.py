@@ -390,3 +390,26 @@ def test_a_chat_reply_may_open_with_its_template_newline(causal_client, tok, voc
     causal_client.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 5, "guided_regex": "[0-9]+"})
     causal_client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 5, "guided_regex": "[0-9]+"})
     assert [c.newline_first for c in seen] == [True, False], seen
+
+
+def test_a_regex_digit_is_an_ascii_digit(tok):
+    """\\d admits 0-9 only: llguidance's bare regexes take every Unicode digit, whose tables are newer than
+    Python's (a random GLM-4-sized model drew U+1E5F8 for \\d, which `re` does not call a digit)."""
+    import numpy as np
+    import torch
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from glmkit.tokenizer import Tokenizer
+
+    t = Tokenizer(HFTokenizer.from_str(tok.tok.to_str()))  # a copy: the session tokenizer is shared
+    others = ["١٢", "٣", "１", "𞗸"]  # Arabic-Indic, fullwidth, Nag Mundari digits
+    t.tok.add_tokens(others)
+    ids = [t.token_id(o) for o in others]
+    v = ConstraintVocab(t, t.vocab_size)
+    m = v.matcher(Constraint.regex(r"\d+"))
+    mask = torch.zeros(1, v.words, dtype=torch.int32)
+    v.fill([m], mask)
+    words = mask.numpy().view(np.uint32)[0]
+    allowed = [i for i in range(t.vocab_size) if (words[i // 32] >> (i % 32)) & 1]
+    assert allowed and not set(ids) & set(allowed), [t.tok.id_to_token(i) for i in set(ids) & set(allowed)]
+    assert all(t.decode([i]).isascii() and t.decode([i]).isdigit() for i in allowed), [t.decode([i]) for i in allowed][:20]
