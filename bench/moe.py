@@ -18,7 +18,7 @@ Measured in a child process (so its peak resident memory is the model's alone):
               weights become resident as they are first read)
   prefill     prompt tokens / seconds for a --prefill-token prompt (one new token), run first: it routes to
               every expert, so the decode figures below are of resident weights; then a batch-16 decode
-              warm-up, after which every expert's int4 kernel has built its [scale, min] pairs
+              warm-up (the int4 kernels read scales and mins as stored: nothing is built per expert)
   decode      B / the median time between steps of a stream of --new-tokens tokens, greedy, per batch B
   bound       the bandwidth bound: measured memory bandwidth / bytes one token's forward reads (attention,
               dense and shared MLPs, router, n_experts_per_tok routed experts per MoE layer, the head; one
@@ -77,8 +77,9 @@ def model_config(arch: str, layers: int | None, tiny: bool, bits: int):
     return replace(cfg, chat_format=None, quant=quant_spec(bits, 64 if not tiny else 32, head=True) if bits else None)
 
 
-def write_model(cfg, out: Path) -> int:
-    """Random weights of `cfg` (quantized ones as int4 / int8 codes) written tensor by tensor; returns bytes."""
+def write_model(cfg, out: Path, fmt: str = "glmkit") -> int:
+    """Random weights of `cfg` (quantized ones as int4 / int8 codes) written tensor by tensor in layout `fmt`
+    (a float model also in the source's: `glm4_moe_lite_hf` for llama.cpp's converter); returns bytes."""
     from glmkit.convert import _meta_model, write_stream
 
     gen = torch.Generator().manual_seed(0)
@@ -103,7 +104,7 @@ def write_model(cfg, out: Path) -> int:
                 t = (torch.randn(m.shape, generator=gen) * 0.02).to(torch.float32 if m.dtype == torch.float32 else torch.bfloat16)
             yield name, t
 
-    return write_stream(cfg, tensors(), out)[1]
+    return write_stream(cfg, tensors(), out, fmt=fmt)[1]
 
 
 def read_bytes_per_token(cfg) -> int:
@@ -147,8 +148,7 @@ def child(a) -> None:
         ids = torch.randint(0, V, (a.prefill,)).tolist()
         res["prefill_tok_s"] = a.prefill / run([ids], 1)
         res["rss_after_prefill_gib"] = rss_gib()
-    # decode-mode warm-up over every expert: each int4 linear builds its kernel's [scale, min] pairs on its first
-    # few-row call (kept after), so the first decode tokens of a fresh model are slower than the steady state
+    # decode-mode warm-up: its first steps touch experts the prefill's rows did not leave in the page cache
     t = time.perf_counter()
     run([torch.randint(0, V, (8,)).tolist() for _ in range(16)], 8)
     res["warmup_b16x8_s"] = time.perf_counter() - t

@@ -450,7 +450,8 @@ class MoE(nn.Module):
     Tokens are grouped by expert: one product per expert in use, over the tokens routed to it, added back
     at their rows, so a decode step of a few rows reads only the chosen experts' weights. The experts are
     plain `MLP`s of kernels.Linear, so quantization (`mlp.experts.E.up` / `.down`) and the native few-row
-    kernels apply to each as to a dense MLP."""
+    kernels apply to each as to a dense MLP; a few rows with int4 experts take one native call for the whole
+    layer instead (`kernels.moe_int4`: one parallel region, activations rounded once, sums in fp32)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -463,6 +464,10 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, C)
         w, ids = self.gate(x)  # (N, k) each
+        # decode (few rows, int4 experts on CPU): the whole layer in one native call, None where it does not apply
+        y = kernels.moe_int4(x, self.experts, w, ids, getattr(self, "shared", None))
+        if y is not None:
+            return y.to(x.dtype).view(shape)
         k = ids.shape[1]
         flat = ids.flatten()  # (N k,): token t's j-th choice at t * k + j
         order = flat.argsort(stable=True)  # the (token, choice) pairs grouped by expert

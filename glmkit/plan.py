@@ -243,10 +243,10 @@ def _tiled(quant: dict | None) -> bool:
 
 def kernel_copies_bytes(cfg, dtype: torch.dtype, quant: dict | None = None, prefill: bool = True) -> dict[str, int]:
     """CPU only: the native decode step's copies (fp32 norms, biases and int8 scales of a non-fp32 model;
-    int4's [scale, min] pairs) and, for int4 after a prefill without the dequantized tiles, PyTorch's
+    int4's scales and mins only when they are fp16: bf16 and fp32 ones are read as stored) and, for int4 after a prefill without the dequantized tiles, PyTorch's
     many-row kernel's layout of every layer's linears (packed weight (N, K/2) uint8 and fp32 [scale, zero] pairs)."""
     quant = quant or getattr(cfg, "quant", None)
-    a, C, V, L = _size(dtype), cfg.dim, cfg.vocab_size, cfg.n_layers
+    C, V, L = cfg.dim, cfg.vocab_size, cfg.n_layers
     fp32 = dtype != torch.float32
     head_quant = quant if quant and quant.get("head") else None
     lins = [(N, K, bias, quant, False) for i in range(L) for N, K, bias in _linears(cfg)[:-2] + _mlp_linears(cfg, i)]
@@ -261,7 +261,7 @@ def kernel_copies_bytes(cfg, dtype: torch.dtype, quant: dict | None = None, pref
             decode += N * 4
         elif q and q["bits"] == 4:
             G = K // q["group_size"]
-            decode += N * G * 2 * (a if dtype == torch.bfloat16 else 4)
+            decode += N * G * 2 * 4 if dtype not in (torch.bfloat16, torch.float32) else 0  # fp16: fp32 copies
             if prefill and N % 16 == 0 and not head and not _tiled(q):  # the head runs on few rows (last-token logits)
                 many_rows += N * (K // 2) + G * N * 2 * 4
     if not _native_shapes(cfg, quant) or not _native_model(cfg):

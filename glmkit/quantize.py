@@ -147,23 +147,12 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales", torch.ones(out_features, G, dtype=dtype, device=device))
         self.register_buffer("mins", torch.zeros(out_features, G, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
-        self._packed = None  # the CPU kernel's layout, built on first use (not saved)
-        self._pairs = None  # ((scales, mins) versions, glmkit's kernel's pairs): see `pairs`
+        self._packed = None  # PyTorch's CPU kernel's layout, built on first use (not saved)
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         q = unpack_int4(self.weight).to(dtype).reshape(self.out_features, -1, self.group_size)
         w = q * self.scales.to(dtype)[..., None] + self.mins.to(dtype)[..., None]
         return w.reshape(self.out_features, self.in_features)
-
-    def pairs(self) -> tuple[torch.Tensor, int]:
-        """glmkit's int4 kernel's [scale, min] pairs (`kernels.int4_pairs`), made once and kept while
-        scales and mins are unchanged (same storage, no in-place write since): every decode step reads
-        them, and remaking them is a pass over all the scales (at 9B, 590 MB per step). The fused decode
-        step reads the same copy."""
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in (self.scales, self.mins))
-        if self._pairs is None or self._pairs[0] != key:
-            self._pairs = (key, kernels.int4_pairs(self.scales, self.mins))
-        return self._pairs[1]
 
     def _kernel_args(self, dtype):
         if self._packed is None or self._packed[0].device != self.weight.device:
@@ -176,8 +165,8 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if kernels.usable(x) and kernels.int4_supported(self.in_features, self.group_size):
-            # decode: glmkit's native kernel reads this layout as stored
-            return kernels.linear_int4(x, self.weight, self.scales, self.mins, self.group_size, self.bias, self.pairs())
+            # decode: glmkit's native kernel reads this layout (weight, scales, mins) as stored: no copy
+            return kernels.linear_int4(x, self.weight, self.scales, self.mins, self.group_size, self.bias)
         if kernels.uses_tiles(4, self.group_size, x):  # prefill, large batches: tiles through the GEMM
             return kernels.linear_int4_tiled(x, self.weight.contiguous(), self.scales, self.mins, self.group_size, self.bias)
         shape = x.shape
