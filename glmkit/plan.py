@@ -141,7 +141,8 @@ def quant_spec(name: str | dict | None, group_size: int = 64) -> dict | None:
     bits = {"int8": 8, "8": 8, "int4": 4, "4": 4, "none": None}.get(str(name).lower(), 0)
     if bits == 0:
         raise ValueError(f"--quantize {name}: choose int8 or int4")
-    return None if bits is None else {"bits": bits, "group_size": group_size if bits == 4 else None, "head": True}
+    return None if bits is None else {"bits": bits, "group_size": group_size if bits == 4 else None, "head": True,
+                                      "latent": True}
 
 
 def quant_name(quant: dict | None) -> str | None:
@@ -163,15 +164,18 @@ def _linears(cfg) -> list[tuple[int, int, bool]]:
     return [((H + 2 * K) * D, C, cfg.qkv_bias), (C, H * D, cfg.out_bias)] + mlp
 
 
-def _latent_bytes(cfg, a: int) -> int:
+def _latent_bytes(cfg, a: int, quant: dict | None = None) -> int:
     """Bytes of one layer's latent attention projections and their norms (q or q_a, q_norm, q_b; kv_a, kv_norm,
-    kv_b), which stay in the float dtype `a` bytes wide when the model is quantized (not quantize.TARGETS)."""
+    kv_b): in the float dtype `a` bytes wide, but q_a, q_b and kv_a quantized when `quant` says "latent"
+    (quantize.LATENT_TARGETS; a lone q stays float, as does kv_b)."""
     if cfg.attention != "mla":
         return 0
     C, H, Q, R, P = cfg.dim, cfg.n_heads, cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_rope_head_dim
-    q = C * H * cfg.head_dim if Q is None else (C + 1 + H * cfg.head_dim) * Q + Q * cfg.qkv_bias
-    kv = (C + cfg.qkv_bias) * (R + P) + R + R * H * (cfg.qk_nope_head_dim + cfg.v_head_dim)
-    return (q + kv) * a
+    lq = quant if quant and quant.get("latent") else None
+    q = C * H * cfg.head_dim * a if Q is None else (
+        _linear_bytes(Q, C, cfg.qkv_bias, a, lq) + Q * a + _linear_bytes(H * cfg.head_dim, Q, False, a, lq))
+    kv = _linear_bytes(R + P, C, cfg.qkv_bias, a, lq) + R * a + R * H * (cfg.qk_nope_head_dim + cfg.v_head_dim) * a
+    return q + kv
 
 
 def _linear_bytes(N: int, K: int, bias: bool, a: int, quant: dict | None) -> int:
@@ -201,7 +205,7 @@ def _block_bytes(cfg, layer: int, a: int, quant: dict | None) -> int:
     qk = 2 * cfg.head_dim * a * (2 if cfg.norm == "layernorm" else 1) if cfg.qk_norm else 0
     indexer = cfg.indexer_params() * a if cfg.has_indexer(layer) else 0  # GLM-5's, float like the latent projections
     return (sum(_linear_bytes(N, K, b, a, quant) for N, K, b in lins) + norm * (4 if cfg.sandwich_norm else 2) + router + qk
-            + _latent_bytes(cfg, a) + indexer)
+            + _latent_bytes(cfg, a, quant) + indexer)
 
 
 def weight_bytes(cfg, dtype: torch.dtype, quant: dict | None = None) -> dict[str, int]:

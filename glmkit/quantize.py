@@ -45,14 +45,19 @@ from . import kernels
 from .layers import ROUTER_FP32
 
 TARGETS = ("attn.qkv", "attn.out", "mlp.up", "mlp.down")
+# latent attention's low-rank projections, quantized when the spec says so (quant["latent"]; checkpoints written
+# before it was added have them float). kv_b stays float: decoding folds its rows into the query and the output
+# (LatentAttention's absorbed form), products over its output dimension that the int4 kernels do not compute.
+LATENT_TARGETS = ("attn.q_a", "attn.q_b", "attn.kv_a")
 # an MoE layer's experts and shared expert: mlp.experts.E.up, mlp.shared.down, ...
 _MOE_TARGET = re.compile(r"(^|\.)mlp\.(experts\.\d+|shared)\.(up|down)$")
 
 
-def is_target(name: str) -> bool:
+def is_target(name: str, latent: bool = False) -> bool:
     """Whether the linear named `name` (a module path in a GLM) is quantized: attention and MLP products,
-    every expert's included. The router (mlp.gate) stays float: it decides which weights are read."""
-    return name.endswith(TARGETS) or _MOE_TARGET.search(name) is not None
+    every expert's included, and with `latent` the latent attention's q_a, q_b, kv_a. The router (mlp.gate)
+    stays float: it decides which weights are read."""
+    return name.endswith(TARGETS) or _MOE_TARGET.search(name) is not None or latent and name.endswith(LATENT_TARGETS)
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,7 +194,7 @@ def _weight_only_kernel(x: torch.Tensor) -> bool:
 
 def _targets(model: nn.Module, quant: dict):
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and is_target(name):
+        if isinstance(mod, nn.Linear) and is_target(name, bool(quant.get("latent"))):
             yield name, mod
     if quant.get("head") and isinstance(getattr(model, "head", None), nn.Linear):
         yield "head", model.head
@@ -217,13 +222,14 @@ def swap_for_loading(model: nn.Module, quant: dict) -> nn.Module:
     return model
 
 
-def quant_spec(bits: int, group_size: int = 64, head: bool = True) -> dict:
-    """The `quant` entry of a config ({"bits", "group_size", "head"}), its values checked."""
+def quant_spec(bits: int, group_size: int = 64, head: bool = True, latent: bool = True) -> dict:
+    """The `quant` entry of a config ({"bits", "group_size", "head", "latent"}), its values checked. `latent`:
+    latent attention's q_a, q_b, kv_a quantized too (LATENT_TARGETS; a config without the key has them float)."""
     if bits not in (4, 8):
         raise ValueError(f"--bits {bits}: choose 8 or 4")
     if bits == 4 and group_size not in (32, 64, 128, 256):
         raise ValueError(f"--group-size {group_size}: choose 32, 64, 128 or 256")
-    return {"bits": bits, "group_size": group_size if bits == 4 else None, "head": head}
+    return {"bits": bits, "group_size": group_size if bits == 4 else None, "head": head, "latent": latent}
 
 
 def cast_floats(model: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -237,9 +243,9 @@ def cast_floats(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, bits: int, group_size: int = 64, head: bool = True) -> nn.Module:
+def quantize_model(model: nn.Module, bits: int, group_size: int = 64, head: bool = True, latent: bool = True) -> nn.Module:
     """Quantize a float GLM in place; sets model.cfg.quant so it saves and reloads as quantized."""
-    quant = quant_spec(bits, group_size, head)
+    quant = quant_spec(bits, group_size, head, latent)
     if getattr(model.cfg, "quant", None):
         raise ValueError("this model is already quantized; quantize the float checkpoint")
     dtype = model.embed.weight.dtype

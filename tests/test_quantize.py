@@ -85,7 +85,8 @@ def test_quantized_model_close_to_float_and_round_trips(tmp_path, bits, tol, rep
         assert want == [16, 23, 5] * 2 + [16, 23]
     write_checkpoint(model, tmp_path / "q")
     back = glmkit.load(str(tmp_path / "q"))
-    assert back.cfg.quant == {"bits": bits, "group_size": 32 if bits == 4 else None, "head": True}
+    assert back.cfg.quant == {"bits": bits, "group_size": 32 if bits == 4 else None, "head": True,
+                              "latent": True}
     assert isinstance(back.layers[0].mlp.down, Int8Linear if bits == 8 else Int4Linear)
     with torch.no_grad():
         assert torch.equal(back(ids), got)
