@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -81,6 +82,7 @@ def write_model(cfg, out: Path, fmt: str = "glmkit") -> int:
     """Random weights of `cfg` (quantized ones as int4 / int8 codes) written tensor by tensor in layout `fmt`
     (a float model also in the source's: `glm4_moe_lite_hf` for llama.cpp's converter); returns bytes."""
     from glmkit.convert import _meta_model, write_stream
+    from glmkit.layers import ROUTER_FP32
 
     gen = torch.Generator().manual_seed(0)
     meta = _meta_model(cfg).state_dict()
@@ -101,7 +103,8 @@ def write_model(cfg, out: Path, fmt: str = "glmkit") -> int:
             elif name.endswith("e_score_correction_bias"):
                 t = torch.zeros(m.shape, dtype=m.dtype)
             else:
-                t = (torch.randn(m.shape, generator=gen) * 0.02).to(torch.float32 if m.dtype == torch.float32 else torch.bfloat16)
+                fp32 = m.dtype == torch.float32 and (cfg.quant or name.endswith(ROUTER_FP32))  # a float model: bf16
+                t = (torch.randn(m.shape, generator=gen) * 0.02).to(torch.float32 if fp32 else torch.bfloat16)
             yield name, t
 
     return write_stream(cfg, tensors(), out, fmt=fmt)[1]
@@ -115,6 +118,46 @@ def read_bytes_per_token(cfg) -> int:
     return active_weight_bytes(cfg, torch.bfloat16) - (w["embeddings"] - cfg.dim * 2 if not cfg.tie_embeddings else 0)
 
 
+def gguf_read_bytes(path: Path) -> tuple[int, int]:
+    """(bytes one token reads, bytes in all) of a GGUF model file: every tensor but the embedding table (one row)
+    and the routed experts (ffn_*_exps: n_experts_per_tok of their experts), as read_bytes_per_token counts."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(path))
+    arch = r.fields["general.architecture"].contents()
+    k, E = (int(r.fields[f"{arch}.{f}"].contents()) for f in ("expert_used_count", "expert_count"))
+    read = total = 0
+    for t in r.tensors:
+        n = int(t.n_bytes)
+        total += n
+        if t.name == "token_embd.weight":
+            read += n // int(t.shape[-1])  # one row (the table is (vocab, dim) with the vocabulary last in GGUF's order)
+        elif "_exps." in t.name:
+            read += n * k // E
+        else:
+            read += n
+    return read, total
+
+
+def llama_cpp(llama: Path, src: Path, prefill: int, bandwidth: float) -> dict:
+    """llama.cpp on the bf16 HF slice `src`: converted by its converter, quantized to Q4_0 (both cached beside
+    `src`; the bf16 GGUF is removed once the Q4_0 one exists, for disk), llama-bench with this process's threads,
+    and its decode as a fraction of its own bound (bandwidth / the bytes its Q4_0 file has one token read)."""
+    from bench.big_model import LLAMA_QUANT, gguf_files, llama_bench
+
+    q4 = Path(f"{src}.{LLAMA_QUANT['int4'].lower()}.gguf")
+    if not q4.exists():
+        q4 = gguf_files(llama, src, ["int4"])["int4"]
+        Path(f"{src}.bf16.gguf").unlink(missing_ok=True)
+    read, total = gguf_read_bytes(q4)
+    res = llama_bench(llama, q4, prefill)
+    out = {"llama_q4_0_gib": total / 2**30, "llama_read_gib_per_token": read / 2**30,
+           "llama_load_1min": os.getloadavg()[0]}
+    out.update({f"llama_{k}": v for k, v in res.items()})
+    out["llama_decode_b1_of_bound"] = res["decode_b1_tok_s"] * read / (bandwidth * 1e9)
+    return out
+
+
 def rss_gib() -> float:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 2**20
@@ -124,15 +167,26 @@ def child(a) -> None:
     import resource
 
     import glmkit
+    from glmkit.convert import config_of
     from glmkit.generate import generate, stream
     from glmkit.model import BlockPool
     from glmkit.sampling import SamplingParams
 
     torch.manual_seed(0)
     t = time.perf_counter()
-    model = glmkit.load(a.child, dtype=torch.bfloat16).eval()
+    stored = config_of(a.child)[1]
+    q = stored.quant
+    if a.quantize:  # a float checkpoint (the llama.cpp slice), quantized as it loads
+        model = glmkit.load(a.child, dtype=torch.bfloat16, quantize=a.quantize)
+    elif q and stored.attention == "mla" and not q.get("latent") and not a.as_stored:
+        # written before latent attention's projections were quantized: those quantized as they load (what
+        # `glmkit quantize` writes now), instead of holding ~1 GB of them in bf16
+        model = glmkit.load(a.child, dtype=torch.bfloat16, quantize=f"int{q['bits']}", group_size=q["group_size"] or 64)
+    else:
+        model = glmkit.load(a.child, dtype=torch.bfloat16)
+    model.eval()
     cfg = model.cfg
-    res = {"load_s": time.perf_counter() - t, "rss_after_load_gib": rss_gib(),
+    res = {"load_s": time.perf_counter() - t, "rss_after_load_gib": rss_gib(), "quant": cfg.quant,
            "params_b": cfg.num_params() / 1e9, "active_params_b": cfg.num_params(active=True) / 1e9,
            "kv_bytes_per_token": BlockPool.block_bytes(cfg, 1, torch.bfloat16),
            "read_gib_per_token": read_bytes_per_token(cfg) / 2**30}
@@ -162,6 +216,13 @@ def child(a) -> None:
                 stamps.append(time.perf_counter())
         gaps = sorted(y - x for x, y in zip(stamps, stamps[1:]))
         res[f"decode_b{B}_tok_s"] = B / gaps[len(gaps) // 2]
+    if a.profile:  # where a batch-1 decode step's time goes: the top operators of a few steps, to stderr
+        from torch.profiler import profile
+
+        prompts = [torch.randint(0, V, (32,)).tolist()]
+        with profile() as prof:
+            run(prompts, 6)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14), file=sys.stderr)
     res["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print("RESULT " + json.dumps(res))
 
@@ -177,7 +238,16 @@ def main() -> None:
     p.add_argument("--batches", default="1,4")
     p.add_argument("--new-tokens", type=int, default=24)
     p.add_argument("--prefill", type=int, default=2048)
+    p.add_argument("--as-stored", action="store_true",
+                   help="a checkpoint quantized without latent attention's projections: keep them float (default: "
+                        "quantize them as it loads)")
+    p.add_argument("--profile", action="store_true", help="print the top operators of a few batch-1 decode steps")
+    p.add_argument("--llama-cpp", type=Path, default=None,
+                   help="a llama.cpp tree with llama-bench and llama-quantize built: with --out DIR --layers N, a bf16 "
+                        "slice in the HF layout is written to DIR, converted by its converter, quantized to Q4_0 and "
+                        "benchmarked beside glmkit's int4 of the same slice")
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--quantize", help=argparse.SUPPRESS)
     a = p.parse_args()
     a.batches = [int(b) for b in str(a.batches).split(",")]
     if a.child:
@@ -188,26 +258,38 @@ def main() -> None:
         info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    if a.llama_cpp and (a.out is None or a.layers is None or a.model is not None or a.arch != "glm4_moe_lite"):
+        p.error("--llama-cpp compares on a slice: give --out DIR --layers N (glm4_moe_lite; DIR is written in bf16 "
+                "in the HF layout if it does not exist)")
+    info["load_1min"] = os.getloadavg()[0]  # a shared machine: the figures below are only as good as this is low
     model = a.model
     if model is None:
         if a.out is None:
             p.error("give --out (to write a random checkpoint) or --model")
-        cfg = model_config(a.arch, a.layers, a.tiny, a.bits)
-        t = time.perf_counter()
-        nbytes = write_model(cfg, a.out)
-        info.update(write_s=time.perf_counter() - t, written_gib=nbytes / 2**30)
+        if not (a.llama_cpp and (a.out / "config.json").exists()):
+            cfg = model_config(a.arch, a.layers, a.tiny, 0 if a.llama_cpp else a.bits)
+            t = time.perf_counter()
+            nbytes = write_model(cfg, a.out, "glm4_moe_lite_hf" if a.llama_cpp else "glmkit")
+            info.update(write_s=time.perf_counter() - t, written_gib=nbytes / 2**30)
         model = a.out
     info["bandwidth_gbs"] = bandwidth_gbs()
     cmd = [sys.executable, __file__, "--child", str(model), "--batches", ",".join(map(str, a.batches)),
            "--new-tokens", str(a.new_tokens), "--prefill", str(a.prefill)]
+    cmd += ["--quantize", "int4"] if a.llama_cpp else []
+    cmd += [f for f, on in (("--as-stored", a.as_stored), ("--profile", a.profile)) if on]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"the measuring process failed:\n{r.stderr[-3000:]}")
+    if a.profile:
+        print(r.stderr[-6000:], file=sys.stderr)
     res = json.loads(next(line[7:] for line in r.stdout.splitlines() if line.startswith("RESULT ")))
     info.update(res)
     bound = info["bandwidth_gbs"] * 1e9 / (res["read_gib_per_token"] * 2**30)
     info["bound_b1_tok_s"] = bound
     info["decode_b1_of_bound"] = res["decode_b1_tok_s"] / bound if "decode_b1_tok_s" in res else None
+    if a.llama_cpp:
+        info.update(llama_cpp(a.llama_cpp, a.out, a.prefill, info["bandwidth_gbs"]))
+    info["load_1min_end"] = os.getloadavg()[0]
     for k, v in info.items():
         print(f"{k:24s} {v:.4g}" if isinstance(v, float) else f"{k:24s} {v}")
 

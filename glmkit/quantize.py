@@ -53,11 +53,19 @@ LATENT_TARGETS = ("attn.q_a", "attn.q_b", "attn.kv_a")
 _MOE_TARGET = re.compile(r"(^|\.)mlp\.(experts\.\d+|shared)\.(up|down)$")
 
 
-def is_target(name: str, latent: bool = False) -> bool:
+def is_target(name: str) -> bool:
     """Whether the linear named `name` (a module path in a GLM) is quantized: attention and MLP products,
-    every expert's included, and with `latent` the latent attention's q_a, q_b, kv_a. The router (mlp.gate)
-    stays float: it decides which weights are read."""
-    return name.endswith(TARGETS) or _MOE_TARGET.search(name) is not None or latent and name.endswith(LATENT_TARGETS)
+    every expert's included. The router (mlp.gate) stays float: it decides which weights are read."""
+    return name.endswith(TARGETS) or _MOE_TARGET.search(name) is not None
+
+
+def latent_target(name: str, in_features: int, quant: dict) -> bool:
+    """Whether the linear `name` with `in_features` inputs is one of latent attention's projections that `quant`
+    quantizes: with quant["latent"], those of LATENT_TARGETS whose input width the int4 groups divide (the rest
+    stay float: a tiny model's odd widths)."""
+    if not quant.get("latent") or not name.endswith(LATENT_TARGETS):
+        return False
+    return quant["bits"] == 8 or in_features % quant["group_size"] == 0
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,7 +202,7 @@ def _weight_only_kernel(x: torch.Tensor) -> bool:
 
 def _targets(model: nn.Module, quant: dict):
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and is_target(name, bool(quant.get("latent"))):
+        if isinstance(mod, nn.Linear) and (is_target(name) or latent_target(name, mod.in_features, quant)):
             yield name, mod
     if quant.get("head") and isinstance(getattr(model, "head", None), nn.Linear):
         yield "head", model.head

@@ -1,7 +1,7 @@
 """Latent attention's low-rank projections quantized (quant["latent"]: q_a, q_b, kv_a; quantize.LATENT_TARGETS).
 
-A tiny Glm4MoeLite built here (widths that are multiples of the 64-column groups): quantizing it sets
-"latent" and swaps those three for int4 linears (kv_b stays float); its logits equal the float model's of
+A tiny Glm4MoeLite built here: quantizing it sets "latent" and swaps q_a and kv_a for int4 linears (q_b,
+whose 96 inputs are no whole number of 64-column groups, and kv_b stay float); its logits equal the float model's of
 the dequantized weights;
 a checkpoint written without "latent" (the layout before it) loads with quantize="int4" by quantizing just
 those projections as they are read, giving bit for bit the model quantized from float in one go; a
@@ -29,7 +29,7 @@ transformers = pytest.importorskip("transformers")
 def hf_dir(tmp_path_factory):
     cfg = transformers.Glm4MoeLiteConfig(
         hidden_size=128, intermediate_size=192, moe_intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, kv_lora_rank=64, q_lora_rank=128,
+        num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, kv_lora_rank=64, q_lora_rank=96,
         qk_rope_head_dim=16, qk_nope_head_dim=48, v_head_dim=32, vocab_size=512, mlp_layer_types=["dense", "sparse", "sparse"])
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("lite") / "hf"
@@ -55,8 +55,9 @@ def test_latent_projections_quantized_equal_their_dequantized_model(hf_dir, monk
     q = glmkit.load(str(hf_dir), quantize="int4").eval()
     assert q.cfg.quant["latent"] is True
     attn = q.layers[1].attn
-    for name in LATENT_TARGETS:
-        assert type(getattr(attn, name.split(".")[1])) is Int4Linear, name
+    assert LATENT_TARGETS == ("attn.q_a", "attn.q_b", "attn.kv_a")
+    assert type(attn.q_a) is Int4Linear and type(attn.kv_a) is Int4Linear
+    assert type(attn.q_b) is not Int4Linear, "q_b's 96 inputs are no whole number of 64-column groups: it stays float"
     assert attn.kv_b.weight.is_floating_point(), "kv_b stays float (the absorbed form reads it per head)"
     ids = torch.randint(0, 512, (2, 11), generator=torch.Generator().manual_seed(1))
     want = dequantized(q)(ids)
