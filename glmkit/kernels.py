@@ -195,8 +195,9 @@ def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.glmkit_dequant_q8.argtypes = [ptr, ptr, i64, i64, ptr, c_int, c_int]
     lib.glmkit_dequant_int4.argtypes = [ptr, ptr, ptr, c_int, i64, i64, i64, ptr, c_int, c_int]
     lib.glmkit_moe_int4.argtypes = [ptr, i64, i64, i64, c_int, i64, ptr, ptr, ptr, ptr, ptr, c_int]
+    lib.glmkit_heads_gemv.argtypes = [ptr, i64, i64, ptr, c_int, i64, i64, i64, i64, c_int, ptr, c_int]
     for f in (lib.glmkit_gemv_dense, lib.glmkit_gemv_q8, lib.glmkit_gemv_int4, lib.glmkit_decode_step,
-              lib.glmkit_dequant_q8, lib.glmkit_dequant_int4, lib.glmkit_moe_int4):
+              lib.glmkit_dequant_q8, lib.glmkit_dequant_int4, lib.glmkit_moe_int4, lib.glmkit_heads_gemv):
         f.restype = c_int
     return lib
 
@@ -333,6 +334,25 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, min
                                group_size, N, y.data_ptr(), torch.get_num_threads())
     _check(rc, "linear_int4")
     return _out(y, x, bias)
+
+
+def heads_gemv(x: torch.Tensor, w: torch.Tensor, trans: bool) -> torch.Tensor:
+    """Per-head products with a per-head weight block w (H, N, K), fp32 / bf16, rows contiguous (a strided view,
+    e.g. kv_b's key or value rows): x (M, H, K) -> (M, H, N) = x[:, h] @ w[h].T, or with `trans` x (M, H, N) ->
+    (M, H, K) = x[:, h] @ w[h]. fp32 out. Native (csrc/gemv.cpp): the caller checks `usable` first."""
+    H, N, K = w.shape
+    Kx = N if trans else K
+    if x.dim() != 3 or x.shape[1:] != (H, Kx) or w.stride(2) != 1 or w.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"heads_gemv: x {tuple(x.shape)} and w {tuple(w.shape)} {w.dtype} (strides {w.stride()}) do "
+                         f"not fit together (x (M, {H}, {Kx}), w with contiguous rows of fp32 / bf16 expected)")
+    if _load() is None:
+        raise RuntimeError(f"heads_gemv: the native kernels are unavailable ({_why})")
+    xr = x.to(torch.float32).contiguous()
+    y = torch.empty(x.shape[0], H, K if trans else N)
+    rc = _lib.glmkit_heads_gemv(xr.data_ptr(), x.shape[0], H, w.data_ptr(), _WTYPE[w.dtype], N, K, w.stride(1),
+                                w.stride(0), int(trans), y.data_ptr(), torch.get_num_threads())
+    _check(rc, "heads_gemv")
+    return y
 
 
 # ---- a mixture-of-experts layer's int4 experts in one native call ---------------------------------------------

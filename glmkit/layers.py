@@ -355,9 +355,19 @@ class LatentAttention(nn.Module):
             absorb = (S - T) * R * (Dn + Dv) > T * S * (2 * R - Dn - Dv)
         if absorb:
             w = self.kv_b.weight.view(H, Dn + Dv, R)
-            q_lat = torch.einsum("bthn,hnr->bhtr", q_nope, w[:, :Dn].to(q.dtype))  # (B, H, T, R)
+            # a few rows on CPU: the per-head products natively (PyTorch's batched GEMM reads a bf16 w far below the
+            # memory bandwidth for them), the weight read once per step as stored
+            native = kernels.usable(q_nope.reshape(B * T, H * Dn), w) and w.stride(2) == 1
+            if native:
+                q_lat = kernels.heads_gemv(q_nope.reshape(B * T, H, Dn), w[:, :Dn], trans=True)  # (B T, H, R)
+                q_lat = q_lat.view(B, T, H, R).transpose(1, 2).to(q.dtype)  # (B, H, T, R)
+            else:
+                q_lat = torch.einsum("bthn,hnr->bhtr", q_nope, w[:, :Dn].to(q.dtype))  # (B, H, T, R)
             y = kernels.attention(torch.cat((q_lat, q_pe), dim=-1), latent, latent[..., :R], mask, enable_gqa=True,
                                   scale=self.scale)  # (B, H, T, R)
+            if native:
+                out = kernels.heads_gemv(y.transpose(1, 2).reshape(B * T, H, R), w[:, Dn:], trans=False)  # (B T, H, Dv)
+                return out.to(y.dtype).reshape(B, T, H * Dv)
             return torch.einsum("bhtr,hvr->bthv", y, w[:, Dn:].to(y.dtype)).reshape(B, T, H * Dv)
         kv = self.kv_b(latent[:, 0, :, :R]).view(B, S, H, Dn + Dv).transpose(1, 2)  # (B, H, S, Dn + Dv)
         k = torch.cat((kv[..., :Dn], latent[..., R:].expand(B, H, S, P)), dim=-1)  # (B, H, S, Dn + P)

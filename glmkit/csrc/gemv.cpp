@@ -441,6 +441,51 @@ extern "C" int glmkit_gemv_int4(const float* x, int64_t M, int64_t K, const uint
   return 0;
 }
 
+// ---- per-head products of latent attention's absorbed form ------------------------------------------------------
+// A decode step of latent attention folds kv_b's key rows into the query (q_lat[h] = q_nope[h] W_UK[h], a product
+// over W_UK's rows) and applies its value rows to the attention output (W_UV[h] y[h]). As PyTorch einsums of a
+// bf16 weight and a few rows these run through batched GEMMs far below the memory bandwidth; here each head's
+// (N, K) block of the weight (rows ldr apart, heads ldh apart, fp32 or bf16) is read once for the M rows. x (M, H,
+// Kx) fp32, y (M, H, Ky) fp32; trans 0: y[m, h, n] = dot(x[m, h, :K], W[h][n, :]) (Kx = K, Ky = N); trans 1:
+// y[m, h, k] = sum_n x[m, h, n] W[h][n, k] (Kx = N, Ky = K).
+template <typename W>
+void heads_gemv(const float* x, int64_t M, int64_t H, const W* w, int64_t N, int64_t K, int64_t ldr, int64_t ldh,
+                int trans, float* y, int threads) {
+  const int64_t Kx = trans ? N : K, Ky = trans ? K : N;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t h = 0; h < H; ++h) {
+    const W* wh = w + h * ldh;
+    if (!trans) {
+      float out[4];
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t m = 0; m < M; m += 4) {
+          const int64_t mb = std::min<int64_t>(4, M - m);
+          const float* xm = x + (m * H + h) * Kx;
+          switch (mb) {
+            case 4: dot_rows<W, 4>(xm, H * Kx, wh + n * ldr, K, out); break;
+            case 3: dot_rows<W, 3>(xm, H * Kx, wh + n * ldr, K, out); break;
+            case 2: dot_rows<W, 2>(xm, H * Kx, wh + n * ldr, K, out); break;
+            default: dot_rows<W, 1>(xm, H * Kx, wh + n * ldr, K, out); break;
+          }
+          for (int64_t j = 0; j < mb; ++j) y[((m + j) * H + h) * Ky + n] = out[j];
+        }
+      continue;
+    }
+    for (int64_t m = 0; m < M; ++m) std::fill(y + (m * H + h) * Ky, y + (m * H + h) * Ky + K, 0.0f);
+    for (int64_t n = 0; n < N; ++n) {  // row n of the head's block, added into every row's output
+      const W* wr = wh + n * ldr;
+      for (int64_t m = 0; m < M; ++m) {
+        float* ym = y + (m * H + h) * Ky;
+        const float a = x[(m * H + h) * Kx + n];
+        const __m256 va = _mm256_set1_ps(a);
+        int64_t k = 0;
+        for (; k + 8 <= K; k += 8) _mm256_storeu_ps(ym + k, _mm256_fmadd_ps(va, load8(wr + k), _mm256_loadu_ps(ym + k)));
+        for (; k < K; ++k) ym[k] += a * to_float(wr[k]);
+      }
+    }
+  }
+}
+
 // ---- a mixture-of-experts layer's experts in one call ------------------------------------------------------
 // A decode step of an MoE layer runs a few SwiGLU experts (the routed ones and the shared one) on a few rows
 // each. As separate calls that is ~10 per expert, each with its own activation rounding, thread start and
@@ -646,5 +691,15 @@ extern "C" int glmkit_moe_int4(const float* x, int64_t M, int64_t C, int64_t gs,
     if (gs == 64) GLMKIT_MOE(1, uint16_t); else if (gs == 128) GLMKIT_MOE(2, uint16_t); else GLMKIT_MOE(0, uint16_t);
   }
 #undef GLMKIT_MOE
+  return 0;
+}
+
+// Per-head products (heads_gemv above): w fp32 (wtype 0) or bf16 (1).
+extern "C" int glmkit_heads_gemv(const float* x, int64_t M, int64_t H, const void* w, int wtype, int64_t N, int64_t K,
+                                 int64_t ldr, int64_t ldh, int trans, float* y, int threads) {
+  if (M < 0 || H < 0 || N < 0 || K < 0 || ldr < K || (trans != 0 && trans != 1)) return 1;
+  if (wtype == 0) heads_gemv(x, M, H, static_cast<const float*>(w), N, K, ldr, ldh, trans, y, threads);
+  else if (wtype == 1) heads_gemv(x, M, H, static_cast<const uint16_t*>(w), N, K, ldr, ldh, trans, y, threads);
+  else return 1;
   return 0;
 }
