@@ -274,33 +274,47 @@ inline void int4_tile(const int8_t* x, int64_t ldx, const float* sx, const float
   __m256 acc[R][MB];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < MB; ++j) acc[r][j] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < G; ++g) {
-    __m256i a[R][MB];
+  for (int64_t g0 = 0; g0 < G; g0 += 8) {
+    // the factors scale_g * sx_g of 8 groups at once, one lane each: per group a lane is broadcast (one
+    // permute) instead of a scale converted and broadcast and a product taken per group
+    __m256 fac[R][MB];
+    const int64_t gn = std::min<int64_t>(8, G - g0);
     for (int r = 0; r < R; ++r)
-      for (int j = 0; j < MB; ++j) a[r][j] = _mm256_setzero_si256();
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t k = g * gs + 64 * c;
-      if (R == 1) {
-        _mm_prefetch(reinterpret_cast<const char*>(w + k / 2) + 1024, _MM_HINT_T0);  // the hardware prefetcher alone falls behind
-      } else {
-        const char* pf = reinterpret_cast<const char*>(w + R * ldw) + R * (k / 2);  // 32 bytes per row per chunk
-        for (int i = 0; i < R * 32; i += 64) _mm_prefetch(pf + i, _MM_HINT_T0);
-      }
-      for (int r = 0; r < R; ++r) {
-        __m256i lo, hi;
-        nibbles(w + r * ldw + k / 2, lo, hi);
-        for (int j = 0; j < MB; ++j) {
-          const __m256i* xj = reinterpret_cast<const __m256i*>(x + j * ldx + k);
-          a[r][j] = dot64(a[r][j], lo, hi, _mm256_loadu_si256(xj), _mm256_loadu_si256(xj + 1));
+      for (int j = 0; j < MB; ++j) {
+        if (gn == 8) {
+          fac[r][j] = _mm256_mul_ps(load8(sc + r * G + g0), _mm256_loadu_ps(sx + j * G + g0));
+        } else {
+          float f[8] = {};
+          for (int64_t i = 0; i < gn; ++i) f[i] = to_float(sc[r * G + g0 + i]) * sx[j * G + g0 + i];
+          fac[r][j] = _mm256_loadu_ps(f);
         }
       }
-    }
-    for (int r = 0; r < R; ++r) {
-      const __m256 s = bcast(sc + r * G + g);  // loaded once for the MB rows
-      for (int j = 0; j < MB; ++j) {
-        const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(a[r][j]), _mm256_set1_ps(sx[j * G + g]));
-        acc[r][j] = _mm256_fmadd_ps(f, s, acc[r][j]);
+    for (int64_t gi = 0; gi < gn; ++gi) {
+      const int64_t g = g0 + gi;
+      __m256i a[R][MB];
+      for (int r = 0; r < R; ++r)
+        for (int j = 0; j < MB; ++j) a[r][j] = _mm256_setzero_si256();
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t k = g * gs + 64 * c;
+        if (R == 1) {
+          _mm_prefetch(reinterpret_cast<const char*>(w + k / 2) + 1024, _MM_HINT_T0);  // the hardware prefetcher alone falls behind
+        } else {
+          const char* pf = reinterpret_cast<const char*>(w + R * ldw) + R * (k / 2);  // 32 bytes per row per chunk
+          for (int i = 0; i < R * 32; i += 64) _mm_prefetch(pf + i, _MM_HINT_T0);
+        }
+        for (int r = 0; r < R; ++r) {
+          __m256i lo, hi;
+          nibbles(w + r * ldw + k / 2, lo, hi);
+          for (int j = 0; j < MB; ++j) {
+            const __m256i* xj = reinterpret_cast<const __m256i*>(x + j * ldx + k);
+            a[r][j] = dot64(a[r][j], lo, hi, _mm256_loadu_si256(xj), _mm256_loadu_si256(xj + 1));
+          }
+        }
       }
+      const __m256i lane = _mm256_set1_epi32(static_cast<int>(gi));
+      for (int r = 0; r < R; ++r)
+        for (int j = 0; j < MB; ++j)
+          acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r][j]), _mm256_permutevar8x32_ps(fac[r][j], lane), acc[r][j]);
     }
   }
   for (int r = 0; r < R; ++r)
