@@ -242,6 +242,7 @@ def main() -> None:
                    help="a checkpoint quantized without latent attention's projections: keep them float (default: "
                         "quantize them as it loads)")
     p.add_argument("--profile", action="store_true", help="print the top operators of a few batch-1 decode steps")
+    p.add_argument("--threads", type=int, default=None, help="threads for glmkit and llama.cpp (default: PyTorch's)")
     p.add_argument("--llama-cpp", type=Path, default=None,
                    help="a llama.cpp tree with llama-bench and llama-quantize built: with --out DIR --layers N, a bf16 "
                         "slice in the HF layout is written to DIR, converted by its converter, quantized to Q4_0 and "
@@ -251,8 +252,10 @@ def main() -> None:
     a = p.parse_args()
     a.batches = [int(b) for b in str(a.batches).split(",")]
     if a.child:
+        if a.threads:
+            torch.set_num_threads(a.threads)
         return child(a)
-    torch.set_num_threads(torch.get_num_threads())
+    torch.set_num_threads(a.threads or torch.get_num_threads())
     info = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
     try:
         info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
@@ -276,6 +279,7 @@ def main() -> None:
     cmd = [sys.executable, __file__, "--child", str(model), "--batches", ",".join(map(str, a.batches)),
            "--new-tokens", str(a.new_tokens), "--prefill", str(a.prefill)]
     cmd += ["--quantize", "int4"] if a.llama_cpp else []
+    cmd += ["--threads", str(torch.get_num_threads())]
     cmd += [f for f, on in (("--as-stored", a.as_stored), ("--profile", a.profile)) if on]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
