@@ -196,8 +196,10 @@ def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.glmkit_dequant_int4.argtypes = [ptr, ptr, ptr, c_int, i64, i64, i64, ptr, c_int, c_int]
     lib.glmkit_moe_int4.argtypes = [ptr, i64, i64, i64, c_int, i64, ptr, ptr, ptr, ptr, ptr, c_int]
     lib.glmkit_heads_gemv.argtypes = [ptr, i64, i64, ptr, c_int, i64, i64, i64, i64, c_int, ptr, c_int]
+    lib.glmkit_heads_gemv_int4.argtypes = [ptr, i64, i64, ptr, ptr, ptr, c_int, i64, i64, i64, i64, c_int, ptr, c_int]
     for f in (lib.glmkit_gemv_dense, lib.glmkit_gemv_q8, lib.glmkit_gemv_int4, lib.glmkit_decode_step,
-              lib.glmkit_dequant_q8, lib.glmkit_dequant_int4, lib.glmkit_moe_int4, lib.glmkit_heads_gemv):
+              lib.glmkit_dequant_q8, lib.glmkit_dequant_int4, lib.glmkit_moe_int4, lib.glmkit_heads_gemv,
+              lib.glmkit_heads_gemv_int4):
         f.restype = c_int
     return lib
 
@@ -352,6 +354,30 @@ def heads_gemv(x: torch.Tensor, w: torch.Tensor, trans: bool) -> torch.Tensor:
     rc = _lib.glmkit_heads_gemv(xr.data_ptr(), x.shape[0], H, w.data_ptr(), _WTYPE[w.dtype], N, K, w.stride(1),
                                 w.stride(0), int(trans), y.data_ptr(), torch.get_num_threads())
     _check(rc, "heads_gemv")
+    return y
+
+
+def heads_gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
+                    heads: int, row0: int, rows: int, trans: bool) -> torch.Tensor:
+    """heads_gemv with the weight in glmkit's int4 layout (packed (N_all, K/2), scales and mins (N_all, K/g)): head
+    h's block is rows [h * N_all / heads + row0, + rows), so kv_b's key (row0 0) or value rows (row0 Dn) of each
+    head. Each row is dequantized to fp32 once per call; the activations are not rounded."""
+    N_all, K = packed.shape[0], packed.shape[1] * 2
+    ldh = N_all // heads
+    Kx = rows if trans else K
+    if (x.dim() != 3 or x.shape[1:] != (heads, Kx) or N_all % heads or row0 + rows > ldh or group_size % 32
+            or K % group_size or packed.dtype != torch.uint8 or not packed.is_contiguous()):
+        raise ValueError(f"heads_gemv_int4: x {tuple(x.shape)}, packed {tuple(packed.shape)}, {heads} heads, rows "
+                         f"[{row0}, {row0 + rows}) per head, group size {group_size} do not fit together")
+    if _load() is None:
+        raise RuntimeError(f"heads_gemv_int4: the native kernels are unavailable ({_why})")
+    sc, mn, code = int4_scales(scales, mins)
+    xr = x.to(torch.float32).contiguous()
+    y = torch.empty(x.shape[0], heads, K if trans else rows)
+    rc = _lib.glmkit_heads_gemv_int4(xr.data_ptr(), x.shape[0], heads, packed[row0].data_ptr(), sc[row0].data_ptr(),
+                                     mn[row0].data_ptr(), code, group_size, rows, K, ldh, int(trans), y.data_ptr(),
+                                     torch.get_num_threads())
+    _check(rc, "heads_gemv_int4")
     return y
 
 

@@ -166,8 +166,8 @@ def _linears(cfg) -> list[tuple[int, int, bool]]:
 
 def _latent_bytes(cfg, a: int, quant: dict | None = None) -> int:
     """Bytes of one layer's latent attention projections and their norms (q or q_a, q_norm, q_b; kv_a, kv_norm,
-    kv_b): in the float dtype `a` bytes wide, but q_a, q_b and kv_a quantized where `quant` quantizes them
-    (quantize.latent_target; a lone q stays float, as does kv_b)."""
+    kv_b): in the float dtype `a` bytes wide, but q_a, q_b, kv_a and kv_b quantized where `quant` quantizes them
+    (quantize.latent_target; a lone q stays float)."""
     if cfg.attention != "mla":
         return 0
     C, H, Q, R, P = cfg.dim, cfg.n_heads, cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_rope_head_dim
@@ -179,7 +179,7 @@ def _latent_bytes(cfg, a: int, quant: dict | None = None) -> int:
     q = C * H * cfg.head_dim * a if Q is None else (_linear_bytes(Q, C, cfg.qkv_bias, a, lq("attn.q_a", C)) + Q * a
                                                     + _linear_bytes(H * cfg.head_dim, Q, False, a, lq("attn.q_b", Q)))
     kv = (_linear_bytes(R + P, C, cfg.qkv_bias, a, lq("attn.kv_a", C)) + R * a
-          + R * H * (cfg.qk_nope_head_dim + cfg.v_head_dim) * a)
+          + _linear_bytes(H * (cfg.qk_nope_head_dim + cfg.v_head_dim), R, False, a, lq("attn.kv_b", R)))
     return q + kv
 
 

@@ -45,10 +45,10 @@ from . import kernels
 from .layers import ROUTER_FP32
 
 TARGETS = ("attn.qkv", "attn.out", "mlp.up", "mlp.down")
-# latent attention's low-rank projections, quantized when the spec says so (quant["latent"]; checkpoints written
-# before it was added have them float). kv_b stays float: decoding folds its rows into the query and the output
-# (LatentAttention's absorbed form), products over its output dimension that the int4 kernels do not compute.
-LATENT_TARGETS = ("attn.q_a", "attn.q_b", "attn.kv_a")
+# latent attention's projections, quantized when the spec says so (quant["latent"]; checkpoints written before it
+# was added have them float). kv_b included: the absorbed decode reads its per-head blocks through
+# kernels.heads_gemv_int4 (LatentAttention._kv_b_heads), prefill through the quantized linear.
+LATENT_TARGETS = ("attn.q_a", "attn.q_b", "attn.kv_a", "attn.kv_b")
 # an MoE layer's experts and shared expert: mlp.experts.E.up, mlp.shared.down, ...
 _MOE_TARGET = re.compile(r"(^|\.)mlp\.(experts\.\d+|shared)\.(up|down)$")
 

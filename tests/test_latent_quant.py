@@ -1,7 +1,7 @@
 """Latent attention's low-rank projections quantized (quant["latent"]: q_a, q_b, kv_a; quantize.LATENT_TARGETS).
 
-A tiny Glm4MoeLite built here: quantizing it sets "latent" and swaps q_a and kv_a for int4 linears (q_b,
-whose 96 inputs are no whole number of 64-column groups, and kv_b stay float); its logits equal the float model's of
+A tiny Glm4MoeLite built here: quantizing it sets "latent" and swaps q_a, kv_a and kv_b for int4 linears
+(q_b, whose 96 inputs are no whole number of 64-column groups, stays float); its logits equal the float model's of
 the dequantized weights;
 a checkpoint written without "latent" (the layout before it) loads with quantize="int4" by quantizing just
 those projections as they are read, giving bit for bit the model quantized from float in one go; a
@@ -19,7 +19,7 @@ from glmkit import kernels
 from glmkit.convert import read_checkpoint, write_checkpoint
 from glmkit.model import GLM
 from glmkit.plan import weight_bytes
-from glmkit.quantize import LATENT_TARGETS, Int4Linear, quantize_model
+from glmkit.quantize import LATENT_TARGETS, Int4Linear, quantize_int4, quantize_model, unpack_int4
 from tests.helpers import assert_close, assert_equal
 
 transformers = pytest.importorskip("transformers")
@@ -55,10 +55,9 @@ def test_latent_projections_quantized_equal_their_dequantized_model(hf_dir, monk
     q = glmkit.load(str(hf_dir), quantize="int4").eval()
     assert q.cfg.quant["latent"] is True
     attn = q.layers[1].attn
-    assert LATENT_TARGETS == ("attn.q_a", "attn.q_b", "attn.kv_a")
-    assert type(attn.q_a) is Int4Linear and type(attn.kv_a) is Int4Linear
+    assert LATENT_TARGETS == ("attn.q_a", "attn.q_b", "attn.kv_a", "attn.kv_b")
+    assert all(type(m) is Int4Linear for m in (attn.q_a, attn.kv_a, attn.kv_b))
     assert type(attn.q_b) is not Int4Linear, "q_b's 96 inputs are no whole number of 64-column groups: it stays float"
-    assert attn.kv_b.weight.is_floating_point(), "kv_b stays float (the absorbed form reads it per head)"
     ids = torch.randint(0, 512, (2, 11), generator=torch.Generator().manual_seed(1))
     want = dequantized(q)(ids)
     mx = assert_close(q(ids), want, 1e-4, "int4 (latent projections too) vs its dequantized float model")
@@ -92,3 +91,41 @@ def test_plan_counts_the_quantized_latent_projections(hf_dir):
     planned = sum(weight_bytes(q.cfg, torch.float32).values())
     print(f"\nplanned {planned} bytes, held {held}")
     assert planned == held
+
+
+@torch.no_grad()
+def test_absorbed_decode_with_int4_kv_b_equals_dequantized_einsums(hf_dir, monkeypatch):
+    """A decode step in the absorbed form reads an int4 kv_b per head natively (kernels.heads_gemv_int4, fp32 of
+    the dequantized rows): the same logits as that step through einsums of kv_b's dequantized weight. The rest of
+    the model stays fp32 (a fully int4 model rounds activations to int8 steps, where a 1e-7 difference upstream
+    can move an output by a whole step)."""
+    if not kernels.available():
+        pytest.skip(f"native kernels unavailable: {kernels.why_unavailable()}")
+    q = read_checkpoint(hf_dir).eval()
+    for blk in q.layers:
+        kv_b = blk.attn.kv_b
+        int4 = Int4Linear(kv_b.in_features, kv_b.out_features, False, 64)
+        int4.weight, int4.scales, int4.mins = quantize_int4(kv_b.weight, 64)
+        blk.attn.kv_b, blk.attn.absorb = int4, True
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(5))
+    calls = []
+    real = kernels.heads_gemv_int4
+    monkeypatch.setattr(kernels, "heads_gemv_int4", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def step():
+        cache = q.new_cache(2, 12)
+        q.prefill(ids[:, :8], cache)
+        return q.prefill(ids[:, 8:], cache, position_ids=torch.full((2, 1), 8))
+
+    native = step()
+    assert calls, "the decode step did not read kv_b through heads_gemv_int4"
+    def einsums(x, packed, scales, mins, gs, H, row0, rows, trans):  # the reference: the dequantized weight in fp32
+        N, K = packed.shape[0], packed.shape[1] * 2
+        w = unpack_int4(packed).float().view(N, K // gs, gs) * scales.float()[..., None] + mins.float()[..., None]
+        w = w.view(H, N // H, K)[:, row0:row0 + rows]
+        return torch.einsum("mhn,hnr->mhr" if trans else "mhr,hnr->mhn", x.float(), w)
+
+    monkeypatch.setattr(kernels, "heads_gemv_int4", einsums)
+    want = step()
+    mx = assert_close(native, want, 1e-4, "absorbed decode step, int4 kv_b native vs dequantized einsums")
+    print(f"\nint4 kv_b absorbed decode: native vs einsum max abs diff {mx:.2e}")

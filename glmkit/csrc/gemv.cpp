@@ -660,6 +660,52 @@ void dequant_int4(const uint8_t* w, const S* sc, const S* mn, int64_t gs, int64_
   }
 }
 
+// heads_gemv (above) with each head's block of rows in glmkit's int4 layout: rows h * ldh + n (n < N) of packed w
+// (K/2 bytes a row), sc and mn (K/gs a row). Each row is dequantized to fp32 once (the activations are not
+// rounded: these products are small) and used for the M rows as heads_gemv uses an fp32 one.
+template <typename S>
+void heads_gemv_int4(const float* x, int64_t M, int64_t H, const uint8_t* w, const S* sc, const S* mn, int64_t gs,
+                     int64_t N, int64_t K, int64_t ldh, int trans, float* y, int threads) {
+  const int64_t G = K / gs, Kx = trans ? N : K, Ky = trans ? K : N;
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> row(K);
+#pragma omp for schedule(static)
+    for (int64_t h = 0; h < H; ++h) {
+      if (trans)
+        for (int64_t m = 0; m < M; ++m) std::fill(y + (m * H + h) * Ky, y + (m * H + h) * Ky + K, 0.0f);
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t r = h * ldh + n;
+        for (int64_t g = 0; g < G; ++g) {
+          const __m256 s = _mm256_set1_ps(to_float(sc[r * G + g])), m0 = _mm256_set1_ps(to_float(mn[r * G + g]));
+          for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) dequant32_int4(w + r * (K / 2) + k / 2, s, m0, &row[k]);
+        }
+        if (!trans) {
+          float out[4];
+          for (int64_t m = 0; m < M; m += 4) {
+            const int64_t mb = std::min<int64_t>(4, M - m);
+            const float* xm = x + (m * H + h) * Kx;
+            switch (mb) {
+              case 4: dot_rows<float, 4>(xm, H * Kx, row.data(), K, out); break;
+              case 3: dot_rows<float, 3>(xm, H * Kx, row.data(), K, out); break;
+              case 2: dot_rows<float, 2>(xm, H * Kx, row.data(), K, out); break;
+              default: dot_rows<float, 1>(xm, H * Kx, row.data(), K, out); break;
+            }
+            for (int64_t j = 0; j < mb; ++j) y[((m + j) * H + h) * Ky + n] = out[j];
+          }
+          continue;
+        }
+        for (int64_t m = 0; m < M; ++m) {
+          float* ym = y + (m * H + h) * Ky;
+          const __m256 va = _mm256_set1_ps(x[(m * H + h) * Kx + n]);
+          for (int64_t k = 0; k < K; k += 8)
+            _mm256_storeu_ps(ym + k, _mm256_fmadd_ps(va, _mm256_loadu_ps(&row[k]), _mm256_loadu_ps(ym + k)));
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 // Rows [0, R) of an int8 weight (R, K) with per-row fp32 scales into out (R, K): fp32 (out_type 0) or bf16 (1).
@@ -715,5 +761,21 @@ extern "C" int glmkit_heads_gemv(const float* x, int64_t M, int64_t H, const voi
   if (wtype == 0) heads_gemv(x, M, H, static_cast<const float*>(w), N, K, ldr, ldh, trans, y, threads);
   else if (wtype == 1) heads_gemv(x, M, H, static_cast<const uint16_t*>(w), N, K, ldr, ldh, trans, y, threads);
   else return 1;
+  return 0;
+}
+
+// heads_gemv_int4 above: scales and mins fp32 (s_type 0) or bf16 (1); gs a multiple of 32 dividing K.
+extern "C" int glmkit_heads_gemv_int4(const float* x, int64_t M, int64_t H, const uint8_t* w, const void* scales,
+                                      const void* mins, int s_type, int64_t gs, int64_t N, int64_t K, int64_t ldh,
+                                      int trans, float* y, int threads) {
+  if (M < 0 || H < 0 || N < 0 || gs <= 0 || gs % 32 || K % gs || (trans != 0 && trans != 1)) return 1;
+  if (s_type == 0)
+    heads_gemv_int4(x, M, H, w, static_cast<const float*>(scales), static_cast<const float*>(mins), gs, N, K, ldh, trans,
+                    y, threads);
+  else if (s_type == 1)
+    heads_gemv_int4(x, M, H, w, static_cast<const uint16_t*>(scales), static_cast<const uint16_t*>(mins), gs, N, K, ldh,
+                    trans, y, threads);
+  else
+    return 1;
   return 0;
 }
