@@ -219,9 +219,8 @@ def child(a) -> None:
     if a.profile:  # where a batch-1 decode step's time goes: the top operators of a few steps, to stderr
         from torch.profiler import profile
 
-        prompts = [torch.randint(0, V, (32,)).tolist()]
-        with profile() as prof:
-            run(prompts, 6)
+        with profile() as prof:  # a one-token prompt: its prefill is a decode step too
+            run([torch.randint(0, V, (1,)).tolist()], 6)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14), file=sys.stderr)
     res["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print("RESULT " + json.dumps(res))
@@ -243,6 +242,9 @@ def main() -> None:
                         "quantize them as it loads)")
     p.add_argument("--profile", action="store_true", help="print the top operators of a few batch-1 decode steps")
     p.add_argument("--threads", type=int, default=None, help="threads for glmkit and llama.cpp (default: PyTorch's)")
+    p.add_argument("--mmap-threshold", type=int, default=1 << 20,
+                   help="glibc's MALLOC_MMAP_THRESHOLD_ for the measuring process (0: glibc's default, which raises it as "
+                        "large blocks are freed, so a prefill's freed activations stay in the heap: ~1 GiB more resident)")
     p.add_argument("--llama-cpp", type=Path, default=None,
                    help="a llama.cpp tree with llama-bench and llama-quantize built: with --out DIR --layers N, a bf16 "
                         "slice in the HF layout is written to DIR, converted by its converter, quantized to Q4_0 and "
@@ -281,7 +283,9 @@ def main() -> None:
     cmd += ["--quantize", "int4"] if a.llama_cpp else []
     cmd += ["--threads", str(torch.get_num_threads())]
     cmd += [f for f, on in (("--as-stored", a.as_stored), ("--profile", a.profile)) if on]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ, **({"MALLOC_MMAP_THRESHOLD_": str(a.mmap_threshold)} if a.mmap_threshold else {}))
+    info["mmap_threshold"] = a.mmap_threshold
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode:
         raise SystemExit(f"the measuring process failed:\n{r.stderr[-3000:]}")
     if a.profile:
