@@ -146,6 +146,11 @@ def llama_cpp(llama: Path, src: Path, prefill: int, bandwidth: float) -> dict:
     from bench.big_model import LLAMA_QUANT, gguf_files, llama_bench
 
     q4 = Path(f"{src}.{LLAMA_QUANT['int4'].lower()}.gguf")
+    cfg_path = src / "config.json"
+    hf = json.loads(cfg_path.read_text())
+    if "first_k_dense_replace" not in hf:  # the converter reads the dense-first layer count from this key only
+        hf["first_k_dense_replace"] = hf.get("mlp_layer_types", []).count("dense")
+        cfg_path.write_text(json.dumps(hf, indent=2) + "\n")
     if not q4.exists():
         q4 = gguf_files(llama, src, ["int4"])["int4"]
         Path(f"{src}.bf16.gguf").unlink(missing_ok=True)
@@ -219,9 +224,10 @@ def child(a) -> None:
     if a.profile:  # where a batch-1 decode step's time goes: the top operators of a few steps, to stderr
         from torch.profiler import profile
 
-        with profile() as prof:  # a one-token prompt: its prefill is a decode step too
+        with profile(record_shapes=True) as prof:  # a one-token prompt: its prefill is a decode step too
             run([torch.randint(0, V, (1,)).tolist()], 6)
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14), file=sys.stderr)
+        print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=16),
+              file=sys.stderr)
     res["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print("RESULT " + json.dumps(res))
 
