@@ -18,7 +18,7 @@ Measured in a child process (so its peak resident memory is the model's alone):
               weights become resident as they are first read)
   prefill     prompt tokens / seconds for a --prefill-token prompt (one new token), run first: it routes to
               every expert, so the decode figures below are of resident weights; then a batch-16 decode
-              warm-up, after which every expert's int4 kernel has built its [scale, min] pairs
+              warm-up (the int4 kernels read scales and mins as stored: nothing is built per expert)
   decode      B / the median time between steps of a stream of --new-tokens tokens, greedy, per batch B
   bound       the bandwidth bound: measured memory bandwidth / bytes one token's forward reads (attention,
               dense and shared MLPs, router, n_experts_per_tok routed experts per MoE layer, the head; one
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -77,9 +78,11 @@ def model_config(arch: str, layers: int | None, tiny: bool, bits: int):
     return replace(cfg, chat_format=None, quant=quant_spec(bits, 64 if not tiny else 32, head=True) if bits else None)
 
 
-def write_model(cfg, out: Path) -> int:
-    """Random weights of `cfg` (quantized ones as int4 / int8 codes) written tensor by tensor; returns bytes."""
+def write_model(cfg, out: Path, fmt: str = "glmkit") -> int:
+    """Random weights of `cfg` (quantized ones as int4 / int8 codes) written tensor by tensor in layout `fmt`
+    (a float model also in the source's: `glm4_moe_lite_hf` for llama.cpp's converter); returns bytes."""
     from glmkit.convert import _meta_model, write_stream
+    from glmkit.layers import ROUTER_FP32
 
     gen = torch.Generator().manual_seed(0)
     meta = _meta_model(cfg).state_dict()
@@ -100,10 +103,11 @@ def write_model(cfg, out: Path) -> int:
             elif name.endswith("e_score_correction_bias"):
                 t = torch.zeros(m.shape, dtype=m.dtype)
             else:
-                t = (torch.randn(m.shape, generator=gen) * 0.02).to(torch.float32 if m.dtype == torch.float32 else torch.bfloat16)
+                fp32 = m.dtype == torch.float32 and (cfg.quant or name.endswith(ROUTER_FP32))  # a float model: bf16
+                t = (torch.randn(m.shape, generator=gen) * 0.02).to(torch.float32 if fp32 else torch.bfloat16)
             yield name, t
 
-    return write_stream(cfg, tensors(), out)[1]
+    return write_stream(cfg, tensors(), out, fmt=fmt)[1]
 
 
 def read_bytes_per_token(cfg) -> int:
@@ -112,6 +116,51 @@ def read_bytes_per_token(cfg) -> int:
 
     w = weight_bytes(cfg, torch.bfloat16)
     return active_weight_bytes(cfg, torch.bfloat16) - (w["embeddings"] - cfg.dim * 2 if not cfg.tie_embeddings else 0)
+
+
+def gguf_read_bytes(path: Path) -> tuple[int, int]:
+    """(bytes one token reads, bytes in all) of a GGUF model file: every tensor but the embedding table (one row)
+    and the routed experts (ffn_*_exps: n_experts_per_tok of their experts), as read_bytes_per_token counts."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(path))
+    arch = r.fields["general.architecture"].contents()
+    k, E = (int(r.fields[f"{arch}.{f}"].contents()) for f in ("expert_used_count", "expert_count"))
+    read = total = 0
+    for t in r.tensors:
+        n = int(t.n_bytes)
+        total += n
+        if t.name == "token_embd.weight":
+            read += n // int(t.shape[-1])  # one row (the table is (vocab, dim) with the vocabulary last in GGUF's order)
+        elif "_exps." in t.name:
+            read += n * k // E
+        else:
+            read += n
+    return read, total
+
+
+def llama_cpp(llama: Path, src: Path, prefill: int, bandwidth: float) -> dict:
+    """llama.cpp on the bf16 HF slice `src`: converted by its converter, quantized to Q4_0 (both cached beside
+    `src`; the bf16 GGUF is removed once the Q4_0 one exists, for disk), llama-bench with this process's threads,
+    and its decode as a fraction of its own bound (bandwidth / the bytes its Q4_0 file has one token read)."""
+    from bench.big_model import LLAMA_QUANT, gguf_files, llama_bench
+
+    q4 = Path(f"{src}.{LLAMA_QUANT['int4'].lower()}.gguf")
+    cfg_path = src / "config.json"
+    hf = json.loads(cfg_path.read_text())
+    if "first_k_dense_replace" not in hf:  # the converter reads the dense-first layer count from this key only
+        hf["first_k_dense_replace"] = hf.get("mlp_layer_types", []).count("dense")
+        cfg_path.write_text(json.dumps(hf, indent=2) + "\n")
+    if not q4.exists():
+        q4 = gguf_files(llama, src, ["int4"])["int4"]
+        Path(f"{src}.bf16.gguf").unlink(missing_ok=True)
+    read, total = gguf_read_bytes(q4)
+    res = llama_bench(llama, q4, prefill)
+    out = {"llama_q4_0_gib": total / 2**30, "llama_read_gib_per_token": read / 2**30,
+           "llama_load_1min": os.getloadavg()[0]}
+    out.update({f"llama_{k}": v for k, v in res.items()})
+    out["llama_decode_b1_of_bound"] = res["decode_b1_tok_s"] * read / (bandwidth * 1e9)
+    return out
 
 
 def rss_gib() -> float:
@@ -123,15 +172,26 @@ def child(a) -> None:
     import resource
 
     import glmkit
+    from glmkit.convert import config_of
     from glmkit.generate import generate, stream
     from glmkit.model import BlockPool
     from glmkit.sampling import SamplingParams
 
     torch.manual_seed(0)
     t = time.perf_counter()
-    model = glmkit.load(a.child, dtype=torch.bfloat16).eval()
+    stored = config_of(a.child)[1]
+    q = stored.quant
+    if a.quantize:  # a float checkpoint (the llama.cpp slice), quantized as it loads
+        model = glmkit.load(a.child, dtype=torch.bfloat16, quantize=a.quantize)
+    elif q and stored.attention == "mla" and not q.get("latent") and not a.as_stored:
+        # written before latent attention's projections were quantized: those quantized as they load (what
+        # `glmkit quantize` writes now), instead of holding ~1 GB of them in bf16
+        model = glmkit.load(a.child, dtype=torch.bfloat16, quantize=f"int{q['bits']}", group_size=q["group_size"] or 64)
+    else:
+        model = glmkit.load(a.child, dtype=torch.bfloat16)
+    model.eval()
     cfg = model.cfg
-    res = {"load_s": time.perf_counter() - t, "rss_after_load_gib": rss_gib(),
+    res = {"load_s": time.perf_counter() - t, "rss_after_load_gib": rss_gib(), "quant": cfg.quant,
            "params_b": cfg.num_params() / 1e9, "active_params_b": cfg.num_params(active=True) / 1e9,
            "kv_bytes_per_token": BlockPool.block_bytes(cfg, 1, torch.bfloat16),
            "read_gib_per_token": read_bytes_per_token(cfg) / 2**30}
@@ -147,8 +207,7 @@ def child(a) -> None:
         ids = torch.randint(0, V, (a.prefill,)).tolist()
         res["prefill_tok_s"] = a.prefill / run([ids], 1)
         res["rss_after_prefill_gib"] = rss_gib()
-    # decode-mode warm-up over every expert: each int4 linear builds its kernel's [scale, min] pairs on its first
-    # few-row call (kept after), so the first decode tokens of a fresh model are slower than the steady state
+    # decode-mode warm-up: its first steps touch experts the prefill's rows did not leave in the page cache
     t = time.perf_counter()
     run([torch.randint(0, V, (8,)).tolist() for _ in range(16)], 8)
     res["warmup_b16x8_s"] = time.perf_counter() - t
@@ -162,6 +221,13 @@ def child(a) -> None:
                 stamps.append(time.perf_counter())
         gaps = sorted(y - x for x, y in zip(stamps, stamps[1:]))
         res[f"decode_b{B}_tok_s"] = B / gaps[len(gaps) // 2]
+    if a.profile:  # where a batch-1 decode step's time goes: the top operators of a few steps, to stderr
+        from torch.profiler import profile
+
+        with profile(record_shapes=True) as prof:  # a one-token prompt: its prefill is a decode step too
+            run([torch.randint(0, V, (1,)).tolist()], 6)
+        print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=16),
+              file=sys.stderr)
     res["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print("RESULT " + json.dumps(res))
 
@@ -177,37 +243,67 @@ def main() -> None:
     p.add_argument("--batches", default="1,4")
     p.add_argument("--new-tokens", type=int, default=24)
     p.add_argument("--prefill", type=int, default=2048)
+    p.add_argument("--as-stored", action="store_true",
+                   help="a checkpoint quantized without latent attention's projections: keep them float (default: "
+                        "quantize them as it loads)")
+    p.add_argument("--profile", action="store_true", help="print the top operators of a few batch-1 decode steps")
+    p.add_argument("--threads", type=int, default=None, help="threads for glmkit and llama.cpp (default: PyTorch's)")
+    p.add_argument("--mmap-threshold", type=int, default=1 << 20,
+                   help="glibc's MALLOC_MMAP_THRESHOLD_ for the measuring process (0: glibc's default, which raises it as "
+                        "large blocks are freed, so a prefill's freed activations stay in the heap: ~1 GiB more resident)")
+    p.add_argument("--llama-cpp", type=Path, default=None,
+                   help="a llama.cpp tree with llama-bench and llama-quantize built: with --out DIR --layers N, a bf16 "
+                        "slice in the HF layout is written to DIR, converted by its converter, quantized to Q4_0 and "
+                        "benchmarked beside glmkit's int4 of the same slice")
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--quantize", help=argparse.SUPPRESS)
     a = p.parse_args()
     a.batches = [int(b) for b in str(a.batches).split(",")]
     if a.child:
+        if a.threads:
+            torch.set_num_threads(a.threads)
         return child(a)
-    torch.set_num_threads(torch.get_num_threads())
+    torch.set_num_threads(a.threads or torch.get_num_threads())
     info = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
     try:
         info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    if a.llama_cpp and (a.out is None or a.layers is None or a.model is not None or a.arch != "glm4_moe_lite"):
+        p.error("--llama-cpp compares on a slice: give --out DIR --layers N (glm4_moe_lite; DIR is written in bf16 "
+                "in the HF layout if it does not exist)")
+    info["load_1min"] = os.getloadavg()[0]  # a shared machine: the figures below are only as good as this is low
     model = a.model
     if model is None:
         if a.out is None:
             p.error("give --out (to write a random checkpoint) or --model")
-        cfg = model_config(a.arch, a.layers, a.tiny, a.bits)
-        t = time.perf_counter()
-        nbytes = write_model(cfg, a.out)
-        info.update(write_s=time.perf_counter() - t, written_gib=nbytes / 2**30)
+        if not (a.llama_cpp and (a.out / "config.json").exists()):
+            cfg = model_config(a.arch, a.layers, a.tiny, 0 if a.llama_cpp else a.bits)
+            t = time.perf_counter()
+            nbytes = write_model(cfg, a.out, "glm4_moe_lite_hf" if a.llama_cpp else "glmkit")
+            info.update(write_s=time.perf_counter() - t, written_gib=nbytes / 2**30)
         model = a.out
     info["bandwidth_gbs"] = bandwidth_gbs()
     cmd = [sys.executable, __file__, "--child", str(model), "--batches", ",".join(map(str, a.batches)),
            "--new-tokens", str(a.new_tokens), "--prefill", str(a.prefill)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    cmd += ["--quantize", "int4"] if a.llama_cpp else []
+    cmd += ["--threads", str(torch.get_num_threads())]
+    cmd += [f for f, on in (("--as-stored", a.as_stored), ("--profile", a.profile)) if on]
+    env = dict(os.environ, **({"MALLOC_MMAP_THRESHOLD_": str(a.mmap_threshold)} if a.mmap_threshold else {}))
+    info["mmap_threshold"] = a.mmap_threshold
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode:
         raise SystemExit(f"the measuring process failed:\n{r.stderr[-3000:]}")
+    if a.profile:
+        print(r.stderr[-6000:], file=sys.stderr)
     res = json.loads(next(line[7:] for line in r.stdout.splitlines() if line.startswith("RESULT ")))
     info.update(res)
     bound = info["bandwidth_gbs"] * 1e9 / (res["read_gib_per_token"] * 2**30)
     info["bound_b1_tok_s"] = bound
     info["decode_b1_of_bound"] = res["decode_b1_tok_s"] / bound if "decode_b1_tok_s" in res else None
+    if a.llama_cpp:
+        info.update(llama_cpp(a.llama_cpp, a.out, a.prefill, info["bandwidth_gbs"]))
+    info["load_1min_end"] = os.getloadavg()[0]
     for k, v in info.items():
         print(f"{k:24s} {v:.4g}" if isinstance(v, float) else f"{k:24s} {v}")
 

@@ -72,11 +72,11 @@ def linears_seconds(model, B: int) -> float:
     for mod in model.modules():
         if isinstance(mod, Int4Linear):
             N, K = mod.out_features, mod.in_features
-            sm, sm_type = kernels.int4_pairs(mod.scales, mod.mins)
+            sc, mn, code = kernels.int4_scales(mod.scales, mod.mins)
             x, y = torch.randn(B, K), torch.empty(B, N)
             t = CLOCK()
-            lib.glmkit_gemv_int4(x.data_ptr(), B, K, mod.weight.data_ptr(), sm.data_ptr(), sm_type, mod.group_size, N,
-                                 y.data_ptr(), threads)
+            lib.glmkit_gemv_int4(x.data_ptr(), B, K, mod.weight.data_ptr(), sc.data_ptr(), mn.data_ptr(), code,
+                                 mod.group_size, N, y.data_ptr(), threads)
         elif isinstance(mod, Int8Linear):
             N, K = mod.out_features, mod.in_features
             s = mod.scales.float().contiguous()

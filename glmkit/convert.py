@@ -1365,7 +1365,8 @@ def state_stream(path: str | Path, device=None, dtype=None, quant: dict | None =
     present = _match_names(files.where, fmt, cfg, path)
     if cfg.quant and fmt is not GLMKIT:
         raise CheckpointError(f"{path / 'config.json'}: quantized checkpoints exist only in the glmkit layout")
-    if cfg.quant and quant:
+    upgrade = bool(cfg.quant and quant)
+    if upgrade and not _latent_upgrade(cfg.quant, quant):
         raise ValueError(f"{path} is already quantized (int{cfg.quant['bits']}); quantize the float checkpoint, "
                          "or load this one as it is")
     meta = _meta_model(cfg)
@@ -1374,8 +1375,9 @@ def state_stream(path: str | Path, device=None, dtype=None, quant: dict | None =
     if quant:
         from .quantize import _targets
 
+        # the float linears `quant` quantizes (upgrading: the latent projections, the rest being quantized already)
         targets = {name for name, _ in _targets(meta, quant)}
-        tied_head = bool(quant["head"]) and cfg.tie_embeddings  # a quantized copy of the embedding as the head
+        tied_head = bool(quant["head"]) and cfg.tie_embeddings and not upgrade  # a quantized copy of the embedding
 
     def quantized(module: str, w: torch.Tensor):
         from .quantize import quantized_tensors
@@ -1408,13 +1410,39 @@ def state_stream(path: str | Path, device=None, dtype=None, quant: dict | None =
     return (replace(cfg, quant=quant) if quant else cfg), tensors()
 
 
+def _latent_upgrade(stored: dict, quant: dict) -> bool:
+    """Whether a checkpoint quantized as `stored` can load as `quant` by quantizing only its float latent
+    projections as they are read: the same bits, groups and head, `quant` with "latent" and `stored` without
+    (written before quantize.LATENT_TARGETS were quantized)."""
+    same = all(stored.get(k) == quant.get(k) for k in ("bits", "group_size", "head"))
+    return same and bool(quant.get("latent")) and not stored.get("latent")
+
+
 def read_checkpoint(path: str | Path, device=None, dtype=None, quant: dict | None = None) -> GLM:
     """Load any supported checkpoint directory as a glmkit GLM, checking every tensor; with `quant`,
     quantized as it is read (see state_stream): memory peaks near the quantized model's size."""
     cfg, tensors = state_stream(path, device, dtype, quant)
     model = _meta_model(cfg)
     model.load_state_dict(dict(tensors), strict=True, assign=True)
+    if quant:
+        _release_freed_heap()
     return model.to(device) if device is not None else model
+
+
+def _release_freed_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc's malloc_trim; nothing elsewhere). Quantizing as a
+    checkpoint loads allocates and frees a block of fp32 rows per tensor, and glibc keeps much of what was
+    freed (0.3 GiB after GLM-4.7-Flash's latent projections), resident for the model's lifetime otherwise."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc
+        trim = None
+    if trim is not None:
+        trim(0)
 
 
 # ---- writing ---------------------------------------------------------------------------------------
@@ -1587,7 +1615,9 @@ def load(path_or_preset: str | Path | None = None, device=None, dtype=None, quan
     """A GLM from a checkpoint directory, a preset name (random init, fp32 unless `dtype`), or, with
     no argument, the embedded default model. `quantize="int8"|"int4"` quantizes the weights as they
     are read (int4 in groups of `group_size`): the same tensors as `glmkit quantize --dtype D` then
-    `load(dtype=D)`, without the float model ever being in memory."""
+    `load(dtype=D)`, without the float model ever being in memory. A checkpoint quantized before latent
+    attention's projections were (its quant without "latent") loads with the same `quantize` and group size
+    by quantizing just those as they are read."""
     quant = None
     if quantize is not None:
         from .quantize import quant_spec

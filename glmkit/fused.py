@@ -24,7 +24,7 @@ from .quantize import Int4Linear, Int8Linear
 
 
 class _CLinear(ctypes.Structure):
-    _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+    _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("mins", ctypes.c_void_p), ("bias", ctypes.c_void_p),
                 ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("group", ctypes.c_int64), ("kind", ctypes.c_int32)]
 
 
@@ -104,10 +104,14 @@ class _Plan:
             if type(m) is Int4Linear:
                 if not int4_supported(m.in_features, m.group_size):
                     raise _Unsupported(f"int4 group size {m.group_size} with {m.in_features} inputs")
-                tensor(m, "scales"), tensor(m, "mins")  # watched for changes; the kernel reads a pairs copy
-                sm, sm_type = m.pairs()  # the module's copy, shared with its eager forward
-                self.keep.append(sm)
-                c.kind, c.group, c.scale = 3 + sm_type, m.group_size, sm.data_ptr()
+                sc, mn, code = kernels.int4_scales(m.scales, m.mins)  # as stored where they can be
+                if sc.data_ptr() == m.scales.data_ptr() and mn.data_ptr() == m.mins.data_ptr():
+                    c.scale, c.mins = tensor(m, "scales"), tensor(m, "mins")
+                else:  # another dtype: fp32 copies, kept here
+                    tensor(m, "scales"), tensor(m, "mins")  # watched for changes
+                    self.keep += [sc, mn]
+                    c.scale, c.mins = sc.data_ptr(), mn.data_ptr()
+                c.kind, c.group = 3 + code, m.group_size
             elif type(m) is Int8Linear:
                 c.kind, c.scale = 2, tensor(m, "scales", fp32=True)
             elif w.dtype in (torch.float32, torch.bfloat16):

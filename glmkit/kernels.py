@@ -190,13 +190,17 @@ def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
     i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.glmkit_gemv_dense.argtypes = [ptr, i64, i64, ptr, c_int, ptr, i64, ptr, c_int]
     lib.glmkit_gemv_q8.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, c_int]
-    lib.glmkit_gemv_int4.argtypes = [ptr, i64, i64, ptr, ptr, c_int, i64, i64, ptr, c_int]
+    lib.glmkit_gemv_int4.argtypes = [ptr, i64, i64, ptr, ptr, ptr, c_int, i64, i64, ptr, c_int]
     lib.glmkit_decode_step.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, c_int]
     lib.glmkit_dequant_q8.argtypes = [ptr, ptr, i64, i64, ptr, c_int, c_int]
-    lib.glmkit_dequant_int4.argtypes = [ptr, ptr, c_int, i64, i64, i64, ptr, c_int, c_int]
+    lib.glmkit_dequant_int4.argtypes = [ptr, ptr, ptr, c_int, i64, i64, i64, ptr, c_int, c_int]
+    lib.glmkit_moe_int4.argtypes = [ptr, i64, i64, i64, c_int, i64, ptr, ptr, ptr, ptr, ptr, c_int]
+    lib.glmkit_heads_gemv.argtypes = [ptr, i64, i64, ptr, c_int, i64, i64, i64, i64, c_int, ptr, c_int]
+    lib.glmkit_heads_gemv_int4.argtypes = [ptr, i64, i64, ptr, ptr, ptr, c_int, i64, i64, i64, i64, c_int, ptr, c_int]
     lib.glmkit_uniform_noise.argtypes = [ptr, i64, i64, ptr]
     for f in (lib.glmkit_gemv_dense, lib.glmkit_gemv_q8, lib.glmkit_gemv_int4, lib.glmkit_decode_step,
-              lib.glmkit_dequant_q8, lib.glmkit_dequant_int4, lib.glmkit_uniform_noise):
+              lib.glmkit_dequant_q8, lib.glmkit_dequant_int4, lib.glmkit_moe_int4, lib.glmkit_heads_gemv,
+              lib.glmkit_heads_gemv_int4, lib.glmkit_uniform_noise):
         f.restype = c_int
     return lib
 
@@ -313,20 +317,20 @@ def int4_supported(in_features: int, group_size: int) -> bool:
         and in_features % 64 == 0
 
 
-def int4_pairs(scales: torch.Tensor, mins: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The int4 kernel's (N, G, 2) [scale, min] pairs (one stream beside the weights) and their type
-    code: bf16 (1) when both are stored in bf16, so nothing is rounded and 4 bytes per group are read
-    instead of 8, else fp32 (0)."""
-    bf16 = scales.dtype == torch.bfloat16 and mins.dtype == torch.bfloat16
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    return torch.stack((scales.detach().to(dtype), mins.detach().to(dtype)), -1).contiguous(), int(bf16)
+def int4_scales(scales: torch.Tensor, mins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The int4 kernels' scales and mins (N, G) and their type code: as stored (no copy) when both are
+    contiguous and both bf16 (1) or both fp32 (0), else fp32 copies (0). The kernels read the two beside the
+    packed weights; a copy of every expert's scales would be gigabytes at 30B parameters."""
+    if scales.dtype == mins.dtype and scales.dtype in (torch.bfloat16, torch.float32):
+        code = int(scales.dtype == torch.bfloat16)
+        return scales.detach().contiguous(), mins.detach().contiguous(), code
+    return scales.detach().float().contiguous(), mins.detach().float().contiguous(), 0
 
 
 def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
-                bias: torch.Tensor | None = None, pairs: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+                bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ dequant(packed).T + bias for glmkit's int4 layout (see quantize.py): packed uint8
-    (N, K/2), scales and mins (N, K/group_size). `pairs`: `int4_pairs(scales, mins)` made once by the
-    caller (building them is a pass over every scale, per call). Native only: the caller checks
+    (N, K/2), scales and mins (N, K/group_size), read as stored. Native only: the caller checks
     `usable` and `int4_supported` first."""
     N, K = packed.shape[0], packed.shape[1] * 2
     G = K // group_size
@@ -338,14 +342,116 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, min
     if _load() is None:
         raise RuntimeError(f"linear_int4: the native kernels are unavailable ({_why})")
     xr = _rows(x)
-    sm, sm_type = pairs or int4_pairs(scales, mins)
-    if sm.numel() != 2 * N * G:
-        raise ValueError(f"linear_int4: {sm.numel()} scale / min values for {N} x {G} groups")
+    sc, mn, code = int4_scales(scales, mins)
     y = torch.empty(xr.shape[0], N)
-    rc = _lib.glmkit_gemv_int4(xr.data_ptr(), xr.shape[0], K, packed.data_ptr(), sm.data_ptr(), sm_type, group_size,
-                               N, y.data_ptr(), torch.get_num_threads())
+    rc = _lib.glmkit_gemv_int4(xr.data_ptr(), xr.shape[0], K, packed.data_ptr(), sc.data_ptr(), mn.data_ptr(), code,
+                               group_size, N, y.data_ptr(), torch.get_num_threads())
     _check(rc, "linear_int4")
     return _out(y, x, bias)
+
+
+def heads_gemv(x: torch.Tensor, w: torch.Tensor, trans: bool) -> torch.Tensor:
+    """Per-head products with a per-head weight block w (H, N, K), fp32 / bf16, rows contiguous (a strided view,
+    e.g. kv_b's key or value rows): x (M, H, K) -> (M, H, N) = x[:, h] @ w[h].T, or with `trans` x (M, H, N) ->
+    (M, H, K) = x[:, h] @ w[h]. fp32 out. Native (csrc/gemv.cpp): the caller checks `usable` first."""
+    H, N, K = w.shape
+    Kx = N if trans else K
+    if x.dim() != 3 or x.shape[1:] != (H, Kx) or w.stride(2) != 1 or w.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"heads_gemv: x {tuple(x.shape)} and w {tuple(w.shape)} {w.dtype} (strides {w.stride()}) do "
+                         f"not fit together (x (M, {H}, {Kx}), w with contiguous rows of fp32 / bf16 expected)")
+    if _load() is None:
+        raise RuntimeError(f"heads_gemv: the native kernels are unavailable ({_why})")
+    xr = x.to(torch.float32).contiguous()
+    y = torch.empty(x.shape[0], H, K if trans else N)
+    rc = _lib.glmkit_heads_gemv(xr.data_ptr(), x.shape[0], H, w.data_ptr(), _WTYPE[w.dtype], N, K, w.stride(1),
+                                w.stride(0), int(trans), y.data_ptr(), torch.get_num_threads())
+    _check(rc, "heads_gemv")
+    return y
+
+
+def heads_gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
+                    heads: int, row0: int, rows: int, trans: bool) -> torch.Tensor:
+    """heads_gemv with the weight in glmkit's int4 layout (packed (N_all, K/2), scales and mins (N_all, K/g)): head
+    h's block is rows [h * N_all / heads + row0, + rows), so kv_b's key (row0 0) or value rows (row0 Dn) of each
+    head. Each row is dequantized to fp32 once per call; the activations are not rounded."""
+    N_all, K = packed.shape[0], packed.shape[1] * 2
+    ldh = N_all // heads
+    Kx = rows if trans else K
+    if (x.dim() != 3 or x.shape[1:] != (heads, Kx) or N_all % heads or row0 + rows > ldh or group_size % 32
+            or K % group_size or packed.dtype != torch.uint8 or not packed.is_contiguous()):
+        raise ValueError(f"heads_gemv_int4: x {tuple(x.shape)}, packed {tuple(packed.shape)}, {heads} heads, rows "
+                         f"[{row0}, {row0 + rows}) per head, group size {group_size} do not fit together")
+    if _load() is None:
+        raise RuntimeError(f"heads_gemv_int4: the native kernels are unavailable ({_why})")
+    sc, mn, code = int4_scales(scales, mins)
+    xr = x.to(torch.float32).contiguous()
+    y = torch.empty(x.shape[0], heads, K if trans else rows)
+    rc = _lib.glmkit_heads_gemv_int4(xr.data_ptr(), x.shape[0], heads, packed[row0].data_ptr(), sc[row0].data_ptr(),
+                                     mn[row0].data_ptr(), code, group_size, rows, K, ldh, int(trans), y.data_ptr(),
+                                     torch.get_num_threads())
+    _check(rc, "heads_gemv_int4")
+    return y
+
+
+# ---- a mixture-of-experts layer's int4 experts in one native call ---------------------------------------------
+class _CExpert(ctypes.Structure):  # csrc/gemv.cpp's GlmkitExpert
+    _fields_ = [("up", ctypes.c_void_p), ("up_scales", ctypes.c_void_p), ("up_mins", ctypes.c_void_p),
+                ("down", ctypes.c_void_p), ("down_scales", ctypes.c_void_p), ("down_mins", ctypes.c_void_p),
+                ("f", ctypes.c_int64)]
+
+
+def _int4_parts(lin, K: int, group_size: int, code: int | None):
+    """(packed, scales, mins) of an int4 linear (quantize.Int4Linear) with K inputs that the MoE kernel reads as
+    stored, or None: another type, group size, scale dtype or layout."""
+    w, sc, mn = getattr(lin, "weight", None), getattr(lin, "scales", None), getattr(lin, "mins", None)
+    if (getattr(lin, "group_size", None) != group_size or lin.in_features != K or w is None or w.dtype != torch.uint8
+            or getattr(lin, "bias", None) is not None or not (w.is_contiguous() and sc.is_contiguous() and mn.is_contiguous())
+            or sc.dtype != mn.dtype or sc.dtype != (torch.bfloat16 if code else torch.float32)):
+        return None
+    return w, sc, mn
+
+
+def moe_int4(x: torch.Tensor, experts: list, weights: torch.Tensor, ids: torch.Tensor, shared=None) -> torch.Tensor | None:
+    """An MoE layer's experts for the rows x (N, C) in one native call (csrc/gemv.cpp, glmkit_moe_int4): row t gets
+    sum_j weights[t, j] * experts[ids[t, j]](x[t]) (+ shared(x[t])), each expert a SwiGLU MLP (`.up` rows
+    [gate | up], `.down`) of int4 linears in groups of a multiple of 64. None when these inputs or weights do not
+    suit it (the caller runs its own path): too many rows, another layout, no library."""
+    if not usable(x) or x.dim() != 2:
+        return None
+    C = x.shape[1]
+    e0 = experts[0]
+    gs = getattr(e0.up, "group_size", None)
+    if not gs or gs % 64 or C % gs or getattr(e0.up, "scales", None) is None:
+        return None
+    code = int(e0.up.scales.dtype == torch.bfloat16)
+    N, k = ids.shape
+    pairs: dict[int, list[tuple[int, float]]] = {}
+    for t, (es, ws) in enumerate(zip(ids.tolist(), weights.tolist())):
+        for e, wt in zip(es, ws):
+            pairs.setdefault(e, []).append((t, wt))
+    jobs = [(experts[e], p) for e, p in pairs.items()]
+    if shared is not None:
+        jobs.append((shared, [(t, 1.0) for t in range(N)]))
+    table = (_CExpert * len(jobs))()
+    off, rows, wts = [0], [], []
+    for i, (mlp, p) in enumerate(jobs):
+        F2 = mlp.up.out_features
+        up, down = _int4_parts(mlp.up, C, gs, code), _int4_parts(mlp.down, F2 // 2, gs, code)
+        if up is None or down is None or F2 % 2 or (F2 // 2) % gs or mlp.down.out_features != C \
+                or not getattr(mlp, "swiglu", False):
+            return None
+        table[i] = _CExpert(up[0].data_ptr(), up[1].data_ptr(), up[2].data_ptr(), down[0].data_ptr(), down[1].data_ptr(),
+                            down[2].data_ptr(), F2 // 2)
+        off.append(off[-1] + len(p))
+        rows += [t for t, _ in p]
+        wts += [wt for _, wt in p]
+    xr = x.to(torch.float32).contiguous()
+    off_t, rows_t, w_t = torch.tensor(off), torch.tensor(rows, dtype=torch.int64), torch.tensor(wts, dtype=torch.float32)
+    out = torch.zeros(N, C)
+    rc = _lib.glmkit_moe_int4(xr.data_ptr(), N, C, gs, code, len(jobs), ctypes.addressof(table), off_t.data_ptr(),
+                              rows_t.data_ptr(), w_t.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    _check(rc, "moe_int4")
+    return out
 
 
 # ---- many-row products with quantized weights ----------------------------------------------------------------
@@ -428,13 +534,12 @@ def linear_int4_tiled(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tenso
             or packed.dtype != torch.uint8 or not packed.is_contiguous()):
         raise ValueError(f"linear_int4_tiled: x (..., {x.shape[-1]}), packed {tuple(packed.shape)} {packed.dtype}, group "
                          f"size {group_size}, scales {tuple(scales.shape)}, mins {tuple(mins.shape)} do not fit together")
-    scales, mins = scales.reshape(N, G), mins.reshape(N, G)
+    sc, mn, code = int4_scales(scales.reshape(N, G), mins.reshape(N, G))
 
     def dequant(n0, n1, out):
-        sm, sm_type = int4_pairs(scales[n0:n1], mins[n0:n1])  # (n1 - n0, G, 2): per tile, as small as the tile
-        _check(_lib.glmkit_dequant_int4(packed[n0].data_ptr(), sm.data_ptr(), sm_type, group_size, n1 - n0, K,
-                                        out.data_ptr(), int(out.dtype == torch.bfloat16), torch.get_num_threads()),
-               "dequant_int4")
+        _check(_lib.glmkit_dequant_int4(packed[n0].data_ptr(), sc[n0].data_ptr(), mn[n0].data_ptr(), code, group_size,
+                                        n1 - n0, K, out.data_ptr(), int(out.dtype == torch.bfloat16),
+                                        torch.get_num_threads()), "dequant_int4")
     return _tiled(x, N, dequant, bias)
 
 

@@ -354,16 +354,41 @@ class LatentAttention(nn.Module):
         if absorb is None:  # kv_b over S - T more tokens (expanded) vs wider q.k and values (absorbed)
             absorb = (S - T) * R * (Dn + Dv) > T * S * (2 * R - Dn - Dv)
         if absorb:
-            w = self.kv_b.weight.view(H, Dn + Dv, R)
-            q_lat = torch.einsum("bthn,hnr->bhtr", q_nope, w[:, :Dn].to(q.dtype))  # (B, H, T, R)
+            q_lat = self._kv_b_heads(q_nope, 0, Dn, trans=True).transpose(1, 2)  # (B, H, T, R)
             y = kernels.attention(torch.cat((q_lat, q_pe), dim=-1), latent, latent[..., :R], mask, enable_gqa=True,
                                   scale=self.scale)  # (B, H, T, R)
-            return torch.einsum("bhtr,hvr->bthv", y, w[:, Dn:].to(y.dtype)).reshape(B, T, H * Dv)
+            return self._kv_b_heads(y.transpose(1, 2), Dn, Dv, trans=False).reshape(B, T, H * Dv)
         kv = self.kv_b(latent[:, 0, :, :R]).view(B, S, H, Dn + Dv).transpose(1, 2)  # (B, H, S, Dn + Dv)
         k = torch.cat((kv[..., :Dn], latent[..., R:].expand(B, H, S, P)), dim=-1)  # (B, H, S, Dn + P)
         y = kernels.attention(torch.cat((q_nope.transpose(1, 2), q_pe), dim=-1), k, kv[..., Dn:], mask,
                               enable_gqa=False, scale=self.scale)  # (B, H, T, Dv)
         return y.transpose(1, 2).reshape(B, T, H * Dv)
+
+    def _kv_b_heads(self, x: torch.Tensor, row0: int, rows: int, trans: bool) -> torch.Tensor:
+        """The absorbed form's per-head products with kv_b's rows [row0, row0 + rows) of each head, W (H, rows, R):
+        trans x (B, T, H, rows) -> x W (B, T, H, R) (the key rows W_UK into the query), else x (B, T, H, R) ->
+        x W^T (B, T, H, rows) (the value rows W_UV). A few rows on CPU go through the native kernels, which read
+        kv_b as stored (bf16 / fp32, or int4 when quantized); PyTorch's batched GEMM reads a bf16 W far below
+        the memory bandwidth for them. Otherwise einsums of the (dequantized) weight, differentiable."""
+        B, T, H = x.shape[:3]
+        kv_b, R = self.kv_b, self.R
+        flat = x.reshape(B * T, H, -1)
+        if kernels.usable(x.reshape(B * T, -1), *[t for t in (kv_b.weight,) if t.is_floating_point()]):
+            if hasattr(kv_b, "mins") and kv_b.group_size % 32 == 0:  # quantize.Int4Linear
+                y = kernels.heads_gemv_int4(flat, kv_b.weight, kv_b.scales, kv_b.mins, kv_b.group_size, H, row0, rows,
+                                            trans)
+                return y.to(x.dtype).view(B, T, H, -1)
+            if kv_b.weight.is_floating_point() and kv_b.weight.is_contiguous():
+                y = kernels.heads_gemv(flat, kv_b.weight.view(H, -1, R)[:, row0:row0 + rows], trans)
+                return y.to(x.dtype).view(B, T, H, -1)
+        if hasattr(kv_b, "dequantize"):
+            w = kv_b.dequantize(x.dtype)
+        elif not kv_b.weight.is_floating_point():  # quantize.Int8Linear: per-row scales
+            w = kv_b.weight.to(x.dtype) * kv_b.scales.to(x.dtype)[:, None]
+        else:
+            w = kv_b.weight.to(x.dtype)
+        w = w.view(H, -1, R)[:, row0:row0 + rows]  # (H, rows, R)
+        return torch.einsum("bthn,hnr->bthr" if trans else "bthr,hnr->bthn", x, w)
 
     def _sparse_mask(self, index_q, keys, mask, seg, T, S, cos, sin) -> torch.Tensor:
         """The mask (B, 1, T, S) narrowed to the keys the indexer chose (this layer's, or for an "S" layer
@@ -450,7 +475,8 @@ class MoE(nn.Module):
     Tokens are grouped by expert: one product per expert in use, over the tokens routed to it, added back
     at their rows, so a decode step of a few rows reads only the chosen experts' weights. The experts are
     plain `MLP`s of kernels.Linear, so quantization (`mlp.experts.E.up` / `.down`) and the native few-row
-    kernels apply to each as to a dense MLP."""
+    kernels apply to each as to a dense MLP; a few rows with int4 experts take one native call for the whole
+    layer instead (`kernels.moe_int4`: one parallel region, activations rounded once, sums in fp32)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -463,6 +489,10 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, C)
         w, ids = self.gate(x)  # (N, k) each
+        # decode (few rows, int4 experts on CPU): the whole layer in one native call, None where it does not apply
+        y = kernels.moe_int4(x, self.experts, w, ids, getattr(self, "shared", None))
+        if y is not None:
+            return y.to(x.dtype).view(shape)
         k = ids.shape[1]
         flat = ids.flatten()  # (N k,): token t's j-th choice at t * k + j
         order = flat.argsort(stable=True)  # the (token, choice) pairs grouped by expert

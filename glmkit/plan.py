@@ -141,7 +141,8 @@ def quant_spec(name: str | dict | None, group_size: int = 64) -> dict | None:
     bits = {"int8": 8, "8": 8, "int4": 4, "4": 4, "none": None}.get(str(name).lower(), 0)
     if bits == 0:
         raise ValueError(f"--quantize {name}: choose int8 or int4")
-    return None if bits is None else {"bits": bits, "group_size": group_size if bits == 4 else None, "head": True}
+    return None if bits is None else {"bits": bits, "group_size": group_size if bits == 4 else None, "head": True,
+                                      "latent": True}
 
 
 def quant_name(quant: dict | None) -> str | None:
@@ -163,15 +164,23 @@ def _linears(cfg) -> list[tuple[int, int, bool]]:
     return [((H + 2 * K) * D, C, cfg.qkv_bias), (C, H * D, cfg.out_bias)] + mlp
 
 
-def _latent_bytes(cfg, a: int) -> int:
+def _latent_bytes(cfg, a: int, quant: dict | None = None) -> int:
     """Bytes of one layer's latent attention projections and their norms (q or q_a, q_norm, q_b; kv_a, kv_norm,
-    kv_b), which stay in the float dtype `a` bytes wide when the model is quantized (not quantize.TARGETS)."""
+    kv_b): in the float dtype `a` bytes wide, but q_a, q_b, kv_a and kv_b quantized where `quant` quantizes them
+    (quantize.latent_target; a lone q stays float)."""
     if cfg.attention != "mla":
         return 0
     C, H, Q, R, P = cfg.dim, cfg.n_heads, cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_rope_head_dim
-    q = C * H * cfg.head_dim if Q is None else (C + 1 + H * cfg.head_dim) * Q + Q * cfg.qkv_bias
-    kv = (C + cfg.qkv_bias) * (R + P) + R + R * H * (cfg.qk_nope_head_dim + cfg.v_head_dim)
-    return (q + kv) * a
+    from .quantize import latent_target
+
+    def lq(name: str, K: int) -> dict | None:  # the quantization of that projection, if any
+        return quant if quant and latent_target(name, K, quant) else None
+
+    q = C * H * cfg.head_dim * a if Q is None else (_linear_bytes(Q, C, cfg.qkv_bias, a, lq("attn.q_a", C)) + Q * a
+                                                    + _linear_bytes(H * cfg.head_dim, Q, False, a, lq("attn.q_b", Q)))
+    kv = (_linear_bytes(R + P, C, cfg.qkv_bias, a, lq("attn.kv_a", C)) + R * a
+          + _linear_bytes(H * (cfg.qk_nope_head_dim + cfg.v_head_dim), R, False, a, lq("attn.kv_b", R)))
+    return q + kv
 
 
 def _linear_bytes(N: int, K: int, bias: bool, a: int, quant: dict | None) -> int:
@@ -201,7 +210,7 @@ def _block_bytes(cfg, layer: int, a: int, quant: dict | None) -> int:
     qk = 2 * cfg.head_dim * a * (2 if cfg.norm == "layernorm" else 1) if cfg.qk_norm else 0
     indexer = cfg.indexer_params() * a if cfg.has_indexer(layer) else 0  # GLM-5's, float like the latent projections
     return (sum(_linear_bytes(N, K, b, a, quant) for N, K, b in lins) + norm * (4 if cfg.sandwich_norm else 2) + router + qk
-            + _latent_bytes(cfg, a) + indexer)
+            + _latent_bytes(cfg, a, quant) + indexer)
 
 
 def weight_bytes(cfg, dtype: torch.dtype, quant: dict | None = None) -> dict[str, int]:
@@ -243,10 +252,10 @@ def _tiled(quant: dict | None) -> bool:
 
 def kernel_copies_bytes(cfg, dtype: torch.dtype, quant: dict | None = None, prefill: bool = True) -> dict[str, int]:
     """CPU only: the native decode step's copies (fp32 norms, biases and int8 scales of a non-fp32 model;
-    int4's [scale, min] pairs) and, for int4 after a prefill without the dequantized tiles, PyTorch's
+    int4's scales and mins only when they are fp16: bf16 and fp32 ones are read as stored) and, for int4 after a prefill without the dequantized tiles, PyTorch's
     many-row kernel's layout of every layer's linears (packed weight (N, K/2) uint8 and fp32 [scale, zero] pairs)."""
     quant = quant or getattr(cfg, "quant", None)
-    a, C, V, L = _size(dtype), cfg.dim, cfg.vocab_size, cfg.n_layers
+    C, V, L = cfg.dim, cfg.vocab_size, cfg.n_layers
     fp32 = dtype != torch.float32
     head_quant = quant if quant and quant.get("head") else None
     lins = [(N, K, bias, quant, False) for i in range(L) for N, K, bias in _linears(cfg)[:-2] + _mlp_linears(cfg, i)]
@@ -261,7 +270,7 @@ def kernel_copies_bytes(cfg, dtype: torch.dtype, quant: dict | None = None, pref
             decode += N * 4
         elif q and q["bits"] == 4:
             G = K // q["group_size"]
-            decode += N * G * 2 * (a if dtype == torch.bfloat16 else 4)
+            decode += N * G * 2 * 4 if dtype not in (torch.bfloat16, torch.float32) else 0  # fp16: fp32 copies
             if prefill and N % 16 == 0 and not head and not _tiled(q):  # the head runs on few rows (last-token logits)
                 many_rows += N * (K // 2) + G * N * 2 * 4
     if not _native_shapes(cfg, quant) or not _native_model(cfg):

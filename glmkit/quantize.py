@@ -45,6 +45,10 @@ from . import kernels
 from .layers import ROUTER_FP32
 
 TARGETS = ("attn.qkv", "attn.out", "mlp.up", "mlp.down")
+# latent attention's projections, quantized when the spec says so (quant["latent"]; checkpoints written before it
+# was added have them float). kv_b included: the absorbed decode reads its per-head blocks through
+# kernels.heads_gemv_int4 (LatentAttention._kv_b_heads), prefill through the quantized linear.
+LATENT_TARGETS = ("attn.q_a", "attn.q_b", "attn.kv_a", "attn.kv_b")
 # an MoE layer's experts and shared expert: mlp.experts.E.up, mlp.shared.down, ...
 _MOE_TARGET = re.compile(r"(^|\.)mlp\.(experts\.\d+|shared)\.(up|down)$")
 
@@ -53,6 +57,15 @@ def is_target(name: str) -> bool:
     """Whether the linear named `name` (a module path in a GLM) is quantized: attention and MLP products,
     every expert's included. The router (mlp.gate) stays float: it decides which weights are read."""
     return name.endswith(TARGETS) or _MOE_TARGET.search(name) is not None
+
+
+def latent_target(name: str, in_features: int, quant: dict) -> bool:
+    """Whether the linear `name` with `in_features` inputs is one of latent attention's projections that `quant`
+    quantizes: with quant["latent"], those of LATENT_TARGETS whose input width the int4 groups divide (the rest
+    stay float: a tiny model's odd widths)."""
+    if not quant.get("latent") or not name.endswith(LATENT_TARGETS):
+        return False
+    return quant["bits"] == 8 or in_features % quant["group_size"] == 0
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,23 +160,12 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales", torch.ones(out_features, G, dtype=dtype, device=device))
         self.register_buffer("mins", torch.zeros(out_features, G, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
-        self._packed = None  # the CPU kernel's layout, built on first use (not saved)
-        self._pairs = None  # ((scales, mins) versions, glmkit's kernel's pairs): see `pairs`
+        self._packed = None  # PyTorch's CPU kernel's layout, built on first use (not saved)
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         q = unpack_int4(self.weight).to(dtype).reshape(self.out_features, -1, self.group_size)
         w = q * self.scales.to(dtype)[..., None] + self.mins.to(dtype)[..., None]
         return w.reshape(self.out_features, self.in_features)
-
-    def pairs(self) -> tuple[torch.Tensor, int]:
-        """glmkit's int4 kernel's [scale, min] pairs (`kernels.int4_pairs`), made once and kept while
-        scales and mins are unchanged (same storage, no in-place write since): every decode step reads
-        them, and remaking them is a pass over all the scales (at 9B, 590 MB per step). The fused decode
-        step reads the same copy."""
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in (self.scales, self.mins))
-        if self._pairs is None or self._pairs[0] != key:
-            self._pairs = (key, kernels.int4_pairs(self.scales, self.mins))
-        return self._pairs[1]
 
     def _kernel_args(self, dtype):
         if self._packed is None or self._packed[0].device != self.weight.device:
@@ -176,8 +178,8 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if kernels.usable(x) and kernels.int4_supported(self.in_features, self.group_size):
-            # decode: glmkit's native kernel reads this layout as stored
-            return kernels.linear_int4(x, self.weight, self.scales, self.mins, self.group_size, self.bias, self.pairs())
+            # decode: glmkit's native kernel reads this layout (weight, scales, mins) as stored: no copy
+            return kernels.linear_int4(x, self.weight, self.scales, self.mins, self.group_size, self.bias)
         if kernels.uses_tiles(4, self.group_size, x):  # prefill, large batches: tiles through the GEMM
             return kernels.linear_int4_tiled(x, self.weight.contiguous(), self.scales, self.mins, self.group_size, self.bias)
         shape = x.shape
@@ -200,7 +202,7 @@ def _weight_only_kernel(x: torch.Tensor) -> bool:
 
 def _targets(model: nn.Module, quant: dict):
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and is_target(name):
+        if isinstance(mod, nn.Linear) and (is_target(name) or latent_target(name, mod.in_features, quant)):
             yield name, mod
     if quant.get("head") and isinstance(getattr(model, "head", None), nn.Linear):
         yield "head", model.head
@@ -228,13 +230,14 @@ def swap_for_loading(model: nn.Module, quant: dict) -> nn.Module:
     return model
 
 
-def quant_spec(bits: int, group_size: int = 64, head: bool = True) -> dict:
-    """The `quant` entry of a config ({"bits", "group_size", "head"}), its values checked."""
+def quant_spec(bits: int, group_size: int = 64, head: bool = True, latent: bool = True) -> dict:
+    """The `quant` entry of a config ({"bits", "group_size", "head", "latent"}), its values checked. `latent`:
+    latent attention's q_a, q_b, kv_a quantized too (LATENT_TARGETS; a config without the key has them float)."""
     if bits not in (4, 8):
         raise ValueError(f"--bits {bits}: choose 8 or 4")
     if bits == 4 and group_size not in (32, 64, 128, 256):
         raise ValueError(f"--group-size {group_size}: choose 32, 64, 128 or 256")
-    return {"bits": bits, "group_size": group_size if bits == 4 else None, "head": head}
+    return {"bits": bits, "group_size": group_size if bits == 4 else None, "head": head, "latent": latent}
 
 
 def cast_floats(model: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -248,9 +251,9 @@ def cast_floats(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, bits: int, group_size: int = 64, head: bool = True) -> nn.Module:
+def quantize_model(model: nn.Module, bits: int, group_size: int = 64, head: bool = True, latent: bool = True) -> nn.Module:
     """Quantize a float GLM in place; sets model.cfg.quant so it saves and reloads as quantized."""
-    quant = quant_spec(bits, group_size, head)
+    quant = quant_spec(bits, group_size, head, latent)
     if getattr(model.cfg, "quant", None):
         raise ValueError("this model is already quantized; quantize the float checkpoint")
     dtype = model.embed.weight.dtype

@@ -604,3 +604,31 @@ def test_bf16_via_fp32_only_where_it_applies(monkeypatch):
     monkeypatch.setattr(kernels, "_BF16_EMULATED", None)
     monkeypatch.setenv("GLMKIT_BF16_GEMM", "native")
     assert not kernels.cpu_bf16_emulated()
+
+
+@needs_native
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+def test_heads_gemv_equals_einsum_both_ways(wdtype, monkeypatch):
+    """kernels.heads_gemv (latent attention's absorbed per-head products) on strided views of one weight, as
+    LatentAttention takes kv_b's key rows (trans: a product over the rows) and value rows, odd sizes (3 heads,
+    rows 13 + 7, K 37, 1..6 input rows): against the fp32 einsum, in this CPU's build and the AVX2 one (fp32 sums in
+    another order where the AVX-512 build vectorizes the tail: close, not bit for bit)."""
+    g = torch.Generator().manual_seed(0)
+    H, Dn, Dv, R = 3, 13, 7, 37
+    w = torch.randn(H, Dn + Dv, R, generator=g).to(wdtype)
+    for M in (1, 2, 5, 6):
+        xk = torch.randn(M, H, Dn, generator=g)
+        xv = torch.randn(M, H, R, generator=g)
+        cases = {"trans (key rows)": (xk, w[:, :Dn], True, torch.einsum("mhn,hnr->mhr", xk, w[:, :Dn].float())),
+                 "value rows": (xv, w[:, Dn:], False, torch.einsum("mhr,hvr->mhv", xv, w[:, Dn:].float()))}
+        for what, (x, wv, trans, want) in cases.items():
+            got = kernels.heads_gemv(x, wv, trans)
+            mx = assert_close(got, want, 1e-5 * want.abs().max().item(), f"heads_gemv {what} M={M} {wdtype}")
+            if kernels.variant() == "avx512vnni":
+                monkeypatch.setattr(kernels, "_lib", kernels._open("avx2"))
+                assert_close(kernels.heads_gemv(x, wv, trans), want, 1e-5 * want.abs().max().item(),
+                             f"heads_gemv {what} M={M}, AVX2 build")
+                monkeypatch.undo()
+    print(f"\nheads_gemv {wdtype}: last max abs diff {mx:.2e}")
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.heads_gemv(torch.randn(1, H, Dn), w[:, :Dn].transpose(1, 2), False)

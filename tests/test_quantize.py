@@ -85,7 +85,8 @@ def test_quantized_model_close_to_float_and_round_trips(tmp_path, bits, tol, rep
         assert want == [16, 23, 5] * 2 + [16, 23]
     write_checkpoint(model, tmp_path / "q")
     back = glmkit.load(str(tmp_path / "q"))
-    assert back.cfg.quant == {"bits": bits, "group_size": 32 if bits == 4 else None, "head": True}
+    assert back.cfg.quant == {"bits": bits, "group_size": 32 if bits == 4 else None, "head": True,
+                              "latent": True}
     assert isinstance(back.layers[0].mlp.down, Int8Linear if bits == 8 else Int4Linear)
     with torch.no_grad():
         assert torch.equal(back(ids), got)
@@ -268,28 +269,25 @@ def test_int8_weights_at_any_alignment(path):
             assert err < 2e-2, (off, M, err)
 
 
-def test_int4_pairs_made_once_and_remade_after_a_scale_changes(monkeypatch):
-    """Int4Linear keeps glmkit's kernel's [scale, min] pairs (a pass over every scale to build) across calls,
-    and the fused decode step reads the same copy; an in-place write to the scales (load_state_dict's copy_)
-    makes them again, so the output follows the new scales."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int4_kernel_reads_scales_and_mins_as_stored(dtype):
+    """The int4 kernels read the module's scales and mins where they are (no per-module copy: at 30B
+    parameters every expert's copy was gigabytes), so an in-place write to the scales (load_state_dict's
+    copy_) shows in the next call, and the result matches the dequantized weight."""
     if not kernels.available():
         pytest.skip(f"native kernels unavailable: {kernels.why_unavailable()}")
     torch.manual_seed(0)
-    lin = Int4Linear(128, 32, False, 64)
+    lin = Int4Linear(128, 32, False, 64, dtype=dtype)
     q, s, m = quantize_int4(torch.randn(32, 128), 64)
     lin.weight.copy_(q), lin.scales.copy_(s), lin.mins.copy_(m)
-    built = []
-    real = kernels.int4_pairs
-    monkeypatch.setattr(kernels, "int4_pairs", lambda *a: built.append(1) or real(*a))
+    sc, mn, code = kernels.int4_scales(lin.scales, lin.mins)
+    assert (sc.data_ptr(), mn.data_ptr(), code) == (lin.scales.data_ptr(), lin.mins.data_ptr(), int(dtype == torch.bfloat16))
     x = torch.randn(2, 128)
     with torch.no_grad():
         y = lin(x)
-        assert_equal(lin(x), y, "second call")
-        assert len(built) == 1, f"the pairs were built {len(built)} times for two calls"
-        assert lin.pairs()[0] is lin.pairs()[0]
         lin.scales.mul_(2)  # w = q * s + min: doubling s changes the output by the q * s part
         y2 = lin(x)
-    assert len(built) == 2, "an in-place change of the scales must remake the pairs"
-    fresh = kernels.linear_int4(x, lin.weight, lin.scales, lin.mins, 64)  # pairs built from the scales as they are now
-    assert_equal(y2, fresh, "after the scales changed")
-    assert not torch.equal(y2, y)
+        want = F.linear(x, lin.dequantize(torch.float32))
+    err = float((y2 - want).abs().max() / want.abs().max())
+    print(f"\nint4 {dtype} after the scales changed: max rel diff {err:.2e} vs the dequantized weight")
+    assert err < 2e-2 and not torch.equal(y2, y), err

@@ -65,7 +65,8 @@ def test_streaming_quantize_equals_in_memory(tmp_path, monkeypatch, layout, bits
     index = json.loads((tmp_path / "q" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2 and sorted(index["weight_map"]) == sorted(want)
     back = glmkit.load(str(tmp_path / "q")).eval()
-    assert back.cfg.quant == ref.cfg.quant == {"bits": bits, "group_size": 32 if bits == 4 else None, "head": True}
+    assert back.cfg.quant == ref.cfg.quant == {"bits": bits, "group_size": 32 if bits == 4 else None, "head": True,
+                                                  "latent": True}
     with torch.no_grad():
         assert_equal(back(IDS), ref(IDS), f"{layout} int{bits}: logits of the streamed checkpoint vs in memory")
 
@@ -168,7 +169,7 @@ def test_preset_quantize_on_load_and_serve_flag(capsys):
     from glmkit.quantize import Int4Linear
 
     m = glmkit.load("debug", dtype=torch.bfloat16, quantize="int4", group_size=32)
-    assert m.cfg.quant == {"bits": 4, "group_size": 32, "head": True} and isinstance(m.head, Int4Linear)
+    assert m.cfg.quant == {"bits": 4, "group_size": 32, "head": True, "latent": True} and isinstance(m.head, Int4Linear)
     assert m.embed.weight.dtype == m.head.scales.dtype == torch.bfloat16 and m.head.weight.dtype == torch.uint8
     pytest.importorskip("fastapi")
     from glmkit.server.app import main as serve_main

@@ -34,16 +34,17 @@ extern "C" int glmkit_gemv_dense(const float* x, int64_t M, int64_t K, const voi
                                  int64_t N, float* y, int threads);
 extern "C" int glmkit_gemv_q8(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale, int64_t N,
                               float* y, int threads);
-extern "C" int glmkit_gemv_int4(const float* x, int64_t M, int64_t K, const uint8_t* w, const void* sm, int sm_type,
-                                int64_t gs, int64_t N, float* y, int threads);
+extern "C" int glmkit_gemv_int4(const float* x, int64_t M, int64_t K, const uint8_t* w, const void* scales,
+                                const void* mins, int s_type, int64_t gs, int64_t N, float* y, int threads);
 
 // Field order and types must match fused.py (_CLinear, _CNorm, _CLayer, _CModel, _CCache).
 struct GlmkitLinear {
   const void* w;       // (N, K) fp32 / bf16 / int8, or (N, K/2) uint8 for int4
-  const void* scale;   // int8: (N,) fp32; int4: (N, K/group, 2) [scale, min] pairs, fp32 or bf16; else null
+  const void* scale;   // int8: (N,) fp32; int4: (N, K/group) scales, fp32 or bf16; else null
+  const void* mins;    // int4: (N, K/group) mins, the scales' dtype; else null
   const float* bias;   // (N,) or null
   int64_t n, k, group;
-  int32_t kind;  // 0 fp32, 1 bf16, 2 int8, 3 int4 with fp32 pairs, 4 int4 with bf16 pairs
+  int32_t kind;  // 0 fp32, 1 bf16, 2 int8, 3 int4 with fp32 scales and mins, 4 int4 with bf16 ones
 };
 
 struct GlmkitNorm {
@@ -125,7 +126,8 @@ int linear(const GlmkitLinear& l, const float* x, int64_t M, float* y, int threa
     }
     case 3:
     case 4:
-      rc = glmkit_gemv_int4(x, M, l.k, static_cast<const uint8_t*>(l.w), l.scale, l.kind - 3, l.group, l.n, y, threads);
+      rc = glmkit_gemv_int4(x, M, l.k, static_cast<const uint8_t*>(l.w), l.scale, l.mins, l.kind - 3, l.group, l.n, y,
+                            threads);
       break;
     default: return 10;
   }

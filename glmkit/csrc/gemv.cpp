@@ -183,10 +183,11 @@ void q8(const int16_t* xq, const float* sx, int64_t M, int64_t K, const int8_t* 
 // 32-63. With w = q * scale + min per group g:
 //   dot(x, w) = sum_g scale_g * (sx_g * dot(q_g, xq_g)) + sum_g min_g * xsum_g,
 // sx (M, G) the activation steps and xsum (M, G) the exact fp32 sums of x per group. The scales and
-// mins come interleaved, sm (N, G, 2) = [scale, min] in fp32 or bf16 (S), one stream next to the
-// weights; in bf16 they add 4 bytes per group to its 32 (group 64), in fp32 8. The first sum scales
+// mins (N, G) each, fp32 or bf16 (S), are read as the model stores them (two streams beside the
+// weights; no copy of them is made, which at 30B parameters would be 2 GB); in bf16 they add 4 bytes
+// per group to its 32 (group 64), in fp32 8. The first sum scales
 // whole int32 vectors per group (groups of 64 or more; groups of 32 scale lanes 0-3 and 4-7 by their
-// own group's factor); the second, the mins' term, is a dot product over the groups of each row pair,
+// own group's factor); the second, the mins' term, is a dot product over the groups of each row,
 // 8 groups per instruction (int4_tile), rather than a scalar per group inside the loop.
 
 // 32 bytes of packed weights (64 columns) split into their low (even columns) and high nibbles.
@@ -218,10 +219,10 @@ inline void chunk_int4(const int8_t* x, int64_t ldx, const uint8_t* w, int64_t k
 }
 
 // Groups of 32: one chunk holds two groups. MB activation rows against one weight row w (K / 2 bytes);
-// sm: this row's (G, 2) scale / min pairs.
+// sc, mn: this row's G scales and mins.
 template <int MB, typename S>
 inline void dot_rows_int4_g32(const int8_t* x, int64_t ldx, const float* sx, const float* xsum, int64_t G,
-                              const uint8_t* w, const S* sm, float* out) {
+                              const uint8_t* w, const S* sc, const S* mn, float* out) {
   __m256 acc[MB];
   __m256i a[MB];
   float lin[MB];
@@ -231,8 +232,8 @@ inline void dot_rows_int4_g32(const int8_t* x, int64_t ldx, const float* sx, con
     _mm_prefetch(reinterpret_cast<const char*>(w + 16 * g) + 1024, _MM_HINT_T0);
     for (int j = 0; j < MB; ++j) a[j] = _mm256_setzero_si256();
     chunk_int4<MB>(x, ldx, w, 32 * g, a);
-    const float s0 = to_float(sm[2 * g]), m0 = to_float(sm[2 * g + 1]);
-    const float s1 = to_float(sm[2 * g + 2]), m1 = to_float(sm[2 * g + 3]);
+    const float s0 = to_float(sc[g]), m0 = to_float(mn[g]);
+    const float s1 = to_float(sc[g + 1]), m1 = to_float(mn[g + 1]);
     for (int j = 0; j < MB; ++j) {
       const float* sj = sx + j * G + g;
       __m256 f = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_set_ps(0.0f, 0.0f, s1 * sj[1], s0 * sj[0])), pick);
@@ -247,121 +248,122 @@ inline void dot_rows_int4_g32(const int8_t* x, int64_t ldx, const float* sx, con
 inline __m256 bcast(const float* p) { return _mm256_broadcast_ss(p); }
 inline __m256 bcast(const uint16_t* p) { return _mm256_set1_ps(to_float(*p)); }
 
-// The mins' term of one weight row and one activation row: sum_g min_g * xs_g, sm the row's (G, 2) pairs.
-inline float mins_dot(const float* sm, const float* xs, int64_t G) {
+// The mins' term of one weight row and one activation row: sum_g min_g * xs_g, mn the row's G mins.
+template <typename S>
+inline float mins_dot(const S* mn, const float* xs, int64_t G) {
   __m256 acc = _mm256_setzero_ps();
   int64_t g = 0;
-  for (; g + 8 <= G; g += 8) {
-    __m256 p0 = _mm256_loadu_ps(sm + 2 * g), p1 = _mm256_loadu_ps(sm + 2 * g + 8);
-    __m256 mn = _mm256_shuffle_ps(p0, p1, 0xDD);  // odd elements: m0 m1 m4 m5 | m2 m3 m6 m7
-    mn = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(mn), 0xD8));  // m0 .. m7
-    acc = _mm256_fmadd_ps(mn, _mm256_loadu_ps(xs + g), acc);
+  for (; g + 8 <= G; g += 8) acc = _mm256_fmadd_ps(load8(mn + g), _mm256_loadu_ps(xs + g), acc);
+  if (g < G) {  // the last groups as one zero-padded vector: a scalar tail loop would be vectorized differently
+    float a[8] = {}, b[8] = {};  // by the AVX-512 build, and both builds must give the same bits
+    for (int64_t i = g; i < G; ++i) a[i - g] = to_float(mn[i]), b[i - g] = xs[i];
+    acc = _mm256_fmadd_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b), acc);
   }
-  float s = hsum(acc);
-  for (; g < G; ++g) s += sm[2 * g + 1] * xs[g];
-  return s;
-}
-inline float mins_dot(const uint16_t* sm, const float* xs, int64_t G) {
-  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
-  __m256 acc = _mm256_setzero_ps();
-  int64_t g = 0;
-  for (; g + 8 <= G; g += 8) {  // a [scale, min] pair of bf16 is one 32-bit lane whose high half is the min
-    __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sm + 2 * g));
-    acc = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(p, high)), _mm256_loadu_ps(xs + g), acc);
-  }
-  float s = hsum(acc);
-  for (; g < G; ++g) s += to_float(sm[2 * g + 1]) * xs[g];
-  return s;
+  return hsum(acc);
 }
 
 // Groups of a multiple of 64 columns, CH = gs / 64 chunks per group (0: gs / 64 at run time). R weight
-// rows (ldw bytes apart, sm their (R, G, 2) pairs) times MB activation rows (ldx apart, in the chunk
+// rows (ldw bytes apart, sc and mn their (R, G) scales and mins) times MB activation rows (ldx apart, in the chunk
 // order above; sx and xsum (MB, G)): y[j * ldy + r] = dot(x_j, w_r). Each chunk of a weight row is
 // unpacked once for all MB rows; R > 1 (one activation row) runs R accumulation chains side by side
 // and prefetches the next block of R contiguous rows as one stream.
 template <int R, int MB, int CH, typename S>
 inline void int4_tile(const int8_t* x, int64_t ldx, const float* sx, const float* xsum, int64_t G, const uint8_t* w,
-                      int64_t ldw, int64_t gs, const S* sm, float* y, int64_t ldy) {
+                      int64_t ldw, int64_t gs, const S* sc, const S* mn, float* y, int64_t ldy) {
   const int64_t chunks = CH ? CH : gs / 64;
   __m256 acc[R][MB];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < MB; ++j) acc[r][j] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < G; ++g) {
-    __m256i a[R][MB];
+  for (int64_t g0 = 0; g0 < G; g0 += 8) {
+    // the factors scale_g * sx_g of 8 groups at once, one lane each: per group a lane is broadcast (one
+    // permute) instead of a scale converted and broadcast and a product taken per group
+    __m256 fac[R][MB];
+    const int64_t gn = std::min<int64_t>(8, G - g0);
     for (int r = 0; r < R; ++r)
-      for (int j = 0; j < MB; ++j) a[r][j] = _mm256_setzero_si256();
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t k = g * gs + 64 * c;
-      if (R == 1) {
-        _mm_prefetch(reinterpret_cast<const char*>(w + k / 2) + 1024, _MM_HINT_T0);  // the hardware prefetcher alone falls behind
-      } else {
-        const char* pf = reinterpret_cast<const char*>(w + R * ldw) + R * (k / 2);  // 32 bytes per row per chunk
-        for (int i = 0; i < R * 32; i += 64) _mm_prefetch(pf + i, _MM_HINT_T0);
-      }
-      for (int r = 0; r < R; ++r) {
-        __m256i lo, hi;
-        nibbles(w + r * ldw + k / 2, lo, hi);
-        for (int j = 0; j < MB; ++j) {
-          const __m256i* xj = reinterpret_cast<const __m256i*>(x + j * ldx + k);
-          a[r][j] = dot64(a[r][j], lo, hi, _mm256_loadu_si256(xj), _mm256_loadu_si256(xj + 1));
+      for (int j = 0; j < MB; ++j) {
+        if (gn == 8) {
+          fac[r][j] = _mm256_mul_ps(load8(sc + r * G + g0), _mm256_loadu_ps(sx + j * G + g0));
+        } else {
+          float f[8] = {};
+          for (int64_t i = 0; i < gn; ++i) f[i] = to_float(sc[r * G + g0 + i]) * sx[j * G + g0 + i];
+          fac[r][j] = _mm256_loadu_ps(f);
         }
       }
-    }
-    for (int r = 0; r < R; ++r) {
-      const __m256 s = bcast(sm + 2 * (r * G + g));  // loaded once for the MB rows
-      for (int j = 0; j < MB; ++j) {
-        const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(a[r][j]), _mm256_set1_ps(sx[j * G + g]));
-        acc[r][j] = _mm256_fmadd_ps(f, s, acc[r][j]);
+    for (int64_t gi = 0; gi < gn; ++gi) {
+      const int64_t g = g0 + gi;
+      __m256i a[R][MB];
+      for (int r = 0; r < R; ++r)
+        for (int j = 0; j < MB; ++j) a[r][j] = _mm256_setzero_si256();
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t k = g * gs + 64 * c;
+        if (R == 1) {
+          _mm_prefetch(reinterpret_cast<const char*>(w + k / 2) + 1024, _MM_HINT_T0);  // the hardware prefetcher alone falls behind
+        } else {
+          const char* pf = reinterpret_cast<const char*>(w + R * ldw) + R * (k / 2);  // 32 bytes per row per chunk
+          for (int i = 0; i < R * 32; i += 64) _mm_prefetch(pf + i, _MM_HINT_T0);
+        }
+        for (int r = 0; r < R; ++r) {
+          __m256i lo, hi;
+          nibbles(w + r * ldw + k / 2, lo, hi);
+          for (int j = 0; j < MB; ++j) {
+            const __m256i* xj = reinterpret_cast<const __m256i*>(x + j * ldx + k);
+            a[r][j] = dot64(a[r][j], lo, hi, _mm256_loadu_si256(xj), _mm256_loadu_si256(xj + 1));
+          }
+        }
       }
+      const __m256i lane = _mm256_set1_epi32(static_cast<int>(gi));
+      for (int r = 0; r < R; ++r)
+        for (int j = 0; j < MB; ++j)
+          acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r][j]), _mm256_permutevar8x32_ps(fac[r][j], lane), acc[r][j]);
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < MB; ++j) y[j * ldy + r] = hsum(acc[r][j]) + mins_dot(sm + 2 * r * G, xsum + j * G, G);
+    for (int j = 0; j < MB; ++j) y[j * ldy + r] = hsum(acc[r][j]) + mins_dot(mn + r * G, xsum + j * G, G);
 }
 
 // Up to MB activation rows against one weight row: int4_tile for the block size mb (MB >= mb >= 1).
 template <int MB, int CH, typename S>
 inline void rows_int4(int64_t mb, const int8_t* x, int64_t ldx, const float* sx, const float* xsum, int64_t G,
-                      const uint8_t* w, int64_t gs, const S* sm, float* y, int64_t ldy) {
+                      const uint8_t* w, int64_t gs, const S* sc, const S* mn, float* y, int64_t ldy) {
   if constexpr (MB > 1)
-    if (mb < MB) return rows_int4<MB - 1, CH>(mb, x, ldx, sx, xsum, G, w, gs, sm, y, ldy);
-  int4_tile<1, MB, CH>(x, ldx, sx, xsum, G, w, 0, gs, sm, y, ldy);
+    if (mb < MB) return rows_int4<MB - 1, CH>(mb, x, ldx, sx, xsum, G, w, gs, sc, mn, y, ldy);
+  int4_tile<1, MB, CH>(x, ldx, sx, xsum, G, w, 0, gs, sc, mn, y, ldy);
 }
 
 template <int CH, typename S>
 void int4_rows(const int8_t* xq, const float* sx, const float* xsum, int64_t M, int64_t K, const uint8_t* w,
-               const S* sm, int64_t gs, int64_t N, float* y, int threads) {
+               const S* sc, const S* mn, int64_t gs, int64_t N, float* y, int threads) {
   const int64_t G = K / gs, ldw = K / 2;
   if (M == 1 && N % 4 == 0) {  // output rows split over the threads, never the activation rows
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < N; n += 4) int4_tile<4, 1, CH>(xq, K, sx, xsum, G, w + n * ldw, ldw, gs, sm + 2 * n * G, y + n, N);
+    for (int64_t n = 0; n < N; n += 4) int4_tile<4, 1, CH>(xq, K, sx, xsum, G, w + n * ldw, ldw, gs, sc + n * G, mn + n * G, y + n, N);
     return;
   }
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t n = 0; n < N; ++n)
     for (int64_t m = 0; m < M; m += kMaxRows)  // the weight row stays in L1 across the blocks
       rows_int4<kMaxRows, CH>(std::min<int64_t>(kMaxRows, M - m), xq + m * K, K, sx + m * G, xsum + m * G, G,
-                              w + n * ldw, gs, sm + 2 * n * G, y + m * N + n, N);
+                              w + n * ldw, gs, sc + n * G, mn + n * G, y + m * N + n, N);
 }
 
 template <typename S>
 void int4_g32(const int8_t* xq, const float* sx, const float* xsum, int64_t M, int64_t K, const uint8_t* w,
-              const S* sm, int64_t N, float* y, int threads) {
+              const S* sc, const S* mn, int64_t N, float* y, int threads) {
   const int64_t G = K / 32;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t n = 0; n < N; ++n) {
     float out[4];
     const uint8_t* wr = w + n * (K / 2);
-    const S* smr = sm + 2 * n * G;
+    const S *scr = sc + n * G, *mnr = mn + n * G;
     for (int64_t m = 0; m < M; m += 4) {
       int64_t mb = std::min<int64_t>(4, M - m);
       const int8_t* xm = xq + m * K;
       const float *s = sx + m * G, *xs = xsum + m * G;
       switch (mb) {
-        case 4: dot_rows_int4_g32<4>(xm, K, s, xs, G, wr, smr, out); break;
-        case 3: dot_rows_int4_g32<3>(xm, K, s, xs, G, wr, smr, out); break;
-        case 2: dot_rows_int4_g32<2>(xm, K, s, xs, G, wr, smr, out); break;
-        default: dot_rows_int4_g32<1>(xm, K, s, xs, G, wr, smr, out); break;
+        case 4: dot_rows_int4_g32<4>(xm, K, s, xs, G, wr, scr, mnr, out); break;
+        case 3: dot_rows_int4_g32<3>(xm, K, s, xs, G, wr, scr, mnr, out); break;
+        case 2: dot_rows_int4_g32<2>(xm, K, s, xs, G, wr, scr, mnr, out); break;
+        default: dot_rows_int4_g32<1>(xm, K, s, xs, G, wr, scr, mnr, out); break;
       }
       for (int64_t j = 0; j < mb; ++j) y[(m + j) * N + n] = out[j];
     }
@@ -369,13 +371,40 @@ void int4_g32(const int8_t* xq, const float* sx, const float* xsum, int64_t M, i
 }
 
 template <typename S>
-void int4(const int8_t* xq, const float* sx, const float* xsum, int64_t M, int64_t K, const uint8_t* w, const S* sm,
-          int64_t gs, int64_t N, float* y, int threads) {
+void int4(const int8_t* xq, const float* sx, const float* xsum, int64_t M, int64_t K, const uint8_t* w, const S* sc,
+          const S* mn, int64_t gs, int64_t N, float* y, int threads) {
   switch (gs) {  // the common group sizes get a fixed chunk count per group
-    case 32: int4_g32(xq, sx, xsum, M, K, w, sm, N, y, threads); break;
-    case 64: int4_rows<1>(xq, sx, xsum, M, K, w, sm, gs, N, y, threads); break;
-    case 128: int4_rows<2>(xq, sx, xsum, M, K, w, sm, gs, N, y, threads); break;
-    default: int4_rows<0>(xq, sx, xsum, M, K, w, sm, gs, N, y, threads); break;
+    case 32: int4_g32(xq, sx, xsum, M, K, w, sc, mn, N, y, threads); break;
+    case 64: int4_rows<1>(xq, sx, xsum, M, K, w, sc, mn, gs, N, y, threads); break;
+    case 128: int4_rows<2>(xq, sx, xsum, M, K, w, sc, mn, gs, N, y, threads); break;
+    default: int4_rows<0>(xq, sx, xsum, M, K, w, sc, mn, gs, N, y, threads); break;
+  }
+}
+
+// The int4 kernels' activations: x (M, K) fp32 rounded per (row, group of gs) to int8 steps of its absmax / 127
+// into xd (M, K), stored per 64 columns as the even columns of each 32-column half then the odd ones (see
+// above); sx (M, G) the steps, xsum (M, G) the exact sums per group.
+void int4_activations(const float* x, int64_t M, int64_t K, int64_t gs, int8_t* xd, float* sx, float* xsum) {
+  const int64_t G = K / gs;
+  std::vector<float> inv(G);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * K;
+    for (int64_t g = 0; g < G; ++g) {
+      float amax = 0.0f, sum = 0.0f;
+      for (int64_t i = g * gs; i < (g + 1) * gs; ++i) amax = std::max(amax, std::fabs(xr[i])), sum += xr[i];
+      float step = amax > 0.0f ? amax / 127.0f : 1.0f;
+      sx[m * G + g] = step, xsum[m * G + g] = sum, inv[g] = 1.0f / step;
+    }
+    int8_t* d = xd + m * K;
+    for (int64_t k = 0; k < K; k += 64)  // per 64 columns: even columns of each half, then odd ones
+      for (int h = 0; h < 2; ++h) {
+        const float* xh = xr + k + 32 * h;
+        const float s = inv[(k + 32 * h) / gs];
+        for (int i = 0; i < 16; ++i) {
+          d[k + 16 * h + i] = static_cast<int8_t>(std::nearbyint(xh[2 * i] * s));
+          d[k + 32 + 16 * h + i] = static_cast<int8_t>(std::nearbyint(xh[2 * i + 1] * s));
+        }
+      }
   }
 }
 
@@ -407,38 +436,167 @@ extern "C" int glmkit_gemv_q8(const float* x, int64_t M, int64_t K, const int8_t
   return 0;
 }
 
-// glmkit's int4 layout: w uint8 (N, K/2); sm (N, K/gs, 2) [scale, min] pairs, fp32 (sm_type 0) or bf16
-// (sm_type 1); through int8 activations quantized per group. gs: 32 or a multiple of 64 (a 64-column
+// glmkit's int4 layout: w uint8 (N, K/2); scales and mins (N, K/gs) each, both fp32 (s_type 0) or both
+// bf16 (s_type 1); through int8 activations quantized per group. gs: 32 or a multiple of 64 (a 64-column
 // chunk holds two whole groups or part of one); K: a multiple of 64.
-extern "C" int glmkit_gemv_int4(const float* x, int64_t M, int64_t K, const uint8_t* w, const void* sm, int sm_type,
-                                int64_t gs, int64_t N, float* y, int threads) {
-  if (gs <= 0 || (gs != 32 && gs % 64) || K % gs || K % 64 || sm_type < 0 || sm_type > 1) return 1;
+extern "C" int glmkit_gemv_int4(const float* x, int64_t M, int64_t K, const uint8_t* w, const void* scales,
+                                const void* mins, int s_type, int64_t gs, int64_t N, float* y, int threads) {
+  if (gs <= 0 || (gs != 32 && gs % 64) || K % gs || K % 64 || s_type < 0 || s_type > 1) return 1;
   int64_t G = K / gs;
   std::vector<int8_t> xd(M * K);
-  std::vector<float> sx(M * G), xsum(M * G), inv(G);
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xr = x + m * K;
-    for (int64_t g = 0; g < G; ++g) {
-      float amax = 0.0f, sum = 0.0f;
-      for (int64_t i = g * gs; i < (g + 1) * gs; ++i) amax = std::max(amax, std::fabs(xr[i])), sum += xr[i];
-      float step = amax > 0.0f ? amax / 127.0f : 1.0f;
-      sx[m * G + g] = step, xsum[m * G + g] = sum, inv[g] = 1.0f / step;
-    }
-    int8_t* d = xd.data() + m * K;
-    for (int64_t k = 0; k < K; k += 64)  // per 64 columns: even columns of each half, then odd ones
-      for (int h = 0; h < 2; ++h) {
-        const float* xh = xr + k + 32 * h;
-        const float s = inv[(k + 32 * h) / gs];
-        for (int i = 0; i < 16; ++i) {
-          d[k + 16 * h + i] = static_cast<int8_t>(std::nearbyint(xh[2 * i] * s));
-          d[k + 32 + 16 * h + i] = static_cast<int8_t>(std::nearbyint(xh[2 * i + 1] * s));
-        }
-      }
-  }
-  if (sm_type == 0) int4(xd.data(), sx.data(), xsum.data(), M, K, w, static_cast<const float*>(sm), gs, N, y, threads);
-  else int4(xd.data(), sx.data(), xsum.data(), M, K, w, static_cast<const uint16_t*>(sm), gs, N, y, threads);
+  std::vector<float> sx(M * G), xsum(M * G);
+  int4_activations(x, M, K, gs, xd.data(), sx.data(), xsum.data());
+  if (s_type == 0)
+    int4(xd.data(), sx.data(), xsum.data(), M, K, w, static_cast<const float*>(scales), static_cast<const float*>(mins),
+         gs, N, y, threads);
+  else
+    int4(xd.data(), sx.data(), xsum.data(), M, K, w, static_cast<const uint16_t*>(scales),
+         static_cast<const uint16_t*>(mins), gs, N, y, threads);
   return 0;
 }
+
+// ---- per-head products of latent attention's absorbed form ------------------------------------------------------
+// A decode step of latent attention folds kv_b's key rows into the query (q_lat[h] = q_nope[h] W_UK[h], a product
+// over W_UK's rows) and applies its value rows to the attention output (W_UV[h] y[h]). As PyTorch einsums of a
+// bf16 weight and a few rows these run through batched GEMMs far below the memory bandwidth; here each head's
+// (N, K) block of the weight (rows ldr apart, heads ldh apart, fp32 or bf16) is read once for the M rows. x (M, H,
+// Kx) fp32, y (M, H, Ky) fp32; trans 0: y[m, h, n] = dot(x[m, h, :K], W[h][n, :]) (Kx = K, Ky = N); trans 1:
+// y[m, h, k] = sum_n x[m, h, n] W[h][n, k] (Kx = N, Ky = K).
+template <typename W>
+void heads_gemv(const float* x, int64_t M, int64_t H, const W* w, int64_t N, int64_t K, int64_t ldr, int64_t ldh,
+                int trans, float* y, int threads) {
+  const int64_t Kx = trans ? N : K, Ky = trans ? K : N;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t h = 0; h < H; ++h) {
+    const W* wh = w + h * ldh;
+    if (!trans) {
+      float out[4];
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t m = 0; m < M; m += 4) {
+          const int64_t mb = std::min<int64_t>(4, M - m);
+          const float* xm = x + (m * H + h) * Kx;
+          switch (mb) {
+            case 4: dot_rows<W, 4>(xm, H * Kx, wh + n * ldr, K, out); break;
+            case 3: dot_rows<W, 3>(xm, H * Kx, wh + n * ldr, K, out); break;
+            case 2: dot_rows<W, 2>(xm, H * Kx, wh + n * ldr, K, out); break;
+            default: dot_rows<W, 1>(xm, H * Kx, wh + n * ldr, K, out); break;
+          }
+          for (int64_t j = 0; j < mb; ++j) y[((m + j) * H + h) * Ky + n] = out[j];
+        }
+      continue;
+    }
+    for (int64_t m = 0; m < M; ++m) std::fill(y + (m * H + h) * Ky, y + (m * H + h) * Ky + K, 0.0f);
+    for (int64_t n = 0; n < N; ++n) {  // row n of the head's block, added into every row's output
+      const W* wr = wh + n * ldr;
+      for (int64_t m = 0; m < M; ++m) {
+        float* ym = y + (m * H + h) * Ky;
+        const float a = x[(m * H + h) * Kx + n];
+        const __m256 va = _mm256_set1_ps(a);
+        int64_t k = 0;
+        for (; k + 8 <= K; k += 8) _mm256_storeu_ps(ym + k, _mm256_fmadd_ps(va, load8(wr + k), _mm256_loadu_ps(ym + k)));
+        for (; k < K; ++k) ym[k] += a * to_float(wr[k]);
+      }
+    }
+  }
+}
+
+// ---- a mixture-of-experts layer's experts in one call ------------------------------------------------------
+// A decode step of an MoE layer runs a few SwiGLU experts (the routed ones and the shared one) on a few rows
+// each. As separate calls that is ~10 per expert, each with its own activation rounding, thread start and
+// barrier, and on a machine shared with other work a 2-thread parallel region can wait a whole scheduler
+// slice for its second thread. Here the whole layer is one parallel region of three phases: every expert's
+// gate + up rows (the token's activations rounded once for all experts), SiLU(gate) * up, then the down rows,
+// where each thread owns a range of output channels and adds every expert's weighted contribution to them (no
+// reduction, no race when several experts write one token's row). The products are int4_tile's, so the
+// result is what glmkit_gemv_int4 gives per expert, summed in fp32.
+struct GlmkitExpert {  // field order must match kernels.py (_CExpert)
+  const uint8_t* up;      // (2F, C/2) packed: rows [gate (F) | up (F)]
+  const void* up_scales;  // (2F, C/gs)
+  const void* up_mins;
+  const uint8_t* down;      // (C, F/2) packed
+  const void* down_scales;  // (C, F/gs)
+  const void* down_mins;
+  int64_t f;  // the expert's width F
+};
+
+namespace {
+
+// Output rows [0, N) of one weight against the m activation rows x (ldx apart, sx / xsum (m, G)), into y[j * ldy + n],
+// for output rows n in [n0, n1) (multiples of 4 apart from n1 = N).
+template <int CH, typename S>
+void int4_block(const int8_t* x, int64_t m, int64_t K, const float* sx, const float* xsum, const uint8_t* w, const S* sc,
+                const S* mn, int64_t gs, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  const int64_t G = K / gs, ldw = K / 2;
+  int64_t n = n0;
+  if (m == 1)
+    for (; n + 4 <= n1; n += 4)
+      int4_tile<4, 1, CH>(x, K, sx, xsum, G, w + n * ldw, ldw, gs, sc + n * G, mn + n * G, y + n, ldy);
+  for (; n < n1; ++n)
+    for (int64_t j = 0; j < m; j += kMaxRows)
+      rows_int4<kMaxRows, CH>(std::min<int64_t>(kMaxRows, m - j), x + j * K, K, sx + j * G, xsum + j * G, G, w + n * ldw,
+                              gs, sc + n * G, mn + n * G, y + j * ldy + n, ldy);
+}
+
+template <int CH, typename S>
+void moe_int4(const float* x, int64_t M, int64_t C, int64_t gs, int64_t J, const GlmkitExpert* ex, const int64_t* off,
+              const int64_t* rows, const float* weights, float* out, int threads) {
+  const int64_t P = off[J], Gc = C / gs;
+  int64_t Fmax = 0;
+  for (int64_t j = 0; j < J; ++j) Fmax = std::max(Fmax, ex[j].f);
+  // the hidden activations of pair p start at hoff[p]: each expert's rows contiguous, F_j apart
+  std::vector<int64_t> hoff(P + 1, 0);
+  for (int64_t j = 0; j < J; ++j)
+    for (int64_t p = off[j]; p < off[j + 1]; ++p) hoff[p + 1] = hoff[p] + ex[j].f;
+  std::vector<int8_t> xd(M * C), xg(P * C), hd(hoff[P]);
+  std::vector<float> sx(M * Gc), xs(M * Gc), sxg(P * Gc), xsg(P * Gc), h(P * 2 * Fmax), hs(hoff[P] / gs),
+      hsum(hoff[P] / gs), y(P * 4 * threads);
+  int4_activations(x, M, C, gs, xd.data(), sx.data(), xs.data());
+  for (int64_t p = 0; p < P; ++p) {  // each (token, expert) pair's activations, grouped by expert
+    std::memcpy(&xg[p * C], &xd[rows[p] * C], C);
+    std::memcpy(&sxg[p * Gc], &sx[rows[p] * Gc], Gc * sizeof(float));
+    std::memcpy(&xsg[p * Gc], &xs[rows[p] * Gc], Gc * sizeof(float));
+  }
+  // work items of the up phase: (expert, block of 64 output rows), so that small experts still spread
+  std::vector<int64_t> item_job, item_row;
+  for (int64_t j = 0; j < J; ++j)
+    for (int64_t n = 0; n < 2 * ex[j].f; n += 64) item_job.push_back(j), item_row.push_back(n);
+  const int64_t items = static_cast<int64_t>(item_job.size());
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < items; ++i) {
+      const int64_t j = item_job[i], n0 = item_row[i], F2 = 2 * ex[j].f, m = off[j + 1] - off[j];
+      int4_block<CH>(&xg[off[j] * C], m, C, &sxg[off[j] * Gc], &xsg[off[j] * Gc], ex[j].up,
+                     static_cast<const S*>(ex[j].up_scales), static_cast<const S*>(ex[j].up_mins), gs, n0,
+                     std::min(F2, n0 + 64), &h[off[j] * 2 * Fmax], 2 * Fmax);
+    }
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < P; ++p) {  // SiLU(gate) * up, rounded for the down rows (in place over the gate half)
+      const int64_t j = std::upper_bound(off, off + J + 1, p) - off - 1, F = ex[j].f;
+      float* hp = &h[p * 2 * Fmax];
+      for (int64_t f = 0; f < F; ++f) hp[f] = hp[f] / (1.0f + std::exp(-hp[f])) * hp[F + f];
+      int4_activations(hp, 1, F, gs, &hd[hoff[p]], &hs[hoff[p] / gs], &hsum[hoff[p] / gs]);
+    }
+#pragma omp for schedule(static)
+    for (int64_t n0 = 0; n0 < C; n0 += 4) {  // this thread's output channels, every expert's share added
+      const int64_t n1 = std::min(C, n0 + 4);
+      float* t = &y[omp_get_thread_num() * P * 4];
+      for (int64_t j = 0; j < J; ++j) {
+        const int64_t m = off[j + 1] - off[j], F = ex[j].f;
+        const int64_t h0 = hoff[off[j]];
+        int4_block<CH>(&hd[h0], m, F, &hs[h0 / gs], &hsum[h0 / gs], ex[j].down + n0 * (F / 2),
+                       static_cast<const S*>(ex[j].down_scales) + n0 * (F / gs),
+                       static_cast<const S*>(ex[j].down_mins) + n0 * (F / gs), gs, 0, n1 - n0, t, 4);
+        for (int64_t r = 0; r < m; ++r) {
+          const int64_t p = off[j] + r;
+          for (int64_t n = n0; n < n1; ++n) out[rows[p] * C + n] += weights[p] * t[r * 4 + n - n0];
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
 
 // ---- dequantization for many-row products ------------------------------------------------------------
 // Prefill multiplies hundreds of activation rows by each weight; there the machine's GEMM (bf16 or fp32)
@@ -488,16 +646,62 @@ inline void dequant32_int4(const uint8_t* w, __m256 s, __m256 mn, O* out) {
 }
 
 template <typename O, typename S>
-void dequant_int4(const uint8_t* w, const S* sm, int64_t gs, int64_t R, int64_t K, O* out, int threads) {
+void dequant_int4(const uint8_t* w, const S* sc, const S* mn, int64_t gs, int64_t R, int64_t K, O* out, int threads) {
   const int64_t G = K / gs;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t r = 0; r < R; ++r) {
     const uint8_t* wr = w + r * (K / 2);
-    const S* p = sm + 2 * r * G;
+    const S *sr = sc + r * G, *mr = mn + r * G;
     O* o = out + r * K;
     for (int64_t g = 0; g < G; ++g) {
-      const __m256 s = _mm256_set1_ps(to_float(p[2 * g])), mn = _mm256_set1_ps(to_float(p[2 * g + 1]));
-      for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) dequant32_int4(wr + k / 2, s, mn, o + k);
+      const __m256 s = _mm256_set1_ps(to_float(sr[g])), m = _mm256_set1_ps(to_float(mr[g]));
+      for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) dequant32_int4(wr + k / 2, s, m, o + k);
+    }
+  }
+}
+
+// heads_gemv (above) with each head's block of rows in glmkit's int4 layout: rows h * ldh + n (n < N) of packed w
+// (K/2 bytes a row), sc and mn (K/gs a row). Each row is dequantized to fp32 once (the activations are not
+// rounded: these products are small) and used for the M rows as heads_gemv uses an fp32 one.
+template <typename S>
+void heads_gemv_int4(const float* x, int64_t M, int64_t H, const uint8_t* w, const S* sc, const S* mn, int64_t gs,
+                     int64_t N, int64_t K, int64_t ldh, int trans, float* y, int threads) {
+  const int64_t G = K / gs, Kx = trans ? N : K, Ky = trans ? K : N;
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> row(K);
+#pragma omp for schedule(static)
+    for (int64_t h = 0; h < H; ++h) {
+      if (trans)
+        for (int64_t m = 0; m < M; ++m) std::fill(y + (m * H + h) * Ky, y + (m * H + h) * Ky + K, 0.0f);
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t r = h * ldh + n;
+        for (int64_t g = 0; g < G; ++g) {
+          const __m256 s = _mm256_set1_ps(to_float(sc[r * G + g])), m0 = _mm256_set1_ps(to_float(mn[r * G + g]));
+          for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) dequant32_int4(w + r * (K / 2) + k / 2, s, m0, &row[k]);
+        }
+        if (!trans) {
+          float out[4];
+          for (int64_t m = 0; m < M; m += 4) {
+            const int64_t mb = std::min<int64_t>(4, M - m);
+            const float* xm = x + (m * H + h) * Kx;
+            switch (mb) {
+              case 4: dot_rows<float, 4>(xm, H * Kx, row.data(), K, out); break;
+              case 3: dot_rows<float, 3>(xm, H * Kx, row.data(), K, out); break;
+              case 2: dot_rows<float, 2>(xm, H * Kx, row.data(), K, out); break;
+              default: dot_rows<float, 1>(xm, H * Kx, row.data(), K, out); break;
+            }
+            for (int64_t j = 0; j < mb; ++j) y[((m + j) * H + h) * Ky + n] = out[j];
+          }
+          continue;
+        }
+        for (int64_t m = 0; m < M; ++m) {
+          float* ym = y + (m * H + h) * Ky;
+          const __m256 va = _mm256_set1_ps(x[(m * H + h) * Kx + n]);
+          for (int64_t k = 0; k < K; k += 8)
+            _mm256_storeu_ps(ym + k, _mm256_fmadd_ps(va, _mm256_loadu_ps(&row[k]), _mm256_loadu_ps(ym + k)));
+        }
+      }
     }
   }
 }
@@ -513,14 +717,65 @@ extern "C" int glmkit_dequant_q8(const int8_t* w, const float* scale, int64_t R,
   return 0;
 }
 
-// Rows [0, R) of glmkit's int4 layout (w (R, K/2), sm (R, K/gs, 2) pairs as in glmkit_gemv_int4) into out
+// Rows [0, R) of glmkit's int4 layout (w (R, K/2), scales and mins (R, K/gs) as in glmkit_gemv_int4) into out
 // (R, K): fp32 (out_type 0) or bf16 (1). gs: a multiple of 32 that divides K.
-extern "C" int glmkit_dequant_int4(const uint8_t* w, const void* sm, int sm_type, int64_t gs, int64_t R, int64_t K,
-                                   void* out, int out_type, int threads) {
-  if (gs <= 0 || gs % 32 || K % gs || sm_type < 0 || sm_type > 1 || out_type < 0 || out_type > 1) return 1;
-  if (sm_type == 0 && out_type == 0) dequant_int4(w, static_cast<const float*>(sm), gs, R, K, static_cast<float*>(out), threads);
-  if (sm_type == 0 && out_type == 1) dequant_int4(w, static_cast<const float*>(sm), gs, R, K, static_cast<uint16_t*>(out), threads);
-  if (sm_type == 1 && out_type == 0) dequant_int4(w, static_cast<const uint16_t*>(sm), gs, R, K, static_cast<float*>(out), threads);
-  if (sm_type == 1 && out_type == 1) dequant_int4(w, static_cast<const uint16_t*>(sm), gs, R, K, static_cast<uint16_t*>(out), threads);
+extern "C" int glmkit_dequant_int4(const uint8_t* w, const void* scales, const void* mins, int s_type, int64_t gs,
+                                   int64_t R, int64_t K, void* out, int out_type, int threads) {
+  if (gs <= 0 || gs % 32 || K % gs || s_type < 0 || s_type > 1 || out_type < 0 || out_type > 1) return 1;
+  const float *sf = static_cast<const float*>(scales), *mf = static_cast<const float*>(mins);
+  const uint16_t *sb = static_cast<const uint16_t*>(scales), *mb = static_cast<const uint16_t*>(mins);
+  if (s_type == 0 && out_type == 0) dequant_int4(w, sf, mf, gs, R, K, static_cast<float*>(out), threads);
+  if (s_type == 0 && out_type == 1) dequant_int4(w, sf, mf, gs, R, K, static_cast<uint16_t*>(out), threads);
+  if (s_type == 1 && out_type == 0) dequant_int4(w, sb, mb, gs, R, K, static_cast<float*>(out), threads);
+  if (s_type == 1 && out_type == 1) dequant_int4(w, sb, mb, gs, R, K, static_cast<uint16_t*>(out), threads);
+  return 0;
+}
+
+// The experts of one MoE layer for M rows x (M, C) fp32: expert j (ex[j]) takes the pairs p in [off[j], off[j+1]),
+// each the activation row rows[p] with weight weights[p], and out (M, C) fp32 gets out[rows[p]] += weights[p] *
+// down(SiLU(gate) * up)(x[rows[p]]). Scales and mins fp32 (s_type 0) or bf16 (1); gs a multiple of 64 dividing C
+// and every F; C and 2F multiples of 4.
+extern "C" int glmkit_moe_int4(const float* x, int64_t M, int64_t C, int64_t gs, int s_type, int64_t J,
+                               const GlmkitExpert* ex, const int64_t* off, const int64_t* rows, const float* weights,
+                               float* out, int threads) {
+  if (gs <= 0 || gs % 64 || C % gs || C % 4 || s_type < 0 || s_type > 1 || J < 0 || off[0] != 0) return 1;
+  for (int64_t j = 0; j < J; ++j)
+    if (ex[j].f <= 0 || ex[j].f % gs || off[j + 1] < off[j]) return 1;
+  for (int64_t p = 0; p < off[J]; ++p)
+    if (rows[p] < 0 || rows[p] >= M) return 1;
+  threads = std::max(threads, 1);
+#define GLMKIT_MOE(CH, S) moe_int4<CH, S>(x, M, C, gs, J, ex, off, rows, weights, out, threads)
+  if (s_type == 0) {
+    if (gs == 64) GLMKIT_MOE(1, float); else if (gs == 128) GLMKIT_MOE(2, float); else GLMKIT_MOE(0, float);
+  } else {
+    if (gs == 64) GLMKIT_MOE(1, uint16_t); else if (gs == 128) GLMKIT_MOE(2, uint16_t); else GLMKIT_MOE(0, uint16_t);
+  }
+#undef GLMKIT_MOE
+  return 0;
+}
+
+// Per-head products (heads_gemv above): w fp32 (wtype 0) or bf16 (1).
+extern "C" int glmkit_heads_gemv(const float* x, int64_t M, int64_t H, const void* w, int wtype, int64_t N, int64_t K,
+                                 int64_t ldr, int64_t ldh, int trans, float* y, int threads) {
+  if (M < 0 || H < 0 || N < 0 || K < 0 || ldr < K || (trans != 0 && trans != 1)) return 1;
+  if (wtype == 0) heads_gemv(x, M, H, static_cast<const float*>(w), N, K, ldr, ldh, trans, y, threads);
+  else if (wtype == 1) heads_gemv(x, M, H, static_cast<const uint16_t*>(w), N, K, ldr, ldh, trans, y, threads);
+  else return 1;
+  return 0;
+}
+
+// heads_gemv_int4 above: scales and mins fp32 (s_type 0) or bf16 (1); gs a multiple of 32 dividing K.
+extern "C" int glmkit_heads_gemv_int4(const float* x, int64_t M, int64_t H, const uint8_t* w, const void* scales,
+                                      const void* mins, int s_type, int64_t gs, int64_t N, int64_t K, int64_t ldh,
+                                      int trans, float* y, int threads) {
+  if (M < 0 || H < 0 || N < 0 || gs <= 0 || gs % 32 || K % gs || (trans != 0 && trans != 1)) return 1;
+  if (s_type == 0)
+    heads_gemv_int4(x, M, H, w, static_cast<const float*>(scales), static_cast<const float*>(mins), gs, N, K, ldh, trans,
+                    y, threads);
+  else if (s_type == 1)
+    heads_gemv_int4(x, M, H, w, static_cast<const uint16_t*>(scales), static_cast<const uint16_t*>(mins), gs, N, K, ldh,
+                    trans, y, threads);
+  else
+    return 1;
   return 0;
 }
