@@ -58,7 +58,7 @@ SIZES = {  # GLM-4's network (glm-4-9b preset) at smaller widths, GLM-4's vocabu
     "1.5b": dict(dim=2048, n_layers=20, n_heads=16, n_kv_heads=2, head_dim=128, ffn_dim=5632),
 }
 RECORDS = {  # speed: long enough that no row completes before --new-tokens
-    "type": "array", "maxItems": 200,
+    "type": "array", "minItems": 200, "maxItems": 200,
     "items": {"type": "object", "additionalProperties": False, "required": ["id", "name", "score", "tags"],
               "properties": {"id": {"type": "integer"}, "name": {"type": "string", "maxLength": 24},
                              "score": {"type": "number"}, "tags": {"type": "array", "maxItems": 3,
