@@ -1,6 +1,7 @@
 """What the server tests share: a tiny tokenizer's texts, a tiny random model, a live uvicorn on port 0,
 and checks of OpenAI-shaped responses (the fixtures over them are in conftest.py)."""
 
+import asyncio
 import contextlib
 import json
 import socket
@@ -83,3 +84,34 @@ def serve(app):
         server.should_exit = True
         t.join()
         sock.close()
+
+
+def scope_of(path: str, headers: dict) -> dict:
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+            "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "client": ("127.0.0.1", 5),
+            "server": ("testserver", 80),
+            "headers": [(b"content-type", b"application/json")] + [(k.encode(), v.encode()) for k, v in headers.items()]}
+
+
+async def leave_after(app, path, body, headers, chunks_before_leaving: int, arrived: asyncio.Event, leave: asyncio.Event):
+    """One request through the raw ASGI app; the client leaves (http.disconnect) once `leave` is set,
+    which happens by itself after `chunks_before_leaving` body chunks. Returns the chunks received."""
+    got, asked = [], False
+
+    async def receive():
+        nonlocal asked
+        if not asked:
+            asked = True
+            return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
+        await leave.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(m):
+        if m["type"] == "http.response.body" and m.get("body"):
+            got.append(m["body"])
+            arrived.set()
+            if len(got) >= chunks_before_leaving:
+                leave.set()
+
+    await app(scope_of(path, headers), receive, send)
+    return got

@@ -26,7 +26,7 @@ from glmkit.generate import Blank, fill  # noqa: E402
 from glmkit.infill import SPAN_STEP, SpecialIds, assemble, blank_prompt  # noqa: E402
 from glmkit.sampling import SamplingParams  # noqa: E402
 from glmkit.server.app import create_app  # noqa: E402
-from tests.serving import assert_error, make_model, rows, serve  # noqa: E402
+from tests.serving import assert_error, leave_after, make_model, rows, serve  # noqa: E402
 
 TEXTS = ["The quick [MASK] fox [sMASK] lazy dog.", "床前[MASK]光，疑是[gMASK]", "[MASK]",
          "def add(a, b):\n[MASK]\n    return [MASK] + [sMASK]\n"]
@@ -236,26 +236,12 @@ def test_a_client_that_leaves_cancels_the_blank_in_flight_and_no_more_start(app)
     reach the engine, the row says 499 cancelled, and the engine holds nothing of it."""
     server = app.state.server
     submit, submitted = server.engine.submit, []
-    body = json.dumps({"text": TEXTS[3], "max_tokens": 8}).encode()
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": "/v1/fill", "raw_path": b"/v1/fill", "query_string": b"", "root_path": "",
-             "client": ("127.0.0.1", 5), "server": ("testserver", 80), "headers": [(b"content-type", b"application/json")]}
+    body = {"text": TEXTS[3], "max_tokens": 8}
 
     async def run():
-        queued, leave, asked = asyncio.Event(), asyncio.Event(), [False]
+        queued, leave = asyncio.Event(), asyncio.Event()
         server.engine.submit = lambda req: (submit(req), submitted.append(req), queued.set())[0]
-
-        async def receive():
-            if not asked[0]:
-                asked[0] = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            await leave.wait()
-            return {"type": "http.disconnect"}
-
-        async def send(m):
-            pass
-
-        task = asyncio.create_task(app(scope, receive, send))
+        task = asyncio.create_task(leave_after(app, "/v1/fill", body, {}, 10**9, asyncio.Event(), leave))
         await queued.wait()  # blank 0 waits in the engine, which is not running yet
         leave.set()
         server.runner.start()

@@ -8,7 +8,6 @@ with itself, rather than with fixed strings.
 """
 
 import asyncio
-import json
 
 import pytest
 
@@ -25,7 +24,7 @@ from glmkit.generate import fill, infill  # noqa: E402
 from glmkit.sampling import SamplingParams  # noqa: E402
 from glmkit.server.app import create_app  # noqa: E402
 from glmkit.server.maas import KeyStore, Ledger, MaaS, Pricing  # noqa: E402
-from tests.serving import CHAT, assert_error, make_model, rows, serve, sse, tok_text  # noqa: E402
+from tests.serving import CHAT, assert_error, leave_after, make_model, rows, serve, sse, tok_text  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -334,37 +333,6 @@ def test_token_budget_is_429_without_retry(keyed):
         r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 5}, headers=h)  # 3 + 5 > what is left
     assert_error(r, 429, "insufficient_quota", code="insufficient_quota")
     assert r.headers["x-should-retry"] == "false" and "retry-after" not in r.headers
-
-
-def scope_of(path: str, headers: dict) -> dict:
-    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-            "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "client": ("127.0.0.1", 5),
-            "server": ("testserver", 80),
-            "headers": [(b"content-type", b"application/json")] + [(k.encode(), v.encode()) for k, v in headers.items()]}
-
-
-async def leave_after(app, path, body, headers, chunks_before_leaving: int, arrived: asyncio.Event, leave: asyncio.Event):
-    """One request through the raw ASGI app; the client leaves (http.disconnect) once `leave` is set,
-    which happens by itself after `chunks_before_leaving` body chunks. Returns the chunks received."""
-    got, asked = [], False
-
-    async def receive():
-        nonlocal asked
-        if not asked:
-            asked = True
-            return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
-        await leave.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(m):
-        if m["type"] == "http.response.body" and m.get("body"):
-            got.append(m["body"])
-            arrived.set()
-            if len(got) >= chunks_before_leaving:
-                leave.set()
-
-    await app(scope_of(path, headers), receive, send)
-    return got
 
 
 def test_client_disconnect_cancels_the_stream_and_is_metered(keyed, tok, monkeypatch):
