@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from . import kernels
 from .kernels import _WTYPE, Linear, int4_supported
-from .layers import MLP, Attention, Block, Norm, rope_frequencies
+from .layers import LATENT_NORM_EPS, MLP, Attention, Block, LatentAttention, MoE, Norm, Router, rope_frequencies
 from .quantize import Int4Linear, Int8Linear
 
 
@@ -32,9 +32,21 @@ class _CNorm(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p), ("b", ctypes.c_void_p)]
 
 
+class _CMla(ctypes.Structure):
+    _fields_ = [(n, _CLinear) for n in ("q", "q_a", "q_b", "kv_a", "kv_b")] + [("q_norm", _CNorm), ("kv_norm", _CNorm)]
+
+
+class _CMoe(ctypes.Structure):
+    _fields_ = [("router", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("up", ctypes.POINTER(_CLinear)),
+                ("down", ctypes.POINTER(_CLinear)), ("int4", ctypes.POINTER(kernels._CExpert))]
+    _fields_ += [(n, ctypes.c_int64) for n in ("E", "k", "groups", "topk_group", "gs")]
+    _fields_ += [(n, ctypes.c_int32) for n in ("normalize", "s_type")] + [("scale", ctypes.c_float)]
+
+
 class _CLayer(ctypes.Structure):
     _fields_ = [("norm1", _CNorm), ("norm2", _CNorm), ("post_attn", _CNorm), ("post_mlp", _CNorm),
-                ("qkv", _CLinear), ("out", _CLinear), ("up", _CLinear), ("down", _CLinear)]
+                ("qkv", _CLinear), ("out", _CLinear), ("up", _CLinear), ("down", _CLinear),
+                ("mla", ctypes.POINTER(_CMla)), ("moe", ctypes.POINTER(_CMoe))]
 
 
 class _CModel(ctypes.Structure):
@@ -43,6 +55,8 @@ class _CModel(ctypes.Structure):
     _fields_ += [(n, ctypes.c_int32) for n in ("layernorm", "position", "swiglu", "sandwich", "deepnorm", "gelu_exact")]
     _fields_ += [(n, ctypes.c_float) for n in ("eps", "alpha", "rope_scale")]
     _fields_ += [("inv_freq", ctypes.c_void_p)]
+    _fields_ += [(n, ctypes.c_int64) for n in ("q_rank", "kv_rank", "nope_dim", "v_dim")]
+    _fields_ += [("rope_interleave", ctypes.c_int32), ("mla_scale", ctypes.c_float), ("latent_eps", ctypes.c_float)]
 
 
 class _CCache(ctypes.Structure):
@@ -67,15 +81,18 @@ class _Plan:
 
     def __init__(self, model):
         self.refs, self.keep = [], []
+        self.structs = []  # the C records the plan points into (kept alive with it)
         cfg = model.cfg
-        if cfg.attention != "mha":  # the kernel knows q/k/v heads; a latent cache decodes eagerly (absorbed form)
-            raise _Unsupported(f"attention={cfg.attention!r}")
-        # decode.cpp knows one dense MLP per layer, interleaved partial rotary and no q/k norms: GLM-4.5's
-        # experts, qk_norm and half-split rotary run eager (GLM.step falls back on None)
-        if cfg.n_experts:
-            raise _Unsupported("a mixture of experts (n_experts > 0)")
-        if cfg.qk_norm or not cfg.rope_interleave:
+        mla = cfg.attention == "mla"
+        # decode.cpp knows heads of q/k/v with interleaved partial rotary and no q/k norms, latent attention
+        # without GLM-5's indexer, dense MLPs and GLM-4.5's sigmoid-routed experts: qk_norm, half-split rotary
+        # with q/k/v heads and the indexer run eager (GLM.step falls back on None)
+        if mla and cfg.index_n_heads:
+            raise _Unsupported("latent attention with an indexer (GLM-5)")
+        if not mla and (cfg.qk_norm or not cfg.rope_interleave):
             raise _Unsupported("qk_norm or rope_partial with rope_interleave=false")
+        if cfg.n_experts and cfg.router_scoring != "sigmoid":
+            raise _Unsupported(f"router_scoring={cfg.router_scoring!r}")
 
         def tensor(owner, name, fp32=False):
             t = getattr(owner, name)
@@ -125,12 +142,51 @@ class _Plan:
             m = module(owner, name, (Norm,))
             return _CNorm(tensor(m, "weight", fp32=True), tensor(m, "bias", fp32=True))
 
+        def latent(attn):
+            c = _CMla(kv_a=lin(attn, "kv_a"), kv_b=lin(attn, "kv_b"), kv_norm=norm(attn, "kv_norm"))
+            if "q" in attn._modules:
+                c.q = lin(attn, "q")
+            else:
+                c.q_a, c.q_norm, c.q_b = lin(attn, "q_a"), norm(attn, "q_norm"), lin(attn, "q_b")
+            kv_b = c.kv_b  # read per head by the heads kernels: fp32 / bf16, or int4 in groups of 32k
+            if c.kv_b.kind == 2 or (c.kv_b.kind >= 3 and kv_b.group % 32):
+                raise _Unsupported("kv_b is int8, or int4 in groups that are not a multiple of 32")
+            self.structs.append(c)
+            return ctypes.pointer(c)
+
+        def experts(moe):
+            gate = module(moe, "gate", (Router,))
+            mlps = [module(moe.experts, str(e), (MLP,)) for e in range(len(moe.experts))]
+            if "shared" in moe._modules:
+                mlps.append(module(moe, "shared", (MLP,)))
+            if not all(m.swiglu for m in mlps):
+                raise _Unsupported("experts that are not SwiGLU")
+            up = (_CLinear * (len(moe.experts) + 1))(*[lin(m, "up") for m in mlps])
+            down = (_CLinear * (len(moe.experts) + 1))(*[lin(m, "down") for m in mlps])
+            c = _CMoe(router=tensor(gate, "weight", fp32=True), bias=tensor(gate, "e_score_correction_bias", fp32=True),
+                      up=up, down=down, E=len(moe.experts), k=gate.k, groups=gate.groups, topk_group=gate.topk_group,
+                      normalize=gate.normalize, scale=gate.scale)
+            table = kernels.int4_experts(mlps, cfg.dim)  # one record per expert for the whole-layer int4 kernel, or None
+            if table is not None:
+                c.int4, c.gs, c.s_type = ctypes.cast(table[0], ctypes.POINTER(kernels._CExpert)), table[1], table[2]
+                self.structs.append(table)
+            self.structs += [c, up, down]
+            return ctypes.pointer(c)
+
         blocks = []
         for i in range(cfg.n_layers):
             blk = module(model.layers, str(i), (Block,))
-            attn, mlp = module(blk, "attn", (Attention,)), module(blk, "mlp", (MLP,))
-            layer = _CLayer(norm1=norm(blk, "norm1"), norm2=norm(blk, "norm2"), qkv=lin(attn, "qkv"), out=lin(attn, "out"),
-                            up=lin(mlp, "up"), down=lin(mlp, "down"))
+            attn = module(blk, "attn", (LatentAttention,) if mla else (Attention,))
+            layer = _CLayer(norm1=norm(blk, "norm1"), norm2=norm(blk, "norm2"), out=lin(attn, "out"))
+            if mla:
+                layer.mla = latent(attn)
+            else:
+                layer.qkv = lin(attn, "qkv")
+            if cfg.is_moe_layer(i):
+                layer.moe = experts(module(blk, "mlp", (MoE,)))
+            else:
+                mlp = module(blk, "mlp", (MLP,))
+                layer.up, layer.down = lin(mlp, "up"), lin(mlp, "down")
             if cfg.sandwich_norm:
                 layer.post_attn, layer.post_mlp = norm(blk, "post_attn_norm"), norm(blk, "post_mlp_norm")
             blocks.append(layer)
@@ -156,6 +212,12 @@ class _Plan:
             gelu_exact=cfg.mlp == "gelu_exact", eps=cfg.norm_eps, alpha=cfg.residual_alpha, rope_scale=rope_scale,
             inv_freq=self.inv_freq.data_ptr() if rope else None,
         )
+        if mla:  # the cache holds one key head of [c ; k_pe]
+            a0 = model.layers[0].attn
+            self.model.n_kv_heads, self.model.head_dim = 1, cfg.kv_lora_rank + cfg.qk_rope_head_dim
+            self.model.q_rank, self.model.kv_rank = cfg.q_lora_rank or 0, cfg.kv_lora_rank
+            self.model.nope_dim, self.model.v_dim = cfg.qk_nope_head_dim, cfg.v_head_dim
+            self.model.rope_interleave, self.model.mla_scale, self.model.latent_eps = cfg.rope_interleave, a0.scale, LATENT_NORM_EPS
         self.vocab = head.n
 
     def fresh(self) -> bool:
@@ -214,7 +276,8 @@ def decode_step(model, cache, token: torch.Tensor, pos: torch.Tensor, block: tor
     L, N, K, BS, D = k.shape  # N blocks of BS slots; a KVCache: B rows of one block of S slots
     B, S = (cache.table.shape[0], cache.max_len) if paged else (N, BS)
     cfg = model.cfg
-    if plan is None or (L, K, D) != (cfg.n_layers, cfg.n_kv_heads, cfg.head_dim) or v.shape != k.shape or v.dtype != k.dtype:
+    Kh, Dk, Dv = cfg.kv_layout  # latent attention: one key head of the latent, values of width 0
+    if plan is None or (L, K, D) != (cfg.n_layers, Kh, Dk) or v.shape != (*k.shape[:-1], Dv) or v.dtype != k.dtype:
         return None
     if not (k.is_contiguous() and v.is_contiguous() and valid.is_contiguous() and valid.dtype == torch.bool
             and valid.shape == (N, BS) and sep.shape == (B,) and sep.dtype == torch.long and sep.is_contiguous() and M <= B):

@@ -411,30 +411,17 @@ def _int4_parts(lin, K: int, group_size: int, code: int | None):
     return w, sc, mn
 
 
-def moe_int4(x: torch.Tensor, experts: list, weights: torch.Tensor, ids: torch.Tensor, shared=None) -> torch.Tensor | None:
-    """An MoE layer's experts for the rows x (N, C) in one native call (csrc/gemv.cpp, glmkit_moe_int4): row t gets
-    sum_j weights[t, j] * experts[ids[t, j]](x[t]) (+ shared(x[t])), each expert a SwiGLU MLP (`.up` rows
-    [gate | up], `.down`) of int4 linears in groups of a multiple of 64. None when these inputs or weights do not
-    suit it (the caller runs its own path): too many rows, another layout, no library."""
-    if not usable(x) or x.dim() != 2:
-        return None
-    C = x.shape[1]
-    e0 = experts[0]
+def int4_experts(mlps: list, C: int):
+    """(table, group size, scale code): one _CExpert record per MLP of `mlps` (an MoE layer's experts, then its
+    shared one) for glmkit_moe_int4, pointing at their int4 weights as stored; None when one of them does not
+    suit the kernel (another type or layout, groups not a multiple of 64 dividing C and every width)."""
+    e0 = mlps[0]
     gs = getattr(e0.up, "group_size", None)
-    if not gs or gs % 64 or C % gs or getattr(e0.up, "scales", None) is None:
+    if not gs or gs % 64 or C % gs or C % 4 or getattr(e0.up, "scales", None) is None:
         return None
     code = int(e0.up.scales.dtype == torch.bfloat16)
-    N, k = ids.shape
-    pairs: dict[int, list[tuple[int, float]]] = {}
-    for t, (es, ws) in enumerate(zip(ids.tolist(), weights.tolist())):
-        for e, wt in zip(es, ws):
-            pairs.setdefault(e, []).append((t, wt))
-    jobs = [(experts[e], p) for e, p in pairs.items()]
-    if shared is not None:
-        jobs.append((shared, [(t, 1.0) for t in range(N)]))
-    table = (_CExpert * len(jobs))()
-    off, rows, wts = [0], [], []
-    for i, (mlp, p) in enumerate(jobs):
+    table = (_CExpert * len(mlps))()
+    for i, mlp in enumerate(mlps):
         F2 = mlp.up.out_features
         up, down = _int4_parts(mlp.up, C, gs, code), _int4_parts(mlp.down, F2 // 2, gs, code)
         if up is None or down is None or F2 % 2 or (F2 // 2) % gs or mlp.down.out_features != C \
@@ -442,6 +429,30 @@ def moe_int4(x: torch.Tensor, experts: list, weights: torch.Tensor, ids: torch.T
             return None
         table[i] = _CExpert(up[0].data_ptr(), up[1].data_ptr(), up[2].data_ptr(), down[0].data_ptr(), down[1].data_ptr(),
                             down[2].data_ptr(), F2 // 2)
+    return table, gs, code
+
+
+def moe_int4(x: torch.Tensor, experts: list, weights: torch.Tensor, ids: torch.Tensor, shared=None) -> torch.Tensor | None:
+    """An MoE layer's experts for the rows x (N, C) in one native call (csrc/gemv.cpp, glmkit_moe_int4): row t gets
+    sum_j weights[t, j] * experts[ids[t, j]](x[t]) (+ shared(x[t])), each expert a SwiGLU MLP (`.up` rows
+    [gate | up], `.down`) of int4 linears in groups of a multiple of 64. None when these inputs or weights do not
+    suit it (the caller runs its own path): too many rows, another layout, no library."""
+    if not usable(x) or x.dim() != 2:
+        return None
+    N, C = x.shape
+    pairs: dict[int, list[tuple[int, float]]] = {}  # expert -> its (row, weight) pairs
+    for t, (es, ws) in enumerate(zip(ids.tolist(), weights.tolist())):
+        for e, wt in zip(es, ws):
+            pairs.setdefault(e, []).append((t, wt))
+    jobs = [(experts[e], p) for e, p in pairs.items()]
+    if shared is not None:
+        jobs.append((shared, [(t, 1.0) for t in range(N)]))
+    made = int4_experts([mlp for mlp, _ in jobs], C)
+    if made is None:
+        return None
+    table, gs, code = made
+    off, rows, wts = [0], [], []
+    for _, p in jobs:
         off.append(off[-1] + len(p))
         rows += [t for t, _ in p]
         wts += [wt for _, wt in p]

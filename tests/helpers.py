@@ -260,3 +260,10 @@ def set_absorb(model, absorb: bool | None) -> None:
     """Force every latent-attention layer's decode form (True: absorbed, False: expanded; None: by cost)."""
     for layer in model.layers:
         layer.attn.absorb = absorb
+
+
+def scaled(tol: float, ref: torch.Tensor) -> float:
+    """`tol` relative to the largest magnitude compared (absolute below 1). fp32 rounding grows with the
+    values, and where it falls depends on the CPU: PyTorch's AVX2, AVX-512 and AMX kernels sum in
+    different orders (ATEN_CPU_CAPABILITY=avx2 forces the AVX2 one on a newer CPU)."""
+    return tol * max(1.0, ref.detach().abs().max().item())

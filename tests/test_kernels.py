@@ -25,18 +25,11 @@ from glmkit.model import GLM
 from glmkit.quantize import Int4Linear, quantize_int4, quantize_int8, quantize_model, unpack_int4
 from glmkit.sampling import SamplingParams
 
-from .helpers import assert_close, assert_equal, int4_act_bound, int16_act_bound
+from .helpers import assert_close, assert_equal, int4_act_bound, int16_act_bound, scaled
 
 X86_AVX2 = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 needs_native = pytest.mark.skipif(not (X86_AVX2 and (shutil.which("c++") or shutil.which("g++"))),
                                   reason="native kernels need an x86-64 CPU with AVX2 and a C++ compiler")
-
-
-def scaled(tol: float, ref: torch.Tensor) -> float:
-    """`tol` relative to the largest magnitude compared (absolute below 1). fp32 rounding grows with the
-    values, and where it falls depends on the CPU: PyTorch's AVX2, AVX-512 and AMX kernels sum in
-    different orders (ATEN_CPU_CAPABILITY=avx2 forces the AVX2 one on a newer CPU)."""
-    return tol * max(1.0, ref.detach().abs().max().item())
 
 
 @needs_native

@@ -14,7 +14,9 @@
 // residuals; sandwich norms; SwiGLU / tanh or erf GELU; biases), weights fp32, bf16, int8 (per row) or int4
 // (glmkit's group-wise layout), caches fp32, bf16 or int8 (one fp32 scale per key and value vector,
 // model.quantize_kv: keys written quantized, read as int8 times their scale, never dequantized to a
-// copy; half the bytes of bf16 to read per key). fused.py builds the structs below from a model
+// copy; half the bytes of bf16 to read per key). GLM-4.7-Flash's layers too: latent attention in the absorbed
+// form over a latent cache (fp32 / bf16), and mixture-of-experts layers (the router's exact choice, int4 experts
+// through glmkit_moe_int4, any others linear by linear). fused.py builds the structs below from a model
 // and checks everything else (shapes, dtypes, contiguity, row counts); plain C ABI, called through
 // ctypes with the GIL released.
 #include <immintrin.h>
@@ -36,6 +38,14 @@ extern "C" int glmkit_gemv_q8(const float* x, int64_t M, int64_t K, const int8_t
                               float* y, int threads);
 extern "C" int glmkit_gemv_int4(const float* x, int64_t M, int64_t K, const uint8_t* w, const void* scales,
                                 const void* mins, int s_type, int64_t gs, int64_t N, float* y, int threads);
+extern "C" int glmkit_heads_gemv(const float* x, int64_t M, int64_t H, const void* w, int wtype, int64_t N, int64_t K,
+                                 int64_t ldr, int64_t ldh, int trans, float* y, int threads);
+extern "C" int glmkit_heads_gemv_int4(const float* x, int64_t M, int64_t H, const uint8_t* w, const void* scales,
+                                      const void* mins, int s_type, int64_t gs, int64_t N, int64_t K, int64_t ldh,
+                                      int trans, float* y, int threads);
+extern "C" int glmkit_moe_int4(const float* x, int64_t M, int64_t C, int64_t gs, int s_type, int64_t J,
+                               const GlmkitExpert* ex, const int64_t* off, const int64_t* rows, const float* weights,
+                               float* out, int threads);
 
 // Field order and types must match fused.py (_CLinear, _CNorm, _CLayer, _CModel, _CCache).
 struct GlmkitLinear {
@@ -52,9 +62,33 @@ struct GlmkitNorm {
   const float* b;  // (C,) for LayerNorm, else null
 };
 
+// Latent attention (layers.LatentAttention), decoded in the absorbed form: the query's no-rope part goes
+// through kv_b's key rows of its head (W_UK) and is scored against the cached latent c itself, the
+// attention-weighted sum of c through the value rows (W_UV). n = 0 marks a linear that is absent: `q`
+// (the low-rank query q_a -> q_norm -> q_b is used) or `q_a` / `q_b` (a full-rank query).
+struct GlmkitMla {
+  GlmkitLinear q, q_a, q_b, kv_a, kv_b;
+  GlmkitNorm q_norm, kv_norm;  // RMSNorms of widths q_rank and kv_rank, eps latent_eps
+};
+
+// A mixture-of-experts layer (layers.MoE with layers.Router): sigmoid scores of an fp32 router, the choice
+// steered by a correction bias within the topk_group best groups, weights renormalized and scaled.
+struct GlmkitMoe {
+  const float* router;       // (E, C) fp32
+  const float* bias;         // (E,) fp32 score correction
+  const GlmkitLinear* up;    // (E + 1,): the experts' [gate | up] rows, then the shared expert's (n = 0: none)
+  const GlmkitLinear* down;  // (E + 1,)
+  const GlmkitExpert* int4;  // (E + 1,) the same experts for glmkit_moe_int4, or null (then linear by linear)
+  int64_t E, k, groups, topk_group, gs;
+  int32_t normalize, s_type;
+  float scale;
+};
+
 struct GlmkitLayer {
   GlmkitNorm norm1, norm2, post_attn, post_mlp;  // post_*: sandwich norms only
-  GlmkitLinear qkv, out, up, down;
+  GlmkitLinear qkv, out, up, down;               // qkv: MHA only; up, down: a dense MLP only
+  const GlmkitMla* mla;                          // latent attention, or null
+  const GlmkitMoe* moe;                          // experts, or null
 };
 
 struct GlmkitModel {
@@ -66,6 +100,10 @@ struct GlmkitModel {
   int32_t gelu_exact;                                       // GELU (not SwiGLU): 1 erf form, 0 tanh form
   float eps, alpha, rope_scale;                             // rope_scale: cos and sin times this
   const float* inv_freq;                                    // (rotary_dim / 2,): layers.rope_frequencies
+  // latent attention (layers whose `mla` is set): widths, rope pairs interleaved or halves, softmax scale
+  int64_t q_rank, kv_rank, nope_dim, v_dim;  // rotary_dim is the rope width P; the cache holds [c ; k_pe]
+  int32_t rope_interleave;
+  float mla_scale, latent_eps;
 };
 
 struct GlmkitCache {
@@ -265,6 +303,206 @@ void store_kv(const GlmkitModel& m, const GlmkitCache& c, int64_t layer, int64_t
     }
 }
 
+// RMSNorm of M rows of width n, `ld` apart, in place (the latent norms: statistics in double as `norm`).
+void rms(float* x, const float* w, int64_t n, int64_t ld, float eps, int64_t M) {
+  for (int64_t r = 0; r < M; ++r) {
+    float* xr = x + r * ld;
+    double ss = 0;
+    for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(xr[i]) * xr[i];
+    const float inv = static_cast<float>(1.0 / std::sqrt(ss / n + eps));
+    for (int64_t i = 0; i < n; ++i) xr[i] = xr[i] * inv * w[i];
+  }
+}
+
+// Per-head products with rows [row0, row0 + rows) of each head's block of `ldh` rows of w (kv_b: W_UK at row0 0,
+// W_UV at row0 nope_dim): trans 1 x (M, H, rows) -> y (M, H, K), trans 0 x (M, H, K) -> y (M, H, rows).
+int heads(const GlmkitLinear& w, const float* x, int64_t M, int64_t H, int64_t row0, int64_t rows, int64_t ldh,
+          int trans, float* y, int threads) {
+  const int64_t K = w.k;
+  if (w.kind == 0 || w.kind == 1) {
+    const char* p = static_cast<const char*>(w.w) + row0 * K * (w.kind ? 2 : 4);
+    return glmkit_heads_gemv(x, M, H, p, w.kind, rows, K, K, ldh * K, trans, y, threads);
+  }
+  if (w.kind == 3 || w.kind == 4) {
+    const int64_t off = row0 * (K / w.group) * (w.kind == 4 ? 2 : 4);
+    return glmkit_heads_gemv_int4(x, M, H, static_cast<const uint8_t*>(w.w) + row0 * (K / 2),
+                                  static_cast<const char*>(w.scale) + off, static_cast<const char*>(w.mins) + off,
+                                  w.kind - 3, w.group, rows, K, ldh, trans, y, threads);
+  }
+  return 10;
+}
+
+// Absorbed latent attention of M rows over one layer's latent cache (one key head [c ; k_pe] of Dk values):
+// ql (M, H, Dk) the queries [q_nope W_UK ; rotated q_pe], o (M, H, R) the attention-weighted sums of c. The
+// heads are split into one chunk per thread, so a thread reads each cached latent twice (scores, then the
+// weighted sum) for all its heads, not once per head.
+template <typename T>
+void attend_latent(const GlmkitModel& m, const GlmkitCache& c, int64_t layer, int64_t M, const float* ql,
+                   const int64_t* idx, float* o, float* scores, int64_t smax, int threads) {
+  const int64_t H = m.n_heads, R = m.kv_rank, Dk = m.kv_rank + m.rotary_dim, BS = c.block;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(H, threads)), per = (H + chunks - 1) / chunks;
+  const T* kc = static_cast<const T*>(c.k);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t bc = 0; bc < M * chunks; ++bc) {
+    const int64_t b = bc / chunks, h0 = (bc % chunks) * per, h1 = std::min(H, h0 + per);
+    const int64_t n = std::max(idx[b] + 1, c.sep[b]);
+    std::vector<float> mx(per, -std::numeric_limits<float>::infinity()), sum(per, 0.0f);
+    for (int64_t h = h0; h < h1; ++h) std::fill(o + (b * H + h) * R, o + (b * H + h + 1) * R, 0.0f);
+    for (int pass = 0; pass < 3; ++pass) {
+      for (int64_t s0 = 0; s0 < n; s0 += BS) {
+        const int64_t p = block_of(c, b, s0 / BS), e = std::min(n, s0 + BS) - s0;
+        const T* kb = kc + (layer * c.n_blocks + p) * BS * Dk;
+        const uint8_t* valid = c.valid + p * BS;
+        for (int64_t i = 0; i < e; ++i) {
+          if (!valid[i]) continue;
+          const T* kp = kb + i * Dk;
+          for (int64_t h = h0; h < h1; ++h) {
+            float* sc = scores + (b * H + h) * smax + s0 + i;
+            const int64_t j = h - h0;
+            if (pass == 0) {
+              *sc = dot(ql + (b * H + h) * Dk, kp, Dk) * m.mla_scale;
+              mx[j] = std::max(mx[j], *sc);
+            } else if (pass == 1) {
+              *sc = std::exp(*sc - mx[j]);
+              sum[j] += *sc;
+            } else if (*sc > 0.0f) {
+              axpy(o + (b * H + h) * R, *sc / sum[j], kp, R);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// y (M, H * v_dim): a latent attention layer's heads for the M rows at slots idx (before `out`), its latent
+// [c ; k_pe] written to the cache. cs, sn: the rows' rope tables (M, rotary_dim / 2).
+template <typename T>
+int mla_attention(const GlmkitModel& m, const GlmkitMla& A, const GlmkitCache& c, int64_t l, int64_t M,
+                  const float* h, const int64_t* idx, const float* cs, const float* sn, float* y, float* scores,
+                  int64_t smax, int threads) {
+  const int64_t H = m.n_heads, R = m.kv_rank, P = m.rotary_dim, Dn = m.nope_dim, Dv = m.v_dim, QW = Dn + P, Dk = R + P;
+  std::vector<float> q(M * H * QW), lat(M * Dk), qn(M * H * Dn), ql(M * H * Dk), t(M * H * R), o(M * H * R);
+  int rc;
+  if (A.q.n) {
+    if ((rc = linear(A.q, h, M, q.data(), threads))) return rc;
+  } else {
+    std::vector<float> qa(M * m.q_rank);
+    if ((rc = linear(A.q_a, h, M, qa.data(), threads))) return rc;
+    rms(qa.data(), A.q_norm.w, m.q_rank, m.q_rank, m.latent_eps, M);
+    if ((rc = linear(A.q_b, qa.data(), M, q.data(), threads))) return rc;
+  }
+  if ((rc = linear(A.kv_a, h, M, lat.data(), threads))) return rc;
+  rms(lat.data(), A.kv_norm.w, R, Dk, m.latent_eps, M);
+  for (int64_t b = 0; b < M; ++b) {
+    const float *cb = cs + b * (P / 2), *sb = sn + b * (P / 2);
+    rotate(lat.data() + b * Dk + R, P, cb, sb, m.rope_interleave);
+    for (int64_t hh = 0; hh < H; ++hh) {
+      float* qh = q.data() + (b * H + hh) * QW;
+      rotate(qh + Dn, P, cb, sb, m.rope_interleave);
+      std::memcpy(qn.data() + (b * H + hh) * Dn, qh, Dn * sizeof(float));
+      std::memcpy(ql.data() + (b * H + hh) * Dk + R, qh + Dn, P * sizeof(float));
+    }
+    // the latent into the cache (one key head of Dk values; there is no value)
+    const int64_t off = ((l * c.n_blocks + block_of(c, b, idx[b] / c.block)) * c.block + idx[b] % c.block) * Dk;
+    T* kc = static_cast<T*>(c.k) + off;
+    for (int64_t d = 0; d < Dk; ++d) {
+      if constexpr (sizeof(T) == 2) kc[d] = float_to_bf16(lat[b * Dk + d]);
+      else kc[d] = lat[b * Dk + d];
+    }
+  }
+  if ((rc = heads(A.kv_b, qn.data(), M, H, 0, Dn, Dn + Dv, 1, t.data(), threads))) return rc;  // q_nope W_UK
+  for (int64_t bh = 0; bh < M * H; ++bh) std::memcpy(ql.data() + bh * Dk, t.data() + bh * R, R * sizeof(float));
+  attend_latent<T>(m, c, l, M, ql.data(), idx, o.data(), scores, smax, threads);
+  return heads(A.kv_b, o.data(), M, H, Dn, Dv, Dn + Dv, 0, y, threads);  // W_UV per head
+}
+
+// out (M, C) = the MoE layer on h (M, C): the router's choice per row, then the chosen experts and the shared
+// one, weighted (int4 experts: one glmkit_moe_int4 call; others linear by linear).
+int moe(const GlmkitModel& m, const GlmkitMoe& X, const float* h, int64_t M, float* out, int threads) {
+  const int64_t C = m.dim, E = X.E, k = X.k;
+  std::vector<float> logit(M * E), w(M * k);
+  std::vector<int64_t> ids(M * k);
+  int rc = glmkit_gemv_dense(h, M, C, X.router, 0, nullptr, E, logit.data(), threads);
+  if (rc) return rc;
+  std::vector<float> score(E), choice(E);
+  for (int64_t b = 0; b < M; ++b) {
+    for (int64_t e = 0; e < E; ++e) {
+      score[e] = 1.0f / (1.0f + std::exp(-logit[b * E + e]));
+      choice[e] = score[e] + X.bias[e];
+    }
+    if (X.groups > 1) {  // only the topk_group groups with the best two-expert sums compete
+      const int64_t gsz = E / X.groups;
+      std::vector<float> best(X.groups);
+      for (int64_t g = 0; g < X.groups; ++g) {
+        float a = -std::numeric_limits<float>::infinity(), a2 = a;
+        for (int64_t e = g * gsz; e < (g + 1) * gsz; ++e) {
+          if (choice[e] > a) a2 = a, a = choice[e];
+          else if (choice[e] > a2) a2 = choice[e];
+        }
+        best[g] = a + a2;
+      }
+      std::vector<char> keep(X.groups, 0);
+      for (int64_t j = 0; j < X.topk_group; ++j) {
+        int64_t arg = -1;
+        for (int64_t g = 0; g < X.groups; ++g)
+          if (!keep[g] && (arg < 0 || best[g] > best[arg])) arg = g;
+        keep[arg] = 1;
+      }
+      for (int64_t e = 0; e < E; ++e)
+        if (!keep[e / gsz]) choice[e] = -std::numeric_limits<float>::infinity();
+    }
+    float total = 0.0f;
+    for (int64_t j = 0; j < k; ++j) {  // the k best, best first
+      int64_t arg = -1;
+      for (int64_t e = 0; e < E; ++e)
+        if (arg < 0 || choice[e] > choice[arg]) arg = e;
+      ids[b * k + j] = arg;
+      w[b * k + j] = score[arg];
+      total += score[arg];
+      choice[arg] = -std::numeric_limits<float>::infinity();
+    }
+    for (int64_t j = 0; j < k; ++j) w[b * k + j] = (X.normalize ? w[b * k + j] / (total + 1e-20f) : w[b * k + j]) * X.scale;
+  }
+  std::fill(out, out + M * C, 0.0f);
+  const bool shared = X.up[E].n > 0;
+  if (X.int4) {  // (token, weight) pairs grouped by expert, the shared expert last with weight 1 for every row
+    std::vector<int64_t> order, off(1, 0), rows;
+    std::vector<float> wts;
+    std::vector<GlmkitExpert> jobs;
+    for (int64_t e = 0; e < E; ++e) {
+      const size_t before = rows.size();
+      for (int64_t p = 0; p < M * k; ++p)
+        if (ids[p] == e) rows.push_back(p / k), wts.push_back(w[p]);
+      if (rows.size() > before) jobs.push_back(X.int4[e]), off.push_back(static_cast<int64_t>(rows.size()));
+    }
+    if (shared) {
+      for (int64_t b = 0; b < M; ++b) rows.push_back(b), wts.push_back(1.0f);
+      jobs.push_back(X.int4[E]), off.push_back(static_cast<int64_t>(rows.size()));
+    }
+    return glmkit_moe_int4(h, M, C, X.gs, X.s_type, static_cast<int64_t>(jobs.size()), jobs.data(), off.data(),
+                           rows.data(), wts.data(), out, threads);
+  }
+  int64_t Fmax = 0;
+  for (int64_t e = 0; e <= E; ++e) Fmax = std::max(Fmax, X.down[e].k);
+  std::vector<float> up(2 * Fmax), act(Fmax), y(C);
+  auto expert = [&](int64_t e, const float* x, float wt, float* o) {
+    const int64_t F = X.down[e].k;
+    int r = linear(X.up[e], x, 1, up.data(), threads);
+    if (r) return r;
+    for (int64_t f = 0; f < F; ++f) act[f] = up[f] / (1.0f + std::exp(-up[f])) * up[F + f];
+    if ((r = linear(X.down[e], act.data(), 1, y.data(), threads))) return r;
+    for (int64_t i = 0; i < C; ++i) o[i] += wt * y[i];
+    return 0;
+  };
+  for (int64_t b = 0; b < M; ++b) {
+    for (int64_t j = 0; j < k; ++j)
+      if ((rc = expert(ids[b * k + j], h + b * C, w[b * k + j], out + b * C))) return rc;
+    if (shared && (rc = expert(E, h + b * C, 1.0f, out + b * C))) return rc;
+  }
+  return 0;
+}
+
 inline float gelu_tanh(float x) {
   return 0.5f * x * (1.0f + std::tanh(0.7978845608028654f * (x + 0.044715f * x * x * x)));
 }
@@ -294,8 +532,13 @@ extern "C" int glmkit_decode_step(const GlmkitModel* mp, const GlmkitCache* cp, 
   }
   for (int64_t b = 0; b < M; ++b)  // the new key is real
     c.valid[block_of(c, b, idx[b] / c.block) * c.block + idx[b] % c.block] = 1;
-  const int64_t QKV = (H + 2 * KH) * D, F = m.layers[0].down.k;
-  std::vector<float> h(M * C), a(M * C), qkv(M * QKV), att(M * H * D), up(M * m.layers[0].up.n), act(M * F);
+  int64_t F = 0, HD = H * D;  // the widest dense MLP; the attention output's width
+  for (int64_t l = 0; l < m.n_layers; ++l) {
+    if (!m.layers[l].moe) F = std::max(F, m.layers[l].down.k);
+    if (m.layers[l].mla) HD = std::max(HD, H * m.v_dim);
+  }
+  const int64_t QKV = (H + 2 * KH) * D;
+  std::vector<float> h(M * C), a(M * C), qkv(M * QKV), att(M * HD), up(M * 2 * F), act(M * F);
   std::vector<float> scores(M * H * smax), cs_p(M * (r / 2)), sn_p(M * (r / 2)), cs_b(M * (r / 2)), sn_b(M * (r / 2));
   if (m.position && !m.inv_freq) return 1;
   if (m.position) rope_table(pos, M, r, m.inv_freq, m.rope_scale, cs_p.data(), sn_p.data());
@@ -304,44 +547,58 @@ extern "C" int glmkit_decode_step(const GlmkitModel* mp, const GlmkitCache* cp, 
   for (int64_t l = 0; l < m.n_layers; ++l) {
     const GlmkitLayer& L = m.layers[l];
     norm(m, L.norm1, x, h.data(), M);
-    if ((rc = linear(L.qkv, h.data(), M, qkv.data(), threads))) return rc;
-    if (m.position)
-      for (int64_t b = 0; b < M; ++b)
-        for (int64_t j = 0; j < H + KH; ++j) {  // query heads, then key heads
-          float* v = qkv.data() + b * QKV + j * D;
-          const float *cp_ = cs_p.data() + b * (r / 2), *sp_ = sn_p.data() + b * (r / 2);
-          if (m.position == 2) {
-            rotate(v, r, cp_, sp_, true);
-          } else {  // rope_2d: first half of the head by position, second by block position
-            rotate(v, r, cp_, sp_, false);
-            rotate(v + r, r, cs_b.data() + b * (r / 2), sn_b.data() + b * (r / 2), false);
-          }
-        }
-    if (c.kind == 2) {
-      store_kv<int8_t>(m, c, l, M, qkv.data(), idx);
-      attend<int8_t>(m, c, l, M, qkv.data(), idx, att.data(), scores.data(), smax, threads);
-    } else if (c.kind == 1) {
-      store_kv<uint16_t>(m, c, l, M, qkv.data(), idx);
-      attend<uint16_t>(m, c, l, M, qkv.data(), idx, att.data(), scores.data(), smax, threads);
+    if (L.mla) {
+      if (c.kind == 2) return 1;  // no int8 latent cache
+      rc = c.kind == 1 ? mla_attention<uint16_t>(m, *L.mla, c, l, M, h.data(), idx, cs_p.data(), sn_p.data(), att.data(),
+                                                 scores.data(), smax, threads)
+                       : mla_attention<float>(m, *L.mla, c, l, M, h.data(), idx, cs_p.data(), sn_p.data(), att.data(),
+                                              scores.data(), smax, threads);
+      if (rc) return rc;
     } else {
-      store_kv<float>(m, c, l, M, qkv.data(), idx);
-      attend<float>(m, c, l, M, qkv.data(), idx, att.data(), scores.data(), smax, threads);
+      if ((rc = linear(L.qkv, h.data(), M, qkv.data(), threads))) return rc;
+      if (m.position)
+        for (int64_t b = 0; b < M; ++b)
+          for (int64_t j = 0; j < H + KH; ++j) {  // query heads, then key heads
+            float* v = qkv.data() + b * QKV + j * D;
+            const float *cp_ = cs_p.data() + b * (r / 2), *sp_ = sn_p.data() + b * (r / 2);
+            if (m.position == 2) {
+              rotate(v, r, cp_, sp_, true);
+            } else {  // rope_2d: first half of the head by position, second by block position
+              rotate(v, r, cp_, sp_, false);
+              rotate(v + r, r, cs_b.data() + b * (r / 2), sn_b.data() + b * (r / 2), false);
+            }
+          }
+      if (c.kind == 2) {
+        store_kv<int8_t>(m, c, l, M, qkv.data(), idx);
+        attend<int8_t>(m, c, l, M, qkv.data(), idx, att.data(), scores.data(), smax, threads);
+      } else if (c.kind == 1) {
+        store_kv<uint16_t>(m, c, l, M, qkv.data(), idx);
+        attend<uint16_t>(m, c, l, M, qkv.data(), idx, att.data(), scores.data(), smax, threads);
+      } else {
+        store_kv<float>(m, c, l, M, qkv.data(), idx);
+        attend<float>(m, c, l, M, qkv.data(), idx, att.data(), scores.data(), smax, threads);
+      }
     }
     if ((rc = linear(L.out, att.data(), M, a.data(), threads))) return rc;
     if (m.sandwich) norm(m, L.post_attn, a.data(), a.data(), M);
     for (int64_t i = 0; i < M * C; ++i) x[i] = (m.deepnorm ? h[i] * m.alpha : x[i]) + a[i];
     norm(m, L.norm2, x, h.data(), M);
-    if ((rc = linear(L.up, h.data(), M, up.data(), threads))) return rc;
-    for (int64_t b = 0; b < M; ++b)
-      for (int64_t f = 0; f < F; ++f) {
-        if (m.swiglu) {  // rows [gate (F) | up (F)]
-          float g = up[b * 2 * F + f];
-          act[b * F + f] = g / (1.0f + std::exp(-g)) * up[b * 2 * F + F + f];
-        } else {
-          act[b * F + f] = m.gelu_exact ? gelu_erf(up[b * F + f]) : gelu_tanh(up[b * F + f]);
+    if (L.moe) {
+      if ((rc = moe(m, *L.moe, h.data(), M, a.data(), threads))) return rc;
+    } else {
+      const int64_t Fl = L.down.k;
+      if ((rc = linear(L.up, h.data(), M, up.data(), threads))) return rc;
+      for (int64_t b = 0; b < M; ++b)
+        for (int64_t f = 0; f < Fl; ++f) {
+          if (m.swiglu) {  // rows [gate (F) | up (F)]
+            float g = up[b * 2 * Fl + f];
+            act[b * Fl + f] = g / (1.0f + std::exp(-g)) * up[b * 2 * Fl + Fl + f];
+          } else {
+            act[b * Fl + f] = m.gelu_exact ? gelu_erf(up[b * Fl + f]) : gelu_tanh(up[b * Fl + f]);
+          }
         }
-      }
-    if ((rc = linear(L.down, act.data(), M, a.data(), threads))) return rc;
+      if ((rc = linear(L.down, act.data(), M, a.data(), threads))) return rc;
+    }
     if (m.sandwich) norm(m, L.post_mlp, a.data(), a.data(), M);
     for (int64_t i = 0; i < M * C; ++i) x[i] = (m.deepnorm ? h[i] * m.alpha : x[i]) + a[i];
   }

@@ -509,15 +509,7 @@ void heads_gemv(const float* x, int64_t M, int64_t H, const W* w, int64_t N, int
 // where each thread owns a range of output channels and adds every expert's weighted contribution to them (no
 // reduction, no race when several experts write one token's row). The products are int4_tile's, so the
 // result is what glmkit_gemv_int4 gives per expert, summed in fp32.
-struct GlmkitExpert {  // field order must match kernels.py (_CExpert)
-  const uint8_t* up;      // (2F, C/2) packed: rows [gate (F) | up (F)]
-  const void* up_scales;  // (2F, C/gs)
-  const void* up_mins;
-  const uint8_t* down;      // (C, F/2) packed
-  const void* down_scales;  // (C, F/gs)
-  const void* down_mins;
-  int64_t f;  // the expert's width F
-};
+// struct GlmkitExpert: simd.h (decode.cpp builds tables of them too)
 
 namespace {
 

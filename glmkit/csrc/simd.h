@@ -1,9 +1,20 @@
-// AVX2 helpers shared by gemv.cpp and decode.cpp: 8 weights to fp32 lanes, scalar conversion, horizontal sum.
+// AVX2 helpers shared by gemv.cpp and decode.cpp: 8 weights to fp32 lanes, scalar conversion, horizontal sum;
+// and the int4 expert record both pass to glmkit_moe_int4.
 #pragma once
 #include <immintrin.h>
 
 #include <cstdint>
 #include <cstring>
+
+struct GlmkitExpert {  // one SwiGLU expert in int4; field order must match kernels.py (_CExpert)
+  const uint8_t* up;      // (2F, C/2) packed: rows [gate (F) | up (F)]
+  const void* up_scales;  // (2F, C/gs)
+  const void* up_mins;
+  const uint8_t* down;      // (C, F/2) packed
+  const void* down_scales;  // (C, F/gs)
+  const void* down_mins;
+  int64_t f;  // the expert's width F
+};
 
 namespace glmkit_simd {
 
