@@ -55,6 +55,7 @@ import math
 import os
 import shutil
 import struct
+import sys
 import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -1400,6 +1401,9 @@ def state_stream(path: str | Path, device=None, dtype=None, quant: dict | None =
                 w = _joined(r, [x.to(common) for x in ts], want, files, present)
                 if module in targets:
                     yield from quantized(module, w)
+                    del w  # the float source is read: its pages of the memory-mapped file can leave this process
+                    for x, n in zip(ts, r.theirs):
+                        evict_mapped(x, files.where[present[n]])
                     continue
                 yield r.ours, w.to(dtype)
                 yield from quantized("head", w)
@@ -1427,6 +1431,48 @@ def read_checkpoint(path: str | Path, device=None, dtype=None, quant: dict | Non
     if quant:
         _release_freed_heap()
     return model.to(device) if device is not None else model
+
+
+def evict_mapped(t: torch.Tensor, path) -> int:
+    """Drop from this process the whole memory pages holding `t`'s bytes when `t` lies in a memory map of the
+    file `path` (a weight read through safetensors or torch.load(mmap=True)) and is no longer needed; returns the
+    bytes dropped, 0 when `t` is anywhere else (a copy in anonymous memory is never touched) or not on Linux.
+
+    A checkpoint file stays mapped while any of its tensors lives (int4 weights are used where they lie), and
+    every page a loader read stays resident with it: quantizing GLM-4.7-Flash's float latent projections as
+    they load would keep their float source, ~1-2 GiB, resident for the model's lifetime. madvise(DONTNEED) on a
+    file mapping only unmaps the pages from this process (the file and the page cache keep them; a later read
+    faults them back in), so it is safe for bytes nobody has written to, as a loaded weight's."""
+    if t.device.type != "cpu" or t.numel() == 0 or not sys.platform.startswith("linux"):
+        return 0
+    import ctypes
+    import ctypes.util
+
+    start, page = t.data_ptr(), os.sysconf("SC_PAGE_SIZE")
+    end = start + t.numel() * t.element_size()
+    target = os.path.realpath(path)
+    try:
+        with open("/proc/self/maps") as f:
+            inside = any(_maps_entry(line, start, end, target) for line in f)
+        if not inside:
+            return 0
+        lo, hi = -(-start // page) * page, end // page * page  # whole pages only: neighbours keep theirs
+        if hi <= lo:
+            return 0
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return hi - lo if libc.madvise(lo, hi - lo, 4) == 0 else 0  # 4: MADV_DONTNEED
+    except (OSError, AttributeError):
+        return 0
+
+
+def _maps_entry(line: str, start: int, end: int, target: str) -> bool:
+    """Whether a /proc/self/maps line is a mapping of the file `target` holding [start, end)."""
+    parts = line.split(maxsplit=5)
+    if len(parts) < 6 or parts[5].strip() != target:
+        return False
+    lo, hi = (int(x, 16) for x in parts[0].split("-"))
+    return lo <= start and end <= hi
 
 
 def _release_freed_heap() -> None:

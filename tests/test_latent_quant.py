@@ -129,3 +129,29 @@ def test_absorbed_decode_with_int4_kv_b_equals_dequantized_einsums(hf_dir, monke
     want = step()
     mx = assert_close(native, want, 1e-4, "absorbed decode step, int4 kv_b native vs dequantized einsums")
     print(f"\nint4 kv_b absorbed decode: native vs einsum max abs diff {mx:.2e}")
+
+
+def test_float_sources_leave_memory_once_quantized(hf_dir, tmp_path, monkeypatch):
+    """Loading a checkpoint written without "latent" quantizes its float latent projections as they are read,
+    then drops their pages of the memory-mapped file from the process (convert.evict_mapped): each of those
+    sources is evicted whole (every full page of its bytes), the model stays bit for bit the same, and a tensor
+    outside a mapping of that file (an anonymous copy) is never touched."""
+    from glmkit import convert
+
+    old = quantize_model(read_checkpoint(hf_dir).eval(), 4, 64, latent=False)
+    write_checkpoint(old, tmp_path / "old", fmt="glmkit")
+    seen = []
+    real = convert.evict_mapped
+    monkeypatch.setattr(convert, "evict_mapped", lambda t, p: seen.append((t.nbytes, real(t, p))) or seen[-1][1])
+    upgraded = glmkit.load(str(tmp_path / "old"), quantize="int4").eval()
+    quantized_here = [n for n, m in upgraded.named_modules() if n.endswith(LATENT_TARGETS) and type(m) is Int4Linear]
+    assert len(seen) == len(quantized_here) > 0, (seen, quantized_here)
+    page = __import__("os").sysconf("SC_PAGE_SIZE")
+    for nbytes, dropped in seen:  # whole pages inside the tensor: at least its size less two partial pages
+        assert nbytes - 2 * page <= dropped <= nbytes, (nbytes, dropped)
+    direct = glmkit.load(str(hf_dir), quantize="int4").eval()
+    for n, t in direct.state_dict().items():
+        assert_equal(upgraded.state_dict()[n], t, n)
+    anon = torch.randn(1 << 16)
+    keep = anon.clone()
+    assert real(anon, tmp_path / "old" / "model.safetensors") == 0 and torch.equal(anon, keep)
