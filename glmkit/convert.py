@@ -66,6 +66,7 @@ import torch
 
 from .chat import _names, format_from_config
 from .config import _KIND_NAMES, PRESETS, ModelConfig, _show, get_preset
+from .devices import release_freed_heap
 from .errors import CheckpointError
 from .layers import ROUTER_FP32
 from .model import GLM
@@ -1429,7 +1430,7 @@ def read_checkpoint(path: str | Path, device=None, dtype=None, quant: dict | Non
     model = _meta_model(cfg)
     model.load_state_dict(dict(tensors), strict=True, assign=True)
     if quant:
-        _release_freed_heap()
+        release_freed_heap()
     return model.to(device) if device is not None else model
 
 
@@ -1473,22 +1474,6 @@ def _maps_entry(line: str, start: int, end: int, target: str) -> bool:
         return False
     lo, hi = (int(x, 16) for x in parts[0].split("-"))
     return lo <= start and end <= hi
-
-
-def _release_freed_heap() -> None:
-    """Hand the C heap's free pages back to the OS (glibc's malloc_trim; nothing elsewhere). Quantizing as a
-    checkpoint loads allocates and frees a block of fp32 rows per tensor, and glibc keeps much of what was
-    freed (0.3 GiB after GLM-4.7-Flash's latent projections), resident for the model's lifetime otherwise."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):  # not glibc
-        trim = None
-    if trim is not None:
-        trim(0)
 
 
 # ---- writing ---------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from glmkit import fused, kernels
-from glmkit.config import ModelConfig
+from glmkit.config import ModelConfig, get_preset
 from glmkit.layers import Rotary, rope_cos_sin, rotate_halves, rotate_interleaved
 from glmkit.model import GLM
 from tests.helpers import assert_close, assert_differs, assert_equal
@@ -514,3 +514,20 @@ def test_continuing_cache_without_positions_raises():
     with pytest.raises(ValueError, match="position_ids"):
         model.prefill(rand_ids(model, 1, 2), cache)
     assert cache.length == 5
+
+
+def test_long_cpu_prefill_returns_the_heaps_free_pages(monkeypatch):
+    """A step of LARGE_STEP tokens or more on CPU hands glibc's freed pages back (model._trim_after), a decode
+    step does not (a few ms of malloc_trim per token would show); the logits are the same either way."""
+    import glmkit.model as gm
+
+    calls = []
+    monkeypatch.setattr(gm, "release_freed_heap", lambda: calls.append(1))
+    monkeypatch.setattr(gm, "LARGE_STEP", 12)
+    model = GLM(get_preset("debug")).eval()
+    with torch.no_grad():
+        cache = model.new_cache(1, 32)
+        model.prefill(torch.arange(1, 13)[None], cache)
+        assert calls == [1]
+        model.prefill(torch.tensor([[5]]), cache, position_ids=torch.tensor([[[12], [0]]])[:, 0])
+        assert calls == [1]
