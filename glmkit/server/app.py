@@ -64,9 +64,11 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from .admin import router as admin_router
 from .http import HEADER_TIMEOUT_S, serve
 from .maas import LimitError, MaaS
 from .metering import BODY_TIMEOUT_S, MAX_BODY_BYTES, MeterMiddleware, error_response, limit_response
+from .replicas import ReplicaHeader
 from .routes import router
 from .schemas import PATTERN_ERRORS, APIError, openapi
 from .state import Server
@@ -155,7 +157,9 @@ def create_app(model, tokenizer, model_name: str, maas: MaaS | None = None, max_
     app.state.server = server
     app.openapi = lambda: openapi(app)
     app.include_router(router)
+    app.include_router(admin_router)
     app.add_middleware(MeterMiddleware, server=server, max_body_bytes=max_body_bytes, body_timeout=body_timeout)
+    app.add_middleware(ReplicaHeader)
     return app
 
 
