@@ -17,6 +17,41 @@ from glmkit.chat import FORMATS
 from glmkit.server.maas import AuthError, KeyStore, Ledger, Limiter, LimitError, MaaS, Pricing, UsageRow, _when, keys_main, usage_main
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request, tmp_path):
+    """Where keys, limits and the ledger live: a SQLite file, or a fresh PostgreSQL database (skipped, saying
+    why, where no PostgreSQL server can be started)."""
+    return str(tmp_path / "maas.sqlite") if request.param == "sqlite" else request.getfixturevalue("pg_db")
+
+
+def test_update_changes_limits_and_admin_keys(db, capsys):
+    store = KeyStore(db)
+    raw, rec = store.create("carol", models=["tiny"], rpm=5, budget_tokens=100)
+    _, adm = store.create("ops", admin=True)
+    assert (rec.admin, adm.admin, store.lookup(raw).admin) == (False, True, False)
+    new = store.update(rec.prefix, rpm=None, tpm=50, models=["tiny", "big"])
+    want = (("tiny", "big"), None, 50, None, 100, False)
+    assert (new.models, new.rpm, new.tpm, new.concurrency, new.budget_tokens, new.admin) == want, new
+    got = store.lookup(raw)  # the cached record is dropped by a change made through this store
+    assert (got.models, got.rpm, got.tpm, got.concurrency, got.budget_tokens, got.admin) == want, got
+    assert store.update(rec.id, budget_tokens=None).budget_tokens is None
+    for bad, match in (({"rpm": 0}, "positive integer"), ({"tpm": True}, "positive integer"), ({"models": []}, "at least one"),
+                       ({"admin": True}, "not a key limit"), ({"hash": "x"}, "not a key limit")):
+        with pytest.raises(ValueError, match=match):
+            store.update(rec.id, **bad)
+    assert store.find(rec.id).tpm == 50  # a refused change changes nothing
+    with pytest.raises(KeyError, match="no key"):
+        store.update("k_nope", rpm=1)
+    # the CLI: create --admin, update, clear
+    assert keys_main(["create", "--db", db, "--name", "root", "--admin"]) == 0
+    assert "admin key" in capsys.readouterr().err
+    assert keys_main(["update", rec.id, "--db", db, "--rpm", "7", "--clear", "tpm"]) == 0
+    assert "rpm 7, tpm None" in capsys.readouterr().out
+    assert (store.find(rec.id).rpm, store.find(rec.id).tpm) == (7, None)
+    keys_main(["list", "--db", db])
+    assert sum("active admin" in line for line in capsys.readouterr().out.splitlines()) == 2
+
+
 def test_keys_are_stored_hashed_and_shown_by_prefix(tmp_path):
     db = tmp_path / "maas.sqlite"
     store = KeyStore(db)

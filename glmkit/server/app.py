@@ -1,6 +1,6 @@
 """The HTTP server: OpenAI-compatible and GLM-native endpoints over the continuous-batching engine.
 
-    glmkit serve --model DIR [--host 127.0.0.1 --port 8000] [--keys-db PATH | --no-auth] \\
+    glmkit serve --model DIR [--host 127.0.0.1 --port 8000] [--db PATH|postgresql://... | --no-auth] \\
         [--max-batch 8 --max-waiting 64 --max-len N | --kv-memory 2GiB] [--price-per-hour 2.0 --price-input 0.5 --price-output 1.5]
     app = create_app(model, tokenizer, "glm-tiny")          # auth off, in-memory ledger
     app = create_app(model, tokenizer, "glm-tiny", maas=MaaS(KeyStore(p), Ledger(p), Pricing(...)))
@@ -196,8 +196,10 @@ def main(argv=None) -> int:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--no-auth", action="store_true", help="no API keys (local use only); requests are still metered")
-    p.add_argument("--keys-db", default=None, help=f"keys database, also the ledger by default (default: {default_db_path()})")
-    p.add_argument("--ledger", default=None, help="usage ledger database (default: the keys database)")
+    p.add_argument("--db", default=None, help="keys, limits and the ledger: a SQLite file, or postgresql://user@host/dbname "
+                   f"shared by replicas (default: {default_db_path()})")
+    p.add_argument("--keys-db", default=None, help="keys database, also the ledger by default (default: --db)")
+    p.add_argument("--ledger", default=None, help="usage ledger database, which holds the limits too (default: the keys database)")
     p.add_argument("--max-batch", type=int, default=None, help="streams decoded together (default 8)")
     p.add_argument("--max-waiting", type=int, default=64, help="queued requests before answering 503")
     p.add_argument("--max-waiting-per-key", type=int, default=None,
@@ -229,7 +231,7 @@ def main(argv=None) -> int:
         if getattr(a, name) is not None and getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     pricing = Pricing(a.price_per_hour, a.price_input, a.price_cached_input, a.price_output)
-    db = a.keys_db or default_db_path()
+    db = a.keys_db or a.db or default_db_path()
     ledger = Ledger(a.ledger or db)
     if a.no_auth:
         maas = MaaS(None, ledger, pricing, auth=False)

@@ -64,7 +64,6 @@ import math
 import os
 import re
 import secrets
-import sqlite3
 import sys
 import threading
 import time
@@ -85,20 +84,6 @@ def hash_key(raw: str) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
-def _connect(path) -> sqlite3.Connection:
-    """One connection shared by the server's threads (guarded by the owner's lock)."""
-    if str(path) != ":memory:":
-        path = Path(path).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if not path.exists():  # key hashes and customers' usage: readable by the owner only
-            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-    db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
-    db.row_factory = sqlite3.Row
-    db.execute("PRAGMA journal_mode=WAL")  # no-op for :memory:
-    db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a commit survives a process crash
-    return db
-
-
 # ---- keys ----------------------------------------------------------------------------------------
 @dataclass
 class KeyRecord:
@@ -112,62 +97,89 @@ class KeyRecord:
     tpm: int | None = None
     concurrency: int | None = None
     budget_tokens: int | None = None
+    admin: bool = False  # may use the admin API (keys, usage of every key)
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models
 
 
+LIMITS = ("models", "rpm", "tpm", "concurrency", "budget_tokens")
+
+
+def _check_limits(limits: dict) -> dict:
+    """The limits as stored (models as a tuple), or ValueError naming the bad one."""
+    out = {}
+    for field_, v in limits.items():
+        if field_ not in LIMITS:
+            raise ValueError(f"{field_!r} is not a key limit; the limits are {', '.join(LIMITS)}")
+        if field_ == "models":
+            if v is not None:
+                v = tuple(v) if not isinstance(v, str) else (v,)
+                if not v or not all(isinstance(m, str) and m for m in v):
+                    raise ValueError(f"models={v!r}: name at least one model, or leave it out to allow all")
+        elif v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{field_}={v!r}: a limit is a positive integer (leave it out for no limit)")
+        out[field_] = v
+    return out
+
+
 class KeyStore:
-    SCHEMA = """CREATE TABLE IF NOT EXISTS keys (
-        id TEXT PRIMARY KEY, prefix TEXT NOT NULL, hash TEXT NOT NULL UNIQUE, name TEXT NOT NULL DEFAULT '',
-        created REAL NOT NULL, revoked REAL, models TEXT, rpm INTEGER, tpm INTEGER, concurrency INTEGER,
-        budget_tokens INTEGER)"""
+    """API keys, stored hashed, in a SQLite file or a PostgreSQL database (db.Database). Lookups by
+    hash are cached for CACHE_S seconds: a key revoked or changed through another replica (or the
+    CLI) takes effect there within that time; through this store, at once."""
+
+    CACHE_S = 2.0
 
     def __init__(self, path=None):
-        self.path = path or default_db_path()
-        self.db = _connect(self.path)
-        self.lock = threading.Lock()
-        self.db.execute(self.SCHEMA)
+        from .db import Database
+
+        self.db = path if isinstance(path, Database) else Database(path or default_db_path())
+        self.path = self.db.name
+        self.cache: dict[str, tuple[float, KeyRecord]] = {}  # hash -> (when read, record)
 
     @staticmethod
     def _record(row) -> KeyRecord:
         d = dict(row)
         d.pop("hash")
         d["models"] = tuple(json.loads(d["models"])) if d["models"] is not None else None
+        d["admin"] = bool(d["admin"])
         return KeyRecord(**d)
 
-    def create(self, name: str = "", models=None, rpm=None, tpm=None, concurrency=None, budget_tokens=None) -> tuple[str, KeyRecord]:
-        """A new key: (the raw key, shown only now, and its record)."""
-        for field_, v in (("rpm", rpm), ("tpm", tpm), ("concurrency", concurrency), ("budget_tokens", budget_tokens)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{field_}={v!r}: a limit is a positive integer (leave it out for no limit)")
-        if models is not None:
-            models = tuple(models)
-            if not models or not all(isinstance(m, str) and m for m in models):
-                raise ValueError(f"models={models!r}: name at least one model, or leave it out to allow all")
+    def create(self, name: str = "", models=None, rpm=None, tpm=None, concurrency=None, budget_tokens=None,
+               admin: bool = False) -> tuple[str, KeyRecord]:
+        """A new key: (the raw key, shown only now, and its record). An admin key may use the admin API."""
+        lim = _check_limits({"models": models, "rpm": rpm, "tpm": tpm, "concurrency": concurrency,
+                             "budget_tokens": budget_tokens})
         raw = KEY_PREFIX + secrets.token_urlsafe(32)
-        rec = KeyRecord("k_" + secrets.token_hex(6), raw[:SHOWN], name, time.time(), None, models, rpm, tpm,
-                        concurrency, budget_tokens)
-        with self.lock:
-            self.db.execute("INSERT INTO keys VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                            (rec.id, rec.prefix, hash_key(raw), name, rec.created, None,
-                             json.dumps(list(models)) if models is not None else None, rpm, tpm, concurrency, budget_tokens))
+        rec = KeyRecord("k_" + secrets.token_hex(6), raw[:SHOWN], name, time.time(), None, admin=bool(admin), **lim)
+        self.db.run("INSERT INTO keys (id, prefix, hash, name, created, revoked, models, rpm, tpm, concurrency, "
+                    "budget_tokens, admin) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (rec.id, rec.prefix, hash_key(raw), name, rec.created, None, _models_json(rec.models), rec.rpm,
+                     rec.tpm, rec.concurrency, rec.budget_tokens, int(rec.admin)))
         return raw, rec
 
     def lookup(self, raw: str) -> KeyRecord | None:
         """The active key with this raw value, or None (unknown or revoked)."""
-        with self.lock:
-            row = self.db.execute("SELECT * FROM keys WHERE hash = ? AND revoked IS NULL", (hash_key(raw),)).fetchone()
-        return self._record(row) if row else None
+        h, now = hash_key(raw), time.monotonic()
+        hit = self.cache.get(h)
+        if hit is not None and now - hit[0] < self.CACHE_S:
+            return hit[1]
+        row = self.db.one("SELECT * FROM keys WHERE hash = ? AND revoked IS NULL", (h,))
+        if row is None:
+            self.cache.pop(h, None)
+            return None
+        rec = self._record(row)
+        if len(self.cache) > 10_000:  # keys seen in the last seconds; a bound, not a policy
+            self.cache.clear()
+        self.cache[h] = (now, rec)
+        return rec
 
     def list(self, include_revoked: bool = False) -> list[KeyRecord]:
         q = "SELECT * FROM keys" + ("" if include_revoked else " WHERE revoked IS NULL") + " ORDER BY created"
-        with self.lock:
-            return [self._record(r) for r in self.db.execute(q)]
+        return [self._record(r) for r in self.db.all(q)]
 
     def find(self, id_or_prefix: str) -> KeyRecord:
-        with self.lock:
-            rows = self.db.execute("SELECT * FROM keys WHERE id = ? OR prefix = ?", (id_or_prefix, id_or_prefix)).fetchall()
+        rows = self.db.all("SELECT * FROM keys WHERE id = ? OR prefix = ?", (id_or_prefix, id_or_prefix))
         if not rows:
             raise KeyError(f"no key with id or prefix {id_or_prefix!r}; see `glmkit keys list --all`")
         if len(rows) > 1:
@@ -176,9 +188,26 @@ class KeyStore:
 
     def revoke(self, id_or_prefix: str) -> KeyRecord:
         rec = self.find(id_or_prefix)
-        with self.lock:
-            self.db.execute("UPDATE keys SET revoked = ? WHERE id = ? AND revoked IS NULL", (time.time(), rec.id))
+        self.db.run("UPDATE keys SET revoked = ? WHERE id = ? AND revoked IS NULL", (time.time(), rec.id))
+        self.cache.clear()
         return self.find(rec.id)
+
+    def update(self, id_or_prefix: str, **limits) -> KeyRecord:
+        """Change a key's limits (models, rpm, tpm, concurrency, budget_tokens; None clears one); the
+        others stay. Checked as create's; the new record. Requests in flight keep what they reserved."""
+        rec = self.find(id_or_prefix)
+        lim = _check_limits(limits)
+        if not lim:
+            return rec
+        if "models" in lim:
+            lim["models"] = _models_json(lim["models"])
+        self.db.run(f"UPDATE keys SET {', '.join(f + ' = ?' for f in lim)} WHERE id = ?", (*lim.values(), rec.id))
+        self.cache.clear()
+        return self.find(rec.id)
+
+
+def _models_json(models) -> str | None:
+    return json.dumps(list(models)) if models is not None else None
 
 
 # ---- pricing and the ledger ------------------------------------------------------------------------
@@ -228,66 +257,46 @@ COLUMNS = [f.name for f in UsageRow.__dataclass_fields__.values()]
 
 
 class Ledger:
-    SCHEMA = ("CREATE TABLE IF NOT EXISTS usage (id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, request_id TEXT, "
-              "key_id TEXT, endpoint TEXT, model TEXT, status INTEGER, finish_reason TEXT, prompt_tokens INTEGER, "
-              "cached_tokens INTEGER, completion_tokens INTEGER, compute_s REAL, latency_s REAL, ttft_s REAL, "
-              "cost REAL, revenue REAL, error TEXT)")
+    """The usage ledger: one row per request (see the module docstring), in a SQLite file or a
+    PostgreSQL database. `replica` names the server process that opened a row, so that the rows
+    of a replica that died, and only those, are marked interrupted (Limiter.reap)."""
 
-    INSERT = f"INSERT INTO usage ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+    INSERT = f"INSERT INTO usage ({', '.join(COLUMNS)}, replica) VALUES ({', '.join('?' * (len(COLUMNS) + 1))})"
     # rows are found by request id while open (status NULL) only: a small partial index
     UPDATE_OPEN = f"UPDATE usage SET {', '.join(c + ' = ?' for c in COLUMNS)} WHERE request_id = ? AND status IS NULL"
 
     def __init__(self, path=None):
-        self.path = path or default_db_path()
-        self.db = _connect(self.path)
-        self.lock = threading.Lock()
-        self.db.execute(self.SCHEMA)
-        self.db.execute("CREATE INDEX IF NOT EXISTS usage_key_ts ON usage (key_id, ts)")
-        self.db.execute("CREATE INDEX IF NOT EXISTS usage_open ON usage (request_id) WHERE status IS NULL")
+        from .db import Database
 
-    def open(self, row: UsageRow) -> None:
+        self.db = path if isinstance(path, Database) else Database(path or default_db_path())
+        self.path = self.db.name
+
+    def open(self, row: UsageRow, replica: str | None = None) -> None:
         """The row of a request just admitted (status None until `record` completes it)."""
-        with self.lock:
-            self.db.execute(self.INSERT, [getattr(row, c) for c in COLUMNS])
+        self.db.run(self.INSERT, [getattr(row, c) for c in COLUMNS] + [replica])
 
     def flush(self, rows: list[UsageRow]) -> None:
         """Usage so far of open rows, in one transaction; a row completed meanwhile is left as it is."""
-        with self.lock:
-            self.db.execute("BEGIN")
-            try:
-                self.db.executemany(self.UPDATE_OPEN, [[getattr(r, c) for c in COLUMNS] + [r.request_id] for r in rows])
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-            self.db.execute("COMMIT")
+        with self.db.tx():
+            self.db.many(self.UPDATE_OPEN, [[getattr(r, c) for c in COLUMNS] + [r.request_id] for r in rows])
 
-    def record(self, row: UsageRow) -> None:
+    def record(self, row: UsageRow, replica: str | None = None) -> None:
         """The final row: completes the request's open row, or adds it (a request refused before admission)."""
         values = [getattr(row, c) for c in COLUMNS]
-        with self.lock:
-            if self.db.execute(self.UPDATE_OPEN, values + [row.request_id]).rowcount == 0:
-                self.db.execute(self.INSERT, values)
-
-    def mark_interrupted(self) -> int:
-        """Rows left open by a server that died (kill -9, crash): finish_reason 'interrupted'. Only a server
-        starting on this database may call this: the open rows of a live server look the same."""
-        with self.lock:
-            return self.db.execute(
-                "UPDATE usage SET finish_reason = 'interrupted', error = 'the server stopped before the request ended; "
-                "tokens as of its last flush' WHERE status IS NULL AND finish_reason IS NULL").rowcount
+        with self.db.tx():
+            if self.db.run(self.UPDATE_OPEN, values + [row.request_id]) == 0:
+                self.db.run(self.INSERT, values + [replica])
 
     def rows(self, key_id: str | None = None) -> list[UsageRow]:
         q, args = "SELECT * FROM usage", ()
         if key_id is not None:
             q, args = q + " WHERE key_id = ?", (key_id,)
-        with self.lock:
-            return [UsageRow(**{c: r[c] for c in COLUMNS}) for r in self.db.execute(q + " ORDER BY id", args)]
+        return [UsageRow(**{c: r[c] for c in COLUMNS}) for r in self.db.all(q + " ORDER BY id", args)]
 
     def used_tokens(self, key_id: str) -> int:
-        with self.lock:
-            r = self.db.execute("SELECT COALESCE(SUM(prompt_tokens + completion_tokens), 0) FROM usage WHERE key_id = ?",
-                                (key_id,)).fetchone()
-        return int(r[0])
+        r = self.db.one("SELECT COALESCE(SUM(prompt_tokens + completion_tokens), 0) AS n FROM usage WHERE key_id = ?",
+                        (key_id,))
+        return int(r["n"])
 
     def totals(self, key_id: str | None = None, since: float | None = None, until: float | None = None) -> list[dict]:
         """Per key: requests, errors, unfinished (no status: in flight or cut by a crash), tokens, compute
@@ -297,14 +306,17 @@ class Ledger:
             if v is not None:
                 where.append(cond)
                 args.append(v)
-        q = ("SELECT key_id, COUNT(*) AS requests, COALESCE(SUM(status >= 400), 0) AS errors, "
-             "SUM(status IS NULL) AS unfinished, SUM(prompt_tokens) AS prompt_tokens, "
+        q = ("SELECT key_id, COUNT(*) AS requests, SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END) AS errors, "
+             "SUM(CASE WHEN status IS NULL THEN 1 ELSE 0 END) AS unfinished, SUM(prompt_tokens) AS prompt_tokens, "
              "SUM(cached_tokens) AS cached_tokens, SUM(completion_tokens) AS completion_tokens, SUM(compute_s) AS compute_s, "
              "SUM(cost) AS cost, SUM(revenue) AS revenue FROM usage" + (" WHERE " + " AND ".join(where) if where else "")
              + " GROUP BY key_id ORDER BY key_id")
-        with self.lock:
-            out = [dict(r) for r in self.db.execute(q, args)]
+        out = self.db.all(q, args)
         for d in out:
+            for k in ("requests", "errors", "unfinished", "prompt_tokens", "cached_tokens", "completion_tokens"):
+                d[k] = int(d[k] or 0)  # PostgreSQL's SUM of integers may be a Decimal
+            for k in ("compute_s", "cost", "revenue"):
+                d[k] = float(d[k] or 0.0)
             d["margin"] = d["revenue"] - d["cost"]
         return out
 
@@ -452,7 +464,9 @@ class MaaS:
         self.keys, self.ledger, self.pricing, self.auth = keys, ledger, pricing or Pricing(), auth
         self.limiter = Limiter(ledger)
         # one server per database: rows still open now were left by one that died
-        self.interrupted = ledger.mark_interrupted()
+        self.interrupted = ledger.db.run(
+            "UPDATE usage SET finish_reason = 'interrupted', error = 'the server stopped before the request ended; "
+            "tokens as of its last flush' WHERE status IS NULL AND finish_reason IS NULL")
         if self.interrupted:
             print(f"glmkit: {self.interrupted} requests of an earlier server were cut off (kill, crash); their ledger rows "
                   "are marked 'interrupted' and carry the tokens of their last flush (see `glmkit usage`)", file=sys.stderr)
@@ -487,7 +501,7 @@ class MaaS:
         # never raises in the middle of serving: the rows go to stderr instead
         try:
             fn(arg)
-        except sqlite3.Error as e:
+        except fn.__self__.db.errors as e:
             print(f"glmkit serve: could not write usage rows (Ledger.{fn.__name__}: {e}): {[asdict(r) for r in rows]}",
                   file=sys.stderr)
 
@@ -547,30 +561,46 @@ def keys_main(argv=None) -> int:
     c.add_argument("--tpm", type=int, default=None, help="tokens (prompt + completion) per minute")
     c.add_argument("--concurrency", type=int, default=None, help="requests in flight at once")
     c.add_argument("--budget-tokens", type=int, default=None, help="lifetime token budget (prompt + completion)")
+    c.add_argument("--admin", action="store_true", help="the key may use the admin API (keys and usage of every key)")
     ls = sub.add_parser("list", help="list keys (prefix only; the raw keys are not stored)")
     ls.add_argument("--all", action="store_true", help="include revoked keys")
     r = sub.add_parser("revoke", help="revoke a key by id (k_...) or prefix; takes effect on the next request")
     r.add_argument("key")
-    for sp in (c, ls, r):  # --db after the subcommand too
+    u = sub.add_parser("update", help="change a key's limits (the others stay); takes effect within seconds on every server")
+    u.add_argument("key", help="id (k_...) or prefix")
+    u.add_argument("--models", default=None, help="comma-separated model names the key may use")
+    for name in ("rpm", "tpm", "concurrency", "budget-tokens"):
+        u.add_argument(f"--{name}", type=int, default=None)
+    u.add_argument("--clear", action="append", default=[], choices=LIMITS, help="remove this limit (repeatable)")
+    for sp in (c, ls, r, u):  # --db after the subcommand too
         sp.add_argument("--db", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     store = KeyStore(a.db)
     if a.cmd == "create":
         models = [m.strip() for m in a.models.split(",") if m.strip()] if a.models is not None else None
-        raw, rec = store.create(a.name, models, a.rpm, a.tpm, a.concurrency, a.budget_tokens)
+        raw, rec = store.create(a.name, models, a.rpm, a.tpm, a.concurrency, a.budget_tokens, admin=a.admin)
         print(raw)
-        print(f"key {rec.id} ({rec.prefix}...) created in {store.path}; store it now: it cannot be shown again",
-              file=sys.stderr)
+        print(f"{'admin ' if rec.admin else ''}key {rec.id} ({rec.prefix}...) created in {store.path}; store it now: it "
+              "cannot be shown again", file=sys.stderr)
     elif a.cmd == "list":
-        used = {}
-        if any(r["name"] == "usage" for r in store.db.execute("SELECT name FROM sqlite_master WHERE type='table'")):
-            used = {r[0]: r[1] for r in store.db.execute(
-                "SELECT key_id, SUM(prompt_tokens + completion_tokens) FROM usage GROUP BY key_id")}
-        rows = [[k.id, k.prefix + "...", k.name or "-", _fmt_time(k.created), "revoked" if k.revoked else "active",
+        used = {r["key_id"]: int(r["n"]) for r in store.db.all(
+            "SELECT key_id, SUM(prompt_tokens + completion_tokens) AS n FROM usage GROUP BY key_id")}
+        rows = [[k.id, k.prefix + "...", k.name or "-", _fmt_time(k.created),
+                 ("revoked" if k.revoked else "active") + (" admin" if k.admin else ""),
                  ",".join(k.models) if k.models else "all", k.rpm or "-", k.tpm or "-", k.concurrency or "-",
                  k.budget_tokens or "-", used.get(k.id, 0)] for k in store.list(a.all)]
         print(_table(rows, ["id", "prefix", "name", "created", "status", "models", "rpm", "tpm", "concurrency",
                             "budget", "used tokens"]))
+    elif a.cmd == "update":
+        change = {f: getattr(a, f) for f in LIMITS if getattr(a, f) is not None}
+        if "models" in change:
+            change["models"] = [m.strip() for m in change["models"].split(",") if m.strip()]
+        change.update({f: None for f in a.clear})
+        if not change:
+            p.error("keys update: give a new limit (--rpm N, ...) or --clear LIMIT")
+        rec = store.update(a.key, **change)
+        print(f"updated {rec.id} ({rec.prefix}...): models {','.join(rec.models) if rec.models else 'all'}, rpm {rec.rpm}, "
+              f"tpm {rec.tpm}, concurrency {rec.concurrency}, budget {rec.budget_tokens}")
     else:
         rec = store.revoke(a.key)
         print(f"revoked {rec.id} ({rec.prefix}...) at {_fmt_time(rec.revoked)}")
@@ -591,12 +621,10 @@ def usage_main(argv=None) -> int:
     a = p.parse_args(argv)
     since, until = _when(a.since), _when(a.until)
     ledger = Ledger(a.db)
-    names = {}
-    if any(r["name"] == "keys" for r in ledger.db.execute("SELECT name FROM sqlite_master WHERE type='table'")):
-        names = {r["id"]: (r["prefix"], r["name"]) for r in ledger.db.execute("SELECT id, prefix, name FROM keys")}
+    names = {r["id"]: (r["prefix"], r["name"]) for r in ledger.db.all("SELECT id, prefix, name FROM keys")}
     key_id = None
-    if a.key is not None:
-        key_id = KeyStore(a.db).find(a.key).id if names else a.key
+    if a.key is not None:  # a ledger kept apart from its keys (--ledger) knows ids only
+        key_id = KeyStore(ledger.db).find(a.key).id if names else a.key
     totals = ledger.totals(key_id, since, until)
     if a.json:
         for t in totals:
