@@ -23,10 +23,10 @@ PRICES = Pricing(per_hour=3600.0, input_per_m=1e6, output_per_m=2e6)  # cost = c
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db(request, tmp_path):
-    """Where keys and the ledger live: a SQLite file, or a fresh PostgreSQL database (pg_url)."""
+    """Where keys and the ledger live: a SQLite file, or a fresh PostgreSQL database (pg_db)."""
     if request.param == "sqlite":
         return str(tmp_path / "maas.sqlite")
-    return request.getfixturevalue("pg_url")
+    return request.getfixturevalue("pg_db")
 
 
 @pytest.fixture()
