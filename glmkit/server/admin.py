@@ -18,8 +18,8 @@ The credential is `Authorization: Bearer ...` holding either the admin token (`g
 --admin-token-file`, also what /metrics needs) or an active key created with admin=true (`glmkit keys
 create --admin`, or POST /admin/keys {"admin": true}). No credential, an unknown or revoked key: 401.
 A tenant's key: 403. A server with neither an admin token nor keys (--no-auth without a token): 403,
-saying how to configure one. An admin key is checked against the database on every call (no cache),
-so revoking one takes effect at once on every replica. Errors are OpenAI-shaped, as elsewhere.
+saying how to configure one. An admin key is read again from the database on every call (tenant keys
+are cached for a few seconds), so revoking one takes effect at once on every replica. Errors are OpenAI-shaped, as elsewhere.
 
 The handlers are plain functions: FastAPI runs them in its thread pool, so a database round trip
 never holds the event loop that streams other requests' tokens.
@@ -83,7 +83,12 @@ def _admin(request: HTTPRequest) -> str:
                        "admin key's bearer", code="missing_admin_credential")
     if server.admin_token is not None and hmac.compare_digest(given.encode(), server.admin_token.encode()):
         return "admin token"
-    key = keys.lookup(given) if keys is not None else None  # the database, not a cache: revocation is immediate
+    key = keys.lookup(given) if keys is not None else None
+    if key is not None and getattr(key, "admin", False):
+        # lookups are cached for a few seconds (KeyStore.CACHE_S); admin rights are read again from the database,
+        # so an admin key revoked through any replica or the CLI is refused at once everywhere
+        key = keys.find(key.id)
+        key = None if key.revoked else key
     if key is None:
         raise APIError(401, "incorrect admin token, or an unknown or revoked key", code="invalid_admin_credential")
     if not getattr(key, "admin", False):
