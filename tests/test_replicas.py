@@ -4,10 +4,14 @@ replica (the x-glmkit-replica header says which); limits hold across replicas (a
 concurrent requests split over both, RPM 5 across both); after kill -9 of a replica, its clients in flight get
 a retryable 502 from the load balancer, the next requests go to the other replica, every 200 has exactly one
 ledger row and no request is billed twice (no POST is replayed on the other replica).
-Skipped, saying why, where HAProxy or PostgreSQL cannot start. Slow: three servers start (about 20-40 s)."""
+Skipped, saying why, where HAProxy or PostgreSQL cannot start. Slow: three servers start (about 20-40 s).
+Fast: the configuration HAProxy's own parser accepts (`haproxy -c`), its error bodies, bad --replicas."""
 
+import json
 import os
+import re
 import signal
+import subprocess
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -18,12 +22,32 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
 from glmkit.server.maas import KeyStore, Ledger  # noqa: E402
+from glmkit.server.replicas import main as lb_config_main  # noqa: E402
+from glmkit.server.replicas import parse_replicas  # noqa: E402
 from glmkit.tokenizer import train_bpe  # noqa: E402
 from tests.replicas import haproxy_missing, load_balancer, replica  # noqa: E402
 from tests.serving import TEXTS, poll  # noqa: E402
 from tests.test_billing import checkpoint  # noqa: E402
 
-pytestmark = pytest.mark.slow
+
+def test_lb_config_is_what_haproxy_accepts(tmp_path, capsys):
+    assert lb_config_main(["--replicas", "127.0.0.1:8001,[::1]:8002,replica-3.internal:9000", "--port", "8000",
+                           "--stats-port", "8404"]) == 0
+    cfg = capsys.readouterr().out
+    servers = re.findall(r"^\s+server (\S+) (\S+) check$", cfg, re.M)
+    assert servers == [("r1", "127.0.0.1:8001"), ("r2", "[::1]:8002"), ("r3", "replica-3.internal:9000")], servers
+    bodies = {int(code): json.loads(body) for code, body in re.findall(r"http-error status (\d+) .* string '(.*?)'", cfg)}
+    assert set(bodies) == {502, 503, 504} and all(set(b["error"]) == {"message", "type", "param", "code"}
+                                                  for b in bodies.values()), bodies
+    if not haproxy_missing():  # HAProxy's own parser
+        (tmp_path / "haproxy.cfg").write_text(cfg.replace("replica-3.internal", "127.0.0.3"))  # no DNS in a test
+        r = subprocess.run(["haproxy", "-c", "-f", str(tmp_path / "haproxy.cfg")], capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+    for bad, why in (("127.0.0.1", "not HOST:PORT"), ("127.0.0.1:0", "not HOST:PORT"), ("a:1,a:1", "twice"),
+                     ("127.0.0.1:8001,", "not HOST:PORT")):
+        with pytest.raises(ValueError, match=why):
+            parse_replicas(bad)
+    assert lb_config_main(["--replicas", "localhost"]) == 2 and "HOST:PORT" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +77,7 @@ def keys_on_each_replica(db, lb, replicas, want: int = 1) -> list[list[str]]:
     raise AssertionError(f"64 keys hashed to replicas {[len(f) for f in found]}: consistent hashing does not spread keys")
 
 
+@pytest.mark.slow
 def test_a_keys_requests_stay_on_one_replica(cluster):
     db, replicas, lb = cluster
     per_replica = keys_on_each_replica(db, lb, replicas, want=3)
@@ -74,6 +99,7 @@ def spread(replicas, h: dict, n: int, body: dict) -> list:
                                                   headers=h, timeout=120), range(n)))
 
 
+@pytest.mark.slow
 def test_a_budget_holds_across_replicas(cluster):
     db, replicas, _ = cluster
     raw, key = KeyStore(db).create("budget", budget_tokens=200)
@@ -86,6 +112,7 @@ def test_a_budget_holds_across_replicas(cluster):
     assert used == served <= 200, (used, served, codes)
 
 
+@pytest.mark.slow
 def test_rpm_5_admits_exactly_5_across_replicas(cluster):
     db, replicas, _ = cluster
     raw, key = KeyStore(db).create("rpm", rpm=5)
@@ -95,6 +122,7 @@ def test_rpm_5_admits_exactly_5_across_replicas(cluster):
     assert all(int(r.headers["retry-after"]) >= 1 for r in answers if r.status_code == 429)
 
 
+@pytest.mark.slow
 def test_kill_9_of_a_replica(cluster):
     db, (a, b), lb = cluster
     (on_a, *_), (on_b, *_) = keys_on_each_replica(db, lb, [a, b])
