@@ -107,14 +107,14 @@ def _store(request: HTTPRequest):
     return store
 
 
-def _find(store, key: str) -> KeyRecord:
+def _find(store, key_id: str, param: str = "key_id") -> KeyRecord:
     """The key named by id or prefix, or 404 / 400 (a prefix shared by several keys)."""
     try:
-        return store.find(key)
+        return store.find(key_id)
     except KeyError as e:
-        raise APIError(404, e.args[0], param="key", code="key_not_found") from None
+        raise APIError(404, e.args[0], param=param, code="key_not_found") from None
     except ValueError as e:
-        raise APIError(400, str(e), param="key", code="ambiguous_key") from None
+        raise APIError(400, str(e), param=param, code="ambiguous_key") from None
 
 
 def _card(rec: KeyRecord, used: int | None = None) -> dict:
@@ -150,18 +150,19 @@ def list_keys(request: HTTPRequest, who: Admin, include_revoked: bool = False):
     return {"object": "list", "data": [_card(k, used.get(k.id, 0)) for k in _store(request).list(include_revoked)]}
 
 
-@router.get("/keys/{key}")
-def show_key(key: str, request: HTTPRequest, who: Admin):
-    rec = _find(_store(request), key)
+@router.get("/keys/{key_id}")
+def show_key(key_id: str, request: HTTPRequest, who: Admin):
+    """A key by id (k_...) or displayed prefix, with the tokens it used."""
+    rec = _find(_store(request), key_id)
     return _card(rec, request.app.state.server.maas.ledger.used_tokens(rec.id))
 
 
-@router.patch("/keys/{key}")
-def update_key(key: str, body: KeyUpdate, request: HTTPRequest, who: Admin):
+@router.patch("/keys/{key_id}")
+def update_key(key_id: str, body: KeyUpdate, request: HTTPRequest, who: Admin):
     """Change limits: fields given are set (null clears a limit), fields left out stay. Replicas read the
     new limits from the database on the key's next requests."""
     store = _store(request)
-    rec = _find(store, key)
+    rec = _find(store, key_id)
     changes = body.model_dump(include=body.model_fields_set)
     if not changes:
         raise APIError(400, "give at least one of models, rpm, tpm, concurrency, budget_tokens (null clears a limit)",
@@ -173,11 +174,11 @@ def update_key(key: str, body: KeyUpdate, request: HTTPRequest, who: Admin):
     return _card(rec, request.app.state.server.maas.ledger.used_tokens(rec.id))
 
 
-@router.delete("/keys/{key}")
-def revoke_key(key: str, request: HTTPRequest, who: Admin):
+@router.delete("/keys/{key_id}")
+def revoke_key(key_id: str, request: HTTPRequest, who: Admin):
     """Revoke a key: its next request gets 401. Its ledger rows stay (usage and margin keep counting them)."""
     store = _store(request)
-    rec = store.revoke(_find(store, key).id)
+    rec = store.revoke(_find(store, key_id).id)
     return _card(rec, request.app.state.server.maas.ledger.used_tokens(rec.id))
 
 
@@ -195,7 +196,7 @@ def usage(request: HTTPRequest, who: Admin,
             bounds[name] = _when(text)
         except ValueError as e:
             raise APIError(400, str(e), param=name, code="invalid_value") from None
-    key_id = _find(maas.keys, key).id if key is not None and maas.keys is not None else key
+    key_id = _find(maas.keys, key, "key").id if key is not None and maas.keys is not None else key
     names = {k.id: k.name for k in maas.keys.list(include_revoked=True)} if maas.keys is not None else {}
     rows = maas.ledger.totals(key_id, bounds["since"], bounds["until"])
     return {"object": "list", "since": bounds["since"], "until": bounds["until"],

@@ -62,6 +62,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
 from .. import __version__
 from .admin import router as admin_router
@@ -112,7 +113,11 @@ async def _invalid(request, e: RequestValidationError):
 async def _http(request, e: StarletteHTTPException):
     msg = str(e.detail) if e.status_code != 404 else f"no route {request.method} {request.url.path}"
     _note(request, msg)
-    return error_response(e.status_code, msg, "invalid_request_error", None, None, getattr(e, "headers", None))
+    headers = getattr(e, "headers", None)
+    if e.status_code == 405:  # Starlette's Allow names the methods of one route; a path may have several
+        headers = {"allow": ", ".join(sorted({m for r in request.app.router.routes if isinstance(r, Route)
+                                              and r.matches(request.scope)[0] is not Match.NONE for m in r.methods}))}
+    return error_response(e.status_code, msg, "invalid_request_error", None, None, headers)
 
 
 async def _crash(request, e: Exception):
