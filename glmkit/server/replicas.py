@@ -21,9 +21,11 @@ so any replica can answer any key; the load balancer only decides which one does
 - the load balancer's own errors in OpenAI's shape (JSON, `{"error": {...}}`);
 - long timeouts for streams (a completion of thousands of tokens), short ones for connecting.
 
-Why HAProxy rather than nginx: the free nginx has neither active health checks (nginx Plus only) nor a
-retry that tells a refused connection from a request already sent; HAProxy has both, and consistent
-hashing on a header, in the Debian package.
+Why HAProxy rather than nginx: both hash a header consistently (nginx: `hash $http_authorization
+consistent`) and neither passes a POST already sent to another server (nginx's proxy_next_upstream
+leaves out non-idempotent requests unless told `non_idempotent`); but the free nginx checks health only
+passively, by real requests failing (active `health_check` is nginx Plus), while HAProxy's active checks
+come with the Debian package.
 """
 
 from __future__ import annotations
