@@ -5,6 +5,7 @@ usage totals equal to what `glmkit usage --json` prints from the same ledger. Ea
 where a PostgreSQL server can start, on PostgreSQL."""
 
 import json
+import socket
 import time
 
 import pytest
@@ -52,7 +53,8 @@ def test_who_may_use_the_admin_api(admin, db, model, tok):
     err = assert_error(c.get("/admin/keys", headers=bearer(tenant)), 403, "permission_error", "not_admin")
     assert "admin" in err["message"]
     assert_error(c.post("/admin/keys", json={"name": "x"}, headers=bearer(tenant)), 403, code="not_admin")
-    assert c.get("/v1/models", headers=bearer(tenant)).status_code == 200  # the tenant's key works where it should
+    r = c.get("/v1/models", headers=bearer(tenant))  # the tenant's key works where it should
+    assert r.status_code == 200 and r.headers["x-glmkit-replica"] == f"{socket.gethostname()}:80", r.headers
     for h in (bearer(ADMIN_TOKEN), bearer(boss)):
         r = c.get("/admin/keys", headers=h)
         assert r.status_code == 200, r.text

@@ -51,13 +51,13 @@ class ReplicaHeader:
     served it (the listening address, so replicas behind one load balancer tell themselves apart)."""
 
     def __init__(self, app, name: str | None = None):
-        self.app, self.name = app, name
+        self.app, self.name, self.host = app, name, socket.gethostname()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         server = scope.get("server") or ("", 0)
-        value = (self.name or f"{socket.gethostname()}:{server[1]}").encode("latin-1", "replace")
+        value = (self.name or f"{self.host}:{server[1]}").encode("latin-1", "replace")
 
         async def tx(m):
             if m["type"] == "http.response.start":
