@@ -10,12 +10,15 @@ What it does (replicas, HAProxy and the cluster are started by tests/replicas.py
    competing for the same cores, so the ratio below shows what the shared database and the load balancer
    cost, not two processes sharing CPUs; HAProxy, PostgreSQL and this client still share the machine.
 2. Throughput: `--requests` non-streaming completions of `--max-tokens` tokens at `--concurrency`, each client
-   with its own key, sent straight to replica A while B idles, then to B while A idles ("alone"), then
-   2 x requests at 2 x concurrency through HAProxy with half of the keys hashed to each replica ("both").
-   Target: both >= 0.9 x (A alone + B alone).
-3. Database time per request: pg_stat_statements (the cluster this script starts preloads it) summed over
-   the "both" phase's statements, divided by its requests: execution time inside PostgreSQL, and
-   statements per request. With --db the extension must be installed there, else the row says n/a.
+   with its own key, sent straight to replica A while B idles, then to B while A idles ("alone"); then
+   2 x requests at 2 x concurrency to both at once, straight to each ("both, direct") and through HAProxy
+   with half of the keys hashed to each replica ("both behind HAProxy"). Target: both behind HAProxy >=
+   0.9 x (A alone + B alone). "both, direct" splits the gap: what sharing the machine and the database
+   costs, and what HAProxy adds.
+3. Per request and phase: database time (pg_stat_statements, which the cluster this script starts preloads:
+   execution time inside PostgreSQL; with --db the extension must be installed there, else n/a), and CPU
+   milliseconds of each process group (replica A, replica B, PostgreSQL, HAProxy, this load generator),
+   which shows where the cores went when the replicas share a small machine with the rest.
 4. Limits across replicas: 40 concurrent requests of one key, alternately straight to each replica, against a
    200-token budget (used must end <= 200); RPM 5 with 12 requests (exactly 5 admitted).
 5. kill -9 of replica B during a burst through HAProxy: answers by status, every 200 with exactly one complete
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import signal
 import statistics
 import subprocess
@@ -108,6 +112,40 @@ def db_time(db: str, reset: bool = False) -> tuple[float, int] | None:
         return None
 
 
+class CPU:
+    """CPU seconds so far of each part of the set-up: the two replicas, PostgreSQL (the cluster's postmaster and
+    its backends; 0 with --db), HAProxy (this process's haproxy child) and this load generator."""
+
+    TICK = os.sysconf("SC_CLK_TCK")
+
+    def __init__(self, ra, rb, cluster):
+        self.ra, self.rb = ra.proc.pid, rb.proc.pid
+        pid_file = cluster.data / "postmaster.pid" if cluster is not None else None
+        self.postmaster = int(pid_file.read_text().split()[0]) if pid_file is not None and pid_file.exists() else None
+
+    @classmethod
+    def stat(cls, pid: int) -> tuple[int, str, float]:
+        """(parent pid, name, CPU seconds) of a process, from /proc/PID/stat."""
+        text = Path(f"/proc/{pid}/stat").read_text()
+        name, rest = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+        return int(rest[1]), name, (int(rest[11]) + int(rest[12])) / cls.TICK
+
+    def read(self) -> dict[str, float]:
+        procs = {}
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    procs[int(d.name)] = self.stat(int(d.name))
+                except (OSError, ValueError, IndexError):
+                    pass  # gone meanwhile
+        me = os.getpid()
+        pg = [v[2] for pid, v in procs.items() if self.postmaster in (pid, v[0])] if self.postmaster else []
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        return {"replica A": procs.get(self.ra, (0, "", 0.0))[2], "replica B": procs.get(self.rb, (0, "", 0.0))[2],
+                "postgres": sum(pg), "haproxy": sum(v[2] for v in procs.values() if v[0] == me and v[1] == "haproxy"),
+                "client": own.ru_utime + own.ru_stime}
+
+
 def spread(replicas, raw: str, n: int, body: dict) -> Counter:
     h = {"authorization": f"Bearer {raw}"}
     with ThreadPoolExecutor(n) as pool:
@@ -187,11 +225,20 @@ def main(argv=None) -> int:
                 keys = keys_per_replica(db, lb, [ra, rb], a.concurrency)
                 asyncio.run(load([(ra.url, k) for k in keys[0][:2]], 4, 4, "warm"))  # warm-up: first-call costs out of the figures
                 asyncio.run(load([(rb.url, k) for k in keys[1][:2]], 4, 4, "warm"))
-                alone = [asyncio.run(load([(r.url, k) for k in ks], a.requests, a.max_tokens, f"alone {r.port}"))
-                         for r, ks in ((ra, keys[0]), (rb, keys[1]))]
-                base = db_time(db, reset=True)
-                both = asyncio.run(load([(lb, k) for ks in keys for k in ks], 2 * a.requests, a.max_tokens, "both"))
-                spent = db_time(db) if base is not None else None
+                cpu = CPU(ra, rb, cluster)
+                phases = {}
+                for name, targets, n in (
+                        ("A alone (direct)", [(ra.url, k) for k in keys[0]], a.requests),
+                        ("B alone (direct)", [(rb.url, k) for k in keys[1]], a.requests),
+                        ("both, direct (no LB)", [(r.url, k) for r, ks in ((ra, keys[0]), (rb, keys[1])) for k in ks],
+                         2 * a.requests),
+                        ("both behind HAProxy", [(lb, k) for ks in keys for k in ks], 2 * a.requests)):
+                    before, t_db = cpu.read(), db_time(db, reset=True)
+                    m = asyncio.run(load(targets, n, a.max_tokens, name))
+                    m["cpu"] = {g: v - before[g] for g, v in cpu.read().items()}
+                    m["db"] = db_time(db) if t_db is not None else None
+                    m["clients"] = len(targets)
+                    phases[name] = m
 
                 budget_raw, budget_key = KeyStore(db).create("budget", budget_tokens=200)
                 budget_codes = spread([ra, rb], budget_raw, 40, {"prompt": "Hello there", "max_tokens": 40})
@@ -206,19 +253,25 @@ def main(argv=None) -> int:
     pin = f"cores {cores[0]} and {cores[1]}" if cores[0] is not None else "not pinned (1 core)"
     print(f"\ntwo replicas ({pin}, 1 thread each), PostgreSQL, HAProxy; {a.requests} requests x {a.max_tokens} "
           f"tokens per replica, {a.concurrency} clients per replica (one key each)\n")
-    print(f"{'phase':<28}{'clients':>8}{'requests':>10}{'tok/s':>9}{'req/s':>8}{'p50 s':>8}{'p99 s':>8}  statuses")
-    rows = [("replica A alone (direct)", a.concurrency, alone[0]), ("replica B alone (direct)", a.concurrency, alone[1]),
-            ("both behind HAProxy", 2 * a.concurrency, both)]
-    for name, clients, m in rows:
-        print(f"{name:<28}{clients:>8}{sum(m['codes'].values()):>10}{m['tok_s']:>9.1f}{m['req_s']:>8.2f}{m['p50']:>8.2f}"
-              f"{m['p99']:>8.2f}  {dict(m['codes'])}")
-    total = alone[0]["tok_s"] + alone[1]["tok_s"]
-    print(f"{'sum of alone':<28}{'':>8}{'':>10}{total:>9.1f}")
-    print(f"\nboth / sum of alone: {both['tok_s'] / total:.3f}x (target >= 0.9x)")
-    n = sum(both["codes"].values())
-    if spent is not None:
-        print(f"database time per request (pg_stat_statements, execution inside PostgreSQL, 'both' phase): "
-              f"{spent[0] / n:.2f} ms, {spent[1] / n:.1f} statements")
+    groups = list(next(iter(phases.values()))["cpu"])
+    print(f"{'phase':<24}{'clients':>8}{'requests':>9}{'tok/s':>8}{'req/s':>7}{'p50 s':>7}{'p99 s':>7}{'db ms/req':>10}"
+          + "".join(f"{g:>11}" for g in groups) + "  statuses")
+    print(" " * 80 + f"{'(CPU ms per request)':>{11 * len(groups)}}")
+    for name, m in phases.items():
+        n = sum(m["codes"].values())
+        dbms = f"{m['db'][0] / n:.2f}" if m["db"] else "n/a"
+        print(f"{name:<24}{m['clients']:>8}{n:>9}{m['tok_s']:>8.1f}{m['req_s']:>7.2f}{m['p50']:>7.2f}{m['p99']:>7.2f}"
+              f"{dbms:>10}" + "".join(f"{1000 * m['cpu'][g] / n:>11.1f}" for g in groups) + f"  {dict(m['codes'])}")
+    alone = phases["A alone (direct)"]["tok_s"] + phases["B alone (direct)"]["tok_s"]
+    both, direct = phases["both behind HAProxy"], phases["both, direct (no LB)"]
+    print(f"\nsum of alone {alone:.1f} tok/s; both behind HAProxy / sum of alone: {both['tok_s'] / alone:.3f}x "
+          f"(target >= 0.9x); both direct / sum of alone: {direct['tok_s'] / alone:.3f}x; "
+          f"HAProxy / direct: {both['tok_s'] / direct['tok_s']:.3f}x")
+    if both["db"]:
+        n = sum(both["codes"].values())
+        print(f"database time per request behind HAProxy (pg_stat_statements: execution inside PostgreSQL): "
+              f"{both['db'][0] / n:.2f} ms in {both['db'][1] / n:.1f} statements, against a p50 latency of "
+              f"{both['p50'] * 1000:.0f} ms")
     else:
         print("database time per request: n/a (pg_stat_statements not available on --db)")
     print("\nlimits across replicas (one key, requests alternately straight to each replica):")
