@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from glmkit.server.app import create_app
 from glmkit.server.maas import KeyStore, Ledger, MaaS, Pricing, usage_main
-from tests.serving import assert_error
+from tests.serving import assert_error, serve
 
 ADMIN_TOKEN = "admin-token-0123456789"
 PRICES = Pricing(per_hour=3600.0, input_per_m=1e6, output_per_m=2e6)  # cost = compute s, revenue = prompt + 2 x completion
@@ -141,3 +141,21 @@ def test_usage_and_margin_are_the_ledgers_as_the_cli_prints_them(admin, db, caps
     assert c.get("/admin/usage?since=2999-01-01", headers=h).json()["data"] == []
     assert_error(c.get("/admin/usage?since=yesterday", headers=h), 400, param="since")
     assert_error(c.get("/admin/usage?key=k_nosuchkey", headers=h), 404, code="key_not_found")
+
+
+def test_no_body_is_read_before_the_credential(model, tok, db):
+    """A client without an admin credential announces a 1 GB body and sends none: it gets its 401 at once (the
+    server neither reads nor waits for the body); with the admin token, the same route reads its body."""
+    app = create_app(model, tok, "tiny", maas=MaaS(KeyStore(db), Ledger(db), PRICES), admin_token=ADMIN_TOKEN)
+    with serve(app) as url:
+        host, port = url.removeprefix("http://").split(":")
+        for auth in ("", "Authorization: Bearer glmk-not-a-key\r\n"):
+            with socket.create_connection((host, int(port)), timeout=10) as s:
+                s.sendall(f"POST /admin/keys HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\n"
+                          "Content-Length: 1000000000\r\n\r\n".encode())
+                head = s.recv(4096)  # a timeout here: the server waits for the body
+                assert head.startswith(b"HTTP/1.1 401 "), head[:200]
+        import httpx
+
+        r = httpx.post(url + "/admin/keys", json={"name": "ok"}, headers=bearer(ADMIN_TOKEN), timeout=30)
+        assert r.status_code == 201 and r.json()["name"] == "ok", r.text

@@ -31,14 +31,14 @@ import dataclasses
 import hmac
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Query
 from fastapi import Request as HTTPRequest
+from fastapi.routing import APIRoute
 from pydantic import ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 
 from .maas import KeyRecord, _when
 from .schemas import APIError, NonEmpty, _Body
-
-router = APIRouter(prefix="/admin", tags=["admin"])
 
 Limit = Annotated[int, Field(ge=1, le=2**62)] | None  # None: no limit (in PATCH: clear it)
 
@@ -68,7 +68,7 @@ class KeyUpdate(_Body):
     budget_tokens: Limit = None
 
 
-def _admin(request: HTTPRequest) -> str:
+def authorize(request: HTTPRequest) -> str:
     """Who calls: 'admin token' or the admin key's id; APIError 401 / 403 otherwise (see the module docstring)."""
     server = request.app.state.server
     keys = server.maas.keys
@@ -97,7 +97,22 @@ def _admin(request: HTTPRequest) -> str:
     return key.id
 
 
-Admin = Annotated[str, Depends(_admin)]
+class AdminRoute(APIRoute):
+    """Every admin route checks the credential before anything else, before the request body is read too
+    (FastAPI reads a body before it solves dependencies): a client without one cannot make the server read
+    or wait for a body. The caller ('admin token' or the admin key's id) is left in scope["glmkit.admin"]."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def guarded(request: HTTPRequest):
+            request.scope["glmkit.admin"] = await run_in_threadpool(authorize, request)  # a database read
+            return await handler(request)
+
+        return guarded
+
+
+router = APIRouter(prefix="/admin", tags=["admin"], route_class=AdminRoute)
 
 
 def _store(request: HTTPRequest):
@@ -133,7 +148,7 @@ def _used(request: HTTPRequest) -> dict[str, int]:
 
 
 @router.post("/keys", status_code=201)
-def create_key(body: KeyCreate, request: HTTPRequest, who: Admin):
+def create_key(body: KeyCreate, request: HTTPRequest):
     """A new key. The answer holds the raw key in `key`, once: only its hash is stored."""
     limits = body.model_dump(exclude={"name", "admin"})
     try:
@@ -144,21 +159,21 @@ def create_key(body: KeyCreate, request: HTTPRequest, who: Admin):
 
 
 @router.get("/keys")
-def list_keys(request: HTTPRequest, who: Admin, include_revoked: bool = False):
+def list_keys(request: HTTPRequest, include_revoked: bool = False):
     """Every active key (and the revoked ones with include_revoked=true), oldest first, with tokens used."""
     used = _used(request)
     return {"object": "list", "data": [_card(k, used.get(k.id, 0)) for k in _store(request).list(include_revoked)]}
 
 
 @router.get("/keys/{key_id}")
-def show_key(key_id: str, request: HTTPRequest, who: Admin):
+def show_key(key_id: str, request: HTTPRequest):
     """A key by id (k_...) or displayed prefix, with the tokens it used."""
     rec = _find(_store(request), key_id)
     return _card(rec, request.app.state.server.maas.ledger.used_tokens(rec.id))
 
 
 @router.patch("/keys/{key_id}")
-def update_key(key_id: str, body: KeyUpdate, request: HTTPRequest, who: Admin):
+def update_key(key_id: str, body: KeyUpdate, request: HTTPRequest):
     """Change limits: fields given are set (null clears a limit), fields left out stay. Replicas read the
     new limits from the database on the key's next requests."""
     store = _store(request)
@@ -175,7 +190,7 @@ def update_key(key_id: str, body: KeyUpdate, request: HTTPRequest, who: Admin):
 
 
 @router.delete("/keys/{key_id}")
-def revoke_key(key_id: str, request: HTTPRequest, who: Admin):
+def revoke_key(key_id: str, request: HTTPRequest):
     """Revoke a key: its next request gets 401. Its ledger rows stay (usage and margin keep counting them)."""
     store = _store(request)
     rec = store.revoke(_find(store, key_id).id)
@@ -183,7 +198,7 @@ def revoke_key(key_id: str, request: HTTPRequest, who: Admin):
 
 
 @router.get("/usage")
-def usage(request: HTTPRequest, who: Admin,
+def usage(request: HTTPRequest,
           key: Annotated[str | None, Query(description="one key, by id (k_...) or prefix")] = None,
           since: Annotated[str | None, Query(description="30m, 24h, 7d (ago) or an ISO date/time")] = None,
           until: Annotated[str | None, Query(description="as since")] = None):
