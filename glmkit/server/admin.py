@@ -19,10 +19,11 @@ The credential is `Authorization: Bearer ...` holding either the admin token (`g
 create --admin`, or POST /admin/keys {"admin": true}). No credential, an unknown or revoked key: 401.
 A tenant's key: 403. A server with neither an admin token nor keys (--no-auth without a token): 403,
 saying how to configure one. An admin key is read again from the database on every call (tenant keys
-are cached for a few seconds), so revoking one takes effect at once on every replica. Errors are OpenAI-shaped, as elsewhere.
+are cached for a few seconds), so revoking one takes effect at once on every replica. The credential is
+checked before the request body is read (`AdminRoute`). Errors are OpenAI-shaped, as elsewhere.
 
-The handlers are plain functions: FastAPI runs them in its thread pool, so a database round trip
-never holds the event loop that streams other requests' tokens.
+The handlers are plain functions and the credential check runs in a worker thread too: a database round
+trip never holds the event loop that streams other requests' tokens.
 """
 
 from __future__ import annotations
