@@ -90,7 +90,7 @@ def test_20_concurrent_requests_stay_within_the_token_limit(tmp_path, served, li
     refused = [r.headers for r in rs if r.status_code == 429]
     assert all(("retry-after" in x) != (x.get("x-should-retry") == "false") for x in refused), refused
     assert {(r.status, r.prompt_tokens, r.completion_tokens, r.revenue) for r in rows if r.status == 429} == {(429, 0, 0, 0.0)}
-    w = maas.limiter.state[key.id]
+    w = maas.limiter.snapshot(key.id)
     assert (w.reserved, w.active) == (0, 0), w
 
 

@@ -6,7 +6,7 @@ schema migrations applied when a database is opened.
     with db.tx():                                      # BEGIN IMMEDIATE (SQLite) / BEGIN (PostgreSQL) ... COMMIT
         row = db.one("SELECT used FROM key_state WHERE key_id = ?" + db.for_update, (key_id,))
         db.run("UPDATE key_state SET used = used + ? WHERE key_id = ?", (n, key_id))   # -> rowcount
-    db.all(sql, args) -> [dict]; db.many(sql, seq); db.now() -> the database's clock (unix seconds)
+    db.all(sql, args) -> [dict]; db.many(sql, seq); db.now(), or db.NOW in SQL: the database's clock (unix seconds)
 
 SQL is written once, with `?` placeholders, in the subset both engines share (upserts are `INSERT ...
 ON CONFLICT`, `RETURNING` works in both); `sql()` turns `?` into psycopg's `%s`. What differs is
@@ -123,11 +123,13 @@ class Database:
                 raise ConnectionError(f"cannot connect to {shown(target)}: {str(e).strip()}") from None
             self.errors: tuple[type[Exception], ...] = (psycopg.Error,)
             self.for_update = " FOR UPDATE"
+            self.NOW = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"
             self._types = {"real": "DOUBLE PRECISION", "big": "BIGINT", "serial": "BIGSERIAL PRIMARY KEY"}
         else:
             self.conn = _sqlite(self.target)
             self.errors = (sqlite3.Error,)
             self.for_update = ""  # BEGIN IMMEDIATE already holds the file's write lock
+            self.NOW = "((julianday('now') - 2440587.5) * 86400.0)"
             self._types = {"real": "REAL", "big": "INTEGER", "serial": "INTEGER PRIMARY KEY AUTOINCREMENT"}
         self.migrated = self.migrate()
 
@@ -170,9 +172,7 @@ class Database:
 
     def now(self) -> float:
         """The database's clock, unix seconds: every replica's windows and heartbeats use this one."""
-        q = ("SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION) AS t" if self.postgres
-             else "SELECT (julianday('now') - 2440587.5) * 86400.0 AS t")
-        return float(self.one(q)["t"])
+        return float(self.one(f"SELECT {self.NOW} AS t")["t"])
 
     @contextlib.contextmanager
     def tx(self):

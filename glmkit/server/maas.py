@@ -64,11 +64,12 @@ import math
 import os
 import re
 import secrets
+import socket
 import sys
 import threading
 import time
-from collections import deque
-from dataclasses import asdict, dataclass, field
+import weakref
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -335,90 +336,216 @@ class AuthError(Exception):
 
 
 @dataclass
-class _Window:
-    requests: deque = field(default_factory=deque)  # admission times
-    tokens: deque = field(default_factory=deque)  # (time, tokens) of requests settled
-    active: int = 0
-    reserved: int = 0  # tokens set aside by this key's requests in flight
+class KeyState:
+    """What the database holds for one key's limits (Limiter.snapshot)."""
+
+    used: int  # tokens settled over the key's life (its budget's use), interrupted rows included
+    reserved: int  # tokens set aside by its requests in flight, on every replica
+    active: int  # its requests in flight, on every replica
+    requests: int  # admissions in the last minute (counted while it has an rpm)
+    tokens: int  # tokens settled in the last minute (counted while it has a tpm)
+
+
+HOST = socket.gethostname()
+_LIVE: weakref.WeakValueDictionary[str, Limiter] = weakref.WeakValueDictionary()  # this process's replicas
+INTERRUPTED = ("the server stopped before the request ended; tokens as of its last flush")
+
+
+def _alive(host: str, pid: int, replica: str) -> bool:
+    """False when a replica's process is known to be gone: on this machine, its pid does not exist
+    or, in this process, its Limiter is gone. True when unknown (another machine): its heartbeat decides."""
+    if host != HOST:
+        return True
+    if pid == os.getpid():
+        return replica in _LIVE
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        pass
+    return True
+
+
+def _beat(ref, stop: threading.Event, every: float):
+    # holds the limiter weakly: a limiter dropped without close() stops beating, as a killed server would
+    while not stop.wait(every):
+        lim = ref()
+        if lim is None:
+            return
+        try:
+            lim.beat()
+        except lim.db.errors as e:
+            print(f"glmkit serve: heartbeat of replica {lim.replica} failed: {e}", file=sys.stderr)
+        del lim
 
 
 class Limiter:
-    """Per-key admission: requests and tokens per minute, concurrency, lifetime token budget; token
-    reservations of requests in flight (see the module docstring)."""
+    """Per-key admission: requests and tokens per minute, concurrency, lifetime token budget, and the
+    token reservations of requests in flight, decided in the ledger's database so that every replica
+    on it enforces the same limits (see the module docstring). `clock` replaces the database's clock
+    for the windows (tests); `heartbeat` False: no thread (the replica is reaped once stale)."""
 
     WINDOW = 60.0
+    HEARTBEAT_S = 5.0
+    STALE_S = 15.0  # a replica whose heartbeat is older is dead: its requests are released, its rows interrupted
 
-    def __init__(self, ledger: Ledger, clock=time.monotonic):
-        self.ledger, self.clock = ledger, clock
-        self.state: dict[str, _Window] = {}
-        self.used: dict[str, int] = {}  # lifetime tokens per key, loaded from the ledger on first use
-        self.reservations: dict[str, int] = {}  # request id -> tokens it reserved
-        self.lock = threading.Lock()
+    def __init__(self, ledger: Ledger, clock=None, heartbeat: bool = True):
+        self.ledger, self.db, self.clock = ledger, ledger.db, clock
+        self.replica = "r_" + secrets.token_hex(8)
+        self.spent: dict[str, int] = {}  # key id -> its used tokens as last read: they only grow, so >= budget is final
+        self.anonymous: dict[str, list[str]] = {}  # key id -> ids of requests admitted without one (admit(key))
+        self.reservations: dict[str, int] = {}  # request id -> tokens it reserved, requests of this replica
+        self.stop = threading.Event()
+        now = self.db.now()
+        self.db.run("INSERT INTO replicas (id, host, pid, started, heartbeat) VALUES (?, ?, ?, ?, ?)",
+                    (self.replica, HOST, os.getpid(), now, now))
+        _LIVE[self.replica] = self
+        self.interrupted = self.reap(legacy=True)
+        if heartbeat:
+            threading.Thread(target=_beat, args=(weakref.ref(self), self.stop, self.HEARTBEAT_S), daemon=True,
+                             name=f"glmkit-heartbeat-{self.replica}").start()
 
-    def _window(self, key: KeyRecord, now: float) -> _Window:
-        w = self.state.setdefault(key.id, _Window())
-        while w.requests and w.requests[0] <= now - self.WINDOW:
-            w.requests.popleft()
-        while w.tokens and w.tokens[0][0] <= now - self.WINDOW:
-            w.tokens.popleft()
-        return w
+    # ---- replicas ---------------------------------------------------------------------------------------------
+    def beat(self) -> None:
+        """This replica is alive; then release what replicas found dead held."""
+        if self.db.run(f"UPDATE replicas SET heartbeat = {self.db.NOW} WHERE id = ?", (self.replica,)) == 0:
+            # reaped while alive (a pause longer than STALE_S): our requests' slots were released; carry on
+            print(f"glmkit serve: this server (replica {self.replica}) missed its heartbeats for over {self.STALE_S:g} s; "
+                  "other replicas released its requests' limits", file=sys.stderr)
+            now = self.db.now()
+            self.db.run("INSERT INTO replicas (id, host, pid, started, heartbeat) VALUES (?, ?, ?, ?, ?)",
+                        (self.replica, HOST, os.getpid(), now, now))
+        self.reap()
 
-    def _used(self, key: KeyRecord) -> int:
-        if key.id not in self.used:
-            self.used[key.id] = self.ledger.used_tokens(key.id)
-        return self.used[key.id]
+    def reap(self, legacy: bool = False) -> int:
+        """Release the requests of dead replicas (heartbeat older than STALE_S, or a process known
+        gone): their slots and reservations, and their open ledger rows marked 'interrupted' with
+        the tokens of their last flush added to the key's use, each replica once, in one transaction.
+        `legacy`: also rows a glmkit before replicas left open. The number of rows marked."""
+        now = self.db.now()
+        dead = [r["id"] for r in self.db.all("SELECT id, host, pid, heartbeat FROM replicas WHERE id <> ?", (self.replica,))
+                if r["heartbeat"] < now - self.STALE_S or not _alive(r["host"], r["pid"], r["id"])]
+        marked = 0
+        for rid in dead + ([None] if legacy else []):
+            who = "replica IS NULL" if rid is None else "replica = ?"
+            args = () if rid is None else (rid,)
+            with self.db.tx():
+                if rid is not None and self.db.run("DELETE FROM replicas WHERE id = ?", args) == 0:
+                    continue  # another replica reaped it first
+                for r in self.db.all("SELECT key_id, SUM(prompt_tokens + completion_tokens) AS n FROM usage WHERE "
+                                     f"{who} AND status IS NULL AND finish_reason IS NULL AND key_id IS NOT NULL "
+                                     "GROUP BY key_id ORDER BY key_id", args):
+                    self.db.run("UPDATE key_state SET used = used + ? WHERE key_id = ?", (int(r["n"] or 0), r["key_id"]))
+                marked += self.db.run(f"UPDATE usage SET finish_reason = 'interrupted', error = ? WHERE {who} AND "
+                                      "status IS NULL AND finish_reason IS NULL", (INTERRUPTED, *args))
+                if rid is not None:
+                    self.db.run("DELETE FROM inflight WHERE replica = ?", args)
+        return marked
 
-    def _tpm_wait(self, w: _Window, now: float, room: int) -> int:
-        """Whole seconds until the settled tokens in the window are at most `room`."""
-        acc, wait = sum(n for _, n in w.tokens), 0.0
-        for t, n in w.tokens:
+    def close(self) -> None:
+        """A clean stop: this replica's requests in flight are released and it leaves the replica table."""
+        self.stop.set()
+        _LIVE.pop(self.replica, None)
+        with self.db.tx():
+            self.db.run("DELETE FROM inflight WHERE replica = ?", (self.replica,))
+            self.db.run("DELETE FROM replicas WHERE id = ?", (self.replica,))
+
+    # ---- the key's row, its windows ------------------------------------------------------------------------
+    def _lock(self, key_id: str) -> tuple[int, float]:
+        """Inside a transaction: lock the key's state row (created on first use from the ledger's
+        finished and interrupted rows) and read its used tokens and the clock."""
+        q = f"SELECT used, {self.db.NOW} AS now FROM key_state WHERE key_id = ?{self.db.for_update}"
+        r = self.db.one(q, (key_id,))
+        if r is None:
+            self.db.run("INSERT INTO key_state (key_id, used) SELECT ?, COALESCE(SUM(prompt_tokens + completion_tokens), 0) "
+                        "FROM usage WHERE key_id = ? AND (status IS NOT NULL OR finish_reason = 'interrupted') "
+                        "ON CONFLICT (key_id) DO NOTHING", (key_id, key_id))
+            r = self.db.one(q, (key_id,))
+        used = self.spent[key_id] = int(r["used"])
+        return used, (self.clock() if self.clock is not None else float(r["now"]))
+
+    def _window(self, key_id: str, now: float) -> tuple[int, int, float | None]:
+        """(admissions, settled tokens, time of the oldest admission) in the minute before `now`."""
+        self.db.run("DELETE FROM limit_events WHERE key_id = ? AND t <= ?", (key_id, now - self.WINDOW))
+        r = self.db.one("SELECT COALESCE(SUM(requests), 0) AS requests, COALESCE(SUM(tokens), 0) AS tokens, "
+                        "MIN(CASE WHEN requests > 0 THEN t END) AS first FROM limit_events WHERE key_id = ? AND t > ?",
+                        (key_id, now - self.WINDOW))
+        return int(r["requests"]), int(r["tokens"]), r["first"]
+
+    def _tpm_wait(self, key_id: str, now: float, room: int) -> int:
+        """Whole seconds until the tokens settled in the window are at most `room`."""
+        events = self.db.all("SELECT t, tokens FROM limit_events WHERE key_id = ? AND tokens > 0 AND t > ? ORDER BY t",
+                             (key_id, now - self.WINDOW))
+        acc, wait = sum(int(e["tokens"]) for e in events), 0.0
+        for e in events:
             if acc <= room:
                 break
-            acc -= n
-            wait = t + self.WINDOW - now
+            acc -= int(e["tokens"])
+            wait = e["t"] + self.WINDOW - now
         return max(1, math.ceil(wait))
 
-    def admit(self, key: KeyRecord) -> None:
-        """Take a request slot for `key` or raise LimitError; `release` gives the slot back."""
-        with self.lock:
-            now = self.clock()
-            w = self._window(key, now)
-            if key.budget_tokens is not None and self._used(key) >= key.budget_tokens:
-                raise LimitError(f"this key has used its token budget ({self.used[key.id]} of {key.budget_tokens} "
-                                 "tokens); ask for a larger budget or use another key",
-                                 "insufficient_quota", "insufficient_quota", None, should_retry=False)
-            if key.concurrency is not None and w.active >= key.concurrency:
-                raise LimitError(f"this key already has {w.active} requests in flight (limit {key.concurrency}); "
-                                 "retry when one finishes", "requests", "rate_limit_exceeded", 1)
-            if key.rpm is not None and len(w.requests) >= key.rpm:
-                wait = w.requests[0] + self.WINDOW - now
-                raise LimitError(f"rate limit of {key.rpm} requests per minute reached; retry in {math.ceil(wait)} s",
-                                 "requests", "rate_limit_exceeded", max(1, math.ceil(wait)))
-            if key.tpm is not None and (used := sum(n for _, n in w.tokens)) >= key.tpm:
-                wait = self._tpm_wait(w, now, key.tpm - 1)  # until the window is under the limit
-                raise LimitError(f"rate limit of {key.tpm} tokens per minute reached ({used} in the last minute); "
-                                 f"retry in {wait} s", "tokens", "rate_limit_exceeded", wait)
-            w.requests.append(now)
-            w.active += 1
+    @staticmethod
+    def _spent_error(key: KeyRecord, used: int) -> LimitError:
+        return LimitError(f"this key has used its token budget ({used} of {key.budget_tokens} tokens); ask for a larger "
+                          "budget or use another key", "insufficient_quota", "insufficient_quota", None, should_retry=False)
+
+    # ---- admission, reservation, settlement -------------------------------------------------------------------
+    def admit(self, key: KeyRecord, request_id: str | None = None) -> str:
+        """Take a request slot for `key` or raise LimitError; `release` gives the slot back. The
+        request's id (one is made up when none is given; `release(key, n)` then frees the last)."""
+        rid = request_id or "anon-" + secrets.token_hex(8)
+        if key.budget_tokens is not None and self.spent.get(key.id, 0) >= key.budget_tokens:
+            raise self._spent_error(key, self.spent[key.id])  # proved without the database: use only grows
+        with self.db.tx():
+            used, now = self._lock(key.id)
+            if key.budget_tokens is not None and used >= key.budget_tokens:
+                raise self._spent_error(key, used)
+            if key.concurrency is not None:
+                active = int(self.db.one("SELECT COUNT(*) AS n FROM inflight WHERE key_id = ?", (key.id,))["n"])
+                if active >= key.concurrency:
+                    raise LimitError(f"this key already has {active} requests in flight (limit {key.concurrency}); "
+                                     "retry when one finishes", "requests", "rate_limit_exceeded", 1)
+            if key.rpm is not None or key.tpm is not None:
+                requests, tokens, first = self._window(key.id, now)
+                if key.rpm is not None and requests >= key.rpm:
+                    wait = first + self.WINDOW - now
+                    raise LimitError(f"rate limit of {key.rpm} requests per minute reached; retry in {math.ceil(wait)} s",
+                                     "requests", "rate_limit_exceeded", max(1, math.ceil(wait)))
+                if key.tpm is not None and tokens >= key.tpm:
+                    wait = self._tpm_wait(key.id, now, key.tpm - 1)  # until the window is under the limit
+                    raise LimitError(f"rate limit of {key.tpm} tokens per minute reached ({tokens} in the last minute); "
+                                     f"retry in {wait} s", "tokens", "rate_limit_exceeded", wait)
+            self.db.run("INSERT INTO inflight (request_id, key_id, replica, admitted, reserved) VALUES (?, ?, ?, ?, 0)",
+                        (rid, key.id, self.replica, now))
+            if key.rpm is not None:
+                self.db.run("INSERT INTO limit_events (key_id, t, requests, tokens) VALUES (?, ?, 1, 0)", (key.id, now))
+        if request_id is None:
+            self.anonymous.setdefault(key.id, []).append(rid)
+        return rid
 
     def reserve(self, key: KeyRecord, tokens: int, request_id: str) -> None:
         """Set aside `tokens`, the most an admitted request may use, against the key's budget and
         tokens per minute, or raise LimitError; `release(key, used, request_id)` settles it."""
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
             raise ValueError(f"reserve({tokens!r}): give the most tokens the request may use, an integer >= 0")
-        with self.lock:
-            now = self.clock()
-            w = self._window(key, now)
+        if key.budget_tokens is None and key.tpm is None:  # nothing to hold it against
+            self.reservations[request_id] = self.reservations.get(request_id, 0) + tokens
+            return
+        with self.db.tx():
+            used, now = self._lock(key.id)
+            reserved = int(self.db.one("SELECT COALESCE(SUM(reserved), 0) AS n FROM inflight WHERE key_id = ?",
+                                       (key.id,))["n"])
             if key.budget_tokens is not None:
-                used, budget = self._used(key), key.budget_tokens
+                budget = key.budget_tokens
                 if used + tokens > budget:
                     raise LimitError(f"this request may use up to {tokens} tokens (prompt + max_tokens x n) and this key "
                                      f"has {max(0, budget - used)} of its budget of {budget} left; lower max_tokens or n, "
                                      "or ask for a larger budget", "insufficient_quota", "insufficient_quota", None,
                                      should_retry=False)
-                if used + w.reserved + tokens > budget:
+                if used + reserved + tokens > budget:
                     raise LimitError(f"this request may use up to {tokens} tokens; this key's requests in flight have "
-                                     f"reserved {w.reserved} of the {budget - used} left in its budget; retry when one "
+                                     f"reserved {reserved} of the {budget - used} left in its budget; retry when one "
                                      "finishes", "tokens", "rate_limit_exceeded", 1)
             if key.tpm is not None:
                 if tokens > key.tpm:
@@ -426,32 +553,56 @@ class Limiter:
                                      f"this key's limit of {key.tpm} tokens per minute, so it can never pass; lower "
                                      "max_tokens or n, or shorten the prompt", "tokens", "rate_limit_exceeded", None,
                                      should_retry=False)
-                settled = sum(n for _, n in w.tokens)
-                if settled + w.reserved + tokens > key.tpm:
-                    room = key.tpm - w.reserved - tokens  # < 0: only requests in flight finishing can make room
-                    wait = self._tpm_wait(w, now, room) if room >= 0 else 1
+                _, settled, _ = self._window(key.id, now)
+                if settled + reserved + tokens > key.tpm:
+                    room = key.tpm - reserved - tokens  # < 0: only requests in flight finishing can make room
+                    wait = self._tpm_wait(key.id, now, room) if room >= 0 else 1
                     raise LimitError(f"rate limit of {key.tpm} tokens per minute: this request may use up to {tokens}, "
-                                     f"{settled} were used in the last minute and {w.reserved} are reserved by requests "
+                                     f"{settled} were used in the last minute and {reserved} are reserved by requests "
                                      f"in flight; retry in {wait} s", "tokens", "rate_limit_exceeded", wait)
-            w.reserved += tokens
-            self.reservations[request_id] = self.reservations.get(request_id, 0) + tokens
+            if self.db.run("UPDATE inflight SET reserved = reserved + ? WHERE request_id = ? AND key_id = ?",
+                           (tokens, request_id, key.id)) == 0:
+                raise ValueError(f"reserve: request {request_id!r} of key {key.id} holds no slot; admit it first "
+                                 "(Limiter.admit(key, request_id))")
+        self.reservations[request_id] = self.reservations.get(request_id, 0) + tokens
 
-    def release(self, key: KeyRecord, tokens: int, request_id: str | None = None) -> None:
-        """The request is over: free its slot, and replace its reservation by the tokens it used
-        (prompt + completion), in one step."""
-        with self.lock:
-            w = self.state.setdefault(key.id, _Window())
-            w.active = max(0, w.active - 1)
-            reserved = self.reservations.pop(request_id, None)
-            if reserved is not None:
-                w.reserved -= reserved
-                if tokens > reserved:  # a handler's bug: the limits may be overshot by the difference
-                    print(f"glmkit serve: request {request_id} used {tokens} tokens, more than the {reserved} it "
-                          "reserved", file=sys.stderr)
-            if tokens:
-                w.tokens.append((self.clock(), tokens))
-                if key.id in self.used:
-                    self.used[key.id] += tokens
+    def release(self, key: KeyRecord, tokens: int, request_id: str | None = None, row: UsageRow | None = None) -> None:
+        """The request is over: free its slot and replace its reservation by the tokens it used
+        (prompt + completion), in one transaction, which also completes its ledger `row` if given."""
+        if request_id is None:
+            pending = self.anonymous.get(key.id)
+            if not pending:
+                raise ValueError(f"release: key {key.id} has no request admitted without an id; name the request")
+            request_id = pending.pop()
+        reserved = self.reservations.pop(request_id, None)
+        with self.db.tx():
+            _, now = self._lock(key.id)
+            charged = 0
+            if self.db.one("DELETE FROM inflight WHERE request_id = ? RETURNING reserved", (request_id,)) is None:
+                # released by a replica that took this one for dead: it charged the row's tokens of the last flush
+                r = self.db.one("SELECT prompt_tokens + completion_tokens AS n FROM usage WHERE request_id = ? AND "
+                                "status IS NULL AND finish_reason = 'interrupted'", (request_id,))
+                charged = int(r["n"] or 0) if r else 0
+            if row is not None:
+                self.ledger.record(row, self.replica)
+            if tokens - charged:
+                self.db.run("UPDATE key_state SET used = used + ? WHERE key_id = ?", (tokens - charged, key.id))
+                self.spent[key.id] = self.spent.get(key.id, 0) + tokens - charged
+            if tokens and key.tpm is not None:
+                self.db.run("INSERT INTO limit_events (key_id, t, requests, tokens) VALUES (?, ?, 0, ?)", (key.id, now, tokens))
+        if reserved is not None and tokens > reserved:  # a handler's bug: the limits may be overshot by the difference
+            print(f"glmkit serve: request {request_id} used {tokens} tokens, more than the {reserved} it reserved",
+                  file=sys.stderr)
+
+    def snapshot(self, key_id: str) -> KeyState:
+        """The key's state in the database, across every replica."""
+        now = self.clock() if self.clock is not None else self.db.now()
+        r = self.db.one("SELECT used FROM key_state WHERE key_id = ?", (key_id,))
+        f = self.db.one("SELECT COUNT(*) AS n, COALESCE(SUM(reserved), 0) AS reserved FROM inflight WHERE key_id = ?",
+                        (key_id,))
+        w = self.db.one("SELECT COALESCE(SUM(requests), 0) AS requests, COALESCE(SUM(tokens), 0) AS tokens FROM "
+                        "limit_events WHERE key_id = ? AND t > ?", (key_id, now - self.WINDOW))
+        return KeyState(int(r["used"]) if r else 0, int(f["reserved"]), int(f["n"]), int(w["requests"]), int(w["tokens"]))
 
 
 # ---- the bundle the server holds ----------------------------------------------------------------------
@@ -463,13 +614,15 @@ class MaaS:
             raise ValueError("auth needs a KeyStore; pass auth=False only for local use (glmkit serve --no-auth)")
         self.keys, self.ledger, self.pricing, self.auth = keys, ledger, pricing or Pricing(), auth
         self.limiter = Limiter(ledger)
-        # one server per database: rows still open now were left by one that died
-        self.interrupted = ledger.db.run(
-            "UPDATE usage SET finish_reason = 'interrupted', error = 'the server stopped before the request ended; "
-            "tokens as of its last flush' WHERE status IS NULL AND finish_reason IS NULL")
+        # rows left open by replicas that died (and by a glmkit before replicas) were marked as it started
+        self.interrupted = self.limiter.interrupted
         if self.interrupted:
-            print(f"glmkit: {self.interrupted} requests of an earlier server were cut off (kill, crash); their ledger rows "
-                  "are marked 'interrupted' and carry the tokens of their last flush (see `glmkit usage`)", file=sys.stderr)
+            print(f"glmkit: {self.interrupted} requests of a server that stopped were cut off (kill, crash); their ledger "
+                  "rows are marked 'interrupted' and carry the tokens of their last flush (see `glmkit usage`)", file=sys.stderr)
+
+    def close(self) -> None:
+        """A clean stop: this server's requests in flight release their limits at once."""
+        self.limiter.close()
 
     @classmethod
     def local(cls, ledger_path=":memory:", pricing: Pricing | None = None) -> MaaS:
@@ -496,18 +649,17 @@ class MaaS:
         row.revenue = self.pricing.revenue(row.prompt_tokens, row.cached_tokens, row.completion_tokens)
         return row
 
-    @staticmethod
-    def _write(fn, arg, rows: list[UsageRow]) -> None:
+    def _write(self, fn, arg, rows: list[UsageRow]) -> None:
         # never raises in the middle of serving: the rows go to stderr instead
         try:
             fn(arg)
-        except fn.__self__.db.errors as e:
-            print(f"glmkit serve: could not write usage rows (Ledger.{fn.__name__}: {e}): {[asdict(r) for r in rows]}",
+        except self.ledger.db.errors as e:
+            print(f"glmkit serve: could not write usage rows ({e}): {[asdict(r) for r in rows]}",
                   file=sys.stderr)
 
     def open(self, row: UsageRow) -> None:
         """Write the row of a request just admitted (status None)."""
-        self._write(self.ledger.open, row, [row])
+        self._write(lambda r: self.ledger.open(r, self.limiter.replica), row, [row])
 
     def flush(self, rows: list[UsageRow]) -> None:
         """Write the usage so far of open rows."""
@@ -517,11 +669,12 @@ class MaaS:
     def record(self, row: UsageRow, key: KeyRecord | None, admitted: bool = True) -> UsageRow:
         """Price the final row, write it, and release the key's slot (if `admitted` took one), settling
         its reservation to the tokens of the row."""
-        try:
-            self._write(self.ledger.record, self._price(row), [row])
-        finally:
-            if key is not None and admitted:
-                self.limiter.release(key, row.prompt_tokens + row.completion_tokens, row.request_id)
+        self._price(row)
+        if key is not None and admitted:  # settles the reservation and completes the row, in one transaction
+            tokens = row.prompt_tokens + row.completion_tokens
+            self._write(lambda r: self.limiter.release(key, tokens, r.request_id, row=r), row, [row])
+        else:
+            self._write(lambda r: self.ledger.record(r, self.limiter.replica), row, [row])
         return row
 
 

@@ -359,7 +359,7 @@ class MeterMiddleware:
             return
         if key is not None:
             try:
-                s.maas.limiter.admit(key)
+                s.maas.limiter.admit(key, call.id)
             except LimitError as e:
                 return await self.refuse(call, e, limit_response(e), scope, receive, send)
         scope["glmkit.call"] = call
