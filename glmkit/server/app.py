@@ -257,5 +257,8 @@ def main(argv=None) -> int:
         return 1
     print(f"glmkit serve: {name} on http://{a.host}:{a.port} (auth {'off' if a.no_auth else 'on'}, ledger {ledger.path})",
           file=sys.stderr)
-    serve(app, a.host, a.port, header_timeout=a.header_timeout, timeout_keep_alive=a.timeout_keep_alive)
+    try:
+        serve(app, a.host, a.port, header_timeout=a.header_timeout, timeout_keep_alive=a.timeout_keep_alive)
+    finally:
+        maas.close()  # a clean stop frees this replica's limits at once (a killed one is reaped by the others)
     return 0
