@@ -1,36 +1,59 @@
-"""Model-as-a-Service: API keys, per-key limits, and a usage ledger with cost and revenue.
+"""Model-as-a-Service: API keys, per-key limits, and a usage ledger with cost and revenue, in a
+SQLite file (one machine, the default) or a PostgreSQL database shared by any number of replicas.
 
     glmkit keys create --name alice --models glm-tiny --rpm 60 --tpm 100000 --concurrency 4 --budget-tokens 10000000
-    glmkit keys list [--all]            glmkit keys revoke ID|PREFIX
+    glmkit keys create --name ops --admin              glmkit keys update ID|PREFIX --rpm 120 --clear tpm
+    glmkit keys list [--all]            glmkit keys revoke ID|PREFIX            (each with --db PATH|URL)
     glmkit usage [--key ID|PREFIX] [--since 24h|7d|2026-01-01] [--until ...] [--json]
+    glmkit serve --db postgresql://glmkit@dbhost/glmkit ...          (every replica names the same database)
 
-    maas = MaaS(KeyStore(path), Ledger(path), Pricing(per_hour=2.0, input_per_m=0.5, output_per_m=1.5))
+    maas = MaaS(KeyStore(db), Ledger(db), Pricing(per_hour=2.0, input_per_m=0.5, output_per_m=1.5))  # db: path or URL
     key = maas.authenticate("Bearer glmk-...")        # KeyRecord, or AuthError (HTTP 401)
-    maas.limiter.admit(key)                            # a slot, or LimitError (HTTP 429)
+    maas.limiter.admit(key, request_id)                # a slot, or LimitError (HTTP 429)
     maas.limiter.reserve(key, 56, request_id)          # prompt + max_tokens x n set aside, or LimitError
     maas.open(row); maas.flush([row]); maas.record(row, key)   # the ledger row's life; record settles
 
 Keys. A key is `glmk-` + 256 random bits (`secrets.token_urlsafe(32)`). Only its sha256 is stored:
 for a key of that entropy a fast hash is enough (nothing to brute-force), and lookup by hash is an
 index probe, so no comparison leaks timing. The raw key is printed once, at creation; afterwards a
-key is named by its id (`k_...`) or its displayed prefix (the first 12 characters).
+key is named by its id (`k_...`) or its displayed prefix (the first 12 characters). An admin key
+(`admin`) may also use the admin API. Lookups are cached for KeyStore.CACHE_S (2 s): a key revoked
+or changed elsewhere takes effect within that time on every replica.
 
 Limits (each optional, per key): the models it may use (others answer 404, as OpenAI does for
 models a key cannot see), requests per minute and tokens per minute (sliding 60 s windows, 429
 with Retry-After), concurrent requests (429 with Retry-After), and a lifetime token budget (prompt +
 completion tokens; 429 `insufficient_quota` with `x-should-retry: false`: waiting will not help).
-The windows live in the server process (one server per database).
 
-Token limits are never overshot. Admission (`admit`) takes a request slot after the cheap checks
-(concurrency, requests per minute, budget or window already spent). Once the handler knows the
-prompt and max_tokens, and before any work starts, `reserve` sets aside what the request may use
-at most (prompt + max_tokens x n, summed over prompts) against the budget (used + reserved + this
-<= budget) and the minute's window (settled + reserved + this <= tpm), atomically under the
-limiter's lock, or refuses with a 429 that says whether waiting helps: a request larger than what
-is left of the budget (`insufficient_quota`) or than the tpm itself never passes (no Retry-After,
-`x-should-retry: false`); one that only waits for other requests in flight, or for the window to
-move, gets Retry-After. When the request is over, `release` replaces its reservation by the tokens
-it used, in one step, so 20 concurrent requests against a budget of 200 end at 200 or less.
+Token limits are never overshot, by one server or many. Admission (`admit`) takes a request slot
+after the cheap checks (concurrency, requests per minute, budget or window already spent). Once the
+handler knows the prompt and max_tokens, and before any work starts, `reserve` sets aside what the
+request may use at most (prompt + max_tokens x n, summed over prompts) against the budget (used +
+reserved + this <= budget) and the minute's window (settled + reserved + this <= tpm), or refuses
+with a 429 that says whether waiting helps: a request larger than what is left of the budget
+(`insufficient_quota`) or than the tpm itself never passes (no Retry-After, `x-should-retry:
+false`); one that only waits for other requests in flight, or for the window to move, gets
+Retry-After. When the request is over, `release` replaces its reservation by the tokens it used.
+
+Where limits are decided: in the database, so that N replicas together never exceed a key's limits.
+Each decision (admit, reserve, release) is one transaction that first locks the key's row in
+`key_state` (SELECT ... FOR UPDATE on PostgreSQL; BEGIN IMMEDIATE on SQLite, which locks the file),
+then reads what it needs: `key_state.used` (tokens settled), `inflight` (one row per request
+admitted and not settled, with what it reserved: concurrency and reservations on every replica),
+`limit_events` (admissions and settled tokens with their times: the windows), on the database's
+clock, so replicas' clocks do not matter. The settlement also completes the ledger row, in the same
+transaction. What the process keeps is a cache in front, never the authority: key records for a
+couple of seconds, and a key's used tokens as last read (they only grow, so a budget seen spent is
+refused without asking the database again). A decision is a handful of indexed statements; see
+the README for the time each takes on SQLite and PostgreSQL.
+
+Replicas and crashes. Each MaaS is a replica: a row in `replicas` with a heartbeat every 5 s (a
+thread). A replica whose heartbeat is older than 15 s (or, on this machine, whose process is gone)
+is dead: the first live replica to notice releases its requests (their slots and reservations) and
+marks its open ledger rows 'interrupted', adding their tokens to the key's use, in one transaction
+per dead replica (two replicas noticing at once: the one that deletes its row does it). A replica
+that was only slow and finishes such a request completes the row, and the tokens already counted
+are not counted twice. Rows a glmkit before replicas left open are marked by the first MaaS to start.
 
 Ledger. One row per request that passed authentication (401s have no customer to bill and are
 counted in /metrics only): prompt, cached and completion tokens, compute seconds (the engine's
@@ -40,19 +63,26 @@ machine's price); revenue = (uncached prompt * input + cached * cached input + c
 history. Only work done is billed: a request refused before it ran (400, 404, 413, 429, a client
 that left while queued) is recorded with its status and zero tokens, revenue and limit charge.
 
-A row's life, so that billing survives kill -9: the row is written (`open`, status NULL) when the
-request is admitted; while it runs, metering's flusher writes its usage so far every second
-(`flush`); at the end `record` completes it, and is committed before the last byte of the response
-goes out (a client that saw a complete response always has a complete row). After a crash, rows
-left with status NULL are the requests cut off; the next MaaS on the database (the next `glmkit
-serve`) marks them finish_reason 'interrupted' (a live server whose rows were marked by mistake, by a
-second server on its database, still completes them). They keep the tokens of their last flush, at
-most a second behind what was sent, and count against the key's budget. `glmkit usage` shows them in
-`unfinished` (rows without a status: cut off by a crash, or in flight now).
-SQLite in WAL mode (readers such as `glmkit usage` never block the server's writes) with
-synchronous=NORMAL: a commit is in the WAL file before the call returns, which survives the
-process being killed (not a power cut). Keys and usage share one file by default, $GLMKIT_CACHE or
-~/.cache/glmkit, `maas.sqlite`.
+A row's life, so that billing survives kill -9: the row is written (`open`, status NULL, with its
+replica) when the request is admitted; while it runs, metering's flusher writes its usage so far
+every second (`flush`); at the end `record` completes it, and is committed before the last byte of
+the response goes out (a client that saw a complete response always has a complete row). Rows of a
+replica that died are marked as above; they keep the tokens of their last flush, at most a second
+behind what was sent, and count against the key's budget. `glmkit usage` shows them in `unfinished`
+(rows without a status: cut off by a crash, or in flight now).
+
+Storage (db.py: the dialects, migrations). SQLite in WAL mode (readers such as `glmkit usage` never
+block the server's writes) with synchronous=NORMAL: a commit is in the WAL file before the call
+returns, which survives the process being killed (not a power cut). Keys and usage share one file by
+default, $GLMKIT_CACHE or ~/.cache/glmkit, `maas.sqlite`. PostgreSQL through psycopg 3, used
+directly rather than through SQLAlchemy 2 Core: the schema is five tables and the statements are a
+few dozen, written once in the SQL both engines share (`INSERT ... ON CONFLICT`, `RETURNING`), so
+what differs (placeholders, column types, FOR UPDATE, the clock, the migration lock) is a dozen
+lines in db.py. SQLAlchemy 2.0 would translate the same few things at the price of a second
+dependency (its CPython 3.11 x86-64 wheel: 3.4 MB, 13.6 MB installed, measured; psycopg is 2.2 MB
+plus 9 MB of bundled libpq and OpenSSL) and a layer between the statements and what the database
+runs, where these decisions depend on knowing exactly which statement takes which lock.
+psycopg[binary] ships libpq in its wheel: nothing to compile, no system package on the serving machines.
 """
 
 from __future__ import annotations
