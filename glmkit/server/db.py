@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import sqlite3
 import threading
 from pathlib import Path
@@ -233,16 +232,3 @@ class Database:
                 done.append(v)
             return done
 
-
-def placeholders(n: int) -> str:
-    return ", ".join("?" * n)
-
-
-_IDENT = re.compile(r"[a-z_][a-z0-9_]*")
-
-
-def ident(name: str) -> str:
-    """A column name from our own dataclasses, checked before it goes into SQL text."""
-    if not _IDENT.fullmatch(name):
-        raise ValueError(f"not a column name: {name!r}")
-    return name

@@ -88,6 +88,7 @@ psycopg[binary] ships libpq in its wheel: nothing to compile, no system package 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -102,6 +103,8 @@ import weakref
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
+
+from .db import Database
 
 KEY_PREFIX = "glmk-"
 SHOWN = 12  # characters of a raw key kept for display ("glmk-AbCdEfG")
@@ -162,8 +165,6 @@ class KeyStore:
     CACHE_S = 2.0
 
     def __init__(self, path=None):
-        from .db import Database
-
         self.db = path if isinstance(path, Database) else Database(path or default_db_path())
         self.path = self.db.name
         self.cache: dict[str, tuple[float, KeyRecord]] = {}  # hash -> (when read, record)
@@ -297,8 +298,6 @@ class Ledger:
     UPDATE_OPEN = f"UPDATE usage SET {', '.join(c + ' = ?' for c in COLUMNS)} WHERE request_id = ? AND status IS NULL"
 
     def __init__(self, path=None):
-        from .db import Database
-
         self.db = path if isinstance(path, Database) else Database(path or default_db_path())
         self.path = self.db.name
 
@@ -376,7 +375,18 @@ class KeyState:
     tokens: int  # tokens settled in the last minute (counted while it has a tpm)
 
 
-HOST = socket.gethostname()
+def _host() -> str:
+    """This machine and process namespace: pids are comparable only between processes with the same
+    one. The hostname alone is not enough: containers with host networking share it and not their
+    pids, and two machines may share a name; so the boot id and the pid namespace are added (Linux)."""
+    parts = [socket.gethostname()]
+    with contextlib.suppress(OSError):
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    return "/".join(parts)
+
+
+HOST = _host()
 _LIVE: weakref.WeakValueDictionary[str, Limiter] = weakref.WeakValueDictionary()  # this process's replicas
 INTERRUPTED = ("the server stopped before the request ended; tokens as of its last flush")
 
