@@ -238,8 +238,8 @@ def main(argv=None) -> int:
         keys = KeyStore(db)
         maas = MaaS(keys, ledger, pricing)
         if not keys.list():
-            print(f"glmkit serve: no active API keys in {db}: every request will get 401. Create one with "
-                  f"`glmkit keys create --db {db}`, or use --no-auth on this machine only", file=sys.stderr)
+            print(f"glmkit serve: no active API keys in {keys.path}: every request will get 401. Create one with "
+                  f"`glmkit keys create --db {keys.path}`, or use --no-auth on this machine only", file=sys.stderr)
     admin_token = os.environ.get("GLMKIT_ADMIN_TOKEN")
     if a.admin_token_file:
         admin_token = Path(a.admin_token_file).read_text().strip()

@@ -357,13 +357,13 @@ class MeterMiddleware:
             call.disconnected = True
             call.record(admitted=False)
             return
-        if key is not None:
+        if key is not None:  # a transaction in the database (shared by replicas): off the event loop
             try:
-                s.maas.limiter.admit(key, call.id)
+                await asyncio.to_thread(s.maas.limiter.admit, key, call.id)
             except LimitError as e:
                 return await self.refuse(call, e, limit_response(e), scope, receive, send)
         scope["glmkit.call"] = call
-        s.maas.open(call.row(final=False))  # from here on a kill -9 leaves the row, open
+        await asyncio.to_thread(s.maas.open, call.row(final=False))  # from here on a kill -9 leaves the row, open
         self.flusher.add(call)
         replay = [{"type": "http.request", "body": body, "more_body": False}]
 
