@@ -75,8 +75,7 @@ def test_keys_are_stored_hashed_and_shown_by_prefix(tmp_path):
         store.create("bad", rpm=0)
 
 
-def test_keys_cli_create_list_revoke(tmp_path, capsys):
-    db = str(tmp_path / "k.sqlite")
+def test_keys_cli_create_list_revoke(db, capsys):
     assert keys_main(["create", "--db", db, "--name", "bob", "--models", "tiny,other", "--tpm", "1000",
                       "--concurrency", "2", "--budget-tokens", "5000"]) == 0
     out = capsys.readouterr()
