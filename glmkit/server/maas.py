@@ -44,8 +44,10 @@ admitted and not settled, with what it reserved: concurrency and reservations on
 clock, so replicas' clocks do not matter. The settlement also completes the ledger row, in the same
 transaction. What the process keeps is a cache in front, never the authority: key records for a
 couple of seconds, and a key's used tokens as last read (they only grow, so a budget seen spent is
-refused without asking the database again). A decision is a handful of indexed statements; see
-the README for the time each takes on SQLite and PostgreSQL.
+refused without asking the database again). A decision is a handful of indexed statements: admit +
+reserve + settle (with the row) took 0.9 ms (median; p99 3.9 ms) on SQLite and 3.4 ms (p99 4.7 ms)
+on PostgreSQL 15 over a Unix socket with fsync on, one process, a key with every limit, on a
+2-core AMD EPYC VM. A key's decisions are serialised by its row lock; other keys' run in parallel.
 
 Replicas and crashes. Each MaaS is a replica: a row in `replicas` with a heartbeat every 5 s (a
 thread). A replica whose heartbeat is older than 15 s (or, on this machine, whose process is gone)
@@ -494,7 +496,10 @@ class Limiter:
     # ---- the key's row, its windows ------------------------------------------------------------------------
     def _lock(self, key_id: str) -> tuple[int, float]:
         """Inside a transaction: lock the key's state row (created on first use from the ledger's
-        finished and interrupted rows) and read its used tokens and the clock."""
+        finished and interrupted rows) and read its used tokens and the clock. What the decision reads
+        next (in flight, windows) comes in later statements, not subqueries of this one: on PostgreSQL
+        (READ COMMITTED) each statement reads as of its start, and only those that start once the lock
+        is held see every decision committed before ours."""
         q = f"SELECT used, {self.db.NOW} AS now FROM key_state WHERE key_id = ?{self.db.for_update}"
         r = self.db.one(q, (key_id,))
         if r is None:
