@@ -237,3 +237,45 @@ def test_a_replica_whose_process_is_gone_is_reaped_at_once(db):
         a.limiter.admit(key, "x")
     assert b.limiter.reap() == 0  # no rows to mark, but its slot is released
     a.limiter.admit(key, "x")
+
+
+def test_a_lost_postgresql_connection_is_opened_again(pg_db):
+    """A database restart or a network cut: the statement that meets the lost connection fails (admission answers
+    503), the next one reconnects, and the limits are as the database holds them."""
+    import psycopg
+
+    maas = MaaS(KeyStore(pg_db), Ledger(pg_db))
+    _, key = maas.keys.create("k", concurrency=2)
+    maas.limiter.admit(key, "before")
+    with psycopg.connect(pg_db, autocommit=True) as admin:  # cut every connection of this test's replica
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
+                      "AND pid <> pg_backend_pid()")
+    with pytest.raises(psycopg.OperationalError):
+        maas.limiter.admit(key, "lost")
+    maas.limiter.admit(key, "after")  # reconnected; "before" still holds its slot
+    with pytest.raises(LimitError, match="2 requests in flight"):
+        maas.limiter.admit(key, "third")
+
+
+def test_admission_answers_503_when_the_database_connection_is_lost(pg_db, model, tok):
+    pytest.importorskip("fastapi")
+    import psycopg
+    from fastapi.testclient import TestClient
+
+    from glmkit.server.app import create_app
+
+    store = KeyStore(pg_db)
+    maas = MaaS(store, Ledger(pg_db))
+    raw, key = store.create("k", rpm=100)
+    h, body = {"authorization": f"Bearer {raw}"}, {"prompt": "hello", "max_tokens": 2}
+    with TestClient(create_app(model, tok, "tiny", maas=maas)) as c:
+        assert c.post("/v1/completions", json=body, headers=h).status_code == 200
+        with psycopg.connect(pg_db, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
+                          "AND pid <> pg_backend_pid()")
+        lost = c.post("/v1/completions", json=body, headers=h)  # the key is still in the store's cache
+        assert (lost.status_code, lost.headers.get("retry-after"), lost.json()["error"]["code"]) == (
+            503, "1", "database_unavailable"), lost.text
+        assert c.post("/v1/completions", json=body, headers=h).status_code == 200
+    assert [r.status for r in maas.ledger.rows(key.id)] == [200, 503, 200]  # the refusal's row, on a new connection
+    assert maas.limiter.snapshot(key.id).requests == 2

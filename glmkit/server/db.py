@@ -24,8 +24,8 @@ columns and tables. A database newer than this glmkit is refused with a message.
 
 One connection per Database, shared by the server's threads under `lock` (a transaction holds it
 from BEGIN to COMMIT). A request does a few short statements, so one connection per process is not
-what limits a replica; a lost PostgreSQL connection is not re-opened (the ledger writes print their
-rows to stderr instead, and the server should be restarted).
+what limits a replica. A lost PostgreSQL connection fails the statement that meets it (the ledger's
+writes print their rows to stderr then; admission answers 503) and is opened again by the next.
 """
 
 from __future__ import annotations
@@ -116,10 +116,15 @@ class Database:
             except ImportError:
                 raise ImportError(f"{shown(target)}: a PostgreSQL database needs psycopg 3; install it with "
                                   "`pip install 'glmkit[serve]'` (or `pip install 'psycopg[binary]'`)") from None
-            try:
-                self.conn = psycopg.connect(target, autocommit=True, row_factory=dict_row)
-            except psycopg.OperationalError as e:
-                raise ConnectionError(f"cannot connect to {shown(target)}: {str(e).strip()}") from None
+
+            def connect():
+                try:
+                    return psycopg.connect(target, autocommit=True, row_factory=dict_row)
+                except psycopg.OperationalError as e:
+                    raise ConnectionError(f"cannot connect to {shown(target)}: {str(e).strip()}") from None
+
+            self._connect = connect
+            self.conn = connect()
             self.errors: tuple[type[Exception], ...] = (psycopg.Error,)
             self.for_update = " FOR UPDATE"
             self.NOW = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"
@@ -144,6 +149,13 @@ class Database:
             self.conn.close()
 
     # ---- statements ------------------------------------------------------------------------------------------
+    def _c(self):
+        """The connection; on PostgreSQL a new one if the last was lost (a server restart, a network cut):
+        the statement that met the loss failed, the next one, outside a transaction, reconnects."""
+        if self.postgres and self.conn.closed and not self._depth:
+            self.conn = self._connect()
+        return self.conn
+
     def sql(self, q: str) -> str:
         # our SQL has no '?' or '%' in literals, so the placeholders translate one for one
         return q.replace("?", "%s") if self.postgres else q
@@ -151,21 +163,21 @@ class Database:
     def run(self, q: str, args=()) -> int:
         """Execute one statement; the number of rows it changed."""
         with self.lock:
-            return self.conn.execute(self.sql(q), args).rowcount
+            return self._c().execute(self.sql(q), args).rowcount
 
     def one(self, q: str, args=()) -> dict | None:
         with self.lock:
-            r = self.conn.execute(self.sql(q), args).fetchone()
+            r = self._c().execute(self.sql(q), args).fetchone()
         return dict(r) if r is not None else None
 
     def all(self, q: str, args=()) -> list[dict]:
         with self.lock:
-            return [dict(r) for r in self.conn.execute(self.sql(q), args).fetchall()]
+            return [dict(r) for r in self._c().execute(self.sql(q), args).fetchall()]
 
     def many(self, q: str, seq) -> None:
         with self.lock:
             if self.postgres:
-                self.conn.cursor().executemany(self.sql(q), seq)
+                self._c().cursor().executemany(self.sql(q), seq)
             else:
                 self.conn.executemany(q, seq)
 
@@ -186,13 +198,14 @@ class Database:
                 finally:
                     self._depth -= 1
                 return
-            self.conn.execute("BEGIN" if self.postgres else "BEGIN IMMEDIATE")
+            self._c().execute("BEGIN" if self.postgres else "BEGIN IMMEDIATE")
             self._depth = 1
             try:
                 yield self
             except BaseException:
                 self._depth = 0
-                self.conn.execute("ROLLBACK")
+                if not (self.postgres and self.conn.closed):  # a lost connection has nothing to roll back
+                    self.conn.execute("ROLLBACK")
                 raise
             self._depth = 0
             self.conn.execute("COMMIT")

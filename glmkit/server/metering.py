@@ -362,6 +362,10 @@ class MeterMiddleware:
                 await asyncio.to_thread(s.maas.limiter.admit, key, call.id)
             except LimitError as e:
                 return await self.refuse(call, e, limit_response(e), scope, receive, send)
+            except s.maas.ledger.db.errors as e:  # the limits cannot be decided: another replica may be able to
+                return await self.refuse(call, e, error_response(
+                    503, "the limits database is unavailable; retry shortly", "server_error", None,
+                    "database_unavailable", {"retry-after": "1"}), scope, receive, send)
         scope["glmkit.call"] = call
         await asyncio.to_thread(s.maas.open, call.row(final=False))  # from here on a kill -9 leaves the row, open
         self.flusher.add(call)
