@@ -469,20 +469,29 @@ class Limiter:
         dead = [r["id"] for r in self.db.all("SELECT id, host, pid, heartbeat FROM replicas WHERE id <> ?", (self.replica,))
                 if r["heartbeat"] < now - self.STALE_S or not _alive(r["host"], r["pid"], r["id"])]
         marked = 0
-        for rid in dead + ([None] if legacy else []):
-            who = "replica IS NULL" if rid is None else "replica = ?"
-            args = () if rid is None else (rid,)
+        for rid in dead:
             with self.db.tx():
-                if rid is not None and self.db.run("DELETE FROM replicas WHERE id = ?", args) == 0:
-                    continue  # another replica reaped it first
-                for r in self.db.all("SELECT key_id, SUM(prompt_tokens + completion_tokens) AS n FROM usage WHERE "
-                                     f"{who} AND status IS NULL AND finish_reason IS NULL AND key_id IS NOT NULL "
-                                     "GROUP BY key_id ORDER BY key_id", args):
+                if self.db.run("DELETE FROM replicas WHERE id = ?", (rid,)) == 0:
+                    continue  # another replica reaped it first; its row lock made us wait until then
+                for r in self.db.all("SELECT key_id, SUM(prompt_tokens + completion_tokens) AS n FROM usage WHERE replica = ? "
+                                     "AND status IS NULL AND finish_reason IS NULL AND key_id IS NOT NULL GROUP BY key_id "
+                                     "ORDER BY key_id", (rid,)):
                     self.db.run("UPDATE key_state SET used = used + ? WHERE key_id = ?", (int(r["n"] or 0), r["key_id"]))
-                marked += self.db.run(f"UPDATE usage SET finish_reason = 'interrupted', error = ? WHERE {who} AND "
-                                      "status IS NULL AND finish_reason IS NULL", (INTERRUPTED, *args))
-                if rid is not None:
-                    self.db.run("DELETE FROM inflight WHERE replica = ?", args)
+                marked += self.db.run("UPDATE usage SET finish_reason = 'interrupted', error = ? WHERE replica = ? AND "
+                                      "status IS NULL AND finish_reason IS NULL", (INTERRUPTED, rid))
+                self.db.run("DELETE FROM inflight WHERE replica = ?", (rid,))
+        if legacy:  # no replica row to serialise on: charge exactly the rows this transaction marked
+            with self.db.tx():
+                rows = self.db.all("UPDATE usage SET finish_reason = 'interrupted', error = ? WHERE replica IS NULL AND "
+                                   "status IS NULL AND finish_reason IS NULL RETURNING key_id, "
+                                   "prompt_tokens + completion_tokens AS n", (INTERRUPTED,))
+                charge: dict[str, int] = {}
+                for r in rows:
+                    if r["key_id"] is not None:
+                        charge[r["key_id"]] = charge.get(r["key_id"], 0) + int(r["n"] or 0)
+                for key_id in sorted(charge):
+                    self.db.run("UPDATE key_state SET used = used + ? WHERE key_id = ?", (charge[key_id], key_id))
+                marked += len(rows)
         return marked
 
     def close(self) -> None:
