@@ -279,3 +279,31 @@ def test_admission_answers_503_when_the_database_connection_is_lost(pg_db, model
         assert c.post("/v1/completions", json=body, headers=h).status_code == 200
     assert [r.status for r in maas.ledger.rows(key.id)] == [200, 503, 200]  # the refusal's row, on a new connection
     assert maas.limiter.snapshot(key.id).requests == 2
+
+
+def test_database_time_is_measured_and_exported(db):
+    """`glmkit_database_seconds` / `glmkit_database_statements` in /metrics: the time this process spent in database
+    statements (what a request's limits and ledger row cost it), never more than the wall time around them."""
+    pytest.importorskip("prometheus_client")
+    from types import SimpleNamespace
+
+    from glmkit.server.metering import Metrics
+
+    store = KeyStore(db)
+    maas = MaaS(store, Ledger(db))
+    _, key = store.create("k", rpm=1000, tpm=10**6, concurrency=10, budget_tokens=10**6)
+    metrics = Metrics(SimpleNamespace(num_running=0, num_waiting=0), maas)
+
+    def read():
+        return (metrics.registry.get_sample_value("glmkit_database_seconds"),
+                metrics.registry.get_sample_value("glmkit_database_statements"))
+
+    s0, n0 = read()
+    t0 = time.perf_counter()
+    for i in range(20):
+        maas.limiter.admit(key, f"q{i}")
+        maas.limiter.reserve(key, 10, f"q{i}")
+        maas.record(UsageRow(time.time(), f"q{i}", key.id, "/v1/completions", prompt_tokens=4, completion_tokens=5), key)
+    wall = time.perf_counter() - t0
+    s1, n1 = read()
+    assert 0 < s1 - s0 <= wall and n1 - n0 >= 20 * 3 * 4, (s1 - s0, wall, n1 - n0)  # 3 transactions of >= 4 statements

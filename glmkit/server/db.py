@@ -7,6 +7,7 @@ schema migrations applied when a database is opened.
         row = db.one("SELECT used FROM key_state WHERE key_id = ?" + db.for_update, (key_id,))
         db.run("UPDATE key_state SET used = used + ? WHERE key_id = ?", (n, key_id))   # -> rowcount
     db.all(sql, args) -> [dict]; db.many(sql, seq); db.now(), or db.NOW in SQL: the database's clock (unix seconds)
+    db.busy_s, db.statements                           # time spent in the database by this connection, statements run
 
 SQL is written once, with `?` placeholders, in the subset both engines share (upserts are `INSERT ...
 ON CONFLICT`, `RETURNING` works in both); `sql()` turns `?` into psycopg's `%s`. What differs is
@@ -34,6 +35,7 @@ import contextlib
 import os
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -109,6 +111,7 @@ class Database:
         self.postgres = is_postgres(target)
         self.lock = threading.RLock()
         self._depth = 0  # nesting of tx(): only the outermost one begins and commits
+        self.busy_s, self.statements = 0.0, 0  # time in statements (round trips, lock waits, commits) and their number
         if self.postgres:
             try:
                 import psycopg
@@ -160,22 +163,32 @@ class Database:
         # our SQL has no '?' or '%' in literals, so the placeholders translate one for one
         return q.replace("?", "%s") if self.postgres else q
 
+    @contextlib.contextmanager
+    def _timed(self):
+        # the lock is held: statements of this connection run one at a time, so the sum is wall time
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.busy_s += time.perf_counter() - t0
+            self.statements += 1
+
     def run(self, q: str, args=()) -> int:
         """Execute one statement; the number of rows it changed."""
-        with self.lock:
+        with self.lock, self._timed():
             return self._c().execute(self.sql(q), args).rowcount
 
     def one(self, q: str, args=()) -> dict | None:
-        with self.lock:
+        with self.lock, self._timed():
             r = self._c().execute(self.sql(q), args).fetchone()
         return dict(r) if r is not None else None
 
     def all(self, q: str, args=()) -> list[dict]:
-        with self.lock:
+        with self.lock, self._timed():
             return [dict(r) for r in self._c().execute(self.sql(q), args).fetchall()]
 
     def many(self, q: str, seq) -> None:
-        with self.lock:
+        with self.lock, self._timed():
             if self.postgres:
                 self._c().cursor().executemany(self.sql(q), seq)
             else:
@@ -198,7 +211,8 @@ class Database:
                 finally:
                     self._depth -= 1
                 return
-            self._c().execute("BEGIN" if self.postgres else "BEGIN IMMEDIATE")
+            with self._timed():  # BEGIN IMMEDIATE waits here for another process's write lock
+                self._c().execute("BEGIN" if self.postgres else "BEGIN IMMEDIATE")
             self._depth = 1
             try:
                 yield self
@@ -208,7 +222,8 @@ class Database:
                     self.conn.execute("ROLLBACK")
                 raise
             self._depth = 0
-            self.conn.execute("COMMIT")
+            with self._timed():  # the commit's wait for the disk
+                self.conn.execute("COMMIT")
 
     # ---- migrations ------------------------------------------------------------------------------------------
     def tables(self) -> set[str]:
