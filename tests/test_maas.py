@@ -1,5 +1,6 @@
 """MaaS without HTTP: hashed keys and their CLI, limits on a fake clock, token reservations, pricing, the ledger
-row's life (open, flushed, completed, interrupted), what a call bills, ledger totals, `glmkit usage`.
+row's life (open, flushed, completed, interrupted), what a call bills, ledger totals, `glmkit usage`; the tests
+taking `db` run on a SQLite file and on a throwaway PostgreSQL database (tests/pg.py; replicas: test_maas_replicas.py).
 Then with it, on a live server: 32 concurrent streams each metered once, a client that hangs up mid-stream.
 (Billing over HTTP, kill -9, and body and head deadlines: test_billing.py.)"""
 
