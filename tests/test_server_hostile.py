@@ -257,5 +257,5 @@ def test_one_key_cannot_fill_the_queue_and_a_503_bills_nothing(tmp_path, model, 
     assert_error(results["overloaded"], 503, code="overloaded")
     refused = [r for r in rows(app) if r.status in (429, 400, 503)]
     assert len(refused) == 3 and all(r.prompt_tokens == r.completion_tokens == 0 and r.revenue == 0 for r in refused), refused
-    used = app.state.server.maas.limiter.used.get(other_rec.id, 0)
+    used = app.state.server.maas.limiter.snapshot(other_rec.id).used
     assert used == sum(r.prompt_tokens + r.completion_tokens for r in rows(app) if r.key_id == other_rec.id and r.status == 200)

@@ -247,8 +247,8 @@ def main(argv=None) -> int:
         keys = KeyStore(db)
         maas = MaaS(keys, ledger, pricing)
         if not keys.list():
-            print(f"glmkit serve: no active API keys in {db}: every request will get 401. Create one with "
-                  f"`glmkit keys create --db {db}`, or use --no-auth on this machine only", file=sys.stderr)
+            print(f"glmkit serve: no active API keys in {keys.path}: every request will get 401. Create one with "
+                  f"`glmkit keys create --db {keys.path}`, or use --no-auth on this machine only", file=sys.stderr)
     admin_token = os.environ.get("GLMKIT_ADMIN_TOKEN")
     if a.admin_token_file:
         admin_token = Path(a.admin_token_file).read_text().strip()
@@ -266,5 +266,8 @@ def main(argv=None) -> int:
         return 1
     print(f"glmkit serve: {name} on http://{a.host}:{a.port} (auth {'off' if a.no_auth else 'on'}, ledger {ledger.path})",
           file=sys.stderr)
-    serve(app, a.host, a.port, header_timeout=a.header_timeout, timeout_keep_alive=a.timeout_keep_alive)
+    try:
+        serve(app, a.host, a.port, header_timeout=a.header_timeout, timeout_keep_alive=a.timeout_keep_alive)
+    finally:
+        maas.close()  # a clean stop frees this replica's limits at once (a killed one is reaped by the others)
     return 0

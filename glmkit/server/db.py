@@ -6,7 +6,8 @@ schema migrations applied when a database is opened.
     with db.tx():                                      # BEGIN IMMEDIATE (SQLite) / BEGIN (PostgreSQL) ... COMMIT
         row = db.one("SELECT used FROM key_state WHERE key_id = ?" + db.for_update, (key_id,))
         db.run("UPDATE key_state SET used = used + ? WHERE key_id = ?", (n, key_id))   # -> rowcount
-    db.all(sql, args) -> [dict]; db.many(sql, seq); db.now() -> the database's clock (unix seconds)
+    db.all(sql, args) -> [dict]; db.many(sql, seq); db.now(), or db.NOW in SQL: the database's clock (unix seconds)
+    db.busy_s, db.statements                           # time spent in the database by this connection, statements run
 
 SQL is written once, with `?` placeholders, in the subset both engines share (upserts are `INSERT ...
 ON CONFLICT`, `RETURNING` works in both); `sql()` turns `?` into psycopg's `%s`. What differs is
@@ -24,17 +25,17 @@ columns and tables. A database newer than this glmkit is refused with a message.
 
 One connection per Database, shared by the server's threads under `lock` (a transaction holds it
 from BEGIN to COMMIT). A request does a few short statements, so one connection per process is not
-what limits a replica; a lost PostgreSQL connection is not re-opened (the ledger writes print their
-rows to stderr instead, and the server should be restarted).
+what limits a replica. A lost PostgreSQL connection fails the statement that meets it (the ledger's
+writes print their rows to stderr then; admission answers 503) and is opened again by the next.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import re
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -110,6 +111,7 @@ class Database:
         self.postgres = is_postgres(target)
         self.lock = threading.RLock()
         self._depth = 0  # nesting of tx(): only the outermost one begins and commits
+        self.busy_s, self.statements = 0.0, 0  # time in statements (round trips, lock waits, commits) and their number
         if self.postgres:
             try:
                 import psycopg
@@ -117,17 +119,24 @@ class Database:
             except ImportError:
                 raise ImportError(f"{shown(target)}: a PostgreSQL database needs psycopg 3; install it with "
                                   "`pip install 'glmkit[serve]'` (or `pip install 'psycopg[binary]'`)") from None
-            try:
-                self.conn = psycopg.connect(target, autocommit=True, row_factory=dict_row)
-            except psycopg.OperationalError as e:
-                raise ConnectionError(f"cannot connect to {shown(target)}: {str(e).strip()}") from None
+
+            def connect():
+                try:
+                    return psycopg.connect(target, autocommit=True, row_factory=dict_row)
+                except psycopg.OperationalError as e:
+                    raise ConnectionError(f"cannot connect to {shown(target)}: {str(e).strip()}") from None
+
+            self._connect = connect
+            self.conn = connect()
             self.errors: tuple[type[Exception], ...] = (psycopg.Error,)
             self.for_update = " FOR UPDATE"
+            self.NOW = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"
             self._types = {"real": "DOUBLE PRECISION", "big": "BIGINT", "serial": "BIGSERIAL PRIMARY KEY"}
         else:
             self.conn = _sqlite(self.target)
             self.errors = (sqlite3.Error,)
             self.for_update = ""  # BEGIN IMMEDIATE already holds the file's write lock
+            self.NOW = "((julianday('now') - 2440587.5) * 86400.0)"
             self._types = {"real": "REAL", "big": "INTEGER", "serial": "INTEGER PRIMARY KEY AUTOINCREMENT"}
         self.migrated = self.migrate()
 
@@ -143,36 +152,51 @@ class Database:
             self.conn.close()
 
     # ---- statements ------------------------------------------------------------------------------------------
+    def _c(self):
+        """The connection; on PostgreSQL a new one if the last was lost (a server restart, a network cut):
+        the statement that met the loss failed, the next one, outside a transaction, reconnects."""
+        if self.postgres and self.conn.closed and not self._depth:
+            self.conn = self._connect()
+        return self.conn
+
     def sql(self, q: str) -> str:
         # our SQL has no '?' or '%' in literals, so the placeholders translate one for one
         return q.replace("?", "%s") if self.postgres else q
 
+    @contextlib.contextmanager
+    def _timed(self):
+        # the lock is held: statements of this connection run one at a time, so the sum is wall time
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.busy_s += time.perf_counter() - t0
+            self.statements += 1
+
     def run(self, q: str, args=()) -> int:
         """Execute one statement; the number of rows it changed."""
-        with self.lock:
-            return self.conn.execute(self.sql(q), args).rowcount
+        with self.lock, self._timed():
+            return self._c().execute(self.sql(q), args).rowcount
 
     def one(self, q: str, args=()) -> dict | None:
-        with self.lock:
-            r = self.conn.execute(self.sql(q), args).fetchone()
+        with self.lock, self._timed():
+            r = self._c().execute(self.sql(q), args).fetchone()
         return dict(r) if r is not None else None
 
     def all(self, q: str, args=()) -> list[dict]:
-        with self.lock:
-            return [dict(r) for r in self.conn.execute(self.sql(q), args).fetchall()]
+        with self.lock, self._timed():
+            return [dict(r) for r in self._c().execute(self.sql(q), args).fetchall()]
 
     def many(self, q: str, seq) -> None:
-        with self.lock:
+        with self.lock, self._timed():
             if self.postgres:
-                self.conn.cursor().executemany(self.sql(q), seq)
+                self._c().cursor().executemany(self.sql(q), seq)
             else:
                 self.conn.executemany(q, seq)
 
     def now(self) -> float:
         """The database's clock, unix seconds: every replica's windows and heartbeats use this one."""
-        q = ("SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION) AS t" if self.postgres
-             else "SELECT (julianday('now') - 2440587.5) * 86400.0 AS t")
-        return float(self.one(q)["t"])
+        return float(self.one(f"SELECT {self.NOW} AS t")["t"])
 
     @contextlib.contextmanager
     def tx(self):
@@ -187,16 +211,19 @@ class Database:
                 finally:
                     self._depth -= 1
                 return
-            self.conn.execute("BEGIN" if self.postgres else "BEGIN IMMEDIATE")
+            with self._timed():  # BEGIN IMMEDIATE waits here for another process's write lock
+                self._c().execute("BEGIN" if self.postgres else "BEGIN IMMEDIATE")
             self._depth = 1
             try:
                 yield self
             except BaseException:
                 self._depth = 0
-                self.conn.execute("ROLLBACK")
+                if not (self.postgres and self.conn.closed):  # a lost connection has nothing to roll back
+                    self.conn.execute("ROLLBACK")
                 raise
             self._depth = 0
-            self.conn.execute("COMMIT")
+            with self._timed():  # the commit's wait for the disk
+                self.conn.execute("COMMIT")
 
     # ---- migrations ------------------------------------------------------------------------------------------
     def tables(self) -> set[str]:
@@ -233,16 +260,3 @@ class Database:
                 done.append(v)
             return done
 
-
-def placeholders(n: int) -> str:
-    return ", ".join("?" * n)
-
-
-_IDENT = re.compile(r"[a-z_][a-z0-9_]*")
-
-
-def ident(name: str) -> str:
-    """A column name from our own dataclasses, checked before it goes into SQL text."""
-    if not _IDENT.fullmatch(name):
-        raise ValueError(f"not a column name: {name!r}")
-    return name
