@@ -15,8 +15,10 @@ What it does (replicas, HAProxy and the cluster are started by tests/replicas.py
    with half of the keys hashed to each replica ("both behind HAProxy"). Target: both behind HAProxy >=
    0.9 x (A alone + B alone). "both, direct" splits the gap: what sharing the machine and the database
    costs, and what HAProxy adds.
-3. Per request and phase: database time (pg_stat_statements, which the cluster this script starts preloads:
-   execution time inside PostgreSQL; with --db the extension must be installed there, else n/a), and CPU
+3. Per request and phase: database time as the replicas measure it (their glmkit_database_seconds and
+   _statements in /metrics: round trips, lock waits, commits), the part of it spent executing inside PostgreSQL
+   (pg_stat_statements, which the cluster this script starts preloads; with --db the extension must be
+   installed there, else n/a), and CPU
    milliseconds of each process group (replica A, replica B, PostgreSQL, HAProxy, this load generator),
    which shows where the cores went when the replicas share a small machine with the rest.
 4. Limits across replicas: 40 concurrent requests of one key, alternately straight to each replica, against a
@@ -30,7 +32,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import resource
+import secrets
 import signal
 import statistics
 import subprocess
@@ -90,6 +94,17 @@ def keys_per_replica(db: str, lb: str, replicas, want: int) -> list[list[str]]:
         if sum(map(len, found)) > 50 * want:
             raise RuntimeError(f"keys do not spread over the replicas: {[len(f) for f in found]}")
     return [f[:want] for f in found]
+
+
+def replica_db(replicas, token: str) -> tuple[float, float]:
+    """(seconds, statements) the replicas spent in database statements so far, as each one measures it (round
+    trips, lock waits and commits included): the glmkit_database_* gauges of their /metrics."""
+    total = [0.0, 0.0]
+    for r in replicas:
+        text = httpx.get(r.url + "/metrics", headers={"authorization": f"Bearer {token}"}, timeout=30).text
+        for i, name in enumerate(("glmkit_database_seconds", "glmkit_database_statements")):
+            total[i] += float(re.search(rf"^{name} (\S+)$", text, re.M)[1])
+    return total[0], total[1]
 
 
 def db_time(db: str, reset: bool = False) -> tuple[float, int] | None:
@@ -219,7 +234,10 @@ def main(argv=None) -> int:
         db = cluster.create_database()
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            args = ["--db", db, "--max-batch", str(max(8, a.concurrency))] + (["--model", a.model] if a.model else [])
+            token = secrets.token_urlsafe(24)
+            (Path(tmp) / "admin.token").write_text(token)
+            args = ["--db", db, "--max-batch", str(max(8, a.concurrency)), "--admin-token-file", str(Path(tmp) / "admin.token")]
+            args += ["--model", a.model] if a.model else []
             with replica(*args, cpu=cores[0], threads=1) as ra, replica(*args, cpu=cores[1], threads=1) as rb, \
                     load_balancer([ra, rb], Path(tmp)) as lb:
                 keys = keys_per_replica(db, lb, [ra, rb], a.concurrency)
@@ -233,10 +251,11 @@ def main(argv=None) -> int:
                         ("both, direct (no LB)", [(r.url, k) for r, ks in ((ra, keys[0]), (rb, keys[1])) for k in ks],
                          2 * a.requests),
                         ("both behind HAProxy", [(lb, k) for ks in keys for k in ks], 2 * a.requests)):
-                    before, t_db = cpu.read(), db_time(db, reset=True)
+                    before, t_db, r_db = cpu.read(), db_time(db, reset=True), replica_db([ra, rb], token)
                     m = asyncio.run(load(targets, n, a.max_tokens, name))
                     m["cpu"] = {g: v - before[g] for g, v in cpu.read().items()}
                     m["db"] = db_time(db) if t_db is not None else None
+                    m["replica_db"] = [x - y for x, y in zip(replica_db([ra, rb], token), r_db)]
                     m["clients"] = len(targets)
                     phases[name] = m
 
@@ -254,26 +273,25 @@ def main(argv=None) -> int:
     print(f"\ntwo replicas ({pin}, 1 thread each), PostgreSQL, HAProxy; {a.requests} requests x {a.max_tokens} "
           f"tokens per replica, {a.concurrency} clients per replica (one key each)\n")
     groups = list(next(iter(phases.values()))["cpu"])
-    print(f"{'phase':<24}{'clients':>8}{'requests':>9}{'tok/s':>8}{'req/s':>7}{'p50 s':>7}{'p99 s':>7}{'db ms/req':>10}"
-          + "".join(f"{g:>11}" for g in groups) + "  statuses")
-    print(" " * 80 + f"{'(CPU ms per request)':>{11 * len(groups)}}")
+    print(f"{'phase':<24}{'clients':>8}{'requests':>9}{'tok/s':>8}{'req/s':>7}{'p50 s':>7}{'p99 s':>7}{'db ms':>7}"
+          f"{'stmts':>6}{'pg ms':>7}" + "".join(f"{g:>11}" for g in groups) + "  statuses")
+    print(f"{'(per request: db = as the replicas time it, pg = execution inside PostgreSQL, CPU ms of each process)':>90}")
     for name, m in phases.items():
         n = sum(m["codes"].values())
-        dbms = f"{m['db'][0] / n:.2f}" if m["db"] else "n/a"
+        pg = f"{m['db'][0] / n:.2f}" if m["db"] else "n/a"
         print(f"{name:<24}{m['clients']:>8}{n:>9}{m['tok_s']:>8.1f}{m['req_s']:>7.2f}{m['p50']:>7.2f}{m['p99']:>7.2f}"
-              f"{dbms:>10}" + "".join(f"{1000 * m['cpu'][g] / n:>11.1f}" for g in groups) + f"  {dict(m['codes'])}")
+              f"{1000 * m['replica_db'][0] / n:>7.2f}{m['replica_db'][1] / n:>6.1f}{pg:>7}"
+              + "".join(f"{1000 * m['cpu'][g] / n:>11.1f}" for g in groups) + f"  {dict(m['codes'])}")
     alone = phases["A alone (direct)"]["tok_s"] + phases["B alone (direct)"]["tok_s"]
     both, direct = phases["both behind HAProxy"], phases["both, direct (no LB)"]
     print(f"\nsum of alone {alone:.1f} tok/s; both behind HAProxy / sum of alone: {both['tok_s'] / alone:.3f}x "
           f"(target >= 0.9x); both direct / sum of alone: {direct['tok_s'] / alone:.3f}x; "
           f"HAProxy / direct: {both['tok_s'] / direct['tok_s']:.3f}x")
-    if both["db"]:
-        n = sum(both["codes"].values())
-        print(f"database time per request behind HAProxy (pg_stat_statements: execution inside PostgreSQL): "
-              f"{both['db'][0] / n:.2f} ms in {both['db'][1] / n:.1f} statements, against a p50 latency of "
-              f"{both['p50'] * 1000:.0f} ms")
-    else:
-        print("database time per request: n/a (pg_stat_statements not available on --db)")
+    n = sum(both["codes"].values())
+    print(f"database time per request behind HAProxy: {1000 * both['replica_db'][0] / n:.2f} ms in "
+          f"{both['replica_db'][1] / n:.1f} statements as the replicas time them (round trips, lock waits, commits)"
+          + (f", {both['db'][0] / n:.2f} ms of it executing inside PostgreSQL" if both["db"] else "")
+          + f"; p50 latency {both['p50'] * 1000:.0f} ms")
     print("\nlimits across replicas (one key, requests alternately straight to each replica):")
     print(f"  budget 200 tokens, 40 concurrent requests: {dict(budget_codes)}; ledger {used} tokens "
           f"({'ok' if used <= 200 else 'OVER'})")
