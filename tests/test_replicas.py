@@ -188,5 +188,5 @@ def test_kill_9_of_a_replica(cluster):
     for kid in (kid_a, kid_b):
         sent = sum(k == kid for k, _ in answers)
         assert len(rows[kid]) <= sent, f"{len(rows[kid])} ledger rows for {sent} requests of key {kid}"
-    print(f"kill -9: {len(ok)} answers 200, {len(failed)} errors ({Counter(r.status_code for _, r in failed)}), "
+    print(f"kill -9: {len(ok)} answers 200, {len(failed)} errors ({Counter(getattr(r, 'status_code', type(r).__name__) for _, r in failed)}), "
           f"{sum(len(v) for v in rows.values())} ledger rows")
