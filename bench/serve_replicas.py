@@ -2,7 +2,7 @@
 alone, database time per request, limits across replicas, and kill -9 of a replica, in one run.
 
     .venv/bin/python bench/serve_replicas.py                       # embedded model, a throwaway PostgreSQL cluster
-    .venv/bin/python bench/serve_replicas.py --model DIR --db postgresql://user@host/db --concurrency 8 --requests 64
+    .venv/bin/python bench/serve_replicas.py --model DIR --db postgresql://user@host/db --concurrency 8 --requests 256
 
 What it does (replicas, HAProxy and the cluster are started by tests/replicas.py and tests/pg.py):
 1. Starts PostgreSQL (or uses --db), two replicas each pinned to its own core with one torch thread (taskset,
@@ -214,7 +214,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="checkpoint directory (default: the embedded model)")
     p.add_argument("--db", default=None, help="postgresql://... to use (default: a throwaway cluster, tests/pg.py)")
     p.add_argument("--concurrency", type=int, default=8, help="clients per replica")
-    p.add_argument("--requests", type=int, default=64, help="requests per replica and phase")
+    p.add_argument("--requests", type=int, default=256, help="requests per replica and phase")
     p.add_argument("--max-tokens", type=int, default=32)
     a = p.parse_args(argv)
     if why := haproxy_missing():
