@@ -2,10 +2,10 @@
 HTTP, so replicas sharing a database need no shared filesystem and no shell on the database's machine.
 
     H="Authorization: Bearer $ADMIN"           # the server's admin token, or a key created with admin=true
-    curl -H "$H" localhost:8000/admin/keys -d '{"name": "alice", "rpm": 60, "budget_tokens": 1000000}'
+    curl -H "$H" localhost:8000/admin/keys --json '{"name": "alice", "rpm": 60, "budget_tokens": 1000000}'
     curl -H "$H" localhost:8000/admin/keys                      # ?include_revoked=true
     curl -H "$H" localhost:8000/admin/keys/k_0123abcd4567
-    curl -H "$H" localhost:8000/admin/keys/k_0123abcd4567 -X PATCH -d '{"rpm": 120, "budget_tokens": null}'
+    curl -H "$H" localhost:8000/admin/keys/k_0123abcd4567 -X PATCH --json '{"rpm": 120, "budget_tokens": null}'
     curl -H "$H" localhost:8000/admin/keys/k_0123abcd4567 -X DELETE          # revoke (the ledger keeps its rows)
     curl -H "$H" 'localhost:8000/admin/usage?key=k_0123abcd4567&since=24h'   # cost, revenue, margin
 
