@@ -70,6 +70,10 @@ def replica(*args: str, cpu: int | None = None, threads: int | None = None, time
         proc.wait(30)
 
 
+class LoadBalancerError(RuntimeError):
+    """HAProxy did not start or did not answer; the message says what it printed."""
+
+
 def haproxy_missing() -> str | None:
     """Why HAProxy cannot run here, or None."""
     if shutil.which("haproxy") is None:
@@ -93,12 +97,12 @@ def load_balancer(replicas: list[Replica], directory: Path, timeout: float = 30)
         deadline = time.monotonic() + timeout
         while True:  # HAProxy has no start-up line to wait for: ask it
             if proc.poll() is not None:
-                raise RuntimeError(f"haproxy exited with {proc.returncode}:\n{proc.stdout.read()}")
+                raise LoadBalancerError(f"haproxy exited with {proc.returncode}:\n{proc.stdout.read()}")
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(url + "/health", timeout=5).status_code == 200:
                     break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"haproxy on {url} did not answer /health within {timeout} s")
+                raise LoadBalancerError(f"haproxy on {url} did not answer /health within {timeout} s")
             time.sleep(0.05)
         yield url
     finally:
