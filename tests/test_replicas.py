@@ -1,7 +1,8 @@
 """Two `glmkit serve` replicas of a tiny checkpoint on one PostgreSQL database, HAProxy in front with the
 configuration `glmkit lb-config` writes (tests/replicas.py starts them). Checked: a key's requests stay on one
 replica (the x-glmkit-replica header says which); limits hold across replicas (a 200-token budget under 40
-concurrent requests split over both, RPM 5 across both); after kill -9 of a replica, its clients in flight get
+concurrent requests split over both, RPM 5 across both); the admin API of either replica manages keys for both (no
+shared filesystem); after kill -9 of a replica, its clients in flight get
 a retryable 502 from the load balancer, the next requests go to the other replica, every 200 has exactly one
 ledger row and no request is billed twice (no POST is replayed on the other replica).
 Skipped, saying why, where HAProxy or PostgreSQL cannot start. Slow: three servers start (about 20-40 s).
@@ -29,6 +30,8 @@ from glmkit.tokenizer import train_bpe  # noqa: E402
 from tests.replicas import LoadBalancerError, haproxy_missing, load_balancer, replica  # noqa: E402
 from tests.serving import TEXTS, poll  # noqa: E402
 from tests.test_billing import checkpoint  # noqa: E402
+
+ADMIN_TOKEN = "admin-token-of-the-replicas-0123"
 
 
 def test_lb_config_is_what_haproxy_accepts(tmp_path, capsys):
@@ -59,7 +62,8 @@ def cluster(tmp_path_factory, pg_cluster):
     url = pg_cluster.create_database()
     tmp = tmp_path_factory.mktemp("replicas")
     ckpt = checkpoint(train_bpe(texts=TEXTS, vocab_size=300), tmp)
-    args = ("--model", str(ckpt), "--db", url, "--max-batch", "8")
+    (tmp / "admin.token").write_text(ADMIN_TOKEN)
+    args = ("--model", str(ckpt), "--db", url, "--max-batch", "8", "--admin-token-file", str(tmp / "admin.token"))
     with replica(*args) as a, replica(*args) as b, contextlib.ExitStack() as stack:
         try:
             lb = stack.enter_context(load_balancer([a, b], tmp))
@@ -94,6 +98,27 @@ def test_a_keys_requests_stay_on_one_replica(cluster):
             where = [[j for j, rep in enumerate(replicas) if rep.answered(r)] for r in answers]
             assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
             assert where == [[i]] * 4, f"key {raw[:12]} was routed to replica {i} first, then to {where}"
+
+
+@pytest.mark.slow
+def test_the_admin_api_of_one_replica_serves_all(cluster):
+    """No shared filesystem: a key made through one replica's admin API works on the other at once; revoked
+    through the other, it stops on the first within the key cache's few seconds; both report the same usage."""
+    _, (a, b), lb = cluster
+    admin = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+    made = httpx.post(a.url + "/admin/keys", json={"name": "via-a"}, headers=admin, timeout=30)
+    assert made.status_code == 201, made.text
+    h = {"authorization": f"Bearer {made.json()['key']}"}
+    r = httpx.post(b.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, headers=h, timeout=60)
+    assert r.status_code == 200, r.text
+    assert httpx.get(a.url + "/v1/models", headers=h, timeout=30).status_code == 200  # cached on A from here
+    usage = [httpx.get(rep.url + f"/admin/usage?key={made.json()['id']}", headers=admin, timeout=30).json()["data"]
+             for rep in (a, b)]
+    assert usage[0] == usage[1] and usage[0][0]["requests"] == 1, usage
+    assert httpx.delete(b.url + f"/admin/keys/{made.json()['id']}", headers=admin, timeout=30).status_code == 200
+    assert httpx.get(b.url + "/v1/models", headers=h, timeout=30).status_code == 401  # at once where revoked
+    poll("the key revoked through B refused by A", lambda: httpx.get(a.url + "/v1/models", headers=h,
+                                                                     timeout=30).status_code == 401, timeout=10)
 
 
 def spread(replicas, h: dict, n: int, body: dict) -> list:
