@@ -128,6 +128,9 @@ backend replicas
     # consistent hashing moves only the keys of a replica that goes down or comes back
     balance hdr(Authorization)
     hash-type consistent
+    # a few very busy keys can load one replica more than the others; to cap any replica at 1.5x the average
+    # load (a busy key's extra requests then go elsewhere, without its prompt cache), uncomment:
+    # hash-balance-factor 150
     # active check: GET {health} every second; down after 2 failures, up again after 2 passes
     option httpchk
     http-check send meth GET uri {health}
