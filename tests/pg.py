@@ -74,19 +74,21 @@ class Cluster:
         if user:
             os.chown(root, user.pw_uid, user.pw_gid)
         c = cls(bindir, root, user)
-        r = c._cmd("initdb", "-D", str(c.data), "-U", c.superuser, "--auth=trust", "--no-sync", "-E", "UTF8",
-                   "--locale=C")
-        if r.returncode != 0:
+        try:
+            r = c._cmd("initdb", "-D", str(c.data), "-U", c.superuser, "--auth=trust", "--no-sync", "-E", "UTF8",
+                       "--locale=C")
+            if r.returncode != 0:
+                raise ClusterError(f"initdb failed ({r.returncode}): {(r.stderr or r.stdout).strip()[-800:]}")
+            opts = {"listen_addresses": "''", "unix_socket_directories": f"'{root}'", "fsync": "off",
+                    "full_page_writes": "off", "max_connections": "200", **(settings or {})}
+            o = " ".join(f"-c {k}={v}" for k, v in opts.items())
+            r = c._cmd("pg_ctl", "-D", str(c.data), "-l", str(c.log), "-o", o, "-w", "-t", "60", "start")
+            if r.returncode != 0:
+                log = c.log.read_text()[-800:] if c.log.exists() else ""
+                raise ClusterError(f"pg_ctl start failed ({r.returncode}): {(r.stderr or r.stdout).strip()[-400:]} {log}")
+        except BaseException:  # nothing of a cluster that did not start is left in /tmp
             shutil.rmtree(root, ignore_errors=True)
-            raise ClusterError(f"initdb failed ({r.returncode}): {(r.stderr or r.stdout).strip()[-800:]}")
-        opts = {"listen_addresses": "''", "unix_socket_directories": f"'{root}'", "fsync": "off",
-                "full_page_writes": "off", "max_connections": "200", **(settings or {})}
-        o = " ".join(f"-c {k}={v}" for k, v in opts.items())
-        r = c._cmd("pg_ctl", "-D", str(c.data), "-l", str(c.log), "-o", o, "-w", "-t", "60", "start")
-        if r.returncode != 0:
-            log = c.log.read_text()[-800:] if c.log.exists() else ""
-            shutil.rmtree(root, ignore_errors=True)
-            raise ClusterError(f"pg_ctl start failed ({r.returncode}): {(r.stderr or r.stdout).strip()[-400:]} {log}")
+            raise
         return c
 
     def create_database(self) -> str:
