@@ -38,6 +38,7 @@ COMMANDS = {
     "serve": ("glmkit.server.app:main", "serve a model over HTTP: OpenAI-compatible API, /v1/fill, /infill, /v1/classify, /metrics"),
     "keys": ("glmkit.server.maas:keys_main", "API keys for `glmkit serve`: create | list | revoke (stored hashed)"),
     "usage": ("glmkit.server.maas:usage_main", "per-key usage: requests, tokens, compute seconds, cost, revenue, margin"),
+    "lb-config": ("glmkit.server.replicas:main", "HAProxy config for several `glmkit serve` replicas on one database"),
     "fill": ("glmkit.cli:fill_main", "fill the [MASK]/[sMASK]/[gMASK] blanks of a text, left to right"),
     "generate": ("glmkit.cli:generate_main", "continue a prompt, streaming the text"),
     "chat": ("glmkit.cli:chat_main", "chat on stdin, streaming; /reset clears, /exit quits"),

@@ -3,7 +3,12 @@ The server's packages (fastapi, the `serve` extra) are imported only by the fixt
 so the rest of the suite runs without them.
 
 Tests marked `slow` (several processes, a served subprocess) are skipped unless pytest runs with
-`--slow`, as the README's test command and .ci/run do."""
+`--slow`, as the README's test command and .ci/run do.
+
+PostgreSQL: `pg_url` starts one throwaway cluster per session (tests/pg.py) and `pg_db` gives each test
+a fresh database on it; both skip, saying what failed, where the cluster cannot be started."""
+
+import subprocess
 
 import pytest
 
@@ -23,6 +28,34 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A throwaway PostgreSQL cluster for the session (tests/pg.py), or a skip that says why not."""
+    pytest.importorskip("psycopg", reason="psycopg 3 is not installed (pip install 'glmkit[serve]')")
+    from tests.pg import Cluster, ClusterError
+
+    try:
+        cluster = Cluster.start()
+    except (ClusterError, OSError, subprocess.SubprocessError) as e:
+        pytest.skip(f"no PostgreSQL for this test: {e}")
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_cluster):
+    """The URL of the session's PostgreSQL cluster (its `postgres` database); tests that write use `pg_db`."""
+    return pg_cluster.url
+
+
+@pytest.fixture()
+def pg_db(pg_cluster):
+    """A fresh, empty PostgreSQL database for one test (`CREATE DATABASE t_<random>`), dropped after it."""
+    url = pg_cluster.create_database()
+    yield url
+    pg_cluster.drop_database(url)
 
 
 @pytest.fixture(scope="session")

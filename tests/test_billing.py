@@ -90,7 +90,7 @@ def test_20_concurrent_requests_stay_within_the_token_limit(tmp_path, served, li
     refused = [r.headers for r in rs if r.status_code == 429]
     assert all(("retry-after" in x) != (x.get("x-should-retry") == "false") for x in refused), refused
     assert {(r.status, r.prompt_tokens, r.completion_tokens, r.revenue) for r in rows if r.status == 429} == {(429, 0, 0, 0.0)}
-    w = maas.limiter.state[key.id]
+    w = maas.limiter.snapshot(key.id)
     assert (w.reserved, w.active) == (0, 0), w
 
 
@@ -320,14 +320,16 @@ def glmkit_serve(*args):
 
 
 @pytest.mark.slow
-def test_kill_9_leaves_a_row_for_every_admitted_request(tmp_path, served, capsys):
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_kill_9_leaves_a_row_for_every_admitted_request(tmp_path, served, capsys, request, backend):
     """Issue 16 #6: after kill -9, a request whose response had been received could lack its row (written after the
     response), and requests in flight left none although tokens had been streamed. Now every admitted request has a
     row: complete for every response a client received in full, open (then 'interrupted') with the tokens of its
-    last flush, at most FLUSH_S behind, for the streams cut off."""
+    last flush, at most FLUSH_S behind, for the streams cut off. On SQLite (`--keys-db FILE`) and on PostgreSQL
+    (`--db URL`, a throwaway cluster)."""
     tok, _ = served
     ckpt = checkpoint(tok, tmp_path)
-    db = str(tmp_path / "maas.sqlite")
+    db = str(tmp_path / "maas.sqlite") if backend == "sqlite" else request.getfixturevalue("pg_db")
     raw = subprocess.run([sys.executable, "-m", "glmkit", "keys", "create", "--db", db, "--name", "victim"],
                          capture_output=True, text=True, check=True).stdout.strip()
     h = {"authorization": f"Bearer {raw}"}
@@ -354,11 +356,17 @@ def test_kill_9_leaves_a_row_for_every_admitted_request(tmp_path, served, capsys
                 short_done.append(r.json())
 
     def db_rows():
+        if backend == "postgresql":
+            import psycopg
+            from psycopg.rows import dict_row
+
+            with psycopg.connect(db, row_factory=dict_row) as c:
+                return {r["request_id"]: r for r in c.execute("SELECT * FROM usage")}
         with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as c:
             c.row_factory = sqlite3.Row
             return {r["request_id"]: dict(r) for r in c.execute("SELECT * FROM usage")}
 
-    with glmkit_serve("--model", str(ckpt), "--keys-db", db, "--max-batch", "8") as (proc, url):
+    with glmkit_serve("--model", str(ckpt), "--keys-db" if backend == "sqlite" else "--db", db, "--max-batch", "8") as (proc, url):
         threads = [threading.Thread(target=stream, args=(i, url)) for i in range(3)] + [
             threading.Thread(target=shorts, args=(url,))]
         for t in threads:

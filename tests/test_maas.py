@@ -1,5 +1,6 @@
 """MaaS without HTTP: hashed keys and their CLI, limits on a fake clock, token reservations, pricing, the ledger
-row's life (open, flushed, completed, interrupted), what a call bills, ledger totals, `glmkit usage`.
+row's life (open, flushed, completed, interrupted), what a call bills, ledger totals, `glmkit usage`; the tests
+taking `db` run on a SQLite file and on a throwaway PostgreSQL database (tests/pg.py; replicas: test_maas_replicas.py).
 Then with it, on a live server: 32 concurrent streams each metered once, a client that hangs up mid-stream.
 (Billing over HTTP, kill -9, and body and head deadlines: test_billing.py.)"""
 
@@ -15,6 +16,41 @@ import pytest
 
 from glmkit.chat import FORMATS
 from glmkit.server.maas import AuthError, KeyStore, Ledger, Limiter, LimitError, MaaS, Pricing, UsageRow, _when, keys_main, usage_main
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request, tmp_path):
+    """Where keys, limits and the ledger live: a SQLite file, or a fresh PostgreSQL database (skipped, saying
+    why, where no PostgreSQL server can be started)."""
+    return str(tmp_path / "maas.sqlite") if request.param == "sqlite" else request.getfixturevalue("pg_db")
+
+
+def test_update_changes_limits_and_admin_keys(db, capsys):
+    store = KeyStore(db)
+    raw, rec = store.create("carol", models=["tiny"], rpm=5, budget_tokens=100)
+    _, adm = store.create("ops", admin=True)
+    assert (rec.admin, adm.admin, store.lookup(raw).admin) == (False, True, False)
+    new = store.update(rec.prefix, rpm=None, tpm=50, models=["tiny", "big"])
+    want = (("tiny", "big"), None, 50, None, 100, False)
+    assert (new.models, new.rpm, new.tpm, new.concurrency, new.budget_tokens, new.admin) == want, new
+    got = store.lookup(raw)  # the cached record is dropped by a change made through this store
+    assert (got.models, got.rpm, got.tpm, got.concurrency, got.budget_tokens, got.admin) == want, got
+    assert store.update(rec.id, budget_tokens=None).budget_tokens is None
+    for bad, match in (({"rpm": 0}, "positive integer"), ({"tpm": True}, "positive integer"), ({"models": []}, "at least one"),
+                       ({"admin": True}, "not a key limit"), ({"hash": "x"}, "not a key limit")):
+        with pytest.raises(ValueError, match=match):
+            store.update(rec.id, **bad)
+    assert store.find(rec.id).tpm == 50  # a refused change changes nothing
+    with pytest.raises(KeyError, match="no key"):
+        store.update("k_nope", rpm=1)
+    # the CLI: create --admin, update, clear
+    assert keys_main(["create", "--db", db, "--name", "root", "--admin"]) == 0
+    assert "admin key" in capsys.readouterr().err
+    assert keys_main(["update", rec.id, "--db", db, "--rpm", "7", "--clear", "tpm"]) == 0
+    assert "rpm 7, tpm None" in capsys.readouterr().out
+    assert (store.find(rec.id).rpm, store.find(rec.id).tpm) == (7, None)
+    keys_main(["list", "--db", db])
+    assert sum("active admin" in line for line in capsys.readouterr().out.splitlines()) == 2
 
 
 def test_keys_are_stored_hashed_and_shown_by_prefix(tmp_path):
@@ -40,8 +76,7 @@ def test_keys_are_stored_hashed_and_shown_by_prefix(tmp_path):
         store.create("bad", rpm=0)
 
 
-def test_keys_cli_create_list_revoke(tmp_path, capsys):
-    db = str(tmp_path / "k.sqlite")
+def test_keys_cli_create_list_revoke(db, capsys):
     assert keys_main(["create", "--db", db, "--name", "bob", "--models", "tiny,other", "--tpm", "1000",
                       "--concurrency", "2", "--budget-tokens", "5000"]) == 0
     out = capsys.readouterr()
@@ -83,8 +118,8 @@ class Clock:
         return self.t
 
 
-def test_limiter_rpm_tpm_concurrency_budget():
-    store, ledger, clock = KeyStore(":memory:"), Ledger(":memory:"), Clock()
+def test_limiter_rpm_tpm_concurrency_budget(db):
+    store, ledger, clock = KeyStore(db), Ledger(db), Clock()
     lim = Limiter(ledger, clock)
     _, k = store.create("rpm", rpm=2)
     lim.admit(k), lim.release(k, 0)
@@ -108,6 +143,7 @@ def test_limiter_rpm_tpm_concurrency_budget():
 
     _, k = store.create("conc", concurrency=2)
     lim.admit(k), lim.admit(k)
+    assert lim.snapshot(k.id).active == 2
     with pytest.raises(LimitError, match="in flight") as e:
         lim.admit(k)
     assert e.value.retry_after == 1
@@ -123,16 +159,16 @@ def test_limiter_rpm_tpm_concurrency_budget():
     assert (e.value.type, e.value.code, e.value.retry_after, e.value.should_retry) == ("insufficient_quota", "insufficient_quota", None, False)
 
 
-def test_reservations_hold_budget_and_tpm_when_everyone_is_admitted_at_once():
+def test_reservations_hold_budget_and_tpm_when_everyone_is_admitted_at_once(db):
     """Issue 16 #3: 20 requests (prompt 40, max_tokens 16) admitted at once against a budget of 200 used 1,260
     tokens, and as many against a tpm of 100: admission looked at tokens already used. Each request now reserves
     the most it may use before it runs, and settles to what it used."""
-    store, ledger, clock = KeyStore(":memory:"), Ledger(":memory:"), Clock()
+    store, ledger, clock = KeyStore(db), Ledger(db), Clock()
     lim = Limiter(ledger, clock)
 
     def burst(key, need=56, n=20):
-        for _ in range(n):  # every one admitted before any reserves: the race of the issue, in order
-            lim.admit(key)
+        for i in range(n):  # every one admitted before any reserves: the race of the issue, in order
+            lim.admit(key, f"{key.id}-{i}")
         ran, refused = [], []
         for i in range(n):
             try:
@@ -146,22 +182,24 @@ def test_reservations_hold_budget_and_tpm_when_everyone_is_admitted_at_once():
 
     _, k = store.create("budget", budget_tokens=200)
     ran, refused = burst(k)
-    w = lim.state[k.id]
-    assert (len(ran), lim.used[k.id], w.reserved, w.active) == (3, 168, 0, 0), (len(ran), lim.used[k.id], w)
+    w = lim.snapshot(k.id)
+    assert (len(ran), w.used, w.reserved, w.active) == (3, 168, 0, 0), (len(ran), w)
     # they waited for requests in flight: retrying helps
     assert {(e.type, e.retry_after, e.should_retry) for e in refused} == {("tokens", 1, True)}, refused[0]
     with pytest.raises(LimitError, match="32 of its budget of 200 left") as e:
         lim.reserve(k, 56, "late")  # now it cannot fit at all: waiting will not help
     assert (e.value.type, e.value.code, e.value.retry_after, e.value.should_retry) == (
         "insufficient_quota", "insufficient_quota", None, False)
-    lim.admit(k), lim.reserve(k, 32, "exact"), lim.release(k, 20, "exact")  # settles to what it used
-    assert (lim.used[k.id], w.reserved) == (188, 0)
+    lim.admit(k, "exact"), lim.reserve(k, 32, "exact"), lim.release(k, 20, "exact")  # settles to what it used
+    w = lim.snapshot(k.id)
+    assert (w.used, w.reserved) == (188, 0), w
 
     _, k = store.create("tpm", tpm=100)
     ran, refused = burst(k)
-    w = lim.state[k.id]
-    assert (len(ran), sum(n for _, n in w.tokens), w.reserved) == (1, 56, 0), (len(ran), w)
+    w = lim.snapshot(k.id)
+    assert (len(ran), w.tokens, w.reserved) == (1, 56, 0), (len(ran), w)
     assert {(e.type, e.retry_after, e.should_retry) for e in refused} == {("tokens", 1, True)}, refused[0]
+    lim.admit(k, "next")
     with pytest.raises(LimitError) as e:
         lim.reserve(k, 56, "next")  # 56 settled + 56 > 100: until the first leaves the window
     assert e.value.retry_after == 60, str(e.value)
@@ -171,12 +209,12 @@ def test_reservations_hold_budget_and_tpm_when_everyone_is_admitted_at_once():
         lim.reserve(k, 101, "huge")
     assert (e.value.retry_after, e.value.should_retry) == (None, False)
 
-    # and with threads: the reservation is atomic under the limiter's lock
+    # and with threads: the reservation is atomic in the database
     _, k = store.create("threads", budget_tokens=200)
     go = threading.Barrier(20)
 
     def one(i):
-        lim.admit(k)
+        lim.admit(k, f"t{i}")
         go.wait()
         try:
             lim.reserve(k, 56, f"t{i}")
@@ -189,13 +227,13 @@ def test_reservations_hold_budget_and_tpm_when_everyone_is_admitted_at_once():
         t.start()
     for t in threads:
         t.join()
-    assert lim.used[k.id] <= 200 and lim.state[k.id].reserved == 0, (lim.used[k.id], lim.state[k.id])
+    w = lim.snapshot(k.id)
+    assert w.used <= 200 and (w.reserved, w.active) == (0, 0), w
 
 
-def test_ledger_row_lives_open_flushed_completed_or_interrupted(tmp_path, capsys):
+def test_ledger_row_lives_open_flushed_completed_or_interrupted(db, capsys):
     """Issue 16 #6: the row is written at admission (status NULL), flushed while the request runs, completed at
     the end; a server that dies leaves it open, and the next one on the database marks it interrupted."""
-    db = tmp_path / "m.sqlite"
     store = KeyStore(db)
     _, k = store.create("a", budget_tokens=1000)
     maas = MaaS(store, Ledger(db), Pricing(input_per_m=1e6, output_per_m=2e6))  # 1 per prompt, 2 per completion token
@@ -205,7 +243,7 @@ def test_ledger_row_lives_open_flushed_completed_or_interrupted(tmp_path, capsys
         return UsageRow(t, rid, k.id, "/v1/completions", status=status, prompt_tokens=10, completion_tokens=completion, **kw)
 
     for rid in ("done", "cut"):
-        maas.limiter.admit(k)
+        maas.limiter.admit(k, rid)
         maas.open(UsageRow(t, rid, k.id, "/v1/completions", status=None))
     maas.flush([row("done", completion=3), row("cut", completion=5)])
     maas.record(row("done", 200, 8, finish_reason="length"), k)
@@ -216,8 +254,9 @@ def test_ledger_row_lives_open_flushed_completed_or_interrupted(tmp_path, capsys
     assert maas.interrupted == 0 and capsys.readouterr().err == ""
 
     del maas  # the server is killed here; the next one finds the open row
-    again = MaaS(KeyStore(db), Ledger(db))
+    again = MaaS(KeyStore(db), Ledger(db))  # its limiter is gone from this process: that replica is dead
     assert again.interrupted == 1 and "interrupted" in capsys.readouterr().err
+    assert again.limiter.snapshot(k.id).active == 0  # the slot of the request cut off is free
     cut = {r.request_id: r for r in again.ledger.rows()}["cut"]
     assert (cut.status, cut.finish_reason, cut.completion_tokens) == (None, "interrupted", 5), cut
     assert MaaS(KeyStore(db), Ledger(db)).interrupted == 0  # marked once
@@ -231,15 +270,15 @@ def test_ledger_row_lives_open_flushed_completed_or_interrupted(tmp_path, capsys
     assert header.split()[2:5] == ["requests", "errors", "unfinished"] and line.split()[2:5] == ["2", "0", "1"], (header, line)
 
 
-def test_a_call_bills_only_work_done():
+def test_a_call_bills_only_work_done(db):
     """Issue 16 #4: a request refused before it ran (a 400 for a prompt longer than the context) was billed its
     prompt tokens, revenue and a charge against the key's limits. Now only work done is billed."""
     from glmkit.engine import Request
     from glmkit.server.metering import Call
 
-    store = KeyStore(":memory:")
+    store = KeyStore(db)
     _, k = store.create("a", budget_tokens=1000, tpm=1000)
-    maas = MaaS(store, Ledger(":memory:"), Pricing(input_per_m=1e6, output_per_m=1e6))
+    maas = MaaS(store, Ledger(db), Pricing(input_per_m=1e6, output_per_m=1e6))
     server = SimpleNamespace(maas=maas)
 
     async def calls():
@@ -247,7 +286,7 @@ def test_a_call_bills_only_work_done():
 
     refused, queued, prefilled, own, own_done = asyncio.run(calls())
     for c in (refused, queued, prefilled, own, own_done):
-        maas.limiter.admit(k)
+        maas.limiter.admit(k, c.id)
         c.prompt_tokens, c.status = 40, 200
     refused.status = 400  # the handler set prompt_tokens, then the context check failed
     refused.reserve(50)  # (a reservation, to see it released)
@@ -264,8 +303,8 @@ def test_a_call_bills_only_work_done():
               for r in [maas.record(c.row(), k)]}
     assert billed == {"refused": (400, 0, 0, 0.0), "queued": (200, 0, 0, 0.0), "prefilled": (200, 40, 2, pytest.approx(42)),
                       "own": (200, 40, 0, pytest.approx(40)), "own_done": (200, 40, 0, pytest.approx(40))}, billed
-    w = maas.limiter.state[k.id]
-    assert (maas.limiter.used[k.id], sum(n for _, n in w.tokens), w.reserved, w.active) == (122, 122, 0, 0), w
+    w = maas.limiter.snapshot(k.id)
+    assert (w.used, w.tokens, w.reserved, w.active) == (122, 122, 0, 0), w
 
 
 def test_pricing_arithmetic():
@@ -278,8 +317,7 @@ def test_pricing_arithmetic():
         Pricing(per_hour=-1)
 
 
-def test_ledger_totals_and_usage_cli(tmp_path, capsys):
-    db = str(tmp_path / "m.sqlite")
+def test_ledger_totals_and_usage_cli(db, capsys):
     store = KeyStore(db)
     _, a = store.create("alice")
     _, b = store.create("bob")
@@ -409,7 +447,7 @@ def test_32_concurrent_streams_are_each_metered_once(tmp_path, served, monkeypat
     assert all(r.compute_s > 0 for r in rows), [r.compute_s for r in rows]
     assert {t["key_id"]: t["requests"] for t in maas.ledger.totals()} == {
         k.id: N // K + (k.id == keys[0][1].id) for _, k in keys}
-    assert all(w.active == 0 for w in maas.limiter.state.values()), {k: w.active for k, w in maas.limiter.state.items()}
+    assert all(maas.limiter.snapshot(k.id).active == 0 for _, k in keys), [maas.limiter.snapshot(k.id) for _, k in keys]
 
 
 def test_client_that_hangs_up_mid_stream_is_metered_and_frees_its_slot(tmp_path, served, monkeypatch):
@@ -444,7 +482,7 @@ def test_client_that_hangs_up_mid_stream_is_metered_and_frees_its_slot(tmp_path,
              lambda: engine.num_running == engine.num_waiting == 0 and not app.state.server.runner.inflight)
         assert (row.status, row.finish_reason) == (499, "cancelled"), (row.status, row.finish_reason)
         assert 2 <= row.completion_tokens < 200 and row.prompt_tokens > 0 and row.compute_s > 0, row
-        w = maas.limiter.state[key.id]
+        w = maas.limiter.snapshot(key.id)
         assert (w.active, w.reserved, maas.limiter.reservations) == (0, 0, {}), (w, maas.limiter.reservations)
         after = client.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 2})
         assert after.status_code == 200, (after.status_code, after.text)

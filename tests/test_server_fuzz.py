@@ -1,6 +1,7 @@
 """A bounded schemathesis run against a live server with auth on: its OpenAPI spec drives about a
-thousand generated requests (valid and invalid) at every route; none may get a 5xx, and every
-response must conform to the spec (status documented, content type, body schema, headers).
+thousand generated requests (valid and invalid) at every route, with a tenant's key, then /metrics and
+the admin API (/admin/*) with the admin token; none may get a 5xx, and every response must conform to
+the spec (status documented, content type, body schema, headers).
 
 Checks: all of schemathesis' but `positive_data_acceptance` (ST202, "a schema-valid request must be
 accepted"): some rules of this API cannot live in a JSON schema, so a schema-valid request can be a
@@ -43,7 +44,8 @@ def test_schemathesis_finds_no_server_error_and_no_spec_mismatch(tmp_path):
     with serve(app) as url:
         tenant = schemathesis(url, raw, tmp_path, "--max-examples", "20", "--exclude-path", "/metrics")
         admin = schemathesis(url, ADMIN, tmp_path, "--max-examples", "10", "--include-path", "/metrics")
-    for run in (tenant, admin):
+        admin_api = schemathesis(url, ADMIN, tmp_path, "--max-examples", "10", "--include-path-regex", "^/admin/")
+    for run in (tenant, admin, admin_api):
         assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     assert "generated" in tenant.stdout, tenant.stdout[-2000:]
     rows = ledger.rows()

@@ -1,6 +1,6 @@
 """The HTTP server: OpenAI-compatible and GLM-native endpoints over the continuous-batching engine.
 
-    glmkit serve --model DIR [--host 127.0.0.1 --port 8000] [--keys-db PATH | --no-auth] \\
+    glmkit serve --model DIR [--host 127.0.0.1 --port 8000] [--db PATH|postgresql://... | --no-auth] \\
         [--max-batch 8 --max-waiting 64 --max-len N | --kv-memory 2GiB] [--price-per-hour 2.0 --price-input 0.5 --price-output 1.5]
     app = create_app(model, tokenizer, "glm-tiny")          # auth off, in-memory ledger
     app = create_app(model, tokenizer, "glm-tiny", maas=MaaS(KeyStore(p), Ledger(p), Pricing(...)))
@@ -62,11 +62,14 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
 from .. import __version__
+from .admin import router as admin_router
 from .http import HEADER_TIMEOUT_S, serve
 from .maas import LimitError, MaaS
 from .metering import BODY_TIMEOUT_S, MAX_BODY_BYTES, MeterMiddleware, error_response, limit_response
+from .replicas import ReplicaHeader
 from .routes import router
 from .schemas import PATTERN_ERRORS, APIError, openapi
 from .state import Server
@@ -110,7 +113,11 @@ async def _invalid(request, e: RequestValidationError):
 async def _http(request, e: StarletteHTTPException):
     msg = str(e.detail) if e.status_code != 404 else f"no route {request.method} {request.url.path}"
     _note(request, msg)
-    return error_response(e.status_code, msg, "invalid_request_error", None, None, getattr(e, "headers", None))
+    headers = getattr(e, "headers", None)
+    if e.status_code == 405:  # Starlette's Allow names the methods of one route; a path may have several
+        headers = {"allow": ", ".join(sorted({m for r in request.app.router.routes if isinstance(r, Route)
+                                              and r.matches(request.scope)[0] is not Match.NONE for m in r.methods}))}
+    return error_response(e.status_code, msg, "invalid_request_error", None, None, headers)
 
 
 async def _crash(request, e: Exception):
@@ -155,7 +162,9 @@ def create_app(model, tokenizer, model_name: str, maas: MaaS | None = None, max_
     app.state.server = server
     app.openapi = lambda: openapi(app)
     app.include_router(router)
+    app.include_router(admin_router)
     app.add_middleware(MeterMiddleware, server=server, max_body_bytes=max_body_bytes, body_timeout=body_timeout)
+    app.add_middleware(ReplicaHeader)
     return app
 
 
@@ -192,8 +201,10 @@ def main(argv=None) -> int:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--no-auth", action="store_true", help="no API keys (local use only); requests are still metered")
-    p.add_argument("--keys-db", default=None, help=f"keys database, also the ledger by default (default: {default_db_path()})")
-    p.add_argument("--ledger", default=None, help="usage ledger database (default: the keys database)")
+    p.add_argument("--db", default=None, help="keys, limits and the ledger: a SQLite file, or postgresql://user@host/dbname "
+                   f"shared by replicas (default: {default_db_path()})")
+    p.add_argument("--keys-db", default=None, help="keys database, also the ledger by default (default: --db)")
+    p.add_argument("--ledger", default=None, help="usage ledger database, which holds the limits too (default: the keys database)")
     p.add_argument("--max-batch", type=int, default=None, help="streams decoded together (default 8)")
     p.add_argument("--max-waiting", type=int, default=64, help="queued requests before answering 503")
     p.add_argument("--max-waiting-per-key", type=int, default=None,
@@ -225,7 +236,7 @@ def main(argv=None) -> int:
         if getattr(a, name) is not None and getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     pricing = Pricing(a.price_per_hour, a.price_input, a.price_cached_input, a.price_output)
-    db = a.keys_db or default_db_path()
+    db = a.keys_db or a.db or default_db_path()
     ledger = Ledger(a.ledger or db)
     if a.no_auth:
         maas = MaaS(None, ledger, pricing, auth=False)
@@ -236,8 +247,8 @@ def main(argv=None) -> int:
         keys = KeyStore(db)
         maas = MaaS(keys, ledger, pricing)
         if not keys.list():
-            print(f"glmkit serve: no active API keys in {db}: every request will get 401. Create one with "
-                  f"`glmkit keys create --db {db}`, or use --no-auth on this machine only", file=sys.stderr)
+            print(f"glmkit serve: no active API keys in {keys.path}: every request will get 401. Create one with "
+                  f"`glmkit keys create --db {keys.path}`, or use --no-auth on this machine only", file=sys.stderr)
     admin_token = os.environ.get("GLMKIT_ADMIN_TOKEN")
     if a.admin_token_file:
         admin_token = Path(a.admin_token_file).read_text().strip()
@@ -255,5 +266,8 @@ def main(argv=None) -> int:
         return 1
     print(f"glmkit serve: {name} on http://{a.host}:{a.port} (auth {'off' if a.no_auth else 'on'}, ledger {ledger.path})",
           file=sys.stderr)
-    serve(app, a.host, a.port, header_timeout=a.header_timeout, timeout_keep_alive=a.timeout_keep_alive)
+    try:
+        serve(app, a.host, a.port, header_timeout=a.header_timeout, timeout_keep_alive=a.timeout_keep_alive)
+    finally:
+        maas.close()  # a clean stop frees this replica's limits at once (a killed one is reaped by the others)
     return 0

@@ -50,10 +50,16 @@ FLUSH_S = 1.0  # how often the usage of requests in flight reaches their ledger 
 class Metrics:
     """Prometheus metrics in a registry of this app's own (two apps in one process never clash)."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, maas: MaaS | None = None):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         r = self.registry = CollectorRegistry()
+        if maas is not None:  # keys, limits and the ledger: time spent waiting on the database, per process
+            dbs = list({id(d): d for d in (maas.ledger.db, maas.keys.db if maas.keys else None) if d is not None}.values())
+            Gauge("glmkit_database_seconds", "seconds spent in database statements (keys, limits, ledger) since start, "
+                  "round trips and lock waits included", registry=r).set_function(lambda: sum(d.busy_s for d in dbs))
+            Gauge("glmkit_database_statements", "database statements run since start", registry=r).set_function(
+                lambda: sum(d.statements for d in dbs))
         Gauge("glmkit_requests_running", "engine requests in the running batch", registry=r).set_function(lambda: engine.num_running)
         Gauge("glmkit_requests_waiting", "engine requests waiting for a batch row", registry=r).set_function(lambda: engine.num_waiting)
         lat = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -357,13 +363,17 @@ class MeterMiddleware:
             call.disconnected = True
             call.record(admitted=False)
             return
-        if key is not None:
+        if key is not None:  # a transaction in the database (shared by replicas): off the event loop
             try:
-                s.maas.limiter.admit(key)
+                await asyncio.to_thread(s.maas.limiter.admit, key, call.id)
             except LimitError as e:
                 return await self.refuse(call, e, limit_response(e), scope, receive, send)
+            except s.maas.ledger.db.errors as e:  # the limits cannot be decided: another replica may be able to
+                return await self.refuse(call, e, error_response(
+                    503, "the limits database is unavailable; retry shortly", "server_error", None,
+                    "database_unavailable", {"retry-after": "1"}), scope, receive, send)
         scope["glmkit.call"] = call
-        s.maas.open(call.row(final=False))  # from here on a kill -9 leaves the row, open
+        await asyncio.to_thread(s.maas.open, call.row(final=False))  # from here on a kill -9 leaves the row, open
         self.flusher.add(call)
         replay = [{"type": "http.request", "body": body, "more_body": False}]
 

@@ -46,6 +46,8 @@ _ERRORS = {
                    500: "the engine failed on this request", 503: "overloaded (Retry-After)"},
     "keyed": {401: "missing, unknown or revoked API key", 404: "unknown model, or one the key may not use"},
     "health": {503: "the engine thread is not running"},
+    "admin": {400: "invalid request, or a key prefix shared by several keys", 401: "no admin credential, or a revoked one",
+              403: "a tenant's key, or no admin credential configured", 404: "no key with that id or prefix"},
 }
 
 
@@ -68,7 +70,8 @@ def openapi(app) -> dict:
         for method, op in ops.items():
             responses = op.setdefault("responses", {})
             responses.pop("422", None)
-            kind = ("generation" if method == "post" else "keyed" if path.startswith("/v1/") else
+            kind = ("admin" if path.startswith("/admin/") else "generation" if method == "post" else
+                    "keyed" if path.startswith("/v1/") else
                     "health" if path == "/health" else None)
             for status, what in _ERRORS.get(kind, {}).items():
                 responses.setdefault(str(status), {"description": what, "content": content})

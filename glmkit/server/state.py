@@ -135,7 +135,7 @@ class Server:
         self.engine = Engine(model, max_batch=max_batch, max_len=max_len, max_waiting=max_waiting, kv_memory=kv_memory,
                              prefill_chunk=prefill_chunk, kv_dtype=kv_dtype, constraint_vocab=vocab)
         self.runner = EngineRunner(self.engine)
-        self.metrics = Metrics(self.engine)
+        self.metrics = Metrics(self.engine, maas)
         self.causal = not model.cfg.prefix_lm
         self.chat = chat_format(model.cfg, tokenizer)  # the family's chat layout, stop ids and code infilling prompt
         self.work_lock = threading.Lock()  # classify: one at a time, beside the engine
