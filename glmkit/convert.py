@@ -1186,13 +1186,23 @@ def weight_file_paths(path: Path) -> list[tuple[str, Path]]:
 
 
 class WeightFiles:
-    """The tensors of a checkpoint directory, indexed by name -> file, read lazily."""
+    """The tensors of a checkpoint directory, indexed by name -> file, read lazily.
 
-    def __init__(self, path: Path):
+    `shared`: every tensor of a safetensors file is a view of one memory map of it, held open for the reader's
+    lifetime (a model that keeps its weights where they lie). Otherwise each read maps the file anew and the map
+    lives as long as that tensor (a stream that drops each tensor after use). A map per tensor costs twice over
+    for a model that keeps them: GLM-4.7-Flash in int4 holds ~20,000 tensors, and so ~20,000 maps (the kernel's
+    default limit is 65,530 per process, which a larger MoE's ~130,000 would exceed), and a page fault maps up to
+    16 neighbouring pages of the file into the faulting map, so a page near a tensor's ends becomes resident in
+    two maps at once: 0.7 GiB of that model's resident memory counted its file pages twice."""
+
+    def __init__(self, path: Path, shared: bool = False):
         self.path = path
+        self.shared = shared
         self.where: dict[str, Path] = {}  # tensor name -> resolved file
         self.shown: dict[Path, Path] = {}  # resolved file -> path as the checkpoint names it, for messages
         self._bin: dict[Path, dict] = {}
+        self._open: dict[Path, object] = {}  # shared: resolved file -> its safe_open handle (one map)
         for name, f in weight_file_paths(path):
             self.shown[f] = path / name
             if name.endswith(".safetensors"):  # the name's suffix: a hub-cache blob's own name has none
@@ -1209,6 +1219,10 @@ class WeightFiles:
             return self._bin[f][name]
         from safetensors import safe_open
 
+        if self.shared:
+            if f not in self._open:
+                self._open[f] = safe_open(f, framework="pt")
+            return self._open[f].get_tensor(name)
         with safe_open(f, framework="pt") as st:
             return st.get_tensor(name)
 
@@ -1346,7 +1360,7 @@ def _default_dtype(t: torch.Tensor, device) -> torch.dtype:
     return t.dtype if t.is_floating_point() else torch.float32
 
 
-def state_stream(path: str | Path, device=None, dtype=None, quant: dict | None = None):
+def state_stream(path: str | Path, device=None, dtype=None, quant: dict | None = None, keep: bool = False):
     """(config, iterator of (name, tensor)): checkpoint directory `path`'s glmkit state dict, one
     tensor at a time, each read from the memory-mapped files and checked against config.json. Names,
     the format and every file are checked here, before the first tensor is read.
@@ -1356,14 +1370,18 @@ def state_stream(path: str | Path, device=None, dtype=None, quant: dict | None =
     weight is quantized as it is read, from its stored values in fp32, and the config carries
     `quant`: exactly `quantize_model` applied to the model loaded in fp32, then cast to `dtype`,
     while memory holds one tensor at a time, never the float model. A GGUF file streams the same way
-    (ggufio.stream: its Q4_0 layers as int4, as stored)."""
+    (ggufio.stream: its Q4_0 layers as int4, as stored).
+
+    `keep`: the caller keeps every tensor (a model being loaded): each file is mapped once (WeightFiles'
+    `shared`), and a stored tensor read into a copy (another dtype, a quantized or joined weight) has its pages
+    dropped from this process once read (evict_mapped), as they would be with their own map."""
     from . import ggufio
 
     if ggufio.is_gguf(path):
         return ggufio.stream(path, device, dtype, quant)
     path = checkpoint_dir(path)
     fmt, cfg = config_of(path)
-    files = WeightFiles(path)
+    files = WeightFiles(path, shared=keep)
     present = _match_names(files.where, fmt, cfg, path)
     if cfg.quant and fmt is not GLMKIT:
         raise CheckpointError(f"{path / 'config.json'}: quantized checkpoints exist only in the glmkit layout")
@@ -1410,7 +1428,12 @@ def state_stream(path: str | Path, device=None, dtype=None, quant: dict | None =
                 yield from quantized("head", w)
                 continue
             dt = torch.float32 if r.ours.endswith(ROUTER_FP32) else dtype  # a bf16 router would reorder experts
-            yield r.ours, _joined(r, [x.to(dt) if x.is_floating_point() else x for x in ts], want, files, present)  # ints stay ints
+            out = _joined(r, [x.to(dt) if x.is_floating_point() else x for x in ts], want, files, present)  # ints stay ints
+            if keep:
+                for x, n in zip(ts, r.theirs):
+                    if not _views(out, x):
+                        evict_mapped(x, files.where[present[n]])
+            yield r.ours, out
 
     return (replace(cfg, quant=quant) if quant else cfg), tensors()
 
@@ -1426,12 +1449,18 @@ def _latent_upgrade(stored: dict, quant: dict) -> bool:
 def read_checkpoint(path: str | Path, device=None, dtype=None, quant: dict | None = None) -> GLM:
     """Load any supported checkpoint directory as a glmkit GLM, checking every tensor; with `quant`,
     quantized as it is read (see state_stream): memory peaks near the quantized model's size."""
-    cfg, tensors = state_stream(path, device, dtype, quant)
+    cfg, tensors = state_stream(path, device, dtype, quant, keep=True)
     model = _meta_model(cfg)
     model.load_state_dict(dict(tensors), strict=True, assign=True)
     if quant:
         release_freed_heap()
     return model.to(device) if device is not None else model
+
+
+def _views(out: torch.Tensor, src: torch.Tensor) -> bool:
+    """Whether `out` starts inside `src`'s bytes (a view of it, as a joined layout's slice or a no-op cast is)."""
+    start = src.data_ptr()
+    return out.device == src.device and start <= out.data_ptr() < start + max(src.nbytes, 1)
 
 
 def evict_mapped(t: torch.Tensor, path) -> int:

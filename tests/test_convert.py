@@ -510,6 +510,56 @@ def test_sharded_checkpoint_and_missing_shard(tmp_path):
         glmkit.load(str(tmp_path / "hf"))
 
 
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_loaded_model_maps_each_file_once_and_drops_copied_sources(tmp_path, monkeypatch):
+    """A loaded model's tensors are views of one memory map per safetensors file, not one map per tensor (a 30B
+    MoE in int4 would hold ~20,000 maps, and the file pages near each tensor's ends would be resident in two of
+    them). A tensor read into a copy (bf16 stored, loaded in fp32) has its whole pages dropped from the process
+    (convert.evict_mapped), as its own map's would have been when it was freed; the weights are the same."""
+    from glmkit import convert
+
+    hf = hf_tiny("Glm4ForCausalLM").to(torch.bfloat16)
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+    shards = sorted((tmp_path / "hf").glob("model-*.safetensors"))
+    assert len(shards) > 2
+
+    def maps():  # shard -> address ranges of its maps
+        out = {f: [] for f in shards}
+        for line in open("/proc/self/maps"):
+            for f in shards:
+                if line.rstrip().endswith(str(f.resolve())):
+                    out[f].append(tuple(int(a, 16) for a in line.split()[0].split("-")))
+        return out
+
+    stored = glmkit.load(str(tmp_path / "hf"))
+    assert stored.embed.weight.dtype == torch.bfloat16
+    m = maps()
+    assert all(len(r) <= 1 for r in m.values()), m  # was one per tensor kept where it lies
+    held = [sum(1 for t in stored.state_dict().values() if any(a <= t.data_ptr() < b for a, b in r)) for r in m.values()]
+    assert max(held) >= 2, held  # a file whose several tensors the model keeps in its one map
+    seen = []
+    real = convert.evict_mapped
+    monkeypatch.setattr(convert, "evict_mapped", lambda t, p: seen.append((t.nbytes, real(t, p))) or seen[-1][1])
+    up = glmkit.load(str(tmp_path / "hf"), dtype=torch.float32)
+    from safetensors import safe_open
+
+    stored_tensors = 0
+    for f in shards:
+        with safe_open(f, framework="pt") as st:
+            stored_tensors += len(list(st.keys()))
+    assert len(seen) == stored_tensors, (len(seen), stored_tensors)  # every stored (bf16) tensor was copied: dropped
+    floats = {n: t for n, t in stored.state_dict().items() if t.is_floating_point()}
+    page = __import__("os").sysconf("SC_PAGE_SIZE")
+    for nbytes, dropped in seen:  # the whole pages inside each source
+        assert max(nbytes - 2 * page, 0) <= dropped <= nbytes, (nbytes, dropped)
+    assert sum(d for _, d in seen) > 0
+    for n, t in up.state_dict().items():
+        assert t.dtype == (torch.float32 if t.is_floating_point() else t.dtype) and torch.equal(t, floats[n].float()), n
+    with torch.no_grad():
+        ids = torch.randint(0, 101, (1, 6))
+        assert_close(up(ids), stored.float()(ids), 0.0, "fp32 load == bf16 load upcast")
+
+
 def test_unknown_architecture_and_missing_config(tmp_path):
     (tmp_path / "x").mkdir()
     with pytest.raises(CheckpointError, match="has no config.json"):

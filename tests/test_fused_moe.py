@@ -45,8 +45,11 @@ def model_of(variant: str, kind: str) -> GLM:
             if kind == "fp32":  # the routing itself is compared exactly here
                 bias = 0.05 * torch.randn(BASE.n_experts)
             else:  # int4's activation rounding and bf16 move the router's input by more than a near-tie: a bias
-                # spaced wider than any score difference makes the choice, so the numerics are compared
-                bias = torch.randperm(BASE.n_experts, generator=torch.Generator().manual_seed(len(kind))) * 2.0
+                # spaced wider than any score difference makes the choice, so the numerics are compared. Powers of
+                # two: every group's sum differs too (a permutation of 0, 2, .., 14 tied two groups at 14 for
+                # int4-bf16, and the second group kept then hung on a rounding, differently on an AMX Xeon)
+                perm = torch.randperm(BASE.n_experts, generator=torch.Generator().manual_seed(len(kind)))
+                bias = 2.0 * 2.0 ** perm.float()
             layer.mlp.gate.e_score_correction_bias.copy_(bias)
     if kind.startswith("int4"):
         quantize_model(model, 4, 32 if kind == "int4-g32" else 64, head=False)
