@@ -69,8 +69,8 @@ def eager_step(model, *args):
 @pytest.mark.parametrize("kind", ["fp32", "bf16", "int4", "int4-bf16", "int4-g32"])
 @torch.no_grad()
 def test_fused_step_equals_eager_step(variant, kind, monkeypatch):
-    """Five decode steps, native and eager, each on its own copy of one prefilled cache: the same logits and
-    the same latents written. The native path must really run: its MoE kernel is counted (int4 in groups of
+    """Five decode steps, native and eager, each from the same cache (one prefill, then the native cache after
+    each step): the same logits and the same latents written. The native path must really run: its MoE kernel is counted (int4 in groups of
     64: one glmkit_moe_int4 call per MoE layer per step, from decode.cpp, none from Python)."""
     model = model_of(variant, kind)
     plan = fused.decode_plan(model)
@@ -94,8 +94,11 @@ def test_fused_step_equals_eager_step(variant, kind, monkeypatch):
     monkeypatch.setattr(kernels, "moe_int4", lambda *a, **k: python_moe.append(1) or real(*a, **k))
     # fp32: summation order (~1e-6); bf16: the latents rounded into the bf16 cache (~3e-3); int4: activations rounded to
     # int8 steps per group, where a float-rounding difference between the two paths moves a value by one step
-    # (1/127 of its group's range): up to ~4% of the largest logit here, as for the dense layers
-    tol = {"fp32": 2e-5, "bf16": 5e-3, "int4": 6e-2, "int4-bf16": 8e-2, "int4-g32": 6e-2}[kind]
+    # (1/127 of its group's range), and that step the next layers' roundings: a few entries move by up to ~8% of
+    # the largest (12% with bf16 weights) while the mean stays below 1%; a wrong index, rotation or expert moves
+    # the mean by tens of percent, which the mean's bound catches
+    tol = {"fp32": 2e-5, "bf16": 5e-3, "int4": 1.2e-1, "int4-bf16": 1.6e-1, "int4-g32": 1.2e-1}[kind]
+    mean_tol = {"fp32": 2e-5, "bf16": 2e-3}.get(kind, 1.5e-2)
     token, last = torch.tensor([[11], [12], [13]]), pos[:, -1]
     for step in range(5):
         index = torch.tensor([T + step]).expand(3)
@@ -106,16 +109,23 @@ def test_fused_step_equals_eager_step(variant, kind, monkeypatch):
         assert got is not None and got.shape == want.shape == (3, BASE.vocab_size)
         what = f"{variant} {kind} step {step}"
         mx = assert_close(got, want, atol=scaled(tol, want), what=f"{what} logits")
+        mean = (got - want).abs().mean().item()
+        assert mean <= scaled(mean_tol, want), f"{what} logits: mean |diff| {mean:.3e} > {scaled(mean_tol, want):.3e}"
         assert torch.equal(cache.valid, ref.valid)
         # a bf16 cache against the fp32 reference's: rounded the same way, up to one bf16 step where the two
         # values straddle a rounding midpoint
         ulp = ref.k.abs().max().item() * 2**-7 if cache.k.dtype == torch.bfloat16 else 0.0
         assert_close(cache.k.float(), ref.k.to(cache.k.dtype).float(), atol=scaled(tol, ref.k) + ulp,
                      what=f"{what} cached latents")
+        mean = (cache.k.float() - ref.k.to(cache.k.dtype).float()).abs().mean().item()
+        assert mean <= scaled(mean_tol, ref.k) + ulp, f"{what} cached latents: mean |diff| {mean:.3e}"
         token = want.argmax(-1, keepdim=True)
         if kind == "int4":  # the eager step called the Python wrapper, the native one did not
             assert n_python == 2 * step and len(python_moe) == 2 * (step + 1), (step, n_python, len(python_moe))
-    print(f"\n{variant} {kind}: native vs eager last step max abs diff {mx:.2e}")
+        # the next step of both from the native cache: each step is compared from one state, the two paths'
+        # differences not compounded (int4 rounds activations to int8 steps, where they grow chaotically)
+        ref.copy_rows(slice(None), cache, slice(None), cache.max_len)
+    print(f"\n{variant} {kind}: native vs eager last step max abs diff {mx:.2e}, mean {mean:.2e}")
 
 
 @needs_native

@@ -600,6 +600,38 @@ def test_bf16_via_fp32_only_where_it_applies(monkeypatch):
 
 
 @needs_native
+@pytest.mark.parametrize("K,gs", [(128, 64), (128, 32), (256, 128), (96, 32)])
+@pytest.mark.parametrize("sdtype", [torch.float32, torch.bfloat16])
+def test_heads_gemv_int4_equals_dequantized_einsum(K, gs, sdtype, monkeypatch):
+    """kernels.heads_gemv_int4 (latent attention's absorbed products on an int4 kv_b) against the fp32 einsum of the
+    dequantized weight, both ways (trans: kv_b's key rows, a product over the rows; the value rows), odd head
+    blocks (3 heads of 13 key + 7 value rows), 1..6 input rows, groups inside a 64-column block (32), one per block
+    (64) and spanning two (128); K a multiple of 64 reads the int4 rows where they lie, K = 96 dequantizes each
+    row first. This CPU's build and the AVX2 one."""
+    from glmkit.quantize import quantize_int4, unpack_int4
+
+    g = torch.Generator().manual_seed(K + gs)
+    H, Dn, Dv = 3, 13, 7
+    packed, scales, mins = quantize_int4(torch.randn(H * (Dn + Dv), K, generator=g), gs)
+    scales, mins = scales.to(sdtype), mins.to(sdtype)
+    deq = (unpack_int4(packed).float().reshape(H * (Dn + Dv), K // gs, gs) * scales.float()[..., None]
+           + mins.float()[..., None]).reshape(H, Dn + Dv, K)
+    builds = ["this"] + (["avx2"] if kernels.variant() == "avx512vnni" else [])
+    for M in (1, 2, 5, 6):
+        xk, xv = torch.randn(M, H, Dn, generator=g), torch.randn(M, H, K, generator=g)
+        cases = {"trans (key rows)": (xk, 0, Dn, True, torch.einsum("mhn,hnr->mhr", xk, deq[:, :Dn])),
+                 "value rows": (xv, Dn, Dv, False, torch.einsum("mhr,hvr->mhv", xv, deq[:, Dn:]))}
+        for build in builds:
+            if build == "avx2":
+                monkeypatch.setattr(kernels, "_lib", kernels._open("avx2"))
+            for what, (x, row0, rows, trans, want) in cases.items():
+                got = kernels.heads_gemv_int4(x, packed, scales, mins, gs, H, row0, rows, trans)
+                assert_close(got, want, 2e-5 * want.abs().max().item(), f"heads_gemv_int4 {what} M={M} K={K} gs={gs} "
+                             f"{sdtype} ({build} build)")
+            monkeypatch.undo()
+
+
+@needs_native
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
 def test_heads_gemv_equals_einsum_both_ways(wdtype, monkeypatch):
     """kernels.heads_gemv (latent attention's absorbed per-head products) on strided views of one weight, as

@@ -652,12 +652,128 @@ void dequant_int4(const uint8_t* w, const S* sc, const S* mn, int64_t gs, int64_
   }
 }
 
+// 8 packed bytes (16 columns, low nibble = even column) as fp32: the 8 even columns and the 8 odd ones.
+inline void nibbles16(const uint8_t* w, __m256& even, __m256& odd) {
+  const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w)));
+  even = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0x0F)));
+  odd = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+}
+
+// NB int4 rows (ldw bytes apart; scales and mins G apart) against one fp32 row p in the nibbles' order (per 16
+// columns the 8 even, then the 8 odd) with its group sums xs: y[i] = sum_g s_ig sum_k p_k q_ik + m_ig xs_g.
+template <int NB, typename S>
+inline void int4_rows_fp32(const float* p, const float* xs, const uint8_t* w, int64_t ldw, const S* sc, const S* mn,
+                           int64_t G, int64_t gs, float* y) {
+  __m256 acc[NB];
+  float base[NB];
+  for (int i = 0; i < NB; ++i) acc[i] = _mm256_setzero_ps(), base[i] = 0.0f;
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 t[NB];
+    for (int i = 0; i < NB; ++i) t[i] = _mm256_setzero_ps();
+    for (int64_t k = g * gs; k < (g + 1) * gs; k += 16) {
+      const __m256 xe = _mm256_loadu_ps(p + k), xo = _mm256_loadu_ps(p + k + 8);
+      for (int i = 0; i < NB; ++i) {
+        __m256 e, o;
+        nibbles16(w + i * ldw + k / 2, e, o);
+        t[i] = _mm256_fmadd_ps(o, xo, _mm256_fmadd_ps(e, xe, t[i]));
+      }
+    }
+    for (int i = 0; i < NB; ++i) {
+      acc[i] = _mm256_fmadd_ps(t[i], _mm256_set1_ps(to_float(sc[i * G + g])), acc[i]);
+      base[i] += to_float(mn[i * G + g]) * xs[g];
+    }
+  }
+  for (int i = 0; i < NB; ++i) y[i] = hsum(acc[i]) + base[i];
+}
+
+// heads_gemv_int4 (below) for K a multiple of 64, reading each int4 row where it lies: nothing is dequantized into
+// memory first (that costs 3-4x the read of the row itself, and latent attention's kv_b is read twice per layer).
+// The products stay in fp32 (activations not rounded), with each group's scale and min applied to its sums:
+// trans: y[k] = sum_n (x_n s_ng) q_nk + sum_n x_n m_ng, over 64-column blocks (8 accumulators, the even and the
+// odd columns apart as the nibbles hold them, interleaved once at the end); otherwise y_n = sum_g s_ng sum_k x_k
+// q_nk + sum_g m_ng sum_k x_k, four rows at a time against x rearranged once into the nibbles' order.
+template <typename S>
+void heads_int4_direct(const float* x, int64_t M, int64_t H, const uint8_t* w, const S* sc, const S* mn, int64_t gs,
+                       int64_t N, int64_t K, int64_t ldh, int trans, float* y, int threads) {
+  const int64_t G = K / gs, ldw = K / 2, Kx = trans ? N : K, Ky = trans ? K : N;
+  if (trans) {
+    const int64_t B = K / 64;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t item = 0; item < H * B; ++item) {  // a head's blocks in a row: one thread reads its cache lines
+      const int64_t h = item / B, k0 = item % B * 64, g0 = k0 / gs, g1 = (k0 + 32) / gs;
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xm = x + (m * H + h) * Kx;
+        __m256 ev[4], od[4];
+        for (int j = 0; j < 4; ++j) ev[j] = od[j] = _mm256_setzero_ps();
+        float base0 = 0.0f, base1 = 0.0f;
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t r = h * ldh + n;
+          const float xv = xm[n];
+          const uint8_t* wr = w + r * ldw + k0 / 2;
+          _mm_prefetch(reinterpret_cast<const char*>(wr + 8 * ldw), _MM_HINT_T0);
+          const __m256 c0 = _mm256_set1_ps(xv * to_float(sc[r * G + g0]));
+          const __m256 c1 = _mm256_set1_ps(xv * to_float(sc[r * G + g1]));
+          base0 += xv * to_float(mn[r * G + g0]);
+          base1 += xv * to_float(mn[r * G + g1]);
+          for (int j = 0; j < 4; ++j) {  // columns k0 + 16 j .. + 15; the first two in group g0, the last two in g1
+            __m256 e, o;
+            nibbles16(wr + 8 * j, e, o);
+            ev[j] = _mm256_fmadd_ps(j < 2 ? c0 : c1, e, ev[j]);
+            od[j] = _mm256_fmadd_ps(j < 2 ? c0 : c1, o, od[j]);
+          }
+        }
+        float* ym = y + (m * H + h) * Ky + k0;
+        for (int j = 0; j < 4; ++j) {
+          const __m256 b = _mm256_set1_ps(j < 2 ? base0 : base1);
+          const __m256 lo = _mm256_unpacklo_ps(ev[j], od[j]), hi = _mm256_unpackhi_ps(ev[j], od[j]);
+          _mm256_storeu_ps(ym + 16 * j, _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), b));
+          _mm256_storeu_ps(ym + 16 * j + 8, _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x31), b));
+        }
+      }
+    }
+    return;
+  }
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> xp(M * K), xs(M * G);
+#pragma omp for schedule(static)
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t m = 0; m < M; ++m) {  // per 16 columns: the 8 even, then the 8 odd; and each group's sum
+        const float* xm = x + (m * H + h) * Kx;
+        float* p = xp.data() + m * K;
+        for (int64_t k = 0; k < K; k += 16)
+          for (int i = 0; i < 8; ++i) p[k + i] = xm[k + 2 * i], p[k + 8 + i] = xm[k + 2 * i + 1];
+        for (int64_t g = 0; g < G; ++g) {
+          float t = 0.0f;
+          for (int64_t k = g * gs; k < (g + 1) * gs; ++k) t += xm[k];
+          xs[m * G + g] = t;
+        }
+      }
+      for (int64_t n0 = 0; n0 < N; n0 += 4) {
+        const uint8_t* wr = w + (h * ldh + n0) * ldw;
+        const S *sr = sc + (h * ldh + n0) * G, *mr = mn + (h * ldh + n0) * G;
+        for (int64_t m = 0; m < M; ++m) {
+          float* ym = y + (m * H + h) * Ky + n0;
+          switch (std::min<int64_t>(4, N - n0)) {
+            case 4: int4_rows_fp32<4>(xp.data() + m * K, xs.data() + m * G, wr, ldw, sr, mr, G, gs, ym); break;
+            case 3: int4_rows_fp32<3>(xp.data() + m * K, xs.data() + m * G, wr, ldw, sr, mr, G, gs, ym); break;
+            case 2: int4_rows_fp32<2>(xp.data() + m * K, xs.data() + m * G, wr, ldw, sr, mr, G, gs, ym); break;
+            default: int4_rows_fp32<1>(xp.data() + m * K, xs.data() + m * G, wr, ldw, sr, mr, G, gs, ym); break;
+          }
+        }
+      }
+    }
+  }
+}
+
 // heads_gemv (above) with each head's block of rows in glmkit's int4 layout: rows h * ldh + n (n < N) of packed w
-// (K/2 bytes a row), sc and mn (K/gs a row). Each row is dequantized to fp32 once (the activations are not
-// rounded: these products are small) and used for the M rows as heads_gemv uses an fp32 one.
+// (K/2 bytes a row), sc and mn (K/gs a row). K a multiple of 64: heads_int4_direct. Otherwise each row is
+// dequantized to fp32 once (the activations are not rounded: these products are small) and used for the M rows as
+// heads_gemv uses an fp32 one.
 template <typename S>
 void heads_gemv_int4(const float* x, int64_t M, int64_t H, const uint8_t* w, const S* sc, const S* mn, int64_t gs,
                      int64_t N, int64_t K, int64_t ldh, int trans, float* y, int threads) {
+  if (K % 64 == 0) return heads_int4_direct(x, M, H, w, sc, mn, gs, N, K, ldh, trans, y, threads);
   const int64_t G = K / gs, Kx = trans ? N : K, Ky = trans ? K : N;
 #pragma omp parallel num_threads(threads)
   {
