@@ -373,8 +373,9 @@ def heads_gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                     heads: int, row0: int, rows: int, trans: bool) -> torch.Tensor:
     """heads_gemv with the weight in glmkit's int4 layout (packed (N_all, K/2), scales and mins (N_all, K/g)): head
     h's block is rows [h * N_all / heads + row0, + rows), so kv_b's key (row0 0) or value rows (row0 Dn) of each
-    head. The activations are not rounded: fp32 products of the int4 values, each group's scale and min applied to
-    its sums (K a multiple of 64: the rows read where they lie; otherwise each dequantized to fp32 once per call)."""
+    head. K a multiple of 64: the rows read where they lie; the value rows (not `trans`) with groups of a multiple
+    of 64 as linear_int4 reads a weight (activations rounded to int8 steps per group, integer dot products), the
+    rest in fp32 without rounding the activations. Other K: each row dequantized to fp32 once per call."""
     N_all, K = packed.shape[0], packed.shape[1] * 2
     ldh = N_all // heads
     Kx = rows if trans else K

@@ -267,3 +267,20 @@ def scaled(tol: float, ref: torch.Tensor) -> float:
     values, and where it falls depends on the CPU: PyTorch's AVX2, AVX-512 and AMX kernels sum in
     different orders (ATEN_CPU_CAPABILITY=avx2 forces the AVX2 one on a newer CPU)."""
     return tol * max(1.0, ref.detach().abs().max().item())
+
+
+def int4_linear_reference(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                          gs: int) -> torch.Tensor:
+    """x (..., K) @ W.T for glmkit's int4 layout as the native int4 kernels compute it (csrc/gemv.cpp
+    int4_activations): each (row, group) of x rounded to int8 steps of its absmax / 127 for the scaled codes, the
+    mins against the exact group sums. fp32."""
+    from glmkit.quantize import unpack_int4
+
+    N, K = packed.shape[0], packed.shape[1] * 2
+    xg = x.float().reshape(*x.shape[:-1], K // gs, gs)
+    step = xg.abs().amax(-1, keepdim=True) / 127
+    step = torch.where(step > 0, step, torch.ones_like(step))
+    xq = torch.round(xg * (1 / step)) * step  # nearbyint of x times the step's inverse, as the kernel
+    q = unpack_int4(packed).float().reshape(N, K // gs, gs)
+    return (torch.einsum("...gk,ngk->...n", xq, q * scales.float()[..., None])
+            + torch.einsum("...g,ng->...n", xg.sum(-1), mins.float()))

@@ -25,7 +25,7 @@ from glmkit.model import GLM
 from glmkit.quantize import Int4Linear, quantize_int4, quantize_int8, quantize_model, unpack_int4
 from glmkit.sampling import SamplingParams
 
-from .helpers import assert_close, assert_equal, int4_act_bound, int16_act_bound, scaled
+from .helpers import assert_close, assert_equal, int4_act_bound, int4_linear_reference, int16_act_bound, scaled
 
 X86_AVX2 = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 needs_native = pytest.mark.skipif(not (X86_AVX2 and (shutil.which("c++") or shutil.which("g++"))),
@@ -606,8 +606,9 @@ def test_heads_gemv_int4_equals_dequantized_einsum(K, gs, sdtype, monkeypatch):
     """kernels.heads_gemv_int4 (latent attention's absorbed products on an int4 kv_b) against the fp32 einsum of the
     dequantized weight, both ways (trans: kv_b's key rows, a product over the rows; the value rows), odd head
     blocks (3 heads of 13 key + 7 value rows), 1..6 input rows, groups inside a 64-column block (32), one per block
-    (64) and spanning two (128); K a multiple of 64 reads the int4 rows where they lie, K = 96 dequantizes each
-    row first. This CPU's build and the AVX2 one."""
+    (64) and spanning two (128); K a multiple of 64 reads the int4 rows where they lie (the value rows in groups of
+    64 or 128 as an int4 linear: activations rounded to int8 steps, tests.helpers.int4_linear_reference), K = 96
+    dequantizes each row first. This CPU's build and the AVX2 one."""
     from glmkit.quantize import quantize_int4, unpack_int4
 
     g = torch.Generator().manual_seed(K + gs)
@@ -619,8 +620,14 @@ def test_heads_gemv_int4_equals_dequantized_einsum(K, gs, sdtype, monkeypatch):
     builds = ["this"] + (["avx2"] if kernels.variant() == "avx512vnni" else [])
     for M in (1, 2, 5, 6):
         xk, xv = torch.randn(M, H, Dn, generator=g), torch.randn(M, H, K, generator=g)
+        value = torch.einsum("mhr,hvr->mhv", xv, deq[:, Dn:])
+        if K % 64 == 0 and gs % 64 == 0:  # as an int4 linear: activations rounded to int8 steps per group
+            rows = [h * (Dn + Dv) + Dn + v for h in range(H) for v in range(Dv)]
+            value = torch.stack([int4_linear_reference(xv[:, h], packed[rows[h * Dv:(h + 1) * Dv]],
+                                                       scales[rows[h * Dv:(h + 1) * Dv]],
+                                                       mins[rows[h * Dv:(h + 1) * Dv]], gs) for h in range(H)], 1)
         cases = {"trans (key rows)": (xk, 0, Dn, True, torch.einsum("mhn,hnr->mhr", xk, deq[:, :Dn])),
-                 "value rows": (xv, Dn, Dv, False, torch.einsum("mhr,hvr->mhv", xv, deq[:, Dn:]))}
+                 "value rows": (xv, Dn, Dv, False, value)}
         for build in builds:
             if build == "avx2":
                 monkeypatch.setattr(kernels, "_lib", kernels._open("avx2"))

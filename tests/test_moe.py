@@ -312,8 +312,12 @@ def test_native_decode_refuses_what_it_does_not_compute(change):
 def test_generate_and_engine_decode_as_full_forwards(tmp_path):
     """A MoE model through generate (left-padded batch, contiguous cache) and the serving engine (paged
     cache, ragged steps of several requests): greedy tokens equal those of full forwards, one prompt at
-    a time. The model is int4-quantized as it loads, so the experts run in the quantized kernels."""
+    a time. The model is int8-quantized as it loads, so the experts run in the quantized kernels. Not int4: its
+    kernels round activations to int8 steps, where the last-bit differences between a padded batch's and a
+    single row's attention move whole steps, and greedy ties drift (on an AMX Xeon, row 0's second token flipped
+    at a 0.11 logit margin, eager and native alike); int4 experts are compared by logits in test_fused_moe and
+    above (test_quantized_experts_equal_their_dequantized_product)."""
     hf_moe(hidden_size=64, head_dim=16, moe_intermediate_size=64, intermediate_size=128).save_pretrained(tmp_path / "hf")
-    model = glmkit.load(str(tmp_path / "hf"), quantize="int4", group_size=32).eval()
+    model = glmkit.load(str(tmp_path / "hf"), quantize="int8").eval()
     assert_decodes_as_full_forwards(model, [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16, 17]], 6,
                                     {0: slice(0, 2), 2: slice(2, 3)})

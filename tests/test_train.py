@@ -126,6 +126,14 @@ def spy_gradients(monkeypatch) -> list:
     return steps
 
 
+def grad_tol(step: int, ref: torch.Tensor) -> float:
+    """Tolerance for two runs' gradients that differ only in float summation order: 1e-6 of the largest at the
+    first step; later steps start from parameters AdamW moved by those differences divided by sqrt(v), which is
+    small for rarely-touched rows (2e-6 measured at step 2 on an AMX Xeon, whose GEMMs sum in another order):
+    1e-5. A wrong scale or a dropped micro-batch is off by tens of percent at the first step."""
+    return (1e-6 if step == 0 else 1e-5) * ref.abs().max().item()
+
+
 def test_grad_accumulation_equals_big_batch(shards, tmp_path, monkeypatch):
     grads = spy_gradients(monkeypatch)
     big = train(cfg(shards, tmp_path / "big", steps=3, batch_size=4))
@@ -133,7 +141,7 @@ def test_grad_accumulation_equals_big_batch(shards, tmp_path, monkeypatch):
     g_big, g_acc = grads[:3], grads[3:]
     # same global batch of windows in the same order: only float summation order differs
     for step, (a, b) in enumerate(zip(g_acc, g_big)):
-        assert_close(a, b, 1e-6 * b.abs().max().item(), f"step {step + 1} gradients, 2 micro-batches vs 1 batch")
+        assert_close(a, b, grad_tol(step, b), f"step {step + 1} gradients, 2 micro-batches vs 1 batch")
     assert max(abs(a - b) for a, b in zip(big["losses"], acc["losses"])) < 1e-5, (big["losses"], acc["losses"])
 
 
@@ -254,7 +262,7 @@ def test_two_process_matches_one_process(shards, tmp_path, monkeypatch, parallel
         two = torch.load(tmp_path / f"grads.rank{rank}")
         assert two.shape == (3, grads[0].numel()), two.shape
         for step, (a, b) in enumerate(zip(two, grads)):
-            assert_close(a, b, 1e-6 * b.abs().max().item(), f"{parallel} rank {rank} step {step + 1} gradients vs 1 process")
+            assert_close(a, b, grad_tol(step, b), f"{parallel} rank {rank} step {step + 1} gradients vs 1 process")
     losses = [json.loads(line)["loss"] for line in (tmp_path / parallel / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 3 and max(abs(a - b) for a, b in zip(one["losses"], losses)) <= 1e-5, (one["losses"], losses)
     # the 2-process (possibly sharded) checkpoint holds full tensors: it loads as a plain model, with

@@ -688,10 +688,12 @@ inline void int4_rows_fp32(const float* p, const float* xs, const uint8_t* w, in
 
 // heads_gemv_int4 (below) for K a multiple of 64, reading each int4 row where it lies: nothing is dequantized into
 // memory first (that costs 3-4x the read of the row itself, and latent attention's kv_b is read twice per layer).
-// The products stay in fp32 (activations not rounded), with each group's scale and min applied to its sums:
-// trans: y[k] = sum_n (x_n s_ng) q_nk + sum_n x_n m_ng, over 64-column blocks (8 accumulators, the even and the
-// odd columns apart as the nibbles hold them, interleaved once at the end); otherwise y_n = sum_g s_ng sum_k x_k
-// q_nk + sum_g m_ng sum_k x_k, four rows at a time against x rearranged once into the nibbles' order.
+// trans (W_UK, a sum over the rows): fp32 products (activations not rounded), each group's scale and min applied
+// to its sums, y[k] = sum_n (x_n s_ng) q_nk + sum_n x_n m_ng, over 64-column blocks (8 accumulators, the even and
+// the odd columns apart as the nibbles hold them, interleaved once at the end). Otherwise (W_UV, a product per
+// row), groups of a multiple of 64: the int4 linears' own path (int4_activations, int4_block: int8 activations per
+// group, VNNI dot products, read at the memory bandwidth); groups of 32: fp32, y_n = sum_g s_ng sum_k x_k q_nk +
+// sum_g m_ng sum_k x_k, four rows at a time against x rearranged once into the nibbles' order.
 template <typename S>
 void heads_int4_direct(const float* x, int64_t M, int64_t H, const uint8_t* w, const S* sc, const S* mn, int64_t gs,
                        int64_t N, int64_t K, int64_t ldh, int trans, float* y, int threads) {
@@ -729,6 +731,27 @@ void heads_int4_direct(const float* x, int64_t M, int64_t H, const uint8_t* w, c
           _mm256_storeu_ps(ym + 16 * j, _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), b));
           _mm256_storeu_ps(ym + 16 * j + 8, _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x31), b));
         }
+      }
+    }
+    return;
+  }
+  if (gs % 64 == 0) {  // the value rows as any int4 linear reads them: int8 activations, integer dot products
+#pragma omp parallel num_threads(threads)
+    {
+      std::vector<float> xr(M * K), sx(M * G), xsum(M * G);
+      std::vector<int8_t> xd(M * K);
+#pragma omp for schedule(static)
+      for (int64_t h = 0; h < H; ++h) {
+        for (int64_t m = 0; m < M; ++m) std::copy(x + (m * H + h) * Kx, x + (m * H + h) * Kx + K, xr.data() + m * K);
+        int4_activations(xr.data(), M, K, gs, xd.data(), sx.data(), xsum.data());
+        const uint8_t* wh = w + h * ldh * ldw;
+        const S *sh = sc + h * ldh * G, *mh = mn + h * ldh * G;
+        if (gs == 64)
+          int4_block<1, S>(xd.data(), M, K, sx.data(), xsum.data(), wh, sh, mh, gs, 0, N, y + h * Ky, H * Ky);
+        else if (gs == 128)
+          int4_block<2, S>(xd.data(), M, K, sx.data(), xsum.data(), wh, sh, mh, gs, 0, N, y + h * Ky, H * Ky);
+        else
+          int4_block<0, S>(xd.data(), M, K, sx.data(), xsum.data(), wh, sh, mh, gs, 0, N, y + h * Ky, H * Ky);
       }
     }
     return;
