@@ -1404,6 +1404,11 @@ def state_stream(path: str | Path, device=None, dtype=None, quant: dict | None =
 
         return quantized_tensors(module, w, quant, dtype)
 
+    def drop(r, ts, kept=None):  # the stored tensors read into copies: their pages leave this process
+        for x, n in zip(ts, r.theirs):
+            if kept is None or not _views(kept, x):
+                evict_mapped(x, files.where[present[n]])
+
     def tensors():
         nonlocal dtype
         for r in fmt.rules(cfg):  # the source's rules: names as stored
@@ -1421,8 +1426,7 @@ def state_stream(path: str | Path, device=None, dtype=None, quant: dict | None =
                 if module in targets:
                     yield from quantized(module, w)
                     del w  # the float source is read: its pages of the memory-mapped file can leave this process
-                    for x, n in zip(ts, r.theirs):
-                        evict_mapped(x, files.where[present[n]])
+                    drop(r, ts)
                     continue
                 yield r.ours, w.to(dtype)
                 yield from quantized("head", w)
@@ -1430,9 +1434,7 @@ def state_stream(path: str | Path, device=None, dtype=None, quant: dict | None =
             dt = torch.float32 if r.ours.endswith(ROUTER_FP32) else dtype  # a bf16 router would reorder experts
             out = _joined(r, [x.to(dt) if x.is_floating_point() else x for x in ts], want, files, present)  # ints stay ints
             if keep:
-                for x, n in zip(ts, r.theirs):
-                    if not _views(out, x):
-                        evict_mapped(x, files.where[present[n]])
+                drop(r, ts, kept=out)
             yield r.ours, out
 
     return (replace(cfg, quant=quant) if quant else cfg), tensors()

@@ -74,6 +74,21 @@ class _Unsupported(Exception):
     pass
 
 
+def architecture_unsupported(cfg) -> str | None:
+    """Why decode.cpp cannot run `cfg`'s architecture, or None. It knows heads of q/k/v with interleaved partial
+    rotary and no q/k norms, latent attention without GLM-5's indexer, dense MLPs and GLM-4.5's sigmoid-routed
+    experts: qk_norm, half-split rotary with q/k/v heads and the indexer run eager (GLM.step falls back on None).
+    Read from the config alone (plan.py asks it before a model exists); _Plan checks the modules as it builds."""
+    if cfg.attention == "mla":
+        if cfg.index_n_heads:
+            return "latent attention with an indexer (GLM-5)"
+    elif cfg.qk_norm or not cfg.rope_interleave:
+        return "qk_norm or rope_partial with rope_interleave=false"
+    if cfg.n_experts and cfg.router_scoring != "sigmoid":
+        return f"router_scoring={cfg.router_scoring!r}"
+    return None
+
+
 class _Plan:
     """The C view of one model: pointers to its weights (read in place) and fp32 copies of the small
     tensors the kernel wants in fp32 (norms, biases, quantization scales). `fresh()` says whether the
@@ -86,15 +101,9 @@ class _Plan:
         self._watch = None  # fresh()'s columns of refs, made on first use
         cfg = model.cfg
         mla = cfg.attention == "mla"
-        # decode.cpp knows heads of q/k/v with interleaved partial rotary and no q/k norms, latent attention
-        # without GLM-5's indexer, dense MLPs and GLM-4.5's sigmoid-routed experts: qk_norm, half-split rotary
-        # with q/k/v heads and the indexer run eager (GLM.step falls back on None)
-        if mla and cfg.index_n_heads:
-            raise _Unsupported("latent attention with an indexer (GLM-5)")
-        if not mla and (cfg.qk_norm or not cfg.rope_interleave):
-            raise _Unsupported("qk_norm or rope_partial with rope_interleave=false")
-        if cfg.n_experts and cfg.router_scoring != "sigmoid":
-            raise _Unsupported(f"router_scoring={cfg.router_scoring!r}")
+        why = architecture_unsupported(cfg)
+        if why:
+            raise _Unsupported(why)
 
         def tensor(owner, name, fp32=False):
             t = getattr(owner, name)
@@ -151,7 +160,7 @@ class _Plan:
             else:
                 c.q_a, c.q_norm, c.q_b = lin(attn, "q_a"), norm(attn, "q_norm"), lin(attn, "q_b")
             kv_b = c.kv_b  # read per head by the heads kernels: fp32 / bf16, or int4 in groups of 32k
-            if c.kv_b.kind == 2 or (c.kv_b.kind >= 3 and kv_b.group % 32):
+            if kv_b.kind == 2 or (kv_b.kind >= 3 and kv_b.group % 32):
                 raise _Unsupported("kv_b is int8, or int4 in groups that are not a multiple of 32")
             self.structs.append(c)
             return ctypes.pointer(c)

@@ -289,10 +289,10 @@ def _native_shapes(cfg, quant: dict | None) -> bool:
 
 
 def _native_model(cfg) -> bool:
-    """Whether fused.decode_step takes this architecture (fused._Plan's rules): heads of q/k/v with interleaved
-    rotary and no qk norms, or latent attention without GLM-5's indexer; dense MLPs or sigmoid-routed experts."""
-    attention = not cfg.index_n_heads if cfg.attention == "mla" else not cfg.qk_norm and cfg.rope_interleave
-    return attention and (not cfg.n_experts or cfg.router_scoring == "sigmoid")
+    """Whether fused.decode_step takes this architecture (fused.architecture_unsupported, the plan's own rule)."""
+    from .fused import architecture_unsupported
+
+    return architecture_unsupported(cfg) is None
 
 
 def _native_decode(cfg, dtype: torch.dtype, quant: dict | None, device, rows: int) -> bool:
