@@ -177,6 +177,7 @@ class EvalContext:
     pattern: str = ""
     verbalizer: str = ""
     split: str = "test"
+    scoring: str = "blank"  # multiple choice: blank (the candidate in the blank) | lm (the whole text left to right)
 
     @property
     def special(self) -> SpecialIds:
@@ -358,7 +359,28 @@ def _mc_suite(ctx: EvalContext, tasks: list[dict], k: int) -> dict:
         cands = [tok.encode(c) for c in t["candidates"]]
         pre, suf = _fit(tok.encode(t["prefix"]), tok.encode(t["suffix"]), ctx.max_len - 2 - max(map(len, cands)))
         items.append((pre, suf, cands))
-    return {**_multiple_choice(ctx, items, [t["answer"] for t in tasks]), "chance": 1 / k}
+    gold = [t["answer"] for t in tasks]
+    if ctx.scoring == "lm":
+        return {**_lm_choice(ctx, items, gold), "chance": 1 / k}
+    return {**_multiple_choice(ctx, items, gold), "chance": 1 / k}
+
+
+@torch.no_grad()
+def _lm_scores(ctx: EvalContext, items: list[tuple[list, list, list[list]]]) -> torch.Tensor:
+    """log p(prefix candidate suffix) of each candidate, the text read left to right after a lone [gMASK]: how a
+    causal language model answers a cloze (it cannot read a blank's right context). (len(items), K)."""
+    from .finetune import candidate_scores
+
+    out = [candidate_scores(ctx.model, [([], [], [p + c + s for c in cands]) for p, s, cands in items[i : i + ctx.batch_size]],
+                            ctx.special, mask=ctx.special.gmask).cpu() for i in range(0, len(items), ctx.batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def _lm_choice(ctx: EvalContext, items: list[tuple[list, list, list[list]]], gold: list[int]) -> dict:
+    """Accuracy of argmax _lm_scores. The prefix is the same for every candidate, so candidate and suffix decide.
+    No calibrated variant: a candidate's prior does not separate from its context here."""
+    right = int((_lm_scores(ctx, items).argmax(-1) == torch.tensor(gold)).sum()) if items else 0
+    return {"n": len(items), "accuracy": right / max(len(items), 1), "scoring": "lm"}
 
 
 def suite_tang300(ctx: EvalContext) -> dict:
@@ -479,6 +501,9 @@ def eval_main(argv=None) -> int:
     p.add_argument("--pattern", default="")
     p.add_argument("--verbalizer", default="")
     p.add_argument("--split", default="test", help="cloze suites: records whose 'split' field equals this ('' = all)")
+    p.add_argument("--scoring", choices=("blank", "lm"), default="blank",
+                   help="tang300/chengyu: the candidate in the blank (GLM), or the whole text left to right (a model "
+                        "trained as a causal LM, pretrain --infill whole_window=1)")
     a = p.parse_args(argv)
     names = list(DEFAULT_SUITES) if a.suite == "all" else [s.strip() for s in a.suite.split(",") if s.strip()]
     unknown = [s for s in names if s not in SUITES]
@@ -494,7 +519,8 @@ def eval_main(argv=None) -> int:
                       docs_per_domain=a.docs_per_domain, shards=a.shards, workers=a.workers, timeout=a.timeout,
                       memory_mb=a.memory_mb, max_new_tokens=a.max_new_tokens,
                       finetune=json.loads(ft_file.read_text()) if ft_file.exists() else None,
-                      cloze_file=a.cloze_file, pattern=a.pattern, verbalizer=a.verbalizer, split=a.split)
+                      cloze_file=a.cloze_file, pattern=a.pattern, verbalizer=a.verbalizer, split=a.split,
+                      scoring=a.scoring)
     print(f"glmkit eval: {a.model} on {device} ({dtype}), data {ctx.data}, suites {', '.join(names)}"
           + (f", limit {a.limit}" if a.limit else ""))
     t0 = time.perf_counter()

@@ -53,6 +53,10 @@ class InfillConfig:
     gmask_min: float = 0.5  # gMASK span length as a fraction of its document's length in the window
     gmask_max: float = 1.0
     gmask_suffix_prob: float = 0.5  # gMASK: P(span is the document's suffix); else anywhere inside it
+    # A plain causal language model in GLM's format, for comparison with the objective (MODEL_CARD.md): every
+    # example is one [gMASK] span over the whole window, documents and their separators alike, so Part A is the
+    # mask token alone and each token is predicted from the tokens before it. The mixture is then ignored.
+    whole_window: bool = False
 
     def __post_init__(self):
         m = np.asarray(self.mixture, dtype=np.float64)
@@ -398,6 +402,9 @@ def build_example(
             "build it as a bool table over the whole vocabulary"
         )
 
+    if cfg.whole_window:
+        n = min(len(tokens), seq_len - 2)
+        return assemble(tokens[:n], [(0, n)], [special.gmask], [0], special, mode="causal"), n
     mode = MODES[int(rng.choice(3, p=cfg.mode_probs))]
     mask_id = {"MASK": special.mask, "sMASK": special.smask, "gMASK": special.gmask}[mode]
     chosen = None

@@ -620,12 +620,23 @@ class _Bf16Linear(torch.autograd.Function):
         return gx, gw, gb
 
 
+def _bf16_cpu_backward(q: torch.Tensor) -> bool:
+    """A CPU attention whose backward will run, in bf16 or under bf16 autocast."""
+    if q.device.type != "cpu" or not (torch.is_grad_enabled() and q.requires_grad) or torch.compiler.is_compiling():
+        return False
+    return q.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, enable_gqa: bool,
               scale: float | None = None) -> torch.Tensor:
     """scaled_dot_product_attention (causal when `mask` is None; `scale` None: 1/sqrt(q's width)). CPU bf16 attention runs in fp32 where
     bf16 products are emulated: PyTorch's CPU flash-attention kernel does its blocks through the bf16
-    GEMM, and its backward was 46% of a bf16 training step of the 10M bench model (3.5 s of 7.4 s)."""
-    if bf16_via_fp32(q, k):  # bf16 operands, or bf16 autocast (which would cast all three to bf16)
+    GEMM, and its backward was 46% of a bf16 training step of the 10M bench model (3.5 s of 7.4 s).
+    It does so in training on every CPU: even with bf16 instructions (AVX-512 BF16, AMX) that kernel's
+    backward is slower in bf16 than in fp32 at head widths like 32 (a GLM-objective window, 8 x 512,
+    8 heads: 254 ms against 168 forward and backward on a Sapphire Rapids Xeon), while its forward is
+    faster in bf16, so inference keeps bf16 (and no fp32 copy of a long cache)."""
+    if bf16_via_fp32(q, k) or _bf16_cpu_backward(q):  # bf16 operands, or bf16 autocast (which would cast all three to bf16)
         with torch.autocast("cpu", enabled=False):
             y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=mask is None,
                                                enable_gqa=enable_gqa, scale=scale)

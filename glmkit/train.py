@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -70,6 +71,8 @@ class TrainConfig:
     seed: int = 0
     resume: bool = False
     mixture: tuple = (0.5, 0.3, 0.2)
+    infill: dict = field(default_factory=dict)  # other InfillConfig fields, e.g. {"coverage": 0.3}
+    domain_weights: dict = field(default_factory=dict)  # {"zh_classical": 2.0, ...}: see data.loader
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -159,7 +162,7 @@ def train(c: TrainConfig) -> dict:
     shards = TokenShards(c.data)
     tok = shards.tokenizer()
     special, sentence_end = special_ids(tok), tok.sentence_end_table()
-    infill_cfg = InfillConfig(mixture=tuple(c.mixture))
+    infill_cfg = InfillConfig(mixture=tuple(c.mixture), **c.infill)
     model = build_model(c, tok.vocab_size, d.device)
     objective: nn.Module = GLMObjective(model)
     amp = c.precision == "bf16"
@@ -171,7 +174,7 @@ def train(c: TrainConfig) -> dict:
         objective = D.apply_fsdp(objective, model.layers) if c.parallel == "fsdp" else D.apply_ddp(objective, d)
     optimizer, opt_kind = make_optimizer(model, c, d.device)
     loader = InfillLoader(shards, "train", c.seq_len, c.batch_size, special, sentence_end, infill_cfg,
-                          seed=c.seed, rank=d.rank, world_size=d.world_size)
+                          seed=c.seed, rank=d.rank, world_size=d.world_size, domain_weights=c.domain_weights)
     out = Path(c.out)
     start = 0
     say = (lambda msg: print(f"glmkit pretrain: {msg}", file=sys.stderr)) if d.is_main else (lambda msg: None)
@@ -204,8 +207,10 @@ def train(c: TrainConfig) -> dict:
 
     def evaluate() -> dict:
         objective.eval()
+        # held-out losses with the standard blanks (InfillConfig's defaults), whatever this run trains on, so runs
+        # with different recipes are measured alike
         res = {"loss": objective_losses(run_objective, shards, special, sentence_end, c.seq_len, c.batch_size,
-                                        c.eval_batches, infill_cfg),
+                                        c.eval_batches, InfillConfig()),
                "bpc": bits_per_char(run_objective, shards, special, c.seq_len, c.batch_size, c.eval_docs, tok)}
         objective.train()
         return res
@@ -287,12 +292,34 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.add_argument("--mixture", type=float, nargs=3, default=list(defaults.mixture), metavar=("MASK", "sMASK", "gMASK"))
+    p.add_argument("--infill", nargs="+", default=[], metavar="FIELD=VALUE",
+                   help="blank choice besides the mixture, e.g. coverage=0.3 span_lambda=4 gmask_min=0.3 (InfillConfig)")
+    p.add_argument("--domain-weights", nargs="+", default=[], metavar="DOMAIN=W",
+                   help="how often each domain's windows are seen per epoch, e.g. zh_classical=2 code=0.5 (others 1)")
     p.add_argument("--no-progress", action="store_true")
     a = vars(p.parse_args(argv))
     a["progress"] = not a.pop("no_progress")
     a["mixture"] = tuple(a["mixture"])
+    a["infill"] = _pairs(p, "--infill", a["infill"])
+    a["domain_weights"] = _pairs(p, "--domain-weights", a["domain_weights"])
+    fields = {f.name for f in dataclasses.fields(InfillConfig)} - {"mixture"}
+    if unknown := set(a["infill"]) - fields:
+        p.error(f"--infill {sorted(unknown)}: choose from {sorted(fields)}")
+    defaults_infill = InfillConfig()
+    a["infill"] = {k: type(getattr(defaults_infill, k))(v) for k, v in a["infill"].items()}  # max_span is an int
     train(TrainConfig(**a))
     return 0
+
+
+def _pairs(p: argparse.ArgumentParser, flag: str, items: list[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        k, _, v = item.partition("=")
+        try:
+            out[k] = float(v)
+        except ValueError:
+            p.error(f"{flag} {item!r}: want NAME=NUMBER")
+    return out
 
 
 def plot(argv=None) -> int:

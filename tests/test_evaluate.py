@@ -266,3 +266,27 @@ def test_multiple_choice_reports_plain_and_calibrated_accuracy(ckpt):
     assert got["n"] == 3 and {k: got[k] for k in want} == want, (got, want, plain, cal)
     # the two rules disagree somewhere on these items (else the test could not tell them apart)
     assert any(max(range(3), key=a.__getitem__) != max(range(3), key=b.__getitem__) for a, b in zip(plain, cal)), (plain, cal)
+
+
+def test_lm_scoring_reads_prefix_candidate_and_suffix_left_to_right(ckpt):
+    # --scoring lm: each candidate scored as log p(prefix candidate suffix) after a lone [gMASK] (how a model trained
+    # as a causal LM answers a cloze); recomputed one example at a time from sequence_logprobs
+    from glmkit.convert import load
+    from glmkit.evaluate import EvalContext, _lm_choice, _lm_scores
+    from glmkit.tokenizer import load_tokenizer
+
+    model, tok = load(ckpt).eval(), load_tokenizer(ckpt)
+    ctx = EvalContext(model=model, tok=tok, data=FIXTURES, batch_size=2)
+    sp = ctx.special
+    words = ["春眠不觉晓", "处处闻啼鸟", "夜来风雨声", "花落知多少", "床前明月光", "疑是地上霜"]
+    items = [(tok.encode(w[:2]), tok.encode(w[3:]), [tok.encode(c) for c in words[i : i + 3]]) for i, w in enumerate(words[:3])]
+    with torch.no_grad():
+        lm = torch.tensor([[float(sequence_logprobs(model, [blank_example([], p + c + s, [], sp, mask=sp.gmask)], sp.pad)[0][0])
+                            for c in cands] for p, s, cands in items])
+        blank = torch.tensor([[float(sequence_logprobs(model, [blank_example(p, c, s, sp)], sp.pad)[0][0]) for c in cands]
+                              for p, s, cands in items])
+    got = _lm_scores(ctx, items)
+    print(f"\nlm scores max diff {(got - lm).abs().max():.2e}; blank scores differ by {(got - blank).abs().max():.1f}")
+    assert torch.allclose(got, lm, atol=1e-3) and not torch.allclose(got, blank, atol=1.0), (got, lm, blank)
+    best, worst = lm.argmax(-1).tolist(), lm.argmin(-1).tolist()
+    assert _lm_choice(ctx, items, best)["accuracy"] == 1.0 and _lm_choice(ctx, items, worst)["accuracy"] == 0.0

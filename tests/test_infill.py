@@ -369,6 +369,33 @@ def test_bad_config_raises_value_error(kwargs):
         InfillConfig(**kwargs)
 
 
+def test_whole_window_is_a_causal_lm_in_glm_format():
+    # the comparison objective: one [gMASK] span over the whole window, eos separators included, so every token
+    # is predicted from the ones before it; the model then attends causally over Part B (checked with a model)
+    rng = np.random.default_rng(0)
+    tokens = make_stream([5, 9, 3, 30], np.arange(1, 80), rng, SPECIAL.eos)
+    ex, used = build_example(tokens, 32, rng, SPECIAL, np.zeros(100, bool), InfillConfig(whole_window=True))
+    assert ex.mode == "causal" and used == 30 and ex.sep == 1
+    assert_array(ex.input_ids, [SPECIAL.gmask, SPECIAL.sop, *tokens[:30]], "input ids")
+    assert_array(ex.targets[1:], [*tokens[:30], SPECIAL.eop], "targets")
+    assert_array(ex.position_ids, [[0] * 32, [0, *range(1, 32)]], "positions")
+    assert ex.loss_mask.sum() == 31
+    # no bidirectional context: changing a later token leaves every earlier prediction as it was
+    from glmkit.config import ModelConfig
+    from glmkit.model import GLM
+
+    torch.manual_seed(0)
+    model = GLM(ModelConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)).eval()
+    b = collate([ex], SPECIAL.pad)
+    later = {k: v.clone() for k, v in b.items()}
+    later["input_ids"][0, 20] = 7 if int(later["input_ids"][0, 20]) != 7 else 8
+    with torch.no_grad():
+        y0 = model(b["input_ids"], b["position_ids"], sep=b["sep"])
+        y1 = model(later["input_ids"], later["position_ids"], sep=later["sep"])
+    print(f"\nearlier positions max diff {(y0[0, :20] - y1[0, :20]).abs().max():.2e}, later {(y0[0, 20:] - y1[0, 20:]).abs().max():.2e}")
+    assert torch.equal(y0[0, :20], y1[0, :20]) and not torch.equal(y0[0, 20:], y1[0, 20:])
+
+
 def test_config_round_trips_through_asdict():
     cfg = InfillConfig(mixture=(1, 2, 1), coverage=0.2)
     assert InfillConfig(**asdict(cfg)) == cfg and set(asdict(cfg)) == {f.name for f in fields(InfillConfig)}

@@ -586,6 +586,22 @@ def test_bf16_attention_through_fp32_matches_sdpa(monkeypatch, autocast, masked)
         assert_close(a.grad.float(), b.grad.float(), atol=3e-2 * b.grad.float().abs().max().item(), what=what)
 
 
+def test_bf16_attention_in_training_runs_in_fp32_even_with_bf16_instructions(monkeypatch):
+    # with bf16 instructions (AVX-512 BF16 / AMX) PyTorch's CPU flash-attention backward is slower in bf16 than
+    # in fp32, so attention whose backward will run goes through fp32; inference (no grad) stays in bf16
+    monkeypatch.setattr(kernels, "_BF16_EMULATED", False)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, n, 9, 16, generator=g).bfloat16() for n in (4, 2, 2))
+    fp32 = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, enable_gqa=True).bfloat16()
+    bf16 = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert not torch.equal(fp32, bf16)  # else this test could not tell the paths apart
+    trained = kernels.attention(q.clone().requires_grad_(), k, v, None, enable_gqa=True)
+    assert torch.equal(trained.detach(), fp32) and trained.dtype == torch.bfloat16 and trained.grad_fn is not None
+    assert torch.equal(kernels.attention(q, k, v, None, enable_gqa=True), bf16)
+    with torch.no_grad():
+        assert torch.equal(kernels.attention(q.clone().requires_grad_(), k, v, None, enable_gqa=True), bf16)
+
+
 def test_bf16_via_fp32_only_where_it_applies(monkeypatch):
     monkeypatch.setattr(kernels, "_BF16_EMULATED", True)
     xb, wb, xf, wf = torch.zeros(2, 4, dtype=torch.bfloat16), torch.zeros(3, 4, dtype=torch.bfloat16), torch.zeros(2, 4), torch.zeros(3, 4)

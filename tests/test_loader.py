@@ -74,3 +74,43 @@ def test_bad_rank_and_tiny_split(data):
         loader(data, rank=2, world=2)
     with pytest.raises(ValueError, match="fewer than one global batch"):
         loader(data, batch=100000)
+
+
+def test_domain_weights_repeat_and_drop_windows_by_the_domain_they_start_in(data):
+    tok = data.tokenizer()
+    doms = data.index["domains"]
+    docs = data.docs("train")
+
+    def weighted(w, seed=0):
+        return InfillLoader(data, "train", 64, 4, special_ids(tok), tok.sentence_end_table(), seed=seed,
+                            domain_weights=w)
+
+    def domain_of(ld, windows):
+        starts = ld.offset + np.asarray(windows) * ld.seq_len
+        return docs[np.searchsorted(docs[:, 0], starts, side="right") - 1, 3]
+
+    plain, ld = loader(data), weighted({doms[0]: 2.0, doms[1]: 0.0})
+    n = (ld.n_tokens - ld.offset) // ld.seq_len
+    count = np.bincount(ld.perm, minlength=n)
+    want = np.choose(domain_of(ld, np.arange(n)), [2, 0] + [1] * (len(doms) - 2))
+    assert np.array_equal(count, want), (count.tolist(), want.tolist())
+    assert ld.steps_per_epoch == len(ld.perm) // 4 != plain.steps_per_epoch
+    # a window shown twice gets different blanks; the weighted loader resumes like the plain one
+    twice = int(np.flatnonzero(count == 2)[0])
+    a, b = np.flatnonzero(ld.perm == twice)[:2]
+    ea, eb = ld.example(twice, int(a)), ld.example(twice, int(b))
+    assert not np.array_equal(ea.input_ids, eb.input_ids)
+    for _ in range(ld.steps_per_epoch + 2):
+        next(ld)
+    again = weighted({doms[0]: 2.0, doms[1]: 0.0})
+    again.load_state_dict(ld.state_dict())
+    assert same(next(ld), next(again))
+    # fractional weights: each window kept with that probability
+    half = weighted({d: 0.5 for d in doms}, seed=3)
+    assert abs(len(half.perm) / n - 0.5) < 0.1 and len(set(half.perm.tolist())) == len(half.perm)
+    with pytest.raises(ValueError, match="domain weights"):
+        weighted({"klingon": 1.0})
+    with pytest.raises(ValueError, match="domain weights"):
+        weighted({doms[0]: -1.0})
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        weighted({d: 0.0 for d in doms})
