@@ -4,7 +4,8 @@
 
 Writes bf16 weights (half the bytes; every command upcasts to the run's dtype on load), the
 config, the tokenizer, and `training.json` (steps, tokens, wall time, last losses) from the run's
-metrics. Replaces a previously shipped model as a whole.
+metrics; for a run continued from a shipped model (`pretrain --model DIR`), that model's training.json as
+`continued_from` and the tokens of both. Replaces a previously shipped model as a whole.
 """
 import json
 import shutil
@@ -32,6 +33,10 @@ if __name__ == "__main__":
         "last_eval": evals[-1]["eval"] if evals else None,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
+    start = Path(train_cfg["model"])  # a continued run: keep the lineage (the start's own training.json)
+    if (start / "training.json").exists():
+        info["continued_from"] = json.loads((start / "training.json").read_text())
+        info["tokens_seen_total"] = tokens + info["continued_from"].get("tokens_seen_total", info["continued_from"]["tokens_seen"])
     tmp = DEFAULT_MODEL.with_name(".default.new")
     shutil.rmtree(tmp, ignore_errors=True)
     write_checkpoint(model, tmp, "glmkit", [ckpt / "tokenizer.json"])

@@ -364,3 +364,33 @@ def test_bits_per_char_of_a_uniform_model(shards):
     bpc = bits_per_char(lambda b: (obj(**b), b["loss_mask"].sum()), sh, special_ids(tok), 64, docs_per_domain=5)
     want = uniform_bpc(shards, docs=5, seq_len=64)
     assert set(bpc) == set(want) and all(abs(bpc[d] - want[d]) < 1e-4 for d in want), (bpc, want)
+
+
+def test_objective_pads_the_head_rows_to_a_few_shapes_with_the_same_sum():
+    # GLMObjective rounds the predicted rows up to a multiple of ROWS (zero rows, targets ignored) so a CPU bf16
+    # run does not build a oneDNN primitive per batch; the summed loss and the gradients are those of the plain sum
+    import torch.nn.functional as F
+
+    from glmkit.config import get_preset
+    from glmkit.model import GLM
+    from glmkit.scoring import GLMObjective
+
+    torch.manual_seed(0)
+    model = GLM(get_preset("debug"))
+    model.init_weights(seed=0)
+    B, T = 2, 40
+    ids, targets = torch.randint(0, 500, (B, T)), torch.randint(0, 500, (B, T))
+    pos = torch.stack((torch.arange(T), torch.zeros(T, dtype=torch.long)))[None].expand(B, 2, T).contiguous()
+    sep = torch.tensor([10, 23])
+    mask = torch.arange(T)[None] >= sep[:, None]  # 47 rows: padded to 128
+    seen = []
+    model.logits = (lambda f: lambda h: seen.append(h.shape[0]) or f(h))(model.logits)
+    got = GLMObjective(model)(ids, pos, sep, targets, mask)
+    g1 = torch.autograd.grad(got, model.embed.weight)[0]
+    del model.logits
+    h = model(ids, pos, sep=sep, hidden_only=True)
+    want = F.cross_entropy(model.logits(h[mask]).float(), targets[mask], reduction="sum")
+    g2 = torch.autograd.grad(want, model.embed.weight)[0]
+    print(f"\nhead rows {seen}, loss {got.item():.6f} vs {want.item():.6f}, grad max diff {(g1 - g2).abs().max():.2e}")
+    assert seen == [128] and int(mask.sum()) == 47
+    assert torch.allclose(got, want, rtol=1e-6) and torch.allclose(g1, g2, atol=1e-6)
