@@ -38,6 +38,7 @@ import stat
 import subprocess
 import tempfile
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -374,9 +375,11 @@ def heads_gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                     heads: int, row0: int, rows: int, trans: bool) -> torch.Tensor:
     """heads_gemv with the weight in glmkit's int4 layout (packed (N_all, K/2), scales and mins (N_all, K/g)): head
     h's block is rows [h * N_all / heads + row0, + rows), so kv_b's key (row0 0) or value rows (row0 Dn) of each
-    head. K a multiple of 64: the rows read where they lie; the value rows (not `trans`) with groups of a multiple
-    of 64 as linear_int4 reads a weight (activations rounded to int8 steps per group, integer dot products), the
-    rest in fp32 without rounding the activations. Other K: each row dequantized to fp32 once per call."""
+    head. The key rows (`trans`, row0 0, K a multiple of 32): heads_uk_int4 on uk_codes (activations rounded to int8
+    steps per group and 64 rows, integer dot products). Otherwise, K a multiple of 64: the rows read where they lie;
+    the value rows with groups of a multiple of 64 as linear_int4 reads a weight (activations rounded to int8 steps
+    per group, integer dot products), the rest in fp32 without rounding the activations. Other K: each row
+    dequantized to fp32 once per call."""
     N_all, K = packed.shape[0], packed.shape[1] * 2
     ldh = N_all // heads
     Kx = rows if trans else K
@@ -386,6 +389,8 @@ def heads_gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                          f"[{row0}, {row0 + rows}) per head, group size {group_size} do not fit together")
     if _load() is None:
         raise RuntimeError(f"heads_gemv_int4: the native kernels are unavailable ({_why})")
+    if trans and row0 == 0 and K % 32 == 0:  # kv_b's key rows (W_UK): integer products on their regrouped codes
+        return heads_uk_int4(x, uk_codes(packed, heads, rows), scales, mins, group_size)
     sc, mn, code = int4_scales(scales, mins)
     xr = x.to(torch.float32).contiguous()
     y = torch.empty(x.shape[0], heads, K if trans else rows)
@@ -412,6 +417,22 @@ def heads_uk_codes(packed: torch.Tensor, heads: int, rows: int) -> torch.Tensor:
     # k = 32 kb + 16 half + 8 nib + i, n = 4 n4 + j -> byte (kb, n4, half, i, j), nibble nib
     q = q.reshape(heads, Np // 4, 4, K // 32, 2, 2, 8).permute(0, 3, 1, 4, 6, 2, 5)  # (H, kb, n4, half, i, j, nib)
     return (q[..., 0] | q[..., 1] << 4).reshape(heads, K // 32, Np // 4, 64).contiguous()
+
+
+_uk: dict[int, tuple] = {}  # id(packed) -> ((data_ptr, version, heads, rows), its codes); dropped with the tensor
+
+
+def uk_codes(packed: torch.Tensor, heads: int, rows: int) -> torch.Tensor:
+    """heads_uk_codes(packed, heads, rows), made once per weight and kept while it lives (rebuilt if it is written
+    to): the eager LatentAttention (through heads_gemv_int4) and fused.py's plan share the one copy, so the two
+    decode paths round alike and a model holds it once."""
+    key = (packed.data_ptr(), packed._version, heads, rows)
+    hit = _uk.get(id(packed))
+    if hit is None or hit[0] != key:
+        if hit is None:
+            weakref.finalize(packed, _uk.pop, id(packed), None)
+        hit = _uk[id(packed)] = (key, heads_uk_codes(packed, heads, rows))
+    return hit[1]
 
 
 def heads_uk_int4(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,

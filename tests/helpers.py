@@ -290,7 +290,8 @@ def uk_int4_reference(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tenso
                       heads: int) -> torch.Tensor:
     """x (M, H, N) through kv_b's key rows (rows [0, N) of each head's block), y (M, H, K) = sum_n x_n W[h][n], as
     kernels.heads_uk_int4 computes it (csrc/gemv.cpp heads_uk_int4): per output group g the activations x_n * s_ng
-    rounded to int8 steps of their absmax / 127 per 64 rows, the mins against the exact x. fp32."""
+    rounded to int8 steps of their absmax / 127 per 64 rows, the mins against the exact x, and 7.5 (the codes' mean)
+    times the rounding's sum. fp32."""
     from glmkit.quantize import unpack_int4
 
     M, H, N = x.shape
@@ -304,6 +305,8 @@ def uk_int4_reference(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tenso
     a = a.reshape(M, H, C, 64, G)
     step = a.abs().amax(3, keepdim=True) / 127
     step = torch.where(step > 0, step, torch.ones_like(step))
-    aq = (torch.round(a * (1 / step)) * step).reshape(M, H, C * 64, G)[:, :, :N]
-    y = torch.einsum("mhng,hngj->mhgj", aq, q) + torch.einsum("mhn,hng->mhg", x.float(), m)[..., None]
+    aq = (torch.round(a * (1 / step)) * step).reshape(M, H, C * 64, G)
+    err = a.reshape(M, H, C * 64, G).sum(2) - aq.sum(2)  # (M, H, G) the rounding's total, put back at the codes' mean
+    y = (torch.einsum("mhng,hngj->mhgj", aq[:, :, :N], q)
+         + (torch.einsum("mhn,hng->mhg", x.float(), m) + 7.5 * err)[..., None])
     return y.reshape(M, H, K)
