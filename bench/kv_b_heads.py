@@ -17,14 +17,12 @@ the ratio to the old key-row form measured in the same run. A busy machine moves
 from __future__ import annotations
 
 import argparse
-import ctypes
 import statistics
 import time
 
 import torch
 
 from glmkit import kernels
-from glmkit.quantize import quantize_int4
 
 
 def main():
@@ -57,8 +55,6 @@ def main():
             sc = (torch.rand(H * (Dn + Dv), R // gs, generator=g) * 0.01).to(torch.bfloat16)
             mn = (-7.5 * sc.float()).to(torch.bfloat16)
             layers.append((packed, sc, mn, kernels.heads_uk_codes(packed, H, Dn)))
-        _, s0, _ = quantize_int4(torch.randn(4, R), gs)  # the layout's group count, checked
-        assert s0.shape[1] == layers[0][1].shape[1]
         uk_bytes = sum(c.numel() for *_, c in layers)
         for M in a.rows:
             xk, xv = torch.randn(M, H, Dn), torch.randn(M, H, R)
@@ -71,7 +67,7 @@ def main():
                                                gs, Dn, R, Dn + Dv, 1, yk.data_ptr(), a.threads)
 
             def new():
-                for packed, sc, mn, codes in layers:
+                for _, sc, mn, codes in layers:
                     lib.glmkit_heads_uk_int4(xk.data_ptr(), M, H, codes.data_ptr(), sc.data_ptr(), mn.data_ptr(), 1, gs,
                                              Dn, R, Dn + Dv, yk.data_ptr(), a.threads)
 

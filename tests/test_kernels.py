@@ -650,9 +650,10 @@ def test_heads_uk_int4_rounds_as_its_reference(K, gs, sdtype, monkeypatch):
     """kernels.heads_uk_int4 (kv_b's key rows regrouped by heads_uk_codes, integer dot products) against
     tests.helpers.uk_int4_reference (the same activation rounding, fp32 sums: 1e-5 of the largest output) and
     against the fp32 einsum of the dequantized weight, output by output within half a step of each rounded
-    activation times its code's distance from 7.5 (the rounding's sum is put back at the codes' mean). Odd heads (3 of 13 key rows, or 5 of 70: two 64-row steps, the last one partial;
-    neither a multiple of the 8 rows the codes are padded to), 1..9 input rows, groups of 32 (one per 32 outputs) to
-    128 (4 groups: fewer than a vector's 8); the AVX2 build gives the same bits as this CPU's."""
+    activation times its code's distance from 7.5 (the rounding's sum is put back at the codes' mean). Odd heads
+    (3 of 13 key rows, or 5 of 70: two 64-row steps, the last one partial; neither a multiple of the 8 rows the
+    codes are padded to), 1..9 input rows, groups of 32 (one per 32 outputs) to 128 (4 groups: fewer than a
+    vector's 8); the AVX2 build gives the same bits as this CPU's."""
     from glmkit.quantize import quantize_int4, unpack_int4
 
     from .helpers import uk_int4_reference

@@ -799,22 +799,6 @@ void heads_int4_direct(const float* x, int64_t M, int64_t H, const uint8_t* w, c
   }
 }
 
-// kv_b's key rows (W_UK, trans above) as integer dot products. The fp32 form is compute-bound (each nibble widened
-// to fp32 for one FMA: 7-10 ms a step over GLM-4.7-Flash's 47 layers, for 1 MB of codes a layer), and the int4
-// linears' integer path needs a dot product per output along the codes' rows, which W_UK sums across. So the key
-// rows are regrouped once per model (kernels.heads_uk_codes, kept by fused.py's plan: the same bytes as the rows
-// themselves, 0.94 MiB a layer at H 20, N 192, K 512): per head and per 32 outputs k, 64 bytes per 4 rows n, in
-// which int32 lane i of the first 32 bytes holds rows n..n+3 of output k + i (low nibbles) and k + 8 + i (high
-// nibbles), the second 32 bytes the same for k + 16 and k + 24 (rows padded with code 0 to a multiple of 8). One
-// vpdpbusd multiplies 8 outputs' 4 codes by the 4 activations broadcast to every lane, and the sums land in output
-// order (no horizontal sums). With w_nk = s_ng q_nk + m_ng (g = k's group):
-//   y_k = sum_n (x_n s_ng) q_nk + sum_n x_n m_ng,
-// so each group g has its own activations x_n s_ng, rounded to int8 steps of their absmax / 127 per 64 rows (as
-// int4_activations rounds a linear's per group of 64 columns), and the mins' term base_g in fp32. The codes are
-// unsigned (0..15, mean 7.5), so the rounding errors e_n meet weights of one sign and add up; base_g also takes
-// 7.5 sum_n e_n (the exact sum of the activations less their rounded sum), which leaves sum_n e_n (q_nk - 7.5): about
-// half the error of the int4 linears' rounding (1.6% -> ~0.8% of the output's norm on random codes). The AVX2 build
-// sums the same int32s (maddubs, madd), so both give the same bits.
 // Up to 8 scales (fp32 or bf16) from p, lanes past n zero: n is 8, or G below 8 (4 or 2 in practice: K / gs).
 template <typename S>
 inline __m256 load_upto8(const S* p, int64_t n) {
@@ -824,6 +808,23 @@ inline __m256 load_upto8(const S* p, int64_t n) {
   return _mm256_loadu_ps(t);
 }
 
+// kv_b's key rows (W_UK, trans above) as integer dot products. The fp32 form is compute-bound (each nibble widened
+// to fp32 for one FMA: 7-10 ms a step over GLM-4.7-Flash's 47 layers, for 1 MB of codes a layer), and the int4
+// linears' integer path needs a dot product per output along the codes' rows, which W_UK sums across. So the key
+// rows are regrouped once per weight (kernels.uk_codes, which fused.py's plan and the eager path share: the same
+// bytes as the rows themselves, 0.94 MiB a layer at H 20, N 192, K 512): per head and per 32 outputs k, 64 bytes
+// per 4 rows n, in which int32 lane i of the first 32 bytes holds rows n..n+3 of output k + i (low nibbles) and
+// k + 8 + i (high nibbles), the second 32 bytes the same for k + 16 and k + 24 (rows padded with code 0 to a
+// multiple of 8). One
+// vpdpbusd multiplies 8 outputs' 4 codes by the 4 activations broadcast to every lane, and the sums land in output
+// order (no horizontal sums). With w_nk = s_ng q_nk + m_ng (g = k's group):
+//   y_k = sum_n (x_n s_ng) q_nk + sum_n x_n m_ng,
+// so each group g has its own activations x_n s_ng, rounded to int8 steps of their absmax / 127 per 64 rows (as
+// int4_activations rounds a linear's per group of 64 columns), and the mins' term base_g in fp32. The codes are
+// unsigned (0..15, mean 7.5), so the rounding errors e_n meet weights of one sign and add up; base_g also takes
+// 7.5 sum_n e_n (the exact sum of the activations less their rounded sum), which leaves sum_n e_n (q_nk - 7.5): under
+// half the error of the int4 linears' rounding (0.67% of the output's norm on random codes instead of 1.6%; W_UV's
+// is 1.5%). The AVX2 build sums the same int32s (maddubs, madd), so both give the same bits.
 template <typename S>
 void heads_uk_int4(const float* x, int64_t M, int64_t H, const uint8_t* codes, const S* sc, const S* mn, int64_t gs,
                    int64_t N, int64_t K, int64_t ldh, float* y, int threads) {
