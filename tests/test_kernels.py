@@ -699,6 +699,14 @@ def test_heads_uk_int4_rounds_as_its_reference(K, gs, sdtype, monkeypatch):
                 monkeypatch.undo()
             if "avx2" in out:
                 assert_equal(out["this"], out["avx2"], f"heads_uk_int4 H={H} M={M} K={K} gs={gs}: the two builds")
+            threads = torch.get_num_threads()
+            try:  # each thread rounds the activations of its own heads: any split of the items, the same bits
+                for T in (1, 3, 16):
+                    torch.set_num_threads(T)
+                    assert_equal(kernels.heads_uk_int4(x, codes, scales, mins, gs), out["this"],
+                                 f"heads_uk_int4 H={H} M={M} K={K} gs={gs}: {T} threads")
+            finally:
+                torch.set_num_threads(threads)
     with pytest.raises(ValueError, match="do not fit"):
         kernels.heads_uk_int4(torch.randn(1, H, Dn + 4), codes, scales, mins, gs)
 

@@ -829,10 +829,15 @@ template <typename S>
 void heads_uk_int4(const float* x, int64_t M, int64_t H, const uint8_t* codes, const S* sc, const S* mn, int64_t gs,
                    int64_t N, int64_t K, int64_t ldh, float* y, int threads) {
   const int64_t G = K / gs, Np = (N + 7) / 8 * 8, C = (N + 63) / 64, KB = K / 32;
-  std::vector<int8_t> xq(M * H * Np * G);  // (M, H, Np / 4, G, 4): per 4 rows each group's activations, rounded
-  std::vector<float> step(M * H * G * C), base(M * H * G);
 #pragma omp parallel num_threads(threads)
   {
+    // each thread rounds the activations of the heads its (head, 32 outputs) items need, itself (a head split
+    // between two threads is done by both): no barrier between the two phases, which on a machine shared with other
+    // work can wait a whole scheduler slice for the other thread
+    const int64_t T = omp_get_num_threads(), t = omp_get_thread_num(), i0 = H * KB * t / T, i1 = H * KB * (t + 1) / T;
+    const int64_t h0 = i0 / KB, Hn = i1 > i0 ? (i1 - 1) / KB + 1 - h0 : 0;
+    std::vector<int8_t> xq(M * Hn * Np * G);  // (M, Hn, Np / 4, G, 4): per 4 rows each group's activations, rounded
+    std::vector<float> step(M * Hn * G * C), base(M * Hn * G);
     // per row n the factors x_n s_ng of 8 groups in a vector (a scale row holds them side by side; one scalar loop
     // per group reading the scales G apart cost as much as the products), their absmax per 64 rows and group, and
     // the mins' sums base_g; then 4 rows' rounded factors per group packed into one int32 (the dpbusd lane)
@@ -840,9 +845,8 @@ void heads_uk_int4(const float* x, int64_t M, int64_t H, const uint8_t* codes, c
     std::vector<float> a(Np * G8, 0.0f), amax(C * G8), inv(C * G8), steps(C * G8), b(G8), as(G8);  // a: rows N.. 0
     const __m256 sign = _mm256_set1_ps(-0.0f);
     const __m256i byte = _mm256_set1_epi32(0xFF);
-#pragma omp for schedule(static)
-    for (int64_t mh = 0; mh < M * H; ++mh) {
-      const int64_t h = mh % H;
+    for (int64_t ph = 0; ph < M * Hn; ++ph) {  // (m, h - h0)
+      const int64_t h = h0 + ph % Hn, mh = ph / Hn * H + h;
       const float* xm = x + mh * N;
       for (int64_t g = 0; g < G; g += 8) {
         __m256 bs = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
@@ -864,7 +868,7 @@ void heads_uk_int4(const float* x, int64_t M, int64_t H, const uint8_t* codes, c
       for (int64_t g = 0; g < G; ++g)
         for (int64_t c = 0; c < C; ++c) {
           const float am = amax[c * G8 + g], s = am > 0.0f ? am / 127.0f : 1.0f;
-          step[(mh * G + g) * C + c] = steps[c * G8 + g] = s, inv[c * G8 + g] = 1.0f / s;
+          step[(ph * G + g) * C + c] = steps[c * G8 + g] = s, inv[c * G8 + g] = 1.0f / s;
         }
       for (int64_t g = 0; g < G; g += 8) {
         __m256 err = _mm256_loadu_ps(&as[g]);  // sum_n x_n s_ng less the rounded sum, chunk by chunk
@@ -878,7 +882,7 @@ void heads_uk_int4(const float* x, int64_t M, int64_t H, const uint8_t* codes, c
               qs = _mm256_add_epi32(qs, r);
               p = _mm256_or_si256(p, _mm256_slli_epi32(_mm256_and_si256(r, byte), 8 * j));
             }
-            int8_t* dst = &xq[((mh * Np + n) * G + 4 * g)];  // ((mh, n / 4), g, 4)
+            int8_t* dst = &xq[((ph * Np + n) * G + 4 * g)];  // ((ph, n / 4), g, 4)
             if (G - g >= 8) {
               _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), p);
             } else {
@@ -891,16 +895,15 @@ void heads_uk_int4(const float* x, int64_t M, int64_t H, const uint8_t* codes, c
         }
         alignas(32) float t[8];
         _mm256_store_ps(t, _mm256_fmadd_ps(_mm256_set1_ps(7.5f), err, _mm256_loadu_ps(&b[g])));
-        for (int64_t i = 0; i < std::min<int64_t>(8, G - g); ++i) base[mh * G + g + i] = t[i];
+        for (int64_t i = 0; i < std::min<int64_t>(8, G - g); ++i) base[ph * G + g + i] = t[i];
       }
     }
-#pragma omp for schedule(static)
-    for (int64_t item = 0; item < H * KB; ++item) {  // (head, 32 outputs): 16 Np contiguous bytes of codes
+    for (int64_t item = i0; item < i1; ++item) {  // (head, 32 outputs): 16 Np contiguous bytes of codes
       const int64_t h = item / KB, k0 = item % KB * 32, g = k0 / gs;
       const uint8_t* wb = codes + item * Np * 16;
       for (int64_t m = 0; m < M; ++m) {
-        const int64_t mh = m * H + h;
-        const int8_t* q = &xq[mh * Np * G + 4 * g];  // rows n..n+3 at q + n * G
+        const int64_t mh = m * H + h, ph = m * Hn + h - h0;
+        const int8_t* q = &xq[ph * Np * G + 4 * g];  // rows n..n+3 at q + n * G
         __m256 f[4];
         for (int j = 0; j < 4; ++j) f[j] = _mm256_setzero_ps();
         for (int64_t c = 0; c < C; ++c) {
@@ -923,11 +926,11 @@ void heads_uk_int4(const float* x, int64_t M, int64_t H, const uint8_t* codes, c
               acc[t][2] = dot4(acc[t][2], lo1, xb), acc[t][3] = dot4(acc[t][3], hi1, xb);
             }
           }
-          const __m256 s = _mm256_set1_ps(step[(mh * G + g) * C + c]);
+          const __m256 s = _mm256_set1_ps(step[(ph * G + g) * C + c]);
           for (int j = 0; j < 4; ++j)
             f[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(acc[0][j], acc[1][j])), s, f[j]);
         }
-        const __m256 b = _mm256_set1_ps(base[mh * G + g]);
+        const __m256 b = _mm256_set1_ps(base[ph * G + g]);
         for (int j = 0; j < 4; ++j) _mm256_storeu_ps(y + mh * K + k0 + 8 * j, _mm256_add_ps(f[j], b));
       }
     }
