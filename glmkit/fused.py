@@ -35,6 +35,7 @@ class _CNorm(ctypes.Structure):
 
 class _CMla(ctypes.Structure):
     _fields_ = [(n, _CLinear) for n in ("q", "q_a", "q_b", "kv_a", "kv_b")] + [("q_norm", _CNorm), ("kv_norm", _CNorm)]
+    _fields_ += [("uk", ctypes.c_void_p)]
 
 
 class _CMoe(ctypes.Structure):
@@ -162,6 +163,10 @@ class _Plan:
             kv_b = c.kv_b  # read per head by the heads kernels: fp32 / bf16, or int4 in groups of 32k
             if kv_b.kind == 2 or (kv_b.kind >= 3 and kv_b.group % 32):
                 raise _Unsupported("kv_b is int8, or int4 in groups that are not a multiple of 32")
+            if kv_b.kind >= 3 and kv_b.k % 32 == 0:  # its key rows regrouped for integer products (W_UK): a copy of
+                uk = kernels.uk_codes(attn.kv_b.weight, cfg.n_heads, cfg.qk_nope_head_dim)  # their bytes, eager's too
+                self.keep.append(uk)
+                c.uk = uk.data_ptr()
             self.structs.append(c)
             return ctypes.pointer(c)
 

@@ -38,6 +38,7 @@ import stat
 import subprocess
 import tempfile
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -197,10 +198,11 @@ def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.glmkit_moe_int4.argtypes = [ptr, i64, i64, i64, c_int, i64, ptr, ptr, ptr, ptr, ptr, c_int]
     lib.glmkit_heads_gemv.argtypes = [ptr, i64, i64, ptr, c_int, i64, i64, i64, i64, c_int, ptr, c_int]
     lib.glmkit_heads_gemv_int4.argtypes = [ptr, i64, i64, ptr, ptr, ptr, c_int, i64, i64, i64, i64, c_int, ptr, c_int]
+    lib.glmkit_heads_uk_int4.argtypes = [ptr, i64, i64, ptr, ptr, ptr, c_int, i64, i64, i64, i64, ptr, c_int]
     lib.glmkit_uniform_noise.argtypes = [ptr, i64, i64, ptr]
     for f in (lib.glmkit_gemv_dense, lib.glmkit_gemv_q8, lib.glmkit_gemv_int4, lib.glmkit_decode_step,
               lib.glmkit_dequant_q8, lib.glmkit_dequant_int4, lib.glmkit_moe_int4, lib.glmkit_heads_gemv,
-              lib.glmkit_heads_gemv_int4, lib.glmkit_uniform_noise):
+              lib.glmkit_heads_gemv_int4, lib.glmkit_heads_uk_int4, lib.glmkit_uniform_noise):
         f.restype = c_int
     return lib
 
@@ -373,9 +375,11 @@ def heads_gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                     heads: int, row0: int, rows: int, trans: bool) -> torch.Tensor:
     """heads_gemv with the weight in glmkit's int4 layout (packed (N_all, K/2), scales and mins (N_all, K/g)): head
     h's block is rows [h * N_all / heads + row0, + rows), so kv_b's key (row0 0) or value rows (row0 Dn) of each
-    head. K a multiple of 64: the rows read where they lie; the value rows (not `trans`) with groups of a multiple
-    of 64 as linear_int4 reads a weight (activations rounded to int8 steps per group, integer dot products), the
-    rest in fp32 without rounding the activations. Other K: each row dequantized to fp32 once per call."""
+    head. The key rows (`trans`, row0 0, K a multiple of 32): heads_uk_int4 on uk_codes (activations rounded to int8
+    steps per group and 64 rows, integer dot products). Otherwise, K a multiple of 64: the rows read where they lie;
+    the value rows with groups of a multiple of 64 as linear_int4 reads a weight (activations rounded to int8 steps
+    per group, integer dot products), the rest in fp32 without rounding the activations. Other K: each row
+    dequantized to fp32 once per call."""
     N_all, K = packed.shape[0], packed.shape[1] * 2
     ldh = N_all // heads
     Kx = rows if trans else K
@@ -385,6 +389,8 @@ def heads_gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                          f"[{row0}, {row0 + rows}) per head, group size {group_size} do not fit together")
     if _load() is None:
         raise RuntimeError(f"heads_gemv_int4: the native kernels are unavailable ({_why})")
+    if trans and row0 == 0 and K % 32 == 0:  # kv_b's key rows (W_UK): integer products on their regrouped codes
+        return heads_uk_int4(x, uk_codes(packed, heads, rows), scales, mins, group_size)
     sc, mn, code = int4_scales(scales, mins)
     xr = x.to(torch.float32).contiguous()
     y = torch.empty(x.shape[0], heads, K if trans else rows)
@@ -392,6 +398,65 @@ def heads_gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                                      mn[row0].data_ptr(), code, group_size, rows, K, ldh, int(trans), y.data_ptr(),
                                      torch.get_num_threads())
     _check(rc, "heads_gemv_int4")
+    return y
+
+
+def heads_uk_codes(packed: torch.Tensor, heads: int, rows: int) -> torch.Tensor:
+    """kv_b's key rows (rows [0, rows) of each head's block of packed (N_all, K/2), glmkit's int4 layout) regrouped
+    for heads_uk_int4: (H, K/32, Np/4, 64) uint8, Np = rows rounded up to 8, the same bytes as the rows (csrc/gemv.cpp,
+    heads_uk_int4: per 32 outputs and 4 rows, lane i holds the 4 rows' codes of outputs i and i + 8, then of i + 16
+    and i + 24). Made once per model by fused.py's plan; K a multiple of 32."""
+    N_all, K = packed.shape[0], packed.shape[1] * 2
+    if packed.dtype != torch.uint8 or packed.dim() != 2 or N_all % heads or rows > N_all // heads or K % 32:
+        raise ValueError(f"heads_uk_codes: packed {tuple(packed.shape)} {packed.dtype}, {heads} heads, {rows} key rows "
+                         f"each do not fit together (uint8 (N_all, K/2), K a multiple of 32)")
+    Np = -(-rows // 8) * 8
+    p = packed.reshape(heads, N_all // heads, K // 2)[:, :rows]
+    q = torch.zeros(heads, Np, K, dtype=torch.uint8)  # (H, Np, K) the codes, padded rows 0
+    q[:, :rows, 0::2], q[:, :rows, 1::2] = p & 0xF, p >> 4
+    # k = 32 kb + 16 half + 8 nib + i, n = 4 n4 + j -> byte (kb, n4, half, i, j), nibble nib
+    q = q.reshape(heads, Np // 4, 4, K // 32, 2, 2, 8).permute(0, 3, 1, 4, 6, 2, 5)  # (H, kb, n4, half, i, j, nib)
+    return (q[..., 0] | q[..., 1] << 4).reshape(heads, K // 32, Np // 4, 64).contiguous()
+
+
+_uk: dict[int, tuple] = {}  # id(packed) -> ((data_ptr, version, heads, rows), its codes); dropped with the tensor
+
+
+def uk_codes(packed: torch.Tensor, heads: int, rows: int) -> torch.Tensor:
+    """heads_uk_codes(packed, heads, rows), made once per weight and kept while it lives (rebuilt if it is written
+    to): the eager LatentAttention (through heads_gemv_int4) and fused.py's plan share the one copy, so the two
+    decode paths round alike and a model holds it once."""
+    key = (packed.data_ptr(), packed._version, heads, rows)
+    hit = _uk.get(id(packed))
+    if hit is None or hit[0] != key:
+        if hit is None:
+            weakref.finalize(packed, _uk.pop, id(packed), None)
+        hit = _uk[id(packed)] = (key, heads_uk_codes(packed, heads, rows))
+    return hit[1]
+
+
+def heads_uk_int4(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                  group_size: int) -> torch.Tensor:
+    """heads_gemv_int4's `trans` product (kv_b's key rows, x (M, H, N) -> (M, H, K)) through integer dot products:
+    codes = heads_uk_codes(packed, H, N), scales and mins kv_b's own (N_all, K/g), read in place. Each group's
+    activations x_n * scale_ng rounded to int8 steps of their absmax / 127 per 64 rows (tests.helpers.uk_int4_reference),
+    the mins' term in fp32. Native only: the caller checks `usable` first."""
+    H, KB, N4 = codes.shape[:3]
+    K, N = KB * 32, x.shape[-1]
+    N_all, G = scales.shape[0], K // group_size if group_size else 0
+    if (x.dim() != 3 or x.shape[1] != H or -(-N // 8) * 2 != N4 or codes.shape[3] != 64 or codes.dtype != torch.uint8
+            or not codes.is_contiguous() or group_size % 32 or K % group_size or N_all % H or N > N_all // H
+            or scales.shape != (N_all, G) or mins.shape != (N_all, G)):
+        raise ValueError(f"heads_uk_int4: x {tuple(x.shape)}, codes {tuple(codes.shape)}, scales {tuple(scales.shape)}, "
+                         f"mins {tuple(mins.shape)}, group size {group_size} do not fit together")
+    if _load() is None:
+        raise RuntimeError(f"heads_uk_int4: the native kernels are unavailable ({_why})")
+    sc, mn, code = int4_scales(scales, mins)
+    xr = x.to(torch.float32).contiguous()
+    y = torch.empty(x.shape[0], H, K)
+    rc = _lib.glmkit_heads_uk_int4(xr.data_ptr(), x.shape[0], H, codes.data_ptr(), sc.data_ptr(), mn.data_ptr(), code,
+                                   group_size, N, K, N_all // H, y.data_ptr(), torch.get_num_threads())
+    _check(rc, "heads_uk_int4")
     return y
 
 

@@ -252,7 +252,8 @@ def _tiled(quant: dict | None) -> bool:
 
 def kernel_copies_bytes(cfg, dtype: torch.dtype, quant: dict | None = None, prefill: bool = True) -> dict[str, int]:
     """CPU only: the native decode step's copies (fp32 norms, biases and int8 scales of a non-fp32 model;
-    int4's scales and mins only when they are fp16: bf16 and fp32 ones are read as stored) and, for int4 after a prefill without the dequantized tiles, PyTorch's
+    int4's scales and mins only when they are fp16: bf16 and fp32 ones are read as stored; an int4 kv_b's key rows
+    regrouped for latent attention's W_UK) and, for int4 after a prefill without the dequantized tiles, PyTorch's
     many-row kernel's layout of every layer's linears (packed weight (N, K/2) uint8 and fp32 [scale, zero] pairs)."""
     quant = quant or getattr(cfg, "quant", None)
     C, V, L = cfg.dim, cfg.vocab_size, cfg.n_layers
@@ -273,6 +274,11 @@ def kernel_copies_bytes(cfg, dtype: torch.dtype, quant: dict | None = None, pref
             decode += N * G * 2 * 4 if dtype not in (torch.bfloat16, torch.float32) else 0  # fp16: fp32 copies
             if prefill and N % 16 == 0 and not head and not _tiled(q):  # the head runs on few rows (last-token logits)
                 many_rows += N * (K // 2) + G * N * 2 * 4
+    if cfg.attention == "mla" and quant and quant["bits"] == 4 and cfg.kv_lora_rank % 32 == 0 == quant["group_size"] % 32:
+        from .quantize import latent_target
+
+        if latent_target("attn.kv_b", cfg.kv_lora_rank, quant):  # kv_b's key rows regrouped (kernels.heads_uk_codes)
+            decode += L * cfg.n_heads * -(-cfg.qk_nope_head_dim // 8) * 8 * cfg.kv_lora_rank // 2
     if not _native_shapes(cfg, quant) or not _native_model(cfg):
         decode = 0  # the native step does not take this model: no decode plan, no copies
     return {"decode copies": decode, "int4 prefill layout": many_rows}

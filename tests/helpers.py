@@ -284,3 +284,29 @@ def int4_linear_reference(x: torch.Tensor, packed: torch.Tensor, scales: torch.T
     q = unpack_int4(packed).float().reshape(N, K // gs, gs)
     return (torch.einsum("...gk,ngk->...n", xq, q * scales.float()[..., None])
             + torch.einsum("...g,ng->...n", xg.sum(-1), mins.float()))
+
+
+def uk_int4_reference(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, gs: int,
+                      heads: int) -> torch.Tensor:
+    """x (M, H, N) through kv_b's key rows (rows [0, N) of each head's block), y (M, H, K) = sum_n x_n W[h][n], as
+    kernels.heads_uk_int4 computes it (csrc/gemv.cpp heads_uk_int4): per output group g the activations x_n * s_ng
+    rounded to int8 steps of their absmax / 127 per 64 rows, the mins against the exact x, and 7.5 (the codes' mean)
+    times the rounding's sum. fp32."""
+    from glmkit.quantize import unpack_int4
+
+    M, H, N = x.shape
+    K, G = packed.shape[1] * 2, packed.shape[1] * 2 // gs
+    rows = [h * (packed.shape[0] // heads) + n for h in range(heads) for n in range(N)]
+    q = unpack_int4(packed[rows]).float().reshape(H, N, G, gs)
+    s, m = scales[rows].float().reshape(H, N, G), mins[rows].float().reshape(H, N, G)
+    C = -(-N // 64)
+    a = torch.zeros(M, H, C * 64, G)
+    a[:, :, :N] = x.float()[..., None] * s  # (M, H, N, G) each group's activations, zero rows after N
+    a = a.reshape(M, H, C, 64, G)
+    step = a.abs().amax(3, keepdim=True) / 127
+    step = torch.where(step > 0, step, torch.ones_like(step))
+    aq = (torch.round(a * (1 / step)) * step).reshape(M, H, C * 64, G)
+    err = a.reshape(M, H, C * 64, G).sum(2) - aq.sum(2)  # (M, H, G) the rounding's total, put back at the codes' mean
+    y = (torch.einsum("mhng,hngj->mhgj", aq[:, :, :N], q)
+         + (torch.einsum("mhn,hng->mhg", x.float(), m) + 7.5 * err)[..., None])
+    return y.reshape(M, H, K)

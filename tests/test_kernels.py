@@ -622,10 +622,13 @@ def test_heads_gemv_int4_equals_dequantized_einsum(K, gs, sdtype, monkeypatch):
     """kernels.heads_gemv_int4 (latent attention's absorbed products on an int4 kv_b) against the fp32 einsum of the
     dequantized weight, both ways (trans: kv_b's key rows, a product over the rows; the value rows), odd head
     blocks (3 heads of 13 key + 7 value rows), 1..6 input rows, groups inside a 64-column block (32), one per block
-    (64) and spanning two (128); K a multiple of 64 reads the int4 rows where they lie (the value rows in groups of
-    64 or 128 as an int4 linear: activations rounded to int8 steps, tests.helpers.int4_linear_reference), K = 96
-    dequantizes each row first. This CPU's build and the AVX2 one."""
+    (64) and spanning two (128); the key rows through heads_uk_int4 (tests.helpers.uk_int4_reference); K a multiple
+    of 64 reads the value rows where they lie (in groups of 64 or 128 as an int4 linear: activations rounded to int8
+    steps, tests.helpers.int4_linear_reference), K = 96 dequantizes each value row first. This CPU's build and the
+    AVX2 one."""
     from glmkit.quantize import quantize_int4, unpack_int4
+
+    from .helpers import uk_int4_reference
 
     g = torch.Generator().manual_seed(K + gs)
     H, Dn, Dv = 3, 13, 7
@@ -642,8 +645,10 @@ def test_heads_gemv_int4_equals_dequantized_einsum(K, gs, sdtype, monkeypatch):
             value = torch.stack([int4_linear_reference(xv[:, h], packed[rows[h * Dv:(h + 1) * Dv]],
                                                        scales[rows[h * Dv:(h + 1) * Dv]],
                                                        mins[rows[h * Dv:(h + 1) * Dv]], gs) for h in range(H)], 1)
-        cases = {"trans (key rows)": (xk, 0, Dn, True, torch.einsum("mhn,hnr->mhr", xk, deq[:, :Dn])),
-                 "value rows": (xv, Dn, Dv, False, value)}
+        key = torch.einsum("mhn,hnr->mhr", xk, deq[:, :Dn])
+        if K % 32 == 0:  # heads_uk_int4: each group's activations x_n s_ng rounded to int8 steps per 64 rows
+            key = uk_int4_reference(xk, packed, scales, mins, gs, H)
+        cases = {"trans (key rows)": (xk, 0, Dn, True, key), "value rows": (xv, Dn, Dv, False, value)}
         for build in builds:
             if build == "avx2":
                 monkeypatch.setattr(kernels, "_lib", kernels._open("avx2"))
@@ -652,6 +657,74 @@ def test_heads_gemv_int4_equals_dequantized_einsum(K, gs, sdtype, monkeypatch):
                 assert_close(got, want, 2e-5 * want.abs().max().item(), f"heads_gemv_int4 {what} M={M} K={K} gs={gs} "
                              f"{sdtype} ({build} build)")
             monkeypatch.undo()
+
+
+@needs_native
+@pytest.mark.parametrize("K,gs", [(128, 32), (128, 64), (256, 128), (96, 32)])
+@pytest.mark.parametrize("sdtype", [torch.float32, torch.bfloat16])
+def test_heads_uk_int4_rounds_as_its_reference(K, gs, sdtype, monkeypatch):
+    """kernels.heads_uk_int4 (kv_b's key rows regrouped by heads_uk_codes, integer dot products) against
+    tests.helpers.uk_int4_reference (the same activation rounding, fp32 sums: 1e-5 of the largest output) and
+    against the fp32 einsum of the dequantized weight, output by output within half a step of each rounded
+    activation times its code's distance from 7.5 (the rounding's sum is put back at the codes' mean). Odd heads
+    (3 of 13 key rows, or 5 of 70: two 64-row steps, the last one partial; neither a multiple of the 8 rows the
+    codes are padded to), 1..9 input rows, groups of 32 (one per 32 outputs) to 128 (4 groups: fewer than a
+    vector's 8); the AVX2 build gives the same bits as this CPU's."""
+    from glmkit.quantize import quantize_int4, unpack_int4
+
+    from .helpers import uk_int4_reference
+
+    assert kernels.available(), kernels.why_unavailable()
+    g = torch.Generator().manual_seed(K + gs)
+    builds = {"this": kernels._lib} | ({"avx2": kernels._open("avx2")} if kernels.variant() == "avx512vnni" else {})
+    for H, Dn, Dv in ((3, 13, 7), (5, 70, 6)):
+        packed, scales, mins = quantize_int4(torch.randn(H * (Dn + Dv), K, generator=g), gs)
+        scales, mins = scales.to(sdtype), mins.to(sdtype)
+        rows = [h * (Dn + Dv) + n for h in range(H) for n in range(Dn)]
+        q = unpack_int4(packed[rows]).float().reshape(H, Dn, K)
+        deq = (q.reshape(H, Dn, K // gs, gs) * scales[rows].float().reshape(H, Dn, -1, 1)
+               + mins[rows].float().reshape(H, Dn, -1, 1)).reshape(H, Dn, K)
+        codes = kernels.heads_uk_codes(packed, H, Dn)
+        assert codes.shape == (H, K // 32, -(-Dn // 8) * 2, 64) and codes.numel() == H * -(-Dn // 8) * 8 * K // 2
+        for M in (1, 2, 5, 9):
+            x = torch.randn(M, H, Dn, generator=g) * torch.linspace(0.1, 3, Dn)  # rows of different sizes
+            ref = uk_int4_reference(x, packed, scales, mins, gs, H)
+            # the dequantized product, within half a step of every rounded activation x_n s_ng times its code
+            a = x[..., None] * scales[rows].float().reshape(H, Dn, -1)  # (M, H, Dn, G)
+            a = torch.nn.functional.pad(a, (0, 0, 0, -Dn % 64)).reshape(M, H, -1, 64, K // gs)
+            step = (a.abs().amax(3, keepdim=True) / 127).expand(a.shape).reshape(M, H, -1, K // gs)[:, :, :Dn]
+            bound = torch.einsum("mhng,hngj->mhgj", step / 2, (q - 7.5).abs().reshape(H, Dn, K // gs, gs)).reshape(M, H, K)
+            exact = torch.einsum("mhn,hnk->mhk", x, deq)
+            if K % 64 == 0:  # the fp32 form that reads the rows in place (C only now; bench/kv_b_heads.py's reference)
+                sc, mn, code = kernels.int4_scales(scales, mins)
+                fp32 = torch.empty(M, H, K)
+                assert kernels._lib.glmkit_heads_gemv_int4(x.contiguous().data_ptr(), M, H, packed.data_ptr(),
+                                                           sc.data_ptr(), mn.data_ptr(), code, gs, Dn, K, Dn + Dv, 1,
+                                                           fp32.data_ptr(), 1) == 0
+                assert_close(fp32, exact, 2e-5 * exact.abs().max().item(), f"fp32 W_UK H={H} M={M} K={K} gs={gs}")
+            out = {}
+            for build, lib in builds.items():
+                monkeypatch.setattr(kernels, "_lib", lib)
+                out[build] = got = kernels.heads_uk_int4(x, codes, scales, mins, gs)
+                what = f"heads_uk_int4 H={H} N={Dn} M={M} K={K} gs={gs} {sdtype} ({build} build)"
+                assert_close(got, ref, 1e-5 * ref.abs().max().item(), what + " vs its rounding reference")
+                over = (got - exact).abs() - bound - 1e-5 * exact.abs().max()
+                assert over.max() <= 0, (f"{what}: {over.max().item():.3e} past the rounding bound; got, exact, bound: "
+                                         f"{got.flatten()[:4].tolist()}, {exact.flatten()[:4].tolist()}, "
+                                         f"{bound.flatten()[:4].tolist()}")
+                monkeypatch.undo()
+            if "avx2" in out:
+                assert_equal(out["this"], out["avx2"], f"heads_uk_int4 H={H} M={M} K={K} gs={gs}: the two builds")
+            threads = torch.get_num_threads()
+            try:  # each thread rounds the activations of its own heads: any split of the items, the same bits
+                for T in (1, 3, 16):
+                    torch.set_num_threads(T)
+                    assert_equal(kernels.heads_uk_int4(x, codes, scales, mins, gs), out["this"],
+                                 f"heads_uk_int4 H={H} M={M} K={K} gs={gs}: {T} threads")
+            finally:
+                torch.set_num_threads(threads)
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.heads_uk_int4(torch.randn(1, H, Dn + 4), codes, scales, mins, gs)
 
 
 @needs_native

@@ -20,7 +20,7 @@ from glmkit.convert import read_checkpoint, write_checkpoint
 from glmkit.model import GLM
 from glmkit.plan import weight_bytes
 from glmkit.quantize import LATENT_TARGETS, Int4Linear, quantize_int4, quantize_model, unpack_int4
-from tests.helpers import assert_close, assert_equal, int4_linear_reference
+from tests.helpers import assert_close, assert_equal, int4_linear_reference, uk_int4_reference
 
 transformers = pytest.importorskip("transformers")
 
@@ -96,8 +96,8 @@ def test_plan_counts_the_quantized_latent_projections(hf_dir):
 @torch.no_grad()
 def test_absorbed_decode_with_int4_kv_b_equals_dequantized_einsums(hf_dir, monkeypatch):
     """A decode step in the absorbed form reads an int4 kv_b per head natively (kernels.heads_gemv_int4): the same
-    logits as that step through einsums of kv_b's dequantized weight (the value rows' activations rounded to int8
-    steps as the kernel does, tests.helpers.int4_linear_reference). The rest of
+    logits as that step through einsums of kv_b's dequantized weight (the activations rounded to int8 steps as the
+    kernels do: the value rows' by tests.helpers.int4_linear_reference, the key rows' by uk_int4_reference). The rest of
     the model stays fp32 (a fully int4 model rounds activations to int8 steps, where a 1e-7 difference upstream
     can move an output by a whole step)."""
     if not kernels.available():
@@ -122,6 +122,8 @@ def test_absorbed_decode_with_int4_kv_b_equals_dequantized_einsums(hf_dir, monke
     assert calls, "the decode step did not read kv_b through heads_gemv_int4"
     def einsums(x, packed, scales, mins, gs, H, row0, rows, trans):  # the reference: the dequantized weight in fp32
         N, K = packed.shape[0], packed.shape[1] * 2
+        if trans and row0 == 0 and K % 32 == 0:  # the key rows through kernels.heads_uk_int4
+            return uk_int4_reference(x, packed, scales, mins, gs, H)
         if not trans and K % 64 == 0 and gs % 64 == 0:  # the value rows as an int4 linear reads them
             per = [torch.arange(h * (N // H) + row0, h * (N // H) + row0 + rows) for h in range(H)]
             return torch.stack([int4_linear_reference(x[:, h], packed[i], scales[i], mins[i], gs)

@@ -43,6 +43,9 @@ extern "C" int glmkit_heads_gemv(const float* x, int64_t M, int64_t H, const voi
 extern "C" int glmkit_heads_gemv_int4(const float* x, int64_t M, int64_t H, const uint8_t* w, const void* scales,
                                       const void* mins, int s_type, int64_t gs, int64_t N, int64_t K, int64_t ldh,
                                       int trans, float* y, int threads);
+extern "C" int glmkit_heads_uk_int4(const float* x, int64_t M, int64_t H, const uint8_t* codes, const void* scales,
+                                    const void* mins, int s_type, int64_t gs, int64_t N, int64_t K, int64_t ldh,
+                                    float* y, int threads);
 extern "C" int glmkit_moe_int4(const float* x, int64_t M, int64_t C, int64_t gs, int s_type, int64_t J,
                                const GlmkitExpert* ex, const int64_t* off, const int64_t* rows, const float* weights,
                                float* out, int threads);
@@ -69,6 +72,7 @@ struct GlmkitNorm {
 struct GlmkitMla {
   GlmkitLinear q, q_a, q_b, kv_a, kv_b;
   GlmkitNorm q_norm, kv_norm;  // RMSNorms of widths q_rank and kv_rank, eps latent_eps
+  const uint8_t* uk;  // int4 kv_b: its key rows regrouped for glmkit_heads_uk_int4 (kernels.heads_uk_codes), or null
 };
 
 // A mixture-of-experts layer (layers.MoE with layers.Router): sigmoid scores of an fp32 router, the choice
@@ -411,7 +415,12 @@ int mla_attention(const GlmkitModel& m, const GlmkitMla& A, const GlmkitCache& c
       else kc[d] = lat[b * Dk + d];
     }
   }
-  if ((rc = heads(A.kv_b, qn.data(), M, H, 0, Dn, Dn + Dv, 1, t.data(), threads))) return rc;  // q_nope W_UK
+  if (A.uk)  // q_nope W_UK: integer dot products on the regrouped key rows, else each head's rows where they lie
+    rc = glmkit_heads_uk_int4(qn.data(), M, H, A.uk, A.kv_b.scale, A.kv_b.mins, A.kv_b.kind - 3, A.kv_b.group, Dn, R,
+                              Dn + Dv, t.data(), threads);
+  else
+    rc = heads(A.kv_b, qn.data(), M, H, 0, Dn, Dn + Dv, 1, t.data(), threads);
+  if (rc) return rc;
   for (int64_t bh = 0; bh < M * H; ++bh) std::memcpy(ql.data() + bh * Dk, t.data() + bh * R, R * sizeof(float));
   attend_latent<T>(m, c, l, M, ql.data(), idx, o.data(), scores, smax, threads);
   return heads(A.kv_b, o.data(), M, H, Dn, Dv, Dn + Dv, 0, y, threads);  // W_UV per head

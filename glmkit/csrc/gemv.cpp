@@ -207,6 +207,16 @@ inline __m256i dot64(__m256i acc, __m256i lo, __m256i hi, __m256i x_even, __m256
 #endif
 }
 
+// acc + per int32 lane the sum of 4 unsigned codes times 4 signed activations (vpdpbusd; AVX2 in two steps whose
+// int16 pair sums, at most 2 * 15 * 127, cannot saturate).
+inline __m256i dot4(__m256i acc, __m256i w, __m256i x) {
+#if GLMKIT_VNNI
+  return _mm256_dpbusd_epi32(acc, w, x);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
+#endif
+}
+
 // MB activation rows against one chunk of 64 columns at k: a[j] += its int32 lanes.
 template <int MB>
 inline void chunk_int4(const int8_t* x, int64_t ldx, const uint8_t* w, int64_t k, __m256i* a) {
@@ -789,6 +799,144 @@ void heads_int4_direct(const float* x, int64_t M, int64_t H, const uint8_t* w, c
   }
 }
 
+// Up to 8 scales (fp32 or bf16) from p, lanes past n zero: n is 8, or G below 8 (4 or 2 in practice: K / gs).
+template <typename S>
+inline __m256 load_upto8(const S* p, int64_t n) {
+  if (n >= 8) return load8(p);
+  float t[8] = {};
+  for (int64_t i = 0; i < n; ++i) t[i] = to_float(p[i]);
+  return _mm256_loadu_ps(t);
+}
+
+// kv_b's key rows (W_UK, trans above) as integer dot products. The fp32 form is compute-bound (each nibble widened
+// to fp32 for one FMA: 7-10 ms a step over GLM-4.7-Flash's 47 layers, for 1 MB of codes a layer), and the int4
+// linears' integer path needs a dot product per output along the codes' rows, which W_UK sums across. So the key
+// rows are regrouped once per weight (kernels.uk_codes, which fused.py's plan and the eager path share: the same
+// bytes as the rows themselves, 0.94 MiB a layer at H 20, N 192, K 512): per head and per 32 outputs k, 64 bytes
+// per 4 rows n, in which int32 lane i of the first 32 bytes holds rows n..n+3 of output k + i (low nibbles) and
+// k + 8 + i (high nibbles), the second 32 bytes the same for k + 16 and k + 24 (rows padded with code 0 to a
+// multiple of 8). One
+// vpdpbusd multiplies 8 outputs' 4 codes by the 4 activations broadcast to every lane, and the sums land in output
+// order (no horizontal sums). With w_nk = s_ng q_nk + m_ng (g = k's group):
+//   y_k = sum_n (x_n s_ng) q_nk + sum_n x_n m_ng,
+// so each group g has its own activations x_n s_ng, rounded to int8 steps of their absmax / 127 per 64 rows (as
+// int4_activations rounds a linear's per group of 64 columns), and the mins' term base_g in fp32. The codes are
+// unsigned (0..15, mean 7.5), so the rounding errors e_n meet weights of one sign and add up; base_g also takes
+// 7.5 sum_n e_n (the exact sum of the activations less their rounded sum), which leaves sum_n e_n (q_nk - 7.5): under
+// half the error of the int4 linears' rounding (0.67% of the output's norm on random codes instead of 1.6%; W_UV's
+// is 1.5%). The AVX2 build sums the same int32s (maddubs, madd), so both give the same bits.
+template <typename S>
+void heads_uk_int4(const float* x, int64_t M, int64_t H, const uint8_t* codes, const S* sc, const S* mn, int64_t gs,
+                   int64_t N, int64_t K, int64_t ldh, float* y, int threads) {
+  const int64_t G = K / gs, Np = (N + 7) / 8 * 8, C = (N + 63) / 64, KB = K / 32;
+#pragma omp parallel num_threads(threads)
+  {
+    // each thread rounds the activations of the heads its (head, 32 outputs) items need, itself (a head split
+    // between two threads is done by both): no barrier between the two phases, which on a machine shared with other
+    // work can wait a whole scheduler slice for the other thread
+    const int64_t T = omp_get_num_threads(), t = omp_get_thread_num(), i0 = H * KB * t / T, i1 = H * KB * (t + 1) / T;
+    const int64_t h0 = i0 / KB, Hn = i1 > i0 ? (i1 - 1) / KB + 1 - h0 : 0;
+    std::vector<int8_t> xq(M * Hn * Np * G);  // (M, Hn, Np / 4, G, 4): per 4 rows each group's activations, rounded
+    std::vector<float> step(M * Hn * G * C), base(M * Hn * G);
+    // per row n the factors x_n s_ng of 8 groups in a vector (a scale row holds them side by side; one scalar loop
+    // per group reading the scales G apart cost as much as the products), their absmax per 64 rows and group, and
+    // the mins' sums base_g; then 4 rows' rounded factors per group packed into one int32 (the dpbusd lane)
+    const int64_t G8 = (G + 7) / 8 * 8;
+    std::vector<float> a(Np * G8, 0.0f), amax(C * G8), inv(C * G8), steps(C * G8), b(G8), as(G8);  // a: rows N.. 0
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i byte = _mm256_set1_epi32(0xFF);
+    for (int64_t ph = 0; ph < M * Hn; ++ph) {  // (m, h - h0)
+      const int64_t h = h0 + ph % Hn, mh = ph / Hn * H + h;
+      const float* xm = x + mh * N;
+      for (int64_t g = 0; g < G; g += 8) {
+        __m256 bs = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+        for (int64_t c = 0; c < C; ++c) {
+          __m256 am = _mm256_setzero_ps();
+          for (int64_t n = 64 * c; n < std::min(N, 64 * c + 64); ++n) {
+            const __m256 xv = _mm256_set1_ps(xm[n]);
+            const __m256 v = _mm256_mul_ps(xv, load_upto8(sc + (h * ldh + n) * G + g, G - g));
+            _mm256_storeu_ps(&a[n * G8 + g], v);
+            am = _mm256_max_ps(am, _mm256_andnot_ps(sign, v));
+            sum = _mm256_add_ps(sum, v);
+            bs = _mm256_fmadd_ps(xv, load_upto8(mn + (h * ldh + n) * G + g, G - g), bs);
+          }
+          _mm256_storeu_ps(&amax[c * G8 + g], am);
+        }
+        _mm256_storeu_ps(&b[g], bs);
+        _mm256_storeu_ps(&as[g], sum);
+      }
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t c = 0; c < C; ++c) {
+          const float am = amax[c * G8 + g], s = am > 0.0f ? am / 127.0f : 1.0f;
+          step[(ph * G + g) * C + c] = steps[c * G8 + g] = s, inv[c * G8 + g] = 1.0f / s;
+        }
+      for (int64_t g = 0; g < G; g += 8) {
+        __m256 err = _mm256_loadu_ps(&as[g]);  // sum_n x_n s_ng less the rounded sum, chunk by chunk
+        for (int64_t c = 0; c < C; ++c) {
+          const __m256 vi = _mm256_loadu_ps(&inv[c * G8 + g]);
+          __m256i qs = _mm256_setzero_si256();
+          for (int64_t n = 64 * c; n < std::min(Np, 64 * c + 64); n += 4) {
+            __m256i p = _mm256_setzero_si256();
+            for (int j = 0; j < 4; ++j) {  // nearest even, as int4_activations' nearbyint; byte j of each lane
+              const __m256i r = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(&a[(n + j) * G8 + g]), vi));
+              qs = _mm256_add_epi32(qs, r);
+              p = _mm256_or_si256(p, _mm256_slli_epi32(_mm256_and_si256(r, byte), 8 * j));
+            }
+            int8_t* dst = &xq[((ph * Np + n) * G + 4 * g)];  // ((ph, n / 4), g, 4)
+            if (G - g >= 8) {
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), p);
+            } else {
+              alignas(32) int8_t t[32];
+              _mm256_store_si256(reinterpret_cast<__m256i*>(t), p);
+              std::memcpy(dst, t, 4 * (G - g));
+            }
+          }
+          err = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(qs), _mm256_loadu_ps(&steps[c * G8 + g]), err);
+        }
+        alignas(32) float t[8];
+        _mm256_store_ps(t, _mm256_fmadd_ps(_mm256_set1_ps(7.5f), err, _mm256_loadu_ps(&b[g])));
+        for (int64_t i = 0; i < std::min<int64_t>(8, G - g); ++i) base[ph * G + g + i] = t[i];
+      }
+    }
+    for (int64_t item = i0; item < i1; ++item) {  // (head, 32 outputs): 16 Np contiguous bytes of codes
+      const int64_t h = item / KB, k0 = item % KB * 32, g = k0 / gs;
+      const uint8_t* wb = codes + item * Np * 16;
+      for (int64_t m = 0; m < M; ++m) {
+        const int64_t mh = m * H + h, ph = m * Hn + h - h0;
+        const int8_t* q = &xq[ph * Np * G + 4 * g];  // rows n..n+3 at q + n * G
+        __m256 f[4];
+        for (int j = 0; j < 4; ++j) f[j] = _mm256_setzero_ps();
+        for (int64_t c = 0; c < C; ++c) {
+          __m256i acc[2][4];  // two steps of 4 rows in flight, each into its own sums: vpdpbusd's latency is 5 cycles
+          for (int t = 0; t < 2; ++t)
+            for (int j = 0; j < 4; ++j) acc[t][j] = _mm256_setzero_si256();
+          const int64_t n1 = std::min(Np, 64 * c + 64);
+          for (int64_t n = 64 * c; n < n1; n += 8) {
+            const uint8_t* wn = wb + n * 16;
+            _mm_prefetch(reinterpret_cast<const char*>(wn) + 1024, _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(wn) + 1088, _MM_HINT_T0);
+            for (int t = 0; t < 2; ++t) {
+              int32_t x4;
+              std::memcpy(&x4, q + (n + 4 * t) * G, 4);
+              const __m256i xb = _mm256_set1_epi32(x4);
+              __m256i lo0, hi0, lo1, hi1;
+              nibbles(wn + 64 * t, lo0, hi0);
+              nibbles(wn + 64 * t + 32, lo1, hi1);
+              acc[t][0] = dot4(acc[t][0], lo0, xb), acc[t][1] = dot4(acc[t][1], hi0, xb);
+              acc[t][2] = dot4(acc[t][2], lo1, xb), acc[t][3] = dot4(acc[t][3], hi1, xb);
+            }
+          }
+          const __m256 s = _mm256_set1_ps(step[(ph * G + g) * C + c]);
+          for (int j = 0; j < 4; ++j)
+            f[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(acc[0][j], acc[1][j])), s, f[j]);
+        }
+        const __m256 b = _mm256_set1_ps(base[ph * G + g]);
+        for (int j = 0; j < 4; ++j) _mm256_storeu_ps(y + mh * K + k0 + 8 * j, _mm256_add_ps(f[j], b));
+      }
+    }
+  }
+}
+
 // heads_gemv (above) with each head's block of rows in glmkit's int4 layout: rows h * ldh + n (n < N) of packed w
 // (K/2 bytes a row), sc and mn (K/gs a row). K a multiple of 64: heads_int4_direct. Otherwise each row is
 // dequantized to fp32 once (the activations are not rounded: these products are small) and used for the M rows as
@@ -908,5 +1056,21 @@ extern "C" int glmkit_heads_gemv_int4(const float* x, int64_t M, int64_t H, cons
                     trans, y, threads);
   else
     return 1;
+  return 0;
+}
+
+// heads_uk_int4 above: x (M, H, N) -> y (M, H, K) with kv_b's key rows regrouped in codes (kernels.heads_uk_codes)
+// and their scales and mins read in place (rows h * ldh + n, K / gs each, fp32 (s_type 0) or bf16 (1)); gs a
+// multiple of 32 dividing K.
+extern "C" int glmkit_heads_uk_int4(const float* x, int64_t M, int64_t H, const uint8_t* codes, const void* scales,
+                                    const void* mins, int s_type, int64_t gs, int64_t N, int64_t K, int64_t ldh,
+                                    float* y, int threads) {
+  if (M < 0 || H < 0 || N < 0 || N > ldh || gs <= 0 || gs % 32 || K % gs || s_type < 0 || s_type > 1) return 1;
+  if (s_type == 0)
+    heads_uk_int4(x, M, H, codes, static_cast<const float*>(scales), static_cast<const float*>(mins), gs, N, K, ldh,
+                  y, threads);
+  else
+    heads_uk_int4(x, M, H, codes, static_cast<const uint16_t*>(scales), static_cast<const uint16_t*>(mins), gs, N, K,
+                  ldh, y, threads);
   return 0;
 }
