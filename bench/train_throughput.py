@@ -85,11 +85,10 @@ def glm_objective_rows(a) -> list:
     import numpy as np
 
     from glmkit import kernels
-    from glmkit.infill import InfillConfig, SpecialIds, build_example, collate
-    from glmkit.scoring import GLMObjective
-
     from glmkit.config import get_preset
+    from glmkit.infill import InfillConfig, SpecialIds, build_example, collate
     from glmkit.model import GLM
+    from glmkit.scoring import GLMObjective
 
     rows = []
     for size in a.sizes:

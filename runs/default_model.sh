@@ -30,7 +30,7 @@ $GLMKIT pretrain --model glm-tiny --out stage1 --steps 5600 --lr 2e-3 --min-lr 5
     --mixture 0.5 0.3 0.2 "${common[@]}"
 STAGE1=$(ls -d stage1/checkpoints/step-* | tail -1)
 
-$GLMKIT pretrain --model "$STAGE1" --out stage2 --steps 1600 --lr 4e-4 --min-lr 4e-5 --warmup 50 --precision bf16 \
+$GLMKIT pretrain --model "$STAGE1" --out stage2 --steps 1200 --lr 4e-4 --min-lr 4e-5 --warmup 50 --precision bf16 \
     --mixture 0.25 0.25 0.5 --infill coverage=0.3 --domain-weights zh_classical=2 zh_modern=2 en=0.5 code=0.5 \
     "${common[@]}"
 $GLMKIT plot stage2
