@@ -394,3 +394,19 @@ def test_objective_pads_the_head_rows_to_a_few_shapes_with_the_same_sum():
     print(f"\nhead rows {seen}, loss {got.item():.6f} vs {want.item():.6f}, grad max diff {(g1 - g2).abs().max():.2e}")
     assert seen == [128] and int(mask.sum()) == 47
     assert torch.allclose(got, want, rtol=1e-6) and torch.allclose(g1, g2, atol=1e-6)
+
+
+def test_pretrain_cli_reads_infill_fields_and_domain_weights(monkeypatch):
+    from glmkit import train as T
+
+    got = []
+    monkeypatch.setattr(T, "train", got.append)
+    T.main(["--data", "x", "--infill", "coverage=0.3", "max_span=20", "whole_window=1",
+            "--domain-weights", "zh_classical=2", "code=0.5"])
+    c = got[0]
+    assert c.infill == {"coverage": 0.3, "max_span": 20, "whole_window": True} and type(c.infill["max_span"]) is int
+    assert c.domain_weights == {"zh_classical": 2.0, "code": 0.5}
+    for bad in (["--infill", "mixture=1"], ["--infill", "nonsense=1"], ["--infill", "coverage"],
+                ["--domain-weights", "zh=much"]):
+        with pytest.raises(SystemExit):
+            T.main(["--data", "x", *bad])
