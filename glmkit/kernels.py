@@ -648,6 +648,10 @@ def cpu_bf16_emulated() -> bool:
     return _BF16_EMULATED
 
 
+def _cpu_autocast_bf16() -> bool:
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
 def bf16_via_fp32(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether x @ weight.T is a CPU bf16 product (bf16 operands, or bf16 autocast) better done in fp32."""
     if x.device.type != "cpu" or weight.device.type != "cpu" or not cpu_bf16_emulated():
@@ -655,7 +659,7 @@ def bf16_via_fp32(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return False
     if torch.is_autocast_enabled("cpu"):
-        return torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.is_floating_point() and weight.is_floating_point()
+        return _cpu_autocast_bf16() and x.is_floating_point() and weight.is_floating_point()
     return x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
 
 
@@ -689,7 +693,7 @@ def _bf16_cpu_backward(q: torch.Tensor) -> bool:
     """A CPU attention whose backward will run, in bf16 or under bf16 autocast."""
     if q.device.type != "cpu" or not (torch.is_grad_enabled() and q.requires_grad) or torch.compiler.is_compiling():
         return False
-    return q.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+    return q.dtype == torch.bfloat16 or _cpu_autocast_bf16()
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, enable_gqa: bool,
