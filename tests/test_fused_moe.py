@@ -129,6 +129,41 @@ def test_fused_step_equals_eager_step(variant, kind, monkeypatch):
 
 
 @needs_native
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+@torch.no_grad()
+def test_latent_attention_heads_split_over_threads(threads):
+    """Seven heads over 1-4 threads: the absorbed attention splits heads into one chunk per thread and scores them 4
+    at a time, so chunks of 7, 4 + 3, 3 + 3 + 1 and 2 + 2 + 2 + 1 heads run every head-group size (a group that
+    dropped or repeated a head would move the logits far past fp32's summation-order tolerance)."""
+    torch.manual_seed(0)
+    model = GLM(dataclasses.replace(BASE, n_heads=7, n_kv_heads=None, n_experts=0, n_experts_per_tok=0, n_shared_experts=0,
+                                    moe_ffn_dim=None, n_group=1, topk_group=1, first_dense_layers=0)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.05 * torch.randn_like(p))
+    plan = fused.decode_plan(model)
+    assert plan is not None, fused._plans.get(model)
+    ids = torch.tensor([[5, 9, 13, 21, 7, 44, 2, 17, 30, 3, 8, 19, 23, 40, 41, 42, 43, 50, 51]])  # > one key tile
+    T = ids.shape[1]
+    cache = model.new_cache(1, T + 4)
+    pos = torch.arange(T)[None]
+    model.prefill(ids, cache, position_ids=torch.stack((pos, torch.zeros_like(pos)), 1),
+                  attention_mask=torch.ones_like(ids), sep=torch.tensor([2]))
+    ref = model.new_cache(1, cache.max_len)
+    ref.copy_rows(slice(None), cache, slice(None), cache.max_len)
+    index, position = torch.tensor([T]), torch.tensor([[T, 1]])
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = fused.decode_step(model, cache, torch.tensor([11]), position[:, 0], position[:, 1], index, plan)
+    finally:
+        torch.set_num_threads(before)
+    want = eager_step(model, torch.tensor([[11]]), position[:, :, None], ref, index[:, None])[:, -1].float()
+    assert got is not None
+    assert_close(got, want, atol=scaled(2e-5, want), what=f"7 heads, {threads} threads: logits")
+
+
+@needs_native
 @torch.no_grad()
 def test_fused_step_on_the_paged_latent_pool():
     """The engine's paged pool (blocks through a table, rows at different lengths): native == eager."""

@@ -336,10 +336,70 @@ int heads(const GlmkitLinear& w, const float* x, int64_t M, int64_t H, int64_t r
   return 10;
 }
 
+// Scores of NH heads' queries (ldq apart) against one key of D values: out[h * ldo] = q_h . k. The key is read
+// once for all NH heads, and the 2 * NH accumulators are independent chains (one chain per head would wait on
+// the FMA's latency at every step).
+template <int NH, typename T>
+inline void head_dots(const float* q, int64_t ldq, const T* k, int64_t D, float* out, int64_t ldo) {
+  __m256 acc[NH][2];
+  for (int h = 0; h < NH; ++h) acc[h][0] = acc[h][1] = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    const __m256 k0 = load8(k + d), k1 = load8(k + d + 8);
+    for (int h = 0; h < NH; ++h) {
+      acc[h][0] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * ldq + d), k0, acc[h][0]);
+      acc[h][1] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * ldq + d + 8), k1, acc[h][1]);
+    }
+  }
+  for (; d + 8 <= D; d += 8) {
+    const __m256 k0 = load8(k + d);
+    for (int h = 0; h < NH; ++h) acc[h][0] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * ldq + d), k0, acc[h][0]);
+  }
+  for (int h = 0; h < NH; ++h) {
+    float s = hsum(_mm256_add_ps(acc[h][0], acc[h][1]));
+    for (int64_t t = d; t < D; ++t) s += q[h * ldq + t] * to_float(k[t]);
+    out[h * ldo] = s;
+  }
+}
+
+// o[h * ldo + d] += sum_i p[h * ldp + i] * keys[i][d] for NH heads, d < R, the keys added in order (each output
+// element's sum is the same chain of FMAs as one axpy per key): a tile of keys is read once per 16 columns for all
+// NH heads, the heads' partial sums staying in registers across the tile.
+template <int NH, typename T>
+inline void head_sums(float* o, int64_t ldo, const float* p, int64_t ldp, const T* const* keys, int64_t nk, int64_t R) {
+  int64_t d = 0;
+  for (; d + 16 <= R; d += 16) {
+    __m256 acc[NH][2];
+    for (int h = 0; h < NH; ++h)
+      acc[h][0] = _mm256_loadu_ps(o + h * ldo + d), acc[h][1] = _mm256_loadu_ps(o + h * ldo + d + 8);
+    for (int64_t i = 0; i < nk; ++i) {
+      const __m256 k0 = load8(keys[i] + d), k1 = load8(keys[i] + d + 8);
+      for (int h = 0; h < NH; ++h) {
+        const __m256 w = _mm256_set1_ps(p[h * ldp + i]);
+        acc[h][0] = _mm256_fmadd_ps(w, k0, acc[h][0]);
+        acc[h][1] = _mm256_fmadd_ps(w, k1, acc[h][1]);
+      }
+    }
+    for (int h = 0; h < NH; ++h)
+      _mm256_storeu_ps(o + h * ldo + d, acc[h][0]), _mm256_storeu_ps(o + h * ldo + d + 8, acc[h][1]);
+  }
+  for (; d + 8 <= R; d += 8)
+    for (int h = 0; h < NH; ++h) {
+      __m256 a = _mm256_loadu_ps(o + h * ldo + d);
+      for (int64_t i = 0; i < nk; ++i) a = _mm256_fmadd_ps(_mm256_set1_ps(p[h * ldp + i]), load8(keys[i] + d), a);
+      _mm256_storeu_ps(o + h * ldo + d, a);
+    }
+  for (; d < R; ++d)
+    for (int h = 0; h < NH; ++h)
+      for (int64_t i = 0; i < nk; ++i) o[h * ldo + d] += p[h * ldp + i] * to_float(keys[i][d]);
+}
+
 // Absorbed latent attention of M rows over one layer's latent cache (one key head [c ; k_pe] of Dk values):
 // ql (M, H, Dk) the queries [q_nope W_UK ; rotated q_pe], o (M, H, R) the attention-weighted sums of c. The
-// heads are split into one chunk per thread, so a thread reads each cached latent twice (scores, then the
-// weighted sum) for all its heads, not once per head.
+// heads are split into one chunk per thread; a thread reads each cached latent once for the scores of all its
+// heads (4 at a time) and once per 4 heads for the weighted sum, a tile of kKeyTile latents at a time.
+constexpr int64_t kKeyTile = 16;
+
 template <typename T>
 void attend_latent(const GlmkitModel& m, const GlmkitCache& c, int64_t layer, int64_t M, const float* ql,
                    const int64_t* idx, float* o, float* scores, int64_t smax, int threads) {
@@ -350,29 +410,49 @@ void attend_latent(const GlmkitModel& m, const GlmkitCache& c, int64_t layer, in
   for (int64_t bc = 0; bc < M * chunks; ++bc) {
     const int64_t b = bc / chunks, h0 = (bc % chunks) * per, h1 = std::min(H, h0 + per);
     const int64_t n = std::max(idx[b] + 1, c.sep[b]);
-    std::vector<float> mx(per, -std::numeric_limits<float>::infinity()), sum(per, 0.0f);
-    for (int64_t h = h0; h < h1; ++h) std::fill(o + (b * H + h) * R, o + (b * H + h + 1) * R, 0.0f);
-    for (int pass = 0; pass < 3; ++pass) {
-      for (int64_t s0 = 0; s0 < n; s0 += BS) {
-        const int64_t p = block_of(c, b, s0 / BS), e = std::min(n, s0 + BS) - s0;
-        const T* kb = kc + (layer * c.n_blocks + p) * BS * Dk;
-        const uint8_t* valid = c.valid + p * BS;
-        for (int64_t i = 0; i < e; ++i) {
-          if (!valid[i]) continue;
-          const T* kp = kb + i * Dk;
-          for (int64_t h = h0; h < h1; ++h) {
-            float* sc = scores + (b * H + h) * smax + s0 + i;
-            const int64_t j = h - h0;
-            if (pass == 0) {
-              *sc = dot(ql + (b * H + h) * Dk, kp, Dk) * m.mla_scale;
-              mx[j] = std::max(mx[j], *sc);
-            } else if (pass == 1) {
-              *sc = std::exp(*sc - mx[j]);
-              sum[j] += *sc;
-            } else if (*sc > 0.0f) {
-              axpy(o + (b * H + h) * R, *sc / sum[j], kp, R);
-            }
-          }
+    if (h1 <= h0) continue;
+    std::vector<const T*> keys;  // the visible latents in order (keys after idx[b] are visible only in Part A)
+    keys.reserve(n);
+    for (int64_t s0 = 0; s0 < n; s0 += BS) {
+      const int64_t p = block_of(c, b, s0 / BS), e = std::min(n, s0 + BS) - s0;
+      const T* kb = kc + (layer * c.n_blocks + p) * BS * Dk;
+      const uint8_t* valid = c.valid + p * BS;
+      for (int64_t i = 0; i < e; ++i)
+        if (valid[i]) keys.push_back(kb + i * Dk);
+    }
+    const int64_t nk = static_cast<int64_t>(keys.size());
+    const float* q = ql + (b * H + h0) * Dk;
+    float* sc = scores + (b * H + h0) * smax;  // head h0 + j's scores, then probabilities, at sc[j * smax + i]
+    float* out = o + (b * H + h0) * R;
+    std::fill(out, out + (h1 - h0) * R, 0.0f);
+    for (int64_t i = 0; i < nk; ++i)
+      for (int64_t j = 0; j < h1 - h0; j += 4) {
+        const float* qj = q + j * Dk;
+        float* sj = sc + j * smax + i;
+        switch (std::min<int64_t>(4, h1 - h0 - j)) {
+          case 4: head_dots<4>(qj, Dk, keys[i], Dk, sj, smax); break;
+          case 3: head_dots<3>(qj, Dk, keys[i], Dk, sj, smax); break;
+          case 2: head_dots<2>(qj, Dk, keys[i], Dk, sj, smax); break;
+          default: head_dots<1>(qj, Dk, keys[i], Dk, sj, smax); break;
+        }
+      }
+    for (int64_t j = 0; j < h1 - h0; ++j) {  // softmax: exp(s - max) / their sum, in key order
+      float* sj = sc + j * smax;
+      float mx = -std::numeric_limits<float>::infinity(), sum = 0.0f;
+      for (int64_t i = 0; i < nk; ++i) sj[i] = sj[i] * m.mla_scale, mx = std::max(mx, sj[i]);
+      for (int64_t i = 0; i < nk; ++i) sj[i] = std::exp(sj[i] - mx), sum += sj[i];
+      for (int64_t i = 0; i < nk; ++i) sj[i] /= sum;
+    }
+    for (int64_t i0 = 0; i0 < nk; i0 += kKeyTile) {
+      const int64_t ni = std::min(kKeyTile, nk - i0);
+      for (int64_t j = 0; j < h1 - h0; j += 4) {
+        float* oj = out + j * R;
+        const float* pj = sc + j * smax + i0;
+        switch (std::min<int64_t>(4, h1 - h0 - j)) {
+          case 4: head_sums<4>(oj, R, pj, smax, &keys[i0], ni, R); break;
+          case 3: head_sums<3>(oj, R, pj, smax, &keys[i0], ni, R); break;
+          case 2: head_sums<2>(oj, R, pj, smax, &keys[i0], ni, R); break;
+          default: head_sums<1>(oj, R, pj, smax, &keys[i0], ni, R); break;
         }
       }
     }

@@ -539,6 +539,11 @@ void int4_block(const int8_t* x, int64_t m, int64_t K, const float* sx, const fl
                               gs, sc + n * G, mn + n * G, y + j * ldy + n, ldy);
 }
 
+// Output channels per product in moe_int4's down phase (a multiple of 4): each thread walks one expert's rows of
+// its channel range at a time, in blocks of this many, so the weights it reads are one long contiguous stream per
+// expert rather than 4 rows of each expert in turn.
+constexpr int64_t kDownRows = 64;
+
 template <int CH, typename S>
 void moe_int4(const float* x, int64_t M, int64_t C, int64_t gs, int64_t J, const GlmkitExpert* ex, const int64_t* off,
               const int64_t* rows, const float* weights, float* out, int threads) {
@@ -551,7 +556,7 @@ void moe_int4(const float* x, int64_t M, int64_t C, int64_t gs, int64_t J, const
     for (int64_t p = off[j]; p < off[j + 1]; ++p) hoff[p + 1] = hoff[p] + ex[j].f;
   std::vector<int8_t> xd(M * C), xg(P * C), hd(hoff[P]);
   std::vector<float> sx(M * Gc), xs(M * Gc), sxg(P * Gc), xsg(P * Gc), h(P * 2 * Fmax), hs(hoff[P] / gs),
-      hsum(hoff[P] / gs), y(P * 4 * threads);
+      hsum(hoff[P] / gs), y(P * kDownRows * threads);
   int4_activations(x, M, C, gs, xd.data(), sx.data(), xs.data());
   for (int64_t p = 0; p < P; ++p) {  // each (token, expert) pair's activations, grouped by expert
     std::memcpy(&xg[p * C], &xd[rows[p] * C], C);
@@ -579,19 +584,21 @@ void moe_int4(const float* x, int64_t M, int64_t C, int64_t gs, int64_t J, const
       for (int64_t f = 0; f < F; ++f) hp[f] = hp[f] / (1.0f + std::exp(-hp[f])) * hp[F + f];
       int4_activations(hp, 1, F, gs, &hd[hoff[p]], &hs[hoff[p] / gs], &hsum[hoff[p] / gs]);
     }
-#pragma omp for schedule(static)
-    for (int64_t n0 = 0; n0 < C; n0 += 4) {  // this thread's output channels, every expert's share added
-      const int64_t n1 = std::min(C, n0 + 4);
-      float* t = &y[omp_get_thread_num() * P * 4];
-      for (int64_t j = 0; j < J; ++j) {
-        const int64_t m = off[j + 1] - off[j], F = ex[j].f;
-        const int64_t h0 = hoff[off[j]];
+    // this thread's range of output channels (whole tiles of 4), each expert's rows in it read as one stream
+    const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads(), tiles = (C + 3) / 4;
+    const int64_t c0 = std::min(C, 4 * (tiles * tid / nth)), c1 = std::min(C, 4 * (tiles * (tid + 1) / nth));
+    float* t = &y[tid * P * kDownRows];
+    for (int64_t j = 0; j < J; ++j) {
+      const int64_t m = off[j + 1] - off[j], F = ex[j].f;
+      const int64_t h0 = hoff[off[j]];
+      for (int64_t n0 = c0; n0 < c1; n0 += kDownRows) {
+        const int64_t n1 = std::min(c1, n0 + kDownRows);
         int4_block<CH>(&hd[h0], m, F, &hs[h0 / gs], &hsum[h0 / gs], ex[j].down + n0 * (F / 2),
                        static_cast<const S*>(ex[j].down_scales) + n0 * (F / gs),
-                       static_cast<const S*>(ex[j].down_mins) + n0 * (F / gs), gs, 0, n1 - n0, t, 4);
+                       static_cast<const S*>(ex[j].down_mins) + n0 * (F / gs), gs, 0, n1 - n0, t, kDownRows);
         for (int64_t r = 0; r < m; ++r) {
           const int64_t p = off[j] + r;
-          for (int64_t n = n0; n < n1; ++n) out[rows[p] * C + n] += weights[p] * t[r * 4 + n - n0];
+          for (int64_t n = n0; n < n1; ++n) out[rows[p] * C + n] += weights[p] * t[r * kDownRows + n - n0];
         }
       }
     }
