@@ -264,12 +264,9 @@ inline float mins_dot(const S* mn, const float* xs, int64_t G) {
   __m256 acc = _mm256_setzero_ps();
   int64_t g = 0;
   for (; g + 8 <= G; g += 8) acc = _mm256_fmadd_ps(load8(mn + g), _mm256_loadu_ps(xs + g), acc);
-  if (g < G) {  // the last groups as one zero-padded vector: a scalar tail loop would be vectorized differently
-    float a[8] = {}, b[8] = {};  // by the AVX-512 build, and both builds must give the same bits
-    for (int64_t i = g; i < G; ++i) a[i - g] = to_float(mn[i]), b[i - g] = xs[i];
-    acc = _mm256_fmadd_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b), acc);
-  }
-  return hsum(acc);
+  if (g < G)  // the last groups as one zero-padded vector: a scalar tail loop would be vectorized differently
+    acc = _mm256_fmadd_ps(load_part(mn + g, G - g), load_part(xs + g, G - g), acc);  // by the AVX-512 build, and
+  return hsum(acc);  // both builds must give the same bits
 }
 
 // Groups of a multiple of 64 columns, CH = gs / 64 chunks per group (0: gs / 64 at run time). R weight
@@ -291,13 +288,7 @@ inline void int4_tile(const int8_t* x, int64_t ldx, const float* sx, const float
     const int64_t gn = std::min<int64_t>(8, G - g0);
     for (int r = 0; r < R; ++r)
       for (int j = 0; j < MB; ++j) {
-        if (gn == 8) {
-          fac[r][j] = _mm256_mul_ps(load8(sc + r * G + g0), _mm256_loadu_ps(sx + j * G + g0));
-        } else {
-          float f[8] = {};
-          for (int64_t i = 0; i < gn; ++i) f[i] = to_float(sc[r * G + g0 + i]) * sx[j * G + g0 + i];
-          fac[r][j] = _mm256_loadu_ps(f);
-        }
+        fac[r][j] = _mm256_mul_ps(load_part(sc + r * G + g0, gn), load_part(sx + j * G + g0, gn));
       }
     for (int64_t gi = 0; gi < gn; ++gi) {
       const int64_t g = g0 + gi;
@@ -806,15 +797,6 @@ void heads_int4_direct(const float* x, int64_t M, int64_t H, const uint8_t* w, c
   }
 }
 
-// Up to 8 scales (fp32 or bf16) from p, lanes past n zero: n is 8, or G below 8 (4 or 2 in practice: K / gs).
-template <typename S>
-inline __m256 load_upto8(const S* p, int64_t n) {
-  if (n >= 8) return load8(p);
-  float t[8] = {};
-  for (int64_t i = 0; i < n; ++i) t[i] = to_float(p[i]);
-  return _mm256_loadu_ps(t);
-}
-
 // kv_b's key rows (W_UK, trans above) as integer dot products. The fp32 form is compute-bound (each nibble widened
 // to fp32 for one FMA: 7-10 ms a step over GLM-4.7-Flash's 47 layers, for 1 MB of codes a layer), and the int4
 // linears' integer path needs a dot product per output along the codes' rows, which W_UK sums across. So the key
@@ -861,11 +843,11 @@ void heads_uk_int4(const float* x, int64_t M, int64_t H, const uint8_t* codes, c
           __m256 am = _mm256_setzero_ps();
           for (int64_t n = 64 * c; n < std::min(N, 64 * c + 64); ++n) {
             const __m256 xv = _mm256_set1_ps(xm[n]);
-            const __m256 v = _mm256_mul_ps(xv, load_upto8(sc + (h * ldh + n) * G + g, G - g));
+            const __m256 v = _mm256_mul_ps(xv, load_part(sc + (h * ldh + n) * G + g, G - g));
             _mm256_storeu_ps(&a[n * G8 + g], v);
             am = _mm256_max_ps(am, _mm256_andnot_ps(sign, v));
             sum = _mm256_add_ps(sum, v);
-            bs = _mm256_fmadd_ps(xv, load_upto8(mn + (h * ldh + n) * G + g, G - g), bs);
+            bs = _mm256_fmadd_ps(xv, load_part(mn + (h * ldh + n) * G + g, G - g), bs);
           }
           _mm256_storeu_ps(&amax[c * G8 + g], am);
         }

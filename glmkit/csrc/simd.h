@@ -35,6 +35,30 @@ inline float to_float(uint16_t v) {
 }
 inline float to_float(int8_t v) { return static_cast<float>(v); }
 
+// p[0, n) in lanes 0..n-1 and zeros above (n <= 8, else all 8), reading nothing past p + n. Built in registers: 8
+// scalar stores to the stack read back as one vector wait on store forwarding (~20 cycles each time), which made
+// the int4 kernels' last partial block of groups cost as much as a whole row of K 2048 for K 768.
+inline __m256 load_part(const float* p, int64_t n) {
+  if (n >= 8) return _mm256_loadu_ps(p);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lane));
+}
+inline __m256 load_part(const uint16_t* p, int64_t n) {
+  if (n >= 8) return load8(p);
+  __m128i h = _mm_setzero_si128();
+  switch (n) {  // falls through: lanes n-1 down to 0
+    case 7: h = _mm_insert_epi16(h, p[6], 6); [[fallthrough]];
+    case 6: h = _mm_insert_epi16(h, p[5], 5); [[fallthrough]];
+    case 5: h = _mm_insert_epi16(h, p[4], 4); [[fallthrough]];
+    case 4: h = _mm_insert_epi16(h, p[3], 3); [[fallthrough]];
+    case 3: h = _mm_insert_epi16(h, p[2], 2); [[fallthrough]];
+    case 2: h = _mm_insert_epi16(h, p[1], 1); [[fallthrough]];
+    case 1: h = _mm_insert_epi16(h, p[0], 0); [[fallthrough]];
+    default: break;
+  }
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
