@@ -20,10 +20,10 @@ Measured in a child process (so its peak resident memory is the model's alone):
               every expert, so the decode figures below are of resident weights; then a batch-16 decode
               warm-up (the int4 kernels read scales and mins as stored: nothing is built per expert)
   decode      B / the median time between steps of a stream of --new-tokens tokens, greedy, per batch B
-  bound       the bandwidth bound: measured memory bandwidth (the higher of two measurements, before the load and
-              after the decode figures) / bytes one token's forward reads (attention, dense and shared MLPs,
-              router, n_experts_per_tok routed experts per MoE layer, the head; one embedding row), and decode at
-              batch 1 as a fraction of it
+  bound       the bandwidth bound: measured memory bandwidth (the highest of three measurements: before the load,
+              right after the batch-1 decode, after the decode figures) / bytes one token's forward reads
+              (attention, dense and shared MLPs, router, n_experts_per_tok routed experts per MoE layer, the head;
+              one embedding row), and decode at batch 1 as a fraction of it
   kv          bytes of KV cache per token (the latent width for latent attention)
 Random weights route tokens uniformly at random, a trained model less so: batch-4 decode reads up to
 4 x 4 experts per layer here. Report the CPU beside any figure.
@@ -223,6 +223,8 @@ def child(a) -> None:
                 stamps.append(time.perf_counter())
         gaps = sorted(y - x for x, y in zip(stamps, stamps[1:]))
         res[f"decode_b{B}_tok_s"] = B / gaps[len(gaps) // 2]
+        if B == 1:  # the reading nearest the batch-1 figure the bound is for
+            res["bandwidth_b1_gbs"] = bandwidth_gbs()
     if a.profile:  # where a batch-1 decode step's time goes: the top operators of a few steps, to stderr
         from torch.profiler import profile
 
@@ -303,7 +305,7 @@ def main() -> None:
         print(r.stderr[-6000:], file=sys.stderr)
     res = json.loads(next(line[7:] for line in r.stdout.splitlines() if line.startswith("RESULT ")))
     info.update(res)
-    bw = max(info["bandwidth_gbs"], res["bandwidth_after_gbs"])
+    bw = max(info["bandwidth_gbs"], res["bandwidth_after_gbs"], res.get("bandwidth_b1_gbs", 0.0))
     bound = bw * 1e9 / (res["read_gib_per_token"] * 2**30)
     info["bound_b1_tok_s"] = bound
     info["decode_b1_of_bound"] = res["decode_b1_tok_s"] / bound if "decode_b1_tok_s" in res else None
