@@ -223,8 +223,13 @@ def child(a) -> None:
                 stamps.append(time.perf_counter())
         gaps = sorted(y - x for x, y in zip(stamps, stamps[1:]))
         res[f"decode_b{B}_tok_s"] = B / gaps[len(gaps) // 2]
-        if B == 1:  # the reading nearest the batch-1 figure the bound is for
-            res["bandwidth_b1_gbs"] = bandwidth_gbs()
+        if B == 1:  # the reading nearest the batch-1 figure the bound is for, in a process of its own: its 1 GiB
+            # buffer would otherwise count in this process's peak memory
+            code = (f"import torch; torch.set_num_threads({torch.get_num_threads()}); "
+                    "from bench.big_model import bandwidth_gbs; print(bandwidth_gbs())")
+            r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                               capture_output=True, text=True, check=True)
+            res["bandwidth_b1_gbs"] = float(r.stdout.split()[-1])
     if a.profile:  # where a batch-1 decode step's time goes: the top operators of a few steps, to stderr
         from torch.profiler import profile
 
