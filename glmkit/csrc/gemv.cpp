@@ -264,16 +264,17 @@ inline float mins_dot(const S* mn, const float* xs, int64_t G) {
   __m256 acc = _mm256_setzero_ps();
   int64_t g = 0;
   for (; g + 8 <= G; g += 8) acc = _mm256_fmadd_ps(load8(mn + g), _mm256_loadu_ps(xs + g), acc);
-  if (g < G)  // the last groups as one zero-padded vector: a scalar tail loop would be vectorized differently
-    acc = _mm256_fmadd_ps(load_part(mn + g, G - g), load_part(xs + g, G - g), acc);  // by the AVX-512 build, and
-  return hsum(acc);  // both builds must give the same bits
+  // the last groups as one zero-padded vector: a scalar tail loop would be vectorized differently by the AVX-512
+  // build, and both builds must give the same bits
+  if (g < G) acc = _mm256_fmadd_ps(load_part(mn + g, G - g), load_part(xs + g, G - g), acc);
+  return hsum(acc);
 }
 
 // Groups of a multiple of 64 columns, CH = gs / 64 chunks per group (0: gs / 64 at run time). R weight
 // rows (ldw bytes apart, sc and mn their (R, G) scales and mins) times MB activation rows (ldx apart, in the chunk
 // order above; sx and xsum (MB, G)): y[j * ldy + r] = dot(x_j, w_r). Each chunk of a weight row is
 // unpacked once for all MB rows; R > 1 (one activation row) runs R accumulation chains side by side
-// and prefetches the next block of R contiguous rows as one stream.
+// and prefetches a later block of R contiguous rows as one stream.
 constexpr int64_t kPrefetchBytes = 2048;
 
 template <int R, int MB, int CH, typename S>
@@ -292,7 +293,8 @@ inline void int4_tile(const int8_t* x, int64_t ldx, const float* sx, const float
     __m256 fac[R][MB];
     const int64_t gn = std::min<int64_t>(8, G - g0);
     for (int r = 0; r < R; ++r)
-      for (int j = 0; j < MB; ++j) fac[r][j] = _mm256_mul_ps(load_part(sc + r * G + g0, gn), load_part(sx + j * G + g0, gn));
+      for (int j = 0; j < MB; ++j)
+        fac[r][j] = _mm256_mul_ps(load_part(sc + r * G + g0, gn), load_part(sx + j * G + g0, gn));
     for (int64_t gi = 0; gi < gn; ++gi) {
       const int64_t g = g0 + gi;
       __m256i a[R][MB];
