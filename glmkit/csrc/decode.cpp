@@ -394,6 +394,18 @@ inline void head_sums(float* o, int64_t ldo, const float* p, int64_t ldp, const 
       for (int64_t i = 0; i < nk; ++i) o[h * ldo + d] += p[h * ldp + i] * to_float(keys[i][d]);
 }
 
+// f(std::integral_constant<int, NH>) for the next group of NH = min(4, left) heads (left >= 1): head_dots and
+// head_sums take the group's size as a template argument, so their accumulators stay in registers.
+template <typename F>
+inline void by_heads(int64_t left, F&& f) {
+  switch (std::min<int64_t>(4, left)) {
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 1>{}); break;
+  }
+}
+
 // Absorbed latent attention of M rows over one layer's latent cache (one key head [c ; k_pe] of Dk values):
 // ql (M, H, Dk) the queries [q_nope W_UK ; rotated q_pe], o (M, H, R) the attention-weighted sums of c. The
 // heads are split into one chunk per thread; a thread reads each cached latent once for the scores of all its
@@ -429,12 +441,7 @@ void attend_latent(const GlmkitModel& m, const GlmkitCache& c, int64_t layer, in
       for (int64_t j = 0; j < h1 - h0; j += 4) {
         const float* qj = q + j * Dk;
         float* sj = sc + j * smax + i;
-        switch (std::min<int64_t>(4, h1 - h0 - j)) {
-          case 4: head_dots<4>(qj, Dk, keys[i], Dk, sj, smax); break;
-          case 3: head_dots<3>(qj, Dk, keys[i], Dk, sj, smax); break;
-          case 2: head_dots<2>(qj, Dk, keys[i], Dk, sj, smax); break;
-          default: head_dots<1>(qj, Dk, keys[i], Dk, sj, smax); break;
-        }
+        by_heads(h1 - h0 - j, [&](auto nh) { head_dots<nh.value>(qj, Dk, keys[i], Dk, sj, smax); });
       }
     for (int64_t j = 0; j < h1 - h0; ++j) {  // softmax: exp(s - max) / their sum, in key order
       float* sj = sc + j * smax;
@@ -448,12 +455,7 @@ void attend_latent(const GlmkitModel& m, const GlmkitCache& c, int64_t layer, in
       for (int64_t j = 0; j < h1 - h0; j += 4) {
         float* oj = out + j * R;
         const float* pj = sc + j * smax + i0;
-        switch (std::min<int64_t>(4, h1 - h0 - j)) {
-          case 4: head_sums<4>(oj, R, pj, smax, &keys[i0], ni, R); break;
-          case 3: head_sums<3>(oj, R, pj, smax, &keys[i0], ni, R); break;
-          case 2: head_sums<2>(oj, R, pj, smax, &keys[i0], ni, R); break;
-          default: head_sums<1>(oj, R, pj, smax, &keys[i0], ni, R); break;
-        }
+        by_heads(h1 - h0 - j, [&](auto nh) { head_sums<nh.value>(oj, R, pj, smax, &keys[i0], ni, R); });
       }
     }
   }
