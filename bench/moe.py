@@ -20,10 +20,14 @@ Measured in a child process (so its peak resident memory is the model's alone):
               every expert, so the decode figures below are of resident weights; then a batch-16 decode
               warm-up (the int4 kernels read scales and mins as stored: nothing is built per expert)
   decode      B / the median time between steps of a stream of --new-tokens tokens, greedy, per batch B
-  bound       the bandwidth bound: measured memory bandwidth (the highest of three measurements: before the load,
-              right after the batch-1 decode, after the decode figures) / bytes one token's forward reads
-              (attention, dense and shared MLPs, router, n_experts_per_tok routed experts per MoE layer, the head;
-              one embedding row), and decode at batch 1 as a fraction of it
+  bound       the bandwidth bound: measured memory bandwidth / bytes one token's forward reads (attention, dense
+              and shared MLPs, router, n_experts_per_tok routed experts per MoE layer, the head; one embedding
+              row), and decode at batch 1 as a fraction of it. Batch 1 is decoded in --rounds rounds with a
+              reading before and after each (in a process of its own, at the same thread count): each round's
+              fraction is against the higher of its own two readings (`b1_roundN`, median and lowest in
+              `b1_rounds_of_bound`); `decode_b1_of_bound` is the median step of all rounds against the highest
+              reading of the whole run (before the load, the rounds', after the decode figures): the stricter
+              figure, which a decode run through a slower minute than the best reading's misses
   kv          bytes of KV cache per token (the latent width for latent attention)
 Random weights route tokens uniformly at random, a trained model less so: batch-4 decode reads up to
 4 x 4 experts per layer here. Report the CPU beside any figure.
@@ -141,11 +145,10 @@ def gguf_read_bytes(path: Path) -> tuple[int, int]:
     return read, total
 
 
-def llama_cpp(llama: Path, src: Path, prefill: int, bandwidth: float) -> dict:
-    """llama.cpp on the bf16 HF slice `src`: converted by its converter, quantized to Q4_0 (both cached beside
-    `src`; the bf16 GGUF is removed once the Q4_0 one exists, for disk), llama-bench with this process's threads,
-    and its decode as a fraction of its own bound (bandwidth / the bytes its Q4_0 file has one token read)."""
-    from bench.big_model import LLAMA_QUANT, gguf_files, llama_bench
+def llama_q4_0(llama: Path, src: Path) -> Path:
+    """`src` (a bf16 slice in the HF layout) converted by llama.cpp's converter and quantized to Q4_0 (cached beside
+    `src`; the bf16 GGUF is removed once the Q4_0 one exists, for disk)."""
+    from bench.big_model import LLAMA_QUANT, gguf_files
 
     q4 = Path(f"{src}.{LLAMA_QUANT['int4'].lower()}.gguf")
     cfg_path = src / "config.json"
@@ -156,12 +159,67 @@ def llama_cpp(llama: Path, src: Path, prefill: int, bandwidth: float) -> dict:
     if not q4.exists():
         q4 = gguf_files(llama, src, ["int4"])["int4"]
         Path(f"{src}.bf16.gguf").unlink(missing_ok=True)
-    read, total = gguf_read_bytes(q4)
-    res = llama_bench(llama, q4, prefill)
+    return q4
+
+
+def grow_gguf(src: Path, dst: Path, layers: int, seed: int = 0) -> None:
+    """The whole model for llama.cpp without its bf16 checkpoint (60 GB, more than the disk): `src`, llama.cpp's own
+    Q4_0 file of a slice whose last layer is a MoE layer, written again with that layer repeated up to `layers`
+    (block_count changed, every other key and tensor as converted). The repeated layers' Q4_0 tensors get random
+    codes (each 18-byte block's fp16 scale kept from the source), their router a fresh N(0, 0.02) draw, so that each
+    layer routes on its own; tensors of other types are copied. Streamed tensor by tensor."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+
+    r = GGUFReader(str(src))
+    arch = r.fields["general.architecture"].contents()
+    last = int(r.fields[f"{arch}.block_count"].contents()) - 1
+    w = GGUFWriter(str(dst), arch)
+    for name, f in r.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        val = layers if name == f"{arch}.block_count" else f.contents()
+        w.add_key_value(name, val, f.types[0], f.types[-1] if f.types[0] == GGUFValueType.ARRAY else None)
+    plan = []  # (name written, source tensor, fresh draw)
+    for t in r.tensors:
+        if t.name.startswith(f"blk.{last}."):
+            plan += [(t.name.replace(f"blk.{last}.", f"blk.{i}.", 1), t, i != last) for i in range(last, layers)]
+        else:
+            plan.append((t.name, t, False))
+    for name, t, _ in plan:
+        b = t.data.view(np.uint8).reshape(*t.data.shape[:-1], -1)
+        w.add_tensor_info(name, b.shape, np.uint8, b.nbytes, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    rng = np.random.default_rng(seed)
+    for name, t, fresh in plan:
+        data = t.data
+        if fresh and t.tensor_type == GGMLQuantizationType.Q4_0:
+            blocks = data.view(np.uint8).reshape(-1, 18).copy()
+            blocks[:, 2:] = rng.integers(0, 256, (blocks.shape[0], 16), dtype=np.uint8)
+            data = blocks
+        elif fresh and t.tensor_type == GGMLQuantizationType.F32 and "ffn_gate_inp" in name:
+            data = (rng.standard_normal(data.shape, dtype=np.float32) * 0.02)
+        w.write_tensor_data(np.ascontiguousarray(data))
+    w.close()
+
+
+def llama_cpp(llama: Path, gguf: Path, prefill: int, bandwidth: float) -> dict:
+    """llama-bench on the Q4_0 file `gguf` with this process's threads, and its decode as a fraction of its own bound
+    (bandwidth / the bytes its file has one token read): against `bandwidth` (the highest of glmkit's run), and
+    against the higher of two readings taken just before and after llama-bench (its own minute)."""
+    from bench.big_model import llama_bench
+
+    read, total = gguf_read_bytes(gguf)
     out = {"llama_q4_0_gib": total / 2**30, "llama_read_gib_per_token": read / 2**30,
-           "llama_load_1min": os.getloadavg()[0]}
+           "llama_load_1min": os.getloadavg()[0], "llama_bandwidth_before_gbs": bandwidth_gbs()}
+    res = llama_bench(llama, gguf, prefill)
+    out["llama_bandwidth_after_gbs"] = bandwidth_gbs()
     out.update({f"llama_{k}": v for k, v in res.items()})
     out["llama_decode_b1_of_bound"] = res["decode_b1_tok_s"] * read / (bandwidth * 1e9)
+    own = max(out["llama_bandwidth_before_gbs"], out["llama_bandwidth_after_gbs"])
+    out["llama_decode_b1_of_own_bound"] = res["decode_b1_tok_s"] * read / (own * 1e9)
     return out
 
 
@@ -214,22 +272,46 @@ def child(a) -> None:
     run([torch.randint(0, V, (8,)).tolist() for _ in range(16)], 8)
     res["warmup_b16x8_s"] = time.perf_counter() - t
     res["rss_after_warmup_gib"] = rss_gib()
-    for B in a.batches:
-        prompts = [torch.randint(0, V, (32,)).tolist() for _ in range(B)]
-        run(prompts, 2)
-        stamps = []
+    # memory bandwidth readings in a process of their own (its 1 GiB buffer, allocated per reading and freed, would
+    # count in this process's peak memory), at this process's thread count, taken on request between measurements
+    code = (f"import sys, torch; torch.set_num_threads({torch.get_num_threads()}); "
+            "from bench.big_model import bandwidth_gbs\nfor _ in sys.stdin: print(bandwidth_gbs(), flush=True)")
+    meter = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def bandwidth() -> float:
+        meter.stdin.write("\n")
+        meter.stdin.flush()
+        return float(meter.stdout.readline())
+
+    def decode_gaps(prompts) -> list[float]:
+        B, stamps = len(prompts), []
         for chunk in stream(model, prompts, SamplingParams(max_new_tokens=a.new_tokens, temperature=0)):
             if chunk.index == B - 1:
                 stamps.append(time.perf_counter())
-        gaps = sorted(y - x for x, y in zip(stamps, stamps[1:]))
-        res[f"decode_b{B}_tok_s"] = B / gaps[len(gaps) // 2]
-        if B == 1:  # the reading nearest the batch-1 figure the bound is for, in a process of its own: its 1 GiB
-            # buffer would otherwise count in this process's peak memory
-            code = (f"import torch; torch.set_num_threads({torch.get_num_threads()}); "
-                    "from bench.big_model import bandwidth_gbs; print(bandwidth_gbs())")
-            r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
-                               capture_output=True, text=True, check=True)
-            res["bandwidth_b1_gbs"] = float(r.stdout.split()[-1])
+        return sorted(y - x for x, y in zip(stamps, stamps[1:]))
+
+    for B in a.batches:
+        prompts = [torch.randint(0, V, (32,)).tolist() for _ in range(B)]
+        run(prompts, 2)
+        if B != 1:
+            gaps = decode_gaps(prompts)
+            res[f"decode_b{B}_tok_s"] = B / gaps[len(gaps) // 2]
+            continue
+        # batch 1, the figure the bound is for: rounds of (reading, decode, reading), so that each round's decode
+        # has readings of its own minute beside it (this VM's bandwidth moves 15-25 GB/s from minute to minute)
+        rounds, every = [], []
+        before = bandwidth()
+        for _ in range(a.rounds):
+            gaps = decode_gaps(prompts)
+            after = bandwidth()
+            rounds.append({"tok_s": 1 / gaps[len(gaps) // 2], "bandwidth_before_gbs": before,
+                           "bandwidth_after_gbs": after})
+            every += gaps
+            before = after
+        every.sort()
+        res["decode_b1_tok_s"] = 1 / every[len(every) // 2]
+        res["b1_rounds"] = rounds
     if a.profile:  # where a batch-1 decode step's time goes: the top operators of a few steps, to stderr
         from torch.profiler import profile
 
@@ -238,9 +320,9 @@ def child(a) -> None:
         print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=16),
               file=sys.stderr)
     res["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    # the bandwidth again, right after the decode figures (the parent's was measured before the load): a shared
-    # machine's varies by 10-20% from minute to minute, and the bound takes the higher of the two
-    res["bandwidth_after_gbs"] = bandwidth_gbs()
+    res["bandwidth_after_gbs"] = bandwidth()  # again, after all decode figures
+    meter.stdin.close()
+    meter.wait()
     print("RESULT " + json.dumps(res))
 
 
@@ -255,6 +337,8 @@ def main() -> None:
     p.add_argument("--batches", default="1,4")
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--prefill", type=int, default=2048)
+    p.add_argument("--rounds", type=int, default=5,
+                   help="batch 1 is decoded in this many rounds, a bandwidth reading before and after each")
     p.add_argument("--as-stored", action="store_true",
                    help="a checkpoint quantized without latent attention's projections: keep them float (default: "
                         "quantize them as it loads)")
@@ -264,9 +348,11 @@ def main() -> None:
                    help="glibc's MALLOC_MMAP_THRESHOLD_ for the measuring process (0: glibc's default, which raises it as "
                         "large blocks are freed, so a prefill's freed activations stay in the heap: ~1 GiB more resident)")
     p.add_argument("--llama-cpp", type=Path, default=None,
-                   help="a llama.cpp tree with llama-bench and llama-quantize built: with --out DIR --layers N, a bf16 "
+                   help="a llama.cpp tree with llama-bench and llama-quantize built. With --out DIR --layers N, a bf16 "
                         "slice in the HF layout is written to DIR, converted by its converter, quantized to Q4_0 and "
-                        "benchmarked beside glmkit's int4 of the same slice")
+                        "benchmarked beside glmkit's int4 of the same slice. Without --layers, the whole model: a 2-layer bf16 "
+                        "slice (DIR.llama-slice) converted and quantized, then grown to the model's depth with random Q4_0 "
+                        "codes (DIR.llama-q4_0.gguf; the 60 GB bf16 checkpoint would not fit the disk)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--quantize", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -281,24 +367,39 @@ def main() -> None:
         info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    if a.llama_cpp and (a.out is None or a.layers is None or a.model is not None or a.arch != "glm4_moe_lite"):
-        p.error("--llama-cpp compares on a slice: give --out DIR --layers N (glm4_moe_lite; DIR is written in bf16 "
-                "in the HF layout if it does not exist)")
+    on_slice = a.llama_cpp is not None and a.layers is not None  # llama.cpp on the same bf16 slice, else on the whole
+    if a.llama_cpp and (a.arch != "glm4_moe_lite" or a.tiny or (on_slice and (a.out is None or a.model is not None))):
+        p.error("--llama-cpp: glm4_moe_lite at its real shape; on a slice give --out DIR --layers N (DIR is written in "
+                "bf16 in the HF layout if it does not exist)")
     info["load_1min"] = os.getloadavg()[0]  # a shared machine: the figures below are only as good as this is low
     model = a.model
     if model is None:
         if a.out is None:
             p.error("give --out (to write a random checkpoint) or --model")
-        if not (a.llama_cpp and (a.out / "config.json").exists()):
-            cfg = model_config(a.arch, a.layers, a.tiny, 0 if a.llama_cpp else a.bits)
+        if not (on_slice and (a.out / "config.json").exists()):
+            cfg = model_config(a.arch, a.layers, a.tiny, 0 if on_slice else a.bits)
             t = time.perf_counter()
-            nbytes = write_model(cfg, a.out, "glm4_moe_lite_hf" if a.llama_cpp else "glmkit")
+            nbytes = write_model(cfg, a.out, "glm4_moe_lite_hf" if on_slice else "glmkit")
             info.update(write_s=time.perf_counter() - t, written_gib=nbytes / 2**30)
         model = a.out
+    llama_gguf = None
+    if on_slice:
+        llama_gguf = llama_q4_0(a.llama_cpp, model)
+    elif a.llama_cpp:  # the whole model: a 2-layer slice (the dense layer, one MoE layer) converted, then grown
+        from glmkit.convert import config_of
+
+        src = Path(f"{model}.llama-slice")
+        if not (src / "config.json").exists():
+            write_model(model_config(a.arch, 2, False, 0), src, "glm4_moe_lite_hf")
+        llama_gguf = Path(f"{model}.llama-q4_0.gguf")
+        if not llama_gguf.exists():
+            t = time.perf_counter()
+            grow_gguf(llama_q4_0(a.llama_cpp, src), llama_gguf, config_of(model)[1].n_layers)
+            info["llama_write_s"] = time.perf_counter() - t
     info["bandwidth_gbs"] = bandwidth_gbs()
     cmd = [sys.executable, __file__, "--child", str(model), "--batches", ",".join(map(str, a.batches)),
-           "--new-tokens", str(a.new_tokens), "--prefill", str(a.prefill)]
-    cmd += ["--quantize", "int4"] if a.llama_cpp else []
+           "--new-tokens", str(a.new_tokens), "--prefill", str(a.prefill), "--rounds", str(a.rounds)]
+    cmd += ["--quantize", "int4"] if on_slice else []
     cmd += ["--threads", str(torch.get_num_threads())]
     cmd += [f for f, on in (("--as-stored", a.as_stored), ("--profile", a.profile)) if on]
     env = dict(os.environ, **({"MALLOC_MMAP_THRESHOLD_": str(a.mmap_threshold)} if a.mmap_threshold else {}))
@@ -309,13 +410,24 @@ def main() -> None:
     if a.profile:
         print(r.stderr[-6000:], file=sys.stderr)
     res = json.loads(next(line[7:] for line in r.stdout.splitlines() if line.startswith("RESULT ")))
+    rounds = res.pop("b1_rounds", [])
     info.update(res)
-    bw = max(info["bandwidth_gbs"], res["bandwidth_after_gbs"], res.get("bandwidth_b1_gbs", 0.0))
-    bound = bw * 1e9 / (res["read_gib_per_token"] * 2**30)
+    read = res["read_gib_per_token"] * 2**30
+    readings = [info["bandwidth_gbs"], res["bandwidth_after_gbs"]]
+    readings += [r[k] for r in rounds for k in ("bandwidth_before_gbs", "bandwidth_after_gbs")]
+    bw = max(readings)
+    bound = bw * 1e9 / read
     info["bound_b1_tok_s"] = bound
     info["decode_b1_of_bound"] = res["decode_b1_tok_s"] / bound if "decode_b1_tok_s" in res else None
-    if a.llama_cpp:
-        info.update(llama_cpp(a.llama_cpp, a.out, a.prefill, bw))
+    for i, r in enumerate(rounds):  # each round against the higher of the two readings beside it
+        r["of_bound"] = r["tok_s"] * read / (max(r["bandwidth_before_gbs"], r["bandwidth_after_gbs"]) * 1e9)
+        info[f"b1_round{i}"] = (f"{r['tok_s']:.3g} tok/s, {r['bandwidth_before_gbs']:.3g} / "
+                                f"{r['bandwidth_after_gbs']:.3g} GB/s beside it: {r['of_bound']:.3f} of its bound")
+    if rounds:
+        f = sorted(r["of_bound"] for r in rounds)
+        info["b1_rounds_of_bound"] = f"median {f[len(f) // 2]:.3f}, lowest {f[0]:.3f}"
+    if llama_gguf:
+        info.update(llama_cpp(a.llama_cpp, llama_gguf, a.prefill, bw))
     info["load_1min_end"] = os.getloadavg()[0]
     for k, v in info.items():
         print(f"{k:24s} {v:.4g}" if isinstance(v, float) else f"{k:24s} {v}")
