@@ -4,6 +4,7 @@
     .venv/bin/python bench/moe.py --out /tmp/flash-4l --layers 4        # a 4-layer slice: minutes
     .venv/bin/python bench/moe.py --model DIR                           # an existing checkpoint, as it is
     .venv/bin/python bench/moe.py --out /tmp/x --arch glm4_moe --tiny   # a tiny model (checks the script)
+    .venv/bin/python bench/moe.py --model /tmp/flash-int4 --llama-cpp DIR   # and llama.cpp's Q4_0 of the same shape
 
 The shape is transformers' `Glm4MoeLiteConfig()` default, which is GLM-4.7-Flash's (47 layers, 2048 hidden,
 latent attention with a 512 + 64 latent KV, 64 routed experts of which 4 per token plus 1 shared, the first
