@@ -40,6 +40,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -303,7 +304,7 @@ def child(a) -> None:
         # has readings of its own minute beside it (this VM's bandwidth moves 15-25 GB/s from minute to minute)
         rounds, every = [], []
         before = bandwidth()
-        for _ in range(a.rounds):
+        for _ in range(max(1, a.rounds)):
             gaps = decode_gaps(prompts)
             after = bandwidth()
             rounds.append({"tok_s": 1 / gaps[len(gaps) // 2], "bandwidth_before_gbs": before,
@@ -389,6 +390,10 @@ def main() -> None:
     elif a.llama_cpp:  # the whole model: a 2-layer slice (the dense layer, one MoE layer) converted, then grown
         from glmkit.convert import config_of
 
+        have, want = config_of(model)[1], model_config(a.arch, None, False, 0)
+        shape = ("dim", "n_layers", "n_heads", "n_experts", "n_experts_per_tok", "moe_ffn_dim", "vocab_size")
+        if any(getattr(have, f) != getattr(want, f) for f in shape):
+            p.error(f"--llama-cpp without --layers grows a slice of {a.arch}'s released shape: {model} has another")
         src = Path(f"{model}.llama-slice")
         if not (src / "config.json").exists():
             write_model(model_config(a.arch, 2, False, 0), src, "glm4_moe_lite_hf")
@@ -425,8 +430,8 @@ def main() -> None:
         info[f"b1_round{i}"] = (f"{r['tok_s']:.3g} tok/s, {r['bandwidth_before_gbs']:.3g} / "
                                 f"{r['bandwidth_after_gbs']:.3g} GB/s beside it: {r['of_bound']:.3f} of its bound")
     if rounds:
-        f = sorted(r["of_bound"] for r in rounds)
-        info["b1_rounds_of_bound"] = f"median {f[len(f) // 2]:.3f}, lowest {f[0]:.3f}"
+        f = [r["of_bound"] for r in rounds]
+        info["b1_rounds_of_bound"] = f"median {statistics.median(f):.3f}, lowest {min(f):.3f}"
     if llama_gguf:
         info.update(llama_cpp(a.llama_cpp, llama_gguf, a.prefill, bw))
     info["load_1min_end"] = os.getloadavg()[0]
