@@ -5,7 +5,10 @@
     torchrun --nproc-per-node 2 -m glmkit pretrain ... --parallel fsdp
     glmkit plot runs/tiny                              # loss and bits-per-character curves (PNG)
 
-One loop: AdamW (fused where the build has it), linear warmup then cosine decay to `min_lr`,
+One loop: AdamW (fused where the build has it), linear warmup then cosine decay to `min_lr` (or
+`--schedule wsd`: warmup, then `lr` held, then a linear decay to `min_lr` over the last `--decay-steps`; 0
+never decays, so `--resume` with more `--steps` continues a stage at the same rate, with no restart and no
+schedule stretched after the fact: ship a decayed copy, keep training from the checkpoint before the decay),
 gradient accumulation, clipping, one precision policy (fp32, or bf16 autocast with fp32 master
 weights), optional torch.compile, held-out evaluation every N steps (loss per objective, bits per
 character per domain), checkpoints every M steps (atomic, last K kept, see checkpoint.py).
@@ -54,6 +57,8 @@ class TrainConfig:
     lr: float = 3e-3
     min_lr: float = 3e-4
     warmup: int = 100
+    schedule: str = "cosine"  # cosine | wsd (warmup, stable, decay: see lr_at)
+    decay_steps: int = 0  # wsd: the last decay_steps steps go linearly from lr to min_lr (0: no decay)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -85,8 +90,19 @@ def _amp_note(device) -> str:
 
 
 def lr_at(step: int, c: TrainConfig) -> float:
+    """The learning rate of step `step` (0-based). cosine: from lr after the warmup to min_lr at `steps`. wsd: lr
+    until the last `decay_steps` steps, which fall linearly to min_lr, the last one at min_lr. Fine-tuning's
+    configs have no `schedule` field: cosine."""
     if step < c.warmup:
         return c.lr * (step + 1) / c.warmup
+    schedule = getattr(c, "schedule", "cosine")
+    if schedule == "wsd":
+        start = c.steps - c.decay_steps
+        if c.decay_steps <= 0 or step < start:
+            return c.lr
+        return c.lr + (c.min_lr - c.lr) * min(1.0, (step - start + 1) / c.decay_steps)
+    if schedule != "cosine":
+        raise ValueError(f"schedule {schedule!r}: choose cosine or wsd")
     t = min(1.0, (step - c.warmup) / max(1, c.steps - c.warmup))
     return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1 + math.cos(math.pi * t))
 
@@ -157,6 +173,10 @@ def train(c: TrainConfig) -> dict:
     from .infill import special_ids
     from .scoring import GLMObjective, bits_per_char, objective_losses
 
+    if c.schedule not in ("cosine", "wsd"):
+        raise ValueError(f"--schedule {c.schedule}: choose cosine or wsd")
+    if not 0 <= c.decay_steps <= c.steps:
+        raise ValueError(f"--decay-steps {c.decay_steps}: between 0 and --steps {c.steps}")
     d = D.init(c.device)
     torch.manual_seed(c.seed)
     shards = TokenShards(c.data)
@@ -285,10 +305,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="glmkit pretrain", description="Pretrain with GLM's blank-infilling objective.")
     defaults = TrainConfig()
     for f in ("model", "data", "out", "seq_len", "batch_size", "grad_accum", "steps", "lr", "min_lr", "warmup",
-              "weight_decay", "beta1", "beta2", "clip", "precision", "parallel", "device", "eval_every",
+              "decay_steps", "weight_decay", "beta1", "beta2", "clip", "precision", "parallel", "device", "eval_every",
               "eval_batches", "eval_docs", "save_every", "keep", "log_every", "seed"):
         v = getattr(defaults, f)
         p.add_argument("--" + f.replace("_", "-"), type=type(v), default=v, required=f == "data")
+    p.add_argument("--schedule", choices=("cosine", "wsd"), default=defaults.schedule,
+                   help="cosine (to min_lr at --steps) or wsd (warmup, lr held, linear to min_lr over --decay-steps)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.add_argument("--mixture", type=float, nargs=3, default=list(defaults.mixture), metavar=("MASK", "sMASK", "gMASK"))

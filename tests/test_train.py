@@ -410,3 +410,42 @@ def test_pretrain_cli_reads_infill_fields_and_domain_weights(monkeypatch):
                 ["--domain-weights", "zh=much"]):
         with pytest.raises(SystemExit):
             T.main(["--data", "x", *bad])
+
+
+def test_wsd_schedule_warms_holds_and_decays_to_min_lr():
+    from glmkit.train import lr_at
+
+    c = TrainConfig(steps=100, lr=1e-3, min_lr=1e-4, warmup=10, schedule="wsd", decay_steps=20)
+    lrs = [lr_at(s, c) for s in range(100)]
+    assert abs(lrs[0] - 1e-4) < 1e-12 and abs(lrs[9] - 1e-3) < 1e-12, lrs[:10]  # the warmup, as cosine's
+    assert all(v == 1e-3 for v in lrs[10:80]), lrs[10:80]  # held
+    assert all(a > b for a, b in zip(lrs[79:], lrs[80:])) and abs(lrs[99] - 1e-4) < 1e-12, lrs[78:]  # linear, to min_lr
+    assert abs(lrs[89] - (1e-3 + (1e-4 - 1e-3) * 10 / 20)) < 1e-12, lrs[89]
+    assert all(lr_at(s, TrainConfig(steps=100, lr=1e-3, warmup=10, schedule="wsd")) == 1e-3 for s in range(10, 1000))
+    cos = TrainConfig(steps=100, lr=1e-3, min_lr=1e-4, warmup=10)  # the default is unchanged
+    assert lr_at(10, cos) == 1e-3 and abs(lr_at(55, cos) - 5.5e-4) < 1e-12 and lr_at(99, cos) > 1e-4
+
+
+def test_a_held_wsd_run_continues_by_resume_as_one_run(shards, tmp_path):
+    """With no decay, 4 steps resumed to 8 are the 8-step run: nothing in the schedule depended on --steps (a
+    cosine run stretched the same way takes other steps from step 5 on)."""
+    held = dict(schedule="wsd", decay_steps=0, warmup=1)
+    full = train(cfg(shards, tmp_path / "a", steps=8, save_every=4, **held))["losses"]
+    train(cfg(shards, tmp_path / "b", steps=4, save_every=4, **held))
+    resumed = train(cfg(shards, tmp_path / "b", steps=8, resume=True, **held))["losses"]
+    assert resumed == full[4:], f"resumed {resumed} != one run {full[4:]}"
+    with pytest.raises(ValueError, match="decay-steps"):
+        train(cfg(shards, tmp_path / "c", steps=8, schedule="wsd", decay_steps=9))
+
+
+def test_pretrain_cli_reads_the_schedule(monkeypatch):
+    from glmkit import train as T
+
+    got = []
+    monkeypatch.setattr(T, "train", got.append)
+    T.main(["--data", "x", "--schedule", "wsd", "--decay-steps", "300"])
+    assert (got[0].schedule, got[0].decay_steps) == ("wsd", 300)
+    T.main(["--data", "x"])
+    assert got[1].schedule == "cosine"
+    with pytest.raises(SystemExit):
+        T.main(["--data", "x", "--schedule", "linear"])
