@@ -927,8 +927,9 @@ void heads_uk_int4(const float* x, int64_t M, int64_t H, const uint8_t* codes, c
           const int64_t n1 = std::min(Np, 64 * c + 64);
           for (int64_t n = 64 * c; n < n1; n += 8) {
             const uint8_t* wn = wb + n * 16;
-            _mm_prefetch(reinterpret_cast<const char*>(wn) + 1024, _MM_HINT_T0);
-            _mm_prefetch(reinterpret_cast<const char*>(wn) + 1088, _MM_HINT_T0);
+            // the 128 bytes kPrefetchBytes ahead (1 KB was too close: 4.96 -> 4.37 ms for 47 layers, from memory)
+            _mm_prefetch(reinterpret_cast<const char*>(wn) + kPrefetchBytes, _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(wn) + kPrefetchBytes + 64, _MM_HINT_T0);
             for (int t = 0; t < 2; ++t) {
               int32_t x4;
               std::memcpy(&x4, q + (n + 4 * t) * G, 4);
