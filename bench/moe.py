@@ -400,7 +400,7 @@ def main() -> None:
         llama_gguf = Path(f"{model}.llama-q4_0.gguf")
         if not llama_gguf.exists():
             t = time.perf_counter()
-            grow_gguf(llama_q4_0(a.llama_cpp, src), llama_gguf, config_of(model)[1].n_layers)
+            grow_gguf(llama_q4_0(a.llama_cpp, src), llama_gguf, have.n_layers)
             info["llama_write_s"] = time.perf_counter() - t
     info["bandwidth_gbs"] = bandwidth_gbs()
     cmd = [sys.executable, __file__, "--child", str(model), "--batches", ",".join(map(str, a.batches)),

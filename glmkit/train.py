@@ -89,6 +89,9 @@ def _amp_note(device) -> str:
     return note
 
 
+SCHEDULES = ("cosine", "wsd")  # learning-rate schedules (lr_at)
+
+
 def lr_at(step: int, c: TrainConfig) -> float:
     """The learning rate of step `step` (0-based). cosine: from lr after the warmup to min_lr at `steps`. wsd: lr
     until the last `decay_steps` steps, which fall linearly to min_lr, the last one at min_lr. Fine-tuning's
@@ -101,8 +104,8 @@ def lr_at(step: int, c: TrainConfig) -> float:
         if c.decay_steps <= 0 or step < start:
             return c.lr
         return c.lr + (c.min_lr - c.lr) * min(1.0, (step - start + 1) / c.decay_steps)
-    if schedule != "cosine":
-        raise ValueError(f"schedule {schedule!r}: choose cosine or wsd")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule {schedule!r}: choose from {SCHEDULES}")
     t = min(1.0, (step - c.warmup) / max(1, c.steps - c.warmup))
     return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1 + math.cos(math.pi * t))
 
@@ -173,8 +176,8 @@ def train(c: TrainConfig) -> dict:
     from .infill import special_ids
     from .scoring import GLMObjective, bits_per_char, objective_losses
 
-    if c.schedule not in ("cosine", "wsd"):
-        raise ValueError(f"--schedule {c.schedule}: choose cosine or wsd")
+    if c.schedule not in SCHEDULES:  # before anything is built (lr_at would say so only after the warmup)
+        raise ValueError(f"--schedule {c.schedule}: choose from {SCHEDULES}")
     if not 0 <= c.decay_steps <= c.steps:
         raise ValueError(f"--decay-steps {c.decay_steps}: between 0 and --steps {c.steps}")
     d = D.init(c.device)
@@ -309,7 +312,7 @@ def main(argv=None) -> int:
               "eval_batches", "eval_docs", "save_every", "keep", "log_every", "seed"):
         v = getattr(defaults, f)
         p.add_argument("--" + f.replace("_", "-"), type=type(v), default=v, required=f == "data")
-    p.add_argument("--schedule", choices=("cosine", "wsd"), default=defaults.schedule,
+    p.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule,
                    help="cosine (to min_lr at --steps) or wsd (warmup, lr held, linear to min_lr over --decay-steps)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
