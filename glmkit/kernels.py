@@ -192,6 +192,7 @@ def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.glmkit_gemv_dense.argtypes = [ptr, i64, i64, ptr, c_int, ptr, i64, ptr, c_int]
     lib.glmkit_gemv_q8.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, c_int]
     lib.glmkit_gemv_int4.argtypes = [ptr, i64, i64, ptr, ptr, ptr, c_int, i64, i64, ptr, c_int]
+    lib.glmkit_gemv_int4_many.argtypes = [ptr, i64, i64, c_int, i64, i64, ptr, ptr, ptr, ptr, ptr, c_int]
     lib.glmkit_decode_step.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, c_int]
     lib.glmkit_dequant_q8.argtypes = [ptr, ptr, i64, i64, ptr, c_int, c_int]
     lib.glmkit_dequant_int4.argtypes = [ptr, ptr, ptr, c_int, i64, i64, i64, ptr, c_int, c_int]
@@ -200,7 +201,7 @@ def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.glmkit_heads_gemv_int4.argtypes = [ptr, i64, i64, ptr, ptr, ptr, c_int, i64, i64, i64, i64, c_int, ptr, c_int]
     lib.glmkit_heads_uk_int4.argtypes = [ptr, i64, i64, ptr, ptr, ptr, c_int, i64, i64, i64, i64, ptr, c_int]
     lib.glmkit_uniform_noise.argtypes = [ptr, i64, i64, ptr]
-    for f in (lib.glmkit_gemv_dense, lib.glmkit_gemv_q8, lib.glmkit_gemv_int4, lib.glmkit_decode_step,
+    for f in (lib.glmkit_gemv_dense, lib.glmkit_gemv_q8, lib.glmkit_gemv_int4, lib.glmkit_gemv_int4_many, lib.glmkit_decode_step,
               lib.glmkit_dequant_q8, lib.glmkit_dequant_int4, lib.glmkit_moe_int4, lib.glmkit_heads_gemv,
               lib.glmkit_heads_gemv_int4, lib.glmkit_heads_uk_int4, lib.glmkit_uniform_noise):
         f.restype = c_int

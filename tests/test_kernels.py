@@ -85,6 +85,41 @@ def test_int4_matches_reference(group, M, sdtype):
         assert_close(y.double(), x.double() @ deq.T, atol=1e-4 + bound, what=f"int4 g{group} M={M} N={N} {sdtype}")
 
 
+@needs_native
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("sdtype", [torch.float32, torch.bfloat16])
+def test_int4_products_of_one_input_in_one_call(group, M, sdtype):
+    """glmkit_gemv_int4_many (latent attention's q_a and kv_a in one parallel region, csrc/decode.cpp): each
+    output the same bits as its own glmkit_gemv_int4 call, for matrices whose rows all come in 4s (M = 1: the
+    4-row tiles across both) and for one that does not (22 rows: one row at a time); then a refused group size."""
+    import ctypes
+
+    lib, K = kernels._lib, 4 * max(group, 64)
+
+    def arr(ts):
+        return (ctypes.c_void_p * len(ts))(*[t.data_ptr() for t in ts])
+
+    g = torch.Generator().manual_seed(group + M)
+    x = torch.randn(M, K, generator=g)
+    for Ns in ((24, 12), (24, 22), (16, 8, 20)):
+        mats = [quantize_int4(torch.randn(N, K, generator=g), group) for N in Ns]
+        mats = [(q, s.to(sdtype), m.to(sdtype)) for q, s, m in mats]
+        want = [kernels.linear_int4(x, q, s, m, group) for q, s, m in mats]
+        ys = [torch.full((M, N), float("nan")) for N in Ns]
+        J = len(Ns)
+        code = 0 if sdtype == torch.float32 else 1
+        rc = lib.glmkit_gemv_int4_many(x.data_ptr(), M, K, code, group, J, arr([q for q, _, _ in mats]),
+                                       arr([s for _, s, _ in mats]), arr([m for _, _, m in mats]),
+                                       (ctypes.c_int64 * J)(*Ns), arr(ys), torch.get_num_threads())
+        assert rc == 0
+        for j, (got, ref) in enumerate(zip(ys, want)):
+            assert_equal(got, ref, f"int4 g{group} M={M} {sdtype} rows {Ns}: matrix {j}")
+    q, s, m = mats[0]
+    assert lib.glmkit_gemv_int4_many(x.data_ptr(), M, K, 0, 48, 1, arr([q]), arr([s]), arr([m]),
+                                     (ctypes.c_int64 * 1)(Ns[0]), arr(ys[:1]), 1) == 1
+
+
 @pytest.mark.parametrize("K, group, M, seed", [(96, 32, 1, 0), (192, 96, 2, 1)])
 def test_int4_shapes_the_native_kernel_refuses_use_pytorch(K, group, M, seed):
     """The native kernel reads 64 columns at a time: 96 inputs (groups of 32), or groups of 96 (ending in the

@@ -38,6 +38,9 @@ extern "C" int glmkit_gemv_q8(const float* x, int64_t M, int64_t K, const int8_t
                               float* y, int threads);
 extern "C" int glmkit_gemv_int4(const float* x, int64_t M, int64_t K, const uint8_t* w, const void* scales,
                                 const void* mins, int s_type, int64_t gs, int64_t N, float* y, int threads);
+extern "C" int glmkit_gemv_int4_many(const float* x, int64_t M, int64_t K, int s_type, int64_t gs, int64_t J,
+                                     const uint8_t* const* w, const void* const* scales, const void* const* mins,
+                                     const int64_t* N, float* const* y, int threads);
 extern "C" int glmkit_heads_gemv(const float* x, int64_t M, int64_t H, const void* w, int wtype, int64_t N, int64_t K,
                                  int64_t ldr, int64_t ldh, int trans, float* y, int threads);
 extern "C" int glmkit_heads_gemv_int4(const float* x, int64_t M, int64_t H, const uint8_t* w, const void* scales,
@@ -470,15 +473,25 @@ int mla_attention(const GlmkitModel& m, const GlmkitMla& A, const GlmkitCache& c
   const int64_t H = m.n_heads, R = m.kv_rank, P = m.rotary_dim, Dn = m.nope_dim, Dv = m.v_dim, QW = Dn + P, Dk = R + P;
   std::vector<float> q(M * H * QW), lat(M * Dk), qn(M * H * Dn), ql(M * H * Dk), t(M * H * R), o(M * H * R);
   int rc;
-  if (A.q.n) {
-    if ((rc = linear(A.q, h, M, q.data(), threads))) return rc;
+  const GlmkitLinear& first = A.q.n ? A.q : A.q_a;  // the two products of h: the query's first, and kv_a
+  std::vector<float> qa(A.q.n ? 0 : M * m.q_rank);
+  float* q1 = A.q.n ? q.data() : qa.data();
+  if (first.kind >= 3 && first.kind == A.kv_a.kind && first.group == A.kv_a.group && !first.bias && !A.kv_a.bias) {
+    // int4 both (as quantized together): one call, the activations rounded once, one parallel region
+    const uint8_t* w[2] = {static_cast<const uint8_t*>(first.w), static_cast<const uint8_t*>(A.kv_a.w)};
+    const void *sc[2] = {first.scale, A.kv_a.scale}, *mn[2] = {first.mins, A.kv_a.mins};
+    const int64_t n[2] = {first.n, A.kv_a.n};
+    float* y[2] = {q1, lat.data()};
+    rc = glmkit_gemv_int4_many(h, M, first.k, first.kind - 3, first.group, 2, w, sc, mn, n, y, threads);
   } else {
-    std::vector<float> qa(M * m.q_rank);
-    if ((rc = linear(A.q_a, h, M, qa.data(), threads))) return rc;
+    rc = linear(first, h, M, q1, threads);
+    if (!rc) rc = linear(A.kv_a, h, M, lat.data(), threads);
+  }
+  if (rc) return rc;
+  if (!A.q.n) {
     rms(qa.data(), A.q_norm.w, m.q_rank, m.q_rank, m.latent_eps, M);
     if ((rc = linear(A.q_b, qa.data(), M, q.data(), threads))) return rc;
   }
-  if ((rc = linear(A.kv_a, h, M, lat.data(), threads))) return rc;
   rms(lat.data(), A.kv_norm.w, R, Dk, m.latent_eps, M);
   for (int64_t b = 0; b < M; ++b) {
     const float *cb = cs + b * (P / 2), *sb = sn + b * (P / 2);

@@ -336,20 +336,34 @@ inline void rows_int4(int64_t mb, const int8_t* x, int64_t ldx, const float* sx,
   int4_tile<1, MB, CH>(x, ldx, sx, xsum, G, w, 0, gs, sc, mn, y, ldy);
 }
 
+// The rows of J matrices of one input K wide (J = 1: one product): every matrix's output rows in one parallel
+// region, split evenly over the threads. One activation row: tiles of 4 output rows when every N[j] is a multiple
+// of 4; else one output row at a time, the weight row staying in L1 across the activation rows' blocks.
 template <int CH, typename S>
-void int4_rows(const int8_t* xq, const float* sx, const float* xsum, int64_t M, int64_t K, const uint8_t* w,
-               const S* sc, const S* mn, int64_t gs, int64_t N, float* y, int threads) {
+void int4_rows(const int8_t* xq, const float* sx, const float* xsum, int64_t M, int64_t K, int64_t gs, int64_t J,
+               const uint8_t* const* w, const S* const* sc, const S* const* mn, const int64_t* N, float* const* y,
+               int threads) {
   const int64_t G = K / gs, ldw = K / 2;
-  if (M == 1 && N % 4 == 0) {  // output rows split over the threads, never the activation rows
+  bool tiles = M == 1;
+  for (int64_t j = 0; j < J; ++j) tiles = tiles && N[j] % 4 == 0;
+  const int64_t unit = tiles ? 4 : 1;
+  std::vector<int64_t> start(J + 1, 0);  // the first unit of each matrix in the common index
+  for (int64_t j = 0; j < J; ++j) start[j + 1] = start[j] + N[j] / unit;
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < N; n += 4) int4_tile<4, 1, CH>(xq, K, sx, xsum, G, w + n * ldw, ldw, gs, sc + n * G, mn + n * G, y + n, N);
-    return;
+  for (int64_t t = 0; t < start[J]; ++t) {
+    int64_t j = 0;
+    while (t >= start[j + 1]) ++j;
+    const int64_t n = (t - start[j]) * unit;
+    const uint8_t* wn = w[j] + n * ldw;
+    const S *scn = sc[j] + n * G, *mnn = mn[j] + n * G;
+    if (tiles) {
+      int4_tile<4, 1, CH>(xq, K, sx, xsum, G, wn, ldw, gs, scn, mnn, y[j] + n, N[j]);
+    } else {
+      for (int64_t m = 0; m < M; m += kMaxRows)
+        rows_int4<kMaxRows, CH>(std::min<int64_t>(kMaxRows, M - m), xq + m * K, K, sx + m * G, xsum + m * G, G, wn, gs,
+                                scn, mnn, y[j] + m * N[j] + n, N[j]);
+    }
   }
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t m = 0; m < M; m += kMaxRows)  // the weight row stays in L1 across the blocks
-      rows_int4<kMaxRows, CH>(std::min<int64_t>(kMaxRows, M - m), xq + m * K, K, sx + m * G, xsum + m * G, G,
-                              w + n * ldw, gs, sc + n * G, mn + n * G, y + m * N + n, N);
 }
 
 template <typename S>
@@ -377,13 +391,16 @@ void int4_g32(const int8_t* xq, const float* sx, const float* xsum, int64_t M, i
 }
 
 template <typename S>
-void int4(const int8_t* xq, const float* sx, const float* xsum, int64_t M, int64_t K, const uint8_t* w, const S* sc,
-          const S* mn, int64_t gs, int64_t N, float* y, int threads) {
+void int4(const int8_t* xq, const float* sx, const float* xsum, int64_t M, int64_t K, int64_t gs, int64_t J,
+          const uint8_t* const* w, const S* const* sc, const S* const* mn, const int64_t* N, float* const* y,
+          int threads) {
   switch (gs) {  // the common group sizes get a fixed chunk count per group
-    case 32: int4_g32(xq, sx, xsum, M, K, w, sc, mn, N, y, threads); break;
-    case 64: int4_rows<1>(xq, sx, xsum, M, K, w, sc, mn, gs, N, y, threads); break;
-    case 128: int4_rows<2>(xq, sx, xsum, M, K, w, sc, mn, gs, N, y, threads); break;
-    default: int4_rows<0>(xq, sx, xsum, M, K, w, sc, mn, gs, N, y, threads); break;
+    case 32:
+      for (int64_t j = 0; j < J; ++j) int4_g32(xq, sx, xsum, M, K, w[j], sc[j], mn[j], N[j], y[j], threads);
+      break;
+    case 64: int4_rows<1>(xq, sx, xsum, M, K, gs, J, w, sc, mn, N, y, threads); break;
+    case 128: int4_rows<2>(xq, sx, xsum, M, K, gs, J, w, sc, mn, N, y, threads); break;
+    default: int4_rows<0>(xq, sx, xsum, M, K, gs, J, w, sc, mn, N, y, threads); break;
   }
 }
 
@@ -462,23 +479,34 @@ extern "C" int glmkit_gemv_q8(const float* x, int64_t M, int64_t K, const int8_t
   return 0;
 }
 
-// glmkit's int4 layout: w uint8 (N, K/2); scales and mins (N, K/gs) each, both fp32 (s_type 0) or both
-// bf16 (s_type 1); through int8 activations quantized per group. gs: 32 or a multiple of 64 (a 64-column
-// chunk holds two whole groups or part of one); K: a multiple of 64.
-extern "C" int glmkit_gemv_int4(const float* x, int64_t M, int64_t K, const uint8_t* w, const void* scales,
-                                const void* mins, int s_type, int64_t gs, int64_t N, float* y, int threads) {
-  if (gs <= 0 || (gs != 32 && gs % 64) || K % gs || K % 64 || s_type < 0 || s_type > 1) return 1;
+// J int4 products of one input x (M, K): y[j] (M, N[j]) = x w[j]^T, each matrix as glmkit_gemv_int4's, all of
+// one K, gs and s_type. The activations are rounded once and the J matrices' rows run in one parallel region
+// (latent attention's q_a and kv_a both read the normed hidden state: a region less per layer, and with ~10
+// regions a decode step per layer each one a wait for the slower thread). Each y[j] is the same, bit for bit, as
+// its own glmkit_gemv_int4 call's.
+extern "C" int glmkit_gemv_int4_many(const float* x, int64_t M, int64_t K, int s_type, int64_t gs, int64_t J,
+                                     const uint8_t* const* w, const void* const* scales, const void* const* mins,
+                                     const int64_t* N, float* const* y, int threads) {
+  if (gs <= 0 || (gs != 32 && gs % 64) || K % gs || K % 64 || s_type < 0 || s_type > 1 || J < 1) return 1;
   int64_t G = K / gs;
   std::vector<int8_t> xd(M * K);
   std::vector<float> sx(M * G), xsum(M * G);
   int4_activations(x, M, K, gs, xd.data(), sx.data(), xsum.data());
   if (s_type == 0)
-    int4(xd.data(), sx.data(), xsum.data(), M, K, w, static_cast<const float*>(scales), static_cast<const float*>(mins),
-         gs, N, y, threads);
+    int4(xd.data(), sx.data(), xsum.data(), M, K, gs, J, w, reinterpret_cast<const float* const*>(scales),
+         reinterpret_cast<const float* const*>(mins), N, y, threads);
   else
-    int4(xd.data(), sx.data(), xsum.data(), M, K, w, static_cast<const uint16_t*>(scales),
-         static_cast<const uint16_t*>(mins), gs, N, y, threads);
+    int4(xd.data(), sx.data(), xsum.data(), M, K, gs, J, w, reinterpret_cast<const uint16_t* const*>(scales),
+         reinterpret_cast<const uint16_t* const*>(mins), N, y, threads);
   return 0;
+}
+
+// glmkit's int4 layout: w uint8 (N, K/2); scales and mins (N, K/gs) each, both fp32 (s_type 0) or both
+// bf16 (s_type 1); through int8 activations quantized per group. gs: 32 or a multiple of 64 (a 64-column
+// chunk holds two whole groups or part of one); K: a multiple of 64.
+extern "C" int glmkit_gemv_int4(const float* x, int64_t M, int64_t K, const uint8_t* w, const void* scales,
+                                const void* mins, int s_type, int64_t gs, int64_t N, float* y, int threads) {
+  return glmkit_gemv_int4_many(x, M, K, s_type, gs, 1, &w, &scales, &mins, &N, &y, threads);
 }
 
 // ---- per-head products of latent attention's absorbed form ------------------------------------------------------
