@@ -12,6 +12,9 @@
 #   warm-up and cosine (no restarts), fresh AdamW state.
 # Stage 3 (2026-12-02, the same Xeon, bf16, the machine otherwise idle): stage 2's recipe again from its final weights,
 #   2,400 steps (9.8M tokens, 37.7M in all), one warm-up and cosine 4e-4 -> 4e-5, fresh AdamW state; 0.75 h.
+# Stage 4 (2026-12-02, the same Xeon, bf16): stage 3's final weights, the same data and mixture, 5,000 steps
+#   (20.5M tokens, 58.2M in all) under --schedule wsd: 50 warm-up steps, 4e-4 held to step 4,000, then a linear decay
+#   to 2e-5 over the last 1,000 (a later stage can --resume a checkpoint from before the decay, at the held rate).
 # Measured costs on the 2-core machines: corpus build ~3 min cold (~1.2 GB of registry packages into
 #   ~/.cache/glmkit); tokenizer ~3 min; tokenize ~1 min (21.6M training tokens); stage 1 ~1,500 tokens/s (fp32, AVX2
 #   EPYC); stage 2 see MODEL_CARD.md. Re-running resumes each stage from its last checkpoint in WORK_DIR.
@@ -42,3 +45,9 @@ $GLMKIT pretrain --model "$STAGE2" --out stage3 --steps 2400 --lr 4e-4 --min-lr 
     --mixture 0.25 0.25 0.5 --infill coverage=0.3 --domain-weights zh_classical=2 zh_modern=2 en=0.5 code=0.5 \
     "${common[@]}"
 $GLMKIT plot stage3
+STAGE3=$(ls -d stage3/checkpoints/step-* | tail -1)
+
+$GLMKIT pretrain --model "$STAGE3" --out stage4 --steps 5000 --schedule wsd --decay-steps 1000 --lr 4e-4 --min-lr 2e-5 \
+    --warmup 50 --precision bf16 --mixture 0.25 0.25 0.5 --infill coverage=0.3 \
+    --domain-weights zh_classical=2 zh_modern=2 en=0.5 code=0.5 "${common[@]}" --eval-every 500  # the later --eval-every wins
+$GLMKIT plot stage4

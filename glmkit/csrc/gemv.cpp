@@ -480,10 +480,9 @@ extern "C" int glmkit_gemv_q8(const float* x, int64_t M, int64_t K, const int8_t
 }
 
 // J int4 products of one input x (M, K): y[j] (M, N[j]) = x w[j]^T, each matrix as glmkit_gemv_int4's, all of
-// one K, gs and s_type. The activations are rounded once and the J matrices' rows run in one parallel region
-// (latent attention's q_a and kv_a both read the normed hidden state: a region less per layer, and with ~10
-// regions a decode step per layer each one a wait for the slower thread). Each y[j] is the same, bit for bit, as
-// its own glmkit_gemv_int4 call's.
+// one K, gs and s_type. The activations are rounded once and the J matrices' rows run in one parallel region.
+// Latent attention's q_a and kv_a both read the normed hidden state: one region a layer fewer, where each region
+// ends waiting for the slower thread. Each y[j] is the same, bit for bit, as its own glmkit_gemv_int4 call's.
 extern "C" int glmkit_gemv_int4_many(const float* x, int64_t M, int64_t K, int s_type, int64_t gs, int64_t J,
                                      const uint8_t* const* w, const void* const* scales, const void* const* mins,
                                      const int64_t* N, float* const* y, int threads) {
