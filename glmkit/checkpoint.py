@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 PREFIX = "step-"
+PIN = "PINNED"  # a file in a checkpoint that pruning never removes (wsd's last step before the decay)
 
 
 def _fsync_dir(path: Path):
@@ -58,8 +59,9 @@ def set_rng_state(state: dict):
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model_state: dict, config, optimizer_state: dict | None,
-                    trainer_state: dict, tokenizer_file: str | Path | None = None, keep: int = 3) -> Path:
-    """Write checkpoint `step` atomically; `model_state` is a full (unsharded) state dict."""
+                    trainer_state: dict, tokenizer_file: str | Path | None = None, keep: int = 3, pin: str = "") -> Path:
+    """Write checkpoint `step` atomically; `model_state` is a full (unsharded) state dict. Then the oldest are
+    removed until `keep` are left, not counting pinned ones: `pin` (why it stays) pins this one."""
     from safetensors.torch import save_file
 
     root = Path(run_dir) / "checkpoints"
@@ -77,6 +79,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict, config, o
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=1) + "\n")
         if tokenizer_file is not None:
             shutil.copy2(tokenizer_file, tmp / "tokenizer.json")
+        if pin:
+            (tmp / PIN).write_text(pin + "\n")
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -89,7 +93,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict, config, o
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     # never the one just written: after a resume from an older step, newer ones sort after it
-    others = [p for p in list_checkpoints(run_dir) if p != final]
+    others = [p for p in list_checkpoints(run_dir) if p != final and not (p / PIN).exists()]
     for old in others[: len(others) - (keep - 1)] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

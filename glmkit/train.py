@@ -8,7 +8,8 @@
 One loop: AdamW (fused where the build has it), linear warmup then cosine decay to `min_lr` (or
 `--schedule wsd`: warmup, then `lr` held, then a linear decay to `min_lr` over the last `--decay-steps`; 0
 never decays, so `--resume` with more `--steps` continues a stage at the same rate, with no restart and no
-schedule stretched after the fact: ship a decayed copy, keep training from the checkpoint before the decay),
+schedule stretched after the fact: ship the decayed end, and `--resume-from` the checkpoint before the decay,
+which is always written and never pruned, to go on at the held rate),
 gradient accumulation, clipping, one precision policy (fp32, or bf16 autocast with fp32 master
 weights), optional torch.compile, held-out evaluation every N steps (loss per objective, bits per
 character per domain), checkpoints every M steps (atomic, last K kept, see checkpoint.py).
@@ -41,7 +42,7 @@ import torch.nn as nn
 
 from . import distributed as D
 from . import kernels
-from .checkpoint import latest_good_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import latest_good_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .infill import InfillConfig
 
 
@@ -75,6 +76,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     resume: bool = False
+    resume_from: str = ""  # a checkpoint of another run to continue exactly (when --out has none to resume)
     mixture: tuple = (0.5, 0.3, 0.2)
     infill: dict = field(default_factory=dict)  # other InfillConfig fields, e.g. {"coverage": 0.3}
     domain_weights: dict = field(default_factory=dict)  # {"zh_classical": 2.0, ...}: see data.loader
@@ -108,6 +110,27 @@ def lr_at(step: int, c: TrainConfig) -> float:
         raise ValueError(f"schedule {schedule!r}: choose from {SCHEDULES}")
     t = min(1.0, (step - c.warmup) / max(1, c.steps - c.warmup))
     return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1 + math.cos(math.pi * t))
+
+
+def same_schedule_until(ck: Path, step: int, c: TrainConfig) -> None:
+    """For --resume-from: the run that wrote checkpoint `ck` (its train_config.json, two levels up) took steps
+    0..step-1 with the learning rates `c` gives them, and the same windows per step, or the continuation would
+    not be the one run it stands for. Refuses otherwise, naming what differs."""
+    src = ck.parent.parent / "train_config.json"
+    if not src.exists():
+        raise ValueError(f"--resume-from {ck}: no {src.name} in {src.parent} to check the schedule against")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    old = TrainConfig(**{k: v for k, v in json.loads(src.read_text()).items() if k in known})
+    for f in ("seq_len", "batch_size", "grad_accum"):
+        if getattr(old, f) != getattr(c, f):
+            raise ValueError(f"--resume-from {ck}: its run used --{f.replace('_', '-')} {getattr(old, f)}, "
+                             f"this one {getattr(c, f)}")
+    for t in range(step):
+        if lr_at(t, old) != lr_at(t, c):
+            raise ValueError(
+                f"--resume-from {ck}: its run's learning rate at step {t} was {lr_at(t, old):.4g}, this run's is "
+                f"{lr_at(t, c):.4g}. A wsd stage continues from its checkpoint before the decay (kept, with a "
+                f"PINNED file) with the same --lr, --warmup and schedule, and more --steps")
 
 
 def make_optimizer(model: nn.Module, c: TrainConfig, device: torch.device):
@@ -202,6 +225,9 @@ def train(c: TrainConfig) -> dict:
     start = 0
     say = (lambda msg: print(f"glmkit pretrain: {msg}", file=sys.stderr)) if d.is_main else (lambda msg: None)
     found = latest_good_checkpoint(out, log=say, set_aside=d.is_main) if c.resume else None
+    if found is None and c.resume_from:
+        found = (Path(c.resume_from), *load_checkpoint(c.resume_from))
+        same_schedule_until(Path(c.resume_from), found[3]["step"], c)
     if found is not None:
         ck, model_state, optim_state, state = found
         D.load_full_state(objective, optimizer, {f"model.{k}": v for k, v in model_state.items()}, optim_state)
@@ -246,6 +272,8 @@ def train(c: TrainConfig) -> dict:
         bar = tqdm(total=c.steps, initial=start, unit="step", dynamic_ncols=True)
     losses = []
     t_last, tokens_since = time.perf_counter(), 0
+    # wsd: the checkpoint before the decay is always written and never pruned (a next stage continues from it)
+    decay_from = c.steps - c.decay_steps if c.schedule == "wsd" and 0 < c.decay_steps < c.steps else None
     objective.train()
     for step in range(start, c.steps):
         lr = lr_at(step, c)
@@ -290,12 +318,14 @@ def train(c: TrainConfig) -> dict:
                 msg = " ".join(f"{k} {v:.3f}" for k, v in res["loss"].items())
                 bpc = " ".join(f"{k} {v:.3f}" for k, v in res["bpc"].items())
                 (bar.write if bar else print)(f"step {done}: held-out loss {msg} | bits/char {bpc}")
-        if c.save_every and (done % c.save_every == 0 or done == c.steps):
+        if (c.save_every and (done % c.save_every == 0 or done == c.steps)) or done == decay_from:
             model_state = {k[len("model."):]: v for k, v in D.full_model_state(objective).items()}
             optim_state = D.full_optimizer_state(objective, optimizer)
             if d.is_main:
                 state = {"loader": loader.state_dict(), "rng": rng_state(), "loss": loss}
-                save_checkpoint(out, done, model_state, model.cfg, optim_state, state, shards.path / "tokenizer.json", c.keep)
+                pin = "wsd: the last step before the decay; --resume-from continues the stage here" if done == decay_from else ""
+                save_checkpoint(out, done, model_state, model.cfg, optim_state, state, shards.path / "tokenizer.json", c.keep,
+                                pin=pin)
     if bar:
         bar.close()
     if metrics:
@@ -316,6 +346,10 @@ def main(argv=None) -> int:
                    help="cosine (to min_lr at --steps) or wsd (warmup, lr held, linear to min_lr over --decay-steps)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--resume-from", default="", metavar="CKPT",
+                   help="continue another run's checkpoint exactly (weights, optimizer, data position) into --out, when "
+                        "--out has no checkpoint to --resume: e.g. a wsd stage's pinned step before its decay, with more "
+                        "--steps; refused unless its run's learning rates up to that step are this run's")
     p.add_argument("--mixture", type=float, nargs=3, default=list(defaults.mixture), metavar=("MASK", "sMASK", "gMASK"))
     p.add_argument("--infill", nargs="+", default=[], metavar="FIELD=VALUE",
                    help="blank choice besides the mixture, e.g. coverage=0.3 span_lambda=4 gmask_min=0.3 (InfillConfig)")

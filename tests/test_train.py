@@ -438,13 +438,31 @@ def test_a_held_wsd_run_continues_by_resume_as_one_run(shards, tmp_path):
         train(cfg(shards, tmp_path / "c", steps=8, schedule="wsd", decay_steps=9))
 
 
+def test_a_wsd_stage_goes_on_from_its_pinned_checkpoint_before_the_decay(shards, tmp_path):
+    """A wsd run of 8 steps decaying over the last 2 keeps its step-6 checkpoint (pinned) however few it keeps;
+    --resume-from it with --steps 10 is the 10-step run from step 6 on, bit for bit. From step 8, whose last two
+    steps decayed, it is refused: the rates differ from step 6."""
+    wsd = dict(schedule="wsd", decay_steps=2, warmup=1, save_every=100, keep=1)
+    one = train(cfg(shards, tmp_path / "one", steps=10, **wsd))["losses"]
+    train(cfg(shards, tmp_path / "a", steps=8, **wsd))
+    ckpts = sorted((tmp_path / "a" / "checkpoints").iterdir())
+    assert [p.name for p in ckpts] == ["step-0000006", "step-0000008"], ckpts
+    assert (ckpts[0] / "PINNED").exists() and not (ckpts[1] / "PINNED").exists()
+    went_on = train(cfg(shards, tmp_path / "b", steps=10, resume_from=str(ckpts[0]), **wsd))["losses"]
+    assert went_on == one[6:], f"from the pinned step 6: {went_on} != one run {one[6:]}"
+    with pytest.raises(ValueError, match="learning rate at step 6"):
+        train(cfg(shards, tmp_path / "c", steps=10, resume_from=str(ckpts[1]), **wsd))
+    with pytest.raises(ValueError, match="--batch-size"):
+        train(cfg(shards, tmp_path / "d", steps=10, resume_from=str(ckpts[0]), **{**wsd, "batch_size": 3}))
+
+
 def test_pretrain_cli_reads_the_schedule(monkeypatch):
     from glmkit import train as T
 
     got = []
     monkeypatch.setattr(T, "train", got.append)
-    T.main(["--data", "x", "--schedule", "wsd", "--decay-steps", "300"])
-    assert (got[0].schedule, got[0].decay_steps) == ("wsd", 300)
+    T.main(["--data", "x", "--schedule", "wsd", "--decay-steps", "300", "--resume-from", "r/checkpoints/step-0000700"])
+    assert (got[0].schedule, got[0].decay_steps, got[0].resume_from) == ("wsd", 300, "r/checkpoints/step-0000700")
     T.main(["--data", "x"])
     assert got[1].schedule == "cosine"
     with pytest.raises(SystemExit):
