@@ -186,25 +186,27 @@ def _dlopen(fd: int, so: Path) -> ctypes.CDLL:
 
 
 def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
-    """`lib` with the C ABI's functions typed (csrc/gemv.cpp, csrc/decode.cpp); benchmarks type an
-    older build's library the same way."""
+    """`lib` with the C ABI's functions typed (csrc/gemv.cpp, csrc/decode.cpp, csrc/noise.cpp); benchmarks type an
+    older build's library the same way, which may lack the newer functions (those are left out)."""
     i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.glmkit_gemv_dense.argtypes = [ptr, i64, i64, ptr, c_int, ptr, i64, ptr, c_int]
-    lib.glmkit_gemv_q8.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, c_int]
-    lib.glmkit_gemv_int4.argtypes = [ptr, i64, i64, ptr, ptr, ptr, c_int, i64, i64, ptr, c_int]
-    lib.glmkit_gemv_int4_many.argtypes = [ptr, i64, i64, c_int, i64, i64, ptr, ptr, ptr, ptr, ptr, c_int]
-    lib.glmkit_decode_step.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, c_int]
-    lib.glmkit_dequant_q8.argtypes = [ptr, ptr, i64, i64, ptr, c_int, c_int]
-    lib.glmkit_dequant_int4.argtypes = [ptr, ptr, ptr, c_int, i64, i64, i64, ptr, c_int, c_int]
-    lib.glmkit_moe_int4.argtypes = [ptr, i64, i64, i64, c_int, i64, ptr, ptr, ptr, ptr, ptr, c_int]
-    lib.glmkit_heads_gemv.argtypes = [ptr, i64, i64, ptr, c_int, i64, i64, i64, i64, c_int, ptr, c_int]
-    lib.glmkit_heads_gemv_int4.argtypes = [ptr, i64, i64, ptr, ptr, ptr, c_int, i64, i64, i64, i64, c_int, ptr, c_int]
-    lib.glmkit_heads_uk_int4.argtypes = [ptr, i64, i64, ptr, ptr, ptr, c_int, i64, i64, i64, i64, ptr, c_int]
-    lib.glmkit_uniform_noise.argtypes = [ptr, i64, i64, ptr]
-    for f in (lib.glmkit_gemv_dense, lib.glmkit_gemv_q8, lib.glmkit_gemv_int4, lib.glmkit_gemv_int4_many, lib.glmkit_decode_step,
-              lib.glmkit_dequant_q8, lib.glmkit_dequant_int4, lib.glmkit_moe_int4, lib.glmkit_heads_gemv,
-              lib.glmkit_heads_gemv_int4, lib.glmkit_heads_uk_int4, lib.glmkit_uniform_noise):
-        f.restype = c_int
+    signatures = {
+        "glmkit_gemv_dense": [ptr, i64, i64, ptr, c_int, ptr, i64, ptr, c_int],
+        "glmkit_gemv_q8": [ptr, i64, i64, ptr, ptr, i64, ptr, c_int],
+        "glmkit_gemv_int4": [ptr, i64, i64, ptr, ptr, ptr, c_int, i64, i64, ptr, c_int],
+        "glmkit_gemv_int4_many": [ptr, i64, i64, c_int, i64, i64, ptr, ptr, ptr, ptr, ptr, c_int],
+        "glmkit_decode_step": [ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, c_int],
+        "glmkit_dequant_q8": [ptr, ptr, i64, i64, ptr, c_int, c_int],
+        "glmkit_dequant_int4": [ptr, ptr, ptr, c_int, i64, i64, i64, ptr, c_int, c_int],
+        "glmkit_moe_int4": [ptr, i64, i64, i64, c_int, i64, ptr, ptr, ptr, ptr, ptr, c_int],
+        "glmkit_heads_gemv": [ptr, i64, i64, ptr, c_int, i64, i64, i64, i64, c_int, ptr, c_int],
+        "glmkit_heads_gemv_int4": [ptr, i64, i64, ptr, ptr, ptr, c_int, i64, i64, i64, i64, c_int, ptr, c_int],
+        "glmkit_heads_uk_int4": [ptr, i64, i64, ptr, ptr, ptr, c_int, i64, i64, i64, i64, ptr, c_int],
+        "glmkit_uniform_noise": [ptr, i64, i64, ptr],
+    }
+    for name, args in signatures.items():
+        if hasattr(lib, name):
+            f = getattr(lib, name)
+            f.argtypes, f.restype = args, c_int
     return lib
 
 
