@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The recipe of glmkit's embedded default model, end to end on one 2-core CPU machine, in three stages.
+# The recipe of glmkit's embedded default model, end to end on one 2-core CPU machine, in four stages.
 #
 #   bash runs/default_model.sh [WORK_DIR]        (default: ~/glm-run; nothing is written to the repo)
 #
