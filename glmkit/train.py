@@ -76,7 +76,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     resume: bool = False
-    resume_from: str = ""  # a checkpoint of another run to continue exactly (when --out has none to resume)
+    resume_from: str = ""  # a checkpoint of another run to continue exactly (when --out has none of its own yet)
     mixture: tuple = (0.5, 0.3, 0.2)
     infill: dict = field(default_factory=dict)  # other InfillConfig fields, e.g. {"coverage": 0.3}
     domain_weights: dict = field(default_factory=dict)  # {"zh_classical": 2.0, ...}: see data.loader
@@ -224,7 +224,8 @@ def train(c: TrainConfig) -> dict:
     out = Path(c.out)
     start = 0
     say = (lambda msg: print(f"glmkit pretrain: {msg}", file=sys.stderr)) if d.is_main else (lambda msg: None)
-    found = latest_good_checkpoint(out, log=say, set_aside=d.is_main) if c.resume else None
+    # --resume-from resumes --out's own newest checkpoint first: the same command continues a killed continuation
+    found = latest_good_checkpoint(out, log=say, set_aside=d.is_main) if c.resume or c.resume_from else None
     if found is None and c.resume_from:
         found = (Path(c.resume_from), *load_checkpoint(c.resume_from))
         same_schedule_until(Path(c.resume_from), found[3]["step"], c)
@@ -347,9 +348,9 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.add_argument("--resume-from", default="", metavar="CKPT",
-                   help="continue another run's checkpoint exactly (weights, optimizer, data position) into --out, when "
-                        "--out has no checkpoint to --resume: e.g. a wsd stage's pinned step before its decay, with more "
-                        "--steps; refused unless its run's learning rates up to that step are this run's")
+                   help="continue another run's checkpoint exactly (weights, optimizer, data position) into --out (or "
+                        "--out's own newest, once it has one): e.g. a wsd stage's pinned step before its decay, with "
+                        "more --steps; refused unless its run's learning rates up to that step are this run's")
     p.add_argument("--mixture", type=float, nargs=3, default=list(defaults.mixture), metavar=("MASK", "sMASK", "gMASK"))
     p.add_argument("--infill", nargs="+", default=[], metavar="FIELD=VALUE",
                    help="blank choice besides the mixture, e.g. coverage=0.3 span_lambda=4 gmask_min=0.3 (InfillConfig)")

@@ -440,16 +440,20 @@ def test_a_held_wsd_run_continues_by_resume_as_one_run(shards, tmp_path):
 
 def test_a_wsd_stage_goes_on_from_its_pinned_checkpoint_before_the_decay(shards, tmp_path):
     """A wsd run of 8 steps decaying over the last 2 keeps its step-6 checkpoint (pinned) however few it keeps;
-    --resume-from it with --steps 10 is the 10-step run from step 6 on, bit for bit. From step 8, whose last two
-    steps decayed, it is refused: the rates differ from step 6."""
+    --resume-from it is the 10-step run from step 6 on, bit for bit, also when that continuation stops at step 8 and
+    the same command goes on from its own newest checkpoint. From step 8 of the first run, whose last two steps
+    decayed, it is refused: the rates differ from step 6."""
     wsd = dict(schedule="wsd", decay_steps=2, warmup=1, save_every=100, keep=1)
     one = train(cfg(shards, tmp_path / "one", steps=10, **wsd))["losses"]
     train(cfg(shards, tmp_path / "a", steps=8, **wsd))
     ckpts = sorted((tmp_path / "a" / "checkpoints").iterdir())
     assert [p.name for p in ckpts] == ["step-0000006", "step-0000008"], ckpts
     assert (ckpts[0] / "PINNED").exists() and not (ckpts[1] / "PINNED").exists()
+    went_on = train(cfg(shards, tmp_path / "b", steps=8, resume_from=str(ckpts[0]), **{**wsd, "decay_steps": 0}))
+    assert went_on["losses"] == one[6:8], f"from the pinned step 6: {went_on['losses']} != one run {one[6:8]}"
+    # stopped there (b's newest is its step 8, still held): --resume-from goes on from b's own step 8
     went_on = train(cfg(shards, tmp_path / "b", steps=10, resume_from=str(ckpts[0]), **wsd))["losses"]
-    assert went_on == one[6:], f"from the pinned step 6: {went_on} != one run {one[6:]}"
+    assert went_on == one[8:], f"from b's own step 8: {went_on} != one run {one[8:]}"
     with pytest.raises(ValueError, match="learning rate at step 6"):
         train(cfg(shards, tmp_path / "c", steps=10, resume_from=str(ckpts[1]), **wsd))
     with pytest.raises(ValueError, match="--batch-size"):

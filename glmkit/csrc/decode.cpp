@@ -476,7 +476,8 @@ int mla_attention(const GlmkitModel& m, const GlmkitMla& A, const GlmkitCache& c
   const GlmkitLinear& first = A.q.n ? A.q : A.q_a;  // the two products of h: the query's first, and kv_a
   std::vector<float> qa(A.q.n ? 0 : M * m.q_rank);
   float* q1 = A.q.n ? q.data() : qa.data();
-  if (first.kind >= 3 && first.kind == A.kv_a.kind && first.group == A.kv_a.group && !first.bias && !A.kv_a.bias) {
+  if (first.kind >= 3 && first.kind == A.kv_a.kind && first.group == A.kv_a.group && first.k == A.kv_a.k &&
+      !first.bias && !A.kv_a.bias) {
     // int4 both (as quantized together): one call, the activations rounded once, one parallel region
     const uint8_t* w[2] = {static_cast<const uint8_t*>(first.w), static_cast<const uint8_t*>(A.kv_a.w)};
     const void *sc[2] = {first.scale, A.kv_a.scale}, *mn[2] = {first.mins, A.kv_a.mins};
