@@ -112,10 +112,14 @@ def lr_at(step: int, c: TrainConfig) -> float:
     return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1 + math.cos(math.pi * t))
 
 
-def same_schedule_until(ck: Path, step: int, c: TrainConfig) -> None:
-    """For --resume-from: the run that wrote checkpoint `ck` (its train_config.json, two levels up) took steps
-    0..step-1 with the learning rates `c` gives them, and the same windows per step, or the continuation would
-    not be the one run it stands for. Refuses otherwise, naming what differs."""
+def same_schedule_until(ck: Path, c: TrainConfig) -> None:
+    """For --resume-from, before its weights and optimizer are read: the run that wrote checkpoint `ck` (its
+    train_config.json, two levels up) took steps 0..step-1 (trainer_state.json) with the learning rates `c` gives
+    them, and the same windows per step, or the continuation would not be the one run it stands for. Refuses
+    otherwise, naming what differs."""
+    if not (ck / "trainer_state.json").exists():
+        raise ValueError(f"--resume-from {ck}: not a pretraining checkpoint (no trainer_state.json)")
+    step = json.loads((ck / "trainer_state.json").read_text())["step"]
     src = ck.parent.parent / "train_config.json"
     if not src.exists():
         raise ValueError(f"--resume-from {ck}: no {src.name} in {src.parent} to check the schedule against")
@@ -227,8 +231,8 @@ def train(c: TrainConfig) -> dict:
     # --resume-from resumes --out's own newest checkpoint first: the same command continues a killed continuation
     found = latest_good_checkpoint(out, log=say, set_aside=d.is_main) if c.resume or c.resume_from else None
     if found is None and c.resume_from:
+        same_schedule_until(Path(c.resume_from), c)
         found = (Path(c.resume_from), *load_checkpoint(c.resume_from))
-        same_schedule_until(Path(c.resume_from), found[3]["step"], c)
     if found is not None:
         ck, model_state, optim_state, state = found
         D.load_full_state(objective, optimizer, {f"model.{k}": v for k, v in model_state.items()}, optim_state)
